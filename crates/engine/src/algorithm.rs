@@ -1,0 +1,327 @@
+//! The three algorithms, each a pure function of (window, stored state, now, cost).
+//!
+//! All times are microseconds since the Unix epoch ([`Micros`]). A window's state
+//! is a few integers, so a store can keep it compactly and a server-side script
+//! (Lua, SQL) can run the same arithmetic.
+//!
+//! - **gcra**: the generic cell rate algorithm. `N/P` has an emission interval
+//!   `T = P / N` (integer microseconds) and a bucket of `burst` cells, so
+//!   `tau = burst * T`. State is one timestamp, the theoretical arrival time
+//!   (TAT). A request of cost `c` is admitted when `max(TAT, now) + c*T - now <= tau`.
+//!   Exact; the truncation of `T` to whole microseconds makes the rate at most
+//!   one microsecond per cell faster than written.
+//! - **fixed_window**: windows aligned to the Unix epoch in UTC (`50/day` resets
+//!   at 00:00 UTC); a counter per window.
+//! - **sliding_window**: the count over the last period, estimated from the
+//!   current fixed window plus the previous one weighted by how much of it still
+//!   overlaps: `used = ceil(previous * (P - elapsed) / P) + current`. Rounding the
+//!   weighted part up never admits more than the estimate. The estimate assumes
+//!   the previous window's requests were spread evenly: within any fixed window
+//!   at most `N` are admitted, so any span of length `P` (which overlaps at most
+//!   two fixed windows) sees at most `2N` in the worst case, when a full previous
+//!   window was spent at its very end. With evenly arriving traffic the estimate
+//!   is exact.
+//!
+//! A cost of 0 is a read: always allowed, never charged. A cost above what the
+//! window can ever admit (the burst for gcra, the quota otherwise) is denied with
+//! no retry time.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::clock::Micros;
+use crate::limit::LimitError;
+use crate::rate::Rate;
+
+/// How a window counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    /// Generic cell rate algorithm (a token bucket kept as one timestamp). The default.
+    #[default]
+    Gcra,
+    /// Weighted two-window estimate of the last period.
+    SlidingWindow,
+    /// Epoch-aligned fixed windows.
+    FixedWindow,
+}
+
+impl Algorithm {
+    /// The config spelling: `gcra`, `sliding_window`, `fixed_window`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Algorithm::Gcra => "gcra",
+            Algorithm::SlidingWindow => "sliding_window",
+            Algorithm::FixedWindow => "fixed_window",
+        }
+    }
+
+    /// A one-letter tag used in counter names, so a change of algorithm starts fresh counters.
+    pub fn tag(&self) -> char {
+        match self {
+            Algorithm::Gcra => 'g',
+            Algorithm::SlidingWindow => 's',
+            Algorithm::FixedWindow => 'f',
+        }
+    }
+}
+
+impl FromStr for Algorithm {
+    type Err = LimitError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "gcra" => Ok(Algorithm::Gcra),
+            "sliding_window" => Ok(Algorithm::SlidingWindow),
+            "fixed_window" => Ok(Algorithm::FixedWindow),
+            other => Err(LimitError::UnknownAlgorithm(other.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The stored state of one window for one key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// gcra: the theoretical arrival time.
+    Gcra {
+        /// When the bucket will be completely refilled.
+        tat: Micros,
+    },
+    /// fixed_window: the window's start and what was spent in it.
+    Fixed {
+        /// Start of the window the count belongs to.
+        start: Micros,
+        /// Cost spent in that window.
+        count: u64,
+    },
+    /// sliding_window: the current fixed window's start and count, and the previous window's count.
+    Sliding {
+        /// Start of the window `count` belongs to.
+        start: Micros,
+        /// Cost spent in that window.
+        count: u64,
+        /// Cost spent in the window before it.
+        previous: u64,
+    },
+}
+
+/// One window of a limit: a rate and the algorithm that enforces it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Window {
+    algorithm: Algorithm,
+    rate: Rate,
+    burst: u64,
+}
+
+/// What a window says about one request, before anything is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Evaluation {
+    /// Whether the request fits.
+    pub allowed: bool,
+    /// Microseconds until the same request would fit: 0 when allowed, `None` when never.
+    pub retry_after: Option<Micros>,
+    /// The state now, without this request.
+    pub current: State,
+    /// The state if this request is charged.
+    pub charged: State,
+}
+
+impl Window {
+    /// A window; `burst` is only meaningful for gcra (default: the rate's quota).
+    pub fn new(algorithm: Algorithm, rate: Rate, burst: Option<u64>) -> Result<Self, LimitError> {
+        if burst.is_some() && algorithm != Algorithm::Gcra {
+            return Err(LimitError::BurstNeedsGcra(algorithm));
+        }
+        let burst = burst.unwrap_or(rate.quota());
+        if burst == 0 || burst > crate::rate::MAX_QUOTA {
+            return Err(LimitError::BadBurst(burst));
+        }
+        if algorithm == Algorithm::Gcra {
+            let interval = rate.period_micros() / rate.quota() as i64;
+            if interval == 0 {
+                return Err(LimitError::RateTooFine(rate));
+            }
+            // Keep tau (and the 2*tau lockout bound) inside i64 and Lua's 53-bit integers.
+            if (burst as i128) * (interval as i128) > 2 * rate.period_micros() as i128 * 1_000 {
+                return Err(LimitError::BadBurst(burst));
+            }
+        }
+        Ok(Window { algorithm, rate, burst })
+    }
+
+    /// The algorithm.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// The rate.
+    pub fn rate(&self) -> Rate {
+        self.rate
+    }
+
+    /// The largest cost the window can ever admit at once, reported as the result's `limit_value`:
+    /// the burst for gcra, the quota otherwise.
+    pub fn capacity(&self) -> u64 {
+        self.burst
+    }
+
+    /// gcra's emission interval `T` in microseconds.
+    fn interval(&self) -> i64 {
+        self.rate.period_micros() / self.rate.quota() as i64
+    }
+
+    /// gcra's bucket depth `tau = burst * T` in microseconds.
+    fn tau(&self) -> i64 {
+        self.burst as i64 * self.interval()
+    }
+
+    fn window_start(&self, now: Micros) -> Micros {
+        now - now.rem_euclid(self.rate.period_micros())
+    }
+
+    /// Decides a request of `cost` at `now` against `state` (`None`: never seen or expired).
+    pub fn evaluate(&self, state: Option<State>, now: Micros, cost: u64) -> Evaluation {
+        let current = self.normalize(state, now);
+        let quota = self.rate.quota();
+        match current {
+            State::Gcra { tat } => {
+                let tau = self.tau() as i128;
+                let charged_tat = tat as i128 + cost as i128 * self.interval() as i128;
+                let allowed = cost == 0 || charged_tat - now as i128 <= tau;
+                let retry_after = if allowed {
+                    Some(0)
+                } else if cost > self.burst {
+                    None
+                } else {
+                    Some((charged_tat - tau - now as i128) as Micros)
+                };
+                // Denied attempts charged under `charge_denied` lock a client out for at
+                // most one more bucket's worth after its last attempt, not forever.
+                let lockout_bound = now as i128 + 2 * tau;
+                let charged = State::Gcra {
+                    tat: charged_tat.min(lockout_bound.max(tat as i128)) as Micros,
+                };
+                Evaluation { allowed, retry_after, current, charged }
+            }
+            State::Fixed { start, count } => {
+                let spent = count.saturating_add(cost);
+                let allowed = cost == 0 || spent <= quota;
+                let retry_after = if allowed {
+                    Some(0)
+                } else if cost > quota {
+                    None
+                } else {
+                    Some(start + self.rate.period_micros() - now)
+                };
+                let charged = State::Fixed { start, count: spent };
+                Evaluation { allowed, retry_after, current, charged }
+            }
+            State::Sliding { start, count, previous } => {
+                let period = self.rate.period_micros();
+                let used = self.sliding_used(start, count, previous, now);
+                let allowed = cost == 0 || used.saturating_add(cost) <= quota;
+                let retry_after = if allowed {
+                    Some(0)
+                } else if cost > quota {
+                    None
+                } else if count.saturating_add(cost) > quota {
+                    // Not in this window: wait until this window's count, weighted as the
+                    // previous one, leaves room. `count > quota - cost >= 0` here.
+                    let room = (quota - cost) as i128;
+                    let elapsed =
+                        period as i128 - room * period as i128 / count as i128;
+                    Some((start as i128 + period as i128 + elapsed.max(0) - now as i128) as Micros)
+                } else {
+                    // Within this window, once the previous window's weight has decayed
+                    // enough. Denied with room left means `previous > 0`.
+                    let room = (quota - count - cost) as i128;
+                    let elapsed = period as i128 - room * period as i128 / previous.max(1) as i128;
+                    Some((start as i128 + elapsed - now as i128) as Micros)
+                };
+                let charged = State::Sliding { start, count: count.saturating_add(cost), previous };
+                Evaluation { allowed, retry_after, current, charged }
+            }
+        }
+    }
+
+    /// Brings a stored state to `now`: an expired or foreign state becomes the empty one.
+    fn normalize(&self, state: Option<State>, now: Micros) -> State {
+        match self.algorithm {
+            Algorithm::Gcra => {
+                let tat = match state {
+                    Some(State::Gcra { tat }) => tat.max(now),
+                    _ => now,
+                };
+                State::Gcra { tat }
+            }
+            Algorithm::FixedWindow => {
+                let start = self.window_start(now);
+                let count = match state {
+                    Some(State::Fixed { start: s, count }) if s == start => count,
+                    _ => 0,
+                };
+                State::Fixed { start, count }
+            }
+            Algorithm::SlidingWindow => {
+                let start = self.window_start(now);
+                let period = self.rate.period_micros();
+                let (count, previous) = match state {
+                    Some(State::Sliding { start: s, count, previous }) if s == start => {
+                        (count, previous)
+                    }
+                    // A state from the window before: its count is now the previous window's.
+                    Some(State::Sliding { start: s, count, .. }) if s == start - period => (0, count),
+                    _ => (0, 0),
+                };
+                State::Sliding { start, count, previous }
+            }
+        }
+    }
+
+    fn sliding_used(&self, start: Micros, count: u64, previous: u64, now: Micros) -> u64 {
+        let period = self.rate.period_micros() as u128;
+        let left = (period as i128 - (now - start) as i128).clamp(0, period as i128) as u128;
+        let weighted = (previous as u128 * left).div_ceil(period);
+        (weighted as u64).saturating_add(count)
+    }
+
+    /// What is left in `state` at `now`, in units of cost.
+    pub fn remaining(&self, state: &State, now: Micros) -> u64 {
+        match self.normalize(Some(*state), now) {
+            State::Gcra { tat } => ((now + self.tau() - tat).max(0) / self.interval()) as u64,
+            State::Fixed { count, .. } => self.rate.quota().saturating_sub(count),
+            State::Sliding { start, count, previous } => self
+                .rate
+                .quota()
+                .saturating_sub(self.sliding_used(start, count, previous, now)),
+        }
+    }
+
+    /// Microseconds from `now` until `state` is fully restored (0 when it already is).
+    pub fn reset_after(&self, state: &State, now: Micros) -> Micros {
+        let period = self.rate.period_micros();
+        match self.normalize(Some(*state), now) {
+            State::Gcra { tat } => (tat - now).max(0),
+            State::Fixed { start, count } if count > 0 => start + period - now,
+            State::Sliding { start, count, .. } if count > 0 => start + 2 * period - now,
+            State::Sliding { start, previous, .. } if previous > 0 => start + period - now,
+            _ => 0,
+        }
+    }
+
+    /// When `state` becomes indistinguishable from no state: the time a store may drop it.
+    pub fn expires_at(&self, state: &State) -> Micros {
+        let period = self.rate.period_micros();
+        match *state {
+            State::Gcra { tat } => tat,
+            State::Fixed { start, .. } => start + period,
+            State::Sliding { start, count, .. } if count > 0 => start + 2 * period,
+            State::Sliding { start, .. } => start + period,
+        }
+    }
+}

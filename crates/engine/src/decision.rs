@@ -1,0 +1,250 @@
+//! Atomic decisions over several checks.
+//!
+//! A [`DecisionRequest`] is a list of [`Check`]s (limit, key, cost). Every window of
+//! every check is evaluated; the decision is allowed only if every enforced (non-shadow)
+//! window allows. Then, unless `dry_run`:
+//! - allowed: every window that allowed is charged;
+//! - denied: nothing is charged, except windows of limits with `charge_denied`,
+//!   which are charged on every attempt.
+//!
+//! Checks are applied in order, so two checks on the same counter in one request
+//! see each other: the second is decided as if the first had been charged.
+
+use std::sync::Arc;
+
+use crate::algorithm::State;
+use crate::clock::Micros;
+use crate::limit::{Limit, LimitWindow};
+use crate::store::{Store, StoreError};
+
+/// The longest key a check may carry, in bytes.
+pub const MAX_KEY_BYTES: usize = 512;
+
+/// One check: spend `cost` of `limit` on `key`.
+#[derive(Debug, Clone)]
+pub struct Check {
+    limit: Arc<Limit>,
+    key: String,
+    cost: u64,
+}
+
+/// Why a check was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckError {
+    /// The key is empty.
+    #[error("key is empty: give each check a non-empty key such as \"user:42\"")]
+    EmptyKey,
+    /// The key is longer than [`MAX_KEY_BYTES`].
+    #[error("key is {0} bytes long: keys may be at most {MAX_KEY_BYTES} bytes; hash long identifiers first")]
+    KeyTooLong(usize),
+}
+
+impl Check {
+    /// A check; the key must be 1 to [`MAX_KEY_BYTES`] bytes.
+    pub fn new(limit: Arc<Limit>, key: impl Into<String>, cost: u64) -> Result<Self, CheckError> {
+        let key = key.into();
+        if key.is_empty() {
+            return Err(CheckError::EmptyKey);
+        }
+        if key.len() > MAX_KEY_BYTES {
+            return Err(CheckError::KeyTooLong(key.len()));
+        }
+        Ok(Check { limit, key, cost })
+    }
+
+    /// The limit checked.
+    pub fn limit(&self) -> &Arc<Limit> {
+        &self.limit
+    }
+
+    /// The key the limit is counted on.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The cost to spend.
+    pub fn cost(&self) -> u64 {
+        self.cost
+    }
+}
+
+/// Everything decided together.
+#[derive(Debug, Clone, Default)]
+pub struct DecisionRequest {
+    /// The checks, in order.
+    pub checks: Vec<Check>,
+    /// Decide without charging.
+    pub dry_run: bool,
+}
+
+impl DecisionRequest {
+    /// Every window of every check, in order: the order of [`WindowOutcome`]s a store returns.
+    pub fn windows(&self) -> impl Iterator<Item = (&Check, &LimitWindow)> {
+        self.checks
+            .iter()
+            .flat_map(|check| check.limit.windows().iter().map(move |window| (check, window)))
+    }
+
+    /// How many windows [`DecisionRequest::windows`] yields.
+    pub fn window_count(&self) -> usize {
+        self.checks.iter().map(|c| c.limit.windows().len()).sum()
+    }
+}
+
+/// What a store reports for one window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowOutcome {
+    /// Whether this window admitted the request.
+    pub allowed: bool,
+    /// Cost left after this request (what is left now, when nothing was charged).
+    pub remaining: u64,
+    /// Microseconds until the window is fully restored.
+    pub reset_after: Micros,
+    /// Microseconds until the same request would be allowed: 0 when allowed, `None` when never.
+    pub retry_after: Option<Micros>,
+}
+
+/// One counter's state while a store decides: several windows may share a slot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Slot {
+    /// The state as loaded (`None`: absent or expired), updated in place.
+    pub state: Option<State>,
+    /// Whether the state changed and must be written back.
+    pub dirty: bool,
+}
+
+/// Decides `request` against loaded counter states: the algorithm every in-process
+/// store runs under its locks. `slot_of[i]` is the index in `slots` of the i-th window
+/// (in [`DecisionRequest::windows`] order); windows on the same counter share a slot.
+/// Changed slots come back with `dirty` set.
+pub fn apply(
+    request: &DecisionRequest,
+    slot_of: &[usize],
+    slots: &mut [Slot],
+    now: Micros,
+) -> Vec<WindowOutcome> {
+    // Pass 1: decide each window as if the decision were allowed, so repeated counters
+    // see the charges before them.
+    let mut tentative: Vec<Option<State>> = slots.iter().map(|s| s.state).collect();
+    let mut verdicts = Vec::with_capacity(slot_of.len());
+    let mut decision_allowed = true;
+    for ((check, lw), &slot) in request.windows().zip(slot_of) {
+        let evaluation = lw.window.evaluate(tentative[slot], now, check.cost);
+        if evaluation.allowed || check.limit.charge_denied() {
+            tentative[slot] = Some(evaluation.charged);
+        }
+        decision_allowed &= evaluation.allowed || check.limit.shadow();
+        verdicts.push((evaluation.allowed, evaluation.retry_after));
+    }
+
+    // Pass 2: charge what the decision charges, and report from the resulting state.
+    let mut working: Vec<Option<State>> = slots.iter().map(|s| s.state).collect();
+    let mut outcomes = Vec::with_capacity(slot_of.len());
+    for (((check, lw), &slot), &(allowed, retry_after)) in
+        request.windows().zip(slot_of).zip(&verdicts)
+    {
+        let evaluation = lw.window.evaluate(working[slot], now, check.cost);
+        let charge = check.cost > 0 && ((decision_allowed && allowed) || check.limit.charge_denied());
+        let after = if charge { evaluation.charged } else { evaluation.current };
+        if charge {
+            working[slot] = Some(after);
+        }
+        outcomes.push(WindowOutcome {
+            allowed,
+            remaining: lw.window.remaining(&after, now),
+            reset_after: lw.window.reset_after(&after, now),
+            retry_after,
+        });
+    }
+
+    if !request.dry_run {
+        for (slot, state) in slots.iter_mut().zip(working) {
+            if state != slot.state {
+                slot.state = state;
+                slot.dirty = true;
+            }
+        }
+    }
+    outcomes
+}
+
+/// The result for one window of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowResult {
+    /// Index of the check in the request.
+    pub check: usize,
+    /// Index of the window in the check's limit.
+    pub window: usize,
+    /// Whether this window admitted the request (a shadow window may say no without denying).
+    pub allowed: bool,
+    /// Whether the limit only reports.
+    pub shadow: bool,
+    /// The window's capacity (its quota, or the gcra burst).
+    pub limit_value: u64,
+    /// Cost left after this request.
+    pub remaining: u64,
+    /// Microseconds until fully restored.
+    pub reset_after: Micros,
+    /// Microseconds until the same request would be allowed: 0 when allowed, `None` when never.
+    pub retry_after: Option<Micros>,
+}
+
+/// The answer to a [`DecisionRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request may go ahead.
+    pub allowed: bool,
+    /// The longest wait among enforced windows that denied: 0 when allowed, `None` when
+    /// some denying window can never admit this cost.
+    pub retry_after: Option<Micros>,
+    /// Decided without the shared store (see the store-failure policy).
+    pub degraded: bool,
+    /// One result per window, in [`DecisionRequest::windows`] order.
+    pub results: Vec<WindowResult>,
+}
+
+impl Decision {
+    /// Assembles a decision from a store's per-window outcomes.
+    pub fn from_outcomes(request: &DecisionRequest, outcomes: &[WindowOutcome], degraded: bool) -> Self {
+        let mut allowed = true;
+        let mut retry_after = Some(0);
+        let mut results = Vec::with_capacity(outcomes.len());
+        let indices = request.checks.iter().enumerate().flat_map(|(c, check)| {
+            (0..check.limit.windows().len()).map(move |w| (c, w, check))
+        });
+        for ((check_index, window_index, check), outcome) in indices.zip(outcomes) {
+            let shadow = check.limit.shadow();
+            if !outcome.allowed && !shadow {
+                allowed = false;
+                retry_after = match (retry_after, outcome.retry_after) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    _ => None,
+                };
+            }
+            results.push(WindowResult {
+                check: check_index,
+                window: window_index,
+                allowed: outcome.allowed,
+                shadow,
+                limit_value: check.limit.windows()[window_index].window.capacity(),
+                remaining: outcome.remaining,
+                reset_after: outcome.reset_after,
+                retry_after: outcome.retry_after,
+            });
+        }
+        Decision { allowed, retry_after, degraded, results }
+    }
+}
+
+/// Decides `request` with `store`.
+pub async fn decide(store: &dyn Store, request: &DecisionRequest) -> Result<Decision, StoreError> {
+    let outcomes = store.decide(request).await?;
+    if outcomes.windows.len() != request.window_count() {
+        return Err(StoreError::Protocol(format!(
+            "store answered {} windows for {} asked",
+            outcomes.windows.len(),
+            request.window_count()
+        )));
+    }
+    Ok(Decision::from_outcomes(request, &outcomes.windows, outcomes.degraded))
+}

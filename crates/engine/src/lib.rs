@@ -1,0 +1,33 @@
+//! The sluice decision engine: rates, the three algorithms, limits, atomic
+//! multi-check decisions and the [`Store`] trait every storage backend implements.
+//!
+//! This crate does no I/O. A front door (HTTP API, proxy, gRPC, tower layer) turns
+//! a request into [`Check`]s, hands a [`DecisionRequest`] to [`decide`], and gets a
+//! [`Decision`] back. Where the counters live is the [`Store`]'s business; stores
+//! that keep state in this process evaluate it with [`apply`], the same function
+//! the reference tests drive, so every in-process backend shares one algorithm.
+//!
+//! Module map:
+//! - [`rate`]: `5/minute`, `100/10s` and friends.
+//! - [`algorithm`]: gcra, sliding window and fixed window over one window's [`State`].
+//! - [`limit`]: named limits with one or more windows, and the set of them.
+//! - [`decision`]: checks, atomic decisions over many windows, results.
+//! - [`store`]: the storage trait and its error type.
+//! - [`clock`]: the time source for in-process stores.
+
+pub mod algorithm;
+pub mod clock;
+pub mod decision;
+pub mod limit;
+pub mod rate;
+pub mod store;
+
+pub use algorithm::{Algorithm, Evaluation, State, Window};
+pub use clock::{Clock, ManualClock, Micros, SystemClock};
+pub use decision::{
+    apply, decide, Check, CheckError, Decision, DecisionRequest, Slot, WindowOutcome, WindowResult,
+    MAX_KEY_BYTES,
+};
+pub use limit::{Limit, LimitError, LimitSet, LimitSpec, LimitWindow};
+pub use rate::{Rate, RateError};
+pub use store::{Outcomes, Store, StoreError, StoreFuture, StoreStats};

@@ -1,0 +1,199 @@
+//! Named limits. A limit has one or more windows (`[5/minute, 60/hour]`) that all
+//! apply to the same key, plus the `charge_denied` and `shadow` switches.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::algorithm::{Algorithm, Window};
+use crate::rate::Rate;
+
+/// Why a limit definition was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// The name has characters that cannot appear in counter keys and metric labels.
+    #[error("limit name {0:?} is invalid: use 1 to 64 letters, digits, '_', '-' or '.'")]
+    BadName(String),
+    /// Two limits share a name.
+    #[error("limit {0:?} is defined twice")]
+    DuplicateName(String),
+    /// No rate given.
+    #[error("a limit needs at least one rate, e.g. rate: 5/minute or rate: [5/minute, 60/hour]")]
+    NoRates,
+    /// Two rates with the same period would share one counter.
+    #[error("rates {0} and {1} have the same period; keep one, or put the other in a separate limit")]
+    SamePeriod(Rate, Rate),
+    /// Algorithm name not known.
+    #[error("unknown algorithm {0:?}: use gcra, sliding_window or fixed_window")]
+    UnknownAlgorithm(String),
+    /// `burst` given for an algorithm that has none.
+    #[error("burst only applies to algorithm gcra, not {0}; remove burst or use gcra")]
+    BurstNeedsGcra(Algorithm),
+    /// `burst` given for a limit with several rates.
+    #[error("burst applies to a limit with one rate; split the rates into separate limits")]
+    BurstNeedsOneRate,
+    /// `burst` out of range.
+    #[error("burst {0} is out of range: use 1 up to the bucket a rate can refill within 2000 periods")]
+    BadBurst(u64),
+    /// gcra's interval would be below a microsecond.
+    #[error("rate {0} is too fine for gcra (more than one request per microsecond); use fixed_window or sliding_window")]
+    RateTooFine(Rate),
+}
+
+/// A limit as configured, before it is named and validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitSpec {
+    /// One or more rates, each its own window on the same key.
+    pub rates: Vec<Rate>,
+    /// How every window counts.
+    pub algorithm: Algorithm,
+    /// gcra burst (default: the quota).
+    pub burst: Option<u64>,
+    /// Denied attempts still count against this limit.
+    pub charge_denied: bool,
+    /// Decide and report, never deny.
+    pub shadow: bool,
+}
+
+impl LimitSpec {
+    /// A gcra limit with the given rates and no switches.
+    pub fn new(rates: Vec<Rate>) -> Self {
+        LimitSpec {
+            rates,
+            algorithm: Algorithm::Gcra,
+            burst: None,
+            charge_denied: false,
+            shadow: false,
+        }
+    }
+}
+
+/// One window of a named limit, with the counter name stores key it by.
+#[derive(Debug, Clone)]
+pub struct LimitWindow {
+    /// The algorithm and rate.
+    pub window: Window,
+    /// `"<limit>:<algorithm tag><period seconds>"`, e.g. `chat_user:g60`. Stable across
+    /// reloads while the limit's name, algorithm and period stay the same, so counters survive.
+    pub counter: Arc<str>,
+    /// The rate as shown to users, e.g. `5/minute`.
+    pub rate_text: Arc<str>,
+}
+
+/// A named, validated limit.
+#[derive(Debug, Clone)]
+pub struct Limit {
+    name: Arc<str>,
+    windows: Vec<LimitWindow>,
+    charge_denied: bool,
+    shadow: bool,
+}
+
+impl Limit {
+    /// Validates `spec` and names it.
+    pub fn new(name: &str, spec: LimitSpec) -> Result<Self, LimitError> {
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !name_ok {
+            return Err(LimitError::BadName(name.to_string()));
+        }
+        if spec.rates.is_empty() {
+            return Err(LimitError::NoRates);
+        }
+        if spec.burst.is_some() && spec.rates.len() > 1 {
+            return Err(LimitError::BurstNeedsOneRate);
+        }
+        for (i, a) in spec.rates.iter().enumerate() {
+            if let Some(b) = spec.rates[i + 1..].iter().find(|b| b.period_secs() == a.period_secs()) {
+                return Err(LimitError::SamePeriod(*a, *b));
+            }
+        }
+        let windows = spec
+            .rates
+            .iter()
+            .map(|rate| {
+                let window = Window::new(spec.algorithm, *rate, spec.burst)?;
+                Ok(LimitWindow {
+                    window,
+                    counter: format!("{name}:{}{}", spec.algorithm.tag(), rate.period_secs()).into(),
+                    rate_text: rate.to_string().into(),
+                })
+            })
+            .collect::<Result<Vec<_>, LimitError>>()?;
+        Ok(Limit {
+            name: name.into(),
+            windows,
+            charge_denied: spec.charge_denied,
+            shadow: spec.shadow,
+        })
+    }
+
+    /// The limit's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its windows, in the order the rates were written.
+    pub fn windows(&self) -> &[LimitWindow] {
+        &self.windows
+    }
+
+    /// Whether denied attempts are charged.
+    pub fn charge_denied(&self) -> bool {
+        self.charge_denied
+    }
+
+    /// Whether the limit only reports.
+    pub fn shadow(&self) -> bool {
+        self.shadow
+    }
+
+    /// The algorithm every window uses.
+    pub fn algorithm(&self) -> Algorithm {
+        self.windows[0].window.algorithm()
+    }
+}
+
+/// All configured limits, by name, in configuration order.
+#[derive(Debug, Clone, Default)]
+pub struct LimitSet {
+    ordered: Vec<Arc<Limit>>,
+    by_name: HashMap<Arc<str>, Arc<Limit>>,
+}
+
+impl LimitSet {
+    /// A set of limits; names must be unique.
+    pub fn new(limits: impl IntoIterator<Item = Limit>) -> Result<Self, LimitError> {
+        let mut set = LimitSet::default();
+        for limit in limits {
+            let limit = Arc::new(limit);
+            if set.by_name.insert(limit.name.clone(), limit.clone()).is_some() {
+                return Err(LimitError::DuplicateName(limit.name().to_string()));
+            }
+            set.ordered.push(limit);
+        }
+        Ok(set)
+    }
+
+    /// The limit called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Limit>> {
+        self.by_name.get(name)
+    }
+
+    /// Every limit in configuration order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Limit>> {
+        self.ordered.iter()
+    }
+
+    /// How many limits there are.
+    pub fn len(&self) -> usize {
+        self.ordered.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.ordered.is_empty()
+    }
+}

@@ -1,0 +1,65 @@
+//! The storage trait. One call decides a whole [`DecisionRequest`] atomically and
+//! returns one [`WindowOutcome`] per window, so a backend can do it in one round trip
+//! (a Redis script, a SQL function) or under its own locks (memory, disk).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use crate::decision::{DecisionRequest, WindowOutcome};
+use crate::limit::Limit;
+
+/// A boxed future as the [`Store`] methods return it; boxed so stores can be chosen at run time.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// What a store answers for one decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcomes {
+    /// One outcome per window, in [`DecisionRequest::windows`] order.
+    pub windows: Vec<WindowOutcome>,
+    /// Decided without the shared store (the store-failure policy stepped in).
+    pub degraded: bool,
+}
+
+/// Counts a store keeps about itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Counters currently held (where the backend can tell cheaply).
+    pub keys: u64,
+    /// Counters dropped before they expired because the store was full.
+    pub evictions: u64,
+}
+
+/// Why a store could not answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be reached.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store did not answer in time.
+    #[error("store timed out after {0:?}")]
+    Timeout(Duration),
+    /// The store answered something this version does not understand.
+    #[error("store protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Where counters live. Implementations must decide a request atomically: either every
+/// charge of a decision lands or none does (but `charge_denied` windows), and two
+/// concurrent decisions on one counter behave as if one ran after the other.
+pub trait Store: Send + Sync {
+    /// Decides every window of `request` at once.
+    fn decide<'a>(&'a self, request: &'a DecisionRequest) -> StoreFuture<'a, Outcomes>;
+
+    /// Forgets every window of `limit` for `key`.
+    fn reset<'a>(&'a self, limit: &'a Limit, key: &'a str) -> StoreFuture<'a, ()>;
+
+    /// Succeeds when the store can serve decisions.
+    fn ping(&self) -> StoreFuture<'_, ()>;
+
+    /// Counters for metrics.
+    fn stats(&self) -> StoreStats;
+
+    /// The backend's name, e.g. `memory`.
+    fn backend(&self) -> &'static str;
+}

@@ -1,0 +1,323 @@
+//! The in-process counter store: sluice's embedded default and the fallback the
+//! store-failure policy `local` decides with.
+//!
+//! Counters live in a fixed number of shards, each a `Mutex` around a hash table.
+//! A decision locks the shards of all its counters in ascending index order (so two
+//! decisions can never wait on each other in a cycle), reads the states, runs
+//! [`sluice_engine::apply`] and writes back what changed: atomic across every window
+//! of every check.
+//!
+//! Memory is bounded. Every entry carries the time its state expires; a background
+//! thread sweeps expired entries every `sweep_interval`, and a shard that is full when
+//! a new counter arrives first drops its expired entries and then evicts the
+//! sixteenth of its capacity nearest to expiry (counted in
+//! [`StoreStats::evictions`]). A flood of distinct keys therefore costs at most
+//! `max_keys` entries, and the counters evicted first are the ones that had least
+//! time left to matter.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use hashbrown::{DefaultHashBuilder, HashTable};
+use sluice_engine::{
+    apply, Clock, DecisionRequest, Limit, Micros, Outcomes, Slot, State, Store, StoreFuture,
+    StoreStats, SystemClock, Window,
+};
+use std::hash::BuildHasher;
+
+/// Entries per shard below which more shards would only cost memory.
+const ENTRIES_PER_SHARD: usize = 1024;
+/// The most shards a store uses; far more than the cores that contend for them.
+const MAX_SHARDS: usize = 64;
+
+/// Settings of a [`MemoryStore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryStoreConfig {
+    /// The most counters held at once; one counter is one window of one limit for one key.
+    pub max_keys: usize,
+    /// How often expired counters are swept.
+    pub sweep_interval: Duration,
+}
+
+impl Default for MemoryStoreConfig {
+    fn default() -> Self {
+        MemoryStoreConfig {
+            max_keys: 1_000_000,
+            sweep_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A sharded, bounded, swept in-process store. Cheap to share behind an `Arc`.
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+    // Dropping the sender stops the sweeper thread.
+    _stop_sweeper: mpsc::Sender<()>,
+}
+
+struct Inner {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: DefaultHashBuilder,
+    clock: Arc<dyn Clock>,
+    shard_capacity: usize,
+    evictions: AtomicU64,
+}
+
+#[derive(Default)]
+struct Shard {
+    table: HashTable<Entry>,
+}
+
+struct Entry {
+    hash: u64,
+    counter: Arc<str>,
+    key: Box<str>,
+    state: State,
+    expires_at: Micros,
+}
+
+/// Where one counter lives.
+struct Location<'a> {
+    hash: u64,
+    shard: usize,
+    counter: &'a Arc<str>,
+    key: &'a str,
+    window: &'a Window,
+}
+
+impl MemoryStore {
+    /// A store on the system clock.
+    pub fn new(config: MemoryStoreConfig) -> Self {
+        Self::with_clock(config, Arc::new(SystemClock::new()))
+    }
+
+    /// A store on the given clock (tests use a manual one).
+    pub fn with_clock(config: MemoryStoreConfig, clock: Arc<dyn Clock>) -> Self {
+        let max_keys = config.max_keys.max(1);
+        let shard_count = (max_keys / ENTRIES_PER_SHARD)
+            .next_power_of_two()
+            .clamp(1, MAX_SHARDS);
+        let inner = Arc::new(Inner {
+            shards: (0..shard_count).map(|_| Mutex::new(Shard::default())).collect(),
+            hasher: DefaultHashBuilder::default(),
+            clock,
+            shard_capacity: (max_keys / shard_count).max(1),
+            evictions: AtomicU64::new(0),
+        });
+        let (stop, stopped) = mpsc::channel();
+        let weak = Arc::downgrade(&inner);
+        let interval = config.sweep_interval.max(Duration::from_millis(10));
+        // If the thread cannot be spawned the store still works; the shards' own
+        // eviction keeps memory bounded.
+        let _ = std::thread::Builder::new()
+            .name("sluice-memory-sweeper".into())
+            .spawn(move || sweep_until_dropped(weak, stopped, interval));
+        MemoryStore { inner, _stop_sweeper: stop }
+    }
+
+    /// Decides `request` now, synchronously: the whole of this store's work.
+    pub fn decide_sync(&self, request: &DecisionRequest) -> Outcomes {
+        self.inner.decide(request)
+    }
+
+    /// Forgets every window of `limit` for `key`, synchronously.
+    pub fn reset_sync(&self, limit: &Limit, key: &str) {
+        for lw in limit.windows() {
+            let hash = self.inner.hasher.hash_one((&*lw.counter, key));
+            let mut shard = self.inner.lock(self.inner.shard_of(hash));
+            if let Ok(entry) = shard
+                .table
+                .find_entry(hash, |e| e.matches(hash, &lw.counter, key))
+            {
+                entry.remove();
+            }
+        }
+    }
+
+    /// Drops every expired counter now (the sweeper does this periodically).
+    pub fn sweep(&self) {
+        self.inner.sweep();
+    }
+
+    /// How many counters are held.
+    pub fn len(&self) -> usize {
+        self.inner.shards.iter().map(|s| self.inner.lock_shard(s).table.len()).sum()
+    }
+
+    /// Whether no counters are held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Entry {
+    fn matches(&self, hash: u64, counter: &str, key: &str) -> bool {
+        self.hash == hash && &*self.counter == counter && &*self.key == key
+    }
+}
+
+impl Inner {
+    fn shard_of(&self, hash: u64) -> usize {
+        // Bits the table itself does not use for bucket or control bytes.
+        ((hash >> 24) as usize) & (self.shards.len() - 1)
+    }
+
+    fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
+        self.lock_shard(&self.shards[shard])
+    }
+
+    fn lock_shard<'a>(&self, shard: &'a Mutex<Shard>) -> MutexGuard<'a, Shard> {
+        // No code path panics while holding a shard, so a poisoned lock still guards
+        // consistent data: keep serving rather than failing every later decision.
+        shard.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn decide(&self, request: &DecisionRequest) -> Outcomes {
+        let now = self.clock.now();
+        let mut counters: Vec<Location<'_>> = Vec::with_capacity(request.window_count());
+        let mut slot_of = Vec::with_capacity(request.window_count());
+        for (check, lw) in request.windows() {
+            let key = check.key();
+            let existing = counters
+                .iter()
+                .position(|c| **c.counter == *lw.counter && c.key == key);
+            let slot = existing.unwrap_or_else(|| {
+                let hash = self.hasher.hash_one((&*lw.counter, key));
+                counters.push(Location {
+                    hash,
+                    shard: self.shard_of(hash),
+                    counter: &lw.counter,
+                    key,
+                    window: &lw.window,
+                });
+                counters.len() - 1
+            });
+            slot_of.push(slot);
+        }
+
+        let mut shard_ids: Vec<usize> = counters.iter().map(|c| c.shard).collect();
+        shard_ids.sort_unstable();
+        shard_ids.dedup();
+        let mut guards: Vec<MutexGuard<'_, Shard>> =
+            shard_ids.iter().map(|&id| self.lock(id)).collect();
+        let guard_index = |shard: usize| shard_ids.binary_search(&shard).unwrap_or(0);
+
+        let mut slots: Vec<Slot> = counters
+            .iter()
+            .map(|c| Slot {
+                state: guards[guard_index(c.shard)]
+                    .table
+                    .find(c.hash, |e| e.matches(c.hash, c.counter, c.key))
+                    .filter(|e| e.expires_at > now)
+                    .map(|e| e.state),
+                dirty: false,
+            })
+            .collect();
+
+        let outcomes = apply(request, &slot_of, &mut slots, now);
+
+        for (slot, c) in slots.iter().zip(&counters) {
+            if let (true, Some(state)) = (slot.dirty, slot.state) {
+                let expires_at = c.window.expires_at(&state);
+                let evicted = guards[guard_index(c.shard)].upsert(c, state, expires_at, now, self.shard_capacity);
+                if evicted > 0 {
+                    self.evictions.fetch_add(evicted, Ordering::Relaxed);
+                }
+            }
+        }
+        Outcomes { windows: outcomes, degraded: false }
+    }
+
+    fn sweep(&self) {
+        for shard in self.shards.iter() {
+            let now = self.clock.now();
+            self.lock_shard(shard).table.retain(|e| e.expires_at > now);
+        }
+    }
+}
+
+impl Shard {
+    /// Writes a counter's state, making room first when the shard is full.
+    /// Returns how many live counters were evicted for it.
+    fn upsert(&mut self, at: &Location<'_>, state: State, expires_at: Micros, now: Micros, capacity: usize) -> u64 {
+        if let Some(entry) = self.table.find_mut(at.hash, |e| e.matches(at.hash, at.counter, at.key)) {
+            entry.state = state;
+            entry.expires_at = expires_at;
+            return 0;
+        }
+        let evicted = if self.table.len() >= capacity {
+            self.make_room(now, capacity)
+        } else {
+            0
+        };
+        self.table.insert_unique(
+            at.hash,
+            Entry {
+                hash: at.hash,
+                counter: at.counter.clone(),
+                key: at.key.into(),
+                state,
+                expires_at,
+            },
+            |e| e.hash,
+        );
+        evicted
+    }
+
+    /// Drops expired entries; if that is not enough, evicts the sixteenth of the
+    /// capacity nearest to expiry, so the next inserts need no scan.
+    fn make_room(&mut self, now: Micros, capacity: usize) -> u64 {
+        self.table.retain(|e| e.expires_at > now);
+        if self.table.len() < capacity {
+            return 0;
+        }
+        let batch = (capacity / 16).max(1);
+        let mut expiries: Vec<Micros> = self.table.iter().map(|e| e.expires_at).collect();
+        let (_, threshold, _) = expiries.select_nth_unstable(batch - 1);
+        let threshold = *threshold;
+        let mut evicted = 0;
+        self.table.retain(|e| {
+            let evict = evicted < batch && e.expires_at <= threshold;
+            evicted += usize::from(evict);
+            !evict
+        });
+        evicted as u64
+    }
+}
+
+fn sweep_until_dropped(store: Weak<Inner>, stop: mpsc::Receiver<()>, interval: Duration) {
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
+        match store.upgrade() {
+            Some(inner) => inner.sweep(),
+            None => return,
+        }
+    }
+}
+
+impl Store for MemoryStore {
+    fn decide<'a>(&'a self, request: &'a DecisionRequest) -> StoreFuture<'a, Outcomes> {
+        Box::pin(std::future::ready(Ok(self.decide_sync(request))))
+    }
+
+    fn reset<'a>(&'a self, limit: &'a Limit, key: &'a str) -> StoreFuture<'a, ()> {
+        self.reset_sync(limit, key);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            keys: self.len() as u64,
+            evictions: self.inner.evictions.load(Ordering::Relaxed),
+        }
+    }
+
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+}

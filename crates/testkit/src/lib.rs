@@ -1,0 +1,68 @@
+//! Test support shared by every sluice crate.
+//!
+//! - [`semantics`]: the behaviour every [`Store`](sluice_engine::Store) must show, written
+//!   once. A backend runs it with [`semantic_suite!`] and a [`Harness`] that hands out a
+//!   fresh store and a way to let time pass.
+
+pub mod semantics;
+
+use std::future::Future;
+use std::time::Duration;
+
+use sluice_engine::Store;
+
+/// What the semantic suite needs from a backend under test.
+pub trait Harness: Send + Sync {
+    /// The store under test, empty at the start of each test.
+    fn store(&self) -> std::sync::Arc<dyn Store>;
+
+    /// Lets `by` pass for the store: a manual clock moves, a real server is waited for.
+    fn advance(&self, by: Duration) -> impl Future<Output = ()> + Send;
+
+    /// Advances until just past the next multiple of `period` since the Unix epoch, so
+    /// tests of epoch-aligned windows know where in the window they stand.
+    fn align_to(&self, period: Duration) -> impl Future<Output = ()> + Send;
+
+    /// How much later than asked the store's clock may read, so timing assertions
+    /// allow for it (zero for a manual clock).
+    fn slack(&self) -> Duration;
+
+    /// How many counters this test's store holds after dropping expired ones.
+    fn live_counters(&self) -> impl Future<Output = u64> + Send;
+}
+
+/// Runs every test of [`semantics`] against a backend: `semantic_suite!(async { MyHarness::new().await })`.
+/// Each case becomes its own `#[tokio::test]` so a failure names the behaviour.
+#[macro_export]
+macro_rules! semantic_suite {
+    ($make:expr) => {
+        $crate::semantic_suite!(@cases $make;
+            gcra_admits_the_burst_then_one_per_interval,
+            gcra_burst_option_sets_capacity,
+            fixed_window_resets_at_the_epoch_aligned_boundary,
+            sliding_window_weighs_the_previous_window,
+            retry_after_is_honest_for_every_algorithm,
+            cost_zero_reads_without_charging,
+            dry_run_decides_without_charging,
+            cost_above_capacity_is_denied_with_no_retry_time,
+            denied_decision_charges_nothing,
+            charge_denied_limits_count_every_attempt,
+            shadow_limits_report_but_never_deny,
+            every_window_of_a_limit_must_allow,
+            repeated_counter_in_one_request_counts_twice,
+            reset_forgets_a_key,
+            keys_and_limits_are_independent,
+            expired_counters_leave_nothing_behind,
+            concurrent_decisions_admit_exactly_the_quota
+        );
+    };
+    (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let harness = $make.await;
+                $crate::semantics::$case(&harness).await;
+            }
+        )*
+    };
+}

@@ -1,0 +1,378 @@
+//! The behaviour every store must show, as async functions over a [`Harness`].
+//!
+//! Timing assertions allow [`Harness::slack`] for stores on a real clock; with a manual
+//! clock they are exact. Rates are chosen so a real store finishes each case in at most
+//! a few seconds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_engine::{decide, Algorithm, Check, Decision, DecisionRequest, Limit, LimitSpec, Micros};
+
+use crate::Harness;
+
+fn limit(name: &str, rates: &[&str], configure: impl FnOnce(&mut LimitSpec)) -> Arc<Limit> {
+    let rates = rates.iter().map(|r| r.parse().expect("test rate")).collect();
+    let mut spec = LimitSpec::new(rates);
+    configure(&mut spec);
+    Arc::new(Limit::new(name, spec).expect("test limit"))
+}
+
+fn plain(name: &str, rate: &str) -> Arc<Limit> {
+    limit(name, &[rate], |_| {})
+}
+
+fn with_algorithm(name: &str, rate: &str, algorithm: Algorithm) -> Arc<Limit> {
+    limit(name, &[rate], |s| s.algorithm = algorithm)
+}
+
+const ALGORITHMS: [Algorithm; 3] = [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow];
+
+async fn run<H: Harness>(h: &H, checks: &[(&Arc<Limit>, &str, u64)], dry_run: bool) -> Decision {
+    let request = DecisionRequest {
+        checks: checks
+            .iter()
+            .map(|(l, k, c)| Check::new(Arc::clone(l), *k, *c).expect("test check"))
+            .collect(),
+        dry_run,
+    };
+    decide(&*h.store(), &request).await.expect("store decides")
+}
+
+async fn one<H: Harness>(h: &H, l: &Arc<Limit>, key: &str, cost: u64) -> Decision {
+    run(h, &[(l, key, cost)], false).await
+}
+
+async fn remaining<H: Harness>(h: &H, l: &Arc<Limit>, key: &str) -> u64 {
+    one(h, l, key, 0).await.results[0].remaining
+}
+
+fn ms(n: u64) -> Micros {
+    n as Micros * 1_000
+}
+
+fn slack<H: Harness>(h: &H) -> Micros {
+    h.slack().as_micros() as Micros
+}
+
+/// `actual` is `expected`, or up to `slack` less (time passed between calls on a real clock).
+fn assert_about(actual: Micros, expected: Micros, slack: Micros, what: &str) {
+    assert!(
+        actual <= expected && actual >= expected - slack,
+        "{what}: got {actual} µs, expected {expected} µs (minus up to {slack} µs)"
+    );
+}
+
+/// `5/minute` admits five at once, then one every 12 s; retry times say exactly when.
+pub async fn gcra_admits_the_burst_then_one_per_interval<H: Harness>(h: &H) {
+    let l = plain("chat", "5/minute");
+    for expected in (0..5).rev() {
+        let d = one(h, &l, "user:1", 1).await;
+        assert!(d.allowed);
+        assert_eq!(d.retry_after, Some(0));
+        assert_eq!(d.results[0].remaining, expected);
+        assert_eq!(d.results[0].limit_value, 5);
+    }
+    let d = one(h, &l, "user:1", 1).await;
+    assert!(!d.allowed, "the sixth request in a minute is denied");
+    assert_eq!(d.results[0].remaining, 0);
+    let retry = d.retry_after.expect("a retry time");
+    assert_about(retry, ms(12_000), slack(h), "retry after the burst");
+    assert_eq!(d.results[0].retry_after, Some(retry));
+    assert_about(d.results[0].reset_after, ms(60_000), slack(h), "reset after the burst");
+
+    // One cell comes back per interval: 5/second refills every 200 ms.
+    let fast = plain("fast", "5/second");
+    for _ in 0..5 {
+        assert!(one(h, &fast, "k", 1).await.allowed);
+    }
+    let denied = one(h, &fast, "k", 1).await;
+    assert!(!denied.allowed);
+    h.advance(Duration::from_micros(denied.retry_after.expect("retry") as u64)).await;
+    assert!(one(h, &fast, "k", 1).await.allowed, "allowed once the retry time has passed");
+    assert!(!one(h, &fast, "k", 1).await.allowed, "and only one cell came back");
+}
+
+/// `burst` is the bucket depth: `1/second, burst 3` admits three at once.
+pub async fn gcra_burst_option_sets_capacity<H: Harness>(h: &H) {
+    let l = limit("bursty", &["1/second"], |s| s.burst = Some(3));
+    for expected in [2, 1, 0] {
+        let d = one(h, &l, "k", 1).await;
+        assert!(d.allowed);
+        assert_eq!(d.results[0].limit_value, 3);
+        assert_eq!(d.results[0].remaining, expected);
+    }
+    let d = one(h, &l, "k", 1).await;
+    assert!(!d.allowed);
+    assert_about(d.retry_after.expect("retry"), ms(1_000), slack(h), "burst refill");
+}
+
+/// Fixed windows are aligned to the epoch: everything comes back at the boundary.
+pub async fn fixed_window_resets_at_the_epoch_aligned_boundary<H: Harness>(h: &H) {
+    let l = with_algorithm("fixed", "3/2s", Algorithm::FixedWindow);
+    h.align_to(Duration::from_secs(2)).await;
+    for expected in [2, 1, 0] {
+        let d = one(h, &l, "k", 1).await;
+        assert!(d.allowed);
+        assert_eq!(d.results[0].remaining, expected);
+    }
+    let d = one(h, &l, "k", 1).await;
+    assert!(!d.allowed);
+    let retry = d.retry_after.expect("retry");
+    // Aligned just past a boundary, so the next one is at most 2 s away.
+    assert!(retry <= ms(2_000) && retry > ms(2_000) - ms(100) - 2 * slack(h), "retry {retry}");
+    assert!((d.results[0].reset_after - retry).abs() <= slack(h), "reset and retry meet at the boundary");
+    h.advance(Duration::from_micros(retry as u64)).await;
+    let d = one(h, &l, "k", 1).await;
+    assert!(d.allowed, "a new window");
+    assert_eq!(d.results[0].remaining, 2);
+}
+
+/// The sliding window counts the previous window, weighted by how much of it still overlaps.
+pub async fn sliding_window_weighs_the_previous_window<H: Harness>(h: &H) {
+    let l = with_algorithm("sliding", "10/2s", Algorithm::SlidingWindow);
+    h.align_to(Duration::from_secs(2)).await;
+    for _ in 0..10 {
+        assert!(one(h, &l, "k", 1).await.allowed);
+    }
+    let d = one(h, &l, "k", 1).await;
+    assert!(!d.allowed);
+    // Room for one more once ten spent in the previous window weigh at most nine:
+    // 200 ms into the next window.
+    let retry = d.retry_after.expect("retry");
+    assert!(retry <= ms(2_200) && retry > ms(2_000), "retry {retry}");
+    // Halfway into the next window, half of the previous window still counts.
+    h.align_to(Duration::from_secs(2)).await;
+    h.advance(Duration::from_millis(1_000)).await;
+    assert_eq!(remaining(h, &l, "k").await, 5);
+    for _ in 0..5 {
+        assert!(one(h, &l, "k", 1).await.allowed);
+    }
+    assert!(!one(h, &l, "k", 1).await.allowed);
+}
+
+/// After a denial, waiting exactly `retry_after` is enough, whatever the algorithm.
+pub async fn retry_after_is_honest_for_every_algorithm<H: Harness>(h: &H) {
+    for algorithm in ALGORITHMS {
+        let l = with_algorithm("honest", "3/second", algorithm);
+        let mut denied = None;
+        for _ in 0..10 {
+            let d = one(h, &l, algorithm.as_str(), 1).await;
+            if !d.allowed {
+                denied = Some(d);
+                break;
+            }
+        }
+        let d = denied.unwrap_or_else(|| panic!("{algorithm}: never denied"));
+        let retry = d.retry_after.expect("retry");
+        assert!(retry > 0 && retry <= ms(2_000), "{algorithm}: retry {retry}");
+        h.advance(Duration::from_micros(retry as u64)).await;
+        assert!(one(h, &l, algorithm.as_str(), 1).await.allowed, "{algorithm}: allowed after retry_after");
+    }
+}
+
+/// Cost 0 reads the state and charges nothing.
+pub async fn cost_zero_reads_without_charging<H: Harness>(h: &H) {
+    for algorithm in ALGORITHMS {
+        let l = with_algorithm("read", "5/hour", algorithm);
+        let key = algorithm.as_str();
+        one(h, &l, key, 2).await;
+        for _ in 0..3 {
+            let d = one(h, &l, key, 0).await;
+            assert!(d.allowed);
+            assert_eq!(d.results[0].remaining, 3, "{algorithm}");
+        }
+        one(h, &l, key, 3).await;
+        let d = one(h, &l, key, 0).await;
+        assert!(d.allowed, "{algorithm}: a read is never denied");
+        assert_eq!(d.results[0].remaining, 0);
+    }
+}
+
+/// `dry_run` answers as if charging, and charges nothing.
+pub async fn dry_run_decides_without_charging<H: Harness>(h: &H) {
+    for algorithm in ALGORITHMS {
+        let l = with_algorithm("dry", "5/hour", algorithm);
+        let key = algorithm.as_str();
+        let d = run(h, &[(&l, key, 2)], true).await;
+        assert!(d.allowed);
+        assert_eq!(d.results[0].remaining, 3, "{algorithm}: what would be left");
+        assert_eq!(remaining(h, &l, key).await, 5, "{algorithm}: nothing charged");
+        one(h, &l, key, 5).await;
+        let d = run(h, &[(&l, key, 1)], true).await;
+        assert!(!d.allowed);
+        assert!(d.retry_after.expect("retry") > 0);
+        assert_eq!(remaining(h, &l, key).await, 0);
+    }
+}
+
+/// A cost the window can never admit is denied with no retry time, and charges nothing.
+pub async fn cost_above_capacity_is_denied_with_no_retry_time<H: Harness>(h: &H) {
+    for algorithm in ALGORITHMS {
+        let l = with_algorithm("huge", "5/hour", algorithm);
+        let key = algorithm.as_str();
+        let d = one(h, &l, key, 6).await;
+        assert!(!d.allowed, "{algorithm}");
+        assert_eq!(d.retry_after, None, "{algorithm}: never");
+        assert_eq!(d.results[0].retry_after, None);
+        assert_eq!(remaining(h, &l, key).await, 5, "{algorithm}: nothing charged");
+        assert!(one(h, &l, key, 5).await.allowed, "{algorithm}: the full quota still fits");
+    }
+}
+
+/// When one check denies, no other check of the decision is charged.
+pub async fn denied_decision_charges_nothing<H: Harness>(h: &H) {
+    let wide = plain("wide", "5/hour");
+    let narrow = plain("narrow", "1/hour");
+    assert!(one(h, &narrow, "k", 1).await.allowed);
+    let d = run(h, &[(&wide, "k", 1), (&narrow, "k", 1)], false).await;
+    assert!(!d.allowed);
+    assert!(d.results[0].allowed, "the wide limit alone would allow");
+    assert!(!d.results[1].allowed);
+    assert_eq!(d.results[0].remaining, 5, "reported uncharged");
+    assert_eq!(remaining(h, &wide, "k").await, 5, "and really uncharged");
+    assert_eq!(d.retry_after, d.results[1].retry_after);
+}
+
+/// `charge_denied` limits are charged on denied attempts too, so hammering keeps a client out.
+pub async fn charge_denied_limits_count_every_attempt<H: Harness>(h: &H) {
+    let sticky = limit("sticky", &["5/hour"], |s| s.charge_denied = true);
+    let narrow = plain("narrow", "1/hour");
+    assert!(one(h, &narrow, "k", 1).await.allowed);
+    assert!(!run(h, &[(&sticky, "k", 1), (&narrow, "k", 1)], false).await.allowed);
+    assert_eq!(remaining(h, &sticky, "k").await, 4, "charged although denied");
+
+    let hammered = limit("hammered", &["2/minute"], |s| s.charge_denied = true);
+    let polite = plain("polite", "2/minute");
+    for l in [&hammered, &polite] {
+        one(h, l, "k", 1).await;
+        one(h, l, "k", 1).await;
+    }
+    let first = |d: Decision| d.retry_after.expect("retry");
+    let (h1, h2) = (first(one(h, &hammered, "k", 1).await), first(one(h, &hammered, "k", 1).await));
+    let (p1, p2) = (first(one(h, &polite, "k", 1).await), first(one(h, &polite, "k", 1).await));
+    assert!(h2 >= h1 + ms(29_000), "each denied attempt extends the lockout: {h1} then {h2}");
+    assert!((p2 - p1).abs() <= slack(h) + ms(1), "without charge_denied it does not: {p1} then {p2}");
+    // The lockout is bounded: never more than two bucket depths.
+    for _ in 0..20 {
+        one(h, &hammered, "k", 1).await;
+    }
+    assert!(first(one(h, &hammered, "k", 1).await) <= ms(120_000));
+}
+
+/// A shadow limit decides and reports, and never denies.
+pub async fn shadow_limits_report_but_never_deny<H: Harness>(h: &H) {
+    let shadow = limit("rollout", &["1/hour"], |s| s.shadow = true);
+    let enforced = plain("enforced", "5/hour");
+    assert!(run(h, &[(&shadow, "k", 1), (&enforced, "k", 1)], false).await.allowed);
+    let d = run(h, &[(&shadow, "k", 1), (&enforced, "k", 1)], false).await;
+    assert!(d.allowed, "over a shadow limit, still allowed");
+    assert_eq!(d.retry_after, Some(0));
+    assert!(!d.results[0].allowed && d.results[0].shadow, "reported as a would-be denial");
+    assert!(d.results[0].retry_after.expect("retry") > 0);
+    assert!(d.results[1].allowed && !d.results[1].shadow);
+    assert_eq!(remaining(h, &enforced, "k").await, 3, "enforced limits were charged");
+}
+
+/// Every window of a multi-rate limit must allow; results come one per window.
+pub async fn every_window_of_a_limit_must_allow<H: Harness>(h: &H) {
+    let l = limit("layered", &["2/hour", "3/day"], |_| {});
+    for _ in 0..2 {
+        let d = one(h, &l, "k", 1).await;
+        assert!(d.allowed);
+        assert_eq!(d.results.len(), 2);
+    }
+    let d = one(h, &l, "k", 1).await;
+    assert!(!d.allowed);
+    assert_eq!((d.results[0].window, d.results[1].window), (0, 1));
+    assert_eq!((d.results[0].limit_value, d.results[1].limit_value), (2, 3));
+    assert!(!d.results[0].allowed && d.results[1].allowed);
+    let read = one(h, &l, "k", 0).await;
+    assert_eq!(read.results[1].remaining, 1, "the day window was not charged by the denial");
+}
+
+/// Two checks on one counter in one request see each other.
+pub async fn repeated_counter_in_one_request_counts_twice<H: Harness>(h: &H) {
+    let single = plain("single", "1/hour");
+    let d = run(h, &[(&single, "k", 1), (&single, "k", 1)], false).await;
+    assert!(!d.allowed, "two units do not fit a quota of one");
+    assert_eq!(remaining(h, &single, "k").await, 1);
+
+    let double = plain("double", "2/hour");
+    let d = run(h, &[(&double, "k", 1), (&double, "k", 1)], false).await;
+    assert!(d.allowed);
+    assert_eq!((d.results[0].remaining, d.results[1].remaining), (1, 0));
+    assert_eq!(remaining(h, &double, "k").await, 0);
+}
+
+/// Reset forgets one key of one limit.
+pub async fn reset_forgets_a_key<H: Harness>(h: &H) {
+    let l = limit("resettable", &["2/hour", "3/day"], |_| {});
+    for key in ["a", "b"] {
+        one(h, &l, key, 2).await;
+    }
+    assert!(!one(h, &l, "a", 1).await.allowed);
+    h.store().reset(&l, "a").await.expect("reset");
+    let d = one(h, &l, "a", 1).await;
+    assert!(d.allowed);
+    assert_eq!((d.results[0].remaining, d.results[1].remaining), (1, 2));
+    assert!(!one(h, &l, "b", 1).await.allowed, "other keys keep their counters");
+}
+
+/// A key's spending does not touch other keys or other limits.
+pub async fn keys_and_limits_are_independent<H: Harness>(h: &H) {
+    let a = plain("a", "2/hour");
+    let b = plain("b", "2/hour");
+    one(h, &a, "k1", 2).await;
+    assert!(!one(h, &a, "k1", 1).await.allowed);
+    assert!(one(h, &a, "k2", 1).await.allowed);
+    assert!(one(h, &b, "k1", 1).await.allowed);
+    assert!(one(h, &a, "k1 ", 1).await.allowed, "keys are compared exactly");
+}
+
+/// Counters expire: a flood of keys leaves nothing once its windows have passed.
+pub async fn expired_counters_leave_nothing_behind<H: Harness>(h: &H) {
+    let limits = [
+        with_algorithm("g", "2/second", Algorithm::Gcra),
+        with_algorithm("f", "2/second", Algorithm::FixedWindow),
+        with_algorithm("s", "2/second", Algorithm::SlidingWindow),
+    ];
+    for i in 0..20 {
+        let key = format!("flood:{i}");
+        for l in &limits {
+            one(h, l, &key, 1).await;
+        }
+    }
+    assert_eq!(h.live_counters().await, 60);
+    h.advance(Duration::from_millis(2_100)).await;
+    assert_eq!(h.live_counters().await, 0, "every counter expired");
+}
+
+/// Many concurrent decisions on one key admit exactly the quota, never more.
+pub async fn concurrent_decisions_admit_exactly_the_quota<H: Harness>(h: &H) {
+    for algorithm in ALGORITHMS {
+        let l = with_algorithm("contended", "100/day", algorithm);
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let store = h.store();
+                let l = Arc::clone(&l);
+                tokio::spawn(async move {
+                    let mut admitted = 0;
+                    for _ in 0..50 {
+                        let request = DecisionRequest {
+                            checks: vec![Check::new(Arc::clone(&l), "hot", 1).expect("check")],
+                            dry_run: false,
+                        };
+                        admitted += u32::from(decide(&*store, &request).await.expect("decide").allowed);
+                    }
+                    admitted
+                })
+            })
+            .collect();
+        let mut admitted = 0;
+        for task in tasks {
+            admitted += task.await.expect("task");
+        }
+        assert_eq!(admitted, 100, "{algorithm}: exactly the quota");
+    }
+}
