@@ -1,0 +1,168 @@
+//! The shared state of a running server and its routes.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Serialize;
+use serde_json::json;
+use sluice_engine::{LimitSet, Store};
+
+use crate::decider::Decider;
+use crate::error::{json_response, ApiError};
+use crate::metrics::Metrics;
+
+/// Settings of the HTTP front door.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// The largest request body accepted.
+    pub max_body_bytes: usize,
+    /// The bearer token for admin calls; `None` disables them.
+    pub admin_token: Option<String>,
+}
+
+/// Everything a request handler needs.
+pub struct AppState {
+    /// The configured limits.
+    pub limits: LimitSet,
+    /// The decision path.
+    pub decider: Decider,
+    /// The metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Front-door settings.
+    pub settings: ServerSettings,
+}
+
+impl AppState {
+    /// State over `store` with `limits`.
+    pub fn new(limits: LimitSet, store: Arc<dyn Store>, settings: ServerSettings) -> Self {
+        let metrics = Arc::new(Metrics::new(&limits));
+        AppState {
+            decider: Decider::new(store, Arc::clone(&metrics)),
+            limits,
+            metrics,
+            settings,
+        }
+    }
+}
+
+/// The routes of the decision API.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/check", post(crate::check::check))
+        .route("/v1/limits", get(limits))
+        .route("/v1/reset", post(crate::admin::reset))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then finishes in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Answers are small: send them now rather than wait to coalesce.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+#[derive(Serialize)]
+struct LimitInfo<'a> {
+    name: &'a str,
+    algorithm: &'static str,
+    rates: Vec<&'a str>,
+    windows: Vec<WindowInfo<'a>>,
+    charge_denied: bool,
+    shadow: bool,
+}
+
+#[derive(Serialize)]
+struct WindowInfo<'a> {
+    rate: &'a str,
+    limit_value: u64,
+    period_seconds: u64,
+}
+
+async fn limits(State(app): State<Arc<AppState>>) -> Response {
+    let limits: Vec<LimitInfo<'_>> = app
+        .limits
+        .iter()
+        .map(|l| LimitInfo {
+            name: l.name(),
+            algorithm: l.algorithm().as_str(),
+            rates: l.windows().iter().map(|w| &*w.rate_text).collect(),
+            windows: l
+                .windows()
+                .iter()
+                .map(|w| WindowInfo {
+                    rate: &w.rate_text,
+                    limit_value: w.window.capacity(),
+                    period_seconds: w.window.rate().period_secs(),
+                })
+                .collect(),
+            charge_denied: l.charge_denied(),
+            shadow: l.shadow(),
+        })
+        .collect();
+    json_response(StatusCode::OK, &json!({ "limits": limits }))
+}
+
+async fn healthz() -> Response {
+    json_response(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+async fn readyz(State(app): State<Arc<AppState>>) -> Response {
+    let store = app.decider.store();
+    match store.ping().await {
+        Ok(()) => json_response(StatusCode::OK, &json!({"status": "ready", "store": store.backend()})),
+        Err(error) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "unavailable", "store": store.backend(), "error": error.to_string()}),
+        ),
+    }
+}
+
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    let store = app.decider.store();
+    let text = app.metrics.render(store.backend(), store.stats());
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response()
+}
+
+const ENDPOINTS: &str = "POST /v1/check, GET /v1/limits, POST /v1/reset, GET /healthz, GET /readyz, GET /metrics";
+
+async fn not_found(method: Method, uri: Uri) -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no endpoint {method} {}; sluice serves {ENDPOINTS}", uri.path()),
+    )
+    .into_response()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} does not accept {method}; sluice serves {ENDPOINTS}", uri.path()),
+    )
+    .into_response()
+}

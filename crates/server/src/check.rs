@@ -1,0 +1,249 @@
+//! `POST /v1/check`: the JSON decision API of DESIGN §4.1.
+//!
+//! Every malformed request is a 400 whose `error` code says what kind of mistake it
+//! is and whose `message` names the field and how to fix it.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sluice_engine::{Check, CheckError, Decision, DecisionRequest, LimitSet, Micros};
+
+use crate::app::AppState;
+use crate::error::{json_response, ApiError};
+
+/// The most checks one request may carry.
+pub const MAX_CHECKS: usize = 64;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckBody {
+    checks: Vec<CheckItem>,
+    #[serde(default)]
+    cost: Option<Value>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckItem {
+    limit: String,
+    key: Value,
+    #[serde(default)]
+    cost: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct DecisionBody<'a> {
+    allowed: bool,
+    retry_after_ms: Option<u64>,
+    degraded: bool,
+    results: Vec<ResultBody<'a>>,
+}
+
+#[derive(Serialize)]
+struct ResultBody<'a> {
+    limit: &'a str,
+    key: &'a str,
+    rate: &'a str,
+    allowed: bool,
+    limit_value: u64,
+    remaining: u64,
+    reset_after_ms: u64,
+    retry_after_ms: Option<u64>,
+    shadow: bool,
+}
+
+/// Microseconds to whole milliseconds, rounded up so waiting that long is always enough.
+pub fn millis_ceil(micros: Micros) -> u64 {
+    (micros.max(0) as u64).div_ceil(1_000)
+}
+
+/// Reads a JSON body: checks the content type and the size cap, then parses it.
+pub async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Body, max_bytes: usize) -> Result<T, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if !essence.eq_ignore_ascii_case("application/json") {
+        let got = if content_type.is_empty() { "none".to_string() } else { format!("{content_type:?}") };
+        return Err(ApiError::bad_request(
+            "unsupported_media_type",
+            format!("Content-Type must be application/json (got {got}); send the header Content-Type: application/json"),
+        ));
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || {
+        ApiError::bad_request(
+            "body_too_large",
+            format!("the request body is larger than {max_bytes} bytes; send fewer checks or shorter keys"),
+        )
+    };
+    if declared.is_some_and(|len| len > max_bytes as u64) {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(body, max_bytes).await.map_err(|_| too_large())?;
+    serde_json::from_slice(&bytes).map_err(|error| {
+        use serde_json::error::Category;
+        match error.classify() {
+            Category::Data => ApiError::bad_request(
+                "invalid_request",
+                format!("{error}; expected {{\"checks\": [{{\"limit\": \"<name>\", \"key\": \"<key>\", \"cost\": 1}}], \"cost\": 1, \"dry_run\": false}}"),
+            ),
+            _ => ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {error}")),
+        }
+    })
+}
+
+/// Reads a cost: a whole number ≥ 0 (`2.0` counts as whole), or the default when absent.
+pub fn parse_cost(value: Option<&Value>, default: u64, field: &str) -> Result<u64, ApiError> {
+    let invalid = |what: String| {
+        ApiError::bad_request("invalid_cost", format!("{field} is {what}; cost must be a whole number ≥ 0, e.g. 1"))
+    };
+    match value {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Number(n)) => {
+            if let Some(cost) = n.as_u64() {
+                Ok(cost)
+            } else if n.as_i64().is_some() {
+                Err(invalid(format!("negative ({n})")))
+            } else {
+                match n.as_f64() {
+                    Some(f) if f >= 0.0 && f.fract() == 0.0 && f <= u64::MAX as f64 => Ok(f as u64),
+                    Some(f) if f < 0.0 => Err(invalid(format!("negative ({n})"))),
+                    _ => Err(invalid(format!("not a whole number ({n})"))),
+                }
+            }
+        }
+        Some(other) => Err(invalid(format!("{} rather than a number", json_type(other)))),
+    }
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Resolves a limit name, or says which exist.
+pub fn find_limit<'a>(limits: &'a LimitSet, name: &str, field: &str) -> Result<&'a Arc<sluice_engine::Limit>, ApiError> {
+    limits.get(name).ok_or_else(|| {
+        let known: Vec<&str> = limits.iter().map(|l| l.name()).collect();
+        ApiError::bad_request(
+            "unknown_limit",
+            format!("{field}: no limit named {name:?} is configured; configured limits: {}", known.join(", ")),
+        )
+    })
+}
+
+/// Reads a key: a non-empty string of at most 512 bytes.
+pub fn parse_key(value: Value, field: &str) -> Result<String, ApiError> {
+    match value {
+        Value::String(key) => Ok(key),
+        other => Err(ApiError::bad_request(
+            "invalid_key",
+            format!("{field} is {} rather than a string; keys are strings such as \"user:42\"", json_type(&other)),
+        )),
+    }
+}
+
+/// Builds a check, turning key problems into `invalid_key`.
+pub fn make_check(limit: Arc<sluice_engine::Limit>, key: String, cost: u64, field: &str) -> Result<Check, ApiError> {
+    Check::new(limit, key, cost).map_err(|error: CheckError| ApiError::bad_request("invalid_key", format!("{field}: {error}")))
+}
+
+fn build_request(limits: &LimitSet, body: CheckBody) -> Result<DecisionRequest, ApiError> {
+    if body.checks.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "checks is empty; give at least one {\"limit\": \"<name>\", \"key\": \"<key>\"}",
+        ));
+    }
+    if body.checks.len() > MAX_CHECKS {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!("checks has {} entries; at most {MAX_CHECKS} are decided together", body.checks.len()),
+        ));
+    }
+    let default_cost = parse_cost(body.cost.as_ref(), 1, "cost")?;
+    let checks = body
+        .checks
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let limit = find_limit(limits, &item.limit, &format!("checks[{i}].limit"))?;
+            let cost = parse_cost(item.cost.as_ref(), default_cost, &format!("checks[{i}].cost"))?;
+            let key = parse_key(item.key, &format!("checks[{i}].key"))?;
+            make_check(Arc::clone(limit), key, cost, &format!("checks[{i}].key"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(DecisionRequest { checks, dry_run: body.dry_run })
+}
+
+/// Renders a decision as DESIGN §4.1's JSON, one result per window.
+pub fn decision_json(request: &DecisionRequest, decision: &Decision) -> Response {
+    let results = decision
+        .results
+        .iter()
+        .map(|r| {
+            let check = &request.checks[r.check];
+            let window = &check.limit().windows()[r.window];
+            ResultBody {
+                limit: check.limit().name(),
+                key: check.key(),
+                rate: &window.rate_text,
+                allowed: r.allowed,
+                limit_value: r.limit_value,
+                remaining: r.remaining,
+                reset_after_ms: millis_ceil(r.reset_after),
+                retry_after_ms: r.retry_after.map(millis_ceil),
+                shadow: r.shadow,
+            }
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &DecisionBody {
+            allowed: decision.allowed,
+            retry_after_ms: decision.retry_after.map(millis_ceil),
+            degraded: decision.degraded,
+            results,
+        },
+    )
+}
+
+/// `POST /v1/check`.
+pub async fn check(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let body: CheckBody = match read_json(&headers, body, app.settings.max_body_bytes).await {
+        Ok(body) => body,
+        Err(error) => return error.into_response(),
+    };
+    let request = match build_request(&app.limits, body) {
+        Ok(request) => request,
+        Err(error) => return error.into_response(),
+    };
+    match app.decider.decide(&request).await {
+        Ok(decision) => decision_json(&request, &decision),
+        Err(error) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("the counter store could not decide: {error}"),
+        )
+        .into_response(),
+    }
+}

@@ -1,0 +1,71 @@
+//! The one path from a decision request to a decision, shared by every front door:
+//! asks the store, times it, and counts the outcome per limit.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use sluice_engine::{Decision, DecisionRequest, Store, StoreError};
+
+use crate::metrics::Metrics;
+
+/// Decides requests against a store and records metrics.
+#[derive(Clone)]
+pub struct Decider {
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl Decider {
+    /// A decider over `store` reporting to `metrics`.
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+        Decider { store, metrics }
+    }
+
+    /// The store decisions go to.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Decides `request`, recording latency, errors and outcomes.
+    pub async fn decide(&self, request: &DecisionRequest) -> Result<Decision, StoreError> {
+        let started = Instant::now();
+        let result = sluice_engine::decide(&*self.store, request).await;
+        self.metrics.observe_store(started.elapsed());
+        match &result {
+            Ok(decision) => {
+                if !request.dry_run {
+                    self.record(request, decision);
+                }
+            }
+            Err(error) => {
+                self.metrics.store_errors.inc();
+                tracing::warn!(%error, backend = self.store.backend(), "store call failed");
+            }
+        }
+        result
+    }
+
+    fn record(&self, request: &DecisionRequest, decision: &Decision) {
+        if decision.degraded {
+            self.metrics.degraded.inc();
+        }
+        let counters = self.metrics.limit_counters();
+        for (index, check) in request.checks.iter().enumerate() {
+            let denied = decision
+                .results
+                .iter()
+                .any(|r| r.check == index && !r.allowed);
+            let Some(counter) = counters.get(check.limit().name()) else {
+                continue;
+            };
+            match (denied, check.limit().shadow()) {
+                (false, _) => counter.allowed.inc(),
+                (true, false) => counter.denied.inc(),
+                (true, true) => counter.shadow_denied.inc(),
+            };
+            if denied && !check.limit().shadow() {
+                tracing::debug!(limit = check.limit().name(), "denied");
+            }
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! Error answers: a status and `{"error": "<code>", "message": "<what and how to fix it>"}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// An error answer. Client mistakes are 400s whose message says how to fix the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// A stable machine-readable code such as `invalid_cost`.
+    pub code: &'static str,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl ApiError {
+    /// A 400 with `code` and `message`.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::BAD_REQUEST, code, message: message.into() }
+    }
+
+    /// An answer with any status.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: &'a str,
+}
+
+/// Serialises `value` as a JSON response with `status`.
+pub fn json_response(status: StatusCode, value: &impl Serialize) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => (
+            status,
+            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            body,
+        )
+            .into_response(),
+        // Our own response types always serialise; answer something well-formed regardless.
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "response could not be encoded").into_response(),
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        json_response(self.status, &ErrorBody { error: self.code, message: &self.message })
+    }
+}

@@ -1,0 +1,22 @@
+//! sluice's HTTP front door: the JSON decision API (`POST /v1/check`), the limits
+//! listing, admin calls, health, readiness and Prometheus metrics.
+//!
+//! - [`app`]: the shared state and the router.
+//! - [`decider`]: turns a decision request into a decision and records its metrics;
+//!   every front door goes through it.
+//! - [`check`]: `POST /v1/check` — request parsing, validation and the response shape.
+//! - [`admin`]: calls behind the bearer token.
+//! - [`metrics`]: the Prometheus registry.
+//! - [`error`]: the `{"error": ..., "message": ...}` answers.
+
+pub mod admin;
+pub mod app;
+pub mod check;
+pub mod decider;
+pub mod error;
+pub mod metrics;
+
+pub use app::{router, serve, AppState, ServerSettings};
+pub use decider::Decider;
+pub use error::ApiError;
+pub use metrics::Metrics;

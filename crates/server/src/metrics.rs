@@ -1,0 +1,138 @@
+//! Prometheus metrics. Handles for each limit are created once, when the limits are
+//! loaded, so recording a decision is a few atomic increments.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use sluice_engine::{LimitSet, StoreStats};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    limit: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    backend: &'static str,
+}
+
+/// The counters of one limit.
+#[derive(Clone, Debug)]
+pub struct LimitCounters {
+    /// This limit admitted the request.
+    pub allowed: Counter,
+    /// This limit denied the request.
+    pub denied: Counter,
+    /// This shadow limit would have denied the request.
+    pub shadow_denied: Counter,
+}
+
+/// Every metric sluice exports.
+pub struct Metrics {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    per_limit: std::sync::RwLock<Arc<HashMap<String, LimitCounters>>>,
+    /// Decisions made without the shared store.
+    pub degraded: Counter,
+    /// Store calls that failed.
+    pub store_errors: Counter,
+    /// Seconds each store call took.
+    pub store_latency: Histogram,
+    keys: Family<BackendLabels, Gauge>,
+    evictions: Family<BackendLabels, Counter>,
+}
+
+impl Metrics {
+    /// A registry with every metric, and counters for each of `limits`.
+    pub fn new(limits: &LimitSet) -> Self {
+        let mut registry = Registry::with_prefix("sluice");
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Checks decided, by limit and outcome (allowed, denied, shadow_denied)",
+            decisions.clone(),
+        );
+        let degraded = Counter::default();
+        registry.register("degraded_decisions", "Decisions made without the shared store", degraded.clone());
+        let store_errors = Counter::default();
+        registry.register("store_errors", "Store calls that failed or timed out", store_errors.clone());
+        let store_latency = Histogram::new([
+            0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ]);
+        registry.register("store_latency_seconds", "Time each store call took", store_latency.clone());
+        let keys = Family::<BackendLabels, Gauge>::default();
+        registry.register("store_keys", "Counters the store holds", keys.clone());
+        let evictions = Family::<BackendLabels, Counter>::default();
+        registry.register("store_evictions", "Counters evicted before expiry because the store was full", evictions.clone());
+        let metrics = Metrics {
+            registry,
+            decisions,
+            per_limit: Default::default(),
+            degraded,
+            store_errors,
+            store_latency,
+            keys,
+            evictions,
+        };
+        metrics.track_limits(limits);
+        metrics
+    }
+
+    /// Creates counters for `limits` (after a reload, new limits get theirs; old series stay).
+    pub fn track_limits(&self, limits: &LimitSet) {
+        let map = limits
+            .iter()
+            .map(|limit| {
+                let handle = |outcome| {
+                    self.decisions
+                        .get_or_create(&DecisionLabels { limit: limit.name().to_string(), outcome })
+                        .clone()
+                };
+                let counters = LimitCounters {
+                    allowed: handle("allowed"),
+                    denied: handle("denied"),
+                    shadow_denied: handle("shadow_denied"),
+                };
+                (limit.name().to_string(), counters)
+            })
+            .collect();
+        if let Ok(mut per_limit) = self.per_limit.write() {
+            *per_limit = Arc::new(map);
+        }
+    }
+
+    /// The counters of every tracked limit.
+    pub fn limit_counters(&self) -> Arc<HashMap<String, LimitCounters>> {
+        self.per_limit
+            .read()
+            .map(|m| Arc::clone(&m))
+            .unwrap_or_default()
+    }
+
+    /// Records one store call's duration.
+    pub fn observe_store(&self, took: Duration) {
+        self.store_latency.observe(took.as_secs_f64());
+    }
+
+    /// The OpenMetrics text exposition, with the store's own counts brought up to date.
+    pub fn render(&self, backend: &'static str, stats: StoreStats) -> String {
+        let labels = BackendLabels { backend };
+        self.keys.get_or_create(&labels).set(stats.keys as i64);
+        let evictions = self.evictions.get_or_create(&labels);
+        evictions.inc_by(stats.evictions.saturating_sub(evictions.get()));
+        drop(evictions);
+        let mut text = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}

@@ -1,0 +1,169 @@
+//! The `sluice` command: a thin shell over the library crates.
+//!
+//! `sluice serve --config FILE` loads the config, opens the store and serves the HTTP
+//! front door; `sluice check-config FILE` validates a file without starting anything.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use sluice_config::{Backend, Config};
+use sluice_engine::Store;
+use sluice_server::{AppState, ServerSettings};
+use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
+use tracing_subscriber::EnvFilter;
+
+/// A rate limiter for HTTP APIs.
+#[derive(Parser)]
+#[command(name = "sluice", version, about)]
+struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        /// The YAML config file.
+        #[arg(long, short, env = "SLUICE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit: 0 when valid, 1 with file:line: field: message when not.
+    CheckConfig {
+        /// The YAML config file.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Serve { config } => serve(&config),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn check_config(file: &Path) -> ExitCode {
+    match sluice_config::load(file) {
+        Ok(config) => {
+            println!(
+                "ok: {}: {} limits, storage {}, listen {}",
+                file.display(),
+                config.limits.len(),
+                backend_name(&config),
+                config.listen
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn backend_name(config: &Config) -> &'static str {
+    match config.storage.backend {
+        Backend::Memory => "memory",
+    }
+}
+
+fn open_store(config: &Config) -> Arc<dyn Store> {
+    match config.storage.backend {
+        Backend::Memory => Arc::new(MemoryStore::new(MemoryStoreConfig {
+            max_keys: config.storage.max_keys,
+            sweep_interval: Duration::from_millis(config.storage.sweep_interval_ms),
+        })),
+    }
+}
+
+fn serve(path: &Path) -> ExitCode {
+    let config = match sluice_config::load(path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let store = open_store(&config);
+    let listen = config.listen;
+    let limit_count = config.limits.len();
+    let state = Arc::new(AppState::new(
+        config.limits,
+        Arc::clone(&store),
+        ServerSettings {
+            max_body_bytes: config.http.max_body_bytes,
+            admin_token: config.admin.token.map(|t| t.expose().to_string()),
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}: pick a free address for `listen:` (or SLUICE_LISTEN)"))?;
+    tracing::info!(%listen, backend = store.backend(), limits = limit_count, "sluice listening");
+    sluice_server::serve(listener, sluice_server::router(state), shutdown_signal()).await?;
+    tracing::info!("sluice stopped");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
