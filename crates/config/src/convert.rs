@@ -1,0 +1,460 @@
+//! From the document tree to typed, validated config, with every error placed at its node.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use sluice_engine::{Algorithm, Limit, LimitError, LimitSet, LimitSpec, Rate};
+
+use crate::error::{Fail, join};
+use crate::overrides::TOP_LEVEL;
+use crate::tree::{Entry, Kind, Node, Scalar, Value, parse_int};
+use crate::{AdminConfig, Backend, Config, HttpConfig, OnError, Secret, StorageConfig};
+
+const ADMIN_FIELDS: &[&str] = &["token"];
+const STORAGE_FIELDS: &[&str] = &[
+    "backend",
+    "max_keys",
+    "on_error",
+    "prefix",
+    "sweep_interval_ms",
+];
+const HTTP_FIELDS: &[&str] = &["max_body_bytes"];
+const LIMIT_FIELDS: &[&str] = &["rate", "algorithm", "burst", "charge_denied", "shadow"];
+
+/// The fields of a mapping, checked against the known ones.
+struct Fields<'a> {
+    entries: &'a [Entry],
+    path: String,
+}
+
+impl<'a> Fields<'a> {
+    /// `node`'s fields; `None` when the section is null (absent). Unknown keys are errors.
+    fn of(node: &'a Node, path: &str, known: &[&str]) -> Result<Option<Self>, Fail> {
+        if node.is_null() {
+            return Ok(None);
+        }
+        let Value::Map(entries) = &node.value else {
+            if path.is_empty() {
+                return Err(Fail::new(
+                    &node.origin,
+                    path,
+                    format!(
+                        "the config must be a mapping of settings ({}), found {}",
+                        known.join(", "),
+                        node.describe()
+                    ),
+                ));
+            }
+            let example = match known.first() {
+                Some(first) => format!(", e.g. `{first}: ...`"),
+                None => String::new(),
+            };
+            return Err(Fail::new(
+                &node.origin,
+                path,
+                format!(
+                    "expected a mapping of fields{example}, found {}",
+                    node.describe()
+                ),
+            ));
+        };
+        if let Some(entry) = entries
+            .iter()
+            .find(|entry| !known.contains(&entry.key.as_str()))
+        {
+            let expected = known
+                .iter()
+                .map(|name| format!("`{name}`"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(Fail::new(
+                &entry.key_origin,
+                &join(path, &entry.key),
+                format!(
+                    "unknown field `{}`, expected one of {expected}",
+                    crate::tree::shorten(&entry.key)
+                ),
+            ));
+        }
+        Ok(Some(Fields {
+            entries,
+            path: path.to_string(),
+        }))
+    }
+
+    /// The field's value and path, unless absent or null.
+    fn get(&self, name: &str) -> Option<(&'a Node, String)> {
+        self.entries
+            .iter()
+            .find(|entry| entry.key == name && !entry.value.is_null())
+            .map(|entry| (&entry.value, join(&self.path, name)))
+    }
+}
+
+/// Any non-null scalar, as its text (so `prefix: 123` is the string "123").
+fn string<'a>(node: &'a Node, path: &str) -> Result<&'a str, Fail> {
+    match &node.value {
+        Value::Scalar(Scalar { text, kind }) if *kind != Kind::Null => Ok(text),
+        _ => Err(Fail::new(
+            &node.origin,
+            path,
+            format!("expected a string, found {}", node.describe()),
+        )),
+    }
+}
+
+/// A whole number in `min..=max`.
+fn whole(node: &Node, path: &str, min: u64, max: u64) -> Result<u64, Fail> {
+    let fail = |message: String| Fail::new(&node.origin, path, message);
+    let range = || {
+        if max == u64::MAX {
+            format!("at least {min}")
+        } else {
+            format!("from {min} to {max}")
+        }
+    };
+    match &node.value {
+        Value::Scalar(Scalar {
+            text,
+            kind: Kind::Int,
+        }) => {
+            let value = parse_int(text)
+                .and_then(|value| u64::try_from(value).ok())
+                .filter(|value| (min..=max).contains(value));
+            value.ok_or_else(|| fail(format!("must be {}, found {text}", range())))
+        }
+        Value::Scalar(Scalar {
+            text,
+            kind: Kind::Str,
+        }) if parse_int(text.trim()).is_some() => Err(fail(format!(
+            "expected a number, found the string `{text}`: remove the quotes"
+        ))),
+        _ => Err(fail(format!(
+            "expected a whole number {}, found {}",
+            range(),
+            node.describe()
+        ))),
+    }
+}
+
+/// `true` or `false`.
+fn boolean(node: &Node, path: &str) -> Result<bool, Fail> {
+    match &node.value {
+        Value::Scalar(Scalar {
+            kind: Kind::Bool(value),
+            ..
+        }) => Ok(*value),
+        _ => Err(Fail::new(
+            &node.origin,
+            path,
+            format!("expected true or false, found {}", node.describe()),
+        )),
+    }
+}
+
+/// The whole config from the document's root.
+pub(crate) fn config(root: &Node) -> Result<Config, Fail> {
+    let mut config = Config::default();
+    let Some(fields) = Fields::of(root, "", TOP_LEVEL)? else {
+        return Ok(config);
+    };
+    if let Some((node, path)) = fields.get("listen") {
+        config.listen = listen(node, &path)?;
+    }
+    if let Some((node, path)) = fields.get("admin") {
+        config.admin = admin(node, &path)?;
+    }
+    if let Some((node, path)) = fields.get("storage") {
+        config.storage = storage(node, &path)?;
+    }
+    if let Some((node, path)) = fields.get("limits") {
+        config.limits = limits(node, &path)?;
+    }
+    if let Some((node, path)) = fields.get("http") {
+        config.http = http(node, &path)?;
+    }
+    Ok(config)
+}
+
+fn listen(node: &Node, path: &str) -> Result<SocketAddr, Fail> {
+    let hint = "write IP:port, e.g. 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080";
+    if let Value::Scalar(Scalar {
+        text,
+        kind: Kind::Int,
+    }) = &node.value
+    {
+        return Err(Fail::new(
+            &node.origin,
+            path,
+            format!(
+                "`{text}` is a port without an address: {hint} (use 0.0.0.0 to listen on every interface)"
+            ),
+        ));
+    }
+    let text = string(node, path)
+        .map_err(|fail| Fail {
+            message: format!("{}: {hint}", fail.message),
+            ..fail
+        })?
+        .trim();
+    let parsed = match text.strip_prefix("localhost:") {
+        Some(port) => SocketAddr::from_str(&format!("127.0.0.1:{port}")),
+        None => SocketAddr::from_str(text),
+    };
+    parsed.map_err(|_| {
+        Fail::new(
+            &node.origin,
+            path,
+            format!(
+                "`{}` is not an address to listen on: {hint}",
+                crate::tree::shorten(text)
+            ),
+        )
+    })
+}
+
+fn admin(node: &Node, path: &str) -> Result<AdminConfig, Fail> {
+    let mut admin = AdminConfig::default();
+    let Some(fields) = Fields::of(node, path, ADMIN_FIELDS)? else {
+        return Ok(admin);
+    };
+    if let Some((node, path)) = fields.get("token") {
+        let token = string(node, &path)?;
+        if token.is_empty() {
+            return Err(Fail::new(
+                &node.origin,
+                &path,
+                "admin.token is empty: set it or remove it",
+            ));
+        }
+        admin.token = Some(Secret::new(token));
+    }
+    Ok(admin)
+}
+
+fn storage(node: &Node, path: &str) -> Result<StorageConfig, Fail> {
+    let mut storage = StorageConfig::default();
+    let Some(fields) = Fields::of(node, path, STORAGE_FIELDS)? else {
+        return Ok(storage);
+    };
+    if let Some((node, path)) = fields.get("backend") {
+        storage.backend = match string(node, &path)? {
+            "memory" => Backend::Memory,
+            name @ ("disk" | "redis" | "postgres") => {
+                return Err(Fail::new(
+                    &node.origin,
+                    &path,
+                    format!(
+                        "storage backend `{name}` is not available in this version; use memory"
+                    ),
+                ));
+            }
+            other => {
+                return Err(Fail::new(
+                    &node.origin,
+                    &path,
+                    format!(
+                        "unknown storage backend `{}`: use memory (disk, redis and postgres come in later versions)",
+                        crate::tree::shorten(other)
+                    ),
+                ));
+            }
+        };
+    }
+    if let Some((node, path)) = fields.get("max_keys") {
+        let max = usize::MAX as u64;
+        storage.max_keys = usize::try_from(whole(node, &path, 1, max)?).unwrap_or(usize::MAX);
+    }
+    if let Some((node, path)) = fields.get("on_error") {
+        storage.on_error = match string(node, &path)? {
+            "allow" => OnError::Allow,
+            "deny" => OnError::Deny,
+            "local" => OnError::Local,
+            other => {
+                return Err(Fail::new(
+                    &node.origin,
+                    &path,
+                    format!(
+                        "unknown on_error `{}`, expected one of `allow`, `deny`, `local`",
+                        crate::tree::shorten(other)
+                    ),
+                ));
+            }
+        };
+    }
+    if let Some((node, path)) = fields.get("prefix") {
+        storage.prefix = string(node, &path)?.to_string();
+    }
+    if let Some((node, path)) = fields.get("sweep_interval_ms") {
+        storage.sweep_interval_ms =
+            whole(node, &path, StorageConfig::MIN_SWEEP_INTERVAL_MS, u64::MAX)?;
+    }
+    Ok(storage)
+}
+
+fn http(node: &Node, path: &str) -> Result<HttpConfig, Fail> {
+    let mut http = HttpConfig::default();
+    let Some(fields) = Fields::of(node, path, HTTP_FIELDS)? else {
+        return Ok(http);
+    };
+    if let Some((node, path)) = fields.get("max_body_bytes") {
+        let value = whole(
+            node,
+            &path,
+            HttpConfig::MIN_MAX_BODY_BYTES as u64,
+            HttpConfig::MAX_MAX_BODY_BYTES as u64,
+        )?;
+        http.max_body_bytes = usize::try_from(value).unwrap_or(HttpConfig::MAX_MAX_BODY_BYTES);
+    }
+    Ok(http)
+}
+
+fn limits(node: &Node, path: &str) -> Result<LimitSet, Fail> {
+    if node.is_null() {
+        return Ok(LimitSet::default());
+    }
+    let Value::Map(entries) = &node.value else {
+        return Err(Fail::new(
+            &node.origin,
+            path,
+            format!(
+                "expected a mapping of limit names to settings, e.g. `chat_user: {{rate: 5/minute}}`, found {}",
+                node.describe()
+            ),
+        ));
+    };
+    let limits = entries
+        .iter()
+        .map(|entry| limit(entry, &join(path, &entry.key)))
+        .collect::<Result<Vec<_>, _>>()?;
+    LimitSet::new(limits).map_err(|error| Fail::new(&node.origin, path, error.to_string()))
+}
+
+/// One rate and where it was written.
+struct RateAt<'a> {
+    rate: Rate,
+    node: &'a Node,
+    path: String,
+}
+
+fn limit(entry: &Entry, path: &str) -> Result<Limit, Fail> {
+    let name = entry.key.as_str();
+    let example = format!("e.g. `{}: {{rate: 5/minute}}`", crate::tree::shorten(name));
+    let Some(fields) = Fields::of(&entry.value, path, LIMIT_FIELDS)? else {
+        return Err(Fail::new(
+            &entry.key_origin,
+            path,
+            format!("limit has no settings: give it a rate, {example}"),
+        ));
+    };
+
+    let Some((rate_node, rate_path)) = fields.get("rate") else {
+        return Err(Fail::new(
+            &entry.key_origin,
+            path,
+            format!("missing field `rate`: a limit needs at least one rate, {example}"),
+        ));
+    };
+    let rates = rates(rate_node, &rate_path)?;
+
+    let mut spec = LimitSpec::new(rates.iter().map(|at| at.rate).collect());
+    let algorithm = fields.get("algorithm");
+    if let Some((node, path)) = &algorithm {
+        spec.algorithm = Algorithm::from_str(string(node, path)?)
+            .map_err(|error| Fail::new(&node.origin, path, error.to_string()))?;
+    }
+    let burst = fields.get("burst");
+    if let Some((node, path)) = &burst {
+        spec.burst = Some(whole(node, path, 1, u64::MAX)?);
+    }
+    if let Some((node, path)) = fields.get("charge_denied") {
+        spec.charge_denied = boolean(node, &path)?;
+    }
+    if let Some((node, path)) = fields.get("shadow") {
+        spec.shadow = boolean(node, &path)?;
+    }
+
+    Limit::new(name, spec).map_err(|error| {
+        let message = error.to_string();
+        let at_rate = |pick: &dyn Fn(&RateAt<'_>) -> bool| {
+            rates
+                .iter()
+                .find(|at| pick(at))
+                .map(|at| Fail::new(&at.node.origin, &at.path, message.clone()))
+        };
+        let at_field = |field: &Option<(&Node, String)>| {
+            field
+                .as_ref()
+                .map(|(node, path)| Fail::new(&node.origin, path, message.clone()))
+        };
+        let placed = match &error {
+            LimitError::SamePeriod(_, second) => {
+                // The later of the two rates sharing a period.
+                rates
+                    .iter()
+                    .rev()
+                    .find(|at| at.rate == *second)
+                    .map(|at| Fail::new(&at.node.origin, &at.path, message.clone()))
+            }
+            LimitError::RateTooFine(rate) => at_rate(&|at| at.rate == *rate),
+            LimitError::NoRates => Some(Fail::new(&rate_node.origin, &rate_path, message.clone())),
+            LimitError::BurstNeedsGcra(_)
+            | LimitError::BurstNeedsOneRate
+            | LimitError::BadBurst(_) => at_field(&burst),
+            LimitError::UnknownAlgorithm(_) => at_field(&algorithm),
+            LimitError::BadName(_) | LimitError::DuplicateName(_) => None,
+        };
+        placed.unwrap_or_else(|| Fail::new(&entry.key_origin, path, message))
+    })
+}
+
+/// `rate: 5/minute` or `rate: [5/minute, 60/hour]`.
+fn rates<'a>(node: &'a Node, path: &str) -> Result<Vec<RateAt<'a>>, Fail> {
+    let one = |node: &'a Node, path: String| -> Result<RateAt<'a>, Fail> {
+        let text = match &node.value {
+            Value::Scalar(Scalar { text, kind }) if *kind != Kind::Null => text,
+            _ => {
+                return Err(Fail::new(
+                    &node.origin,
+                    &path,
+                    format!(
+                        "expected a rate such as 5/minute, found {}",
+                        node.describe()
+                    ),
+                ));
+            }
+        };
+        let rate = Rate::from_str(text)
+            .map_err(|error| Fail::new(&node.origin, &path, error.to_string()))?;
+        Ok(RateAt { rate, node, path })
+    };
+    match &node.value {
+        Value::Seq(items) if items.is_empty() => Err(Fail::new(
+            &node.origin,
+            path,
+            LimitError::NoRates.to_string(),
+        )),
+        Value::Seq(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| one(item, format!("{path}[{i}]")))
+            .collect(),
+        _ => Ok(vec![one(node, path.to_string())?]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Origin;
+
+    #[test]
+    fn origin_is_reported_for_env_values() {
+        let origin = Origin::Env {
+            var: "SLUICE_LISTEN".to_string(),
+        };
+        let fail = Fail::new(&origin, "listen", "bad");
+        let error = fail.into_error("f.yaml");
+        assert_eq!(error.to_string(), "SLUICE_LISTEN (overrides listen): bad");
+    }
+}

@@ -1,0 +1,260 @@
+//! sluice's configuration: one YAML file loaded into typed, validated values.
+//!
+//! [`load`] reads the file named by `--config`; [`load_str`] does the same from text, with the
+//! environment passed in (for tests, `check-config` and reload). Loading:
+//!
+//! 1. parses the YAML (1.2 core schema: `true`/`false`, `null`/`~`, integers and floats are
+//!    typed when written plain; quoted scalars are always strings) into a tree whose every
+//!    value remembers its line and column. Duplicate keys, a second document, tags other than
+//!    the core ones and nesting deeper than 64 are rejected;
+//! 2. interpolates `${VAR}` and `${VAR:-default}` inside each scalar value (never keys, never
+//!    the file's text, so a value containing `:` or `#` cannot change the structure); the
+//!    default applies when `VAR` is unset or empty; `$$` is a literal `$`; a `$` not followed
+//!    by `{` or `$` stays as it is. An interpolated plain value is typed as if written there
+//!    (`max_keys: ${MAX:-5000}` is a number), except that an empty result is an empty string
+//!    rather than null;
+//! 3. applies `SLUICE_*` environment overrides: the name after `SLUICE_`, split on `__` and
+//!    lowercased, is a path into the document (`SLUICE_STORAGE__MAX_KEYS=5000`,
+//!    `SLUICE_LIMITS__CHAT_USER__RATE='[5/minute, 60/hour]'`); missing mappings on the way
+//!    are created. Only names whose first segment is a top-level key (`listen`, `admin`,
+//!    `storage`, `limits`, `http`) are overrides; other `SLUICE_*` variables (`SLUICE_LOG`,
+//!    `SLUICE_LOG_FORMAT`, `SLUICE_CONFIG`, `SLUICE_ADMIN_TOKEN`) are ignored. A value that
+//!    starts with `[`, `{` or a quote is read as YAML; any other is taken literally as one
+//!    plain scalar (so a token containing `: ` or `#` stays intact); an empty value is an
+//!    empty string. Override values are not interpolated;
+//! 4. converts the tree into [`Config`], rejecting unknown fields everywhere and checking
+//!    every value, with limits validated by `sluice_engine`.
+//!
+//! Every error is a [`ConfigError`] naming the file, line, column and field, or the override
+//! variable the bad value came from. Null (`~` or nothing) for an optional setting means "use
+//! the default". Loading never panics, whatever the input.
+
+mod convert;
+mod error;
+mod overrides;
+mod tree;
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::Path;
+
+pub use error::ConfigError;
+
+/// The whole configuration, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address of the HTTP listener (decision API, forward-auth, proxy, `/metrics`).
+    /// Default `127.0.0.1:8080`: loopback unless configured otherwise.
+    pub listen: SocketAddr,
+    /// Admin API settings.
+    pub admin: AdminConfig,
+    /// Where counters are kept.
+    pub storage: StorageConfig,
+    /// The configured limits, in file order.
+    pub limits: sluice_engine::LimitSet,
+    /// HTTP front-door settings.
+    pub http: HttpConfig,
+}
+
+impl Config {
+    /// The default listen address, `127.0.0.1:8080`.
+    pub const DEFAULT_LISTEN: SocketAddr =
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: Config::DEFAULT_LISTEN,
+            admin: AdminConfig::default(),
+            storage: StorageConfig::default(),
+            limits: sluice_engine::LimitSet::default(),
+            http: HttpConfig::default(),
+        }
+    }
+}
+
+/// Admin API settings (`admin:`).
+#[derive(Debug, Clone, Default)]
+pub struct AdminConfig {
+    /// Bearer token for `/v1/reset` and other admin calls; with none, no admin call works.
+    pub token: Option<Secret>,
+}
+
+/// A secret string (such as the admin token) that never shows in `Debug` or `Display` output.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for comparing with what a caller presents.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Storage settings (`storage:`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageConfig {
+    /// Which store keeps the counters. Default `memory`.
+    pub backend: Backend,
+    /// Most keys the memory store tracks at once (at least 1). Default 1 000 000.
+    pub max_keys: usize,
+    /// What to do when the store fails. Default `local`.
+    pub on_error: OnError,
+    /// Prefix of every key in the store, so deployments can share one. Default `sluice:`.
+    pub prefix: String,
+    /// How often expired entries are swept, in milliseconds (at least 10). Default 1000.
+    pub sweep_interval_ms: u64,
+}
+
+impl StorageConfig {
+    /// Default `max_keys`.
+    pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
+    /// Default `prefix`.
+    pub const DEFAULT_PREFIX: &'static str = "sluice:";
+    /// Default `sweep_interval_ms`.
+    pub const DEFAULT_SWEEP_INTERVAL_MS: u64 = 1_000;
+    /// Smallest `sweep_interval_ms` accepted.
+    pub const MIN_SWEEP_INTERVAL_MS: u64 = 10;
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: Backend::default(),
+            max_keys: Self::DEFAULT_MAX_KEYS,
+            on_error: OnError::default(),
+            prefix: Self::DEFAULT_PREFIX.to_string(),
+            sweep_interval_ms: Self::DEFAULT_SWEEP_INTERVAL_MS,
+        }
+    }
+}
+
+/// A storage backend (`storage.backend`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// Sharded, in-process, bounded by `max_keys` (config value `memory`).
+    #[default]
+    Memory,
+}
+
+impl Backend {
+    /// The config spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Backend::Memory => "memory",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What to do when the store fails or times out (`storage.on_error`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum OnError {
+    /// Fail open: allow the request.
+    Allow,
+    /// Fail closed: deny the request.
+    Deny,
+    /// Decide with in-process counters until the store is back. The default.
+    #[default]
+    Local,
+}
+
+impl OnError {
+    /// The config spelling: `allow`, `deny` or `local`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OnError::Allow => "allow",
+            OnError::Deny => "deny",
+            OnError::Local => "local",
+        }
+    }
+}
+
+impl fmt::Display for OnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// HTTP front-door settings (`http:`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Largest request body the decision API reads, in bytes (64 to 16 MiB). Default 65536.
+    pub max_body_bytes: usize,
+}
+
+impl HttpConfig {
+    /// Default `max_body_bytes`.
+    pub const DEFAULT_MAX_BODY_BYTES: usize = 65_536;
+    /// Smallest `max_body_bytes` accepted.
+    pub const MIN_MAX_BODY_BYTES: usize = 64;
+    /// Largest `max_body_bytes` accepted (16 MiB).
+    pub const MAX_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+/// Loads the config file at `path`, resolving `${VAR}` from the process environment and
+/// applying the process's `SLUICE_*` overrides in name order (so `SLUICE_LIMITS__X__RATE`
+/// applies after `SLUICE_LIMITS__X`).
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let source = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        ConfigError::whole_file(&source, format!("cannot read the config file: {error}"))
+    })?;
+    let mut overrides: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+        .filter(|(name, _)| name.starts_with(overrides::PREFIX))
+        .collect();
+    overrides.sort();
+    let env = |name: &str| std::env::var(name).ok();
+    load_str(&text, &source, &env, &overrides)
+}
+
+/// Loads a config from `text`. `source` is the file name shown in errors; `env` resolves
+/// `${VAR}`; `overrides` are `(name, value)` environment pairs, applied in order, of which
+/// only `SLUICE_*` names whose first segment is a top-level key are used.
+pub fn load_str(
+    text: &str,
+    source: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    overrides: &[(String, String)],
+) -> Result<Config, ConfigError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let root = tree::parse(text, Some(env)).map_err(|fail| fail.into_error(source))?;
+    let mut root = match root {
+        Some(root) if !root.is_null() => root,
+        _ => tree::Node::empty_map(error::Origin::File { line: 1, column: 1 }),
+    };
+    overrides::apply(&mut root, overrides).map_err(|fail| fail.into_error(source))?;
+    convert::config(&root).map_err(|fail| fail.into_error(source))
+}
