@@ -12,6 +12,9 @@
 
 use std::sync::Arc;
 
+use compact_str::CompactString;
+use smallvec::SmallVec;
+
 use crate::algorithm::State;
 use crate::clock::Micros;
 use crate::limit::{Limit, LimitWindow};
@@ -24,7 +27,7 @@ pub const MAX_KEY_BYTES: usize = 512;
 #[derive(Debug, Clone)]
 pub struct Check {
     limit: Arc<Limit>,
-    key: String,
+    key: CompactString,
     cost: u64,
 }
 
@@ -40,8 +43,9 @@ pub enum CheckError {
 }
 
 impl Check {
-    /// A check; the key must be 1 to [`MAX_KEY_BYTES`] bytes.
-    pub fn new(limit: Arc<Limit>, key: impl Into<String>, cost: u64) -> Result<Self, CheckError> {
+    /// A check; the key must be 1 to [`MAX_KEY_BYTES`] bytes. Keys up to 24 bytes are
+    /// stored inline, without a heap allocation.
+    pub fn new(limit: Arc<Limit>, key: impl Into<CompactString>, cost: u64) -> Result<Self, CheckError> {
         let key = key.into();
         if key.is_empty() {
             return Err(CheckError::EmptyKey);
@@ -104,6 +108,9 @@ pub struct WindowOutcome {
     pub retry_after: Option<Micros>,
 }
 
+/// Per-window outcomes, inline for up to two windows (the common case: no allocation).
+pub type WindowOutcomes = SmallVec<[WindowOutcome; 2]>;
+
 /// One counter's state while a store decides: several windows may share a slot.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Slot {
@@ -122,45 +129,50 @@ pub fn apply(
     slot_of: &[usize],
     slots: &mut [Slot],
     now: Micros,
-) -> Vec<WindowOutcome> {
-    // Pass 1: decide each window as if the decision were allowed, so repeated counters
-    // see the charges before them.
-    let mut tentative: Vec<Option<State>> = slots.iter().map(|s| s.state).collect();
-    let mut verdicts = Vec::with_capacity(slot_of.len());
+) -> WindowOutcomes {
+    // Pass 1: decide and report each window as if the decision were allowed, so
+    // repeated counters see the charges before them.
+    let mut working: SmallVec<[Option<State>; 4]> = slots.iter().map(|s| s.state).collect();
+    let mut outcomes = WindowOutcomes::with_capacity(slot_of.len());
     let mut decision_allowed = true;
     for ((check, lw), &slot) in request.windows().zip(slot_of) {
-        let evaluation = lw.window.evaluate(tentative[slot], now, check.cost);
-        if evaluation.allowed || check.limit.charge_denied() {
-            tentative[slot] = Some(evaluation.charged);
-        }
-        decision_allowed &= evaluation.allowed || check.limit.shadow();
-        verdicts.push((evaluation.allowed, evaluation.retry_after));
-    }
-
-    // Pass 2: charge what the decision charges, and report from the resulting state.
-    let mut working: Vec<Option<State>> = slots.iter().map(|s| s.state).collect();
-    let mut outcomes = Vec::with_capacity(slot_of.len());
-    for (((check, lw), &slot), &(allowed, retry_after)) in
-        request.windows().zip(slot_of).zip(&verdicts)
-    {
         let evaluation = lw.window.evaluate(working[slot], now, check.cost);
-        let charge = check.cost > 0 && ((decision_allowed && allowed) || check.limit.charge_denied());
+        let charge = check.cost > 0 && (evaluation.allowed || check.limit.charge_denied());
         let after = if charge { evaluation.charged } else { evaluation.current };
         if charge {
             working[slot] = Some(after);
         }
+        decision_allowed &= evaluation.allowed || check.limit.shadow();
         outcomes.push(WindowOutcome {
-            allowed,
+            allowed: evaluation.allowed,
             remaining: lw.window.remaining(&after, now),
             reset_after: lw.window.reset_after(&after, now),
-            retry_after,
+            retry_after: evaluation.retry_after,
         });
     }
 
+    if !decision_allowed {
+        // Pass 2: start again from the stored states, charge only `charge_denied`
+        // windows, and report what is really left. Verdicts stay those of pass 1.
+        for (working, slot) in working.iter_mut().zip(slots.iter()) {
+            *working = slot.state;
+        }
+        for (((check, lw), &slot), outcome) in request.windows().zip(slot_of).zip(outcomes.iter_mut()) {
+            let evaluation = lw.window.evaluate(working[slot], now, check.cost);
+            let charge = check.cost > 0 && check.limit.charge_denied();
+            let after = if charge { evaluation.charged } else { evaluation.current };
+            if charge {
+                working[slot] = Some(after);
+            }
+            outcome.remaining = lw.window.remaining(&after, now);
+            outcome.reset_after = lw.window.reset_after(&after, now);
+        }
+    }
+
     if !request.dry_run {
-        for (slot, state) in slots.iter_mut().zip(working) {
-            if state != slot.state {
-                slot.state = state;
+        for (slot, state) in slots.iter_mut().zip(working.iter()) {
+            if *state != slot.state {
+                slot.state = *state;
                 slot.dirty = true;
             }
         }

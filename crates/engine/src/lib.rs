@@ -25,7 +25,7 @@ pub mod store;
 pub use algorithm::{Algorithm, Evaluation, State, Window};
 pub use clock::{Clock, ManualClock, Micros, SystemClock};
 pub use decision::{
-    apply, decide, Check, CheckError, Decision, DecisionRequest, Slot, WindowOutcome, WindowResult,
+    apply, decide, Check, CheckError, Decision, DecisionRequest, Slot, WindowOutcome, WindowOutcomes, WindowResult,
     MAX_KEY_BYTES,
 };
 pub use limit::{Limit, LimitError, LimitSet, LimitSpec, LimitWindow};

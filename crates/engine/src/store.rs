@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use crate::decision::{DecisionRequest, WindowOutcome};
+use crate::decision::{DecisionRequest, WindowOutcomes};
 use crate::limit::Limit;
 
 /// A boxed future as the [`Store`] methods return it; boxed so stores can be chosen at run time.
@@ -16,7 +16,7 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcomes {
     /// One outcome per window, in [`DecisionRequest::windows`] order.
-    pub windows: Vec<WindowOutcome>,
+    pub windows: WindowOutcomes,
     /// Decided without the shared store (the store-failure policy stepped in).
     pub degraded: bool,
 }

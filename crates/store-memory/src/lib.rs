@@ -20,10 +20,12 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
+use compact_str::CompactString;
 use hashbrown::{DefaultHashBuilder, HashTable};
+use smallvec::SmallVec;
 use sluice_engine::{
     apply, Clock, DecisionRequest, Limit, Micros, Outcomes, Slot, State, Store, StoreFuture,
-    StoreStats, SystemClock, Window,
+    StoreStats, SystemClock, Window, WindowOutcomes,
 };
 use std::hash::BuildHasher;
 
@@ -73,7 +75,7 @@ struct Shard {
 struct Entry {
     hash: u64,
     counter: Arc<str>,
-    key: Box<str>,
+    key: CompactString,
     state: State,
     expires_at: Micros,
 }
@@ -176,8 +178,49 @@ impl Inner {
 
     fn decide(&self, request: &DecisionRequest) -> Outcomes {
         let now = self.clock.now();
-        let mut counters: Vec<Location<'_>> = Vec::with_capacity(request.window_count());
-        let mut slot_of = Vec::with_capacity(request.window_count());
+        let windows = if request.window_count() == 1 {
+            self.decide_one_counter(request, now)
+        } else {
+            self.decide_many_counters(request, now)
+        };
+        Outcomes { windows, degraded: false }
+    }
+
+    /// The common case, one window of one check: one lock, one lookup.
+    fn decide_one_counter(&self, request: &DecisionRequest, now: Micros) -> WindowOutcomes {
+        let Some((check, lw)) = request.windows().next() else {
+            return WindowOutcomes::new();
+        };
+        let key = check.key();
+        let hash = self.hasher.hash_one((&*lw.counter, key));
+        let mut shard = self.lock(self.shard_of(hash));
+        let mut slots = [Slot::default()];
+        match shard.table.find_mut(hash, |e| e.matches(hash, &lw.counter, key)) {
+            Some(entry) => {
+                slots[0].state = (entry.expires_at > now).then_some(entry.state);
+                let outcomes = apply(request, &[0], &mut slots, now);
+                if let (true, Some(state)) = (slots[0].dirty, slots[0].state) {
+                    entry.state = state;
+                    entry.expires_at = lw.window.expires_at(&state);
+                }
+                outcomes
+            }
+            None => {
+                let outcomes = apply(request, &[0], &mut slots, now);
+                if let (true, Some(state)) = (slots[0].dirty, slots[0].state) {
+                    let at = Location { hash, shard: 0, counter: &lw.counter, key, window: &lw.window };
+                    let evicted = shard.insert_new(&at, state, now, self.shard_capacity);
+                    self.count_evictions(evicted);
+                }
+                outcomes
+            }
+        }
+    }
+
+    /// Several windows or checks: lock every shard involved, in index order.
+    fn decide_many_counters(&self, request: &DecisionRequest, now: Micros) -> WindowOutcomes {
+        let mut counters: SmallVec<[Location<'_>; 8]> = SmallVec::new();
+        let mut slot_of: SmallVec<[usize; 8]> = SmallVec::new();
         for (check, lw) in request.windows() {
             let key = check.key();
             let existing = counters
@@ -197,14 +240,14 @@ impl Inner {
             slot_of.push(slot);
         }
 
-        let mut shard_ids: Vec<usize> = counters.iter().map(|c| c.shard).collect();
+        let mut shard_ids: SmallVec<[usize; 8]> = counters.iter().map(|c| c.shard).collect();
         shard_ids.sort_unstable();
         shard_ids.dedup();
-        let mut guards: Vec<MutexGuard<'_, Shard>> =
+        let mut guards: SmallVec<[MutexGuard<'_, Shard>; 8]> =
             shard_ids.iter().map(|&id| self.lock(id)).collect();
         let guard_index = |shard: usize| shard_ids.binary_search(&shard).unwrap_or(0);
 
-        let mut slots: Vec<Slot> = counters
+        let mut slots: SmallVec<[Slot; 8]> = counters
             .iter()
             .map(|c| Slot {
                 state: guards[guard_index(c.shard)]
@@ -220,14 +263,17 @@ impl Inner {
 
         for (slot, c) in slots.iter().zip(&counters) {
             if let (true, Some(state)) = (slot.dirty, slot.state) {
-                let expires_at = c.window.expires_at(&state);
-                let evicted = guards[guard_index(c.shard)].upsert(c, state, expires_at, now, self.shard_capacity);
-                if evicted > 0 {
-                    self.evictions.fetch_add(evicted, Ordering::Relaxed);
-                }
+                let evicted = guards[guard_index(c.shard)].upsert(c, state, now, self.shard_capacity);
+                self.count_evictions(evicted);
             }
         }
-        Outcomes { windows: outcomes, degraded: false }
+        outcomes
+    }
+
+    fn count_evictions(&self, evicted: u64) {
+        if evicted > 0 {
+            self.evictions.fetch_add(evicted, Ordering::Relaxed);
+        }
     }
 
     fn sweep(&self) {
@@ -241,12 +287,19 @@ impl Inner {
 impl Shard {
     /// Writes a counter's state, making room first when the shard is full.
     /// Returns how many live counters were evicted for it.
-    fn upsert(&mut self, at: &Location<'_>, state: State, expires_at: Micros, now: Micros, capacity: usize) -> u64 {
-        if let Some(entry) = self.table.find_mut(at.hash, |e| e.matches(at.hash, at.counter, at.key)) {
-            entry.state = state;
-            entry.expires_at = expires_at;
-            return 0;
+    fn upsert(&mut self, at: &Location<'_>, state: State, now: Micros, capacity: usize) -> u64 {
+        match self.table.find_mut(at.hash, |e| e.matches(at.hash, at.counter, at.key)) {
+            Some(entry) => {
+                entry.state = state;
+                entry.expires_at = at.window.expires_at(&state);
+                0
+            }
+            None => self.insert_new(at, state, now, capacity),
         }
+    }
+
+    /// Inserts a counter known to be absent, making room first when the shard is full.
+    fn insert_new(&mut self, at: &Location<'_>, state: State, now: Micros, capacity: usize) -> u64 {
         let evicted = if self.table.len() >= capacity {
             self.make_room(now, capacity)
         } else {
@@ -259,7 +312,7 @@ impl Shard {
                 counter: at.counter.clone(),
                 key: at.key.into(),
                 state,
-                expires_at,
+                expires_at: at.window.expires_at(&state),
             },
             |e| e.hash,
         );

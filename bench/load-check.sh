@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Load test of sluice's HTTP decision API (POST /v1/check) with wrk.
+#
+# Usage:
+#   bench/load-check.sh                      # build release, start sluice, run both variants
+#   bench/load-check.sh --variant 1          # only one check per request
+#   bench/load-check.sh --variant 2          # only two checks per request
+#   bench/load-check.sh --target http://host:port   # no build/start: load an existing server
+#                                                  # (it must define limits `api` and `api_ip`)
+# Environment:
+#   DURATION=20   seconds per run        THREADS=2      wrk threads
+#   CONNECTIONS=64                       KEYS=10000     distinct keys (k0..k9999)
+#   WRK=wrk                              KEEP=1         keep the scratch dir
+#
+# Each run prints req/s, p50 and p99 latency, the status-code histogram and the
+# number of non-200 answers; full wrk output goes to bench/results/.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+
+DURATION="${DURATION:-20}"
+THREADS="${THREADS:-2}"
+CONNECTIONS="${CONNECTIONS:-64}"
+KEYS="${KEYS:-10000}"
+WRK="${WRK:-wrk}"
+target=""
+variants="1 2"
+
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --target) target="${2:?--target needs a URL}"; shift 2 ;;
+        --target=*) target="${1#--target=}"; shift ;;
+        --variant) variants="${2:?--variant needs 1 or 2}"; shift 2 ;;
+        --variant=*) variants="${1#--variant=}"; shift ;;
+        --duration) DURATION="${2:?}"; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
+    esac
+done
+
+if ! command -v "$WRK" >/dev/null 2>&1; then
+    echo "wrk not found; install it with: apt-get install -y wrk" >&2
+    exit 1
+fi
+
+scratch="$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")"
+server_pid=""
+cleanup() {
+    local rc=$?
+    if [[ -n "$server_pid" ]] && kill -0 "$server_pid" 2>/dev/null; then
+        kill "$server_pid" 2>/dev/null || true
+        wait "$server_pid" 2>/dev/null || true
+    fi
+    if [[ -n "${KEEP:-}" ]]; then
+        echo "scratch dir kept: $scratch" >&2
+    else
+        rm -rf "$scratch"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+if [[ -z "$target" ]]; then
+    echo "==> building release binary" >&2
+    (cd "$root" && cargo build --release -p sluice)
+    bin="$root/target/release/sluice"
+    port="$(free_port)"
+    config="$scratch/bench.yaml"
+    cat >"$config" <<EOF
+listen: 127.0.0.1:$port
+admin: {token: bench-token}
+storage: {backend: memory, max_keys: 1000000}
+limits:
+  # one gcra limit per API key; 10k distinct keys
+  api: {rate: 100/second}
+  # the second check of variant 2: per-"IP", two sliding windows
+  api_ip: {rate: [1000/second, 1000000/hour], algorithm: sliding_window}
+EOF
+    echo "==> starting $bin serve on 127.0.0.1:$port" >&2
+    "$bin" serve --config "$config" >"$scratch/stdout.log" 2>"$scratch/stderr.log" &
+    server_pid=$!
+    base="http://127.0.0.1:$port"
+    for _ in $(seq 1 100); do
+        if curl -fsS -o /dev/null "$base/healthz" 2>/dev/null; then break; fi
+        if ! kill -0 "$server_pid" 2>/dev/null; then
+            echo "sluice exited during startup; stderr:" >&2
+            cat "$scratch/stderr.log" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    if ! curl -fsS -o /dev/null "$base/healthz"; then
+        echo "sluice did not become healthy within 10 s; stderr:" >&2
+        cat "$scratch/stderr.log" >&2
+        exit 1
+    fi
+else
+    base="${target%/}"
+    base="${base%/v1/check}"
+fi
+
+# Sanity: one request of each variant must be a 200 before loading.
+for v in $variants; do
+    if [[ "$v" == 2 ]]; then
+        body='{"checks":[{"limit":"api","key":"k0"},{"limit":"api_ip","key":"ip0"}]}'
+    else
+        body='{"checks":[{"limit":"api","key":"k0"}]}'
+    fi
+    code="$(curl -sS -o "$scratch/probe.json" -w '%{http_code}' -H 'Content-Type: application/json' \
+        -d "$body" "$base/v1/check")"
+    if [[ "$code" != 200 ]]; then
+        echo "probe of variant $v answered $code: $(cat "$scratch/probe.json")" >&2
+        exit 1
+    fi
+done
+
+mkdir -p "$root/bench/results"
+stamp="$(date -u +%Y%m%dT%H%M%SZ)"
+summary=()
+for v in $variants; do
+    out="$root/bench/results/check-v$v-$stamp.txt"
+    echo "==> wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $v check(s)/request, $KEYS keys -> $base/v1/check" >&2
+    "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$here/check.lua" \
+        "$base/v1/check" -- "checks=$v" "keys=$KEYS" | tee "$out"
+    rps="$(awk '/^Requests\/sec:/ {print $2}' "$out")"
+    p50="$(awk '/Latency Distribution/ {d=1} d && $1=="50%" {print $2; exit}' "$out")"
+    p99="$(awk '/Latency Distribution/ {d=1} d && $1=="99%" {print $2; exit}' "$out")"
+    non200="$(awk -F': ' '/^non-200 responses:/ {print $2}' "$out")"
+    summary+=("checks/request=$v  req/s=${rps:-?}  p50=${p50:-?}  p99=${p99:-?}  non-200=${non200:-?}")
+done
+
+echo
+echo "==> summary ($base, ${DURATION}s, -t$THREADS -c$CONNECTIONS, $KEYS keys)"
+for line in "${summary[@]}"; do echo "    $line"; done
+if [[ -n "$server_pid" ]]; then
+    echo "    server rss: $(awk '/VmRSS/ {print $2 " " $3}' "/proc/$server_pid/status" 2>/dev/null || echo '?')"
+fi
+
+status=0
+for line in "${summary[@]}"; do
+    case "$line" in *"non-200=0"*) ;; *) status=1 ;; esac
+done
+if [[ "$status" != 0 ]]; then
+    echo "some responses were not 200 (see above)" >&2
+fi
+exit "$status"

@@ -1,0 +1,544 @@
+//! Helpers for black-box tests that drive the real `sluice` binary over HTTP.
+//!
+//! Nothing here knows about sluice's internals: a test writes a YAML config,
+//! starts `sluice serve --config FILE` on a free port, talks to it with a plain
+//! HTTP client and reads what a user would see (status, JSON, metrics text).
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+pub const ADMIN_TOKEN: &str = "secret-token";
+
+/// `admin:` + `storage:` + `limits:` of the reference config, plus a few
+/// single-purpose limits the tests use so that they do not depend on each other.
+pub const STANDARD: &str = "\
+admin: {token: secret-token}
+storage: {backend: memory, max_keys: 100000}
+limits:
+  chat_user: {rate: [5/minute, 60/hour]}
+  chat_ip: {rate: 30/minute, algorithm: sliding_window}
+  daily: {rate: 50/day, algorithm: fixed_window}
+  widget_ip: {rate: 3/minute, charge_denied: true}
+  global: {rate: 2/hour, shadow: true}
+  burst_demo: {rate: 10/second, burst: 20}
+  five: {rate: 5/minute}
+  plain3: {rate: 3/minute}
+  tiny: {rate: 1/hour}
+  conc: {rate: 100/hour, algorithm: fixed_window}
+";
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh, unique scratch directory under the system temp dir.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-it-{tag}-{}-{nanos}-{n}",
+        std::process::id()
+    ));
+    fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// A port that was free a moment ago (bind :0, read it, drop the listener).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap().port()
+}
+
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+/// An HTTP response reduced to what the tests look at.
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: String,
+}
+
+impl Resp {
+    /// The body as JSON; panics with the status and raw body when it is not JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "response is not JSON ({e}); status {}, body: {:?}",
+                self.status, self.body
+            )
+        })
+    }
+}
+
+pub struct Server {
+    pub port: u16,
+    pub base: String,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub stderr_path: PathBuf,
+    child: Child,
+    agent: ureq::Agent,
+}
+
+impl Server {
+    /// Starts `sluice serve` with `listen: 127.0.0.1:<free port>` followed by
+    /// `rest` (admin/storage/limits/... YAML).
+    pub fn start(rest: &str) -> Server {
+        let port = free_port();
+        let dir = scratch_dir("serve");
+        let config_path = dir.join("sluice.yaml");
+        let config = format!("listen: 127.0.0.1:{port}\n{rest}");
+        fs::write(&config_path, &config).expect("write config");
+        let stderr_path = dir.join("stderr.log");
+        let stderr = File::create(&stderr_path).expect("create stderr log");
+        let stdout = File::create(dir.join("stdout.log")).expect("create stdout log");
+        let child = Command::new(BIN)
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn sluice serve");
+        let mut server = Server {
+            port,
+            base: format!("http://127.0.0.1:{port}"),
+            dir,
+            config_path,
+            stderr_path,
+            child,
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(30)))
+                .build()
+                .into(),
+        };
+        server.wait_ready(&config);
+        server
+    }
+
+    /// Starts a server with the standard limits (see [`STANDARD`]).
+    pub fn standard() -> Server {
+        Server::start(STANDARD)
+    }
+
+    fn wait_ready(&mut self, config: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let probe: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_millis(500)))
+            .build()
+            .into();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!(
+                    "sluice serve exited early with {status}\nconfig:\n{config}\nstderr:\n{}",
+                    self.stderr()
+                );
+            }
+            if let Ok(r) = probe.get(format!("{}/healthz", self.base)).call()
+                && r.status().as_u16() == 200
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "sluice serve did not answer 200 on /healthz within 10 s\nconfig:\n{config}\nstderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().map(|s| s.is_none()).unwrap_or(false)
+    }
+
+    fn finish(&self, r: Result<ureq::http::Response<ureq::Body>, ureq::Error>, what: &str) -> Resp {
+        let mut r = r.unwrap_or_else(|e| {
+            panic!(
+                "{what}: transport error {e}\nserver stderr:\n{}",
+                self.stderr()
+            )
+        });
+        let status = r.status().as_u16();
+        let content_type = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = r
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024 * 1024)
+            .read_to_string()
+            .unwrap_or_else(|e| panic!("{what}: reading body: {e}"));
+        if status >= 500 {
+            panic!(
+                "{what}: server answered {status} (never allowed), body {body:?}\nserver stderr:\n{}",
+                self.stderr()
+            );
+        }
+        Resp {
+            status,
+            content_type,
+            body,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        let r = self.agent.get(self.url(path)).call();
+        self.finish(r, &format!("GET {path}"))
+    }
+
+    /// POST raw bytes; `content_type: None` sends no Content-Type header.
+    pub fn post_raw(&self, path: &str, body: &[u8], content_type: Option<&str>) -> Resp {
+        let mut req = self.agent.post(self.url(path));
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let r = req.send(body);
+        self.finish(r, &format!("POST {path}"))
+    }
+
+    /// Like [`Server::post_raw`] but on a new client (no pooled connection).
+    pub fn post_raw_fresh(&self, path: &str, body: &[u8], content_type: Option<&str>) -> Resp {
+        let agent = agent();
+        let mut req = agent.post(self.url(path));
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let r = req.send(body);
+        self.finish(
+            r,
+            &format!("POST {path} ({} bytes, fresh connection)", body.len()),
+        )
+    }
+
+    pub fn post_json(&self, path: &str, body: &Value) -> Resp {
+        self.post_raw(path, body.to_string().as_bytes(), Some("application/json"))
+    }
+
+    /// POST /v1/check with a JSON body; asserts 200 and returns the decision.
+    pub fn check(&self, body: Value) -> Value {
+        let r = self.post_json("/v1/check", &body);
+        assert_eq!(
+            r.status, 200,
+            "POST /v1/check {body} answered {} {}",
+            r.status, r.body
+        );
+        r.json()
+    }
+
+    /// One check of cost 1 (unless `cost` is Some) against `limit`/`key`.
+    pub fn hit(&self, limit: &str, key: &str, cost: Option<u64>) -> Value {
+        let mut c = serde_json::json!({"limit": limit, "key": key});
+        if let Some(cost) = cost {
+            c["cost"] = cost.into();
+        }
+        self.check(serde_json::json!({ "checks": [c] }))
+    }
+
+    pub fn reset(&self, token: Option<&str>, body: &Value) -> Resp {
+        let mut req = self
+            .agent
+            .post(self.url("/v1/reset"))
+            .header("content-type", "application/json");
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let r = req.send(body.to_string().as_bytes());
+        self.finish(r, "POST /v1/reset")
+    }
+
+    pub fn metrics(&self) -> Vec<Sample> {
+        let r = self.get("/metrics");
+        assert_eq!(r.status, 200, "GET /metrics: {}", r.body);
+        parse_prometheus(&r.body)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!(
+                "sluice server files kept in {}; stderr:\n{}",
+                self.dir.display(),
+                self.stderr()
+            );
+        }
+    }
+}
+
+/// Sends raw bytes over a fresh TCP connection and returns the status line's
+/// code and the whole response text. Write errors are ignored (a server may
+/// answer and close before it has read an oversized body).
+pub fn raw_http(port: u16, request: &[u8]) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let _ = s.write_all(request);
+    let _ = s.flush();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if response_complete(&buf) {
+                    break;
+                }
+            }
+            Err(e) if buf.is_empty() => return Err(e),
+            Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, text))
+}
+
+fn response_complete(buf: &[u8]) -> bool {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    match len {
+        Some(len) => buf.len() >= end + 4 + len,
+        None => false,
+    }
+}
+
+/// One Prometheus sample line.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Loose parser for Prometheus / OpenMetrics text: ignores comments, reads
+/// `name{a="b",c="d"} value [timestamp]`. Label order does not matter.
+pub fn parse_prometheus(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, labels, rest) = if let Some(open) = line.find('{') {
+            let Some(close) = line.rfind('}') else {
+                continue;
+            };
+            (
+                &line[..open],
+                parse_labels(&line[open + 1..close]),
+                &line[close + 1..],
+            )
+        } else {
+            let mut it = line.splitn(2, char::is_whitespace);
+            let name = it.next().unwrap_or("");
+            (name, BTreeMap::new(), it.next().unwrap_or(""))
+        };
+        let Some(v) = rest.split_whitespace().next() else {
+            continue;
+        };
+        let value = match v {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => match v.parse() {
+                Ok(x) => x,
+                Err(_) => continue,
+            },
+        };
+        out.push(Sample {
+            name: name.trim().to_string(),
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+fn parse_labels(s: &str) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        while i < b.len() && (b[i] == b',' || b[i] == b' ') {
+            i += 1;
+        }
+        let start = i;
+        while i < b.len() && b[i] != b'=' {
+            i += 1;
+        }
+        if i >= b.len() {
+            break;
+        }
+        let key = s[start..i].trim().to_string();
+        i += 1; // '='
+        if i >= b.len() || b[i] != b'"' {
+            break;
+        }
+        i += 1;
+        let mut val = String::new();
+        while i < b.len() && b[i] != b'"' {
+            if b[i] == b'\\' && i + 1 < b.len() {
+                i += 1;
+                val.push(match b[i] {
+                    b'n' => '\n',
+                    c => c as char,
+                });
+            } else {
+                // labels here are ASCII; keep multi-byte text intact anyway
+                let ch = s[i..].chars().next().unwrap();
+                val.push(ch);
+                i += ch.len_utf8() - 1;
+            }
+            i += 1;
+        }
+        i += 1; // closing quote
+        m.insert(key, val);
+    }
+    m
+}
+
+/// Sum of the samples named `name` whose labels include all of `labels`.
+pub fn metric_value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for s in samples.iter().filter(|s| s.name == name) {
+        if labels
+            .iter()
+            .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        {
+            *found.get_or_insert(0.0) += s.value;
+        }
+    }
+    found
+}
+
+/// Runs `sluice <args>` to completion (10 s timeout) and returns status, stdout, stderr.
+pub fn run_cli(args: &[&str]) -> (ExitStatus, String, String) {
+    run_cli_timeout(args, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("`sluice {}` did not exit within 10 s", args.join(" ")))
+}
+
+/// Like [`run_cli`] but returns None (after killing it) if it does not exit in time.
+pub fn run_cli_timeout(args: &[&str], timeout: Duration) -> Option<(ExitStatus, String, String)> {
+    let dir = scratch_dir("cli");
+    let out_path = dir.join("stdout");
+    let err_path = dir.join("stderr");
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(File::create(&out_path).unwrap())
+        .stderr(File::create(&err_path).unwrap())
+        .spawn()
+        .expect("spawn sluice");
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = fs::read_to_string(&out_path).unwrap_or_default();
+    let err = fs::read_to_string(&err_path).unwrap_or_default();
+    let _ = fs::remove_dir_all(&dir);
+    status.map(|s| (s, out, err))
+}
+
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    fs::write(&p, text).unwrap();
+    p
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+// ---- small accessors over a decision -------------------------------------
+
+pub fn results(d: &Value) -> &Vec<Value> {
+    d["results"]
+        .as_array()
+        .unwrap_or_else(|| panic!("decision has no results array: {d}"))
+}
+
+/// The result for `limit` (and `rate`, when a limit has several windows).
+pub fn result<'a>(d: &'a Value, limit: &str, rate: Option<&str>) -> &'a Value {
+    let hits: Vec<&Value> = results(d)
+        .iter()
+        .filter(|r| r["limit"] == limit && rate.is_none_or(|rt| r["rate"] == rt))
+        .collect();
+    assert_eq!(
+        hits.len(),
+        1,
+        "expected exactly one result for limit {limit} rate {rate:?} in {d}"
+    );
+    hits[0]
+}
+
+pub fn u(v: &Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("field {field} is not a non-negative integer in {v}"))
+}
+
+pub fn allowed(d: &Value) -> bool {
+    d["allowed"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("`allowed` is not a bool in {d}"))
+}
