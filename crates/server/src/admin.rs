@@ -44,6 +44,9 @@ pub fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// The request shape `POST /v1/reset` expects, quoted in its errors.
+pub const RESET_SHAPE: &str = r#"{"limit": "<name>", "key": "<key>"}"#;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ResetBody {
@@ -64,7 +67,7 @@ pub async fn reset(State(app): State<Arc<AppState>>, headers: HeaderMap, body: B
         return error.into_response();
     }
     let result = async {
-        let body: ResetBody = read_json(&headers, body, app.settings.max_body_bytes).await?;
+        let body: ResetBody = read_json(&headers, body, app.settings.max_body_bytes, RESET_SHAPE).await?;
         let limit = find_limit(&app.limits, &body.limit, "limit")?;
         let key = parse_key(body.key, "key")?;
         crate::check::make_check(Arc::clone(limit), key.clone(), 0, "key")?;

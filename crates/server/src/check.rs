@@ -65,8 +65,59 @@ pub fn millis_ceil(micros: Micros) -> u64 {
     (micros.max(0) as u64).div_ceil(1_000)
 }
 
+/// How much of a rejected body is read and discarded before answering, so a client
+/// that is still writing sees the 400 instead of a reset connection.
+const DRAIN_LIMIT: usize = 4 * 1024 * 1024;
+
+/// The request shape `POST /v1/check` expects, quoted in its errors.
+pub const CHECK_SHAPE: &str =
+    r#"{"checks": [{"limit": "<name>", "key": "<key>", "cost": 1}], "cost": 1, "dry_run": false}"#;
+
+/// Reads and discards up to `limit` more bytes; true when the body ended.
+async fn drain(mut body: Body, limit: usize) -> bool {
+    use http_body_util::BodyExt;
+    let mut seen = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                seen += frame.data_ref().map_or(0, |d| d.len());
+                if seen > limit {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// Collects at most `max` bytes; on overflow, drains a bounded amount more and says
+/// whether the body was read to its end.
+async fn collect_limited(mut body: Body, max: usize) -> Result<Vec<u8>, bool> {
+    use http_body_util::BodyExt;
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(false);
+        };
+        if let Some(data) = frame.data_ref() {
+            if bytes.len() + data.len() > max {
+                return Err(drain(body, DRAIN_LIMIT).await);
+            }
+            bytes.extend_from_slice(data);
+        }
+    }
+    Ok(bytes)
+}
+
 /// Reads a JSON body: checks the content type and the size cap, then parses it.
-pub async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Body, max_bytes: usize) -> Result<T, ApiError> {
+/// `shape` is the expected body, quoted when the body does not fit it.
+pub async fn read_json<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+    max_bytes: usize,
+    shape: &str,
+) -> Result<T, ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -74,10 +125,11 @@ pub async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Body, max
     let essence = content_type.split(';').next().unwrap_or("").trim();
     if !essence.eq_ignore_ascii_case("application/json") {
         let got = if content_type.is_empty() { "none".to_string() } else { format!("{content_type:?}") };
-        return Err(ApiError::bad_request(
+        let error = ApiError::bad_request(
             "unsupported_media_type",
             format!("Content-Type must be application/json (got {got}); send the header Content-Type: application/json"),
-        ));
+        );
+        return Err(error.closing_unless(drain(body, DRAIN_LIMIT).await));
     }
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -90,17 +142,17 @@ pub async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Body, max
         )
     };
     if declared.is_some_and(|len| len > max_bytes as u64) {
-        return Err(too_large());
+        let read_to_end = declared.is_some_and(|len| len <= DRAIN_LIMIT as u64) && drain(body, DRAIN_LIMIT).await;
+        return Err(too_large().closing_unless(read_to_end));
     }
-    let bytes = axum::body::to_bytes(body, max_bytes).await.map_err(|_| too_large())?;
+    let bytes = collect_limited(body, max_bytes)
+        .await
+        .map_err(|read_to_end| too_large().closing_unless(read_to_end))?;
     serde_json::from_slice(&bytes).map_err(|error| {
         use serde_json::error::Category;
         match error.classify() {
-            Category::Data => ApiError::bad_request(
-                "invalid_request",
-                format!("{error}; expected {{\"checks\": [{{\"limit\": \"<name>\", \"key\": \"<key>\", \"cost\": 1}}], \"cost\": 1, \"dry_run\": false}}"),
-            ),
-            _ => ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {error}")),
+            Category::Data => ApiError::bad_request("invalid_request", format!("{error}; expected {shape}")),
+            _ => ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {error}; expected {shape}")),
         }
     })
 }
@@ -229,7 +281,7 @@ pub fn decision_json(request: &DecisionRequest, decision: &Decision) -> Response
 
 /// `POST /v1/check`.
 pub async fn check(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let body: CheckBody = match read_json(&headers, body, app.settings.max_body_bytes).await {
+    let body: CheckBody = match read_json(&headers, body, app.settings.max_body_bytes, CHECK_SHAPE).await {
         Ok(body) => body,
         Err(error) => return error.into_response(),
     };

@@ -13,17 +13,26 @@ pub struct ApiError {
     pub code: &'static str,
     /// What is wrong and how to fix it.
     pub message: String,
+    /// The request body was not read to its end, so the connection cannot be reused:
+    /// say `Connection: close` rather than let a pooled client write into a dead socket.
+    pub close_connection: bool,
 }
 
 impl ApiError {
     /// A 400 with `code` and `message`.
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::BAD_REQUEST, code, message: message.into() }
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
     }
 
     /// An answer with any status.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), close_connection: false }
+    }
+
+    /// Marks the answer as closing the connection when the body was left unread.
+    pub fn closing_unless(mut self, body_read: bool) -> Self {
+        self.close_connection = !body_read;
+        self
     }
 }
 
@@ -49,6 +58,12 @@ pub fn json_response(status: StatusCode, value: &impl Serialize) -> Response {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        json_response(self.status, &ErrorBody { error: self.code, message: &self.message })
+        let mut response = json_response(self.status, &ErrorBody { error: self.code, message: &self.message });
+        if self.close_connection {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 }
