@@ -18,7 +18,7 @@ const STORAGE_FIELDS: &[&str] = &[
     "prefix",
     "sweep_interval_ms",
 ];
-const HTTP_FIELDS: &[&str] = &["max_body_bytes"];
+const HTTP_FIELDS: &[&str] = &["max_body_bytes", "threads"];
 const LIMIT_FIELDS: &[&str] = &["rate", "algorithm", "burst", "charge_denied", "shadow"];
 
 /// The fields of a mapping, checked against the known ones.
@@ -305,6 +305,10 @@ fn http(node: &Node, path: &str) -> Result<HttpConfig, Fail> {
             HttpConfig::MAX_MAX_BODY_BYTES as u64,
         )?;
         http.max_body_bytes = usize::try_from(value).unwrap_or(HttpConfig::MAX_MAX_BODY_BYTES);
+    }
+    if let Some((node, path)) = fields.get("threads") {
+        let value = whole(node, &path, 0, HttpConfig::MAX_THREADS as u64)?;
+        http.threads = usize::try_from(value).unwrap_or(0);
     }
     Ok(http)
 }

@@ -204,6 +204,9 @@ impl fmt::Display for OnError {
 pub struct HttpConfig {
     /// Largest request body the decision API reads, in bytes (64 to 16 MiB). Default 65536.
     pub max_body_bytes: usize,
+    /// Threads serving HTTP, each with its own event loop and listener; 0 (the
+    /// default) means one per CPU core.
+    pub threads: usize,
 }
 
 impl HttpConfig {
@@ -211,6 +214,8 @@ impl HttpConfig {
     pub const DEFAULT_MAX_BODY_BYTES: usize = 65_536;
     /// Smallest `max_body_bytes` accepted.
     pub const MIN_MAX_BODY_BYTES: usize = 64;
+    /// Most serving threads accepted.
+    pub const MAX_THREADS: usize = 256;
     /// Largest `max_body_bytes` accepted (16 MiB).
     pub const MAX_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 }
@@ -219,6 +224,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
+            threads: 0,
         }
     }
 }

@@ -151,7 +151,11 @@ impl Window {
                 return Err(LimitError::BadBurst(burst));
             }
         }
-        Ok(Window { algorithm, rate, burst })
+        Ok(Window {
+            algorithm,
+            rate,
+            burst,
+        })
     }
 
     /// The algorithm.
@@ -206,7 +210,12 @@ impl Window {
                 let charged = State::Gcra {
                     tat: charged_tat.min(lockout_bound.max(tat as i128)) as Micros,
                 };
-                Evaluation { allowed, retry_after, current, charged }
+                Evaluation {
+                    allowed,
+                    retry_after,
+                    current,
+                    charged,
+                }
             }
             State::Fixed { start, count } => {
                 let spent = count.saturating_add(cost);
@@ -218,10 +227,22 @@ impl Window {
                 } else {
                     Some(start + self.rate.period_micros() - now)
                 };
-                let charged = State::Fixed { start, count: spent };
-                Evaluation { allowed, retry_after, current, charged }
+                let charged = State::Fixed {
+                    start,
+                    count: spent,
+                };
+                Evaluation {
+                    allowed,
+                    retry_after,
+                    current,
+                    charged,
+                }
             }
-            State::Sliding { start, count, previous } => {
+            State::Sliding {
+                start,
+                count,
+                previous,
+            } => {
                 let period = self.rate.period_micros();
                 let used = self.sliding_used(start, count, previous, now);
                 let allowed = cost == 0 || used.saturating_add(cost) <= quota;
@@ -233,8 +254,7 @@ impl Window {
                     // Not in this window: wait until this window's count, weighted as the
                     // previous one, leaves room. `count > quota - cost >= 0` here.
                     let room = (quota - cost) as i128;
-                    let elapsed =
-                        period as i128 - room * period as i128 / count as i128;
+                    let elapsed = period as i128 - room * period as i128 / count as i128;
                     Some((start as i128 + period as i128 + elapsed.max(0) - now as i128) as Micros)
                 } else {
                     // Within this window, once the previous window's weight has decayed
@@ -243,8 +263,17 @@ impl Window {
                     let elapsed = period as i128 - room * period as i128 / previous.max(1) as i128;
                     Some((start as i128 + elapsed - now as i128) as Micros)
                 };
-                let charged = State::Sliding { start, count: count.saturating_add(cost), previous };
-                Evaluation { allowed, retry_after, current, charged }
+                let charged = State::Sliding {
+                    start,
+                    count: count.saturating_add(cost),
+                    previous,
+                };
+                Evaluation {
+                    allowed,
+                    retry_after,
+                    current,
+                    charged,
+                }
             }
         }
     }
@@ -271,14 +300,22 @@ impl Window {
                 let start = self.window_start(now);
                 let period = self.rate.period_micros();
                 let (count, previous) = match state {
-                    Some(State::Sliding { start: s, count, previous }) if s == start => {
-                        (count, previous)
-                    }
+                    Some(State::Sliding {
+                        start: s,
+                        count,
+                        previous,
+                    }) if s == start => (count, previous),
                     // A state from the window before: its count is now the previous window's.
-                    Some(State::Sliding { start: s, count, .. }) if s == start - period => (0, count),
+                    Some(State::Sliding {
+                        start: s, count, ..
+                    }) if s == start - period => (0, count),
                     _ => (0, 0),
                 };
-                State::Sliding { start, count, previous }
+                State::Sliding {
+                    start,
+                    count,
+                    previous,
+                }
             }
         }
     }
@@ -295,7 +332,11 @@ impl Window {
         match self.normalize(Some(*state), now) {
             State::Gcra { tat } => ((now + self.tau() - tat).max(0) / self.interval()) as u64,
             State::Fixed { count, .. } => self.rate.quota().saturating_sub(count),
-            State::Sliding { start, count, previous } => self
+            State::Sliding {
+                start,
+                count,
+                previous,
+            } => self
                 .rate
                 .quota()
                 .saturating_sub(self.sliding_used(start, count, previous, now)),
@@ -309,7 +350,9 @@ impl Window {
             State::Gcra { tat } => (tat - now).max(0),
             State::Fixed { start, count } if count > 0 => start + period - now,
             State::Sliding { start, count, .. } if count > 0 => start + 2 * period - now,
-            State::Sliding { start, previous, .. } if previous > 0 => start + period - now,
+            State::Sliding {
+                start, previous, ..
+            } if previous > 0 => start + period - now,
             _ => 0,
         }
     }

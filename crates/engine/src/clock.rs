@@ -55,12 +55,15 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock standing at `start`.
     pub fn new(start: Micros) -> Self {
-        ManualClock { now: AtomicI64::new(start) }
+        ManualClock {
+            now: AtomicI64::new(start),
+        }
     }
 
     /// Moves the clock forward by `by`.
     pub fn advance(&self, by: Duration) {
-        self.now.fetch_add(by.as_micros() as Micros, Ordering::SeqCst);
+        self.now
+            .fetch_add(by.as_micros() as Micros, Ordering::SeqCst);
     }
 
     /// Sets the clock to `to`.

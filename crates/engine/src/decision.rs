@@ -38,14 +38,20 @@ pub enum CheckError {
     #[error("key is empty: give each check a non-empty key such as \"user:42\"")]
     EmptyKey,
     /// The key is longer than [`MAX_KEY_BYTES`].
-    #[error("key is {0} bytes long: keys may be at most {MAX_KEY_BYTES} bytes; hash long identifiers first")]
+    #[error(
+        "key is {0} bytes long: keys may be at most {MAX_KEY_BYTES} bytes; hash long identifiers first"
+    )]
     KeyTooLong(usize),
 }
 
 impl Check {
     /// A check; the key must be 1 to [`MAX_KEY_BYTES`] bytes. Keys up to 24 bytes are
     /// stored inline, without a heap allocation.
-    pub fn new(limit: Arc<Limit>, key: impl Into<CompactString>, cost: u64) -> Result<Self, CheckError> {
+    pub fn new(
+        limit: Arc<Limit>,
+        key: impl Into<CompactString>,
+        cost: u64,
+    ) -> Result<Self, CheckError> {
         let key = key.into();
         if key.is_empty() {
             return Err(CheckError::EmptyKey);
@@ -84,9 +90,13 @@ pub struct DecisionRequest {
 impl DecisionRequest {
     /// Every window of every check, in order: the order of [`WindowOutcome`]s a store returns.
     pub fn windows(&self) -> impl Iterator<Item = (&Check, &LimitWindow)> {
-        self.checks
-            .iter()
-            .flat_map(|check| check.limit.windows().iter().map(move |window| (check, window)))
+        self.checks.iter().flat_map(|check| {
+            check
+                .limit
+                .windows()
+                .iter()
+                .map(move |window| (check, window))
+        })
     }
 
     /// How many windows [`DecisionRequest::windows`] yields.
@@ -138,7 +148,11 @@ pub fn apply(
     for ((check, lw), &slot) in request.windows().zip(slot_of) {
         let evaluation = lw.window.evaluate(working[slot], now, check.cost);
         let charge = check.cost > 0 && (evaluation.allowed || check.limit.charge_denied());
-        let after = if charge { evaluation.charged } else { evaluation.current };
+        let after = if charge {
+            evaluation.charged
+        } else {
+            evaluation.current
+        };
         if charge {
             working[slot] = Some(after);
         }
@@ -157,10 +171,16 @@ pub fn apply(
         for (working, slot) in working.iter_mut().zip(slots.iter()) {
             *working = slot.state;
         }
-        for (((check, lw), &slot), outcome) in request.windows().zip(slot_of).zip(outcomes.iter_mut()) {
+        for (((check, lw), &slot), outcome) in
+            request.windows().zip(slot_of).zip(outcomes.iter_mut())
+        {
             let evaluation = lw.window.evaluate(working[slot], now, check.cost);
             let charge = check.cost > 0 && check.limit.charge_denied();
-            let after = if charge { evaluation.charged } else { evaluation.current };
+            let after = if charge {
+                evaluation.charged
+            } else {
+                evaluation.current
+            };
             if charge {
                 working[slot] = Some(after);
             }
@@ -217,13 +237,18 @@ pub struct Decision {
 
 impl Decision {
     /// Assembles a decision from a store's per-window outcomes.
-    pub fn from_outcomes(request: &DecisionRequest, outcomes: &[WindowOutcome], degraded: bool) -> Self {
+    pub fn from_outcomes(
+        request: &DecisionRequest,
+        outcomes: &[WindowOutcome],
+        degraded: bool,
+    ) -> Self {
         let mut allowed = true;
         let mut retry_after = Some(0);
         let mut results = Vec::with_capacity(outcomes.len());
-        let indices = request.checks.iter().enumerate().flat_map(|(c, check)| {
-            (0..check.limit.windows().len()).map(move |w| (c, w, check))
-        });
+        let indices =
+            request.checks.iter().enumerate().flat_map(|(c, check)| {
+                (0..check.limit.windows().len()).map(move |w| (c, w, check))
+            });
         for ((check_index, window_index, check), outcome) in indices.zip(outcomes) {
             let shadow = check.limit.shadow();
             if !outcome.allowed && !shadow {
@@ -244,7 +269,12 @@ impl Decision {
                 retry_after: outcome.retry_after,
             });
         }
-        Decision { allowed, retry_after, degraded, results }
+        Decision {
+            allowed,
+            retry_after,
+            degraded,
+            results,
+        }
     }
 }
 
@@ -258,5 +288,9 @@ pub async fn decide(store: &dyn Store, request: &DecisionRequest) -> Result<Deci
             request.window_count()
         )));
     }
-    Ok(Decision::from_outcomes(request, &outcomes.windows, outcomes.degraded))
+    Ok(Decision::from_outcomes(
+        request,
+        &outcomes.windows,
+        outcomes.degraded,
+    ))
 }

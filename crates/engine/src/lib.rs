@@ -25,8 +25,8 @@ pub mod store;
 pub use algorithm::{Algorithm, Evaluation, State, Window};
 pub use clock::{Clock, ManualClock, Micros, SystemClock};
 pub use decision::{
-    apply, decide, Check, CheckError, Decision, DecisionRequest, Slot, WindowOutcome, WindowOutcomes, WindowResult,
-    MAX_KEY_BYTES,
+    Check, CheckError, Decision, DecisionRequest, MAX_KEY_BYTES, Slot, WindowOutcome,
+    WindowOutcomes, WindowResult, apply, decide,
 };
 pub use limit::{Limit, LimitError, LimitSet, LimitSpec, LimitWindow};
 pub use rate::{Rate, RateError};

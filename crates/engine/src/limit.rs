@@ -20,7 +20,9 @@ pub enum LimitError {
     #[error("a limit needs at least one rate, e.g. rate: 5/minute or rate: [5/minute, 60/hour]")]
     NoRates,
     /// Two rates with the same period would share one counter.
-    #[error("rates {0} and {1} have the same period; keep one, or put the other in a separate limit")]
+    #[error(
+        "rates {0} and {1} have the same period; keep one, or put the other in a separate limit"
+    )]
     SamePeriod(Rate, Rate),
     /// Algorithm name not known.
     #[error("unknown algorithm {0:?}: use gcra, sliding_window or fixed_window")]
@@ -32,10 +34,14 @@ pub enum LimitError {
     #[error("burst applies to a limit with one rate; split the rates into separate limits")]
     BurstNeedsOneRate,
     /// `burst` out of range.
-    #[error("burst {0} is out of range: use 1 up to the bucket a rate can refill within 2000 periods")]
+    #[error(
+        "burst {0} is out of range: use 1 up to the bucket a rate can refill within 2000 periods"
+    )]
     BadBurst(u64),
     /// gcra's interval would be below a microsecond.
-    #[error("rate {0} is too fine for gcra (more than one request per microsecond); use fixed_window or sliding_window")]
+    #[error(
+        "rate {0} is too fine for gcra (more than one request per microsecond); use fixed_window or sliding_window"
+    )]
     RateTooFine(Rate),
 }
 
@@ -106,7 +112,10 @@ impl Limit {
             return Err(LimitError::BurstNeedsOneRate);
         }
         for (i, a) in spec.rates.iter().enumerate() {
-            if let Some(b) = spec.rates[i + 1..].iter().find(|b| b.period_secs() == a.period_secs()) {
+            if let Some(b) = spec.rates[i + 1..]
+                .iter()
+                .find(|b| b.period_secs() == a.period_secs())
+            {
                 return Err(LimitError::SamePeriod(*a, *b));
             }
         }
@@ -117,7 +126,8 @@ impl Limit {
                 let window = Window::new(spec.algorithm, *rate, spec.burst)?;
                 Ok(LimitWindow {
                     window,
-                    counter: format!("{name}:{}{}", spec.algorithm.tag(), rate.period_secs()).into(),
+                    counter: format!("{name}:{}{}", spec.algorithm.tag(), rate.period_secs())
+                        .into(),
                     rate_text: rate.to_string().into(),
                 })
             })
@@ -169,7 +179,11 @@ impl LimitSet {
         let mut set = LimitSet::default();
         for limit in limits {
             let limit = Arc::new(limit);
-            if set.by_name.insert(limit.name.clone(), limit.clone()).is_some() {
+            if set
+                .by_name
+                .insert(limit.name.clone(), limit.clone())
+                .is_some()
+            {
                 return Err(LimitError::DuplicateName(limit.name().to_string()));
             }
             set.ordered.push(limit);

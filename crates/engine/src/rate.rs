@@ -32,7 +32,9 @@ pub enum RateError {
     #[error("rate {0:?}: the quota before '/' must be a whole number from 1 to {MAX_QUOTA}")]
     BadQuota(String),
     /// The unit is not one of the known ones.
-    #[error("rate {0:?}: unknown unit; use second, minute, hour or day (or s, m, h, d), optionally with a multiplier as in 100/10s")]
+    #[error(
+        "rate {0:?}: unknown unit; use second, minute, hour or day (or s, m, h, d), optionally with a multiplier as in 100/10s"
+    )]
     BadUnit(String),
     /// The multiplier is zero or the period is too long.
     #[error("rate {0:?}: the period must be from 1 second to 366 days")]
@@ -153,14 +155,38 @@ mod tests {
 
     #[test]
     fn rejects_malformed_rates_with_a_reason() {
-        assert!(matches!("5 per minute".parse::<Rate>(), Err(RateError::MissingSlash(_))));
-        assert!(matches!("0/minute".parse::<Rate>(), Err(RateError::BadQuota(_))));
-        assert!(matches!("-1/minute".parse::<Rate>(), Err(RateError::BadQuota(_))));
-        assert!(matches!("1.5/minute".parse::<Rate>(), Err(RateError::BadQuota(_))));
-        assert!(matches!("5/minit".parse::<Rate>(), Err(RateError::BadUnit(_))));
-        assert!(matches!("5/0s".parse::<Rate>(), Err(RateError::BadPeriod(_))));
-        assert!(matches!("5/400d".parse::<Rate>(), Err(RateError::BadPeriod(_))));
-        assert!(matches!("5/99999999999999999999d".parse::<Rate>(), Err(RateError::BadPeriod(_))));
+        assert!(matches!(
+            "5 per minute".parse::<Rate>(),
+            Err(RateError::MissingSlash(_))
+        ));
+        assert!(matches!(
+            "0/minute".parse::<Rate>(),
+            Err(RateError::BadQuota(_))
+        ));
+        assert!(matches!(
+            "-1/minute".parse::<Rate>(),
+            Err(RateError::BadQuota(_))
+        ));
+        assert!(matches!(
+            "1.5/minute".parse::<Rate>(),
+            Err(RateError::BadQuota(_))
+        ));
+        assert!(matches!(
+            "5/minit".parse::<Rate>(),
+            Err(RateError::BadUnit(_))
+        ));
+        assert!(matches!(
+            "5/0s".parse::<Rate>(),
+            Err(RateError::BadPeriod(_))
+        ));
+        assert!(matches!(
+            "5/400d".parse::<Rate>(),
+            Err(RateError::BadPeriod(_))
+        ));
+        assert!(matches!(
+            "5/99999999999999999999d".parse::<Rate>(),
+            Err(RateError::BadPeriod(_))
+        ));
         let message = "5/minit".parse::<Rate>().unwrap_err().to_string();
         assert!(message.contains("second, minute, hour or day"), "{message}");
     }

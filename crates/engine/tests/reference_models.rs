@@ -115,7 +115,11 @@ impl Model for Log {
             }
             Some(hi - now)
         };
-        Verdict { allowed, remaining: self.quota.saturating_sub(used), retry_after }
+        Verdict {
+            allowed,
+            remaining: self.quota.saturating_sub(used),
+            retry_after,
+        }
     }
 
     fn charge(&mut self, now: Micros, cost: u64) {
@@ -129,7 +133,13 @@ fn model_for(window: &Window, algorithm: Algorithm, start: Micros) -> Box<dyn Mo
         Algorithm::Gcra => {
             let t = rate.period_micros() / rate.quota() as i64;
             let capacity = window.capacity() as i64 * t;
-            Box::new(TokenBucket { t, capacity, level: capacity, last: start, burst: window.capacity() })
+            Box::new(TokenBucket {
+                t,
+                capacity,
+                level: capacity,
+                last: start,
+                burst: window.capacity(),
+            })
         }
         _ => Box::new(Log {
             period: rate.period_micros(),
@@ -141,7 +151,11 @@ fn model_for(window: &Window, algorithm: Algorithm, start: Micros) -> Box<dyn Mo
 }
 
 fn algorithm() -> impl Strategy<Value = Algorithm> {
-    prop_oneof![Just(Algorithm::Gcra), Just(Algorithm::FixedWindow), Just(Algorithm::SlidingWindow)]
+    prop_oneof![
+        Just(Algorithm::Gcra),
+        Just(Algorithm::FixedWindow),
+        Just(Algorithm::SlidingWindow)
+    ]
 }
 
 proptest! {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -13,7 +13,7 @@ use subtle::ConstantTimeEq;
 
 use crate::app::AppState;
 use crate::check::{find_limit, parse_key, read_json};
-use crate::error::{json_response, ApiError};
+use crate::error::{ApiError, json_response};
 
 /// Checks the `Authorization: Bearer <token>` header against the configured token.
 pub fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -27,7 +27,10 @@ pub fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
     match presented {
         Some(token) if bool::from(token.as_bytes().ct_eq(expected.as_bytes())) => Ok(()),
@@ -67,17 +70,30 @@ pub async fn reset(State(app): State<Arc<AppState>>, headers: HeaderMap, body: B
         return error.into_response();
     }
     let result = async {
-        let body: ResetBody = read_json(&headers, body, app.settings.max_body_bytes, RESET_SHAPE).await?;
+        let body: ResetBody =
+            read_json(&headers, body, app.settings.max_body_bytes, RESET_SHAPE).await?;
         let limit = find_limit(&app.limits, &body.limit, "limit")?;
         let key = parse_key(body.key, "key")?;
         crate::check::make_check(Arc::clone(limit), key.clone(), 0, "key")?;
-        app.decider.store().reset(limit, &key).await.map_err(|error| {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", format!("reset failed: {error}"))
-        })?;
+        app.decider
+            .store()
+            .reset(limit, &key)
+            .await
+            .map_err(|error| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    format!("reset failed: {error}"),
+                )
+            })?;
         tracing::info!(limit = limit.name(), "counter reset by admin");
         Ok::<_, ApiError>(json_response(
             StatusCode::OK,
-            &ResetDone { reset: true, limit: limit.name(), key: &key },
+            &ResetDone {
+                reset: true,
+                limit: limit.name(),
+                key: &key,
+            },
         ))
     }
     .await;

@@ -3,17 +3,17 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use axum::Router;
 use axum::extract::State;
-use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use serde::Serialize;
 use serde_json::json;
 use sluice_engine::{LimitSet, Store};
 
 use crate::decider::Decider;
-use crate::error::{json_response, ApiError};
+use crate::error::{ApiError, json_response};
 use crate::metrics::Metrics;
 
 /// Settings of the HTTP front door.
@@ -64,6 +64,66 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// Binds `count` listeners on `listen` with `SO_REUSEPORT`, one per serving thread.
+/// Must be called inside a Tokio runtime.
+pub fn bind_listeners(
+    listen: std::net::SocketAddr,
+    count: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    (0..count.max(1))
+        .map(|_| {
+            let socket = if listen.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+            socket.bind(listen)?;
+            socket.listen(1024)?.into_std()
+        })
+        .collect()
+}
+
+/// Serves `router` with one single-threaded runtime per listener: the kernel spreads
+/// connections over the `SO_REUSEPORT` listeners and no thread ever wakes another, the
+/// way nginx runs one event loop per worker. Blocks until every thread has finished its
+/// in-flight requests after `shutdown` turns true.
+pub fn serve_per_thread(
+    listeners: Vec<std::net::TcpListener>,
+    router: Router,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, listener)| {
+            let router = router.clone();
+            let mut shutdown = shutdown.clone();
+            std::thread::Builder::new()
+                .name(format!("sluice-http-{i}"))
+                .spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    runtime.block_on(async move {
+                        let listener = tokio::net::TcpListener::from_std(listener)?;
+                        let stop = async move {
+                            let _ = shutdown.wait_for(|stop| *stop).await;
+                        };
+                        serve(listener, router, stop).await
+                    })
+                })
+        })
+        .collect::<std::io::Result<_>>()?;
+    for handle in handles {
+        handle
+            .join()
+            .map_err(|_| std::io::Error::other("an HTTP thread panicked"))??;
+    }
+    Ok(())
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, then finishes in-flight requests.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -75,7 +135,9 @@ pub async fn serve(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 #[derive(Serialize)]
@@ -126,7 +188,10 @@ async fn healthz() -> Response {
 async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     let store = app.decider.store();
     match store.ping().await {
-        Ok(()) => json_response(StatusCode::OK, &json!({"status": "ready", "store": store.backend()})),
+        Ok(()) => json_response(
+            StatusCode::OK,
+            &json!({"status": "ready", "store": store.backend()}),
+        ),
         Err(error) => json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({"status": "unavailable", "store": store.backend(), "error": error.to_string()}),
@@ -147,13 +212,17 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-const ENDPOINTS: &str = "POST /v1/check, GET /v1/limits, POST /v1/reset, GET /healthz, GET /readyz, GET /metrics";
+const ENDPOINTS: &str =
+    "POST /v1/check, GET /v1/limits, POST /v1/reset, GET /healthz, GET /readyz, GET /metrics";
 
 async fn not_found(method: Method, uri: Uri) -> Response {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        format!("no endpoint {method} {}; sluice serves {ENDPOINTS}", uri.path()),
+        format!(
+            "no endpoint {method} {}; sluice serves {ENDPOINTS}",
+            uri.path()
+        ),
     )
     .into_response()
 }
@@ -162,7 +231,10 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        format!("{} does not accept {method}; sluice serves {ENDPOINTS}", uri.path()),
+        format!(
+            "{} does not accept {method}; sluice serves {ENDPOINTS}",
+            uri.path()
+        ),
     )
     .into_response()
 }

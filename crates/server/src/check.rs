@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -15,7 +15,7 @@ use serde_json::Value;
 use sluice_engine::{Check, CheckError, Decision, DecisionRequest, LimitSet, Micros};
 
 use crate::app::AppState;
-use crate::error::{json_response, ApiError};
+use crate::error::{ApiError, json_response};
 
 /// The most checks one request may carry.
 pub const MAX_CHECKS: usize = 64;
@@ -124,10 +124,16 @@ pub async fn read_json<T: DeserializeOwned>(
         .unwrap_or("");
     let essence = content_type.split(';').next().unwrap_or("").trim();
     if !essence.eq_ignore_ascii_case("application/json") {
-        let got = if content_type.is_empty() { "none".to_string() } else { format!("{content_type:?}") };
+        let got = if content_type.is_empty() {
+            "none".to_string()
+        } else {
+            format!("{content_type:?}")
+        };
         let error = ApiError::bad_request(
             "unsupported_media_type",
-            format!("Content-Type must be application/json (got {got}); send the header Content-Type: application/json"),
+            format!(
+                "Content-Type must be application/json (got {got}); send the header Content-Type: application/json"
+            ),
         );
         return Err(error.closing_unless(drain(body, DRAIN_LIMIT).await));
     }
@@ -138,11 +144,14 @@ pub async fn read_json<T: DeserializeOwned>(
     let too_large = || {
         ApiError::bad_request(
             "body_too_large",
-            format!("the request body is larger than {max_bytes} bytes; send fewer checks or shorter keys"),
+            format!(
+                "the request body is larger than {max_bytes} bytes; send fewer checks or shorter keys"
+            ),
         )
     };
     if declared.is_some_and(|len| len > max_bytes as u64) {
-        let read_to_end = declared.is_some_and(|len| len <= DRAIN_LIMIT as u64) && drain(body, DRAIN_LIMIT).await;
+        let read_to_end =
+            declared.is_some_and(|len| len <= DRAIN_LIMIT as u64) && drain(body, DRAIN_LIMIT).await;
         return Err(too_large().closing_unless(read_to_end));
     }
     let bytes = collect_limited(body, max_bytes)
@@ -151,8 +160,13 @@ pub async fn read_json<T: DeserializeOwned>(
     serde_json::from_slice(&bytes).map_err(|error| {
         use serde_json::error::Category;
         match error.classify() {
-            Category::Data => ApiError::bad_request("invalid_request", format!("{error}; expected {shape}")),
-            _ => ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {error}; expected {shape}")),
+            Category::Data => {
+                ApiError::bad_request("invalid_request", format!("{error}; expected {shape}"))
+            }
+            _ => ApiError::bad_request(
+                "invalid_json",
+                format!("the body is not valid JSON: {error}; expected {shape}"),
+            ),
         }
     })
 }
@@ -160,7 +174,10 @@ pub async fn read_json<T: DeserializeOwned>(
 /// Reads a cost: a whole number ≥ 0 (`2.0` counts as whole), or the default when absent.
 pub fn parse_cost(value: Option<&Value>, default: u64, field: &str) -> Result<u64, ApiError> {
     let invalid = |what: String| {
-        ApiError::bad_request("invalid_cost", format!("{field} is {what}; cost must be a whole number ≥ 0, e.g. 1"))
+        ApiError::bad_request(
+            "invalid_cost",
+            format!("{field} is {what}; cost must be a whole number ≥ 0, e.g. 1"),
+        )
     };
     match value {
         None | Some(Value::Null) => Ok(default),
@@ -177,7 +194,10 @@ pub fn parse_cost(value: Option<&Value>, default: u64, field: &str) -> Result<u6
                 }
             }
         }
-        Some(other) => Err(invalid(format!("{} rather than a number", json_type(other)))),
+        Some(other) => Err(invalid(format!(
+            "{} rather than a number",
+            json_type(other)
+        ))),
     }
 }
 
@@ -193,12 +213,19 @@ fn json_type(value: &Value) -> &'static str {
 }
 
 /// Resolves a limit name, or says which exist.
-pub fn find_limit<'a>(limits: &'a LimitSet, name: &str, field: &str) -> Result<&'a Arc<sluice_engine::Limit>, ApiError> {
+pub fn find_limit<'a>(
+    limits: &'a LimitSet,
+    name: &str,
+    field: &str,
+) -> Result<&'a Arc<sluice_engine::Limit>, ApiError> {
     limits.get(name).ok_or_else(|| {
         let known: Vec<&str> = limits.iter().map(|l| l.name()).collect();
         ApiError::bad_request(
             "unknown_limit",
-            format!("{field}: no limit named {name:?} is configured; configured limits: {}", known.join(", ")),
+            format!(
+                "{field}: no limit named {name:?} is configured; configured limits: {}",
+                known.join(", ")
+            ),
         )
     })
 }
@@ -209,14 +236,24 @@ pub fn parse_key(value: Value, field: &str) -> Result<String, ApiError> {
         Value::String(key) => Ok(key),
         other => Err(ApiError::bad_request(
             "invalid_key",
-            format!("{field} is {} rather than a string; keys are strings such as \"user:42\"", json_type(&other)),
+            format!(
+                "{field} is {} rather than a string; keys are strings such as \"user:42\"",
+                json_type(&other)
+            ),
         )),
     }
 }
 
 /// Builds a check, turning key problems into `invalid_key`.
-pub fn make_check(limit: Arc<sluice_engine::Limit>, key: String, cost: u64, field: &str) -> Result<Check, ApiError> {
-    Check::new(limit, key, cost).map_err(|error: CheckError| ApiError::bad_request("invalid_key", format!("{field}: {error}")))
+pub fn make_check(
+    limit: Arc<sluice_engine::Limit>,
+    key: String,
+    cost: u64,
+    field: &str,
+) -> Result<Check, ApiError> {
+    Check::new(limit, key, cost).map_err(|error: CheckError| {
+        ApiError::bad_request("invalid_key", format!("{field}: {error}"))
+    })
 }
 
 fn build_request(limits: &LimitSet, body: CheckBody) -> Result<DecisionRequest, ApiError> {
@@ -229,7 +266,10 @@ fn build_request(limits: &LimitSet, body: CheckBody) -> Result<DecisionRequest, 
     if body.checks.len() > MAX_CHECKS {
         return Err(ApiError::bad_request(
             "invalid_request",
-            format!("checks has {} entries; at most {MAX_CHECKS} are decided together", body.checks.len()),
+            format!(
+                "checks has {} entries; at most {MAX_CHECKS} are decided together",
+                body.checks.len()
+            ),
         ));
     }
     let default_cost = parse_cost(body.cost.as_ref(), 1, "cost")?;
@@ -238,13 +278,28 @@ fn build_request(limits: &LimitSet, body: CheckBody) -> Result<DecisionRequest, 
         .into_iter()
         .enumerate()
         .map(|(i, item)| {
-            let limit = find_limit(limits, &item.limit, &format!("checks[{i}].limit"))?;
-            let cost = parse_cost(item.cost.as_ref(), default_cost, &format!("checks[{i}].cost"))?;
-            let key = parse_key(item.key, &format!("checks[{i}].key"))?;
-            make_check(Arc::clone(limit), key, cost, &format!("checks[{i}].key"))
+            // Field names are only formatted when a check is rejected.
+            let field = |name: &str| format!("checks[{i}].{name}");
+            let limit = limits
+                .get(&item.limit)
+                .map_or_else(|| find_limit(limits, &item.limit, &field("limit")), Ok)?;
+            let cost = match &item.cost {
+                None => default_cost,
+                cost => parse_cost(cost.as_ref(), default_cost, &field("cost"))?,
+            };
+            let key = match item.key {
+                Value::String(key) => key,
+                other => parse_key(other, &field("key"))?,
+            };
+            Check::new(Arc::clone(limit), key, cost).map_err(|error| {
+                ApiError::bad_request("invalid_key", format!("{}: {error}", field("key")))
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(DecisionRequest { checks, dry_run: body.dry_run })
+    Ok(DecisionRequest {
+        checks,
+        dry_run: body.dry_run,
+    })
 }
 
 /// Renders a decision as DESIGN §4.1's JSON, one result per window.
@@ -281,10 +336,11 @@ pub fn decision_json(request: &DecisionRequest, decision: &Decision) -> Response
 
 /// `POST /v1/check`.
 pub async fn check(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let body: CheckBody = match read_json(&headers, body, app.settings.max_body_bytes, CHECK_SHAPE).await {
-        Ok(body) => body,
-        Err(error) => return error.into_response(),
-    };
+    let body: CheckBody =
+        match read_json(&headers, body, app.settings.max_body_bytes, CHECK_SHAPE).await {
+            Ok(body) => body,
+            Err(error) => return error.into_response(),
+        };
     let request = match build_request(&app.limits, body) {
         Ok(request) => request,
         Err(error) => return error.into_response(),

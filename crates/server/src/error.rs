@@ -1,6 +1,6 @@
 //! Error answers: a status and `{"error": "<code>", "message": "<what and how to fix it>"}`.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -26,7 +26,12 @@ impl ApiError {
 
     /// An answer with any status.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), close_connection: false }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            close_connection: false,
+        }
     }
 
     /// Marks the answer as closing the connection when the body was left unread.
@@ -47,18 +52,31 @@ pub fn json_response(status: StatusCode, value: &impl Serialize) -> Response {
     match serde_json::to_vec(value) {
         Ok(body) => (
             status,
-            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
             body,
         )
             .into_response(),
         // Our own response types always serialise; answer something well-formed regardless.
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "response could not be encoded").into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "response could not be encoded",
+        )
+            .into_response(),
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = json_response(self.status, &ErrorBody { error: self.code, message: &self.message });
+        let mut response = json_response(
+            self.status,
+            &ErrorBody {
+                error: self.code,
+                message: &self.message,
+            },
+        );
         if self.close_connection {
             response
                 .headers_mut()

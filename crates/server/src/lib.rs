@@ -16,7 +16,7 @@ pub mod decider;
 pub mod error;
 pub mod metrics;
 
-pub use app::{router, serve, AppState, ServerSettings};
+pub use app::{AppState, ServerSettings, bind_listeners, router, serve, serve_per_thread};
 pub use decider::Decider;
 pub use error::ApiError;
 pub use metrics::Metrics;

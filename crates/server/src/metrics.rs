@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -62,17 +62,34 @@ impl Metrics {
             decisions.clone(),
         );
         let degraded = Counter::default();
-        registry.register("degraded_decisions", "Decisions made without the shared store", degraded.clone());
+        registry.register(
+            "degraded_decisions",
+            "Decisions made without the shared store",
+            degraded.clone(),
+        );
         let store_errors = Counter::default();
-        registry.register("store_errors", "Store calls that failed or timed out", store_errors.clone());
+        registry.register(
+            "store_errors",
+            "Store calls that failed or timed out",
+            store_errors.clone(),
+        );
         let store_latency = Histogram::new([
-            0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+            0.25, 1.0,
         ]);
-        registry.register("store_latency_seconds", "Time each store call took", store_latency.clone());
+        registry.register(
+            "store_latency_seconds",
+            "Time each store call took",
+            store_latency.clone(),
+        );
         let keys = Family::<BackendLabels, Gauge>::default();
         registry.register("store_keys", "Counters the store holds", keys.clone());
         let evictions = Family::<BackendLabels, Counter>::default();
-        registry.register("store_evictions", "Counters evicted before expiry because the store was full", evictions.clone());
+        registry.register(
+            "store_evictions",
+            "Counters evicted before expiry because the store was full",
+            evictions.clone(),
+        );
         let metrics = Metrics {
             registry,
             decisions,
@@ -94,7 +111,10 @@ impl Metrics {
             .map(|limit| {
                 let handle = |outcome| {
                     self.decisions
-                        .get_or_create(&DecisionLabels { limit: limit.name().to_string(), outcome })
+                        .get_or_create(&DecisionLabels {
+                            limit: limit.name().to_string(),
+                            outcome,
+                        })
                         .clone()
                 };
                 let counters = LimitCounters {

@@ -16,7 +16,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use governor::{Quota, RateLimiter};
 use sluice_engine::{Check, DecisionRequest, Limit, LimitSpec};
 use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
@@ -44,7 +44,9 @@ impl Rng {
 
 fn uniform_stream() -> Vec<usize> {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    (0..STREAM).map(|_| (rng.next() % KEYS as u64) as usize).collect()
+    (0..STREAM)
+        .map(|_| (rng.next() % KEYS as u64) as usize)
+        .collect()
 }
 
 /// Ranks drawn from Zipf(s = 1.0) over KEYS, by inverting the cumulative weights.
@@ -69,7 +71,10 @@ fn sluice_store() -> (MemoryStore, Arc<Limit>) {
 }
 
 fn sluice_store_with(rate: &str) -> (MemoryStore, Arc<Limit>) {
-    let store = MemoryStore::new(MemoryStoreConfig { max_keys: 2 * KEYS, ..Default::default() });
+    let store = MemoryStore::new(MemoryStoreConfig {
+        max_keys: 2 * KEYS,
+        ..Default::default()
+    });
     let limit = Limit::new("bench", LimitSpec::new(vec![rate.parse().unwrap()])).unwrap();
     (store, Arc::new(limit))
 }
@@ -96,7 +101,11 @@ fn decide(store: &MemoryStore, limit: &Arc<Limit>, key: &str) -> bool {
     store.decide_sync(&request).windows[0].allowed
 }
 
-type Governor = RateLimiter<String, governor::state::keyed::DefaultKeyedStateStore<String>, governor::clock::DefaultClock>;
+type Governor = RateLimiter<
+    String,
+    governor::state::keyed::DefaultKeyedStateStore<String>,
+    governor::clock::DefaultClock,
+>;
 
 fn governor() -> Governor {
     RateLimiter::keyed(Quota::per_hour(NonZeroU32::new(1000).unwrap()))
@@ -106,10 +115,14 @@ fn single_key(c: &mut Criterion) {
     let mut group = c.benchmark_group("single_key");
     group.throughput(Throughput::Elements(1));
     let (store, limit) = sluice_store();
-    group.bench_function("sluice", |b| b.iter(|| decide(&store, &limit, black_box("user:42"))));
+    group.bench_function("sluice", |b| {
+        b.iter(|| decide(&store, &limit, black_box("user:42")))
+    });
     let gov = governor();
     let key = "user:42".to_string();
-    group.bench_function("governor", |b| b.iter(|| gov.check_key(black_box(&key)).is_ok()));
+    group.bench_function("governor", |b| {
+        b.iter(|| gov.check_key(black_box(&key)).is_ok())
+    });
     group.finish();
 }
 

@@ -24,18 +24,50 @@ fn status_kib(field: &str) -> u64 {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let keys: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10_000_000);
+    let keys: u64 = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(10_000_000);
     let max_keys: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
-    let store = MemoryStore::new(MemoryStoreConfig { max_keys, ..Default::default() });
-    let limit = Arc::new(Limit::new("login_ip", LimitSpec::new(vec!["5/minute".parse().unwrap()])).unwrap());
-    println!("flood: {keys} distinct keys, max_keys {max_keys}, limit 5/minute (each counter lives 12 s)");
-    println!("{:>12} {:>10} {:>12} {:>10} {:>10} {:>9}", "keys sent", "held", "evictions", "RSS MiB", "peak MiB", "secs");
-    println!("{:>12} {:>10} {:>12} {:>10.1} {:>10.1} {:>9.1}", 0, 0, 0, status_kib("VmRSS:") as f64 / 1024.0, status_kib("VmHWM:") as f64 / 1024.0, 0.0);
+    let store = MemoryStore::new(MemoryStoreConfig {
+        max_keys,
+        ..Default::default()
+    });
+    let limit = Arc::new(
+        Limit::new(
+            "login_ip",
+            LimitSpec::new(vec!["5/minute".parse().unwrap()]),
+        )
+        .unwrap(),
+    );
+    println!(
+        "flood: {keys} distinct keys, max_keys {max_keys}, limit 5/minute (each counter lives 12 s)"
+    );
+    println!(
+        "{:>12} {:>10} {:>12} {:>10} {:>10} {:>9}",
+        "keys sent", "held", "evictions", "RSS MiB", "peak MiB", "secs"
+    );
+    println!(
+        "{:>12} {:>10} {:>12} {:>10.1} {:>10.1} {:>9.1}",
+        0,
+        0,
+        0,
+        status_kib("VmRSS:") as f64 / 1024.0,
+        status_kib("VmHWM:") as f64 / 1024.0,
+        0.0
+    );
     let started = Instant::now();
     let step = (keys / 10).max(1);
     for i in 0..keys {
         let request = DecisionRequest {
-            checks: vec![Check::new(Arc::clone(&limit), format!("203.0.{}.{}:{i}", i % 256, i / 256 % 256), 1).unwrap()],
+            checks: vec![
+                Check::new(
+                    Arc::clone(&limit),
+                    format!("203.0.{}.{}:{i}", i % 256, i / 256 % 256),
+                    1,
+                )
+                .unwrap(),
+            ],
             dry_run: false,
         };
         store.decide_sync(&request);

@@ -22,11 +22,11 @@ use std::time::Duration;
 
 use compact_str::CompactString;
 use hashbrown::{DefaultHashBuilder, HashTable};
-use smallvec::SmallVec;
 use sluice_engine::{
-    apply, Clock, DecisionRequest, Limit, Micros, Outcomes, Slot, State, Store, StoreFuture,
-    StoreStats, SystemClock, Window, WindowOutcomes,
+    Clock, DecisionRequest, Limit, Micros, Outcomes, Slot, State, Store, StoreFuture, StoreStats,
+    SystemClock, Window, WindowOutcomes, apply,
 };
+use smallvec::SmallVec;
 use std::hash::BuildHasher;
 
 /// Entries per shard below which more shards would only cost memory.
@@ -102,7 +102,9 @@ impl MemoryStore {
             .next_power_of_two()
             .clamp(1, MAX_SHARDS);
         let inner = Arc::new(Inner {
-            shards: (0..shard_count).map(|_| Mutex::new(Shard::default())).collect(),
+            shards: (0..shard_count)
+                .map(|_| Mutex::new(Shard::default()))
+                .collect(),
             hasher: DefaultHashBuilder::default(),
             clock,
             shard_capacity: (max_keys / shard_count).max(1),
@@ -116,7 +118,10 @@ impl MemoryStore {
         let _ = std::thread::Builder::new()
             .name("sluice-memory-sweeper".into())
             .spawn(move || sweep_until_dropped(weak, stopped, interval));
-        MemoryStore { inner, _stop_sweeper: stop }
+        MemoryStore {
+            inner,
+            _stop_sweeper: stop,
+        }
     }
 
     /// Decides `request` now, synchronously: the whole of this store's work.
@@ -145,7 +150,11 @@ impl MemoryStore {
 
     /// How many counters are held.
     pub fn len(&self) -> usize {
-        self.inner.shards.iter().map(|s| self.inner.lock_shard(s).table.len()).sum()
+        self.inner
+            .shards
+            .iter()
+            .map(|s| self.inner.lock_shard(s).table.len())
+            .sum()
     }
 
     /// Whether no counters are held.
@@ -183,7 +192,10 @@ impl Inner {
         } else {
             self.decide_many_counters(request, now)
         };
-        Outcomes { windows, degraded: false }
+        Outcomes {
+            windows,
+            degraded: false,
+        }
     }
 
     /// The common case, one window of one check: one lock, one lookup.
@@ -195,7 +207,10 @@ impl Inner {
         let hash = self.hasher.hash_one((&*lw.counter, key));
         let mut shard = self.lock(self.shard_of(hash));
         let mut slots = [Slot::default()];
-        match shard.table.find_mut(hash, |e| e.matches(hash, &lw.counter, key)) {
+        match shard
+            .table
+            .find_mut(hash, |e| e.matches(hash, &lw.counter, key))
+        {
             Some(entry) => {
                 slots[0].state = (entry.expires_at > now).then_some(entry.state);
                 let outcomes = apply(request, &[0], &mut slots, now);
@@ -208,7 +223,13 @@ impl Inner {
             None => {
                 let outcomes = apply(request, &[0], &mut slots, now);
                 if let (true, Some(state)) = (slots[0].dirty, slots[0].state) {
-                    let at = Location { hash, shard: 0, counter: &lw.counter, key, window: &lw.window };
+                    let at = Location {
+                        hash,
+                        shard: 0,
+                        counter: &lw.counter,
+                        key,
+                        window: &lw.window,
+                    };
                     let evicted = shard.insert_new(&at, state, now, self.shard_capacity);
                     self.count_evictions(evicted);
                 }
@@ -263,7 +284,8 @@ impl Inner {
 
         for (slot, c) in slots.iter().zip(&counters) {
             if let (true, Some(state)) = (slot.dirty, slot.state) {
-                let evicted = guards[guard_index(c.shard)].upsert(c, state, now, self.shard_capacity);
+                let evicted =
+                    guards[guard_index(c.shard)].upsert(c, state, now, self.shard_capacity);
                 self.count_evictions(evicted);
             }
         }
@@ -288,7 +310,10 @@ impl Shard {
     /// Writes a counter's state, making room first when the shard is full.
     /// Returns how many live counters were evicted for it.
     fn upsert(&mut self, at: &Location<'_>, state: State, now: Micros, capacity: usize) -> u64 {
-        match self.table.find_mut(at.hash, |e| e.matches(at.hash, at.counter, at.key)) {
+        match self
+            .table
+            .find_mut(at.hash, |e| e.matches(at.hash, at.counter, at.key))
+        {
             Some(entry) => {
                 entry.state = state;
                 entry.expires_at = at.window.expires_at(&state);

@@ -1,8 +1,8 @@
 //! Behaviour of the memory store beyond the shared suite: real threads on one key,
 //! lock ordering across shards, the `max_keys` bound and who gets evicted.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sluice_engine::{Algorithm, Check, DecisionRequest, Limit, LimitSpec, ManualClock, Store};
@@ -18,20 +18,30 @@ fn limit(name: &str, rate: &str, algorithm: Algorithm) -> Arc<Limit> {
 
 fn request(checks: &[(&Arc<Limit>, &str)]) -> DecisionRequest {
     DecisionRequest {
-        checks: checks.iter().map(|(l, k)| Check::new(Arc::clone(l), *k, 1).unwrap()).collect(),
+        checks: checks
+            .iter()
+            .map(|(l, k)| Check::new(Arc::clone(l), *k, 1).unwrap())
+            .collect(),
         dry_run: false,
     }
 }
 
 fn store(max_keys: usize) -> (Arc<ManualClock>, MemoryStore) {
     let clock = Arc::new(ManualClock::new(START));
-    let config = MemoryStoreConfig { max_keys, sweep_interval: Duration::from_secs(3600) };
+    let config = MemoryStoreConfig {
+        max_keys,
+        sweep_interval: Duration::from_secs(3600),
+    };
     (clock.clone(), MemoryStore::with_clock(config, clock))
 }
 
 #[test]
 fn threads_hammering_one_key_are_admitted_exactly_the_quota() {
-    for algorithm in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+    for algorithm in [
+        Algorithm::Gcra,
+        Algorithm::FixedWindow,
+        Algorithm::SlidingWindow,
+    ] {
         let (_clock, store) = store(100_000);
         let l = limit("hot", "1000/day", algorithm);
         let admitted = AtomicU64::new(0);
@@ -46,7 +56,11 @@ fn threads_hammering_one_key_are_admitted_exactly_the_quota() {
                 });
             }
         });
-        assert_eq!(admitted.load(Ordering::Relaxed), 1000, "{algorithm}: 4000 attempts, quota 1000");
+        assert_eq!(
+            admitted.load(Ordering::Relaxed),
+            1000,
+            "{algorithm}: 4000 attempts, quota 1000"
+        );
     }
 }
 
@@ -75,10 +89,16 @@ fn decisions_over_many_shards_in_opposite_orders_do_not_deadlock() {
     // 4 threads × 5000 decisions, each charging `a` twice (once when x == y twice over the same counter).
     let total: u64 = keys
         .iter()
-        .map(|k| 1_000_000 - store.decide_sync(&DecisionRequest {
-            checks: vec![Check::new(Arc::clone(&a), k.as_str(), 0).unwrap()],
-            dry_run: false,
-        }).windows[0].remaining)
+        .map(|k| {
+            1_000_000
+                - store
+                    .decide_sync(&DecisionRequest {
+                        checks: vec![Check::new(Arc::clone(&a), k.as_str(), 0).unwrap()],
+                        dry_run: false,
+                    })
+                    .windows[0]
+                    .remaining
+        })
         .sum();
     assert_eq!(total, 4 * 5_000 * 2, "every charge landed exactly once");
 }
@@ -92,8 +112,16 @@ fn a_key_flood_never_holds_more_than_max_keys() {
         assert!(store.len() <= 10_000);
     }
     let stats = store.stats();
-    assert!(stats.keys <= 10_000 && stats.keys > 9_000, "full but bounded: {}", stats.keys);
-    assert!(stats.evictions >= 190_000, "the flood was evicted: {}", stats.evictions);
+    assert!(
+        stats.keys <= 10_000 && stats.keys > 9_000,
+        "full but bounded: {}",
+        stats.keys
+    );
+    assert!(
+        stats.evictions >= 190_000,
+        "the flood was evicted: {}",
+        stats.evictions
+    );
 }
 
 #[test]
@@ -118,19 +146,25 @@ fn a_full_store_evicts_the_counters_nearest_to_expiry_first() {
             checks: vec![Check::new(Arc::clone(&long), format!("user-{i}"), 0).unwrap()],
             dry_run: false,
         });
-        assert_eq!(d.windows[0].remaining, 1, "user-{i} kept its counter through the flood");
+        assert_eq!(
+            d.windows[0].remaining, 1,
+            "user-{i} kept its counter through the flood"
+        );
     }
 }
 
 #[test]
 fn the_sweeper_drops_expired_counters_in_the_background() {
-    let config = MemoryStoreConfig { max_keys: 1_000, sweep_interval: Duration::from_millis(20) };
+    let config = MemoryStoreConfig {
+        max_keys: 1_000,
+        sweep_interval: Duration::from_millis(20),
+    };
     let store = MemoryStore::new(config);
     let l = limit("brief", "1/second", Algorithm::FixedWindow);
     for i in 0..100 {
         store.decide_sync(&request(&[(&l, &format!("k{i}"))]));
     }
-    assert!(store.len() > 0);
+    assert!(!store.is_empty());
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !store.is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));

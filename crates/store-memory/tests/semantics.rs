@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sluice_engine::{Clock, ManualClock, Store};
 use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
-use sluice_testkit::{semantic_suite, Harness};
+use sluice_testkit::{Harness, semantic_suite};
 
 /// 2024-10-04T00:00:00Z plus a quarter second: day-aligned, but not on a boundary.
 const START: i64 = 20_000 * 86_400 * 1_000_000 + 250_000;
@@ -18,7 +18,10 @@ struct MemoryHarness {
 impl MemoryHarness {
     fn new() -> Self {
         let clock = Arc::new(ManualClock::new(START));
-        let store = Arc::new(MemoryStore::with_clock(MemoryStoreConfig::default(), clock.clone()));
+        let store = Arc::new(MemoryStore::with_clock(
+            MemoryStoreConfig::default(),
+            clock.clone(),
+        ));
         MemoryHarness { clock, store }
     }
 }
@@ -35,7 +38,8 @@ impl Harness for MemoryHarness {
     async fn align_to(&self, period: Duration) {
         let period = period.as_micros() as i64;
         let now = self.clock.now();
-        self.clock.set(now - now.rem_euclid(period) + period + 1_000);
+        self.clock
+            .set(now - now.rem_euclid(period) + period + 1_000);
     }
 
     fn slack(&self) -> Duration {

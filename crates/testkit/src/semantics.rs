@@ -7,12 +7,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_engine::{decide, Algorithm, Check, Decision, DecisionRequest, Limit, LimitSpec, Micros};
+use sluice_engine::{
+    Algorithm, Check, Decision, DecisionRequest, Limit, LimitSpec, Micros, decide,
+};
 
 use crate::Harness;
 
 fn limit(name: &str, rates: &[&str], configure: impl FnOnce(&mut LimitSpec)) -> Arc<Limit> {
-    let rates = rates.iter().map(|r| r.parse().expect("test rate")).collect();
+    let rates = rates
+        .iter()
+        .map(|r| r.parse().expect("test rate"))
+        .collect();
     let mut spec = LimitSpec::new(rates);
     configure(&mut spec);
     Arc::new(Limit::new(name, spec).expect("test limit"))
@@ -26,7 +31,11 @@ fn with_algorithm(name: &str, rate: &str, algorithm: Algorithm) -> Arc<Limit> {
     limit(name, &[rate], |s| s.algorithm = algorithm)
 }
 
-const ALGORITHMS: [Algorithm; 3] = [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow];
+const ALGORITHMS: [Algorithm; 3] = [
+    Algorithm::Gcra,
+    Algorithm::FixedWindow,
+    Algorithm::SlidingWindow,
+];
 
 async fn run<H: Harness>(h: &H, checks: &[(&Arc<Limit>, &str, u64)], dry_run: bool) -> Decision {
     let request = DecisionRequest {
@@ -79,7 +88,12 @@ pub async fn gcra_admits_the_burst_then_one_per_interval<H: Harness>(h: &H) {
     let retry = d.retry_after.expect("a retry time");
     assert_about(retry, ms(12_000), slack(h), "retry after the burst");
     assert_eq!(d.results[0].retry_after, Some(retry));
-    assert_about(d.results[0].reset_after, ms(60_000), slack(h), "reset after the burst");
+    assert_about(
+        d.results[0].reset_after,
+        ms(60_000),
+        slack(h),
+        "reset after the burst",
+    );
 
     // One cell comes back per interval: 5/second refills every 200 ms.
     let fast = plain("fast", "5/second");
@@ -88,9 +102,18 @@ pub async fn gcra_admits_the_burst_then_one_per_interval<H: Harness>(h: &H) {
     }
     let denied = one(h, &fast, "k", 1).await;
     assert!(!denied.allowed);
-    h.advance(Duration::from_micros(denied.retry_after.expect("retry") as u64)).await;
-    assert!(one(h, &fast, "k", 1).await.allowed, "allowed once the retry time has passed");
-    assert!(!one(h, &fast, "k", 1).await.allowed, "and only one cell came back");
+    h.advance(Duration::from_micros(
+        denied.retry_after.expect("retry") as u64
+    ))
+    .await;
+    assert!(
+        one(h, &fast, "k", 1).await.allowed,
+        "allowed once the retry time has passed"
+    );
+    assert!(
+        !one(h, &fast, "k", 1).await.allowed,
+        "and only one cell came back"
+    );
 }
 
 /// `burst` is the bucket depth: `1/second, burst 3` admits three at once.
@@ -104,7 +127,12 @@ pub async fn gcra_burst_option_sets_capacity<H: Harness>(h: &H) {
     }
     let d = one(h, &l, "k", 1).await;
     assert!(!d.allowed);
-    assert_about(d.retry_after.expect("retry"), ms(1_000), slack(h), "burst refill");
+    assert_about(
+        d.retry_after.expect("retry"),
+        ms(1_000),
+        slack(h),
+        "burst refill",
+    );
 }
 
 /// Fixed windows are aligned to the epoch: everything comes back at the boundary.
@@ -120,8 +148,14 @@ pub async fn fixed_window_resets_at_the_epoch_aligned_boundary<H: Harness>(h: &H
     assert!(!d.allowed);
     let retry = d.retry_after.expect("retry");
     // Aligned just past a boundary, so the next one is at most 2 s away.
-    assert!(retry <= ms(2_000) && retry > ms(2_000) - ms(100) - 2 * slack(h), "retry {retry}");
-    assert!((d.results[0].reset_after - retry).abs() <= slack(h), "reset and retry meet at the boundary");
+    assert!(
+        retry <= ms(2_000) && retry > ms(2_000) - ms(100) - 2 * slack(h),
+        "retry {retry}"
+    );
+    assert!(
+        (d.results[0].reset_after - retry).abs() <= slack(h),
+        "reset and retry meet at the boundary"
+    );
     h.advance(Duration::from_micros(retry as u64)).await;
     let d = one(h, &l, "k", 1).await;
     assert!(d.allowed, "a new window");
@@ -165,9 +199,15 @@ pub async fn retry_after_is_honest_for_every_algorithm<H: Harness>(h: &H) {
         }
         let d = denied.unwrap_or_else(|| panic!("{algorithm}: never denied"));
         let retry = d.retry_after.expect("retry");
-        assert!(retry > 0 && retry <= ms(2_000), "{algorithm}: retry {retry}");
+        assert!(
+            retry > 0 && retry <= ms(2_000),
+            "{algorithm}: retry {retry}"
+        );
         h.advance(Duration::from_micros(retry as u64)).await;
-        assert!(one(h, &l, algorithm.as_str(), 1).await.allowed, "{algorithm}: allowed after retry_after");
+        assert!(
+            one(h, &l, algorithm.as_str(), 1).await.allowed,
+            "{algorithm}: allowed after retry_after"
+        );
     }
 }
 
@@ -197,7 +237,11 @@ pub async fn dry_run_decides_without_charging<H: Harness>(h: &H) {
         let d = run(h, &[(&l, key, 2)], true).await;
         assert!(d.allowed);
         assert_eq!(d.results[0].remaining, 3, "{algorithm}: what would be left");
-        assert_eq!(remaining(h, &l, key).await, 5, "{algorithm}: nothing charged");
+        assert_eq!(
+            remaining(h, &l, key).await,
+            5,
+            "{algorithm}: nothing charged"
+        );
         one(h, &l, key, 5).await;
         let d = run(h, &[(&l, key, 1)], true).await;
         assert!(!d.allowed);
@@ -215,8 +259,15 @@ pub async fn cost_above_capacity_is_denied_with_no_retry_time<H: Harness>(h: &H)
         assert!(!d.allowed, "{algorithm}");
         assert_eq!(d.retry_after, None, "{algorithm}: never");
         assert_eq!(d.results[0].retry_after, None);
-        assert_eq!(remaining(h, &l, key).await, 5, "{algorithm}: nothing charged");
-        assert!(one(h, &l, key, 5).await.allowed, "{algorithm}: the full quota still fits");
+        assert_eq!(
+            remaining(h, &l, key).await,
+            5,
+            "{algorithm}: nothing charged"
+        );
+        assert!(
+            one(h, &l, key, 5).await.allowed,
+            "{algorithm}: the full quota still fits"
+        );
     }
 }
 
@@ -239,8 +290,16 @@ pub async fn charge_denied_limits_count_every_attempt<H: Harness>(h: &H) {
     let sticky = limit("sticky", &["5/hour"], |s| s.charge_denied = true);
     let narrow = plain("narrow", "1/hour");
     assert!(one(h, &narrow, "k", 1).await.allowed);
-    assert!(!run(h, &[(&sticky, "k", 1), (&narrow, "k", 1)], false).await.allowed);
-    assert_eq!(remaining(h, &sticky, "k").await, 4, "charged although denied");
+    assert!(
+        !run(h, &[(&sticky, "k", 1), (&narrow, "k", 1)], false)
+            .await
+            .allowed
+    );
+    assert_eq!(
+        remaining(h, &sticky, "k").await,
+        4,
+        "charged although denied"
+    );
 
     let hammered = limit("hammered", &["2/minute"], |s| s.charge_denied = true);
     let polite = plain("polite", "2/minute");
@@ -249,10 +308,22 @@ pub async fn charge_denied_limits_count_every_attempt<H: Harness>(h: &H) {
         one(h, l, "k", 1).await;
     }
     let first = |d: Decision| d.retry_after.expect("retry");
-    let (h1, h2) = (first(one(h, &hammered, "k", 1).await), first(one(h, &hammered, "k", 1).await));
-    let (p1, p2) = (first(one(h, &polite, "k", 1).await), first(one(h, &polite, "k", 1).await));
-    assert!(h2 >= h1 + ms(29_000), "each denied attempt extends the lockout: {h1} then {h2}");
-    assert!((p2 - p1).abs() <= slack(h) + ms(1), "without charge_denied it does not: {p1} then {p2}");
+    let (h1, h2) = (
+        first(one(h, &hammered, "k", 1).await),
+        first(one(h, &hammered, "k", 1).await),
+    );
+    let (p1, p2) = (
+        first(one(h, &polite, "k", 1).await),
+        first(one(h, &polite, "k", 1).await),
+    );
+    assert!(
+        h2 >= h1 + ms(29_000),
+        "each denied attempt extends the lockout: {h1} then {h2}"
+    );
+    assert!(
+        (p2 - p1).abs() <= slack(h) + ms(1),
+        "without charge_denied it does not: {p1} then {p2}"
+    );
     // The lockout is bounded: never more than two bucket depths.
     for _ in 0..20 {
         one(h, &hammered, "k", 1).await;
@@ -264,14 +335,25 @@ pub async fn charge_denied_limits_count_every_attempt<H: Harness>(h: &H) {
 pub async fn shadow_limits_report_but_never_deny<H: Harness>(h: &H) {
     let shadow = limit("rollout", &["1/hour"], |s| s.shadow = true);
     let enforced = plain("enforced", "5/hour");
-    assert!(run(h, &[(&shadow, "k", 1), (&enforced, "k", 1)], false).await.allowed);
+    assert!(
+        run(h, &[(&shadow, "k", 1), (&enforced, "k", 1)], false)
+            .await
+            .allowed
+    );
     let d = run(h, &[(&shadow, "k", 1), (&enforced, "k", 1)], false).await;
     assert!(d.allowed, "over a shadow limit, still allowed");
     assert_eq!(d.retry_after, Some(0));
-    assert!(!d.results[0].allowed && d.results[0].shadow, "reported as a would-be denial");
+    assert!(
+        !d.results[0].allowed && d.results[0].shadow,
+        "reported as a would-be denial"
+    );
     assert!(d.results[0].retry_after.expect("retry") > 0);
     assert!(d.results[1].allowed && !d.results[1].shadow);
-    assert_eq!(remaining(h, &enforced, "k").await, 3, "enforced limits were charged");
+    assert_eq!(
+        remaining(h, &enforced, "k").await,
+        3,
+        "enforced limits were charged"
+    );
 }
 
 /// Every window of a multi-rate limit must allow; results come one per window.
@@ -288,7 +370,10 @@ pub async fn every_window_of_a_limit_must_allow<H: Harness>(h: &H) {
     assert_eq!((d.results[0].limit_value, d.results[1].limit_value), (2, 3));
     assert!(!d.results[0].allowed && d.results[1].allowed);
     let read = one(h, &l, "k", 0).await;
-    assert_eq!(read.results[1].remaining, 1, "the day window was not charged by the denial");
+    assert_eq!(
+        read.results[1].remaining, 1,
+        "the day window was not charged by the denial"
+    );
 }
 
 /// Two checks on one counter in one request see each other.
@@ -316,7 +401,10 @@ pub async fn reset_forgets_a_key<H: Harness>(h: &H) {
     let d = one(h, &l, "a", 1).await;
     assert!(d.allowed);
     assert_eq!((d.results[0].remaining, d.results[1].remaining), (1, 2));
-    assert!(!one(h, &l, "b", 1).await.allowed, "other keys keep their counters");
+    assert!(
+        !one(h, &l, "b", 1).await.allowed,
+        "other keys keep their counters"
+    );
 }
 
 /// A key's spending does not touch other keys or other limits.
@@ -327,7 +415,10 @@ pub async fn keys_and_limits_are_independent<H: Harness>(h: &H) {
     assert!(!one(h, &a, "k1", 1).await.allowed);
     assert!(one(h, &a, "k2", 1).await.allowed);
     assert!(one(h, &b, "k1", 1).await.allowed);
-    assert!(one(h, &a, "k1 ", 1).await.allowed, "keys are compared exactly");
+    assert!(
+        one(h, &a, "k1 ", 1).await.allowed,
+        "keys are compared exactly"
+    );
 }
 
 /// Counters expire: a flood of keys leaves nothing once its windows have passed.
@@ -363,7 +454,8 @@ pub async fn concurrent_decisions_admit_exactly_the_quota<H: Harness>(h: &H) {
                             checks: vec![Check::new(Arc::clone(&l), "hot", 1).expect("check")],
                             dry_run: false,
                         };
-                        admitted += u32::from(decide(&*store, &request).await.expect("decide").allowed);
+                        admitted +=
+                            u32::from(decide(&*store, &request).await.expect("decide").allowed);
                     }
                     admitted
                 })
