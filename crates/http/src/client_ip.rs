@@ -1,0 +1,357 @@
+//! Who is the client? The socket peer, unless the peer is a trusted proxy: then the
+//! proxy's `X-Forwarded-For` (or RFC 7239 `Forwarded`) is walked from the right,
+//! past trusted hops, to the first address no trusted proxy vouches for.
+//!
+//! A forwarding header from an untrusted peer is ignored, so a client cannot spoof its
+//! address. An entry that cannot be read (garbage, `unknown`, an obfuscated
+//! identifier) stops the walk at the last address that could be, which is a trusted
+//! proxy's: such requests share that proxy's bucket rather than pick their own. The
+//! walk reads at most [`MAX_HOPS`] entries from the right, however long the header.
+//!
+//! Keys: IPv4-mapped IPv6 addresses count as IPv4; IPv6 addresses are grouped by
+//! `ipv6_prefix` (default /64, what one subscriber usually gets), so rotating
+//! addresses inside one allocation share a bucket; with a hash secret, the key is a
+//! keyed hash, so raw addresses never reach the store or the logs.
+
+use std::net::IpAddr;
+
+use hmac::{Hmac, KeyInit, Mac};
+use http::header::HeaderMap;
+use ipnet::{IpNet, Ipv6Net};
+use sha2::Sha256;
+
+/// The most forwarding entries read from the right of a header.
+pub const MAX_HOPS: usize = 32;
+
+/// Which header trusted proxies put the client's address in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, proxy2` (the default).
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=client, for=proxy1`.
+    Forwarded,
+}
+
+/// How client addresses are found and turned into keys.
+#[derive(Debug, Clone)]
+pub struct ClientIpConfig {
+    /// Proxies whose forwarding header is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// The header they set.
+    pub header: ForwardedHeader,
+    /// IPv6 addresses are grouped by this prefix length (1 to 128).
+    pub ipv6_prefix: u8,
+    /// When set, keys are a keyed hash of the (grouped) address.
+    pub hash_secret: Option<Vec<u8>>,
+}
+
+impl Default for ClientIpConfig {
+    fn default() -> Self {
+        ClientIpConfig {
+            trusted_proxies: Vec::new(),
+            header: ForwardedHeader::XForwardedFor,
+            ipv6_prefix: 64,
+            hash_secret: None,
+        }
+    }
+}
+
+/// Resolves client addresses and their keys.
+#[derive(Debug, Clone)]
+pub struct ClientIpResolver {
+    config: ClientIpConfig,
+}
+
+/// Treats IPv4-mapped IPv6 (`::ffff:203.0.113.7`) as the IPv4 address it carries.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Reads one `X-Forwarded-For` entry: an address, optionally with a port or in brackets.
+pub fn parse_forwarded_for_entry(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim().trim_matches('"');
+    if let Ok(ip) = entry.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(socket) = entry.parse::<std::net::SocketAddr>() {
+        return Some(socket.ip());
+    }
+    let (ip, rest) = entry.strip_prefix('[')?.split_once(']')?;
+    let port_ok = rest.is_empty()
+        || rest
+            .strip_prefix(':')
+            .is_some_and(|p| p.parse::<u16>().is_ok());
+    if !port_ok {
+        return None;
+    }
+    ip.parse::<IpAddr>().ok()
+}
+
+impl ClientIpResolver {
+    /// A resolver with `config`; `ipv6_prefix` is clamped to 1..=128.
+    pub fn new(mut config: ClientIpConfig) -> Self {
+        config.ipv6_prefix = config.ipv6_prefix.clamp(1, 128);
+        ClientIpResolver { config }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ClientIpConfig {
+        &self.config
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.config
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&ip))
+    }
+
+    /// The client's address for a request that arrived from `peer` with `headers`.
+    pub fn resolve(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let peer = canonical(peer);
+        if !self.is_trusted(peer) {
+            return peer;
+        }
+        // Header lines in reverse, each line's entries in reverse: right to left overall.
+        let mut lines: Vec<&str> = Vec::new();
+        match self.config.header {
+            ForwardedHeader::XForwardedFor => {
+                for value in headers.get_all("x-forwarded-for") {
+                    match value.to_str() {
+                        Ok(line) => lines.push(line),
+                        Err(_) => return peer,
+                    }
+                }
+                let entries = lines.iter().rev().flat_map(|line| line.rsplit(','));
+                self.walk(peer, entries.map(parse_forwarded_for_entry))
+            }
+            ForwardedHeader::Forwarded => {
+                for value in headers.get_all("forwarded") {
+                    match value.to_str() {
+                        Ok(line) => lines.push(line),
+                        Err(_) => return peer,
+                    }
+                }
+                let entries = lines
+                    .iter()
+                    .rev()
+                    .flat_map(|line| rfc7239::parse(line).rev());
+                self.walk(
+                    peer,
+                    entries.map(|element| {
+                        element
+                            .ok()
+                            .and_then(|f| f.forwarded_for)
+                            .and_then(|node| node.ip().copied())
+                    }),
+                )
+            }
+        }
+    }
+
+    fn walk(&self, peer: IpAddr, entries: impl Iterator<Item = Option<IpAddr>>) -> IpAddr {
+        let mut client = peer;
+        for entry in entries.take(MAX_HOPS) {
+            let Some(ip) = entry else {
+                return client;
+            };
+            client = canonical(ip);
+            if !self.is_trusted(client) {
+                return client;
+            }
+        }
+        client
+    }
+
+    /// The key a client address is counted under: IPv6 grouped by prefix, hashed when
+    /// a secret is configured.
+    pub fn key(&self, ip: IpAddr) -> String {
+        let text = match canonical(ip) {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) if self.config.ipv6_prefix >= 128 => v6.to_string(),
+            IpAddr::V6(v6) => match Ipv6Net::new(v6, self.config.ipv6_prefix) {
+                Ok(net) => net.trunc().to_string(),
+                Err(_) => v6.to_string(),
+            },
+        };
+        match &self.config.hash_secret {
+            Some(secret) => keyed_hash(secret, &text),
+            None => text,
+        }
+    }
+}
+
+/// `ip:` and the first 16 bytes of HMAC-SHA256(secret, text), in hex.
+fn keyed_hash(secret: &[u8], text: &str) -> String {
+    let Ok(mut mac) = <Hmac<Sha256> as KeyInit>::new_from_slice(secret) else {
+        // HMAC accepts keys of any length; unreachable, but never fall back to the raw text.
+        return "ip:unhashable".to_string();
+    };
+    mac.update(text.as_bytes());
+    let digest = mac.finalize().into_bytes();
+    let mut out = String::with_capacity(3 + 32);
+    out.push_str("ip:");
+    for byte in &digest[..16] {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn resolver(trusted: &[&str]) -> ClientIpResolver {
+        ClientIpResolver::new(ClientIpConfig {
+            trusted_proxies: trusted.iter().map(|n| n.parse().unwrap()).collect(),
+            ..Default::default()
+        })
+    }
+
+    fn headers(name: &'static str, values: &[&str]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for v in values {
+            map.append(name, HeaderValue::from_str(v).unwrap());
+        }
+        map
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_header_from_an_untrusted_peer_is_ignored() {
+        let r = resolver(&["10.0.0.0/8"]);
+        let h = headers("x-forwarded-for", &["1.2.3.4"]);
+        assert_eq!(r.resolve(ip("203.0.113.9"), &h), ip("203.0.113.9"));
+    }
+
+    #[test]
+    fn trusted_hops_are_skipped_from_the_right() {
+        let r = resolver(&["10.0.0.0/8"]);
+        // The client put a fake entry first; the proxy chain appended the truth.
+        let h = headers("x-forwarded-for", &["6.6.6.6, 198.51.100.7, 10.0.0.2"]);
+        assert_eq!(r.resolve(ip("10.0.0.1"), &h), ip("198.51.100.7"));
+        let split = headers("x-forwarded-for", &["6.6.6.6", "198.51.100.7, 10.0.0.2"]);
+        assert_eq!(
+            r.resolve(ip("10.0.0.1"), &split),
+            ip("198.51.100.7"),
+            "several header lines read as one list"
+        );
+    }
+
+    #[test]
+    fn garbage_stops_the_walk_at_the_last_trusted_hop() {
+        let r = resolver(&["10.0.0.0/8"]);
+        for bad in [
+            "garbage",
+            "unknown",
+            "_hidden",
+            "1.2.3.4.5",
+            "",
+            "[::1",
+            "[::1]x",
+            "[1.2.3.4]:99999",
+            "1.2.3.4 5.6.7.8",
+            "0x7f.1",
+        ] {
+            let h = headers("x-forwarded-for", &[&format!("6.6.6.6, {bad}, 10.0.0.2")]);
+            assert_eq!(
+                r.resolve(ip("10.0.0.1"), &h),
+                ip("10.0.0.2"),
+                "entry {bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ports_and_brackets_are_understood() {
+        let r = resolver(&["10.0.0.0/8"]);
+        for (entry, expected) in [
+            ("198.51.100.7:4711", "198.51.100.7"),
+            ("[2001:db8::7]:443", "2001:db8::7"),
+            ("[2001:db8::7]", "2001:db8::7"),
+            ("\"198.51.100.7\"", "198.51.100.7"),
+            (" 198.51.100.7 ", "198.51.100.7"),
+        ] {
+            let h = headers("x-forwarded-for", &[entry]);
+            assert_eq!(
+                r.resolve(ip("10.0.0.1"), &h),
+                ip(expected),
+                "entry {entry:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn forwarded_header_is_walked_the_same_way() {
+        let r = ClientIpResolver::new(ClientIpConfig {
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+            header: ForwardedHeader::Forwarded,
+            ..Default::default()
+        });
+        let h = headers(
+            "forwarded",
+            &["for=6.6.6.6, for=\"[2001:db8::7]:443\";proto=https, for=10.0.0.2"],
+        );
+        assert_eq!(r.resolve(ip("10.0.0.1"), &h), ip("2001:db8::7"));
+        let obfuscated = headers("forwarded", &["for=6.6.6.6, for=_hidden, for=10.0.0.2"]);
+        assert_eq!(r.resolve(ip("10.0.0.1"), &obfuscated), ip("10.0.0.2"));
+        // X-Forwarded-For is not read when Forwarded is configured.
+        let xff = headers("x-forwarded-for", &["6.6.6.6"]);
+        assert_eq!(r.resolve(ip("10.0.0.1"), &xff), ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn ten_thousand_entries_cost_only_the_last_few() {
+        let r = resolver(&["10.0.0.0/8"]);
+        let mut long = vec!["6.6.6.6"; 10_000].join(",");
+        long.push_str(",10.0.0.3");
+        let h = headers("x-forwarded-for", &[&long]);
+        assert_eq!(r.resolve(ip("10.0.0.1"), &h), ip("6.6.6.6"));
+        let all_trusted = vec!["10.1.1.1"; 10_000].join(",");
+        let h = headers("x-forwarded-for", &[&all_trusted]);
+        assert_eq!(
+            r.resolve(ip("10.0.0.1"), &h),
+            ip("10.1.1.1"),
+            "stops after MAX_HOPS at a trusted hop"
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_is_ipv4_and_ipv6_is_grouped() {
+        let r = resolver(&[]);
+        assert_eq!(
+            r.resolve(ip("::ffff:203.0.113.7"), &HeaderMap::new()),
+            ip("203.0.113.7")
+        );
+        assert_eq!(r.key(ip("::ffff:203.0.113.7")), "203.0.113.7");
+        assert_eq!(r.key(ip("2001:db8:1:2:aaaa::1")), "2001:db8:1:2::/64");
+        assert_eq!(r.key(ip("2001:db8:1:2:ffff:1:2:3")), "2001:db8:1:2::/64");
+        assert_ne!(r.key(ip("2001:db8:1:3::1")), r.key(ip("2001:db8:1:2::1")));
+    }
+
+    #[test]
+    fn hashed_keys_hide_the_address_but_stay_stable() {
+        let r = ClientIpResolver::new(ClientIpConfig {
+            hash_secret: Some(b"s3cret".to_vec()),
+            ..Default::default()
+        });
+        let key = r.key(ip("203.0.113.7"));
+        assert!(key.starts_with("ip:") && key.len() == 35, "{key}");
+        assert!(!key.contains("203.0.113"));
+        assert_eq!(key, r.key(ip("203.0.113.7")));
+        assert_ne!(key, r.key(ip("203.0.113.8")));
+        let other = ClientIpResolver::new(ClientIpConfig {
+            hash_secret: Some(b"other".to_vec()),
+            ..Default::default()
+        });
+        assert_ne!(key, other.key(ip("203.0.113.7")), "the secret matters");
+    }
+}

@@ -1,0 +1,292 @@
+//! How a decision is told to an HTTP client: the deny status, `Retry-After`, the
+//! JSON body, and rate-limit headers on allowed and denied answers alike.
+//!
+//! Headers (`headers: [ietf, legacy]`):
+//! - `ietf`: the IETF httpapi draft's structured fields, one list item per window:
+//!   `RateLimit-Policy: "chat_user";q=5;w=60` and `RateLimit: "chat_user";r=0;t=12`.
+//!   A limit with several windows names them `"<limit>-<seconds>s"`.
+//! - `legacy`: `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`
+//!   (seconds) for the most constrained window.
+//!
+//! `Retry-After` is whole seconds rounded up from the real time left, at least 1, and
+//! absent when the request can never fit.
+
+use http::StatusCode;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use sluice_engine::{Decision, DecisionRequest, Micros, WindowResult};
+
+/// Which rate-limit header families to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderStyles {
+    /// `RateLimit-Policy` and `RateLimit`.
+    pub ietf: bool,
+    /// `X-RateLimit-*`.
+    pub legacy: bool,
+}
+
+impl Default for HeaderStyles {
+    fn default() -> Self {
+        HeaderStyles {
+            ietf: true,
+            legacy: true,
+        }
+    }
+}
+
+/// The default denied body. Placeholders: `{limit}`, `{retry_after_seconds}`,
+/// `{retry_after_ms}`, `{message}`, `{status}`; numbers are `null` when the request can
+/// never fit.
+pub const DEFAULT_BODY: &str = r#"{"error": "rate_limited", "message": "{message}", "limit": "{limit}", "retry_after_seconds": {retry_after_seconds}}"#;
+
+/// Why a body template was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyTemplateError {
+    /// An unknown placeholder.
+    #[error(
+        "unknown placeholder {{{0}}} in the deny body: use limit, retry_after_seconds, retry_after_ms, message or status"
+    )]
+    Unknown(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum BodyPart {
+    Text(String),
+    Limit,
+    RetryAfterSeconds,
+    RetryAfterMs,
+    Message,
+    Status,
+}
+
+/// A parsed deny body template. Placeholders are written `{name}`; any other brace
+/// (such as JSON's) is text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyTemplate {
+    parts: Vec<BodyPart>,
+}
+
+impl std::str::FromStr for BodyTemplate {
+    type Err = BodyTemplateError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        let mut literal = String::new();
+        while let Some(open) = rest.find('{') {
+            literal.push_str(&rest[..open]);
+            let after = &rest[open + 1..];
+            let name_end = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
+            match name_end.filter(|&end| end > 0 && after[end..].starts_with('}')) {
+                Some(end) => {
+                    let part = match &after[..end] {
+                        "limit" => BodyPart::Limit,
+                        "retry_after_seconds" => BodyPart::RetryAfterSeconds,
+                        "retry_after_ms" => BodyPart::RetryAfterMs,
+                        "message" => BodyPart::Message,
+                        "status" => BodyPart::Status,
+                        other => return Err(BodyTemplateError::Unknown(other.to_string())),
+                    };
+                    if !literal.is_empty() {
+                        parts.push(BodyPart::Text(std::mem::take(&mut literal)));
+                    }
+                    parts.push(part);
+                    rest = &after[end + 1..];
+                }
+                None => {
+                    literal.push('{');
+                    rest = after;
+                }
+            }
+        }
+        literal.push_str(rest);
+        if !literal.is_empty() {
+            parts.push(BodyPart::Text(literal));
+        }
+        Ok(BodyTemplate { parts })
+    }
+}
+
+impl Default for BodyTemplate {
+    fn default() -> Self {
+        DEFAULT_BODY
+            .parse()
+            .unwrap_or(BodyTemplate { parts: Vec::new() })
+    }
+}
+
+/// How denials and rate-limit state are answered.
+#[derive(Debug, Clone)]
+pub struct ResponseConfig {
+    /// Status of a denied answer (default 429).
+    pub deny_status: StatusCode,
+    /// Header families on every answer.
+    pub headers: HeaderStyles,
+    /// The denied body.
+    pub body: BodyTemplate,
+    /// Its content type (default `application/json`).
+    pub content_type: HeaderValue,
+}
+
+impl Default for ResponseConfig {
+    fn default() -> Self {
+        ResponseConfig {
+            deny_status: StatusCode::TOO_MANY_REQUESTS,
+            headers: HeaderStyles::default(),
+            body: BodyTemplate::default(),
+            content_type: HeaderValue::from_static("application/json"),
+        }
+    }
+}
+
+/// A denied answer, ready for any HTTP framework.
+#[derive(Debug, Clone)]
+pub struct Denial {
+    /// The status.
+    pub status: StatusCode,
+    /// `Retry-After`, rate-limit headers and `Content-Type`.
+    pub headers: HeaderMap,
+    /// The rendered body.
+    pub body: Vec<u8>,
+}
+
+fn seconds_ceil(micros: Micros) -> u64 {
+    (micros.max(0) as u64).div_ceil(1_000_000)
+}
+
+/// `Retry-After` in whole seconds: rounded up, at least 1; `None` when never.
+pub fn retry_after_seconds(decision: &Decision) -> Option<u64> {
+    decision
+        .retry_after
+        .map(|micros| seconds_ceil(micros).max(1))
+}
+
+/// The enforced window that denied with the longest wait (the one `Retry-After` is about).
+fn deciding_window(decision: &Decision) -> Option<&WindowResult> {
+    decision
+        .results
+        .iter()
+        .filter(|r| !r.allowed && !r.shadow)
+        .max_by_key(|r| r.retry_after.unwrap_or(Micros::MAX))
+}
+
+fn policy_name(request: &DecisionRequest, result: &WindowResult) -> String {
+    let limit = request.checks[result.check].limit();
+    if limit.windows().len() == 1 {
+        limit.name().to_string()
+    } else {
+        format!(
+            "{}-{}s",
+            limit.name(),
+            limit.windows()[result.window].window.rate().period_secs()
+        )
+    }
+}
+
+impl ResponseConfig {
+    /// Adds the configured rate-limit headers for `decision` to `headers`.
+    pub fn add_rate_limit_headers(
+        &self,
+        request: &DecisionRequest,
+        decision: &Decision,
+        headers: &mut HeaderMap,
+    ) {
+        if decision.results.is_empty() {
+            return;
+        }
+        if self.headers.ietf {
+            let mut policy = String::new();
+            let mut state = String::new();
+            for result in &decision.results {
+                let name = policy_name(request, result);
+                let window = &request.checks[result.check].limit().windows()[result.window];
+                let separator = if policy.is_empty() { "" } else { ", " };
+                policy.push_str(&format!(
+                    "{separator}\"{name}\";q={};w={}",
+                    result.limit_value,
+                    window.window.rate().period_secs()
+                ));
+                state.push_str(&format!(
+                    "{separator}\"{name}\";r={};t={}",
+                    result.remaining,
+                    seconds_ceil(result.reset_after)
+                ));
+            }
+            insert(headers, "ratelimit-policy", &policy);
+            insert(headers, "ratelimit", &state);
+        }
+        if self.headers.legacy {
+            // The most constrained window: least left, then longest to reset.
+            if let Some(tightest) = decision
+                .results
+                .iter()
+                .filter(|r| !r.shadow)
+                .min_by_key(|r| (r.remaining, std::cmp::Reverse(r.reset_after)))
+            {
+                insert(
+                    headers,
+                    "x-ratelimit-limit",
+                    &tightest.limit_value.to_string(),
+                );
+                insert(
+                    headers,
+                    "x-ratelimit-remaining",
+                    &tightest.remaining.to_string(),
+                );
+                insert(
+                    headers,
+                    "x-ratelimit-reset",
+                    &seconds_ceil(tightest.reset_after).to_string(),
+                );
+            }
+        }
+    }
+
+    /// The answer to a denied request.
+    pub fn denial(&self, request: &DecisionRequest, decision: &Decision) -> Denial {
+        let mut headers = HeaderMap::new();
+        let retry = retry_after_seconds(decision);
+        if let Some(seconds) = retry {
+            insert(&mut headers, "retry-after", &seconds.to_string());
+        }
+        self.add_rate_limit_headers(request, decision, &mut headers);
+        headers.insert(http::header::CONTENT_TYPE, self.content_type.clone());
+        let limit = deciding_window(decision)
+            .map(|r| request.checks[r.check].limit().name())
+            .unwrap_or("");
+        let message = match retry {
+            Some(s) => format!(
+                "Too many requests for {limit}; retry in {s} second{}.",
+                if s == 1 { "" } else { "s" }
+            ),
+            None => format!("This request costs more than {limit} can ever allow."),
+        };
+        let number = |n: Option<u64>| n.map_or("null".to_string(), |n| n.to_string());
+        let mut body = String::new();
+        for part in &self.body.parts {
+            match part {
+                BodyPart::Text(text) => body.push_str(text),
+                BodyPart::Limit => body.push_str(limit),
+                BodyPart::RetryAfterSeconds => body.push_str(&number(retry)),
+                BodyPart::RetryAfterMs => body.push_str(&number(
+                    decision
+                        .retry_after
+                        .map(|m| (m.max(0) as u64).div_ceil(1000)),
+                )),
+                BodyPart::Message => body.push_str(&message),
+                BodyPart::Status => body.push_str(self.deny_status.as_str()),
+            }
+        }
+        Denial {
+            status: self.deny_status,
+            headers,
+            body: body.into_bytes(),
+        }
+    }
+}
+
+fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    // Every value above is ASCII we wrote ourselves (limit names are [A-Za-z0-9_.-]).
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(HeaderName::from_static(name), value);
+    }
+}

@@ -1,0 +1,240 @@
+//! Routes: which limits apply to an HTTP request, and on which keys.
+//!
+//! A route matches on the normalised path (exact `/chat/message`, prefix `/api/*`,
+//! or regex `~^/v[0-9]+/`), optionally on methods and on a header being present.
+//! A request may match several routes; every limit of every matching route goes into
+//! one atomic decision (the same limit on the same key only once). A request that
+//! matches no route is not limited, unless a `default` route exists.
+//!
+//! Matching cost does not grow with the number of exact and prefix routes: exact paths
+//! are one hash lookup, prefixes one lookup per segment of the request path. Regex
+//! routes are matched together in one pass of a `RegexSet`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::Method;
+use http::header::HeaderName;
+use regex::RegexSet;
+use sluice_engine::{Check, DecisionRequest, Limit};
+
+use crate::template::{KeyTemplate, RequestFacts};
+
+/// How a route matches the path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathPattern {
+    /// The path exactly (after normalisation).
+    Exact(String),
+    /// The path and everything below it: `/api/*` matches `/api` and `/api/x/y`.
+    Prefix(String),
+    /// A regular expression over the normalised path.
+    Regex(String),
+}
+
+/// Why a route was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    /// A path pattern that does not start with `/` or `~`.
+    #[error("path {0:?} must start with '/' (exact, or a prefix ending in /*) or '~' (a regex)")]
+    BadPath(String),
+    /// A regex that does not compile.
+    #[error("path regex {0:?} is invalid: {1}")]
+    BadRegex(String, String),
+}
+
+impl std::str::FromStr for PathPattern {
+    type Err = RuleError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(regex) = s.strip_prefix('~') {
+            regex::Regex::new(regex)
+                .map_err(|e| RuleError::BadRegex(regex.to_string(), e.to_string()))?;
+            return Ok(PathPattern::Regex(regex.to_string()));
+        }
+        if !s.starts_with('/') {
+            return Err(RuleError::BadPath(s.to_string()));
+        }
+        if let Some(prefix) = s.strip_suffix("/*") {
+            return Ok(PathPattern::Prefix(
+                crate::template::normalize_path(prefix)
+                    .trim_end_matches('/')
+                    .to_string(),
+            ));
+        }
+        Ok(PathPattern::Exact(crate::template::normalize_path(s)))
+    }
+}
+
+/// What a route matches on; every part given must match.
+#[derive(Debug, Clone, Default)]
+pub struct RouteMatch {
+    /// The path, or any path when `None`.
+    pub path: Option<PathPattern>,
+    /// The methods, or any method when empty.
+    pub methods: Vec<Method>,
+    /// A header that must be present (with any value).
+    pub header: Option<HeaderName>,
+}
+
+/// One limit of a route: the keys to try in order, and the cost.
+#[derive(Debug, Clone)]
+pub struct RouteLimit {
+    /// The limit charged.
+    pub limit: Arc<Limit>,
+    /// Templates tried in order; the first that resolves is the key. None resolving skips the limit.
+    pub keys: Vec<KeyTemplate>,
+    /// The cost of one request (default 1).
+    pub cost: u64,
+}
+
+/// A route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// What it matches. Ignored for the default route.
+    pub matcher: RouteMatch,
+    /// Whether this is the default route, used only when no other route matches.
+    pub default: bool,
+    /// The limits it applies.
+    pub limits: Vec<RouteLimit>,
+}
+
+/// All routes, indexed for matching.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    routes: Vec<Route>,
+    exact: HashMap<String, Vec<usize>>,
+    prefix: HashMap<String, Vec<usize>>,
+    regex: Option<(RegexSet, Vec<usize>)>,
+    pathless: Vec<usize>,
+    default: Option<usize>,
+    uses_session: bool,
+}
+
+impl Rules {
+    /// Indexes `routes` (kept in this order).
+    pub fn new(routes: Vec<Route>) -> Result<Self, RuleError> {
+        let mut rules = Rules::default();
+        let mut patterns = Vec::new();
+        let mut regex_routes = Vec::new();
+        for (i, route) in routes.iter().enumerate() {
+            if route.default {
+                rules.default = Some(i);
+                continue;
+            }
+            match &route.matcher.path {
+                Some(PathPattern::Exact(path)) => {
+                    rules.exact.entry(path.clone()).or_default().push(i)
+                }
+                Some(PathPattern::Prefix(prefix)) => {
+                    rules.prefix.entry(prefix.clone()).or_default().push(i)
+                }
+                Some(PathPattern::Regex(regex)) => {
+                    patterns.push(regex.clone());
+                    regex_routes.push(i);
+                }
+                None => rules.pathless.push(i),
+            }
+        }
+        if !patterns.is_empty() {
+            let set = RegexSet::new(&patterns)
+                .map_err(|e| RuleError::BadRegex(patterns.join(" | "), e.to_string()))?;
+            rules.regex = Some((set, regex_routes));
+        }
+        rules.uses_session = routes
+            .iter()
+            .flat_map(|r| &r.limits)
+            .flat_map(|l| &l.keys)
+            .any(KeyTemplate::uses_session);
+        rules.routes = routes;
+        Ok(rules)
+    }
+
+    /// Whether any route has no routes at all configured.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// Whether any key template reads `{session}`.
+    pub fn uses_session(&self) -> bool {
+        self.uses_session
+    }
+
+    /// The routes that apply to a request, in configuration order.
+    pub fn matching(&self, facts: &RequestFacts<'_>) -> Vec<&Route> {
+        let path = facts.path;
+        let mut hits: Vec<usize> = Vec::new();
+        if let Some(routes) = self.exact.get(path) {
+            hits.extend(routes);
+        }
+        if !self.prefix.is_empty() {
+            // "/a/b/c" is under the prefixes "/a/b/c", "/a/b", "/a" and "" (for "/*").
+            let mut end = path.len();
+            loop {
+                let candidate = path[..end].trim_end_matches('/');
+                if let Some(routes) = self.prefix.get(candidate) {
+                    hits.extend(routes);
+                }
+                match candidate.rfind('/') {
+                    Some(slash) => end = slash,
+                    None => break,
+                }
+            }
+        }
+        if let Some((set, routes)) = &self.regex {
+            hits.extend(set.matches(path).iter().map(|m| routes[m]));
+        }
+        hits.extend(&self.pathless);
+        hits.sort_unstable();
+        hits.dedup();
+        let method = facts.method;
+        let mut matched: Vec<&Route> = hits
+            .into_iter()
+            .map(|i| &self.routes[i])
+            .filter(|route| {
+                let m = &route.matcher;
+                (m.methods.is_empty()
+                    || m.methods
+                        .iter()
+                        .any(|x| x.as_str().eq_ignore_ascii_case(method)))
+                    && m.header
+                        .as_ref()
+                        .is_none_or(|h| facts.headers.contains_key(h))
+            })
+            .collect();
+        if matched.is_empty() {
+            matched.extend(self.default.map(|i| &self.routes[i]));
+        }
+        matched
+    }
+
+    /// The checks a request makes: every limit of every matching route whose key
+    /// resolves, each (limit, key) once.
+    pub fn checks(&self, facts: &RequestFacts<'_>) -> Vec<Check> {
+        let mut checks: Vec<Check> = Vec::new();
+        for route in self.matching(facts) {
+            for rl in &route.limits {
+                let Some(key) = rl.keys.iter().find_map(|t| t.render(facts)) else {
+                    continue;
+                };
+                let seen = checks
+                    .iter()
+                    .any(|c| Arc::ptr_eq(c.limit(), &rl.limit) && c.key() == key);
+                if !seen {
+                    // Keys were bounded by `render`, so this cannot fail; skip if it ever did.
+                    if let Ok(check) = Check::new(Arc::clone(&rl.limit), key, rl.cost) {
+                        checks.push(check);
+                    }
+                }
+            }
+        }
+        checks
+    }
+
+    /// The decision request for a request: [`Rules::checks`] as one atomic decision.
+    pub fn decision_request(&self, facts: &RequestFacts<'_>, dry_run: bool) -> DecisionRequest {
+        DecisionRequest {
+            checks: self.checks(facts),
+            dry_run,
+        }
+    }
+}
