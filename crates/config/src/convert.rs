@@ -6,6 +6,7 @@ use std::str::FromStr;
 use sluice_engine::{Algorithm, Limit, LimitError, LimitSet, LimitSpec, Rate};
 
 use crate::error::{Fail, join};
+use crate::front_door;
 use crate::overrides::TOP_LEVEL;
 use crate::tree::{Entry, Kind, Node, Scalar, Value, parse_int};
 use crate::{AdminConfig, Backend, Config, HttpConfig, OnError, Secret, StorageConfig};
@@ -22,14 +23,14 @@ const HTTP_FIELDS: &[&str] = &["max_body_bytes", "threads"];
 const LIMIT_FIELDS: &[&str] = &["rate", "algorithm", "burst", "charge_denied", "shadow"];
 
 /// The fields of a mapping, checked against the known ones.
-struct Fields<'a> {
+pub(crate) struct Fields<'a> {
     entries: &'a [Entry],
     path: String,
 }
 
 impl<'a> Fields<'a> {
     /// `node`'s fields; `None` when the section is null (absent). Unknown keys are errors.
-    fn of(node: &'a Node, path: &str, known: &[&str]) -> Result<Option<Self>, Fail> {
+    pub(crate) fn of(node: &'a Node, path: &str, known: &[&str]) -> Result<Option<Self>, Fail> {
         if node.is_null() {
             return Ok(None);
         }
@@ -83,7 +84,7 @@ impl<'a> Fields<'a> {
     }
 
     /// The field's value and path, unless absent or null.
-    fn get(&self, name: &str) -> Option<(&'a Node, String)> {
+    pub(crate) fn get(&self, name: &str) -> Option<(&'a Node, String)> {
         self.entries
             .iter()
             .find(|entry| entry.key == name && !entry.value.is_null())
@@ -92,7 +93,7 @@ impl<'a> Fields<'a> {
 }
 
 /// Any non-null scalar, as its text (so `prefix: 123` is the string "123").
-fn string<'a>(node: &'a Node, path: &str) -> Result<&'a str, Fail> {
+pub(crate) fn string<'a>(node: &'a Node, path: &str) -> Result<&'a str, Fail> {
     match &node.value {
         Value::Scalar(Scalar { text, kind }) if *kind != Kind::Null => Ok(text),
         _ => Err(Fail::new(
@@ -104,7 +105,7 @@ fn string<'a>(node: &'a Node, path: &str) -> Result<&'a str, Fail> {
 }
 
 /// A whole number in `min..=max`.
-fn whole(node: &Node, path: &str, min: u64, max: u64) -> Result<u64, Fail> {
+pub(crate) fn whole(node: &Node, path: &str, min: u64, max: u64) -> Result<u64, Fail> {
     let fail = |message: String| Fail::new(&node.origin, path, message);
     let range = || {
         if max == u64::MAX {
@@ -138,7 +139,7 @@ fn whole(node: &Node, path: &str, min: u64, max: u64) -> Result<u64, Fail> {
 }
 
 /// `true` or `false`.
-fn boolean(node: &Node, path: &str) -> Result<bool, Fail> {
+pub(crate) fn boolean(node: &Node, path: &str) -> Result<bool, Fail> {
     match &node.value {
         Value::Scalar(Scalar {
             kind: Kind::Bool(value),
@@ -172,6 +173,19 @@ pub(crate) fn config(root: &Node) -> Result<Config, Fail> {
     }
     if let Some((node, path)) = fields.get("http") {
         config.http = http(node, &path)?;
+    }
+    if let Some((node, path)) = fields.get("client_ip") {
+        config.client_ip = front_door::client_ip(node, &path)?;
+    }
+    if let Some((node, path)) = fields.get("responses") {
+        config.responses = front_door::responses(node, &path)?;
+    }
+    if let Some((node, path)) = fields.get("forward_auth") {
+        config.forward_auth = front_door::forward_auth(node, &path)?;
+    }
+    // After `limits`, wherever each is in the file: routes name limits.
+    if let Some((node, path)) = fields.get("routes") {
+        config.routes = front_door::routes(node, &path, &config.limits)?;
     }
     Ok(config)
 }

@@ -16,14 +16,45 @@
 //! 3. applies `SLUICE_*` environment overrides: the name after `SLUICE_`, split on `__` and
 //!    lowercased, is a path into the document (`SLUICE_STORAGE__MAX_KEYS=5000`,
 //!    `SLUICE_LIMITS__CHAT_USER__RATE='[5/minute, 60/hour]'`); missing mappings on the way
-//!    are created. Only names whose first segment is a top-level key (`listen`, `admin`,
-//!    `storage`, `limits`, `http`) are overrides; other `SLUICE_*` variables (`SLUICE_LOG`,
-//!    `SLUICE_LOG_FORMAT`, `SLUICE_CONFIG`, `SLUICE_ADMIN_TOKEN`) are ignored. A value that
+//!    are created (`SLUICE_RESPONSES__DENY_STATUS=403`,
+//!    `SLUICE_CLIENT_IP__TRUSTED_PROXIES='[10.0.0.0/8]'`). Only names whose first segment is
+//!    a top-level key (`listen`, `admin`, `storage`, `limits`, `http`, `client_ip`,
+//!    `responses`, `forward_auth`, `routes`) are overrides; other `SLUICE_*` variables
+//!    (`SLUICE_LOG`, `SLUICE_LOG_FORMAT`, `SLUICE_CONFIG`, `SLUICE_ADMIN_TOKEN`,
+//!    `SLUICE_IP_HASH_SECRET`) are ignored. A value that
 //!    starts with `[`, `{` or a quote is read as YAML; any other is taken literally as one
 //!    plain scalar (so a token containing `: ` or `#` stays intact); an empty value is an
 //!    empty string. Override values are not interpolated;
 //! 4. converts the tree into [`Config`], rejecting unknown fields everywhere and checking
-//!    every value, with limits validated by `sluice_engine`.
+//!    every value, with limits validated by `sluice_engine` and the HTTP sections
+//!    (`client_ip`, `responses`, `forward_auth`, `routes`) built into `sluice_http`'s types.
+//!    Routes name limits; they may come before or after `limits:` in the file.
+//!
+//! The HTTP sections, all optional:
+//!
+//! ```yaml
+//! client_ip:
+//!   trusted_proxies: [10.0.0.0/8, 127.0.0.1, "::1"]  # CIDRs or single addresses; default none
+//!   header: x-forwarded-for       # or `forwarded` (RFC 7239)
+//!   ipv6_prefix: 64               # 1 to 128
+//!   hash: true                    # needs hash_secret, at least 16 bytes
+//!   hash_secret: ${SLUICE_IP_HASH_SECRET}
+//! responses:
+//!   deny_status: 429              # 400 to 599
+//!   headers: [ietf, legacy]       # any subset; [] sends none
+//!   body: '{"error": "rate_limited", "limit": "{limit}", "retry_after_seconds": {retry_after_seconds}}'
+//!   content_type: application/json
+//! forward_auth:
+//!   deny_status: 403              # in place of responses.deny_status on /v1/forward-auth
+//! routes:
+//!   - match: {path: /chat/message, methods: [POST], header: x-api-key}
+//!     limits:
+//!       - {limit: chat_user, key: ["user:{header.x-user-id}", "ip:{client_ip}"], cost: 1}
+//!   - match: {path: "/api/*"}     # a prefix; "~^/v[0-9]+/" is a regex; {} matches everything
+//!     limits: [{limit: global, key: all}]
+//!   - match: default              # only when no other route matches; at most one
+//!     limits: [{limit: chat_ip, key: "{client_ip}"}]
+//! ```
 //!
 //! Every error is a [`ConfigError`] naming the file, line, column and field, or the override
 //! variable the bad value came from. Null (`~` or nothing) for an optional setting means "use
@@ -31,6 +62,7 @@
 
 mod convert;
 mod error;
+mod front_door;
 mod overrides;
 mod tree;
 
@@ -41,7 +73,9 @@ use std::path::Path;
 pub use error::ConfigError;
 
 /// The whole configuration, validated.
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` output hides secrets (the admin token and `client_ip.hash_secret`).
+#[derive(Clone)]
 pub struct Config {
     /// Address of the HTTP listener (decision API, forward-auth, proxy, `/metrics`).
     /// Default `127.0.0.1:8080`: loopback unless configured otherwise.
@@ -54,6 +88,18 @@ pub struct Config {
     pub limits: sluice_engine::LimitSet,
     /// HTTP front-door settings.
     pub http: HttpConfig,
+    /// How the client's address is found behind proxies, grouped and hashed (`client_ip:`).
+    /// Default: no trusted proxies (the socket peer is the client), `x-forwarded-for`,
+    /// IPv6 grouped by /64, no hashing.
+    pub client_ip: sluice_http::ClientIpConfig,
+    /// How denials and rate-limit state are answered (`responses:`). Default: 429, both
+    /// header styles, the default JSON body, `application/json`.
+    pub responses: sluice_http::ResponseConfig,
+    /// Forward-auth endpoint settings (`forward_auth:`).
+    pub forward_auth: ForwardAuthConfig,
+    /// Which limits apply to which HTTP requests, on which keys (`routes:`). Default: no
+    /// routes, so no request is limited by the proxy or forward-auth.
+    pub routes: sluice_http::Rules,
 }
 
 impl Config {
@@ -70,8 +116,78 @@ impl Default for Config {
             storage: StorageConfig::default(),
             limits: sluice_engine::LimitSet::default(),
             http: HttpConfig::default(),
+            client_ip: sluice_http::ClientIpConfig::default(),
+            responses: sluice_http::ResponseConfig::default(),
+            forward_auth: ForwardAuthConfig::default(),
+            routes: sluice_http::Rules::default(),
         }
     }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured so that a new field cannot be left out unnoticed.
+        let Config {
+            listen,
+            admin,
+            storage,
+            limits,
+            http,
+            client_ip,
+            responses,
+            forward_auth,
+            routes,
+        } = self;
+        f.debug_struct("Config")
+            .field("listen", listen)
+            .field("admin", admin)
+            .field("storage", storage)
+            .field("limits", limits)
+            .field("http", http)
+            .field("client_ip", &RedactedClientIp(client_ip))
+            .field("responses", responses)
+            .field("forward_auth", forward_auth)
+            .field("routes", routes)
+            .finish()
+    }
+}
+
+/// `ClientIpConfig`'s `Debug` with the hash secret redacted.
+struct RedactedClientIp<'a>(&'a sluice_http::ClientIpConfig);
+
+impl fmt::Debug for RedactedClientIp<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sluice_http::ClientIpConfig {
+            trusted_proxies,
+            header,
+            ipv6_prefix,
+            hash_secret,
+        } = self.0;
+        f.debug_struct("ClientIpConfig")
+            .field("trusted_proxies", trusted_proxies)
+            .field("header", header)
+            .field("ipv6_prefix", ipv6_prefix)
+            .field("hash_secret", &hash_secret.as_ref().map(|_| Redacted))
+            .finish()
+    }
+}
+
+/// Shows as `[redacted]`.
+struct Redacted;
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Forward-auth endpoint settings (`forward_auth:`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForwardAuthConfig {
+    /// Status of a denied answer on `/v1/forward-auth` (400 to 599), in place of
+    /// `responses.deny_status` (nginx `auth_request` only understands 401 and 403).
+    /// Default `None`: `responses.deny_status` applies.
+    pub deny_status: Option<http::StatusCode>,
 }
 
 /// Admin API settings (`admin:`).

@@ -16,7 +16,17 @@ pub(crate) const PREFIX: &str = "SLUICE_";
 const MAX_PATH: usize = 16;
 
 /// The top-level keys of the config file.
-pub(crate) const TOP_LEVEL: &[&str] = &["listen", "admin", "storage", "limits", "http"];
+pub(crate) const TOP_LEVEL: &[&str] = &[
+    "listen",
+    "admin",
+    "storage",
+    "limits",
+    "http",
+    "client_ip",
+    "responses",
+    "forward_auth",
+    "routes",
+];
 
 /// The config path `name` addresses, if it is an override at all.
 fn path_of(name: &str) -> Option<Vec<String>> {

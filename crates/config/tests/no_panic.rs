@@ -19,6 +19,24 @@ limits:
   \"quoted\": !!map {rate: !!str 5/m}
 ";
 
+/// The HTTP sections, for mutation.
+const HTTP_EXAMPLE: &str = r#"
+routes:
+  - match: {path: /chat/message, methods: [POST], header: x-api-key}
+    limits:
+      - {limit: chat_user, key: ["user:{header.x-user-id}", "ip:{client_ip}"], cost: 1}
+  - match: {path: "~^/v[0-9]+/"}
+    limits: [{limit: chat_ip, key: "{client_ip}"}]
+  - match: default
+    limits: [{limit: chat_ip, key: all}]
+limits:
+  chat_user: {rate: 5/minute}
+  chat_ip: {rate: 30/minute}
+client_ip: {trusted_proxies: [10.0.0.0/8, "::1"], header: forwarded, ipv6_prefix: 56, hash: true, hash_secret: 0123456789abcdef}
+responses: {deny_status: 429, headers: [ietf], body: '{"limit": "{limit}"}', content_type: application/json}
+forward_auth: {deny_status: 403}
+"#;
+
 fn env(name: &str) -> Option<String> {
     match name {
         "SLUICE_ADMIN_TOKEN" => Some("t".to_string()),
@@ -54,6 +72,15 @@ proptest! {
     }
 
     #[test]
+    fn mutated_http_example(at in 0usize..HTTP_EXAMPLE.len(), cut in 0usize..20, insert in "[a-z0-9:{}\\[\\],'\"&*!|>#$~/ \n-]{0,8}") {
+        let mut text = HTTP_EXAMPLE.to_string();
+        let at = (0..=at).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+        let end = (at..=(at + cut).min(text.len())).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(at);
+        text.replace_range(at..end, &insert);
+        load(&text, &[]);
+    }
+
+    #[test]
     fn garbage_overrides(name in "SLUICE_[A-Z_]{0,30}", value in "[a-z0-9:{}\\[\\],'\"&*!#$ /-]{0,30}") {
         load(EXAMPLE, &[(name, value)]);
     }
@@ -78,4 +105,10 @@ fn deep_nesting_and_huge_values() {
         &[(format!("SLUICE_LIMITS__{nested_override}"), "x".to_string())],
     );
     load("", &[("SLUICE_LIMITS".to_string(), "[".repeat(10_000))]);
+}
+
+#[test]
+fn the_http_example_itself_loads() {
+    let result = load_str(HTTP_EXAMPLE, "fuzz.yaml", &env, &[]);
+    assert!(result.is_ok(), "{result:?}");
 }

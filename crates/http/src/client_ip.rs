@@ -34,7 +34,7 @@ pub enum ForwardedHeader {
 }
 
 /// How client addresses are found and turned into keys.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientIpConfig {
     /// Proxies whose forwarding header is believed.
     pub trusted_proxies: Vec<IpNet>,
@@ -44,6 +44,21 @@ pub struct ClientIpConfig {
     pub ipv6_prefix: u8,
     /// When set, keys are a keyed hash of the (grouped) address.
     pub hash_secret: Option<Vec<u8>>,
+}
+
+/// Prints everything but the hash secret.
+impl std::fmt::Debug for ClientIpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIpConfig")
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("header", &self.header)
+            .field("ipv6_prefix", &self.ipv6_prefix)
+            .field(
+                "hash_secret",
+                &self.hash_secret.as_ref().map(|_| "[redacted]"),
+            )
+            .finish()
+    }
 }
 
 impl Default for ClientIpConfig {
@@ -353,5 +368,9 @@ mod tests {
             ..Default::default()
         });
         assert_ne!(key, other.key(ip("203.0.113.7")), "the secret matters");
+        assert!(
+            !format!("{:?}", r.config()).contains("s3cret"),
+            "Debug hides the secret"
+        );
     }
 }

@@ -4,14 +4,17 @@
 //! - [`client_ip`]: the client's address behind trusted proxies, grouped and hashed.
 //! - [`template`]: key templates (`user:{header.x-user-id}`) and the request facts they read.
 //! - [`rules`]: routes that map a request to the checks of one atomic decision.
+//! - [`policy`]: the bundle of the three that front doors hold.
 //! - [`response`]: deny status, `Retry-After`, body template and rate-limit headers.
 
 pub mod client_ip;
+pub mod policy;
 pub mod response;
 pub mod rules;
 pub mod template;
 
 pub use client_ip::{ClientIpConfig, ClientIpResolver, ForwardedHeader};
+pub use policy::{HttpPolicy, IncomingRequest};
 pub use response::{BodyTemplate, Denial, HeaderStyles, ResponseConfig};
 pub use rules::{PathPattern, Route, RouteLimit, RouteMatch, RuleError, Rules};
 pub use template::{KeyTemplate, RequestFacts, TemplateError, normalize_path};

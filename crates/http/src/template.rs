@@ -220,7 +220,8 @@ fn query_value(query: &str, name: &str) -> Option<String> {
 /// The path as the application will most likely route it, so a limit cannot be dodged
 /// by spelling the path differently: percent-encoded unreserved characters decoded
 /// (`%6d` → `m`), repeated slashes merged, `.` and `..` segments resolved, and a
-/// trailing slash dropped (except for `/` itself). The query is not part of it.
+/// trailing slash dropped (except for `/` itself); a `%` that starts no escape is
+/// written `%25`. The query is not part of it. Normalising twice changes nothing.
 pub fn normalize_path(raw: &str) -> String {
     let raw = raw.split(['?', '#']).next().unwrap_or("");
     let mut decoded = String::with_capacity(raw.len());
@@ -241,6 +242,13 @@ pub fn normalize_path(raw: &str) -> String {
                 i += 3;
                 continue;
             }
+        }
+        if bytes[i] == b'%' {
+            // A '%' that starts no escape is written as one, so decoding can never
+            // assemble a new escape and normalising twice changes nothing.
+            decoded.push_str("%25");
+            i += 1;
+            continue;
         }
         // `i` only ever advances by whole characters, so it is a char boundary.
         let ch = raw[i..].chars().next().unwrap_or('/');
@@ -368,13 +376,14 @@ mod tests {
             ("/../../chat/message", "/chat/message"),
             ("/a%2Fb", "/a%2Fb"),
             ("/a%2fb", "/a%2Fb"),
+            ("/%%30a", "/%250a"),
             ("/", "/"),
             ("", "/"),
-            ("/%", "/%"),
-            ("/%zz", "/%zz"),
-            ("/é%", "/é%"),
-            ("/%é1", "/%é1"),
-            ("/a%", "/a%"),
+            ("/%", "/%25"),
+            ("/%zz", "/%25zz"),
+            ("/é%", "/é%25"),
+            ("/%é1", "/%25é1"),
+            ("/a%", "/a%25"),
         ] {
             assert_eq!(normalize_path(raw), expected, "{raw:?}");
         }

@@ -7,10 +7,11 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use serde::Serialize;
 use serde_json::json;
 use sluice_engine::{LimitSet, Store};
+use sluice_http::HttpPolicy;
 
 use crate::decider::Decider;
 use crate::error::{ApiError, json_response};
@@ -23,12 +24,16 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     /// The bearer token for admin calls; `None` disables them.
     pub admin_token: Option<String>,
+    /// The deny status of `/v1/forward-auth`, when it differs from the policy's.
+    pub forward_auth_deny_status: Option<axum::http::StatusCode>,
 }
 
 /// Everything a request handler needs.
 pub struct AppState {
     /// The configured limits.
     pub limits: LimitSet,
+    /// Routes, client identity and answers for the HTTP front doors.
+    pub policy: HttpPolicy,
     /// The decision path.
     pub decider: Decider,
     /// The metrics registry.
@@ -38,12 +43,18 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// State over `store` with `limits`.
-    pub fn new(limits: LimitSet, store: Arc<dyn Store>, settings: ServerSettings) -> Self {
+    /// State over `store` with `limits` and the HTTP `policy`.
+    pub fn new(
+        limits: LimitSet,
+        policy: HttpPolicy,
+        store: Arc<dyn Store>,
+        settings: ServerSettings,
+    ) -> Self {
         let metrics = Arc::new(Metrics::new(&limits));
         AppState {
             decider: Decider::new(store, Arc::clone(&metrics)),
             limits,
+            policy,
             metrics,
             settings,
         }
@@ -56,6 +67,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/check", post(crate::check::check))
         .route("/v1/limits", get(limits))
         .route("/v1/reset", post(crate::admin::reset))
+        .route(
+            crate::forward_auth::PATH,
+            any(crate::forward_auth::forward_auth),
+        )
+        .route(
+            "/v1/forward-auth/{*original}",
+            any(crate::forward_auth::forward_auth),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -70,6 +89,10 @@ pub fn bind_listeners(
     listen: std::net::SocketAddr,
     count: usize,
 ) -> std::io::Result<Vec<std::net::TcpListener>> {
+    // SO_REUSEPORT would let a second process bind the same port and quietly take half
+    // the traffic. A plain bind first fails if anything holds the address, and turns
+    // port 0 into one concrete port for every listener.
+    let listen = std::net::TcpListener::bind(listen)?.local_addr()?;
     (0..count.max(1))
         .map(|_| {
             let socket = if listen.is_ipv4() {
@@ -135,7 +158,9 @@ pub async fn serve(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router)
+    // Front doors that resolve the client's address need the socket peer.
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -212,8 +237,7 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-const ENDPOINTS: &str =
-    "POST /v1/check, GET /v1/limits, POST /v1/reset, GET /healthz, GET /readyz, GET /metrics";
+const ENDPOINTS: &str = "POST /v1/check, ANY /v1/forward-auth, GET /v1/limits, POST /v1/reset, GET /healthz, GET /readyz, GET /metrics";
 
 async fn not_found(method: Method, uri: Uri) -> Response {
     ApiError::new(

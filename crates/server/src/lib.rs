@@ -5,6 +5,7 @@
 //! - [`decider`]: turns a decision request into a decision and records its metrics;
 //!   every front door goes through it.
 //! - [`check`]: `POST /v1/check` — request parsing, validation and the response shape.
+//! - [`forward_auth`]: `/v1/forward-auth` for nginx, Traefik and Envoy.
 //! - [`admin`]: calls behind the bearer token.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`error`]: the `{"error": ..., "message": ...}` answers.
@@ -14,6 +15,7 @@ pub mod app;
 pub mod check;
 pub mod decider;
 pub mod error;
+pub mod forward_auth;
 pub mod metrics;
 
 pub use app::{AppState, ServerSettings, bind_listeners, router, serve, serve_per_thread};

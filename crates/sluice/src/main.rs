@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice_config::{Backend, Config};
 use sluice_engine::Store;
+use sluice_http::{ClientIpResolver, HttpPolicy};
 use sluice_server::{AppState, ServerSettings};
 use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
 use tracing_subscriber::EnvFilter;
@@ -140,12 +141,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let store = open_store(&config);
     let listen = config.listen;
     let limit_count = config.limits.len();
+    let policy = HttpPolicy {
+        rules: config.routes,
+        client_ip: ClientIpResolver::new(config.client_ip),
+        responses: config.responses,
+    };
     let state = Arc::new(AppState::new(
         config.limits,
+        policy,
         Arc::clone(&store),
         ServerSettings {
             max_body_bytes: config.http.max_body_bytes,
             admin_token: config.admin.token.map(|t| t.expose().to_string()),
+            forward_auth_deny_status: config.forward_auth.deny_status,
         },
     ));
     let threads = match config.http.threads {

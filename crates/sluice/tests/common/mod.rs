@@ -542,3 +542,222 @@ pub fn allowed(d: &Value) -> bool {
         .as_bool()
         .unwrap_or_else(|| panic!("`allowed` is not a bool in {d}"))
 }
+
+// ---- raw HTTP with headers (forward-auth, nginx) --------------------------
+
+/// An HTTP response with its headers, as a client on the wire sees it.
+#[derive(Debug, Clone)]
+pub struct HttpResp {
+    pub status: u16,
+    /// Header names lower-cased, in the order received.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResp {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of header `name`, joined with ", " as one field (RFC 9110 §5.3).
+    pub fn header_joined(&self, name: &str) -> Option<String> {
+        let name = name.to_ascii_lowercase();
+        let values: Vec<&str> = self
+            .headers
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+            .collect();
+        if values.is_empty() {
+            None
+        } else {
+            Some(values.join(", "))
+        }
+    }
+
+    /// The status, headers and body, for assertion messages.
+    pub fn describe(&self) -> String {
+        let mut s = format!("status {}\n", self.status);
+        for (n, v) in &self.headers {
+            s.push_str(&format!("  {n}: {v}\n"));
+        }
+        s.push_str(&format!("  body: {:?}", self.body));
+        s
+    }
+
+    /// The body as JSON; panics with the whole response when it is not JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}); response:\n{}", self.describe()))
+    }
+}
+
+/// Sends one HTTP/1.1 request over a fresh connection (`Connection: close`) with the
+/// request target exactly as given (no URL normalisation on the client side), and
+/// reads the whole response. A `Content-Length` is sent for a non-empty body and for
+/// POST/PUT/PATCH.
+pub fn http_request(
+    port: u16,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<HttpResp> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.set_write_timeout(Some(Duration::from_secs(20)))?;
+    let mut req =
+        format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    s.write_all(&bytes)?;
+    s.flush()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if http_response_complete(&buf, method == "HEAD") {
+                    break;
+                }
+            }
+            Err(e) if buf.is_empty() => return Err(e),
+            Err(_) => break,
+        }
+    }
+    parse_http_response(&buf, method == "HEAD").ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "unparseable HTTP response: {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+        )
+    })
+}
+
+fn http_response_complete(buf: &[u8], head_only: bool) -> bool {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    if head_only {
+        return true;
+    }
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    match len {
+        Some(len) => buf.len() >= end + 4 + len,
+        // chunked or close-delimited: read to EOF (the request said Connection: close)
+        None => {
+            head.contains("transfer-encoding: chunked") && buf[end + 4..].ends_with(b"0\r\n\r\n")
+        }
+    }
+}
+
+fn parse_http_response(buf: &[u8], head_only: bool) -> Option<HttpResp> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let mut headers = Vec::new();
+    for line in lines {
+        let (n, v) = line.split_once(':')?;
+        headers.push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let raw = if head_only { &[][..] } else { &buf[end + 4..] };
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
+    let body = if chunked {
+        let mut out = Vec::new();
+        let mut rest = raw;
+        loop {
+            let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
+            let size_text = String::from_utf8_lossy(&rest[..line_end]);
+            let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+            rest = &rest[line_end + 2..];
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(rest.get(..size)?);
+            rest = rest.get(size + 2..)?;
+        }
+        out
+    } else {
+        let len = headers
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .and_then(|(_, v)| v.parse::<usize>().ok());
+        match len {
+            Some(len) => raw.get(..len)?.to_vec(),
+            None => raw.to_vec(),
+        }
+    };
+    Some(HttpResp {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+impl Server {
+    /// One raw request (see [`http_request`]); panics with the server's stderr on a
+    /// transport error.
+    pub fn request(&self, method: &str, target: &str, headers: &[(&str, &str)]) -> HttpResp {
+        http_request(self.port, method, target, headers, b"").unwrap_or_else(|e| {
+            panic!(
+                "{method} {target} {headers:?}: transport error {e}\nserver stderr:\n{}",
+                self.stderr()
+            )
+        })
+    }
+}
+
+/// Parses an IETF `RateLimit` / `RateLimit-Policy` field (`"name";r=1;t=2, "other";q=3`)
+/// into (name, parameters) items in order. Panics on a malformed field.
+pub fn parse_sf_list(field: &str) -> Vec<(String, BTreeMap<String, i64>)> {
+    let mut out = Vec::new();
+    for item in field.split(',') {
+        let item = item.trim();
+        if item.is_empty() {
+            continue;
+        }
+        let mut parts = item.split(';');
+        let name = parts.next().unwrap().trim();
+        let name = name
+            .strip_prefix('"')
+            .and_then(|n| n.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("item name {name:?} is not a quoted string in {field:?}"));
+        let mut params = BTreeMap::new();
+        for p in parts {
+            let (k, v) = p
+                .trim()
+                .split_once('=')
+                .unwrap_or_else(|| panic!("parameter {p:?} has no value in {field:?}"));
+            let v: i64 = v
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("parameter {p:?} is not an integer in {field:?}"));
+            params.insert(k.trim().to_string(), v);
+        }
+        out.push((name.to_string(), params));
+    }
+    out
+}

@@ -1,0 +1,78 @@
+//! The bundle every HTTP front door uses: rules, client-IP resolution and responses.
+//! Given what arrived (peer, method, URI, headers, session), it says which checks one
+//! atomic decision makes; given the decision, how to answer.
+
+use std::net::IpAddr;
+
+use http::header::HeaderMap;
+use sluice_engine::DecisionRequest;
+
+use crate::client_ip::ClientIpResolver;
+use crate::response::ResponseConfig;
+use crate::rules::Rules;
+use crate::template::{RequestFacts, normalize_path};
+
+/// Rules, client identity and answers, as configured.
+#[derive(Debug, Clone, Default)]
+pub struct HttpPolicy {
+    /// Which limits apply to which requests.
+    pub rules: Rules,
+    /// How the client's address is found and keyed.
+    pub client_ip: ClientIpResolver,
+    /// How denials and rate-limit state are answered.
+    pub responses: ResponseConfig,
+}
+
+/// One incoming HTTP request, as a front door sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct IncomingRequest<'a> {
+    /// The socket peer.
+    pub peer: IpAddr,
+    /// The method.
+    pub method: &'a str,
+    /// Path and query, as sent (normalised here).
+    pub path_and_query: &'a str,
+    /// The headers.
+    pub headers: &'a HeaderMap,
+    /// The session id, when the front door manages sessions.
+    pub session: Option<&'a str>,
+}
+
+impl HttpPolicy {
+    /// The decision request for `incoming`: every limit of every matching route whose
+    /// key resolves. Empty when no route applies.
+    pub fn decision_request(
+        &self,
+        incoming: &IncomingRequest<'_>,
+        dry_run: bool,
+    ) -> DecisionRequest {
+        if self.rules.is_empty() {
+            return DecisionRequest {
+                checks: Vec::new(),
+                dry_run,
+            };
+        }
+        let (path, query) = match incoming.path_and_query.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (incoming.path_and_query, None),
+        };
+        let path = normalize_path(path);
+        let client = self.client_ip.resolve(incoming.peer, incoming.headers);
+        let client_key = self.client_ip.key(client);
+        let facts = RequestFacts {
+            method: incoming.method,
+            path: &path,
+            query,
+            headers: incoming.headers,
+            client_ip: &client_key,
+            session: incoming.session,
+        };
+        self.rules.decision_request(&facts, dry_run)
+    }
+}
+
+impl Default for ClientIpResolver {
+    fn default() -> Self {
+        ClientIpResolver::new(crate::client_ip::ClientIpConfig::default())
+    }
+}

@@ -1,0 +1,198 @@
+//! Route matching and the checks a request makes.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue, Method};
+use sluice_engine::{Limit, LimitSpec};
+use sluice_http::{KeyTemplate, PathPattern, RequestFacts, Route, RouteLimit, RouteMatch, Rules};
+
+fn limit(name: &str) -> Arc<Limit> {
+    Arc::new(Limit::new(name, LimitSpec::new(vec!["5/minute".parse().unwrap()])).unwrap())
+}
+
+fn route(path: Option<&str>, methods: &[&str], limits: &[(&Arc<Limit>, &[&str])]) -> Route {
+    Route {
+        matcher: RouteMatch {
+            path: path.map(|p| p.parse::<PathPattern>().unwrap()),
+            methods: methods
+                .iter()
+                .map(|m| m.parse::<Method>().unwrap())
+                .collect(),
+            header: None,
+        },
+        default: false,
+        limits: limits
+            .iter()
+            .map(|(l, keys)| RouteLimit {
+                limit: Arc::clone(l),
+                keys: keys
+                    .iter()
+                    .map(|k| k.parse::<KeyTemplate>().unwrap())
+                    .collect(),
+                cost: 1,
+            })
+            .collect(),
+    }
+}
+
+fn checks(rules: &Rules, method: &str, path: &str, headers: &HeaderMap) -> Vec<(String, String)> {
+    let facts = RequestFacts {
+        method,
+        path,
+        query: None,
+        headers,
+        client_ip: "203.0.113.7",
+        session: None,
+    };
+    rules
+        .checks(&facts)
+        .iter()
+        .map(|c| (c.limit().name().to_string(), c.key().to_string()))
+        .collect()
+}
+
+fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
+    expected
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+#[test]
+fn exact_prefix_and_regex_routes_all_apply_in_one_decision() {
+    let (chat, api, versioned) = (limit("chat"), limit("api"), limit("versioned"));
+    let rules = Rules::new(vec![
+        route(Some("/api/chat"), &["POST"], &[(&chat, &["{client_ip}"])]),
+        route(Some("/api/*"), &[], &[(&api, &["{client_ip}"])]),
+        route(Some("~^/api/v[0-9]+/"), &[], &[(&versioned, &["all"])]),
+    ])
+    .unwrap();
+    let none = HeaderMap::new();
+    assert_eq!(
+        checks(&rules, "POST", "/api/chat", &none),
+        pairs(&[("chat", "203.0.113.7"), ("api", "203.0.113.7")])
+    );
+    assert_eq!(
+        checks(&rules, "GET", "/api/chat", &none),
+        pairs(&[("api", "203.0.113.7")]),
+        "method filter"
+    );
+    assert_eq!(
+        checks(&rules, "GET", "/api/v2/x", &none),
+        pairs(&[("api", "203.0.113.7"), ("versioned", "all")])
+    );
+    assert_eq!(
+        checks(&rules, "GET", "/api", &none),
+        pairs(&[("api", "203.0.113.7")]),
+        "a prefix covers itself"
+    );
+    assert!(
+        checks(&rules, "GET", "/apis", &none).is_empty(),
+        "prefixes end at a segment boundary"
+    );
+    assert!(
+        checks(&rules, "GET", "/health", &none).is_empty(),
+        "no route: not limited"
+    );
+}
+
+#[test]
+fn keys_fall_back_in_order_and_unresolved_limits_are_skipped() {
+    let (user, team) = (limit("user"), limit("team"));
+    let rules = Rules::new(vec![route(
+        Some("/chat"),
+        &[],
+        &[
+            (&user, &["user:{header.x-user-id}", "ip:{client_ip}"]),
+            (&team, &["team:{header.x-team}"]),
+        ],
+    )])
+    .unwrap();
+    let mut with_user = HeaderMap::new();
+    with_user.insert("x-user-id", HeaderValue::from_static("42"));
+    assert_eq!(
+        checks(&rules, "GET", "/chat", &with_user),
+        pairs(&[("user", "user:42")])
+    );
+    assert_eq!(
+        checks(&rules, "GET", "/chat", &HeaderMap::new()),
+        pairs(&[("user", "ip:203.0.113.7")])
+    );
+}
+
+#[test]
+fn the_default_route_applies_only_when_nothing_else_matches() {
+    let (chat, anon) = (limit("chat"), limit("anon"));
+    let mut default = route(None, &[], &[(&anon, &["{client_ip}"])]);
+    default.default = true;
+    let rules = Rules::new(vec![route(Some("/chat"), &[], &[(&chat, &["x"])]), default]).unwrap();
+    assert_eq!(
+        checks(&rules, "GET", "/chat", &HeaderMap::new()),
+        pairs(&[("chat", "x")])
+    );
+    assert_eq!(
+        checks(&rules, "GET", "/other", &HeaderMap::new()),
+        pairs(&[("anon", "203.0.113.7")])
+    );
+}
+
+#[test]
+fn header_presence_and_duplicate_checks() {
+    let (keyed, global) = (limit("keyed"), limit("global"));
+    let mut needs_key = route(
+        Some("/v1/*"),
+        &[],
+        &[(&keyed, &["{header.x-api-key}"]), (&global, &["all"])],
+    );
+    needs_key.matcher.header = Some("x-api-key".parse().unwrap());
+    let rules = Rules::new(vec![
+        needs_key,
+        route(Some("/v1/*"), &[], &[(&global, &["all"])]),
+    ])
+    .unwrap();
+    let mut with_key = HeaderMap::new();
+    with_key.insert("x-api-key", HeaderValue::from_static("k1"));
+    assert_eq!(
+        checks(&rules, "GET", "/v1/embed", &with_key),
+        pairs(&[("keyed", "k1"), ("global", "all")]),
+        "global once"
+    );
+    assert_eq!(
+        checks(&rules, "GET", "/v1/embed", &HeaderMap::new()),
+        pairs(&[("global", "all")])
+    );
+}
+
+#[test]
+fn hundreds_of_routes_match_by_lookup() {
+    let l = limit("many");
+    let mut routes = Vec::new();
+    for i in 0..500 {
+        routes.push(route(Some(&format!("/exact/{i}")), &[], &[(&l, &["e"])]));
+        routes.push(route(Some(&format!("/prefix/{i}/*")), &[], &[(&l, &["p"])]));
+    }
+    let rules = Rules::new(routes).unwrap();
+    assert_eq!(
+        checks(&rules, "GET", "/exact/499", &HeaderMap::new()),
+        pairs(&[("many", "e")])
+    );
+    assert_eq!(
+        checks(&rules, "GET", "/prefix/250/a/b", &HeaderMap::new()),
+        pairs(&[("many", "p")])
+    );
+    assert!(checks(&rules, "GET", "/exact/500", &HeaderMap::new()).is_empty());
+}
+
+#[test]
+fn bad_paths_are_rejected() {
+    assert!("chat".parse::<PathPattern>().is_err());
+    assert!("~(unclosed".parse::<PathPattern>().is_err());
+    assert_eq!(
+        "/chat/".parse::<PathPattern>().unwrap(),
+        PathPattern::Exact("/chat".into())
+    );
+    assert_eq!(
+        "/*".parse::<PathPattern>().unwrap(),
+        PathPattern::Prefix(String::new())
+    );
+}
