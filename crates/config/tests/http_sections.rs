@@ -114,7 +114,7 @@ fn facts<'a>(method: &'a str, path: &'a str, headers: &'a HeaderMap) -> RequestF
         path,
         query: None,
         headers,
-        client_ip: "198.51.100.7",
+        client_ip: Some("198.51.100.7"),
         session: None,
     }
 }

@@ -26,8 +26,8 @@ pub struct HttpPolicy {
 /// One incoming HTTP request, as a front door sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct IncomingRequest<'a> {
-    /// The socket peer.
-    pub peer: IpAddr,
+    /// The socket peer, when known.
+    pub peer: Option<IpAddr>,
     /// The method.
     pub method: &'a str,
     /// Path and query, as sent (normalised here).
@@ -57,14 +57,16 @@ impl HttpPolicy {
             None => (incoming.path_and_query, None),
         };
         let path = normalize_path(path);
-        let client = self.client_ip.resolve(incoming.peer, incoming.headers);
-        let client_key = self.client_ip.key(client);
+        let client_key = incoming.peer.map(|peer| {
+            self.client_ip
+                .key(self.client_ip.resolve(peer, incoming.headers))
+        });
         let facts = RequestFacts {
             method: incoming.method,
             path: &path,
             query,
             headers: incoming.headers,
-            client_ip: &client_key,
+            client_ip: client_key.as_deref(),
             session: incoming.session,
         };
         self.rules.decision_request(&facts, dry_run)

@@ -23,8 +23,9 @@ pub struct RequestFacts<'a> {
     pub query: Option<&'a str>,
     /// The request headers.
     pub headers: &'a HeaderMap,
-    /// The client address's key (grouped, maybe hashed).
-    pub client_ip: &'a str,
+    /// The client address's key (grouped, maybe hashed); `None` when the front door
+    /// does not know the socket peer, so `{client_ip}` does not resolve.
+    pub client_ip: Option<&'a str>,
     /// The session id, when the front door has one.
     pub session: Option<&'a str>,
 }
@@ -170,7 +171,7 @@ impl KeyTemplate {
         for part in &self.parts {
             let value: std::borrow::Cow<'_, str> = match part {
                 Part::Literal(text) => text.as_str().into(),
-                Part::ClientIp => facts.client_ip.into(),
+                Part::ClientIp => facts.client_ip?.into(),
                 Part::Method => facts.method.into(),
                 Part::Path => facts.path.into(),
                 Part::Session => facts.session?.into(),
@@ -287,7 +288,7 @@ mod tests {
             path: "/chat/message",
             query,
             headers,
-            client_ip: "203.0.113.7",
+            client_ip: Some("203.0.113.7"),
             session: None,
         }
     }

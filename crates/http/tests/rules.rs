@@ -41,7 +41,7 @@ fn checks(rules: &Rules, method: &str, path: &str, headers: &HeaderMap) -> Vec<(
         path,
         query: None,
         headers,
-        client_ip: "203.0.113.7",
+        client_ip: Some("203.0.113.7"),
         session: None,
     };
     rules

@@ -59,7 +59,7 @@ pub async fn forward_auth(
 ) -> Response {
     let (original_method, path_and_query) = original(&method, &uri, &headers);
     let incoming = IncomingRequest {
-        peer: peer.ip(),
+        peer: Some(peer.ip()),
         method: original_method,
         path_and_query: &path_and_query,
         headers: &headers,

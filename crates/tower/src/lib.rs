@@ -1,0 +1,199 @@
+//! sluice inside a Rust app: a [`tower::Layer`] that applies sluice's routes and limits
+//! to every request an axum (or any tower/hyper) service handles, deciding with any
+//! sluice [`Store`] directly: the in-process memory store, or a shared one so several
+//! instances count together.
+//!
+//! It is the same machinery as the sluice server's front doors: routes and key
+//! templates, client-IP resolution behind trusted proxies, one atomic decision per
+//! request over every matching limit, and the same answers (`429` or the configured
+//! status, `Retry-After`, `RateLimit`/`RateLimit-Policy` and `X-RateLimit-*` headers,
+//! the JSON body template). Allowed responses get the rate-limit headers added.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use axum::{routing::post, Router};
+//! use sluice_tower::RateLimitLayer;
+//!
+//! # async fn run(config: sluice_config::Config) {
+//! let store = Arc::new(sluice_store_memory::MemoryStore::new(Default::default()));
+//! let layer = RateLimitLayer::from_config(&config, store);
+//! let app: Router = Router::new()
+//!     .route("/chat/message", post(|| async { "hello" }))
+//!     .layer(layer);
+//! // Serve with the peer address, so {client_ip} resolves:
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await.unwrap();
+//! axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await.unwrap();
+//! # }
+//! ```
+//!
+//! The socket peer is read from axum's `ConnectInfo<SocketAddr>` extension (serve with
+//! `into_make_service_with_connect_info`; `MockConnectInfo` in tests), or from a plain `SocketAddr` extension that a
+//! hyper app inserts itself. Without either, `{client_ip}` does not resolve and limits
+//! keyed only by it are skipped: never silently one bucket for everyone.
+//!
+//! ## Compared with tower-governor
+//!
+//! | | sluice-tower | tower-governor |
+//! |---|---|---|
+//! | setup | routes and limits in sluice's YAML (or built in code), one layer for the app | one layer per quota, wrapped around the routes it covers |
+//! | limits per request | any number, layered (user, IP, key, global), decided atomically: a denial charges nothing | one quota per layer; stacked layers charge independently |
+//! | keys | templates over headers, cookies, query, client IP, with fallbacks (`user:{header.x-user-id}` then `ip:{client_ip}`) | a `KeyExtractor` per layer (peer IP, smart IP, or your own code) |
+//! | client IP | trusted proxy list, right-to-left `X-Forwarded-For` / `Forwarded` walk, IPv6 /64 grouping, optional hashing | `SmartIpKeyExtractor` trusts forwarding headers from anyone |
+//! | algorithms | gcra (with burst), sliding window, fixed window (UTC-aligned); several rates per limit; cost per request | gcra |
+//! | storage | memory (bounded, swept) or a shared store, so several instances count together | in-process only; counters reset on restart |
+//! | answers | 429 (configurable), `Retry-After` rounded up from the real wait, IETF `RateLimit` headers and legacy `X-RateLimit-*`, JSON body template | 429 with `x-ratelimit-after`/`retry-after` headers, plain text body |
+//! | shadow mode, `charge_denied`, metrics | yes | no |
+//!
+//! tower-governor is the lighter choice for a single in-process quota per route group;
+//! sluice-tower is for layered limits that must agree with other instances and with
+//! the sluice server.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::extract::ConnectInfo;
+use axum::extract::connect_info::MockConnectInfo;
+use http::{HeaderValue, Request, Response, StatusCode};
+use sluice_engine::Store;
+use sluice_http::{HttpPolicy, IncomingRequest};
+use tower::{Layer, Service};
+
+/// The layer: wraps services in [`RateLimit`].
+#[derive(Clone)]
+pub struct RateLimitLayer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    policy: HttpPolicy,
+    store: Arc<dyn Store>,
+}
+
+impl RateLimitLayer {
+    /// A layer deciding with `store` by `policy`.
+    pub fn new(policy: HttpPolicy, store: Arc<dyn Store>) -> Self {
+        RateLimitLayer {
+            shared: Arc::new(Shared { policy, store }),
+        }
+    }
+
+    /// A layer with the routes, client-IP settings and answers of a loaded sluice config.
+    pub fn from_config(config: &sluice_config::Config, store: Arc<dyn Store>) -> Self {
+        Self::new(
+            HttpPolicy {
+                rules: config.routes.clone(),
+                client_ip: sluice_http::ClientIpResolver::new(config.client_ip.clone()),
+                responses: config.responses.clone(),
+            },
+            store,
+        )
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// The service: decides each request before passing it on.
+#[derive(Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+fn peer<B>(request: &Request<B>) -> Option<IpAddr> {
+    let extensions = request.extensions();
+    // In the order axum's own `ConnectInfo` extractor looks, then a plain `SocketAddr`.
+    extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip())
+        .or_else(|| {
+            extensions
+                .get::<MockConnectInfo<SocketAddr>>()
+                .map(|info| info.0.ip())
+        })
+        .or_else(|| extensions.get::<SocketAddr>().map(SocketAddr::ip))
+}
+
+fn plain<B: From<Vec<u8>>>(
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: Vec<u8>,
+) -> Response<B> {
+    let mut response = Response::new(B::from(body));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: From<Vec<u8>> + Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // The clone is not driven to readiness; swap so the ready one serves this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = Arc::clone(&self.shared);
+        Box::pin(async move {
+            let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
+            let incoming = IncomingRequest {
+                peer: peer(&request),
+                method: request.method().as_str(),
+                path_and_query,
+                headers: request.headers(),
+                session: None,
+            };
+            let decision_request = shared.policy.decision_request(&incoming, false);
+            if decision_request.checks.is_empty() {
+                return inner.call(request).await;
+            }
+            let decision = match sluice_engine::decide(&*shared.store, &decision_request).await {
+                Ok(decision) => decision,
+                Err(error) => {
+                    tracing::warn!(%error, "sluice store failed; answering 503");
+                    let mut headers = http::HeaderMap::new();
+                    headers.insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    let body = br#"{"error": "store_unavailable", "message": "the rate limiter's store could not decide"}"#;
+                    return Ok(plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        headers,
+                        body.to_vec(),
+                    ));
+                }
+            };
+            let responses = &shared.policy.responses;
+            if !decision.allowed {
+                let denial = responses.denial(&decision_request, &decision);
+                return Ok(plain(denial.status, denial.headers, denial.body));
+            }
+            let mut response = inner.call(request).await?;
+            responses.add_rate_limit_headers(&decision_request, &decision, response.headers_mut());
+            Ok(response)
+        })
+    }
+}

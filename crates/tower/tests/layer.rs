@@ -1,0 +1,275 @@
+//! The layer inside an axum router: the same routes, keys, client-IP rules and answers
+//! as the sluice server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::connect_info::MockConnectInfo;
+use axum::routing::{get, post};
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use sluice_engine::{DecisionRequest, Limit, Outcomes, Store, StoreError, StoreFuture, StoreStats};
+use sluice_store_memory::MemoryStore;
+use sluice_tower::RateLimitLayer;
+use tower::ServiceExt;
+
+const CONFIG: &str = r#"
+client_ip: {trusted_proxies: [10.0.0.0/8]}
+limits:
+  chat_user: {rate: 3/minute}
+  chat_ip: {rate: 100/minute}
+  anon: {rate: 2/minute}
+routes:
+  - match: {path: /chat/message, methods: [POST]}
+    limits:
+      - {limit: chat_user, key: ["user:{header.x-user-id}", "ip:{client_ip}"]}
+      - {limit: chat_ip, key: "{client_ip}"}
+  - match: {path: /anon}
+    limits:
+      - {limit: anon, key: "{client_ip}"}
+"#;
+
+fn layer(store: Arc<dyn Store>) -> RateLimitLayer {
+    let config = sluice_config::load_str(CONFIG, "test.yaml", &|_| None, &[]).expect("config");
+    RateLimitLayer::from_config(&config, store)
+}
+
+fn app(layer: RateLimitLayer, calls: Arc<AtomicUsize>, peer: &str) -> Router {
+    let counted = move || {
+        let calls = Arc::clone(&calls);
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            "answered"
+        }
+    };
+    Router::new()
+        .route("/chat/message", post(counted.clone()))
+        .route("/anon", get(counted.clone()))
+        .route("/health", get(counted))
+        .layer(layer)
+        .layer(MockConnectInfo(peer.parse::<SocketAddr>().unwrap()))
+}
+
+async fn send(
+    app: &Router,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, http::HeaderMap, String) {
+    let mut request = Request::builder().method(method).uri(path);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8(body.to_vec()).unwrap())
+}
+
+fn memory() -> Arc<dyn Store> {
+    Arc::new(MemoryStore::new(Default::default()))
+}
+
+#[tokio::test]
+async fn the_fourth_message_in_a_minute_is_answered_by_the_layer() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = app(layer(memory()), Arc::clone(&calls), "203.0.113.7:5000");
+    for remaining in [2, 1, 0] {
+        let (status, headers, body) =
+            send(&app, "POST", "/chat/message", &[("x-user-id", "42")]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, "answered");
+        let ratelimit = headers["ratelimit"].to_str().unwrap();
+        assert!(
+            ratelimit.starts_with(&format!("\"chat_user\";r={remaining};")),
+            "{ratelimit}"
+        );
+        assert_eq!(
+            headers["x-ratelimit-remaining"],
+            remaining.to_string().as_str()
+        );
+    }
+    let (status, headers, body) = send(&app, "POST", "/chat/message", &[("x-user-id", "42")]).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry), "retry-after {retry}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"], "rate_limited");
+    assert_eq!(json["limit"], "chat_user");
+    assert_eq!(json["retry_after_seconds"], retry);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "the handler never saw the denied request"
+    );
+
+    let (status, _, _) = send(&app, "POST", "/chat/message", &[("x-user-id", "43")]).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "another user has a bucket of their own"
+    );
+    let (status, headers, _) = send(&app, "GET", "/health", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        headers.get("ratelimit").is_none(),
+        "unmatched paths are not limited"
+    );
+    let (status, _, _) = send(&app, "GET", "/chat/message", &[]).await;
+    assert_eq!(
+        status,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "the route's method filter leaves GET to the app"
+    );
+}
+
+#[tokio::test]
+async fn anonymous_callers_are_counted_by_ip_and_spoofed_headers_are_ignored() {
+    let app = app(
+        layer(memory()),
+        Arc::new(AtomicUsize::new(0)),
+        "198.51.100.9:4000",
+    );
+    for spoof in ["1.1.1.1", "2.2.2.2"] {
+        let (status, _, _) = send(&app, "GET", "/anon", &[("x-forwarded-for", spoof)]).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (status, _, _) = send(&app, "GET", "/anon", &[("x-forwarded-for", "3.3.3.3")]).await;
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "an untrusted peer cannot pick its bucket"
+    );
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_ipv6_clients_are_grouped_by_64() {
+    let app = app(
+        layer(memory()),
+        Arc::new(AtomicUsize::new(0)),
+        "10.0.0.5:4000",
+    );
+    for client in ["2001:db8:1:2::a", "2001:db8:1:2::b"] {
+        let (status, _, _) = send(
+            &app,
+            "GET",
+            "/anon",
+            &[("x-forwarded-for", &format!("6.6.6.6, {client}"))],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (status, _, _) = send(
+        &app,
+        "GET",
+        "/anon",
+        &[("x-forwarded-for", "2001:db8:1:2::c")],
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "a third address in the same /64 shares the bucket"
+    );
+    let (status, _, _) = send(
+        &app,
+        "GET",
+        "/anon",
+        &[("x-forwarded-for", "2001:db8:1:3::a")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "the next /64 is someone else");
+}
+
+#[tokio::test]
+async fn two_app_instances_on_one_store_count_together() {
+    let store = memory();
+    let first = app(
+        layer(Arc::clone(&store)),
+        Arc::new(AtomicUsize::new(0)),
+        "203.0.113.7:1",
+    );
+    let second = app(layer(store), Arc::new(AtomicUsize::new(0)), "203.0.113.7:2");
+    assert_eq!(send(&first, "GET", "/anon", &[]).await.0, StatusCode::OK);
+    assert_eq!(send(&second, "GET", "/anon", &[]).await.0, StatusCode::OK);
+    assert_eq!(
+        send(&first, "GET", "/anon", &[]).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[tokio::test]
+async fn without_the_peer_address_client_ip_limits_are_skipped_not_merged() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = move || {
+        let calls = Arc::clone(&calls);
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            "answered"
+        }
+    };
+    // No ConnectInfo: {client_ip} does not resolve, so `anon` never applies...
+    let app = Router::new()
+        .route("/anon", get(counted.clone()))
+        .route("/chat/message", post(counted))
+        .layer(layer(memory()));
+    for _ in 0..5 {
+        assert_eq!(send(&app, "GET", "/anon", &[]).await.0, StatusCode::OK);
+    }
+    // ...while user-keyed limits still do.
+    for _ in 0..3 {
+        assert_eq!(
+            send(&app, "POST", "/chat/message", &[("x-user-id", "7")])
+                .await
+                .0,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        send(&app, "POST", "/chat/message", &[("x-user-id", "7")])
+            .await
+            .0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+struct BrokenStore;
+
+impl Store for BrokenStore {
+    fn decide<'a>(&'a self, _: &'a DecisionRequest) -> StoreFuture<'a, Outcomes> {
+        Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
+    }
+    fn reset<'a>(&'a self, _: &'a Limit, _: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
+    fn backend(&self) -> &'static str {
+        "broken"
+    }
+}
+
+#[tokio::test]
+async fn a_failing_store_is_a_503_with_a_json_body_never_a_panic() {
+    let app = app(
+        layer(Arc::new(BrokenStore)),
+        Arc::new(AtomicUsize::new(0)),
+        "203.0.113.7:1",
+    );
+    let (status, headers, body) = send(&app, "GET", "/anon", &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["content-type"], "application/json");
+    assert!(body.contains("store_unavailable"));
+}
