@@ -34,6 +34,19 @@ const ENTRIES_PER_SHARD: usize = 1024;
 /// The most shards a store uses; far more than the cores that contend for them.
 const MAX_SHARDS: usize = 64;
 
+/// A counter a decision wrote, as [`MemoryStore::decide_sync_with`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change<'a> {
+    /// The counter's name (`<limit>:<algorithm tag><period seconds>`).
+    pub counter: &'a str,
+    /// The key it is counted on.
+    pub key: &'a str,
+    /// Its new state.
+    pub state: State,
+    /// When that state expires (the store drops it then).
+    pub expires_at: Micros,
+}
+
 /// Settings of a [`MemoryStore`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryStoreConfig {
@@ -126,11 +139,30 @@ impl MemoryStore {
 
     /// Decides `request` now, synchronously: the whole of this store's work.
     pub fn decide_sync(&self, request: &DecisionRequest) -> Outcomes {
-        self.inner.decide(request)
+        self.inner.decide(request, |_| {})
+    }
+
+    /// Like [`MemoryStore::decide_sync`], and calls `changed` once with every counter the
+    /// decision wrote (not at all when it wrote none) while the decision still holds its
+    /// shard locks. A store layered on this one (the disk store's journal) records changes
+    /// there, so two decisions on one counter are recorded in the order they were decided.
+    /// `changed` must be quick and must not call back into this store.
+    pub fn decide_sync_with(
+        &self,
+        request: &DecisionRequest,
+        changed: impl FnOnce(&[Change<'_>]),
+    ) -> Outcomes {
+        self.inner.decide(request, changed)
     }
 
     /// Forgets every window of `limit` for `key`, synchronously.
     pub fn reset_sync(&self, limit: &Limit, key: &str) {
+        self.reset_sync_with(limit, key, |_| {});
+    }
+
+    /// Like [`MemoryStore::reset_sync`], and calls `removed` with each window's counter
+    /// name while that counter's shard is locked (see [`MemoryStore::decide_sync_with`]).
+    pub fn reset_sync_with(&self, limit: &Limit, key: &str, mut removed: impl FnMut(&str)) {
         for lw in limit.windows() {
             let hash = self.inner.hasher.hash_one((&*lw.counter, key));
             let mut shard = self.inner.lock(self.inner.shard_of(hash));
@@ -140,7 +172,38 @@ impl MemoryStore {
             {
                 entry.remove();
             }
+            removed(&lw.counter);
         }
+    }
+
+    /// Puts a counter's state back, e.g. one a durable store read at start. An expired
+    /// state is ignored; a full shard makes room as for a new counter. Pass the same
+    /// `Arc` for every key of one counter to share its name.
+    pub fn restore(&self, counter: &Arc<str>, key: &str, state: State, expires_at: Micros) {
+        let now = self.inner.clock.now();
+        if expires_at <= now {
+            return;
+        }
+        let hash = self.inner.hasher.hash_one((&**counter, key));
+        let mut shard = self.inner.lock(self.inner.shard_of(hash));
+        if let Some(entry) = shard
+            .table
+            .find_mut(hash, |e| e.matches(hash, counter, key))
+        {
+            entry.state = state;
+            entry.expires_at = expires_at;
+            return;
+        }
+        let evicted = shard.insert_entry(
+            hash,
+            counter,
+            key,
+            state,
+            expires_at,
+            now,
+            self.inner.shard_capacity,
+        );
+        self.inner.count_evictions(evicted);
     }
 
     /// Drops every expired counter now (the sweeper does this periodically).
@@ -185,12 +248,12 @@ impl Inner {
         shard.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn decide(&self, request: &DecisionRequest) -> Outcomes {
+    fn decide(&self, request: &DecisionRequest, changed: impl FnOnce(&[Change<'_>])) -> Outcomes {
         let now = self.clock.now();
         let windows = if request.window_count() == 1 {
-            self.decide_one_counter(request, now)
+            self.decide_one_counter(request, now, changed)
         } else {
-            self.decide_many_counters(request, now)
+            self.decide_many_counters(request, now, changed)
         };
         Outcomes {
             windows,
@@ -199,7 +262,12 @@ impl Inner {
     }
 
     /// The common case, one window of one check: one lock, one lookup.
-    fn decide_one_counter(&self, request: &DecisionRequest, now: Micros) -> WindowOutcomes {
+    fn decide_one_counter(
+        &self,
+        request: &DecisionRequest,
+        now: Micros,
+        changed: impl FnOnce(&[Change<'_>]),
+    ) -> WindowOutcomes {
         let Some((check, lw)) = request.windows().next() else {
             return WindowOutcomes::new();
         };
@@ -217,6 +285,12 @@ impl Inner {
                 if let (true, Some(state)) = (slots[0].dirty, slots[0].state) {
                     entry.state = state;
                     entry.expires_at = lw.window.expires_at(&state);
+                    changed(&[Change {
+                        counter: &lw.counter,
+                        key,
+                        state,
+                        expires_at: entry.expires_at,
+                    }]);
                 }
                 outcomes
             }
@@ -232,6 +306,12 @@ impl Inner {
                     };
                     let evicted = shard.insert_new(&at, state, now, self.shard_capacity);
                     self.count_evictions(evicted);
+                    changed(&[Change {
+                        counter: &lw.counter,
+                        key,
+                        state,
+                        expires_at: lw.window.expires_at(&state),
+                    }]);
                 }
                 outcomes
             }
@@ -239,7 +319,12 @@ impl Inner {
     }
 
     /// Several windows or checks: lock every shard involved, in index order.
-    fn decide_many_counters(&self, request: &DecisionRequest, now: Micros) -> WindowOutcomes {
+    fn decide_many_counters(
+        &self,
+        request: &DecisionRequest,
+        now: Micros,
+        changed: impl FnOnce(&[Change<'_>]),
+    ) -> WindowOutcomes {
         let mut counters: SmallVec<[Location<'_>; 8]> = SmallVec::new();
         let mut slot_of: SmallVec<[usize; 8]> = SmallVec::new();
         for (check, lw) in request.windows() {
@@ -282,13 +367,24 @@ impl Inner {
 
         let outcomes = apply(request, &slot_of, &mut slots, now);
 
+        let mut changes: SmallVec<[Change<'_>; 4]> = SmallVec::new();
         for (slot, c) in slots.iter().zip(&counters) {
             if let (true, Some(state)) = (slot.dirty, slot.state) {
                 let evicted =
                     guards[guard_index(c.shard)].upsert(c, state, now, self.shard_capacity);
                 self.count_evictions(evicted);
+                changes.push(Change {
+                    counter: c.counter,
+                    key: c.key,
+                    state,
+                    expires_at: c.window.expires_at(&state),
+                });
             }
         }
+        if !changes.is_empty() {
+            changed(&changes);
+        }
+        drop(guards);
         outcomes
     }
 
@@ -325,19 +421,35 @@ impl Shard {
 
     /// Inserts a counter known to be absent, making room first when the shard is full.
     fn insert_new(&mut self, at: &Location<'_>, state: State, now: Micros, capacity: usize) -> u64 {
+        let expires_at = at.window.expires_at(&state);
+        self.insert_entry(at.hash, at.counter, at.key, state, expires_at, now, capacity)
+    }
+
+    /// Inserts an entry known to be absent, making room first when the shard is full.
+    #[allow(clippy::too_many_arguments)]
+    fn insert_entry(
+        &mut self,
+        hash: u64,
+        counter: &Arc<str>,
+        key: &str,
+        state: State,
+        expires_at: Micros,
+        now: Micros,
+        capacity: usize,
+    ) -> u64 {
         let evicted = if self.table.len() >= capacity {
             self.make_room(now, capacity)
         } else {
             0
         };
         self.table.insert_unique(
-            at.hash,
+            hash,
             Entry {
-                hash: at.hash,
-                counter: at.counter.clone(),
-                key: at.key.into(),
+                hash,
+                counter: counter.clone(),
+                key: key.into(),
                 state,
-                expires_at: at.window.expires_at(&state),
+                expires_at,
             },
             |e| e.hash,
         );
