@@ -53,6 +53,10 @@ use crate::journal::Journal;
 /// The keyspace (fjall's name for a table) the counters live in.
 const KEYSPACE: &str = "counters";
 
+/// Sealed journal files kept at most before fjall flushes the keyspaces that pin them
+/// (fjall's smallest setting). The active journal is sealed at 64 MB.
+const MAX_SEALED_JOURNALS: u64 = 64 * 1024 * 1024;
+
 /// Settings of a [`DiskStore`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskStoreConfig {
@@ -176,6 +180,7 @@ impl DiskStore {
         });
         let db = Database::builder(&path)
             .worker_threads(1)
+            .max_journaling_size(MAX_SEALED_JOURNALS)
             .with_compaction_filter_factories(Arc::new(move |name: &str| {
                 (name == KEYSPACE).then(|| Arc::clone(&factory))
             }))
