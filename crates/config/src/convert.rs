@@ -18,6 +18,8 @@ const STORAGE_FIELDS: &[&str] = &[
     "on_error",
     "prefix",
     "sweep_interval_ms",
+    "path",
+    "sync",
 ];
 const HTTP_FIELDS: &[&str] = &["max_body_bytes", "threads"];
 const LIMIT_FIELDS: &[&str] = &["rate", "algorithm", "burst", "charge_denied", "shadow"];
@@ -251,29 +253,71 @@ fn storage(node: &Node, path: &str) -> Result<StorageConfig, Fail> {
     let Some(fields) = Fields::of(node, path, STORAGE_FIELDS)? else {
         return Ok(storage);
     };
-    if let Some((node, path)) = fields.get("backend") {
-        storage.backend = match string(node, &path)? {
+    let backend = fields.get("backend");
+    if let Some((node, path)) = &backend {
+        storage.backend = match string(node, path)? {
             "memory" => Backend::Memory,
-            name @ ("disk" | "redis" | "postgres") => {
+            "disk" => Backend::Disk,
+            name @ ("redis" | "postgres") => {
                 return Err(Fail::new(
                     &node.origin,
-                    &path,
+                    path,
                     format!(
-                        "storage backend `{name}` is not available in this version; use memory"
+                        "storage backend `{name}` is not available in this version; use memory or disk"
                     ),
                 ));
             }
             other => {
                 return Err(Fail::new(
                     &node.origin,
-                    &path,
+                    path,
                     format!(
-                        "unknown storage backend `{}`: use memory (disk, redis and postgres come in later versions)",
+                        "unknown storage backend `{}`: use memory or disk (redis and postgres come in later versions)",
                         crate::tree::shorten(other)
                     ),
                 ));
             }
         };
+    }
+    let data_path = fields.get("path");
+    if let Some((node, path)) = &data_path {
+        let text = string(node, path)?;
+        if text.trim().is_empty() {
+            return Err(Fail::new(
+                &node.origin,
+                path,
+                "storage.path is empty: give the disk store's data directory, e.g. /var/lib/sluice",
+            ));
+        }
+        storage.path = Some(text.into());
+    }
+    let sync = fields.get("sync");
+    if let Some((node, path)) = &sync {
+        storage.sync = boolean(node, path)?;
+    }
+    match (storage.backend, &backend, &data_path) {
+        (Backend::Disk, Some((node, _)), None) => {
+            return Err(Fail::new(
+                &node.origin,
+                &join(path, "path"),
+                "backend disk needs a data directory: add `path: /var/lib/sluice` (any directory sluice may write) under storage",
+            ));
+        }
+        (Backend::Memory, _, Some((node, field))) => {
+            return Err(Fail::new(
+                &node.origin,
+                field,
+                "storage.path only applies to backend disk: set `backend: disk` to keep counters there, or remove path",
+            ));
+        }
+        _ => {}
+    }
+    if let (Backend::Memory, Some((node, field))) = (storage.backend, &sync) {
+        return Err(Fail::new(
+            &node.origin,
+            field,
+            "storage.sync only applies to backend disk: set `backend: disk` and a path, or remove sync",
+        ));
     }
     if let Some((node, path)) = fields.get("max_keys") {
         let max = usize::MAX as u64;

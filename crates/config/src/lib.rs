@@ -238,6 +238,12 @@ pub struct StorageConfig {
     pub prefix: String,
     /// How often expired entries are swept, in milliseconds (at least 10). Default 1000.
     pub sweep_interval_ms: u64,
+    /// The disk store's data directory (required for, and only for, backend `disk`);
+    /// a relative path is taken from the working directory.
+    pub path: Option<std::path::PathBuf>,
+    /// Backend `disk`: `fdatasync` every group commit, so acknowledged decisions also
+    /// survive a power loss (without it they survive a crash of the process). Default false.
+    pub sync: bool,
 }
 
 impl StorageConfig {
@@ -259,6 +265,8 @@ impl Default for StorageConfig {
             on_error: OnError::default(),
             prefix: Self::DEFAULT_PREFIX.to_string(),
             sweep_interval_ms: Self::DEFAULT_SWEEP_INTERVAL_MS,
+            path: None,
+            sync: false,
         }
     }
 }
@@ -269,6 +277,9 @@ pub enum Backend {
     /// Sharded, in-process, bounded by `max_keys` (config value `memory`).
     #[default]
     Memory,
+    /// Embedded and durable: counters in `path`, surviving restarts and `kill -9`
+    /// (config value `disk`).
+    Disk,
 }
 
 impl Backend {
@@ -276,6 +287,7 @@ impl Backend {
     pub fn as_str(&self) -> &'static str {
         match self {
             Backend::Memory => "memory",
+            Backend::Disk => "disk",
         }
     }
 }

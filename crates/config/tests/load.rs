@@ -391,7 +391,7 @@ fn storage_backends_of_later_versions_say_so() {
         "storage.backend",
         "storage backend `redis` is not available in this version; use memory",
     );
-    for name in ["disk", "postgres"] {
+    for name in ["postgres"] {
         let error = err(&format!("storage: {{backend: {name}}}"));
         assert!(
             error.message.contains("not available in this version"),
@@ -638,7 +638,7 @@ fn an_override_naming_an_unknown_field_names_the_variable() {
     assert_eq!(error.line, None);
     assert_eq!(
         error.to_string(),
-        "SLUICE_STORAGE__MAX_KEY (overrides storage.max_key): unknown field `max_key`, expected one of `backend`, `max_keys`, `on_error`, `prefix`, `sweep_interval_ms`"
+        "SLUICE_STORAGE__MAX_KEY (overrides storage.max_key): unknown field `max_key`, expected one of `backend`, `max_keys`, `on_error`, `prefix`, `sweep_interval_ms`, `path`, `sync`"
     );
     let error = err_with("", &[], &[("SLUICE_LIMITS__CHAT_USER__RAT", "5/minute")]);
     assert!(
@@ -680,4 +680,40 @@ fn a_bad_override_value_names_the_variable() {
     assert!(error.message.contains("empty segment"), "{error}");
     let error = err_with("", &[], &[("SLUICE_ADMIN__TOKEN", "")]);
     assert!(error.message.contains("admin.token is empty"), "{error}");
+}
+
+#[test]
+fn disk_backend_reads_path_and_sync() {
+    let config = ok("storage:\n  backend: disk\n  path: /var/lib/sluice\n");
+    assert_eq!(config.storage.backend, Backend::Disk);
+    assert_eq!(config.storage.backend.to_string(), "disk");
+    assert_eq!(
+        config.storage.path.as_deref(),
+        Some(std::path::Path::new("/var/lib/sluice"))
+    );
+    assert!(!config.storage.sync, "sync defaults to false");
+    let config = ok("storage: {backend: disk, path: data, sync: true, max_keys: 10}\n");
+    assert!(config.storage.sync);
+    assert_eq!(config.storage.max_keys, 10);
+    assert_eq!(
+        config.storage.path.as_deref(),
+        Some(std::path::Path::new("data"))
+    );
+    assert_eq!(ok("listen: 127.0.0.1:1\n").storage.path, None);
+}
+
+#[test]
+fn disk_backend_errors_name_the_line() {
+    let error = err("limits: {}\nstorage:\n  backend: disk\n");
+    assert_at(&error, 3, 12, "storage.path", "backend disk needs a data directory");
+    let error = err("storage:\n  backend: disk\n  path: \"\"\n");
+    assert_at(&error, 3, 9, "storage.path", "is empty");
+    let error = err("storage:\n  path: /tmp/x\n");
+    assert_at(&error, 2, 9, "storage.path", "only applies to backend disk");
+    let error = err("storage:\n  backend: memory\n  sync: true\n");
+    assert_at(&error, 3, 9, "storage.sync", "only applies to backend disk");
+    let error = err("storage:\n  backend: disk\n  path: /tmp/x\n  sync: yes please\n");
+    assert_at(&error, 4, 9, "storage.sync", "expected true or false");
+    let error = err("storage:\n  backend: redis\n");
+    assert_at(&error, 2, 12, "storage.backend", "use memory or disk");
 }
