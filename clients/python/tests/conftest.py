@@ -41,7 +41,8 @@ def free_port() -> int:
 
 def sluice_binary() -> Path:
     configured = os.environ.get("SLUICE_BIN")
-    path = Path(configured) if configured else REPO / "target" / "debug" / "sluice"
+    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+    path = Path(configured) if configured else target / "debug" / "sluice"
     if not path.exists():
         if configured:
             pytest.fail(f"SLUICE_BIN={configured} does not exist")

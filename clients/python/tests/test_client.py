@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -222,3 +224,19 @@ def test_rate_periods() -> None:
     assert retry_after_seconds(1001) == 2
     assert retry_after_seconds(0) == 1
     assert retry_after_seconds(None) is None
+
+
+def test_base_client_imports_without_fastapi() -> None:
+    code = (
+        "import sys; sys.modules['fastapi'] = None; sys.modules['starlette'] = None\n"
+        "import sluice_client\n"
+        "from sluice_client import SluiceClient, AsyncSluiceClient, Check\n"
+        "assert 'sluice_client.fastapi' not in sys.modules\n"
+        "try:\n"
+        "    import sluice_client.fastapi\n"
+        "except ImportError as exc:\n"
+        "    assert 'sluice-client[fastapi]' in str(exc), exc\n"
+        "else:\n"
+        "    raise SystemExit('sluice_client.fastapi imported without FastAPI')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

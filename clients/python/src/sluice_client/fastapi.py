@@ -34,9 +34,14 @@ from typing import (
     Union,
 )
 
-from fastapi import FastAPI, HTTPException, Request, Response
-from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
+try:
+    from fastapi import FastAPI, HTTPException, Request, Response
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess
+    raise ImportError(
+        "sluice_client.fastapi needs FastAPI: pip install 'sluice-client[fastapi]'"
+    ) from exc
 
 from ._client import DEFAULT_BASE_URL, AsyncSluiceClient, SluiceClient
 from ._models import Check, Decision, allowed_without_checks, period_seconds
