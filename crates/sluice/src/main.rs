@@ -13,6 +13,7 @@ use sluice_config::{Backend, Config};
 use sluice_engine::Store;
 use sluice_http::{ClientIpResolver, HttpPolicy};
 use sluice_server::{AppState, ServerSettings};
+use sluice_store_disk::{DiskStore, DiskStoreConfig};
 use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
 use tracing_subscriber::EnvFilter;
 
@@ -93,18 +94,39 @@ fn check_config(file: &Path) -> ExitCode {
 }
 
 fn backend_name(config: &Config) -> &'static str {
-    match config.storage.backend {
-        Backend::Memory => "memory",
-    }
+    config.storage.backend.as_str()
 }
 
-fn open_store(config: &Config) -> Arc<dyn Store> {
-    match config.storage.backend {
-        Backend::Memory => Arc::new(MemoryStore::new(MemoryStoreConfig {
-            max_keys: config.storage.max_keys,
-            sweep_interval: Duration::from_millis(config.storage.sweep_interval_ms),
-        })),
-    }
+fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let memory = MemoryStoreConfig {
+        max_keys: config.storage.max_keys,
+        sweep_interval: Duration::from_millis(config.storage.sweep_interval_ms),
+    };
+    Ok(match config.storage.backend {
+        Backend::Memory => Arc::new(MemoryStore::new(memory)),
+        Backend::Disk => {
+            // The config loader refuses backend disk without a path.
+            let path = config
+                .storage
+                .path
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("storage.path is required for backend disk"))?;
+            let mut disk = DiskStoreConfig::new(path);
+            disk.sync = config.storage.sync;
+            disk.memory = memory;
+            let store = DiskStore::open(disk)?;
+            let loaded = store.load_report();
+            tracing::info!(
+                path = %store.path().display(),
+                sync = config.storage.sync,
+                restored = loaded.restored,
+                expired = loaded.expired,
+                unreadable = loaded.unreadable,
+                "disk store opened"
+            );
+            Arc::new(store)
+        }
+    })
 }
 
 fn serve(path: &Path) -> ExitCode {
@@ -138,7 +160,7 @@ fn serve(path: &Path) -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     use anyhow::Context;
-    let store = open_store(&config);
+    let store = open_store(&config)?;
     let listen = config.listen;
     let limit_count = config.limits.len();
     let policy = HttpPolicy {
