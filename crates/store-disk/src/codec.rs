@@ -135,7 +135,11 @@ mod tests {
             assert_eq!(expires_at(encoded.as_bytes()), Some(1_000 + i as i64));
         }
         assert_eq!(decode(&[2, 0, 0]), None, "unknown format");
-        assert_eq!(decode(&value(&states[1], 0).as_bytes()[..20]), None, "truncated");
+        assert_eq!(
+            decode(&value(&states[1], 0).as_bytes()[..20]),
+            None,
+            "truncated"
+        );
     }
 
     #[test]

@@ -45,8 +45,8 @@ use sluice_engine::{
     Clock, DecisionRequest, Limit, Outcomes, Store, StoreError, StoreFuture, StoreStats,
     SystemClock,
 };
-pub use sluice_store_memory::MemoryStoreConfig;
 use sluice_store_memory::MemoryStore;
+pub use sluice_store_memory::MemoryStoreConfig;
 
 use crate::journal::Journal;
 
@@ -193,12 +193,11 @@ impl DiskStore {
             .map_err(open_error)?;
 
         let memory = MemoryStore::with_clock(config.memory, Arc::clone(&clock));
-        let loaded = load(&keyspace, &memory, clock.now()).map_err(|source| {
-            DiskStoreError::Load {
+        let loaded =
+            load(&keyspace, &memory, clock.now()).map_err(|source| DiskStoreError::Load {
                 path: path.clone(),
                 source,
-            }
-        })?;
+            })?;
 
         let mode = if config.sync {
             PersistMode::SyncData

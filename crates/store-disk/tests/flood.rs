@@ -12,7 +12,8 @@ const START: i64 = 20_000 * 86_400 * 1_000_000 + 250_000;
 const KEYS_PER_ROUND: usize = 40_000;
 const ROUNDS: usize = 6;
 /// Long keys, so the journal passes fjall's 64 MB rotation point within the test.
-const PADDING: &str = "an-attacker-rotates-its-keys-and-pads-them-to-make-every-counter-as-expensive-as-it-can";
+const PADDING: &str =
+    "an-attacker-rotates-its-keys-and-pads-them-to-make-every-counter-as-expensive-as-it-can";
 
 /// Bytes allocated on disk under `path`, as `du` counts them (fjall preallocates its
 /// journal as a sparse file, so apparent sizes say little).
@@ -35,7 +36,12 @@ fn list(path: &Path) {
         if meta.is_dir() {
             list(&entry.path());
         } else {
-            eprintln!("  {} {} {}", entry.path().display(), meta.len(), meta.blocks() * 512);
+            eprintln!(
+                "  {} {} {}",
+                entry.path().display(),
+                meta.len(),
+                meta.blocks() * 512
+            );
         }
     }
 }
@@ -66,10 +72,15 @@ async fn key_flood_leaves_a_bounded_data_directory() {
     let dir = tempfile::tempdir().expect("temp dir");
     let clock = Arc::new(ManualClock::new(START));
     let store = Arc::new(
-        DiskStore::open_with_clock(DiskStoreConfig::new(dir.path()), clock.clone())
-            .expect("open"),
+        DiskStore::open_with_clock(DiskStoreConfig::new(dir.path()), clock.clone()).expect("open"),
     );
-    let l = Arc::new(Limit::new("f", LimitSpec::new(vec!["10/second".parse().expect("rate")])).expect("limit"));
+    let l = Arc::new(
+        Limit::new(
+            "f",
+            LimitSpec::new(vec!["10/second".parse().expect("rate")]),
+        )
+        .expect("limit"),
+    );
     let empty = dir_size(dir.path());
     let mut after = Vec::new();
     for round in 0..ROUNDS {
@@ -93,7 +104,10 @@ async fn key_flood_leaves_a_bounded_data_directory() {
     // Journals: the active one (sealed at 64 MB) plus at most 64 MiB of sealed ones;
     // tables: what the last flood left as tombstones, never the sum of all floods.
     let written = ROUNDS * KEYS_PER_ROUND * (PADDING.len() * 5 + 40);
-    assert!(written > 100_000_000, "the test floods past a journal rotation");
+    assert!(
+        written > 100_000_000,
+        "the test floods past a journal rotation"
+    );
     let (first_tables, last_tables) = (after[0].1, after[ROUNDS - 1].1);
     assert!(
         last_tables <= first_tables + 1024 * 1024,
@@ -105,6 +119,11 @@ async fn key_flood_leaves_a_bounded_data_directory() {
         "the directory outgrew its journals and one flood's tables: {after:?}"
     );
     drop(store);
-    let store = DiskStore::open_with_clock(DiskStoreConfig::new(dir.path()), clock).expect("reopen");
-    assert_eq!(store.load_report().restored, 0, "nothing expired comes back");
+    let store =
+        DiskStore::open_with_clock(DiskStoreConfig::new(dir.path()), clock).expect("reopen");
+    assert_eq!(
+        store.load_report().restored,
+        0,
+        "nothing expired comes back"
+    );
 }

@@ -422,7 +422,9 @@ impl Shard {
     /// Inserts a counter known to be absent, making room first when the shard is full.
     fn insert_new(&mut self, at: &Location<'_>, state: State, now: Micros, capacity: usize) -> u64 {
         let expires_at = at.window.expires_at(&state);
-        self.insert_entry(at.hash, at.counter, at.key, state, expires_at, now, capacity)
+        self.insert_entry(
+            at.hash, at.counter, at.key, state, expires_at, now, capacity,
+        )
     }
 
     /// Inserts an entry known to be absent, making room first when the shard is full.
