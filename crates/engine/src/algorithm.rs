@@ -290,26 +290,30 @@ impl Window {
             }
             Algorithm::FixedWindow => {
                 let start = self.window_start(now);
-                let count = match state {
-                    Some(State::Fixed { start: s, count }) if s == start => count,
-                    _ => 0,
-                };
-                State::Fixed { start, count }
+                match state {
+                    // A state from a later window (written by a decision whose clock read
+                    // later) is the current window, not a foreign one: never drop its count.
+                    Some(State::Fixed { start: s, count }) if s >= start => {
+                        State::Fixed { start: s, count }
+                    }
+                    _ => State::Fixed { start, count: 0 },
+                }
             }
             Algorithm::SlidingWindow => {
                 let start = self.window_start(now);
                 let period = self.rate.period_micros();
-                let (count, previous) = match state {
+                let (start, count, previous) = match state {
+                    // As for fixed windows: a later window's state is the current one.
                     Some(State::Sliding {
                         start: s,
                         count,
                         previous,
-                    }) if s == start => (count, previous),
+                    }) if s >= start => (s, count, previous),
                     // A state from the window before: its count is now the previous window's.
                     Some(State::Sliding {
                         start: s, count, ..
-                    }) if s == start - period => (0, count),
-                    _ => (0, 0),
+                    }) if s == start - period => (start, 0, count),
+                    _ => (start, 0, 0),
                 };
                 State::Sliding {
                     start,
@@ -365,6 +369,29 @@ impl Window {
             State::Fixed { start, .. } => start + period,
             State::Sliding { start, count, .. } if count > 0 => start + 2 * period,
             State::Sliding { start, .. } => start + period,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A decision that read the clock just before a boundary may find a state written
+    /// just after it; that state is the current window's and keeps its count.
+    #[test]
+    fn a_state_from_a_later_window_is_not_reset() {
+        for algorithm in [Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+            let window = Window::new(algorithm, "3/second".parse().unwrap(), None).unwrap();
+            let boundary: Micros = 1_700_000_001_000_000;
+            let written_after = window.evaluate(None, boundary + 10, 3).charged;
+            let late = window.evaluate(Some(written_after), boundary - 10, 1);
+            assert!(!late.allowed, "{algorithm}: the full window still counts");
+            assert_eq!(
+                window.remaining(&late.current, boundary - 10),
+                0,
+                "{algorithm}"
+            );
         }
     }
 }

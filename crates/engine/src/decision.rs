@@ -147,7 +147,11 @@ pub fn apply(
     let mut decision_allowed = true;
     for ((check, lw), &slot) in request.windows().zip(slot_of) {
         let evaluation = lw.window.evaluate(working[slot], now, check.cost);
-        let charge = check.cost > 0 && (evaluation.allowed || check.limit.charge_denied());
+        // `charge_denied` counts attempts that could have fitted; a cost the window can
+        // never admit (no retry time) is a caller's mistake and charges nothing.
+        let charge = check.cost > 0
+            && (evaluation.allowed
+                || (check.limit.charge_denied() && evaluation.retry_after.is_some()));
         let after = if charge {
             evaluation.charged
         } else {
@@ -175,7 +179,8 @@ pub fn apply(
             request.windows().zip(slot_of).zip(outcomes.iter_mut())
         {
             let evaluation = lw.window.evaluate(working[slot], now, check.cost);
-            let charge = check.cost > 0 && check.limit.charge_denied();
+            let charge =
+                check.cost > 0 && check.limit.charge_denied() && outcome.retry_after.is_some();
             let after = if charge {
                 evaluation.charged
             } else {

@@ -202,6 +202,7 @@ impl MemoryStore {
             expires_at,
             now,
             self.inner.shard_capacity,
+            &[],
         );
         self.inner.count_evictions(evicted);
     }
@@ -249,11 +250,10 @@ impl Inner {
     }
 
     fn decide(&self, request: &DecisionRequest, changed: impl FnOnce(&[Change<'_>])) -> Outcomes {
-        let now = self.clock.now();
         let windows = if request.window_count() == 1 {
-            self.decide_one_counter(request, now, changed)
+            self.decide_one_counter(request, changed)
         } else {
-            self.decide_many_counters(request, now, changed)
+            self.decide_many_counters(request, changed)
         };
         Outcomes {
             windows,
@@ -265,7 +265,6 @@ impl Inner {
     fn decide_one_counter(
         &self,
         request: &DecisionRequest,
-        now: Micros,
         changed: impl FnOnce(&[Change<'_>]),
     ) -> WindowOutcomes {
         let Some((check, lw)) = request.windows().next() else {
@@ -274,6 +273,9 @@ impl Inner {
         let key = check.key();
         let hash = self.hasher.hash_one((&*lw.counter, key));
         let mut shard = self.lock(self.shard_of(hash));
+        // Time is read under the lock: a decision that read the clock earlier but took the
+        // lock later would judge a newer window's state by an older window.
+        let now = self.clock.now();
         let mut slots = [Slot::default()];
         match shard
             .table
@@ -304,7 +306,7 @@ impl Inner {
                         key,
                         window: &lw.window,
                     };
-                    let evicted = shard.insert_new(&at, state, now, self.shard_capacity);
+                    let evicted = shard.insert_new(&at, state, now, self.shard_capacity, &[]);
                     self.count_evictions(evicted);
                     changed(&[Change {
                         counter: &lw.counter,
@@ -322,7 +324,6 @@ impl Inner {
     fn decide_many_counters(
         &self,
         request: &DecisionRequest,
-        now: Micros,
         changed: impl FnOnce(&[Change<'_>]),
     ) -> WindowOutcomes {
         let mut counters: SmallVec<[Location<'_>; 8]> = SmallVec::new();
@@ -351,7 +352,12 @@ impl Inner {
         shard_ids.dedup();
         let mut guards: SmallVec<[MutexGuard<'_, Shard>; 8]> =
             shard_ids.iter().map(|&id| self.lock(id)).collect();
+        // Under every lock, for the same reason as in `decide_one_counter`.
+        let now = self.clock.now();
+        // Every counter's shard is in `shard_ids` by construction.
         let guard_index = |shard: usize| shard_ids.binary_search(&shard).unwrap_or(0);
+        // Counters this decision writes are never evicted to make room for each other.
+        let own: SmallVec<[u64; 8]> = counters.iter().map(|c| c.hash).collect();
 
         let mut slots: SmallVec<[Slot; 8]> = counters
             .iter()
@@ -371,7 +377,7 @@ impl Inner {
         for (slot, c) in slots.iter().zip(&counters) {
             if let (true, Some(state)) = (slot.dirty, slot.state) {
                 let evicted =
-                    guards[guard_index(c.shard)].upsert(c, state, now, self.shard_capacity);
+                    guards[guard_index(c.shard)].upsert(c, state, now, self.shard_capacity, &own);
                 self.count_evictions(evicted);
                 changes.push(Change {
                     counter: c.counter,
@@ -405,7 +411,14 @@ impl Inner {
 impl Shard {
     /// Writes a counter's state, making room first when the shard is full.
     /// Returns how many live counters were evicted for it.
-    fn upsert(&mut self, at: &Location<'_>, state: State, now: Micros, capacity: usize) -> u64 {
+    fn upsert(
+        &mut self,
+        at: &Location<'_>,
+        state: State,
+        now: Micros,
+        capacity: usize,
+        keep: &[u64],
+    ) -> u64 {
         match self
             .table
             .find_mut(at.hash, |e| e.matches(at.hash, at.counter, at.key))
@@ -415,15 +428,23 @@ impl Shard {
                 entry.expires_at = at.window.expires_at(&state);
                 0
             }
-            None => self.insert_new(at, state, now, capacity),
+            None => self.insert_new(at, state, now, capacity, keep),
         }
     }
 
-    /// Inserts a counter known to be absent, making room first when the shard is full.
-    fn insert_new(&mut self, at: &Location<'_>, state: State, now: Micros, capacity: usize) -> u64 {
+    /// Inserts a counter known to be absent, making room first when the shard is full;
+    /// counters whose hash is in `keep` are not evicted for it.
+    fn insert_new(
+        &mut self,
+        at: &Location<'_>,
+        state: State,
+        now: Micros,
+        capacity: usize,
+        keep: &[u64],
+    ) -> u64 {
         let expires_at = at.window.expires_at(&state);
         self.insert_entry(
-            at.hash, at.counter, at.key, state, expires_at, now, capacity,
+            at.hash, at.counter, at.key, state, expires_at, now, capacity, keep,
         )
     }
 
@@ -438,9 +459,10 @@ impl Shard {
         expires_at: Micros,
         now: Micros,
         capacity: usize,
+        keep: &[u64],
     ) -> u64 {
         let evicted = if self.table.len() >= capacity {
-            self.make_room(now, capacity)
+            self.make_room(now, capacity, keep)
         } else {
             0
         };
@@ -460,7 +482,7 @@ impl Shard {
 
     /// Drops expired entries; if that is not enough, evicts the sixteenth of the
     /// capacity nearest to expiry, so the next inserts need no scan.
-    fn make_room(&mut self, now: Micros, capacity: usize) -> u64 {
+    fn make_room(&mut self, now: Micros, capacity: usize, keep: &[u64]) -> u64 {
         self.table.retain(|e| e.expires_at > now);
         if self.table.len() < capacity {
             return 0;
@@ -471,7 +493,9 @@ impl Shard {
         let threshold = *threshold;
         let mut evicted = 0;
         self.table.retain(|e| {
-            let evict = evicted < batch && e.expires_at <= threshold;
+            // A counter the current decision just wrote is never its own victim (a tiny
+            // shard may then hold a few more than its capacity, bounded by one decision).
+            let evict = evicted < batch && e.expires_at <= threshold && !keep.contains(&e.hash);
             evicted += usize::from(evict);
             !evict
         });

@@ -154,6 +154,30 @@ fn a_full_store_evicts_the_counters_nearest_to_expiry_first() {
 }
 
 #[test]
+fn a_decision_never_evicts_the_counters_it_just_charged() {
+    // One shard of 16: full of long-lived counters, then a decision that inserts two
+    // short-lived ones. Making room for the second must not evict the first.
+    let (_clock, store) = store(16);
+    let long = limit("long", "5/day", Algorithm::FixedWindow);
+    for i in 0..16 {
+        store.decide_sync(&request(&[(&long, &format!("old-{i}"))]));
+    }
+    let short = limit("short", "5/minute", Algorithm::Gcra);
+    let d = store.decide_sync(&request(&[(&short, "new-a"), (&short, "new-b")]));
+    assert!(d.windows.iter().all(|w| w.allowed));
+    for key in ["new-a", "new-b"] {
+        let read = store.decide_sync(&DecisionRequest {
+            checks: vec![Check::new(Arc::clone(&short), key, 0).unwrap()],
+            dry_run: false,
+        });
+        assert_eq!(
+            read.windows[0].remaining, 4,
+            "{key}'s charge survived the eviction"
+        );
+    }
+}
+
+#[test]
 fn the_sweeper_drops_expired_counters_in_the_background() {
     let config = MemoryStoreConfig {
         max_keys: 1_000,

@@ -47,6 +47,7 @@ macro_rules! semantic_suite {
             cost_above_capacity_is_denied_with_no_retry_time,
             denied_decision_charges_nothing,
             charge_denied_limits_count_every_attempt,
+            charge_denied_never_charges_a_cost_that_cannot_fit,
             shadow_limits_report_but_never_deny,
             every_window_of_a_limit_must_allow,
             repeated_counter_in_one_request_counts_twice,

@@ -331,6 +331,30 @@ pub async fn charge_denied_limits_count_every_attempt<H: Harness>(h: &H) {
     assert!(first(one(h, &hammered, "k", 1).await) <= ms(120_000));
 }
 
+/// `charge_denied` counts attempts that could have fitted; a cost the window can never
+/// admit is the caller's mistake and charges nothing, even there.
+pub async fn charge_denied_never_charges_a_cost_that_cannot_fit<H: Harness>(h: &H) {
+    for algorithm in ALGORITHMS {
+        let sticky = limit("sticky", &["5/hour"], |s| {
+            s.charge_denied = true;
+            s.algorithm = algorithm;
+        });
+        let key = algorithm.as_str();
+        let d = one(h, &sticky, key, 6).await;
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, None);
+        assert_eq!(
+            remaining(h, &sticky, key).await,
+            5,
+            "{algorithm}: nothing charged"
+        );
+        assert!(
+            one(h, &sticky, key, 5).await.allowed,
+            "{algorithm}: the whole quota is still there"
+        );
+    }
+}
+
 /// A shadow limit decides and reports, and never denies.
 pub async fn shadow_limits_report_but_never_deny<H: Harness>(h: &H) {
     let shadow = limit("rollout", &["1/hour"], |s| s.shadow = true);
