@@ -325,7 +325,7 @@ def test_timeout_is_honoured_through_the_app(
     response = http.get(app.url + "/chat", headers={"x-user-id": "u"})
     elapsed = time.monotonic() - started
     assert response.status_code == 200 and response.json()["degraded"] is True
-    assert elapsed < 2.0, elapsed
+    assert elapsed < 3.0, elapsed
 
 
 def test_module_level_dependencies_and_uninstalled_fallback(
