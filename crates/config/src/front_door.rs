@@ -487,6 +487,16 @@ fn key_template(node: &Node, path: &str) -> Result<KeyTemplate, Fail> {
             "expected a key template, found a mapping: quote templates that start with `{`, e.g. key: \"{client_ip}\"",
         ));
     }
-    KeyTemplate::from_str(string(node, path)?)
-        .map_err(|error| Fail::new(&node.origin, path, error.to_string()))
+    let template = KeyTemplate::from_str(string(node, path)?)
+        .map_err(|error| Fail::new(&node.origin, path, error.to_string()))?;
+    if template.uses_session() {
+        // No front door issues session cookies yet (the reverse proxy will): a limit keyed
+        // only by {session} would silently never apply.
+        return Err(Fail::new(
+            &node.origin,
+            path,
+            "{session} needs sluice's session cookies, which the reverse proxy issues and this version does not have yet; key anonymous callers by {client_ip} or a {cookie.NAME} your app sets",
+        ));
+    }
+    Ok(template)
 }

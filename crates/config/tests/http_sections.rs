@@ -830,3 +830,16 @@ fn other_response_values_are_checked() {
         "unknown field `status`, expected one of `deny_status`",
     );
 }
+
+#[test]
+fn a_session_key_is_refused_until_sessions_exist() {
+    let text = "limits:\n  l: {rate: 5/minute}\nroutes:\n  - match: {path: /x}\n    limits:\n      - {limit: l, key: [\"{session}\"]}\n";
+    let error = sluice_config::load_str(text, "s.yaml", &|_| None, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(error.starts_with("s.yaml:6:"), "{error}");
+    assert!(
+        error.contains("routes[0].limits[0].key[0]") && error.contains("{session}"),
+        "{error}"
+    );
+}

@@ -6,19 +6,27 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::HeaderMap;
 use sluice_engine::{Limit, LimitSpec};
 use sluice_http::{KeyTemplate, PathPattern, RequestFacts, Route, RouteLimit, RouteMatch, Rules};
 
 fn rules(count: usize, regexes: usize) -> Rules {
-    let limit = Arc::new(Limit::new("l", LimitSpec::new(vec!["5/minute".parse().unwrap()])).unwrap());
+    let limit =
+        Arc::new(Limit::new("l", LimitSpec::new(vec!["5/minute".parse().unwrap()])).unwrap());
     let route = |path: String| Route {
-        matcher: RouteMatch { path: Some(path.parse::<PathPattern>().unwrap()), methods: Vec::new(), header: None },
+        matcher: RouteMatch {
+            path: Some(path.parse::<PathPattern>().unwrap()),
+            methods: Vec::new(),
+            header: None,
+        },
         default: false,
         limits: vec![RouteLimit {
             limit: Arc::clone(&limit),
-            keys: vec!["user:{header.x-user-id}".parse::<KeyTemplate>().unwrap(), "ip:{client_ip}".parse().unwrap()],
+            keys: vec![
+                "user:{header.x-user-id}".parse::<KeyTemplate>().unwrap(),
+                "ip:{client_ip}".parse().unwrap(),
+            ],
             cost: 1,
         }],
     };
@@ -39,9 +47,22 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("route_checks");
     for (count, regexes) in [(10, 0), (1000, 0), (1000, 20)] {
         let rules = rules(count, regexes);
-        for (name, path) in [("exact", format!("/api/v1/exact/{}", count / 2)), ("prefix", format!("/api/v1/prefix/{}/a/b", count / 2))] {
-            let facts = RequestFacts { method: "POST", path: &path, query: None, headers: &headers, client_ip: Some("203.0.113.7"), session: None };
-            let id = BenchmarkId::new(name, format!("{}_routes_{regexes}_regex", 2 * count + regexes));
+        for (name, path) in [
+            ("exact", format!("/api/v1/exact/{}", count / 2)),
+            ("prefix", format!("/api/v1/prefix/{}/a/b", count / 2)),
+        ] {
+            let facts = RequestFacts {
+                method: "POST",
+                path: &path,
+                query: None,
+                headers: &headers,
+                client_ip: Some("203.0.113.7"),
+                session: None,
+            };
+            let id = BenchmarkId::new(
+                name,
+                format!("{}_routes_{regexes}_regex", 2 * count + regexes),
+            );
             group.bench_function(id, |b| b.iter(|| rules.checks(black_box(&facts))));
         }
     }

@@ -241,8 +241,19 @@ impl ResponseConfig {
         }
     }
 
-    /// The answer to a denied request.
+    /// The answer to a denied request, with the configured deny status.
     pub fn denial(&self, request: &DecisionRequest, decision: &Decision) -> Denial {
+        self.denial_with_status(request, decision, self.deny_status)
+    }
+
+    /// The answer to a denied request with `status` (a front door's own deny status);
+    /// the body's `{status}` says the same.
+    pub fn denial_with_status(
+        &self,
+        request: &DecisionRequest,
+        decision: &Decision,
+        status: StatusCode,
+    ) -> Denial {
         let mut headers = HeaderMap::new();
         let retry = retry_after_seconds(decision);
         if let Some(seconds) = retry {
@@ -273,11 +284,11 @@ impl ResponseConfig {
                         .map(|m| (m.max(0) as u64).div_ceil(1000)),
                 )),
                 BodyPart::Message => body.push_str(&message),
-                BodyPart::Status => body.push_str(self.deny_status.as_str()),
+                BodyPart::Status => body.push_str(status.as_str()),
             }
         }
         Denial {
-            status: self.deny_status,
+            status,
             headers,
             body: body.into_bytes(),
         }

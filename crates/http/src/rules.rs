@@ -149,7 +149,7 @@ impl Rules {
         Ok(rules)
     }
 
-    /// Whether any route has no routes at all configured.
+    /// Whether no routes are configured (then no request is limited).
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
     }

@@ -18,7 +18,7 @@ use crate::error::{ApiError, json_response};
 use crate::metrics::Metrics;
 
 /// Settings of the HTTP front door.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerSettings {
     /// The largest request body accepted.
     pub max_body_bytes: usize,
@@ -26,6 +26,20 @@ pub struct ServerSettings {
     pub admin_token: Option<String>,
     /// The deny status of `/v1/forward-auth`, when it differs from the policy's.
     pub forward_auth_deny_status: Option<axum::http::StatusCode>,
+}
+
+/// Prints everything but the admin token.
+impl std::fmt::Debug for ServerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerSettings")
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "[redacted]"),
+            )
+            .field("forward_auth_deny_status", &self.forward_auth_deny_status)
+            .finish()
+    }
 }
 
 /// Everything a request handler needs.
@@ -217,10 +231,14 @@ async fn readyz(State(app): State<Arc<AppState>>) -> Response {
             StatusCode::OK,
             &json!({"status": "ready", "store": store.backend()}),
         ),
-        Err(error) => json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &json!({"status": "unavailable", "store": store.backend(), "error": error.to_string()}),
-        ),
+        Err(error) => {
+            // The error may name hosts or carry a DSN: log it, answer without it.
+            tracing::warn!(%error, backend = store.backend(), "store not ready");
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "unavailable", "store": store.backend()}),
+            )
+        }
     }
 }
 

@@ -347,10 +347,11 @@ pub async fn check(State(app): State<Arc<AppState>>, headers: HeaderMap, body: B
     };
     match app.decider.decide(&request).await {
         Ok(decision) => decision_json(&request, &decision),
-        Err(error) => ApiError::new(
+        // The decider logged the store's error; its text (addresses, DSNs) stays out of answers.
+        Err(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
-            format!("the counter store could not decide: {error}"),
+            "the counter store could not decide; see sluice's log",
         )
         .into_response(),
     }

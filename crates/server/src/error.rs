@@ -59,10 +59,14 @@ pub fn json_response(status: StatusCode, value: &impl Serialize) -> Response {
             body,
         )
             .into_response(),
-        // Our own response types always serialise; answer something well-formed regardless.
+        // Our own response types always serialise; should one ever not, still answer JSON.
         Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "response could not be encoded",
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            r#"{"error": "internal", "message": "the answer could not be encoded"}"#,
         )
             .into_response(),
     }

@@ -3,7 +3,9 @@
 //!
 //! The original request is read from Traefik's `X-Forwarded-Method` / `X-Forwarded-Uri`,
 //! nginx's `X-Original-Method` / `X-Original-URI`, or, as Envoy sends it with a path
-//! prefix, the path after `/v1/forward-auth`. The answer is `200` to allow and the deny
+//! prefix, the path after `/v1/forward-auth`. When more than one is present and they
+//! disagree, the checks of all of them are decided together, so a client cannot dodge
+//! a limit by adding the other proxy's headers to its request. The answer is `200` to allow and the deny
 //! status to deny (`forward_auth.deny_status`, e.g. 403 for nginx, which only passes
 //! 2xx/401/403 through), both with the rate-limit headers.
 
@@ -13,6 +15,7 @@ use std::sync::Arc;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use sluice_engine::DecisionRequest;
 use sluice_http::IncomingRequest;
 
 use crate::app::AppState;
@@ -29,24 +32,37 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-/// The original request's method and path-and-query.
-fn original<'a>(method: &'a Method, uri: &'a Uri, headers: &'a HeaderMap) -> (&'a str, String) {
-    let method = header(headers, "x-forwarded-method")
-        .or_else(|| header(headers, "x-original-method"))
-        .unwrap_or(method.as_str());
-    let path =
-        match header(headers, "x-forwarded-uri").or_else(|| header(headers, "x-original-uri")) {
-            Some(uri) => uri.to_string(),
-            None => {
-                let suffix = uri.path().strip_prefix(PATH).unwrap_or("");
-                let path = if suffix.is_empty() { "/" } else { suffix };
-                match uri.query() {
-                    Some(query) => format!("{path}?{query}"),
-                    None => path.to_string(),
-                }
-            }
+/// Every description of the original request that arrived: Traefik's headers, nginx's
+/// headers, and the path after `/v1/forward-auth` (Envoy). A proxy sets its own pair,
+/// but may pass the client's copy of the other pair through unchanged (nginx does not
+/// strip `X-Forwarded-Uri`), so no single source can be believed over the others.
+fn originals<'a>(
+    method: &'a Method,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+) -> Vec<(&'a str, String)> {
+    let own_method = method.as_str();
+    let mut candidates = Vec::with_capacity(2);
+    for (method_header, uri_header) in [
+        ("x-forwarded-method", "x-forwarded-uri"),
+        ("x-original-method", "x-original-uri"),
+    ] {
+        let (m, u) = (header(headers, method_header), header(headers, uri_header));
+        if m.is_some() || u.is_some() {
+            candidates.push((m.unwrap_or(own_method), u.unwrap_or("/").to_string()));
+        }
+    }
+    let suffix = uri.path().strip_prefix(PATH).unwrap_or("");
+    if !suffix.is_empty() || candidates.is_empty() {
+        let path = if suffix.is_empty() { "/" } else { suffix };
+        let path_and_query = match uri.query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path.to_string(),
         };
-    (method, path)
+        candidates.push((own_method, path_and_query));
+    }
+    candidates.dedup();
+    candidates
 }
 
 /// `ANY /v1/forward-auth[/<original path>]`.
@@ -57,28 +73,38 @@ pub async fn forward_auth(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let (original_method, path_and_query) = original(&method, &uri, &headers);
-    let incoming = IncomingRequest {
-        peer: Some(peer.ip()),
-        method: original_method,
-        path_and_query: &path_and_query,
-        headers: &headers,
-        session: None,
-    };
-    let request = app.policy.decision_request(&incoming, false);
+    // When the sources disagree, every candidate's checks go into one atomic decision:
+    // a spoofed header can add a charge, never remove the real route's.
+    let mut request = DecisionRequest::default();
+    for (original_method, path_and_query) in originals(&method, &uri, &headers) {
+        let incoming = IncomingRequest {
+            peer: Some(peer.ip()),
+            method: original_method,
+            path_and_query: &path_and_query,
+            headers: &headers,
+            session: None,
+        };
+        for check in app.policy.decision_request(&incoming, false).checks {
+            let seen = request
+                .checks
+                .iter()
+                .any(|c| Arc::ptr_eq(c.limit(), check.limit()) && c.key() == check.key());
+            if !seen {
+                request.checks.push(check);
+            }
+        }
+    }
     if request.checks.is_empty() {
         return StatusCode::OK.into_response();
     }
-    let decision = match app.decider.decide(&request).await {
-        Ok(decision) => decision,
-        Err(error) => {
-            return ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                format!("the counter store could not decide: {error}"),
-            )
-            .into_response();
-        }
+    let Ok(decision) = app.decider.decide(&request).await else {
+        // The decider logged the store's error; its text (addresses, DSNs) stays out of answers.
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the counter store could not decide; see sluice's log",
+        )
+        .into_response();
     };
     let responses = &app.policy.responses;
     if decision.allowed {
@@ -86,10 +112,10 @@ pub async fn forward_auth(
         responses.add_rate_limit_headers(&request, &decision, response.headers_mut());
         return response;
     }
-    let denial = responses.denial(&request, &decision);
     let status = app
         .settings
         .forward_auth_deny_status
-        .unwrap_or(denial.status);
-    (status, denial.headers, denial.body).into_response()
+        .unwrap_or(responses.deny_status);
+    let denial = responses.denial_with_status(&request, &decision, status);
+    (denial.status, denial.headers, denial.body).into_response()
 }

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub store_latency: Histogram,
     keys: Family<BackendLabels, Gauge>,
     evictions: Family<BackendLabels, Counter>,
+    render_lock: std::sync::Mutex<()>,
 }
 
 impl Metrics {
@@ -99,6 +100,7 @@ impl Metrics {
             store_latency,
             keys,
             evictions,
+            render_lock: std::sync::Mutex::new(()),
         };
         metrics.track_limits(limits);
         metrics
@@ -147,9 +149,15 @@ impl Metrics {
     pub fn render(&self, backend: &'static str, stats: StoreStats) -> String {
         let labels = BackendLabels { backend };
         self.keys.get_or_create(&labels).set(stats.keys as i64);
-        let evictions = self.evictions.get_or_create(&labels);
-        evictions.inc_by(stats.evictions.saturating_sub(evictions.get()));
-        drop(evictions);
+        {
+            // Two scrapes at once (an HA Prometheus pair) must not both add the same delta.
+            let _one_at_a_time = self
+                .render_lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let evictions = self.evictions.get_or_create(&labels);
+            evictions.inc_by(stats.evictions.saturating_sub(evictions.get()));
+        }
         let mut text = String::with_capacity(4096);
         // Writing into a String cannot fail.
         let _ = encode(&mut text, &self.registry);

@@ -341,7 +341,10 @@ fn nth_request_denied_with_retry_after_headers_and_json_body() {
     );
     assert_eq!(rem(what, &r, "plain3"), 0);
     let t = ratelimit(&r)["plain3"]["t"];
-    assert!((1..=60).contains(&t), "{what}: RateLimit t={t} out of 1..=60");
+    assert!(
+        (1..=60).contains(&t),
+        "{what}: RateLimit t={t} out of 1..=60"
+    );
     assert_eq!(
         policy(&r).get("plain3").map(|m| (m["q"], m["w"])),
         Some((3, 60)),
@@ -1051,5 +1054,67 @@ fn forward_auth_decisions_are_in_metrics_and_check_api_still_works() {
     assert!(
         !allowed(&d),
         "/v1/check sees the bucket forward-auth emptied: {d}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// spoofed descriptions of the original request
+
+/// nginx passes the client's own headers into the auth subrequest, so a client can add
+/// Traefik's `X-Forwarded-Uri`/`-Method` naming an unlimited path. The real route (from
+/// nginx's `X-Original-*`) must still be decided.
+#[test]
+fn a_client_cannot_dodge_a_limit_with_the_other_proxys_headers() {
+    let s = Server::start(CHAT3);
+    let spoof = [
+        ("X-Forwarded-Uri", "/unlimited"),
+        ("X-Forwarded-Method", "GET"),
+    ];
+    for i in 1..=3 {
+        assert_allowed(
+            &format!("spoofed request {i}"),
+            &nginx(&s, "POST", "/chat/message", &spoof),
+        );
+    }
+    assert_denied(
+        "the fourth, spoofed or not",
+        &nginx(&s, "POST", "/chat/message", &spoof),
+        429,
+    );
+    // And the other way round, through Traefik.
+    let s = Server::start(CHAT3);
+    let spoof = [
+        ("X-Original-URI", "/unlimited"),
+        ("X-Original-Method", "GET"),
+    ];
+    for i in 1..=3 {
+        assert_allowed(
+            &format!("spoofed request {i}"),
+            &traefik(&s, "POST", "/chat/message", &spoof),
+        );
+    }
+    assert_denied(
+        "the fourth",
+        &traefik(&s, "POST", "/chat/message", &spoof),
+        429,
+    );
+}
+
+/// The body's `{status}` is the status actually sent, including forward-auth's own.
+#[test]
+fn the_body_status_placeholder_matches_the_forward_auth_status() {
+    let s = Server::start(&format!(
+        "forward_auth: {{deny_status: 403}}\nresponses: {{body: '{{\"status\": {{status}}}}'}}\n{CHAT3}"
+    ));
+    for _ in 0..3 {
+        nginx(&s, "POST", "/chat/message", &[]);
+    }
+    let denied = nginx(&s, "POST", "/chat/message", &[]);
+    assert_denied("fourth", &denied, 403);
+    assert_eq!(
+        denied.body.as_str(),
+        r#"{"status": 403}"#,
+        "{}",
+        denied.describe()
     );
 }

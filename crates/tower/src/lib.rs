@@ -42,7 +42,8 @@
 //! | algorithms | gcra (with burst), sliding window, fixed window (UTC-aligned); several rates per limit; cost per request | gcra |
 //! | storage | memory (bounded, swept) or a shared store, so several instances count together | in-process only; counters reset on restart |
 //! | answers | 429 (configurable), `Retry-After` rounded up from the real wait, IETF `RateLimit` headers and legacy `X-RateLimit-*`, JSON body template | 429 with `x-ratelimit-after`/`retry-after` headers, plain text body |
-//! | shadow mode, `charge_denied`, metrics | yes | no |
+//! | shadow mode, `charge_denied` | yes | no |
+//! | metrics | not from the layer yet (the sluice server exports them) | no |
 //!
 //! tower-governor is the lighter choice for a single in-process quota per route group;
 //! sluice-tower is for layered limits that must agree with other instances and with
@@ -54,8 +55,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use axum::extract::ConnectInfo;
 use axum::extract::connect_info::MockConnectInfo;
+use axum::extract::{ConnectInfo, OriginalUri};
 use http::{HeaderValue, Request, Response, StatusCode};
 use sluice_engine::Store;
 use sluice_http::{HttpPolicy, IncomingRequest};
@@ -157,7 +158,13 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = Arc::clone(&self.shared);
         Box::pin(async move {
-            let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
+            // Under `Router::nest` axum strips the prefix from the URI; routes are written
+            // against the full path, which axum keeps as `OriginalUri`.
+            let uri = request
+                .extensions()
+                .get::<OriginalUri>()
+                .map_or_else(|| request.uri().clone(), |original| original.0.clone());
+            let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
             let incoming = IncomingRequest {
                 peer: peer(&request),
                 method: request.method().as_str(),

@@ -273,3 +273,35 @@ async fn a_failing_store_is_a_503_with_a_json_body_never_a_panic() {
     assert_eq!(headers["content-type"], "application/json");
     assert!(body.contains("store_unavailable"));
 }
+
+#[tokio::test]
+async fn nested_routers_are_matched_on_the_full_path() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = move || {
+        let calls = Arc::clone(&calls);
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            "answered"
+        }
+    };
+    let inner = Router::new()
+        .route("/message", post(counted))
+        .layer(layer(memory()));
+    let app = Router::new().nest("/chat", inner).layer(MockConnectInfo(
+        "203.0.113.7:1".parse::<SocketAddr>().unwrap(),
+    ));
+    for _ in 0..3 {
+        assert_eq!(
+            send(&app, "POST", "/chat/message", &[("x-user-id", "9")])
+                .await
+                .0,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        send(&app, "POST", "/chat/message", &[("x-user-id", "9")])
+            .await
+            .0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
