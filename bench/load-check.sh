@@ -11,6 +11,7 @@
 #   DURATION=20   seconds per run        THREADS=2      wrk threads
 #   CONNECTIONS=64                       KEYS=10000     distinct keys (k0..k9999)
 #   WRK=wrk                              KEEP=1         keep the scratch dir
+#   STORAGE=memory   memory | disk | disk-sync (backend disk in the scratch dir, sync: true)
 #
 # Each run prints req/s, p50 and p99 latency, the status-code histogram and the
 # number of non-200 answers; full wrk output goes to bench/results/.
@@ -24,6 +25,7 @@ THREADS="${THREADS:-2}"
 CONNECTIONS="${CONNECTIONS:-64}"
 KEYS="${KEYS:-10000}"
 WRK="${WRK:-wrk}"
+STORAGE="${STORAGE:-memory}"
 target=""
 variants="1 2"
 
@@ -74,10 +76,16 @@ if [[ -z "$target" ]]; then
     bin="$root/target/release/sluice"
     port="$(free_port)"
     config="$scratch/bench.yaml"
+    case "$STORAGE" in
+        memory) storage="{backend: memory, max_keys: 1000000}" ;;
+        disk) storage="{backend: disk, path: '$scratch/data', max_keys: 1000000}" ;;
+        disk-sync) storage="{backend: disk, path: '$scratch/data', sync: true, max_keys: 1000000}" ;;
+        *) echo "STORAGE must be memory, disk or disk-sync, not $STORAGE" >&2; exit 2 ;;
+    esac
     cat >"$config" <<EOF
 listen: 127.0.0.1:$port
 admin: {token: bench-token}
-storage: {backend: memory, max_keys: 1000000}
+storage: $storage
 limits:
   # one gcra limit per API key; 10k distinct keys
   api: {rate: 100/second}
@@ -138,7 +146,7 @@ for v in $variants; do
 done
 
 echo
-echo "==> summary ($base, ${DURATION}s, -t$THREADS -c$CONNECTIONS, $KEYS keys)"
+echo "==> summary ($base, storage ${STORAGE}, ${DURATION}s, -t$THREADS -c$CONNECTIONS, $KEYS keys)"
 for line in "${summary[@]}"; do echo "    $line"; done
 if [[ -n "$server_pid" ]]; then
     echo "    server rss: $(awk '/VmRSS/ {print $2 " " $3}' "/proc/$server_pid/status" 2>/dev/null || echo '?')"
