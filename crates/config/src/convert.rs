@@ -11,7 +11,7 @@ use crate::overrides::TOP_LEVEL;
 use crate::tree::{Entry, Kind, Node, Scalar, Value, parse_int};
 use crate::{AdminConfig, Backend, Config, HttpConfig, OnError, Secret, StorageConfig};
 
-const ADMIN_FIELDS: &[&str] = &["token"];
+const ADMIN_FIELDS: &[&str] = &["token", "listen"];
 const STORAGE_FIELDS: &[&str] = &[
     "backend",
     "max_keys",
@@ -244,6 +244,9 @@ fn admin(node: &Node, path: &str) -> Result<AdminConfig, Fail> {
             ));
         }
         admin.token = Some(Secret::new(token));
+    }
+    if let Some((node, path)) = fields.get("listen") {
+        admin.listen = Some(listen(node, &path)?);
     }
     Ok(admin)
 }

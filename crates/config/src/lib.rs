@@ -195,6 +195,8 @@ pub struct ForwardAuthConfig {
 pub struct AdminConfig {
     /// Bearer token for `/v1/reset` and other admin calls; with none, no admin call works.
     pub token: Option<Secret>,
+    /// A separate address for the admin calls; when set, they are served only there.
+    pub listen: Option<SocketAddr>,
 }
 
 /// A secret string (such as the admin token) that never shows in `Debug` or `Display` output.

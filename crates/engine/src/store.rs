@@ -54,6 +54,18 @@ pub trait Store: Send + Sync {
     /// Forgets every window of `limit` for `key`.
     fn reset<'a>(&'a self, limit: &'a Limit, key: &'a str) -> StoreFuture<'a, ()>;
 
+    /// Forgets every key's windows of `limit`; returns how many counters were removed.
+    /// Backends that cannot enumerate keys cheaply may refuse.
+    fn reset_limit<'a>(&'a self, limit: &'a Limit) -> StoreFuture<'a, u64> {
+        let backend = self.backend();
+        let name = limit.name().to_string();
+        Box::pin(async move {
+            Err(StoreError::Protocol(format!(
+                "the {backend} store cannot reset every key of {name}"
+            )))
+        })
+    }
+
     /// Succeeds when the store can serve decisions.
     fn ping(&self) -> StoreFuture<'_, ()>;
 

@@ -149,6 +149,11 @@ impl Rules {
         Ok(rules)
     }
 
+    /// How many routes are configured.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
     /// Whether no routes are configured (then no request is limited).
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()

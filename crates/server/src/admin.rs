@@ -1,24 +1,34 @@
 //! Calls that change state for everyone: behind `admin.token`, compared in constant time.
-//! Without a configured token they are refused outright.
+//! Without a configured token they are refused outright. With `admin.listen` they are
+//! served only on that address.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde::Deserialize;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use sluice_engine::DecisionRequest;
 use subtle::ConstantTimeEq;
 
 use crate::app::AppState;
-use crate::check::{find_limit, parse_key, read_json};
+use crate::check::{find_limit, parse_key, read_json, result_bodies};
 use crate::error::{ApiError, json_response};
+use crate::live::Live;
+
+/// The request shape `POST /v1/reset` expects, quoted in its errors.
+pub const RESET_SHAPE: &str = r#"{"limit": "<name>", "key": "<key>"}"#;
+
+/// The request shape `POST /v1/admin/reset-limit` expects, quoted in its errors.
+pub const RESET_LIMIT_SHAPE: &str = r#"{"limit": "<name>"}"#;
 
 /// Checks the `Authorization: Bearer <token>` header against the configured token.
-pub fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = app.settings.admin_token.as_deref() else {
+pub fn authorize(live: &Live, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = live.admin_token.as_ref().map(|t| t.expose()) else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "admin_disabled",
@@ -50,8 +60,14 @@ pub fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// The request shape `POST /v1/reset` expects, quoted in its errors.
-pub const RESET_SHAPE: &str = r#"{"limit": "<name>", "key": "<key>"}"#;
+fn store_failed(what: &str) -> ApiError {
+    // The store's own error (hosts, DSNs) goes to the log, not into the answer.
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        format!("{what} failed: the counter store could not answer; see sluice's log"),
+    )
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,22 +76,13 @@ struct ResetBody {
     key: Value,
 }
 
-#[derive(Serialize)]
-struct ResetDone<'a> {
-    reset: bool,
-    limit: &'a str,
-    key: &'a str,
-}
-
 /// `POST /v1/reset`: forgets one key's counters of one limit.
 pub async fn reset(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    if let Err(error) = authorize(&app, &headers) {
-        return error.into_response();
-    }
+    let live = app.live();
     let result = async {
-        let body: ResetBody =
-            read_json(&headers, body, app.settings.max_body_bytes, RESET_SHAPE).await?;
-        let limit = find_limit(&app.limits, &body.limit, "limit")?;
+        authorize(&live, &headers)?;
+        let body: ResetBody = read_json(&headers, body, live.max_body_bytes, RESET_SHAPE).await?;
+        let limit = find_limit(&live.limits, &body.limit, "limit")?;
         let key = parse_key(body.key, "key")?;
         crate::check::make_check(Arc::clone(limit), key.clone(), 0, "key")?;
         app.decider
@@ -83,22 +90,116 @@ pub async fn reset(State(app): State<Arc<AppState>>, headers: HeaderMap, body: B
             .reset(limit, &key)
             .await
             .map_err(|error| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    format!("reset failed: {error}"),
-                )
+                tracing::warn!(%error, "reset failed");
+                store_failed("reset")
             })?;
         tracing::info!(limit = limit.name(), "counter reset by admin");
         Ok::<_, ApiError>(json_response(
             StatusCode::OK,
-            &ResetDone {
-                reset: true,
-                limit: limit.name(),
-                key: &key,
-            },
+            &json!({"reset": true, "limit": limit.name(), "key": key}),
         ))
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResetLimitBody {
+    limit: String,
+}
+
+/// `POST /v1/admin/reset-limit`: forgets every key's counters of one limit.
+pub async fn reset_limit(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let live = app.live();
+    let result = async {
+        authorize(&live, &headers)?;
+        let body: ResetLimitBody =
+            read_json(&headers, body, live.max_body_bytes, RESET_LIMIT_SHAPE).await?;
+        let limit = find_limit(&live.limits, &body.limit, "limit")?;
+        let removed = app
+            .decider
+            .store()
+            .reset_limit(limit)
+            .await
+            .map_err(|error| {
+                tracing::warn!(%error, "reset of a whole limit failed");
+                store_failed("resetting the limit")
+            })?;
+        tracing::info!(
+            limit = limit.name(),
+            counters_removed = removed,
+            "limit reset by admin"
+        );
+        Ok::<_, ApiError>(json_response(
+            StatusCode::OK,
+            &json!({"reset": true, "limit": limit.name(), "counters_removed": removed}),
+        ))
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `GET /v1/admin/state?limit=L&key=K`: one key's windows, read without charging.
+pub async fn state(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let live = app.live();
+    let result = async {
+        authorize(&live, &headers)?;
+        let missing = |name: &str| {
+            ApiError::bad_request("invalid_request", format!("missing query parameter {name}: call /v1/admin/state?limit=<name>&key=<key>"))
+        };
+        let name = query.get("limit").ok_or_else(|| missing("limit"))?;
+        let key = query.get("key").ok_or_else(|| missing("key"))?;
+        let limit = find_limit(&live.limits, name, "limit")?;
+        let check = crate::check::make_check(Arc::clone(limit), key.clone(), 0, "key")?;
+        let request = DecisionRequest { checks: vec![check], dry_run: true };
+        let decision = sluice_engine::decide(&**app.decider.store(), &request).await.map_err(|error| {
+            tracing::warn!(%error, "state read failed");
+            store_failed("reading the state")
+        })?;
+        Ok::<_, ApiError>(json_response(
+            StatusCode::OK,
+            &json!({"limit": limit.name(), "key": key, "results": result_bodies(&request, &decision)}),
+        ))
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `GET /v1/status`: the config version and the reload history.
+pub async fn status(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    match authorize(&app.live(), &headers) {
+        Ok(()) => json_response(StatusCode::OK, &app.config.status()),
+        Err(error) => error.into_response(),
+    }
+}
+
+/// `POST /v1/admin/reload`: reads the config file again now.
+pub async fn reload(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(error) = authorize(&app.live(), &headers) {
+        return error.into_response();
+    }
+    let state = Arc::clone(&app);
+    // Reading and validating the file is blocking work.
+    match tokio::task::spawn_blocking(move || state.reload()).await {
+        Ok(Ok(version)) => json_response(
+            StatusCode::OK,
+            &json!({"reloaded": true, "config_version": version}),
+        ),
+        Ok(Err(error)) => ApiError::bad_request("invalid_config", error.0).into_response(),
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "reload_failed",
+            "the reload did not finish; see sluice's log",
+        )
+        .into_response(),
+    }
 }

@@ -1,7 +1,9 @@
 //! The shared state of a running server and its routes.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Router;
 use axum::extract::State;
@@ -10,77 +12,58 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use serde::Serialize;
 use serde_json::json;
-use sluice_engine::{LimitSet, Store};
-use sluice_http::HttpPolicy;
+use sluice_config::Config;
+use sluice_engine::Store;
 
 use crate::decider::Decider;
 use crate::error::{ApiError, json_response};
+use crate::live::{Live, LiveConfig, ReloadError};
 use crate::metrics::Metrics;
-
-/// Settings of the HTTP front door.
-#[derive(Clone)]
-pub struct ServerSettings {
-    /// The largest request body accepted.
-    pub max_body_bytes: usize,
-    /// The bearer token for admin calls; `None` disables them.
-    pub admin_token: Option<String>,
-    /// The deny status of `/v1/forward-auth`, when it differs from the policy's.
-    pub forward_auth_deny_status: Option<axum::http::StatusCode>,
-}
-
-/// Prints everything but the admin token.
-impl std::fmt::Debug for ServerSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerSettings")
-            .field("max_body_bytes", &self.max_body_bytes)
-            .field(
-                "admin_token",
-                &self.admin_token.as_ref().map(|_| "[redacted]"),
-            )
-            .field("forward_auth_deny_status", &self.forward_auth_deny_status)
-            .finish()
-    }
-}
 
 /// Everything a request handler needs.
 pub struct AppState {
-    /// The configured limits.
-    pub limits: LimitSet,
-    /// Routes, client identity and answers for the HTTP front doors.
-    pub policy: HttpPolicy,
+    /// The reloadable configuration.
+    pub config: LiveConfig,
     /// The decision path.
     pub decider: Decider,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
-    /// Front-door settings.
-    pub settings: ServerSettings,
+    started: Instant,
 }
 
 impl AppState {
-    /// State over `store` with `limits` and the HTTP `policy`.
-    pub fn new(
-        limits: LimitSet,
-        policy: HttpPolicy,
-        store: Arc<dyn Store>,
-        settings: ServerSettings,
-    ) -> Self {
-        let metrics = Arc::new(Metrics::new(&limits));
+    /// State for `config` (read from `path`, for reloads) over `store`.
+    pub fn new(config: &Config, path: Option<PathBuf>, store: Arc<dyn Store>) -> Self {
+        let metrics = Arc::new(Metrics::new(&config.limits));
         AppState {
+            config: LiveConfig::new(config, path),
             decider: Decider::new(store, Arc::clone(&metrics)),
-            limits,
-            policy,
             metrics,
-            settings,
+            started: Instant::now(),
         }
+    }
+
+    /// The configuration snapshot a request works with.
+    pub fn live(&self) -> Arc<Live> {
+        self.config.load()
+    }
+
+    /// Reloads the config file (see [`LiveConfig::reload`]).
+    pub fn reload(&self) -> Result<u64, ReloadError> {
+        self.config.reload(&self.metrics)
+    }
+
+    /// Seconds since the server started.
+    pub fn uptime_seconds(&self) -> u64 {
+        self.started.elapsed().as_secs()
     }
 }
 
-/// The routes of the decision API.
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+/// The routes of the main listener. With `admin_separate` (an `admin.listen` address),
+/// the admin calls are served only by [`admin_router`] and answer 404 here.
+pub fn router(state: Arc<AppState>, admin_separate: bool) -> Router {
+    let mut routes = Router::new()
         .route("/v1/check", post(crate::check::check))
-        .route("/v1/limits", get(limits))
-        .route("/v1/reset", post(crate::admin::reset))
         .route(
             crate::forward_auth::PATH,
             any(crate::forward_auth::forward_auth),
@@ -89,12 +72,37 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/forward-auth/{*original}",
             any(crate::forward_auth::forward_auth),
         )
+        .route("/v1/limits", get(limits))
+        .route("/v1/stats", get(stats))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics));
+    if !admin_separate {
+        routes = routes.merge(admin_routes());
+    }
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+/// The admin calls alone, for a separate `admin.listen` address.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    admin_routes()
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+fn admin_routes() -> Router<Arc<AppState>> {
+    use crate::admin;
+    Router::new()
+        .route("/v1/reset", post(admin::reset))
+        .route("/v1/status", get(admin::status))
+        .route("/v1/admin/reload", post(admin::reload))
+        .route("/v1/admin/reset-limit", post(admin::reset_limit))
+        .route("/v1/admin/state", get(admin::state))
 }
 
 /// Binds `count` listeners on `listen` with `SO_REUSEPORT`, one per serving thread.
@@ -197,7 +205,8 @@ struct WindowInfo<'a> {
 }
 
 async fn limits(State(app): State<Arc<AppState>>) -> Response {
-    let limits: Vec<LimitInfo<'_>> = app
+    let live = app.live();
+    let limits: Vec<LimitInfo<'_>> = live
         .limits
         .iter()
         .map(|l| LimitInfo {
@@ -218,6 +227,41 @@ async fn limits(State(app): State<Arc<AppState>>) -> Response {
         })
         .collect();
     json_response(StatusCode::OK, &json!({ "limits": limits }))
+}
+
+/// `GET /v1/stats`: counts since start for teams without Prometheus.
+async fn stats(State(app): State<Arc<AppState>>) -> Response {
+    let live = app.live();
+    let counters = app.metrics.limit_counters();
+    let limits: serde_json::Map<String, serde_json::Value> = live
+        .limits
+        .iter()
+        .map(|limit| {
+            let counts = counters.get(limit.name()).map_or_else(
+                || json!({"allowed": 0, "denied": 0, "shadow_denied": 0}),
+                |c| json!({"allowed": c.allowed.get(), "denied": c.denied.get(), "shadow_denied": c.shadow_denied.get()}),
+            );
+            (limit.name().to_string(), counts)
+        })
+        .collect();
+    let store = app.decider.store();
+    let reachable = store.ping().await.is_ok();
+    let store_stats = store.stats();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "limits": limits,
+            "degraded": app.metrics.degraded.get(),
+            "store": {
+                "backend": store.backend(),
+                "reachable": reachable,
+                "keys": store_stats.keys,
+                "evictions": store_stats.evictions,
+            },
+            "config_version": live.version,
+            "uptime_seconds": app.uptime_seconds(),
+        }),
+    )
 }
 
 async fn healthz() -> Response {
@@ -255,7 +299,7 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-const ENDPOINTS: &str = "POST /v1/check, ANY /v1/forward-auth, GET /v1/limits, POST /v1/reset, GET /healthz, GET /readyz, GET /metrics";
+const ENDPOINTS: &str = "POST /v1/check, ANY /v1/forward-auth, GET /v1/limits, GET /v1/stats, GET /healthz, GET /readyz, GET /metrics, and admin calls (POST /v1/reset, GET /v1/status, POST /v1/admin/reload, POST /v1/admin/reset-limit, GET /v1/admin/state)";
 
 async fn not_found(method: Method, uri: Uri) -> Response {
     ApiError::new(

@@ -47,8 +47,9 @@ struct DecisionBody<'a> {
     results: Vec<ResultBody<'a>>,
 }
 
+/// One window's result as `/v1/check` shows it.
 #[derive(Serialize)]
-struct ResultBody<'a> {
+pub struct ResultBody<'a> {
     limit: &'a str,
     key: &'a str,
     rate: &'a str,
@@ -302,9 +303,9 @@ fn build_request(limits: &LimitSet, body: CheckBody) -> Result<DecisionRequest, 
     })
 }
 
-/// Renders a decision as DESIGN §4.1's JSON, one result per window.
-pub fn decision_json(request: &DecisionRequest, decision: &Decision) -> Response {
-    let results = decision
+/// One JSON result per window of `decision`, in order.
+pub fn result_bodies<'a>(request: &'a DecisionRequest, decision: &Decision) -> Vec<ResultBody<'a>> {
+    decision
         .results
         .iter()
         .map(|r| {
@@ -322,7 +323,12 @@ pub fn decision_json(request: &DecisionRequest, decision: &Decision) -> Response
                 shadow: r.shadow,
             }
         })
-        .collect();
+        .collect()
+}
+
+/// Renders a decision as DESIGN §4.1's JSON, one result per window.
+pub fn decision_json(request: &DecisionRequest, decision: &Decision) -> Response {
+    let results = result_bodies(request, decision);
     json_response(
         StatusCode::OK,
         &DecisionBody {
@@ -336,12 +342,12 @@ pub fn decision_json(request: &DecisionRequest, decision: &Decision) -> Response
 
 /// `POST /v1/check`.
 pub async fn check(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let body: CheckBody =
-        match read_json(&headers, body, app.settings.max_body_bytes, CHECK_SHAPE).await {
-            Ok(body) => body,
-            Err(error) => return error.into_response(),
-        };
-    let request = match build_request(&app.limits, body) {
+    let live = app.live();
+    let body: CheckBody = match read_json(&headers, body, live.max_body_bytes, CHECK_SHAPE).await {
+        Ok(body) => body,
+        Err(error) => return error.into_response(),
+    };
+    let request = match build_request(&live.limits, body) {
         Ok(request) => request,
         Err(error) => return error.into_response(),
     };

@@ -64,8 +64,33 @@ impl Decider {
                 (true, true) => counter.shadow_denied.inc(),
             };
             if denied && !check.limit().shadow() {
-                tracing::debug!(limit = check.limit().name(), "denied");
+                let retry_after_ms = decision
+                    .results
+                    .iter()
+                    .filter(|r| r.check == index && !r.allowed)
+                    .map(|r| r.retry_after.map(|us| (us.max(0) as u64).div_ceil(1000)))
+                    .max()
+                    .flatten();
+                tracing::info!(
+                    limit = check.limit().name(),
+                    key_hash = %key_hash(check.key()),
+                    retry_after_ms,
+                    "denied"
+                );
             }
         }
     }
+}
+
+/// The first 16 hex digits of SHA-256 of a key: enough to follow one caller through the
+/// log without writing down who it is (keys may be user ids, API keys or addresses).
+fn key_hash(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write;
+    let digest = Sha256::digest(key.as_bytes());
+    let mut hex = String::with_capacity(16);
+    for byte in &digest[..8] {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
 }

@@ -75,6 +75,7 @@ pub async fn forward_auth(
 ) -> Response {
     // When the sources disagree, every candidate's checks go into one atomic decision:
     // a spoofed header can add a charge, never remove the real route's.
+    let live = app.live();
     let mut request = DecisionRequest::default();
     for (original_method, path_and_query) in originals(&method, &uri, &headers) {
         let incoming = IncomingRequest {
@@ -84,7 +85,7 @@ pub async fn forward_auth(
             headers: &headers,
             session: None,
         };
-        for check in app.policy.decision_request(&incoming, false).checks {
+        for check in live.policy.decision_request(&incoming, false).checks {
             let seen = request
                 .checks
                 .iter()
@@ -106,14 +107,13 @@ pub async fn forward_auth(
         )
         .into_response();
     };
-    let responses = &app.policy.responses;
+    let responses = &live.policy.responses;
     if decision.allowed {
         let mut response = StatusCode::OK.into_response();
         responses.add_rate_limit_headers(&request, &decision, response.headers_mut());
         return response;
     }
-    let status = app
-        .settings
+    let status = live
         .forward_auth_deny_status
         .unwrap_or(responses.deny_status);
     let denial = responses.denial_with_status(&request, &decision, status);

@@ -1,7 +1,8 @@
 //! sluice's HTTP front door: the JSON decision API (`POST /v1/check`), the limits
 //! listing, admin calls, health, readiness and Prometheus metrics.
 //!
-//! - [`app`]: the shared state and the router.
+//! - [`app`]: the shared state and the routers.
+//! - [`live`]: the reloadable configuration snapshot and the reload.
 //! - [`decider`]: turns a decision request into a decision and records its metrics;
 //!   every front door goes through it.
 //! - [`check`]: `POST /v1/check` — request parsing, validation and the response shape.
@@ -16,9 +17,11 @@ pub mod check;
 pub mod decider;
 pub mod error;
 pub mod forward_auth;
+pub mod live;
 pub mod metrics;
 
-pub use app::{AppState, ServerSettings, bind_listeners, router, serve, serve_per_thread};
+pub use app::{AppState, admin_router, bind_listeners, router, serve, serve_per_thread};
 pub use decider::Decider;
 pub use error::ApiError;
+pub use live::{Live, LiveConfig, ReloadError};
 pub use metrics::Metrics;

@@ -3,6 +3,8 @@
 //! `sluice serve --config FILE` loads the config, opens the store and serves the HTTP
 //! front door; `sluice check-config FILE` validates a file without starting anything.
 
+mod admin_cli;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,8 +13,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice_config::{Backend, Config};
 use sluice_engine::Store;
-use sluice_http::{ClientIpResolver, HttpPolicy};
-use sluice_server::{AppState, ServerSettings};
+use sluice_server::AppState;
 use sluice_store_disk::{DiskStore, DiskStoreConfig};
 use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
 use tracing_subscriber::EnvFilter;
@@ -52,6 +53,8 @@ enum Command {
         /// The YAML config file.
         file: PathBuf,
     },
+    /// Talk to a running server's admin API: reset, reset-limit, state, reload, status.
+    Admin(admin_cli::AdminArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Serve { config } => serve(&config),
+        Command::Admin(args) => admin_cli::run(args),
     }
 }
 
@@ -149,7 +153,7 @@ fn serve(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, path.to_path_buf())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -158,25 +162,14 @@ fn serve(path: &Path) -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     use anyhow::Context;
     let store = open_store(&config)?;
     let listen = config.listen;
-    let limit_count = config.limits.len();
-    let policy = HttpPolicy {
-        rules: config.routes,
-        client_ip: ClientIpResolver::new(config.client_ip),
-        responses: config.responses,
-    };
     let state = Arc::new(AppState::new(
-        config.limits,
-        policy,
+        &config,
+        Some(path.clone()),
         Arc::clone(&store),
-        ServerSettings {
-            max_body_bytes: config.http.max_body_bytes,
-            admin_token: config.admin.token.map(|t| t.expose().to_string()),
-            forward_auth_deny_status: config.forward_auth.deny_status,
-        },
     ));
     let threads = match config.http.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -185,9 +178,37 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listeners = sluice_server::bind_listeners(listen, threads).with_context(|| {
         format!("cannot listen on {listen}: pick a free address for `listen:` (or SLUICE_LISTEN)")
     })?;
-    tracing::info!(%listen, backend = store.backend(), limits = limit_count, threads, "sluice listening");
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let router = sluice_server::router(state);
+    let admin_listen = config.admin.listen;
+    if let Some(admin_listen) = admin_listen {
+        let listener = tokio::net::TcpListener::bind(admin_listen)
+            .await
+            .with_context(|| {
+                format!("cannot listen on {admin_listen}: pick a free address for `admin.listen:`")
+            })?;
+        let mut stopped = stopped.clone();
+        let router = sluice_server::admin_router(Arc::clone(&state));
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            if let Err(error) = sluice_server::serve(listener, router, stop).await {
+                tracing::error!(%error, "the admin listener stopped");
+            }
+        });
+        tracing::info!(%admin_listen, "admin calls served only here");
+    }
+    tracing::info!(
+        %listen,
+        backend = store.backend(),
+        limits = config.limits.len(),
+        routes = config.routes.len(),
+        threads,
+        "sluice listening"
+    );
+    watch_config_file(Arc::clone(&state), path);
+    tokio::spawn(reload_on_sighup(Arc::clone(&state)));
+    let router = sluice_server::router(Arc::clone(&state), admin_listen.is_some());
     let mut server = tokio::task::spawn_blocking(move || {
         sluice_server::serve_per_thread(listeners, router, stopped)
     });
@@ -204,6 +225,65 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .context("the HTTP server did not shut down cleanly")??;
     tracing::info!("sluice stopped");
     Ok(())
+}
+
+/// Reloads the config on every SIGHUP.
+async fn reload_on_sighup(state: Arc<AppState>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!(
+                "cannot listen for SIGHUP; reload by file change or POST /v1/admin/reload"
+            );
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config");
+            let state = Arc::clone(&state);
+            // Errors are logged and recorded for /v1/status by the reload itself.
+            let _ = tokio::task::spawn_blocking(move || state.reload()).await;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = state;
+}
+
+/// Reloads the config when its file changes. The path is looked at once a second,
+/// following symlinks, so an editor's rename-over and a Kubernetes ConfigMap's `..data`
+/// symlink swap are seen as surely as an in-place write; the file is only reloaded when
+/// its content differs from what was last read.
+fn watch_config_file(state: Arc<AppState>, path: PathBuf) {
+    fn fingerprint(path: &Path) -> Option<(u64, u64, std::time::SystemTime)> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some((meta.ino(), meta.len(), meta.modified().ok()?))
+    }
+    let spawned = std::thread::Builder::new()
+        .name("sluice-config-watch".into())
+        .spawn(move || {
+            let mut seen = fingerprint(&path);
+            let mut content = std::fs::read(&path).ok();
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let now = fingerprint(&path);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                let new = std::fs::read(&path).ok();
+                if new.is_none() || new == content {
+                    continue;
+                }
+                content = new;
+                tracing::info!(path = %path.display(), "config file changed: reloading");
+                // Errors are logged and recorded for /v1/status by the reload itself.
+                let _ = state.reload();
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot watch the config file; reload with SIGHUP or POST /v1/admin/reload");
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

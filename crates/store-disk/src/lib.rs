@@ -411,6 +411,17 @@ impl Store for DiskStore {
         }
     }
 
+    fn reset_limit<'a>(&'a self, limit: &'a Limit) -> StoreFuture<'a, u64> {
+        let mut seq = 0;
+        let removed = self.memory.reset_limit_sync_with(limit, |counter, key| {
+            seq = seq.max(self.journal.remove(counter, key));
+        });
+        Box::pin(async move {
+            self.journal.committed(seq).await?;
+            Ok(removed)
+        })
+    }
+
     fn reset<'a>(&'a self, limit: &'a Limit, key: &'a str) -> StoreFuture<'a, ()> {
         let mut seq = 0;
         self.memory.reset_sync_with(limit, key, |counter| {

@@ -160,6 +160,28 @@ impl MemoryStore {
         self.reset_sync_with(limit, key, |_| {});
     }
 
+    /// Forgets every key's windows of `limit`, calling `removed` with each counter and
+    /// key it drops (a durable store journals them); returns how many were dropped.
+    pub fn reset_limit_sync_with(
+        &self,
+        limit: &Limit,
+        mut removed: impl FnMut(&Arc<str>, &str),
+    ) -> u64 {
+        let counters: SmallVec<[&str; 4]> = limit.windows().iter().map(|w| &*w.counter).collect();
+        let mut count = 0;
+        for shard in self.inner.shards.iter() {
+            self.inner.lock_shard(shard).table.retain(|e| {
+                let drop = counters.contains(&&*e.counter);
+                if drop {
+                    removed(&e.counter, &e.key);
+                    count += 1;
+                }
+                !drop
+            });
+        }
+        count
+    }
+
     /// Like [`MemoryStore::reset_sync`], and calls `removed` with each window's counter
     /// name while that counter's shard is locked (see [`MemoryStore::decide_sync_with`]).
     pub fn reset_sync_with(&self, limit: &Limit, key: &str, mut removed: impl FnMut(&str)) {
@@ -520,6 +542,11 @@ impl Store for MemoryStore {
     fn reset<'a>(&'a self, limit: &'a Limit, key: &'a str) -> StoreFuture<'a, ()> {
         self.reset_sync(limit, key);
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn reset_limit<'a>(&'a self, limit: &'a Limit) -> StoreFuture<'a, u64> {
+        let removed = self.reset_limit_sync_with(limit, |_, _| {});
+        Box::pin(std::future::ready(Ok(removed)))
     }
 
     fn ping(&self) -> StoreFuture<'_, ()> {

@@ -1,0 +1,200 @@
+//! The configuration a running server swaps on reload, and the reload itself.
+//!
+//! Every request reads one [`Live`] snapshot, so it sees one whole configuration; a
+//! reload validates the new file completely and swaps the snapshot in one step. Counters
+//! live in the store, keyed by limit name, algorithm and period, so limits that did not
+//! change keep theirs. Settings bound at start (addresses, storage, threads) are not
+//! changed by a reload: it applies the rest and says which need a restart.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+use sluice_config::{Config, Secret, StorageConfig};
+use sluice_engine::LimitSet;
+use sluice_http::{ClientIpResolver, HttpPolicy};
+
+use crate::metrics::Metrics;
+
+/// What a request reads: the parts of the config a reload can change.
+#[derive(Debug)]
+pub struct Live {
+    /// Increments with every successful reload; 1 at start.
+    pub version: u64,
+    /// The limits.
+    pub limits: LimitSet,
+    /// Routes, client identity and answers.
+    pub policy: HttpPolicy,
+    /// The admin bearer token; `None` disables admin calls.
+    pub admin_token: Option<Secret>,
+    /// `/v1/forward-auth`'s own deny status.
+    pub forward_auth_deny_status: Option<StatusCode>,
+    /// The largest request body read.
+    pub max_body_bytes: usize,
+}
+
+impl Live {
+    /// The live part of `config`, as `version`.
+    pub fn from_config(config: &Config, version: u64) -> Self {
+        Live {
+            version,
+            limits: config.limits.clone(),
+            policy: HttpPolicy {
+                rules: config.routes.clone(),
+                client_ip: ClientIpResolver::new(config.client_ip.clone()),
+                responses: config.responses.clone(),
+            },
+            admin_token: config.admin.token.clone(),
+            forward_auth_deny_status: config.forward_auth.deny_status,
+            max_body_bytes: config.http.max_body_bytes,
+        }
+    }
+}
+
+/// Settings bound when the server started.
+#[derive(Debug, Clone, PartialEq)]
+struct StartupSettings {
+    listen: SocketAddr,
+    admin_listen: Option<SocketAddr>,
+    storage: StorageConfig,
+    threads: usize,
+}
+
+impl StartupSettings {
+    fn of(config: &Config) -> Self {
+        StartupSettings {
+            listen: config.listen,
+            admin_listen: config.admin.listen,
+            storage: config.storage.clone(),
+            threads: config.http.threads,
+        }
+    }
+
+    /// The fields of `new` that differ and only a restart applies.
+    fn needing_restart(&self, new: &StartupSettings) -> Vec<&'static str> {
+        let mut fields = Vec::new();
+        if self.listen != new.listen {
+            fields.push("listen");
+        }
+        if self.admin_listen != new.admin_listen {
+            fields.push("admin.listen");
+        }
+        if self.storage != new.storage {
+            fields.push("storage");
+        }
+        if self.threads != new.threads {
+            fields.push("http.threads");
+        }
+        fields
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ReloadRecord {
+    at: SystemTime,
+    error: Option<String>,
+}
+
+#[derive(Debug)]
+struct ReloadLog {
+    loaded_at: SystemTime,
+    last: Option<ReloadRecord>,
+    restart_required: Vec<&'static str>,
+}
+
+/// The live configuration, its source file and the reload history.
+pub struct LiveConfig {
+    current: ArcSwap<Live>,
+    path: Option<PathBuf>,
+    startup: StartupSettings,
+    log: Mutex<ReloadLog>,
+}
+
+/// Why a reload was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadError(pub String);
+
+impl LiveConfig {
+    /// The configuration the server started with, read from `path` (if any).
+    pub fn new(config: &Config, path: Option<PathBuf>) -> Self {
+        LiveConfig {
+            current: ArcSwap::from_pointee(Live::from_config(config, 1)),
+            path,
+            startup: StartupSettings::of(config),
+            log: Mutex::new(ReloadLog {
+                loaded_at: SystemTime::now(),
+                last: None,
+                restart_required: Vec::new(),
+            }),
+        }
+    }
+
+    /// The snapshot a request works with.
+    pub fn load(&self) -> Arc<Live> {
+        self.current.load_full()
+    }
+
+    /// Reads the config file again and, if it is valid, swaps it in; otherwise keeps the
+    /// running config. Serialised: concurrent reloads (SIGHUP, file change, admin call)
+    /// happen one after the other.
+    pub fn reload(&self, metrics: &Metrics) -> Result<u64, ReloadError> {
+        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(path) = &self.path else {
+            return Err(ReloadError(
+                "the server was not started from a config file".into(),
+            ));
+        };
+        let at = SystemTime::now();
+        let config = match sluice_config::load(path) {
+            Ok(config) => config,
+            Err(error) => {
+                let message = error.to_string();
+                tracing::error!(error = %message, "config reload rejected; the running config stays");
+                log.last = Some(ReloadRecord {
+                    at,
+                    error: Some(message.clone()),
+                });
+                return Err(ReloadError(message));
+            }
+        };
+        let restart = self.startup.needing_restart(&StartupSettings::of(&config));
+        if !restart.is_empty() {
+            tracing::warn!(fields = ?restart, "these settings change only on restart; the rest of the new config is applied");
+        }
+        let version = self.current.load().version + 1;
+        metrics.track_limits(&config.limits);
+        self.current
+            .store(Arc::new(Live::from_config(&config, version)));
+        tracing::info!(
+            version,
+            limits = config.limits.len(),
+            routes = config.routes.len(),
+            "config reloaded"
+        );
+        log.loaded_at = at;
+        log.last = Some(ReloadRecord { at, error: None });
+        log.restart_required = restart;
+        Ok(version)
+    }
+
+    /// `GET /v1/status`'s answer.
+    pub fn status(&self) -> Value {
+        let log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        let time = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+        json!({
+            "config_version": self.current.load().version,
+            "config_path": self.path.as_ref().map(|p| p.display().to_string()),
+            "loaded_at": time(log.loaded_at),
+            "last_reload": log.last.as_ref().map(|r| json!({
+                "at": time(r.at),
+                "ok": r.error.is_none(),
+                "error": r.error,
+            })),
+            "restart_required": log.restart_required,
+        })
+    }
+}
