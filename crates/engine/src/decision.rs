@@ -146,20 +146,11 @@ pub fn apply(
     let mut outcomes = WindowOutcomes::with_capacity(slot_of.len());
     let mut decision_allowed = true;
     for ((check, lw), &slot) in request.windows().zip(slot_of) {
-        let evaluation = lw.window.evaluate(working[slot], now, check.cost);
         // `charge_denied` counts attempts that could have fitted; a cost the window can
         // never admit (no retry time) is a caller's mistake and charges nothing.
-        let charge = check.cost > 0
-            && (evaluation.allowed
-                || (check.limit.charge_denied() && evaluation.retry_after.is_some()));
-        let after = if charge {
-            evaluation.charged
-        } else {
-            evaluation.current
-        };
-        if charge {
-            working[slot] = Some(after);
-        }
+        let (evaluation, after) = step(lw, check, &mut working[slot], now, |e| {
+            e.allowed || (check.limit.charge_denied() && e.retry_after.is_some())
+        });
         decision_allowed &= evaluation.allowed || check.limit.shadow();
         outcomes.push(WindowOutcome {
             allowed: evaluation.allowed,
@@ -178,17 +169,10 @@ pub fn apply(
         for (((check, lw), &slot), outcome) in
             request.windows().zip(slot_of).zip(outcomes.iter_mut())
         {
-            let evaluation = lw.window.evaluate(working[slot], now, check.cost);
-            let charge =
-                check.cost > 0 && check.limit.charge_denied() && outcome.retry_after.is_some();
-            let after = if charge {
-                evaluation.charged
-            } else {
-                evaluation.current
-            };
-            if charge {
-                working[slot] = Some(after);
-            }
+            let could_fit = outcome.retry_after.is_some();
+            let (_, after) = step(lw, check, &mut working[slot], now, |_| {
+                check.limit.charge_denied() && could_fit
+            });
             outcome.remaining = lw.window.remaining(&after, now);
             outcome.reset_after = lw.window.reset_after(&after, now);
         }
@@ -203,6 +187,24 @@ pub fn apply(
         }
     }
     outcomes
+}
+
+/// Evaluates one window against its counter's working state, charges it when the
+/// check has a cost and `charge` agrees, and returns the evaluation and the state after.
+fn step(
+    lw: &LimitWindow,
+    check: &Check,
+    working: &mut Option<State>,
+    now: Micros,
+    charge: impl FnOnce(&crate::algorithm::Evaluation) -> bool,
+) -> (crate::algorithm::Evaluation, State) {
+    let evaluation = lw.window.evaluate(*working, now, check.cost);
+    if check.cost > 0 && charge(&evaluation) {
+        *working = Some(evaluation.charged);
+        (evaluation, evaluation.charged)
+    } else {
+        (evaluation, evaluation.current)
+    }
 }
 
 /// The result for one window of one check.
