@@ -154,20 +154,48 @@ pub async fn state(
     let result = async {
         authorize(&live, &headers)?;
         let missing = |name: &str| {
-            ApiError::bad_request("invalid_request", format!("missing query parameter {name}: call /v1/admin/state?limit=<name>&key=<key>"))
+            ApiError::bad_request(
+                "invalid_request",
+                format!(
+                    "missing query parameter {name}: call /v1/admin/state?limit=<name>&key=<key>"
+                ),
+            )
         };
         let name = query.get("limit").ok_or_else(|| missing("limit"))?;
         let key = query.get("key").ok_or_else(|| missing("key"))?;
         let limit = find_limit(&live.limits, name, "limit")?;
-        let check = crate::check::make_check(Arc::clone(limit), key.clone(), 0, "key")?;
-        let request = DecisionRequest { checks: vec![check], dry_run: true };
-        let decision = sluice_engine::decide(&**app.decider.store(), &request).await.map_err(|error| {
+        // The state now (cost 0), and what a request of cost 1 would be told now: both
+        // read without charging.
+        let read = |cost| -> Result<DecisionRequest, ApiError> {
+            let check = crate::check::make_check(Arc::clone(limit), key.clone(), cost, "key")?;
+            Ok(DecisionRequest {
+                checks: vec![check],
+                dry_run: true,
+            })
+        };
+        let (now, next) = (read(0)?, read(1)?);
+        let store = app.decider.store();
+        let failed = |error: sluice_engine::StoreError| {
             tracing::warn!(%error, "state read failed");
             store_failed("reading the state")
-        })?;
+        };
+        let state = sluice_engine::decide(&**store, &now)
+            .await
+            .map_err(failed)?;
+        let verdict = sluice_engine::decide(&**store, &next)
+            .await
+            .map_err(failed)?;
         Ok::<_, ApiError>(json_response(
             StatusCode::OK,
-            &json!({"limit": limit.name(), "key": key, "results": result_bodies(&request, &decision)}),
+            &json!({
+                "limit": limit.name(),
+                "key": key,
+                "results": result_bodies(&now, &state),
+                "next_request": {
+                    "allowed": verdict.allowed,
+                    "retry_after_ms": verdict.retry_after.map(crate::check::millis_ceil),
+                },
+            }),
         ))
     }
     .await;

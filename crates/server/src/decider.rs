@@ -63,7 +63,7 @@ impl Decider {
                 (true, false) => counter.denied.inc(),
                 (true, true) => counter.shadow_denied.inc(),
             };
-            if denied && !check.limit().shadow() {
+            if denied {
                 let retry_after_ms = decision
                     .results
                     .iter()
@@ -71,12 +71,21 @@ impl Decider {
                     .map(|r| r.retry_after.map(|us| (us.max(0) as u64).div_ceil(1000)))
                     .max()
                     .flatten();
-                tracing::info!(
-                    limit = check.limit().name(),
-                    key_hash = %key_hash(check.key()),
-                    retry_after_ms,
-                    "denied"
-                );
+                if check.limit().shadow() {
+                    tracing::info!(
+                        limit = check.limit().name(),
+                        key_hash = %key_hash(check.key()),
+                        retry_after_ms,
+                        "would deny (shadow limit: allowed)"
+                    );
+                } else {
+                    tracing::info!(
+                        limit = check.limit().name(),
+                        key_hash = %key_hash(check.key()),
+                        retry_after_ms,
+                        "denied"
+                    );
+                }
             }
         }
     }

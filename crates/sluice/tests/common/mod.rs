@@ -103,6 +103,11 @@ impl Server {
     /// Starts `sluice serve` with `listen: 127.0.0.1:<free port>` followed by
     /// `rest` (admin/storage/limits/... YAML).
     pub fn start(rest: &str) -> Server {
+        Server::start_with(rest, &ServeOpts::default())
+    }
+
+    /// Like [`Server::start`], with extra command-line arguments and environment.
+    pub fn start_with(rest: &str, opts: &ServeOpts) -> Server {
         let port = free_port();
         let dir = scratch_dir("serve");
         let config_path = dir.join("sluice.yaml");
@@ -111,15 +116,20 @@ impl Server {
         let stderr_path = dir.join("stderr.log");
         let stderr = File::create(&stderr_path).expect("create stderr log");
         let stdout = File::create(dir.join("stdout.log")).expect("create stdout log");
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
+            .args(&opts.args_before)
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
+            .args(&opts.args_after)
             .stdin(Stdio::null())
             .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn sluice serve");
+            .stderr(stderr);
+        for (name, value) in &opts.env {
+            command.env(name, value);
+        }
+        let child = command.spawn().expect("spawn sluice serve");
         let mut server = Server {
             port,
             base: format!("http://127.0.0.1:{port}"),
@@ -280,6 +290,65 @@ impl Server {
         self.finish(r, "POST /v1/reset")
     }
 
+    /// The server process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (a name `kill` understands: `HUP`, `TERM`) to the server.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {} failed", self.pid());
+    }
+
+    /// Waits up to `timeout` for the server to exit; None if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The config file's text for `rest` (with this server's `listen:` line first).
+    pub fn config_text(&self, rest: &str) -> String {
+        format!("listen: 127.0.0.1:{}\n{rest}", self.port)
+    }
+
+    /// Rewrites the config file in place (truncate and write, as `echo >` does).
+    pub fn write_config_in_place(&self, rest: &str) {
+        fs::write(&self.config_path, self.config_text(rest)).expect("rewrite config");
+    }
+
+    /// Replaces the config file atomically: writes a temp file in the same directory
+    /// and renames it over the config (what editors and config-map mounts do).
+    pub fn replace_config(&self, rest: &str) {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let tmp = self.dir.join(format!(".sluice.yaml.tmp{n}"));
+        fs::write(&tmp, self.config_text(rest)).expect("write temp config");
+        fs::rename(&tmp, &self.config_path).expect("rename temp config over the config");
+    }
+
+    /// An HTTP call with an optional bearer token and JSON body (see [`call`]).
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Resp {
+        call(&self.base, method, path, token, body)
+    }
+
     pub fn metrics(&self) -> Vec<Sample> {
         let r = self.get("/metrics");
         assert_eq!(r.status, 200, "GET /metrics: {}", r.body);
@@ -300,6 +369,87 @@ impl Drop for Server {
                 self.stderr()
             );
         }
+    }
+}
+
+/// Extra command-line arguments and environment for [`Server::start_with`].
+#[derive(Default, Clone)]
+pub struct ServeOpts {
+    /// Arguments before `serve` (global flags such as `--log-format json`).
+    pub args_before: Vec<String>,
+    /// Arguments after `serve --config FILE`.
+    pub args_after: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+/// One HTTP call to `base` + `path` on a fresh client: `method` GET or POST, an optional
+/// `Authorization: Bearer <token>` and an optional JSON body (a POST without one sends
+/// an empty body). Panics on a transport error or a 5xx.
+pub fn call(
+    base: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> Resp {
+    let agent = agent();
+    let url = format!("{base}{path}");
+    let what = format!("{method} {url}");
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let r = match method {
+        "GET" => {
+            let mut req = agent.get(&url);
+            if let Some(a) = &auth {
+                req = req.header("authorization", a);
+            }
+            req.call()
+        }
+        "POST" => {
+            let mut req = agent.post(&url);
+            if let Some(a) = &auth {
+                req = req.header("authorization", a);
+            }
+            match body {
+                Some(b) => req
+                    .header("content-type", "application/json")
+                    .send(b.to_string()),
+                None => req.send_empty(),
+            }
+        }
+        other => panic!("call: unsupported method {other}"),
+    };
+    let mut r = r.unwrap_or_else(|e| panic!("{what}: transport error {e}"));
+    let status = r.status().as_u16();
+    let content_type = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = r
+        .body_mut()
+        .read_to_string()
+        .unwrap_or_else(|e| panic!("{what}: reading body: {e}"));
+    assert!(
+        status < 500,
+        "{what}: server answered {status} (never allowed), body {body:?}"
+    );
+    Resp {
+        status,
+        content_type,
+        body,
+    }
+}
+
+/// Waits up to 10 s until something accepts TCP connections on 127.0.0.1:`port`.
+pub fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on 127.0.0.1:{port} after 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -467,16 +617,37 @@ pub fn run_cli(args: &[&str]) -> (ExitStatus, String, String) {
 
 /// Like [`run_cli`] but returns None (after killing it) if it does not exit in time.
 pub fn run_cli_timeout(args: &[&str], timeout: Duration) -> Option<(ExitStatus, String, String)> {
+    run_cli_env_timeout(args, &[], timeout)
+}
+
+/// Like [`run_cli`] with extra environment variables (`(name, Some(value))` sets one,
+/// `(name, None)` removes it from the inherited environment).
+pub fn run_cli_env(args: &[&str], env: &[(&str, Option<&str>)]) -> (ExitStatus, String, String) {
+    run_cli_env_timeout(args, env, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("`sluice {}` did not exit within 10 s", args.join(" ")))
+}
+
+fn run_cli_env_timeout(
+    args: &[&str],
+    env: &[(&str, Option<&str>)],
+    timeout: Duration,
+) -> Option<(ExitStatus, String, String)> {
     let dir = scratch_dir("cli");
     let out_path = dir.join("stdout");
     let err_path = dir.join("stderr");
-    let mut child = Command::new(BIN)
+    let mut command = Command::new(BIN);
+    command
         .args(args)
         .stdin(Stdio::null())
         .stdout(File::create(&out_path).unwrap())
-        .stderr(File::create(&err_path).unwrap())
-        .spawn()
-        .expect("spawn sluice");
+        .stderr(File::create(&err_path).unwrap());
+    for (name, value) in env {
+        match value {
+            Some(v) => command.env(name, v),
+            None => command.env_remove(name),
+        };
+    }
+    let mut child = command.spawn().expect("spawn sluice");
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
