@@ -1,0 +1,207 @@
+//! Real servers for tests, started from the machine's packages (no docker).
+//!
+//! [`RedisServer`] runs Debian's `redis-server` on a free loopback port with its own
+//! temporary directory and no persistence, waits until it answers `PING`, and kills
+//! it and removes the directory when dropped. Tests of the store-failure policy can
+//! [`RedisServer::stop`] it and [`RedisServer::restart`] it on the same port.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Why a test server could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The binary is not installed (`scripts/test` installs it).
+    #[error(
+        "{0} not found on PATH: install it (apt-get install -y redis-server) or run scripts/test"
+    )]
+    NotInstalled(&'static str),
+    /// Starting or talking to the process failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The server did not answer in time.
+    #[error("{0} did not answer PING within {1:?}")]
+    NotReady(String, Duration),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
+    let what = what.into();
+    move |source| ServerError::Io { what, source }
+}
+
+/// How long a server may take to answer its first `PING`.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Finds `binary` on `PATH`.
+pub fn find_binary(binary: &'static str) -> Result<PathBuf, ServerError> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join(binary))
+        .find(|candidate| candidate.is_file())
+        .ok_or(ServerError::NotInstalled(binary))
+}
+
+/// A loopback port nobody listens on right now (bind port 0, read it, let it go).
+pub fn free_port() -> Result<u16, ServerError> {
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("binding a free port"))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(io("reading the free port"))
+}
+
+/// Whether a Redis server on `port` answers `PING` with `PONG`.
+pub fn redis_answers(port: u16) -> bool {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut answer = [0u8; 7];
+    stream.read_exact(&mut answer).is_ok() && &answer == b"+PONG\r\n"
+}
+
+/// A `redis-server` of its own, killed and cleaned up on drop.
+pub struct RedisServer {
+    binary: PathBuf,
+    port: u16,
+    dir: tempfile::TempDir,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server on a free loopback port and waits until it answers.
+    pub fn start() -> Result<Self, ServerError> {
+        Self::start_with(&[])
+    }
+
+    /// Like [`RedisServer::start`], with extra command-line arguments
+    /// (e.g. `["--cluster-enabled", "yes"]`).
+    pub fn start_with(extra: &[&str]) -> Result<Self, ServerError> {
+        let binary = find_binary("redis-server")?;
+        // A port found free may be taken before the server binds it: try a few.
+        let mut last = None;
+        for _ in 0..5 {
+            let mut server = RedisServer {
+                binary: binary.clone(),
+                port: free_port()?,
+                dir: tempfile::Builder::new()
+                    .prefix("sluice-redis-")
+                    .tempdir()
+                    .map_err(io("creating a temp dir for redis-server"))?,
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+                child: None,
+            };
+            match server.launch() {
+                Ok(()) => return Ok(server),
+                Err(error) => last = Some(error),
+            }
+        }
+        Err(last.unwrap_or(ServerError::NotInstalled("redis-server")))
+    }
+
+    fn launch(&mut self) -> Result<(), ServerError> {
+        let child = Command::new(&self.binary)
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(io(format!("starting {}", self.binary.display())))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while Instant::now() < deadline {
+            if redis_answers(self.port) {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(_)) = child.try_wait()
+            {
+                self.child = None;
+                return Err(ServerError::NotReady(
+                    format!("redis-server on port {} (exited)", self.port),
+                    READY_TIMEOUT,
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop();
+        Err(ServerError::NotReady(
+            format!("redis-server on port {}", self.port),
+            READY_TIMEOUT,
+        ))
+    }
+
+    /// The port it listens on (loopback).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PORT/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Its working directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit; the data is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, empty, and waits until it answers.
+    pub fn restart(&mut self) -> Result<(), ServerError> {
+        self.stop();
+        self.launch()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_server_starts_answers_and_is_cleaned_up() {
+        let mut server = RedisServer::start().expect("redis-server starts");
+        let (port, dir) = (server.port(), server.dir().to_path_buf());
+        assert!(redis_answers(port));
+        server.stop();
+        assert!(!redis_answers(port), "stopped");
+        server.restart().expect("restarts");
+        assert!(redis_answers(port), "same port again");
+        drop(server);
+        assert!(!redis_answers(port), "killed on drop");
+        assert!(!dir.exists(), "temp dir removed");
+    }
+}
