@@ -1,0 +1,257 @@
+-- sluice: decide every window of one request atomically, on the Redis server's clock.
+-- Mirrors crates/engine/src/algorithm.rs (Window::evaluate, remaining, reset_after,
+-- expires_at) and crates/engine/src/decision.rs (apply: two passes). Times are
+-- microseconds since the Unix epoch; Lua numbers are doubles, exact below 2^53.
+--
+-- KEYS: the distinct counters of the request (prefix .. counter .. ':' .. key).
+-- ARGV[1]: '1' for dry_run; ARGV[2]: the number of windows n; then 7 values per window:
+--   slot (1-based index into KEYS), algorithm ('g', 'f', 's'), capacity (gcra burst,
+--   otherwise the quota), period (µs), gcra interval (µs), cost (already capped at
+--   capacity + 1, which decides the same), flags (1: charge_denied, 2: shadow).
+-- Returns 4 integers per window: allowed (1/0), remaining, reset_after (µs),
+--   retry_after (µs; -1: never).
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local dry_run = ARGV[1] == '1'
+local n = tonumber(ARGV[2])
+local TWO53 = 9007199254740992
+
+-- floor(a / b) for non-negative integers, corrected for the rounding of the division.
+local function idiv(a, b)
+  local q = math.floor(a / b)
+  local r = a - q * b
+  if r < 0 then q = q - 1 elseif r >= b then q = q + 1 end
+  return q
+end
+
+-- floor(a * b / d) and (a * b) mod d for non-negative integers, exact even when the
+-- product exceeds 2^53 (quota times a period of months does).
+local function muldiv(a, b, d)
+  if a * b < TWO53 then
+    local p = a * b
+    local q = idiv(p, d)
+    return q, p - q * d
+  end
+  local qa = idiv(a, d)
+  local ra = a - qa * d
+  local bits = {}
+  local x = b
+  while x > 0 do
+    local bit = x % 2
+    bits[#bits + 1] = bit
+    x = (x - bit) / 2
+  end
+  -- Binary long multiplication of ra * b, keeping the quotient and remainder by d.
+  local q, r = 0, 0
+  for i = #bits, 1, -1 do
+    q = q * 2
+    r = r * 2
+    if r >= d then r = r - d; q = q + 1 end
+    if bits[i] == 1 then
+      r = r + ra
+      if r >= d then r = r - d; q = q + 1 end
+    end
+  end
+  return qa * b + q, r
+end
+
+local function window_start(period)
+  return now - (now - idiv(now, period) * period)
+end
+
+-- Stored states: gcra "tat"; fixed "start:count"; sliding "start:count:previous".
+local function parse(alg, raw)
+  if not raw then return nil end
+  if alg == 'g' then
+    local tat = string.match(raw, '^(%-?%d+)$')
+    if tat then return { tat = tonumber(tat) } end
+  elseif alg == 'f' then
+    local s, c = string.match(raw, '^(%-?%d+):(%d+)$')
+    if s then return { start = tonumber(s), count = tonumber(c) } end
+  else
+    local s, c, p = string.match(raw, '^(%-?%d+):(%d+):(%d+)$')
+    if s then return { start = tonumber(s), count = tonumber(c), prev = tonumber(p) } end
+  end
+  return nil
+end
+
+local function encode(alg, st)
+  if alg == 'g' then return string.format('%d', st.tat) end
+  if alg == 'f' then return string.format('%d:%d', st.start, st.count) end
+  return string.format('%d:%d:%d', st.start, st.count, st.prev)
+end
+
+local function expires_at(w, st)
+  if w.alg == 'g' then return st.tat end
+  if w.alg == 'f' then return st.start + w.period end
+  if st.count > 0 then return st.start + 2 * w.period end
+  return st.start + w.period
+end
+
+local function normalize(w, st)
+  if w.alg == 'g' then
+    if st and st.tat > now then return { tat = st.tat } end
+    return { tat = now }
+  end
+  local start = window_start(w.period)
+  if w.alg == 'f' then
+    -- A state from a later window (a decision whose clock read later) is current.
+    if st and st.start >= start then return { start = st.start, count = st.count } end
+    return { start = start, count = 0 }
+  end
+  if st then
+    if st.start >= start then return { start = st.start, count = st.count, prev = st.prev } end
+    if st.start == start - w.period then return { start = start, count = 0, prev = st.count } end
+  end
+  return { start = start, count = 0, prev = 0 }
+end
+
+local function sliding_used(w, st)
+  local left = w.period - (now - st.start)
+  if left < 0 then left = 0 elseif left > w.period then left = w.period end
+  local q, r = muldiv(st.prev, left, w.period)
+  if r > 0 then q = q + 1 end
+  return q + st.count
+end
+
+-- Window::evaluate: allowed, retry (-1: never), current state, charged state.
+local function evaluate(w, st, cost)
+  local cur = normalize(w, st)
+  if w.alg == 'g' then
+    local tau = w.cap * w.interval
+    local charged_tat = cur.tat + cost * w.interval
+    local allowed = cost == 0 or charged_tat - now <= tau
+    local retry
+    if allowed then retry = 0 elseif cost > w.cap then retry = -1 else retry = charged_tat - tau - now end
+    -- charge_denied locks out for at most one more bucket after the last attempt.
+    local bound = now + 2 * tau
+    if cur.tat > bound then bound = cur.tat end
+    if charged_tat > bound then charged_tat = bound end
+    return allowed, retry, cur, { tat = charged_tat }
+  elseif w.alg == 'f' then
+    local spent = cur.count + cost
+    local allowed = cost == 0 or spent <= w.cap
+    local retry
+    if allowed then retry = 0 elseif cost > w.cap then retry = -1 else retry = cur.start + w.period - now end
+    return allowed, retry, cur, { start = cur.start, count = spent }
+  end
+  local quota, period = w.cap, w.period
+  local used = sliding_used(w, cur)
+  local allowed = cost == 0 or used + cost <= quota
+  local retry
+  if allowed then
+    retry = 0
+  elseif cost > quota then
+    retry = -1
+  elseif cur.count + cost > quota then
+    local elapsed = period - muldiv(quota - cost, period, cur.count)
+    if elapsed < 0 then elapsed = 0 end
+    retry = cur.start + period + elapsed - now
+  else
+    local prev = cur.prev
+    if prev < 1 then prev = 1 end
+    local elapsed = period - muldiv(quota - cur.count - cost, period, prev)
+    retry = cur.start + elapsed - now
+  end
+  return allowed, retry, cur, { start = cur.start, count = cur.count + cost, prev = cur.prev }
+end
+
+local function remaining(w, st)
+  if w.alg == 'g' then
+    local left = now + w.cap * w.interval - st.tat
+    if left < 0 then return 0 end
+    return idiv(left, w.interval)
+  end
+  local used = st.count
+  if w.alg == 's' then used = sliding_used(w, st) end
+  if used >= w.cap then return 0 end
+  return w.cap - used
+end
+
+local function reset_after(w, st)
+  if w.alg == 'g' then
+    if st.tat > now then return st.tat - now end
+    return 0
+  end
+  if st.count > 0 then
+    if w.alg == 'f' then return st.start + w.period - now end
+    return st.start + 2 * w.period - now
+  end
+  if w.alg == 's' and st.prev > 0 then return st.start + w.period - now end
+  return 0
+end
+
+local windows = {}
+local loaded = {}
+local slot_alg = {}
+for i = 1, n do
+  local b = 2 + (i - 1) * 7
+  local flags = tonumber(ARGV[b + 7])
+  local w = {
+    slot = tonumber(ARGV[b + 1]), alg = ARGV[b + 2], cap = tonumber(ARGV[b + 3]),
+    period = tonumber(ARGV[b + 4]), interval = tonumber(ARGV[b + 5]), cost = tonumber(ARGV[b + 6]),
+    charge_denied = flags % 2 == 1, shadow = flags >= 2,
+  }
+  windows[i] = w
+  if slot_alg[w.slot] == nil then
+    slot_alg[w.slot] = w.alg
+    loaded[w.slot] = parse(w.alg, redis.call('GET', KEYS[w.slot])) or false
+  end
+end
+
+-- Pass 1: every window as if the decision were allowed; repeated counters see each other.
+local working = {}
+for s, st in pairs(loaded) do working[s] = st end
+local out = {}
+local decision_allowed = true
+for i = 1, n do
+  local w = windows[i]
+  local allowed, retry, cur, charged = evaluate(w, working[w.slot] or nil, w.cost)
+  local after = cur
+  if w.cost > 0 and (allowed or (w.charge_denied and retry >= 0)) then
+    working[w.slot] = charged
+    after = charged
+  end
+  if not (allowed or w.shadow) then decision_allowed = false end
+  out[i] = { allowed and 1 or 0, remaining(w, after), reset_after(w, after), retry }
+end
+
+-- Pass 2 (denied): from the stored states, charge only charge_denied windows that could fit.
+if not decision_allowed then
+  for s, st in pairs(loaded) do working[s] = st end
+  for i = 1, n do
+    local w = windows[i]
+    local _, _, cur, charged = evaluate(w, working[w.slot] or nil, w.cost)
+    local after = cur
+    if w.cost > 0 and w.charge_denied and out[i][4] >= 0 then
+      working[w.slot] = charged
+      after = charged
+    end
+    out[i][2] = remaining(w, after)
+    out[i][3] = reset_after(w, after)
+  end
+end
+
+if not dry_run then
+  for i = 1, n do
+    local w = windows[i]
+    local st = working[w.slot]
+    if st and st ~= loaded[w.slot] then
+      -- Keep the state exactly as long as it matters (PXAT on the same clock as TIME).
+      local ms = idiv(expires_at(w, st) + 999, 1000)
+      redis.call('SET', KEYS[w.slot], encode(w.alg, st), 'PXAT', string.format('%d', ms))
+      loaded[w.slot] = st
+    end
+  end
+end
+
+local reply = {}
+for i = 1, n do
+  local o = out[i]
+  reply[#reply + 1] = o[1]
+  reply[#reply + 1] = o[2]
+  reply[#reply + 1] = o[3]
+  reply[#reply + 1] = o[4]
+end
+return reply

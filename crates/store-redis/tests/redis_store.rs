@@ -1,0 +1,138 @@
+//! Redis-specific behaviour: one round trip per decision, compact state with exact
+//! expiry, reset of a whole limit, and survival of a server restart.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_engine::{Check, DecisionRequest, Limit, LimitSpec, Store, decide};
+use sluice_store_redis::{RedisStore, RedisStoreConfig};
+use sluice_testkit::servers::RedisServer;
+
+fn limit(name: &str, rates: &[&str]) -> Arc<Limit> {
+    let rates = rates.iter().map(|r| r.parse().expect("rate")).collect();
+    Arc::new(Limit::new(name, LimitSpec::new(rates)).expect("limit"))
+}
+
+async fn setup() -> (RedisServer, RedisStore, redis::aio::MultiplexedConnection) {
+    let server = RedisServer::start().expect("redis-server");
+    let store = RedisStore::connect(RedisStoreConfig::new(server.url()))
+        .await
+        .expect("connect");
+    let client = redis::Client::open(server.url()).expect("url");
+    let admin = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin connection");
+    (server, store, admin)
+}
+
+async fn command_calls(admin: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(admin)
+        .await
+        .expect("info");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_decision_is_one_script_call_whatever_its_checks() {
+    let (_server, store, mut admin) = setup().await;
+    let a = limit("a", &["5/minute", "100/hour"]);
+    let b = limit("b", &["10/second"]);
+    let request = DecisionRequest {
+        checks: vec![
+            Check::new(a.clone(), "user:1", 1).expect("check"),
+            Check::new(b.clone(), "ip:1", 1).expect("check"),
+            Check::new(a, "user:1", 1).expect("check"),
+        ],
+        dry_run: false,
+    };
+    decide(&store, &request)
+        .await
+        .expect("first decision loads the script");
+    let before = command_calls(&mut admin, "evalsha").await;
+    for _ in 0..10 {
+        decide(&store, &request).await.expect("decide");
+    }
+    assert_eq!(command_calls(&mut admin, "evalsha").await - before, 10);
+}
+
+#[tokio::test]
+async fn state_is_compact_and_expires_when_it_stops_mattering() {
+    let (_server, store, mut admin) = setup().await;
+    let l = limit("chat", &["5/minute"]);
+    let request = DecisionRequest {
+        checks: vec![Check::new(l, "user:42", 2).expect("check")],
+        dry_run: false,
+    };
+    decide(&store, &request).await.expect("decide");
+    let key = "sluice:chat:g60:user:42";
+    let value: String = redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut admin)
+        .await
+        .expect("get");
+    assert!(
+        value.bytes().all(|b| b.is_ascii_digit()),
+        "a bare tat: {value}"
+    );
+    // Two cells of 12 s: the bucket is full again in 24 s, and the key goes then.
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut admin)
+        .await
+        .expect("pttl");
+    assert!((23_000..=24_001).contains(&ttl), "ttl {ttl} ms");
+}
+
+#[tokio::test]
+async fn reset_limit_removes_every_key_of_that_limit_only() {
+    let (_server, store, mut admin) = setup().await;
+    let a = limit("a", &["5/minute", "100/hour"]);
+    let b = limit("b", &["5/minute"]);
+    for i in 0..1200 {
+        let request = DecisionRequest {
+            checks: vec![
+                Check::new(a.clone(), format!("k{i}"), 1).expect("check"),
+                Check::new(b.clone(), format!("k{i}"), 1).expect("check"),
+            ],
+            dry_run: false,
+        };
+        decide(&store, &request).await.expect("decide");
+    }
+    assert_eq!(store.reset_limit(&a).await.expect("reset"), 2400);
+    let left: u64 = redis::cmd("DBSIZE")
+        .query_async(&mut admin)
+        .await
+        .expect("dbsize");
+    assert_eq!(left, 1200, "b's counters stay");
+}
+
+#[tokio::test]
+async fn a_restarted_server_is_used_again_without_reconnecting_by_hand() {
+    let (mut server, store, _admin) = setup().await;
+    let l = limit("chat", &["5/minute"]);
+    let request = DecisionRequest {
+        checks: vec![Check::new(l, "user:1", 1).expect("check")],
+        dry_run: false,
+    };
+    decide(&store, &request).await.expect("decide");
+    server.stop();
+    assert!(store.ping().await.is_err(), "down");
+    server.restart().expect("restart");
+    // The script is gone with the old server: NOSCRIPT makes the client load it again.
+    let mut answered = false;
+    for _ in 0..20 {
+        if decide(&store, &request).await.is_ok() {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answered, "decisions work again after the restart");
+}
