@@ -20,6 +20,9 @@ const STORAGE_FIELDS: &[&str] = &[
     "sweep_interval_ms",
     "path",
     "sync",
+    "url",
+    "timeout_ms",
+    "cluster",
 ];
 const HTTP_FIELDS: &[&str] = &["max_body_bytes", "threads"];
 const LIMIT_FIELDS: &[&str] = &["rate", "algorithm", "burst", "charge_denied", "shadow"];
@@ -261,12 +264,18 @@ fn storage(node: &Node, path: &str) -> Result<StorageConfig, Fail> {
         storage.backend = match string(node, path)? {
             "memory" => Backend::Memory,
             "disk" => Backend::Disk,
-            name @ ("redis" | "postgres") => {
+            // Filled in from url, timeout_ms and cluster below.
+            "redis" => Backend::Redis {
+                url: Secret::new(""),
+                timeout_ms: Backend::DEFAULT_TIMEOUT_MS,
+                cluster: false,
+            },
+            name @ "postgres" => {
                 return Err(Fail::new(
                     &node.origin,
                     path,
                     format!(
-                        "storage backend `{name}` is not available in this version; use memory or disk"
+                        "storage backend `{name}` is not available in this version; use memory, disk or redis"
                     ),
                 ));
             }
@@ -275,7 +284,7 @@ fn storage(node: &Node, path: &str) -> Result<StorageConfig, Fail> {
                     &node.origin,
                     path,
                     format!(
-                        "unknown storage backend `{}`: use memory or disk (redis and postgres come in later versions)",
+                        "unknown storage backend `{}`: use memory, disk or redis (postgres comes in a later version)",
                         crate::tree::shorten(other)
                     ),
                 ));
@@ -298,7 +307,10 @@ fn storage(node: &Node, path: &str) -> Result<StorageConfig, Fail> {
     if let Some((node, path)) = &sync {
         storage.sync = boolean(node, path)?;
     }
-    match (storage.backend, &backend, &data_path) {
+    let backend_node = backend.as_ref().map_or(node, |(node, _)| *node);
+    redis_fields(&mut storage, &fields, backend_node, path)?;
+    let is_disk = storage.backend == Backend::Disk;
+    match (&storage.backend, &backend, &data_path) {
         (Backend::Disk, Some((node, _)), None) => {
             return Err(Fail::new(
                 &node.origin,
@@ -306,7 +318,7 @@ fn storage(node: &Node, path: &str) -> Result<StorageConfig, Fail> {
                 "backend disk needs a data directory: add `path: /var/lib/sluice` (any directory sluice may write) under storage",
             ));
         }
-        (Backend::Memory, _, Some((node, field))) => {
+        (_, _, Some((node, field))) if !is_disk => {
             return Err(Fail::new(
                 &node.origin,
                 field,
@@ -315,7 +327,7 @@ fn storage(node: &Node, path: &str) -> Result<StorageConfig, Fail> {
         }
         _ => {}
     }
-    if let (Backend::Memory, Some((node, field))) = (storage.backend, &sync) {
+    if let (false, Some((node, field))) = (is_disk, &sync) {
         return Err(Fail::new(
             &node.origin,
             field,
@@ -351,6 +363,62 @@ fn storage(node: &Node, path: &str) -> Result<StorageConfig, Fail> {
             whole(node, &path, StorageConfig::MIN_SWEEP_INTERVAL_MS, u64::MAX)?;
     }
     Ok(storage)
+}
+
+/// `url`, `timeout_ms` and `cluster`: required or refused depending on the backend.
+fn redis_fields(
+    storage: &mut StorageConfig,
+    fields: &Fields<'_>,
+    backend_node: &Node,
+    path: &str,
+) -> Result<(), Fail> {
+    let url = fields.get("url");
+    let timeout = fields.get("timeout_ms");
+    let cluster = fields.get("cluster");
+    let Backend::Redis {
+        url: url_value,
+        timeout_ms,
+        cluster: cluster_value,
+    } = &mut storage.backend
+    else {
+        if let Some((node, field)) = [&url, &timeout, &cluster].into_iter().flatten().next() {
+            return Err(Fail::new(
+                &node.origin,
+                field,
+                format!(
+                    "storage.{} only applies to backend redis: set `backend: redis`, or remove it",
+                    field.rsplit('.').next().unwrap_or(field)
+                ),
+            ));
+        }
+        return Ok(());
+    };
+    let Some((node, field)) = &url else {
+        return Err(Fail::new(
+            &backend_node.origin,
+            &join(path, "url"),
+            "backend redis needs a url: add `url: redis://127.0.0.1:6379` under storage",
+        ));
+    };
+    let text = string(node, field)?.trim();
+    let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
+        .iter()
+        .any(|scheme| text.starts_with(scheme) && text.len() > scheme.len());
+    if !scheme_ok {
+        return Err(Fail::new(
+            &node.origin,
+            field,
+            "storage.url must be a Redis URL such as redis://127.0.0.1:6379 (or rediss:// for TLS)",
+        ));
+    }
+    *url_value = Secret::new(text);
+    if let Some((node, field)) = &timeout {
+        *timeout_ms = whole(node, field, 1, Backend::MAX_TIMEOUT_MS)?;
+    }
+    if let Some((node, field)) = &cluster {
+        *cluster_value = boolean(node, field)?;
+    }
+    Ok(())
 }
 
 fn http(node: &Node, path: &str) -> Result<HttpConfig, Fail> {

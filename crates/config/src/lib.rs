@@ -200,7 +200,7 @@ pub struct AdminConfig {
 }
 
 /// A secret string (such as the admin token) that never shows in `Debug` or `Display` output.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Secret(String);
 
 impl Secret {
@@ -274,7 +274,7 @@ impl Default for StorageConfig {
 }
 
 /// A storage backend (`storage.backend`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub enum Backend {
     /// Sharded, in-process, bounded by `max_keys` (config value `memory`).
     #[default]
@@ -282,14 +282,32 @@ pub enum Backend {
     /// Embedded and durable: counters in `path`, surviving restarts and `kill -9`
     /// (config value `disk`).
     Disk,
+    /// Shared by every instance pointing at one Redis (config value `redis`); keys start
+    /// with `storage.prefix`.
+    Redis {
+        /// `storage.url`, required: `redis://[user:password@]host:port[/db]`. May carry a
+        /// password, so it never shows in `Debug` output.
+        url: Secret,
+        /// `storage.timeout_ms`: the longest one store call may take before `on_error`
+        /// applies (1 to 60000). Default 200.
+        timeout_ms: u64,
+        /// `storage.cluster`: the URL names one node of a Redis Cluster. Default false.
+        cluster: bool,
+    },
 }
 
 impl Backend {
+    /// Default `storage.timeout_ms` of backend redis.
+    pub const DEFAULT_TIMEOUT_MS: u64 = 200;
+    /// Largest `storage.timeout_ms`.
+    pub const MAX_TIMEOUT_MS: u64 = 60_000;
+
     /// The config spelling.
     pub fn as_str(&self) -> &'static str {
         match self {
             Backend::Memory => "memory",
             Backend::Disk => "disk",
+            Backend::Redis { .. } => "redis",
         }
     }
 }

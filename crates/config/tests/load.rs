@@ -383,14 +383,6 @@ fn wrong_types_are_reported_with_what_was_found() {
 
 #[test]
 fn storage_backends_of_later_versions_say_so() {
-    let error = err("storage:\n  backend: redis\n");
-    assert_at(
-        &error,
-        2,
-        12,
-        "storage.backend",
-        "storage backend `redis` is not available in this version; use memory",
-    );
     let error = err("storage: {backend: postgres}");
     assert!(
         error.message.contains("not available in this version"),
@@ -636,7 +628,7 @@ fn an_override_naming_an_unknown_field_names_the_variable() {
     assert_eq!(error.line, None);
     assert_eq!(
         error.to_string(),
-        "SLUICE_STORAGE__MAX_KEY (overrides storage.max_key): unknown field `max_key`, expected one of `backend`, `max_keys`, `on_error`, `prefix`, `sweep_interval_ms`, `path`, `sync`"
+        "SLUICE_STORAGE__MAX_KEY (overrides storage.max_key): unknown field `max_key`, expected one of `backend`, `max_keys`, `on_error`, `prefix`, `sweep_interval_ms`, `path`, `sync`, `url`, `timeout_ms`, `cluster`"
     );
     let error = err_with("", &[], &[("SLUICE_LIMITS__CHAT_USER__RAT", "5/minute")]);
     assert!(
@@ -718,6 +710,66 @@ fn disk_backend_errors_name_the_line() {
     assert_at(&error, 3, 9, "storage.sync", "only applies to backend disk");
     let error = err("storage:\n  backend: disk\n  path: /tmp/x\n  sync: yes please\n");
     assert_at(&error, 4, 9, "storage.sync", "expected true or false");
+    let error = err("storage:\n  backend: postgres\n");
+    assert_at(
+        &error,
+        2,
+        12,
+        "storage.backend",
+        "use memory, disk or redis",
+    );
+}
+
+#[test]
+fn redis_backend_reads_url_timeout_and_cluster() {
+    let config = ok("storage:\n  backend: redis\n  url: redis://10.0.0.1:6379/2\n");
+    let Backend::Redis {
+        url,
+        timeout_ms,
+        cluster,
+    } = &config.storage.backend
+    else {
+        panic!("redis backend");
+    };
+    assert_eq!(url.expose(), "redis://10.0.0.1:6379/2");
+    assert_eq!((*timeout_ms, *cluster), (200, false));
+    assert_eq!(config.storage.backend.to_string(), "redis");
+    assert!(
+        !format!("{:?}", config.storage).contains("10.0.0.1"),
+        "the url (which may hold a password) is not in Debug output"
+    );
+    let config = ok(
+        "storage:\n  backend: redis\n  url: redis://h:1\n  timeout_ms: 50\n  cluster: true\n  prefix: \"a:\"\n",
+    );
+    assert!(matches!(
+        config.storage.backend,
+        Backend::Redis {
+            timeout_ms: 50,
+            cluster: true,
+            ..
+        }
+    ));
+    assert_eq!(config.storage.prefix, "a:");
+}
+
+#[test]
+fn redis_backend_errors_name_the_line() {
     let error = err("storage:\n  backend: redis\n");
-    assert_at(&error, 2, 12, "storage.backend", "use memory or disk");
+    assert_at(&error, 2, 12, "storage.url", "backend redis needs a url");
+    let error = err("storage:\n  backend: redis\n  url: localhost:6379\n");
+    assert_at(&error, 3, 8, "storage.url", "must be a Redis URL");
+    let error = err("storage:\n  backend: redis\n  url: redis://h\n  timeout_ms: 0\n");
+    assert_at(&error, 4, 15, "storage.timeout_ms", "");
+    let error = err("storage:\n  url: redis://h\n");
+    assert_at(&error, 2, 8, "storage.url", "only applies to backend redis");
+    let error = err("storage:\n  backend: disk\n  path: /tmp/x\n  cluster: true\n");
+    assert_at(
+        &error,
+        4,
+        12,
+        "storage.cluster",
+        "only applies to backend redis",
+    );
+    let error = err("storage:\n  backend: redis\n  url: redis://h\n  path: /tmp/x\n");
+    assert_at(&error, 4, 9, "storage.path", "only applies to backend disk");
 }

@@ -16,6 +16,7 @@ use sluice_engine::Store;
 use sluice_server::AppState;
 use sluice_store_disk::{DiskStore, DiskStoreConfig};
 use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
+use sluice_store_redis::{RedisStore, RedisStoreConfig};
 use tracing_subscriber::EnvFilter;
 
 // Many small, short-lived allocations per request (JSON in and out): mimalloc's
@@ -104,12 +105,35 @@ fn backend_name(config: &Config) -> &'static str {
     config.storage.backend.as_str()
 }
 
-fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let memory = MemoryStoreConfig {
         max_keys: config.storage.max_keys,
         sweep_interval: Duration::from_millis(config.storage.sweep_interval_ms),
     };
-    Ok(match config.storage.backend {
+    Ok(match &config.storage.backend {
+        Backend::Redis {
+            url,
+            timeout_ms,
+            cluster,
+        } => {
+            if *cluster {
+                anyhow::bail!(
+                    "storage.cluster: Redis Cluster is not supported by this version yet; point storage.url at a single Redis (or a proxy) and set cluster: false"
+                );
+            }
+            let mut redis = RedisStoreConfig::new(url.expose());
+            redis.prefix = config.storage.prefix.clone();
+            redis.timeout = Duration::from_millis(*timeout_ms);
+            // Connect at start: a Redis that does not answer now is a configuration or
+            // deployment error, reported before the server takes traffic.
+            let store = RedisStore::connect(redis).await?;
+            tracing::info!(
+                address = store.address(),
+                prefix = store.prefix(),
+                "redis store connected"
+            );
+            Arc::new(store)
+        }
         Backend::Memory => Arc::new(MemoryStore::new(memory)),
         Backend::Disk => {
             // The config loader refuses backend disk without a path.
@@ -167,7 +191,7 @@ fn serve(path: &Path) -> ExitCode {
 
 async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     use anyhow::Context;
-    let store = open_store(&config)?;
+    let store = open_store(&config).await?;
     let listen = config.listen;
     let state = Arc::new(AppState::new(
         &config,
