@@ -11,11 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use sluice_config::{Backend, Config};
+use sluice_config::{Backend, Config, OnError};
 use sluice_engine::Store;
 use sluice_server::AppState;
 use sluice_store_disk::{DiskStore, DiskStoreConfig};
 use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
+use sluice_store_policy::{FailurePolicy, PolicyConfig, PolicyStore};
 use sluice_store_redis::{RedisStore, RedisStoreConfig};
 use tracing_subscriber::EnvFilter;
 
@@ -124,15 +125,36 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             let mut redis = RedisStoreConfig::new(url.expose());
             redis.prefix = config.storage.prefix.clone();
             redis.timeout = Duration::from_millis(*timeout_ms);
-            // Connect at start: a Redis that does not answer now is a configuration or
-            // deployment error, reported before the server takes traffic.
-            let store = RedisStore::connect(redis).await?;
-            tracing::info!(
-                address = store.address(),
-                prefix = store.prefix(),
-                "redis store connected"
-            );
-            Arc::new(store)
+            // A Redis that is down at start does not stop sluice (a crash loop helps no
+            // one during a deploy): the on_error policy decides until it answers, and
+            // /readyz says it is not reachable.
+            let store = match RedisStore::connect(redis.clone()).await {
+                Ok(store) => {
+                    tracing::info!(
+                        address = store.address(),
+                        prefix = store.prefix(),
+                        "redis store connected"
+                    );
+                    store
+                }
+                Err(error) => {
+                    tracing::error!(%error, on_error = %config.storage.on_error, "cannot reach Redis at start; deciding by on_error until it answers");
+                    RedisStore::lazy(redis)?
+                }
+            };
+            Arc::new(PolicyStore::new(
+                Arc::new(store),
+                PolicyConfig {
+                    policy: match config.storage.on_error {
+                        OnError::Allow => FailurePolicy::Allow,
+                        OnError::Deny => FailurePolicy::Deny,
+                        OnError::Local => FailurePolicy::Local,
+                    },
+                    timeout: Duration::from_millis(*timeout_ms),
+                    probe_interval: Duration::from_secs(1),
+                    local_max_keys: config.storage.max_keys,
+                },
+            ))
         }
         Backend::Memory => Arc::new(MemoryStore::new(memory)),
         Backend::Disk => {

@@ -1,0 +1,209 @@
+//! What happens when a shared store (Redis, PostgreSQL) fails or is slow: a wrapper
+//! [`Store`] applying the deployment's `on_error` choice.
+//!
+//! Every call to the shared store is bounded by a timeout. When it fails or times out:
+//! - `allow` (fail open): the request is allowed;
+//! - `deny` (fail closed): the request is denied, with a one-second retry time;
+//! - `local` (the default): the request is decided with in-process counters, so limits
+//!   still hold per instance.
+//!
+//! Such decisions carry `degraded: true` (and are counted in metrics by the server).
+//! While the store is down, at most one decision per probe interval (a second by
+//! default) tries it again; the others go straight to the policy, so a store that hangs
+//! does not add its timeout to every request. The first success resumes shared counting:
+//! within about a second of the store coming back, with no restart. Each change of state
+//! is logged once, not once per request.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sluice_engine::{
+    DecisionRequest, Limit, Outcomes, Store, StoreError, StoreFuture, StoreStats, WindowOutcome,
+};
+use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
+
+/// What to do while the shared store cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Allow every request (fail open).
+    Allow,
+    /// Deny every request (fail closed).
+    Deny,
+    /// Decide with in-process counters.
+    Local,
+}
+
+/// Settings of a [`PolicyStore`].
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyConfig {
+    /// The policy.
+    pub policy: FailurePolicy,
+    /// The longest a store call may take before it counts as failed.
+    pub timeout: Duration,
+    /// While the store is down, how often a decision tries it again.
+    pub probe_interval: Duration,
+    /// Bound of the in-process counters used by `local`.
+    pub local_max_keys: usize,
+}
+
+/// A shared store wrapped in the failure policy.
+pub struct PolicyStore {
+    primary: Arc<dyn Store>,
+    config: PolicyConfig,
+    local: MemoryStore,
+    down: AtomicBool,
+    started: Instant,
+    /// Microseconds since `started` when the next probe may run.
+    next_probe: AtomicU64,
+}
+
+impl PolicyStore {
+    /// Wraps `primary`.
+    pub fn new(primary: Arc<dyn Store>, config: PolicyConfig) -> Self {
+        PolicyStore {
+            primary,
+            local: MemoryStore::new(MemoryStoreConfig {
+                max_keys: config.local_max_keys,
+                ..Default::default()
+            }),
+            config,
+            down: AtomicBool::new(false),
+            started: Instant::now(),
+            next_probe: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the shared store is currently considered down.
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Acquire)
+    }
+
+    fn elapsed_micros(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64
+    }
+
+    /// While down: whether this call is the one that may try the store again.
+    fn may_probe(&self) -> bool {
+        let now = self.elapsed_micros();
+        let due = self.next_probe.load(Ordering::Acquire);
+        now >= due
+            && self
+                .next_probe
+                .compare_exchange(
+                    due,
+                    now + self.config.probe_interval.as_micros() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+    }
+
+    fn mark_up(&self) {
+        if self.down.swap(false, Ordering::AcqRel) {
+            tracing::info!(
+                backend = self.primary.backend(),
+                "store reachable again: shared counting resumed"
+            );
+        }
+    }
+
+    fn mark_down(&self, error: &StoreError) {
+        if !self.down.swap(true, Ordering::AcqRel) {
+            self.next_probe.store(
+                self.elapsed_micros() + self.config.probe_interval.as_micros() as u64,
+                Ordering::Release,
+            );
+            tracing::warn!(
+                backend = self.primary.backend(),
+                %error,
+                policy = ?self.config.policy,
+                "store unreachable: deciding by the on_error policy until it is back"
+            );
+        }
+    }
+
+    async fn bounded<T>(&self, call: StoreFuture<'_, T>) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.config.timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(self.config.timeout)),
+        }
+    }
+
+    fn fallback(&self, request: &DecisionRequest) -> Outcomes {
+        let windows = match self.config.policy {
+            FailurePolicy::Local => self.local.decide_sync(request).windows,
+            FailurePolicy::Allow | FailurePolicy::Deny => {
+                let allow = self.config.policy == FailurePolicy::Allow;
+                request
+                    .windows()
+                    .map(|(_, lw)| WindowOutcome {
+                        allowed: allow,
+                        // Nothing is known about the shared counter: report it as the
+                        // policy treats it, full when open and empty when closed.
+                        remaining: if allow { lw.window.capacity() } else { 0 },
+                        reset_after: 0,
+                        retry_after: Some(if allow { 0 } else { 1_000_000 }),
+                    })
+                    .collect()
+            }
+        };
+        Outcomes {
+            windows,
+            degraded: true,
+        }
+    }
+}
+
+impl Store for PolicyStore {
+    fn decide<'a>(&'a self, request: &'a DecisionRequest) -> StoreFuture<'a, Outcomes> {
+        Box::pin(async move {
+            if self.is_down() && !self.may_probe() {
+                return Ok(self.fallback(request));
+            }
+            match self.bounded(self.primary.decide(request)).await {
+                Ok(outcomes) => {
+                    self.mark_up();
+                    Ok(outcomes)
+                }
+                Err(error) => {
+                    self.mark_down(&error);
+                    Ok(self.fallback(request))
+                }
+            }
+        })
+    }
+
+    fn reset<'a>(&'a self, limit: &'a Limit, key: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.local.reset_sync(limit, key);
+            self.bounded(self.primary.reset(limit, key)).await
+        })
+    }
+
+    fn reset_limit<'a>(&'a self, limit: &'a Limit) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            self.local.reset_limit_sync_with(limit, |_, _| {});
+            self.bounded(self.primary.reset_limit(limit)).await
+        })
+    }
+
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let result = self.bounded(self.primary.ping()).await;
+            match &result {
+                Ok(()) => self.mark_up(),
+                Err(error) => self.mark_down(error),
+            }
+            result
+        })
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.primary.stats()
+    }
+
+    fn backend(&self) -> &'static str {
+        self.primary.backend()
+    }
+}

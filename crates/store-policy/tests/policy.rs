@@ -1,0 +1,208 @@
+//! The failure policy against a store that fails, hangs and comes back, and against a
+//! real redis-server that is killed and restarted.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sluice_engine::{
+    Check, DecisionRequest, Limit, LimitSpec, Outcomes, Store, StoreError, StoreFuture, StoreStats,
+    decide,
+};
+use sluice_store_memory::MemoryStore;
+use sluice_store_policy::{FailurePolicy, PolicyConfig, PolicyStore};
+
+/// A memory store that can be told to fail or to hang, counting the calls it gets.
+struct Flaky {
+    inner: MemoryStore,
+    failing: AtomicBool,
+    hanging: AtomicBool,
+    calls: AtomicUsize,
+}
+
+impl Flaky {
+    fn new() -> Arc<Self> {
+        Arc::new(Flaky {
+            inner: MemoryStore::new(Default::default()),
+            failing: AtomicBool::new(false),
+            hanging: AtomicBool::new(false),
+            calls: AtomicUsize::new(0),
+        })
+    }
+}
+
+impl Store for Flaky {
+    fn decide<'a>(&'a self, request: &'a DecisionRequest) -> StoreFuture<'a, Outcomes> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            if self.hanging.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("connection refused".into()));
+            }
+            Ok(self.inner.decide_sync(request))
+        })
+    }
+    fn reset<'a>(&'a self, limit: &'a Limit, key: &'a str) -> StoreFuture<'a, ()> {
+        self.inner.reset_sync(limit, key);
+        Box::pin(async { Ok(()) })
+    }
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        let failing = self.failing.load(Ordering::SeqCst);
+        Box::pin(async move {
+            if failing {
+                Err(StoreError::Unavailable("down".into()))
+            } else {
+                Ok(())
+            }
+        })
+    }
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
+    fn backend(&self) -> &'static str {
+        "flaky"
+    }
+}
+
+fn limit(rate: &str) -> Arc<Limit> {
+    Arc::new(Limit::new("l", LimitSpec::new(vec![rate.parse().unwrap()])).unwrap())
+}
+
+fn request(limit: &Arc<Limit>, key: &str) -> DecisionRequest {
+    DecisionRequest {
+        checks: vec![Check::new(Arc::clone(limit), key, 1).unwrap()],
+        dry_run: false,
+    }
+}
+
+fn policy(primary: Arc<dyn Store>, policy: FailurePolicy) -> PolicyStore {
+    PolicyStore::new(
+        primary,
+        PolicyConfig {
+            policy,
+            timeout: Duration::from_millis(100),
+            probe_interval: Duration::from_millis(200),
+            local_max_keys: 10_000,
+        },
+    )
+}
+
+#[tokio::test]
+async fn allow_deny_and_local_while_the_store_fails() {
+    let l = limit("2/hour");
+    for (choice, expect) in [
+        (FailurePolicy::Allow, [true, true, true]),
+        (FailurePolicy::Deny, [false, false, false]),
+        (FailurePolicy::Local, [true, true, false]),
+    ] {
+        let flaky = Flaky::new();
+        flaky.failing.store(true, Ordering::SeqCst);
+        let store = policy(flaky.clone(), choice);
+        for (i, allowed) in expect.into_iter().enumerate() {
+            let d = decide(&store, &request(&l, "k"))
+                .await
+                .expect("the policy always answers");
+            assert_eq!(d.allowed, allowed, "{choice:?} decision {i}");
+            assert!(d.degraded, "{choice:?}: marked degraded");
+        }
+        if choice == FailurePolicy::Deny {
+            let d = decide(&store, &request(&l, "k")).await.unwrap();
+            assert_eq!(
+                d.retry_after,
+                Some(1_000_000),
+                "fail closed says: try again in a second"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_hanging_store_costs_one_timeout_per_probe_not_per_request() {
+    let flaky = Flaky::new();
+    flaky.hanging.store(true, Ordering::SeqCst);
+    let store = policy(flaky.clone(), FailurePolicy::Local);
+    let l = limit("1000/hour");
+    let started = Instant::now();
+    for _ in 0..50 {
+        assert!(decide(&store, &request(&l, "k")).await.unwrap().degraded);
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "50 decisions took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        flaky.calls.load(Ordering::SeqCst) <= 2,
+        "the store was tried {} times",
+        flaky.calls.load(Ordering::SeqCst)
+    );
+}
+
+#[tokio::test]
+async fn shared_counting_resumes_by_itself_when_the_store_is_back() {
+    let flaky = Flaky::new();
+    let store = policy(flaky.clone(), FailurePolicy::Local);
+    let l = limit("1000/hour");
+    assert!(!decide(&store, &request(&l, "k")).await.unwrap().degraded);
+    flaky.failing.store(true, Ordering::SeqCst);
+    assert!(decide(&store, &request(&l, "k")).await.unwrap().degraded);
+    assert!(store.is_down());
+    flaky.failing.store(false, Ordering::SeqCst);
+    let started = Instant::now();
+    while decide(&store, &request(&l, "k")).await.unwrap().degraded {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "not back within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!store.is_down());
+    assert!(
+        started.elapsed() <= Duration::from_millis(400),
+        "back within one probe interval: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_and_restarted_redis_degrades_then_recovers() {
+    let mut server = sluice_testkit::servers::RedisServer::start().expect("redis-server");
+    let mut config = sluice_store_redis::RedisStoreConfig::new(server.url());
+    config.prefix = "policy-test:".into();
+    let redis = sluice_store_redis::RedisStore::connect(config)
+        .await
+        .expect("connect");
+    let store = policy(Arc::new(redis), FailurePolicy::Local);
+    let l = limit("3/hour");
+    for _ in 0..2 {
+        let d = decide(&store, &request(&l, "shared")).await.unwrap();
+        assert!(d.allowed && !d.degraded);
+    }
+    server.stop();
+    let d = decide(&store, &request(&l, "shared"))
+        .await
+        .expect("no error while Redis is down");
+    assert!(d.degraded, "decided locally");
+    assert!(
+        store.ping().await.is_err(),
+        "readiness reports the store down"
+    );
+    server.restart().expect("restart");
+    let started = Instant::now();
+    let d = loop {
+        let d = decide(&store, &request(&l, "shared")).await.unwrap();
+        if !d.degraded {
+            break d;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "shared counting not back within 3 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The restarted Redis kept nothing (no persistence): a fresh shared counter.
+    assert!(d.allowed);
+    assert_eq!(d.results[0].remaining, 2);
+}
