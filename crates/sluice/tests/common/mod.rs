@@ -932,3 +932,176 @@ pub fn parse_sf_list(field: &str) -> Vec<(String, BTreeMap<String, i64>)> {
     }
     out
 }
+
+// ---- a real redis-server (for the Redis store) ---------------------------
+
+/// A `redis-server` of its own on a free loopback port, with no persistence, killed
+/// and its directory removed on drop. The same thing as
+/// `sluice_testkit::servers::RedisServer`, which this crate's tests cannot reach
+/// (sluice-testkit is not a dev-dependency of crate sluice).
+pub struct RedisServer {
+    pub port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl RedisServer {
+    /// Starts it and waits (up to 20 s) until it answers `PING`. Panics with a hint
+    /// when redis-server is not installed (`scripts/test` installs it).
+    pub fn start() -> RedisServer {
+        let binary = ["/usr/bin/redis-server", "/usr/sbin/redis-server"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("redis-server"));
+        // A port found free may be taken before the server binds it: try a few.
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = scratch_dir("redis");
+            let mut child = Command::new(&binary)
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "starting {}: {e} (apt-get install -y redis-server, or run scripts/test)",
+                        binary.display()
+                    )
+                });
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut up = false;
+            while Instant::now() < deadline {
+                if redis_command(port, &["PING"])
+                    .is_ok_and(|r| r == RedisReply::Status("PONG".into()))
+                {
+                    up = true;
+                    break;
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // exited: most likely the port was taken
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if up {
+                return RedisServer { port, dir, child };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = fs::remove_dir_all(&dir);
+        }
+        panic!("redis-server did not start on a free port in 5 attempts");
+    }
+
+    /// `redis://127.0.0.1:PORT/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// One command; panics on a transport error.
+    pub fn command(&self, args: &[&str]) -> RedisReply {
+        redis_command(self.port, args)
+            .unwrap_or_else(|e| panic!("redis {args:?} on port {}: {e}", self.port))
+    }
+
+    /// `INFO commandstats` as (command, field) → value, e.g.
+    /// `("evalsha", "calls") → 300`.
+    pub fn command_stats(&self) -> BTreeMap<(String, String), u64> {
+        let RedisReply::Bulk(Some(text)) = self.command(&["INFO", "commandstats"]) else {
+            panic!("INFO commandstats did not answer a bulk string");
+        };
+        let mut out = BTreeMap::new();
+        for line in text.lines() {
+            let Some((name, fields)) = line.trim().split_once(':') else {
+                continue;
+            };
+            let Some(command) = name.strip_prefix("cmdstat_") else {
+                continue;
+            };
+            for field in fields.split(',') {
+                if let Some((k, v)) = field.split_once('=')
+                    && let Ok(v) = v.parse::<u64>()
+                {
+                    out.insert((command.to_string(), k.to_string()), v);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis reply (RESP2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisReply {
+    Status(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<String>),
+    Array(Vec<RedisReply>),
+}
+
+/// Sends one command to the Redis on loopback `port` over a fresh connection and
+/// reads its reply.
+pub fn redis_command(port: u16, args: &[&str]) -> std::io::Result<RedisReply> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        req.extend_from_slice(a.as_bytes());
+        req.extend_from_slice(b"\r\n");
+    }
+    s.write_all(&req)?;
+    let mut reader = std::io::BufReader::new(s);
+    read_redis_reply(&mut reader)
+}
+
+fn read_redis_reply(r: &mut impl std::io::BufRead) -> std::io::Result<RedisReply> {
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let line = line.trim_end_matches("\r\n");
+    let (kind, rest) = line
+        .split_at_checked(1)
+        .ok_or_else(|| bad("empty reply".into()))?;
+    let number = || {
+        rest.parse::<i64>()
+            .map_err(|_| bad(format!("bad length {line:?}")))
+    };
+    Ok(match kind {
+        "+" => RedisReply::Status(rest.to_string()),
+        "-" => RedisReply::Error(rest.to_string()),
+        ":" => RedisReply::Int(number()?),
+        "$" => match number()? {
+            n if n < 0 => RedisReply::Bulk(None),
+            n => {
+                let mut buf = vec![0u8; n as usize + 2];
+                r.read_exact(&mut buf)?;
+                buf.truncate(n as usize);
+                RedisReply::Bulk(Some(String::from_utf8_lossy(&buf).into_owned()))
+            }
+        },
+        "*" => match number()? {
+            n if n < 0 => RedisReply::Array(Vec::new()),
+            n => RedisReply::Array(
+                (0..n)
+                    .map(|_| read_redis_reply(r))
+                    .collect::<std::io::Result<_>>()?,
+            ),
+        },
+        _ => return Err(bad(format!("unexpected reply {line:?}"))),
+    })
+}
