@@ -12,9 +12,16 @@
 #   CONNECTIONS=64                       KEYS=10000     distinct keys (k0..k9999)
 #   WRK=wrk                              KEEP=1         keep the scratch dir
 #   STORAGE=memory   memory | disk | disk-sync (backend disk in the scratch dir, sync: true)
+#                    | redis (starts its own redis-server on a free loopback port,
+#                      --save '' --appendonly no, in the scratch dir; stopped at exit)
+#   REDIS_SERVER=redis-server  REDIS_CLI=redis-cli   (STORAGE=redis)
 #
 # Each run prints req/s, p50 and p99 latency, the status-code histogram and the
-# number of non-200 answers; full wrk output goes to bench/results/.
+# number of non-200 answers; full wrk output goes to bench/results/. With
+# STORAGE=redis it also prints, per run, the EVALSHA calls Redis counted
+# (INFO commandstats, reset before the run) divided by the requests wrk completed,
+# and the degraded decisions and store errors from /metrics (a run with any degraded
+# decision did not measure Redis and fails).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -29,7 +36,7 @@ STORAGE="${STORAGE:-memory}"
 target=""
 variants="1 2"
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -50,8 +57,14 @@ fi
 
 scratch="$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")"
 server_pid=""
+redis_pid=""
+redis_port=""
 cleanup() {
     local rc=$?
+    if [[ -n "$redis_pid" ]] && kill -0 "$redis_pid" 2>/dev/null; then
+        kill "$redis_pid" 2>/dev/null || true
+        wait "$redis_pid" 2>/dev/null || true
+    fi
     if [[ -n "$server_pid" ]] && kill -0 "$server_pid" 2>/dev/null; then
         kill "$server_pid" 2>/dev/null || true
         wait "$server_pid" 2>/dev/null || true
@@ -80,7 +93,39 @@ if [[ -z "$target" ]]; then
         memory) storage="{backend: memory, max_keys: 1000000}" ;;
         disk) storage="{backend: disk, path: '$scratch/data', max_keys: 1000000}" ;;
         disk-sync) storage="{backend: disk, path: '$scratch/data', sync: true, max_keys: 1000000}" ;;
-        *) echo "STORAGE must be memory, disk or disk-sync, not $STORAGE" >&2; exit 2 ;;
+        redis)
+            REDIS_SERVER="${REDIS_SERVER:-redis-server}"
+            REDIS_CLI="${REDIS_CLI:-redis-cli}"
+            for tool in "$REDIS_SERVER" "$REDIS_CLI"; do
+                if ! command -v "$tool" >/dev/null 2>&1; then
+                    echo "$tool not found; install it with: apt-get install -y redis-server redis-tools" >&2
+                    exit 1
+                fi
+            done
+            mkdir -p "$scratch/redis"
+            for _ in 1 2 3 4 5; do
+                redis_port="$(free_port)"
+                "$REDIS_SERVER" --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+                    --dir "$scratch/redis" >"$scratch/redis.log" 2>&1 &
+                redis_pid=$!
+                for _ in $(seq 1 100); do
+                    if "$REDIS_CLI" -p "$redis_port" PING 2>/dev/null | grep -q PONG; then break 2; fi
+                    if ! kill -0 "$redis_pid" 2>/dev/null; then break; fi
+                    sleep 0.1
+                done
+                kill "$redis_pid" 2>/dev/null || true
+                wait "$redis_pid" 2>/dev/null || true
+                redis_pid=""
+            done
+            if [[ -z "$redis_pid" ]]; then
+                echo "redis-server did not start; log:" >&2
+                cat "$scratch/redis.log" >&2
+                exit 1
+            fi
+            echo "==> redis-server (pid $redis_pid) on 127.0.0.1:$redis_port" >&2
+            storage="{backend: redis, url: 'redis://127.0.0.1:$redis_port/', prefix: 'bench:'}"
+            ;;
+        *) echo "STORAGE must be memory, disk, disk-sync or redis, not $STORAGE" >&2; exit 2 ;;
     esac
     cat >"$config" <<EOF
 listen: 127.0.0.1:$port
@@ -130,11 +175,22 @@ for v in $variants; do
     fi
 done
 
+# The sum of a /metrics counter over its labels (0 when absent).
+metric() {
+    curl -fsS "$base/metrics" 2>/dev/null |
+        awk -v name="$1" '$1 == name || index($1, name "{") == 1 {s += $NF} END {printf "%d", s}'
+}
+
 mkdir -p "$root/bench/results"
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 summary=()
 for v in $variants; do
     out="$root/bench/results/check-v$v-$stamp.txt"
+    if [[ -n "$redis_pid" ]]; then
+        "$REDIS_CLI" -p "$redis_port" CONFIG RESETSTAT >/dev/null
+        degraded_before="$(metric sluice_degraded_decisions_total)"
+        errors_before="$(metric sluice_store_errors_total)"
+    fi
     echo "==> wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $v check(s)/request, $KEYS keys -> $base/v1/check" >&2
     "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$here/check.lua" \
         "$base/v1/check" -- "checks=$v" "keys=$KEYS" | tee "$out"
@@ -142,7 +198,19 @@ for v in $variants; do
     p50="$(awk '/Latency Distribution/ {d=1} d && $1=="50%" {print $2; exit}' "$out")"
     p99="$(awk '/Latency Distribution/ {d=1} d && $1=="99%" {print $2; exit}' "$out")"
     non200="$(awk -F': ' '/^non-200 responses:/ {print $2}' "$out")"
-    summary+=("checks/request=$v  req/s=${rps:-?}  p50=${p50:-?}  p99=${p99:-?}  non-200=${non200:-?}")
+    line="checks/request=$v  req/s=${rps:-?}  p50=${p50:-?}  p99=${p99:-?}  non-200=${non200:-?}"
+    if [[ -n "$redis_pid" ]]; then
+        requests="$(awk '/requests in/ {print $1; exit}' "$out")"
+        evalsha="$("$REDIS_CLI" -p "$redis_port" INFO commandstats | tr -d '\r' |
+            awk -F'[:,=]' '$1 == "cmdstat_evalsha" {print $3}')"
+        "$REDIS_CLI" -p "$redis_port" INFO commandstats | tr -d '\r' | grep '^cmdstat_' >>"$out"
+        degraded=$(( $(metric sluice_degraded_decisions_total) - degraded_before ))
+        errors=$(( $(metric sluice_store_errors_total) - errors_before ))
+        per="$(awk -v e="${evalsha:-0}" -v r="${requests:-0}" 'BEGIN { if (r > 0) printf "%.3f", e / r; else print "?" }')"
+        line+="  evalsha=${evalsha:-0}  requests=${requests:-?}  evalsha/request=$per  degraded=$degraded  store-errors=$errors"
+        if [[ "$degraded" != 0 ]]; then line+="  (DEGRADED: not all decided by Redis)"; fi
+    fi
+    summary+=("$line")
 done
 
 echo
@@ -155,6 +223,7 @@ fi
 status=0
 for line in "${summary[@]}"; do
     case "$line" in *"non-200=0"*) ;; *) status=1 ;; esac
+    case "$line" in *DEGRADED*) status=1 ;; esac
 done
 if [[ "$status" != 0 ]]; then
     echo "some responses were not 200 (see above)" >&2
