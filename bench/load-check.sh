@@ -36,7 +36,7 @@ STORAGE="${STORAGE:-memory}"
 target=""
 variants="1 2"
 
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
