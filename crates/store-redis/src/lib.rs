@@ -164,15 +164,36 @@ impl RedisStore {
     }
 
     /// Runs `op` on the shared connection, once more if the first attempt found the
-    /// connection dropped (the manager reconnects in between).
+    /// connection dropped (the manager reconnects in between). Only for calls that are
+    /// safe to repeat: see [`RedisStore::once`].
     async fn with_retry<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        self.attempt(op, true).await
+    }
+
+    /// Runs `op` once. A call that charges must not be repeated: when the connection
+    /// drops or times out, the script may already have run, and a second run would
+    /// charge twice. The failure goes to the `on_error` policy instead, and the next
+    /// decision finds the reconnected connection.
+    async fn once<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        self.attempt(op, false).await
+    }
+
+    async fn attempt<T, F, Fut>(&self, op: F, may_retry: bool) -> Result<T, StoreError>
     where
         F: Fn(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         match op(self.connection.clone()).await {
             Ok(value) => Ok(value),
-            Err(error) if retryable(&error) => op(self.connection.clone())
+            Err(error) if may_retry && retryable(&error) => op(self.connection.clone())
                 .await
                 .map_err(|e| store_error(&self.address, e)),
             Err(error) => Err(store_error(&self.address, error)),
@@ -211,12 +232,16 @@ impl RedisStore {
                 .arg(check.cost().min(capacity + 1))
                 .arg(flags);
         }
-        let reply: Vec<i64> = self
-            .with_retry(|mut connection| {
-                let invocation = &invocation;
-                async move { invocation.invoke_async(&mut connection).await }
-            })
-            .await?;
+        let run = |mut connection: ConnectionManager| {
+            let invocation = &invocation;
+            async move { invocation.invoke_async(&mut connection).await }
+        };
+        // A dry run charges nothing, so it may be repeated; a real decision may not.
+        let reply: Vec<i64> = if request.dry_run {
+            self.with_retry(run).await?
+        } else {
+            self.once(run).await?
+        };
         parse_reply(&reply, count)
     }
 
