@@ -208,12 +208,7 @@ fn keyed_hash(secret: &[u8], text: &str) -> String {
     };
     mac.update(text.as_bytes());
     let digest = mac.finalize().into_bytes();
-    let mut out = String::with_capacity(3 + 32);
-    out.push_str("ip:");
-    for byte in &digest[..16] {
-        out.push_str(&format!("{byte:02x}"));
-    }
-    out
+    format!("ip:{}", crate::hex(&digest[..16]))
 }
 
 #[cfg(test)]

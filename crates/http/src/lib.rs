@@ -18,3 +18,14 @@ pub use policy::{HttpPolicy, IncomingRequest};
 pub use response::{BodyTemplate, Denial, HeaderStyles, ResponseConfig};
 pub use rules::{PathPattern, Route, RouteLimit, RouteMatch, RuleError, Rules};
 pub use template::{KeyTemplate, RequestFacts, TemplateError, normalize_path};
+
+/// Lower-case hex of `bytes`, for digests in keys and logs.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        // Writing into a String cannot fail.
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
+}

@@ -185,12 +185,10 @@ impl KeyTemplate {
             key.push_str(&value);
         }
         if key.len() > MAX_KEY_BYTES {
-            let digest = Sha256::digest(key.as_bytes());
-            let mut hashed = String::from("sha256:");
-            for byte in digest.iter() {
-                hashed.push_str(&format!("{byte:02x}"));
-            }
-            return Some(hashed);
+            return Some(format!(
+                "sha256:{}",
+                crate::hex(&Sha256::digest(key.as_bytes()))
+            ));
         }
         Some(key)
     }

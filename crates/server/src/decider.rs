@@ -95,11 +95,5 @@ impl Decider {
 /// log without writing down who it is (keys may be user ids, API keys or addresses).
 fn key_hash(key: &str) -> String {
     use sha2::{Digest, Sha256};
-    use std::fmt::Write;
-    let digest = Sha256::digest(key.as_bytes());
-    let mut hex = String::with_capacity(16);
-    for byte in &digest[..8] {
-        let _ = write!(hex, "{byte:02x}");
-    }
-    hex
+    sluice_http::hex(&Sha256::digest(key.as_bytes())[..8])
 }

@@ -14,7 +14,7 @@ mod common;
 use std::sync::Barrier;
 use std::time::Instant;
 
-use common::{RedisReply, RedisServer, Server, now_ms};
+use common::{RedisCommands, RedisReply, RedisServer, Server, now_ms};
 use serde_json::{Value, json};
 
 const INSTANCES: usize = 3;
@@ -35,7 +35,7 @@ struct Cluster {
 }
 
 fn cluster(algorithm: &str) -> Cluster {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().expect("redis-server (scripts/test installs it)");
     let prefix = format!("it-{algorithm}-{}:", now_ms());
     let config = format!(
         "storage: {{backend: redis, url: '{}', prefix: '{prefix}', timeout_ms: 10000}}

@@ -935,82 +935,25 @@ pub fn parse_sf_list(field: &str) -> Vec<(String, BTreeMap<String, i64>)> {
 
 // ---- a real redis-server (for the Redis store) ---------------------------
 
-/// A `redis-server` of its own on a free loopback port, with no persistence, killed
-/// and its directory removed on drop. The same thing as
-/// `sluice_testkit::servers::RedisServer`, which this crate's tests cannot reach
-/// (sluice-testkit is not a dev-dependency of crate sluice).
-pub struct RedisServer {
-    pub port: u16,
-    dir: PathBuf,
-    child: Child,
-}
+pub use sluice_testkit::servers::RedisServer;
 
-impl RedisServer {
-    /// Starts it and waits (up to 20 s) until it answers `PING`. Panics with a hint
-    /// when redis-server is not installed (`scripts/test` installs it).
-    pub fn start() -> RedisServer {
-        let binary = ["/usr/bin/redis-server", "/usr/sbin/redis-server"]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| PathBuf::from("redis-server"));
-        // A port found free may be taken before the server binds it: try a few.
-        for _ in 0..5 {
-            let port = free_port();
-            let dir = scratch_dir("redis");
-            let mut child = Command::new(&binary)
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(&dir)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "starting {}: {e} (apt-get install -y redis-server, or run scripts/test)",
-                        binary.display()
-                    )
-                });
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let mut up = false;
-            while Instant::now() < deadline {
-                if redis_command(port, &["PING"])
-                    .is_ok_and(|r| r == RedisReply::Status("PONG".into()))
-                {
-                    up = true;
-                    break;
-                }
-                if let Ok(Some(_)) = child.try_wait() {
-                    break; // exited: most likely the port was taken
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if up {
-                return RedisServer { port, dir, child };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = fs::remove_dir_all(&dir);
-        }
-        panic!("redis-server did not start on a free port in 5 attempts");
-    }
-
-    /// `redis://127.0.0.1:PORT/`.
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
+/// Raw commands against a test [`RedisServer`], for looking at what the store wrote.
+pub trait RedisCommands {
     /// One command; panics on a transport error.
-    pub fn command(&self, args: &[&str]) -> RedisReply {
-        redis_command(self.port, args)
-            .unwrap_or_else(|e| panic!("redis {args:?} on port {}: {e}", self.port))
-    }
+    fn command(&self, args: &[&str]) -> RedisReply;
 
     /// `INFO commandstats` as (command, field) → value, e.g.
     /// `("evalsha", "calls") → 300`.
-    pub fn command_stats(&self) -> BTreeMap<(String, String), u64> {
+    fn command_stats(&self) -> BTreeMap<(String, String), u64>;
+}
+
+impl RedisCommands for RedisServer {
+    fn command(&self, args: &[&str]) -> RedisReply {
+        let port = self.port();
+        redis_command(port, args).unwrap_or_else(|e| panic!("redis {args:?} on port {port}: {e}"))
+    }
+
+    fn command_stats(&self) -> BTreeMap<(String, String), u64> {
         let RedisReply::Bulk(Some(text)) = self.command(&["INFO", "commandstats"]) else {
             panic!("INFO commandstats did not answer a bulk string");
         };
@@ -1031,14 +974,6 @@ impl RedisServer {
             }
         }
         out
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
