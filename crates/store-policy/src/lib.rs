@@ -15,7 +15,7 @@
 //! is logged once, not once per request.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_engine::{
@@ -52,7 +52,11 @@ pub struct PolicyStore {
     primary: Arc<dyn Store>,
     config: PolicyConfig,
     local: MemoryStore,
-    down: AtomicBool,
+    /// Even while the store is up, odd while it is down; bumped on every change of
+    /// state. A call remembers the epoch it started in, so an answer that was already in
+    /// flight when the state changed cannot flip it back: only a probe (a call started
+    /// while down) marks the store up, and only a call started while up marks it down.
+    epoch: AtomicU64,
     started: Instant,
     /// Microseconds since `started` when the next probe may run.
     next_probe: AtomicU64,
@@ -68,7 +72,7 @@ impl PolicyStore {
                 ..Default::default()
             }),
             config,
-            down: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
             started: Instant::now(),
             next_probe: AtomicU64::new(0),
         }
@@ -76,7 +80,7 @@ impl PolicyStore {
 
     /// Whether the shared store is currently considered down.
     pub fn is_down(&self) -> bool {
-        self.down.load(Ordering::Acquire)
+        is_down_epoch(self.epoch.load(Ordering::Acquire))
     }
 
     fn elapsed_micros(&self) -> u64 {
@@ -99,8 +103,14 @@ impl PolicyStore {
                 .is_ok()
     }
 
-    fn mark_up(&self) {
-        if self.down.swap(false, Ordering::AcqRel) {
+    /// A call started in `epoch` succeeded.
+    fn succeeded(&self, epoch: u64) {
+        if is_down_epoch(epoch)
+            && self
+                .epoch
+                .compare_exchange(epoch, epoch + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
             tracing::info!(
                 backend = self.primary.backend(),
                 "store reachable again: shared counting resumed"
@@ -108,8 +118,14 @@ impl PolicyStore {
         }
     }
 
-    fn mark_down(&self, error: &StoreError) {
-        if !self.down.swap(true, Ordering::AcqRel) {
+    /// A call started in `epoch` failed.
+    fn failed(&self, epoch: u64, error: &StoreError) {
+        if !is_down_epoch(epoch)
+            && self
+                .epoch
+                .compare_exchange(epoch, epoch + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
             self.next_probe.store(
                 self.elapsed_micros() + self.config.probe_interval.as_micros() as u64,
                 Ordering::Release,
@@ -158,16 +174,17 @@ impl PolicyStore {
 impl Store for PolicyStore {
     fn decide<'a>(&'a self, request: &'a DecisionRequest) -> StoreFuture<'a, Outcomes> {
         Box::pin(async move {
-            if self.is_down() && !self.may_probe() {
+            let epoch = self.epoch.load(Ordering::Acquire);
+            if is_down_epoch(epoch) && !self.may_probe() {
                 return Ok(self.fallback(request));
             }
             match self.bounded(self.primary.decide(request)).await {
                 Ok(outcomes) => {
-                    self.mark_up();
+                    self.succeeded(epoch);
                     Ok(outcomes)
                 }
                 Err(error) => {
-                    self.mark_down(&error);
+                    self.failed(epoch, &error);
                     Ok(self.fallback(request))
                 }
             }
@@ -190,10 +207,11 @@ impl Store for PolicyStore {
 
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
+            let epoch = self.epoch.load(Ordering::Acquire);
             let result = self.bounded(self.primary.ping()).await;
             match &result {
-                Ok(()) => self.mark_up(),
-                Err(error) => self.mark_down(error),
+                Ok(()) => self.succeeded(epoch),
+                Err(error) => self.failed(epoch, error),
             }
             result
         })
@@ -206,4 +224,8 @@ impl Store for PolicyStore {
     fn backend(&self) -> &'static str {
         self.primary.backend()
     }
+}
+
+fn is_down_epoch(epoch: u64) -> bool {
+    epoch % 2 == 1
 }

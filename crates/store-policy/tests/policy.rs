@@ -2,7 +2,7 @@
 //! real redis-server that is killed and restarted.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_engine::{
@@ -17,6 +17,8 @@ struct Flaky {
     inner: MemoryStore,
     failing: AtomicBool,
     hanging: AtomicBool,
+    /// Milliseconds the next call waits before answering (0: none).
+    slow_next_ms: AtomicU64,
     calls: AtomicUsize,
 }
 
@@ -26,6 +28,7 @@ impl Flaky {
             inner: MemoryStore::new(Default::default()),
             failing: AtomicBool::new(false),
             hanging: AtomicBool::new(false),
+            slow_next_ms: AtomicU64::new(0),
             calls: AtomicUsize::new(0),
         })
     }
@@ -34,7 +37,15 @@ impl Flaky {
 impl Store for Flaky {
     fn decide<'a>(&'a self, request: &'a DecisionRequest) -> StoreFuture<'a, Outcomes> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        let slow = self.slow_next_ms.swap(0, Ordering::SeqCst);
         Box::pin(async move {
+            // A slow answer is decided when the call arrives, like a reply already on the
+            // wire when the connection then breaks.
+            let answer = self.inner.decide_sync(request);
+            if slow > 0 {
+                tokio::time::sleep(Duration::from_millis(slow)).await;
+                return Ok(answer);
+            }
             if self.hanging.load(Ordering::SeqCst) {
                 tokio::time::sleep(Duration::from_secs(30)).await;
             }
@@ -163,6 +174,35 @@ async fn shared_counting_resumes_by_itself_when_the_store_is_back() {
         started.elapsed() <= Duration::from_millis(400),
         "back within one probe interval: {:?}",
         started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_answer_already_in_flight_does_not_end_an_outage_that_began_after_it() {
+    let flaky = Flaky::new();
+    let store = Arc::new(policy(flaky.clone(), FailurePolicy::Local));
+    let l = limit("1000/hour");
+    flaky.slow_next_ms.store(50, Ordering::SeqCst);
+    let in_flight = {
+        let (store, l) = (Arc::clone(&store), Arc::clone(&l));
+        tokio::spawn(async move { decide(&*store, &request(&l, "k")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    flaky.failing.store(true, Ordering::SeqCst);
+    assert!(decide(&*store, &request(&l, "k")).await.unwrap().degraded);
+    assert!(store.is_down());
+    let late = in_flight.await.unwrap().unwrap();
+    assert!(
+        !late.degraded,
+        "the slow call itself was answered by the store"
+    );
+    assert!(
+        store.is_down(),
+        "a reply sent before the outage must not mark the store reachable"
+    );
+    assert!(
+        decide(&*store, &request(&l, "k")).await.unwrap().degraded,
+        "still deciding by the policy until a probe succeeds"
     );
 }
 
