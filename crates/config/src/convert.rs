@@ -269,6 +269,7 @@ fn storage(node: &Node, path: &str) -> Result<StorageConfig, Fail> {
                 url: Secret::new(""),
                 timeout_ms: Backend::DEFAULT_TIMEOUT_MS,
                 cluster: false,
+                cluster_seeds: Vec::new(),
             },
             name @ "postgres" => {
                 return Err(Fail::new(
@@ -379,6 +380,7 @@ fn redis_fields(
         url: url_value,
         timeout_ms,
         cluster: cluster_value,
+        cluster_seeds,
     } = &mut storage.backend
     else {
         if let Some((node, field)) = [&url, &timeout, &cluster].into_iter().flatten().next() {
@@ -393,13 +395,52 @@ fn redis_fields(
         }
         return Ok(());
     };
-    let Some((node, field)) = &url else {
-        return Err(Fail::new(
-            &backend_node.origin,
-            &join(path, "url"),
-            "backend redis needs a url: add `url: redis://127.0.0.1:6379` under storage",
-        ));
-    };
+    if let Some((node, field)) = &cluster {
+        if let Value::Seq(items) = &node.value {
+            // `cluster: [redis://a:7000, redis://b:7001]`: seed nodes of a Redis Cluster.
+            if items.is_empty() {
+                return Err(Fail::new(
+                    &node.origin,
+                    field,
+                    "storage.cluster lists no node: list at least one, e.g. [redis://10.0.0.1:7000], or write `cluster: true` to use storage.url",
+                ));
+            }
+            for (i, item) in items.iter().enumerate() {
+                cluster_seeds.push(redis_url(item, &format!("{field}[{i}]"))?);
+            }
+            *cluster_value = true;
+        } else {
+            *cluster_value = boolean(node, field).map_err(|_| {
+                Fail::new(
+                    &node.origin,
+                    field,
+                    format!(
+                        "storage.cluster is true, false or a list of node URLs, found {}",
+                        node.describe()
+                    ),
+                )
+            })?;
+        }
+    }
+    match &url {
+        Some((node, field)) => *url_value = redis_url(node, field)?,
+        None if !cluster_seeds.is_empty() => *url_value = cluster_seeds.remove(0),
+        None => {
+            return Err(Fail::new(
+                &backend_node.origin,
+                &join(path, "url"),
+                "backend redis needs a url: add `url: redis://127.0.0.1:6379` under storage (for a Redis Cluster, a node's url and `cluster: true`)",
+            ));
+        }
+    }
+    if let Some((node, field)) = &timeout {
+        *timeout_ms = whole(node, field, 1, Backend::MAX_TIMEOUT_MS)?;
+    }
+    Ok(())
+}
+
+/// A Redis URL (`redis://`, `rediss://` or a unix socket), kept secret.
+fn redis_url(node: &Node, field: &str) -> Result<Secret, Fail> {
     let text = string(node, field)?.trim();
     let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
         .iter()
@@ -408,17 +449,13 @@ fn redis_fields(
         return Err(Fail::new(
             &node.origin,
             field,
-            "storage.url must be a Redis URL such as redis://127.0.0.1:6379 (or rediss:// for TLS)",
+            format!(
+                "storage.{} must be a Redis URL such as redis://127.0.0.1:6379 (or rediss:// for TLS)",
+                field.strip_prefix("storage.").unwrap_or(field)
+            ),
         ));
     }
-    *url_value = Secret::new(text);
-    if let Some((node, field)) = &timeout {
-        *timeout_ms = whole(node, field, 1, Backend::MAX_TIMEOUT_MS)?;
-    }
-    if let Some((node, field)) = &cluster {
-        *cluster_value = boolean(node, field)?;
-    }
-    Ok(())
+    Ok(Secret::new(text))
 }
 
 fn http(node: &Node, path: &str) -> Result<HttpConfig, Fail> {

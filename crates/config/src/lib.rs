@@ -291,8 +291,12 @@ pub enum Backend {
         /// `storage.timeout_ms`: the longest one store call may take before `on_error`
         /// applies (1 to 60000). Default 200.
         timeout_ms: u64,
-        /// `storage.cluster`: the URL names one node of a Redis Cluster. Default false.
+        /// `storage.cluster`: the URL names one node of a Redis Cluster (`true`, or a list
+        /// of node URLs). Default false.
         cluster: bool,
+        /// More Redis Cluster nodes to learn the cluster's layout from, when
+        /// `storage.cluster` is a list (its first entry is `url` when `url` is absent).
+        cluster_seeds: Vec<Secret>,
     },
 }
 

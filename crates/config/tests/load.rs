@@ -727,6 +727,7 @@ fn redis_backend_reads_url_timeout_and_cluster() {
         url,
         timeout_ms,
         cluster,
+        ..
     } = &config.storage.backend
     else {
         panic!("redis backend");
@@ -750,6 +751,23 @@ fn redis_backend_reads_url_timeout_and_cluster() {
         }
     ));
     assert_eq!(config.storage.prefix, "a:");
+    let config =
+        ok("storage:\n  backend: redis\n  cluster: [redis://n1:7000, \"redis://n2:7001\"]\n");
+    let Backend::Redis {
+        url,
+        cluster,
+        cluster_seeds,
+        ..
+    } = &config.storage.backend
+    else {
+        panic!("redis backend");
+    };
+    assert!(*cluster, "a list of nodes means a cluster");
+    assert_eq!(url.expose(), "redis://n1:7000", "the first node is the url");
+    assert_eq!(
+        cluster_seeds.iter().map(|s| s.expose()).collect::<Vec<_>>(),
+        vec!["redis://n2:7001"]
+    );
 }
 
 #[test]
@@ -770,6 +788,12 @@ fn redis_backend_errors_name_the_line() {
         "storage.cluster",
         "only applies to backend redis",
     );
+    let error = err("storage:\n  backend: redis\n  cluster: [redis://a:1, b:2]\n");
+    assert_at(&error, 3, 26, "storage.cluster[1]", "must be a Redis URL");
+    let error = err("storage:\n  backend: redis\n  cluster: []\n");
+    assert_at(&error, 3, 12, "storage.cluster", "lists no node");
+    let error = err("storage:\n  backend: redis\n  url: redis://h\n  cluster: yes please\n");
+    assert_at(&error, 4, 12, "storage.cluster", "true, false or a list");
     let error = err("storage:\n  backend: redis\n  url: redis://h\n  path: /tmp/x\n");
     assert_at(&error, 4, 9, "storage.path", "only applies to backend disk");
 }

@@ -116,13 +116,14 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             url,
             timeout_ms,
             cluster,
+            cluster_seeds,
         } => {
-            if *cluster {
-                anyhow::bail!(
-                    "storage.cluster: Redis Cluster is not supported by this version yet; point storage.url at a single Redis (or a proxy) and set cluster: false"
-                );
-            }
             let mut redis = RedisStoreConfig::new(url.expose());
+            redis.cluster = *cluster;
+            redis.cluster_seeds = cluster_seeds
+                .iter()
+                .map(|s| s.expose().to_string())
+                .collect();
             redis.prefix = config.storage.prefix.clone();
             redis.timeout = Duration::from_millis(*timeout_ms);
             // A Redis that is down at start does not stop sluice (a crash loop helps no
@@ -133,6 +134,7 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
                     tracing::info!(
                         address = store.address(),
                         prefix = store.prefix(),
+                        cluster = store.is_cluster(),
                         "redis store connected"
                     );
                     store

@@ -9,7 +9,8 @@
 --   otherwise the quota), period (µs), gcra interval (µs), cost (already capped at
 --   capacity + 1, which decides the same), flags (1: charge_denied, 2: shadow).
 -- Returns 4 integers per window: allowed (1/0), remaining, reset_after (µs),
---   retry_after (µs; -1: never).
+--   retry_after (µs; -1: never); then `now`, this node's clock (µs), which a refund of
+--   this decision's charges needs (refund.lua).
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -254,4 +255,5 @@ for i = 1, n do
   reply[#reply + 1] = o[3]
   reply[#reply + 1] = o[4]
 end
+reply[#reply + 1] = now
 return reply

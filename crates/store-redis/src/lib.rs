@@ -12,9 +12,10 @@
 //! could fit. Redis runs a script alone, so concurrent decisions never interleave.
 //!
 //! # Keys and state
-//! A counter lives at `{prefix}{counter}:{key}` (`counter` is
-//! [`LimitWindow::counter`](sluice_engine::LimitWindow), e.g. `sluice:chat:g60:user:42`)
-//! as a short string: gcra `"tat"`, fixed window `"start:count"`, sliding window
+//! A counter lives at `{prefix}{{limit}:{key}}:{window}`, e.g.
+//! `sluice:{chat:user:42}:g60` for the 60-second gcra window of limit `chat` on key
+//! `user:42` (the braces are a Redis Cluster hash tag: every window of one check lives
+//! in one slot). Its value is a short string: gcra `"tat"`, fixed window `"start:count"`, sliding window
 //! `"start:count:previous"` (microseconds and units of cost). Every write sets an
 //! absolute expiry (`PXAT`) at the moment the state becomes indistinguishable from no
 //! state (the engine's `expires_at`, rounded up to the millisecond), so a flood of
@@ -27,22 +28,36 @@
 //! are capped at a window's capacity + 1 before they are sent, which decides the same.
 //!
 //! # Connection
-//! One multiplexed [`ConnectionManager`] serves every decision; it reconnects by
-//! itself. After a killed connection the first command fails and the next succeeds, so
-//! a decision that fails on a dropped connection is retried once. `timeout` bounds
-//! every command and every connection attempt.
+//! One multiplexed connection serves every decision (see [`connection`]); it
+//! reconnects by itself. A call that charges is never repeated after a dropped
+//! connection or a timeout (it may have run); dry runs, resets and pings are retried
+//! once. `timeout` bounds every command and every connection attempt.
+//!
+//! # Redis Cluster
+//! With `cluster`, a decision whose checks live in several slots runs one script per
+//! slot, concurrently, and a decision denied by one slot gives back what the others
+//! charged (`refund.lua`): see [`slots`] for how and what it costs.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClientBuilder, ClusterConfig};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
 use sluice_engine::{
-    Algorithm, DecisionRequest, Limit, Outcomes, Store, StoreError, StoreFuture, StoreStats,
-    WindowOutcome, WindowOutcomes,
+    Algorithm, Check, DecisionRequest, Limit, LimitWindow, Outcomes, Store, StoreError,
+    StoreFuture, StoreStats, WindowOutcome,
 };
+
+mod connection;
+mod slots;
+
+use connection::Connection;
+use slots::{Part, PartReply};
 
 /// The decision script; see the module doc.
 const DECIDE_LUA: &str = include_str!("decide.lua");
+/// Gives back a cluster decision's charges; see [`slots`].
+const REFUND_LUA: &str = include_str!("refund.lua");
 
 /// How many keys one `SCAN` step asks for and one `UNLINK` removes.
 const SCAN_BATCH: usize = 500;
@@ -51,7 +66,13 @@ const SCAN_BATCH: usize = 500;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisStoreConfig {
     /// `redis://[user:password@]host:port[/db]` (or `rediss://` where TLS is built in).
+    /// With `cluster`, one node of the cluster.
     pub url: String,
+    /// The URLs name nodes of a Redis Cluster: `url` and `cluster_seeds` are where the
+    /// client first learns the cluster's layout. Default false.
+    pub cluster: bool,
+    /// More cluster nodes to learn the layout from, when `url`'s node is down.
+    pub cluster_seeds: Vec<String>,
     /// Prepended to every key, so deployments can share one Redis. Default `sluice:`.
     pub prefix: String,
     /// How long one command (or one connection attempt) may take. Default 200 ms.
@@ -59,12 +80,29 @@ pub struct RedisStoreConfig {
 }
 
 impl RedisStoreConfig {
-    /// Settings with the default prefix and timeout.
+    /// Settings for one server with the default prefix and timeout.
     pub fn new(url: impl Into<String>) -> Self {
         RedisStoreConfig {
             url: url.into(),
+            cluster: false,
+            cluster_seeds: Vec::new(),
             prefix: "sluice:".to_string(),
             timeout: Duration::from_millis(200),
+        }
+    }
+
+    /// Settings for a Redis Cluster known by these nodes (at least one).
+    pub fn cluster(seeds: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        let mut seeds: Vec<String> = seeds.into_iter().map(Into::into).collect();
+        let url = if seeds.is_empty() {
+            String::new()
+        } else {
+            seeds.remove(0)
+        };
+        RedisStoreConfig {
+            cluster: true,
+            cluster_seeds: seeds,
+            ..RedisStoreConfig::new(url)
         }
     }
 }
@@ -90,10 +128,11 @@ pub enum RedisStoreError {
     },
 }
 
-/// A [`Store`] on one Redis server. Cheap to share behind an `Arc`.
+/// A [`Store`] on one Redis server or a Redis Cluster. Cheap to share behind an `Arc`.
 pub struct RedisStore {
-    connection: ConnectionManager,
-    script: redis::Script,
+    connection: Connection,
+    decide_script: redis::Script,
+    refund_script: redis::Script,
     prefix: String,
     address: String,
 }
@@ -117,34 +156,60 @@ impl RedisStore {
     /// server that should start even while Redis is down. Must be called inside a
     /// Tokio runtime.
     pub fn lazy(config: RedisStoreConfig) -> Result<Self, RedisStoreError> {
-        let client =
-            redis::Client::open(config.url.as_str()).map_err(|source| RedisStoreError::BadUrl {
-                url: config.url.clone(),
-                source,
-            })?;
+        let bad_url = |url: &str| {
+            let url = url.to_string();
+            move |source| RedisStoreError::BadUrl { url, source }
+        };
+        let client = redis::Client::open(config.url.as_str()).map_err(bad_url(&config.url))?;
         let address = client.get_connection_info().addr().to_string();
-        let manager = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(config.timeout))
-            .set_connection_timeout(Some(config.timeout))
-            // Reconnect attempts stay short so a decision never waits long on a dead server.
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(100));
-        let connection =
-            ConnectionManager::new_lazy_with_config(client, manager).map_err(|source| {
-                RedisStoreError::Unreachable {
-                    address: address.clone(),
-                    source,
-                }
-            })?;
+        let connection = if config.cluster {
+            let mut nodes = vec![client.get_connection_info().clone()];
+            for seed in &config.cluster_seeds {
+                let info = redis::Client::open(seed.as_str()).map_err(bad_url(seed))?;
+                nodes.push(info.get_connection_info().clone());
+            }
+            let cluster = ClusterClientBuilder::new(nodes)
+                .connection_timeout(config.timeout)
+                .response_timeout(config.timeout)
+                // A slot move is followed at once; a dead node is the policy's business.
+                .retries(1)
+                .build()
+                .map_err(bad_url(&config.url))?;
+            Connection::Cluster(
+                cluster.get_pending_async_connection_with_config(
+                    ClusterConfig::new()
+                        .set_connection_timeout(config.timeout)
+                        .set_response_timeout(config.timeout),
+                ),
+            )
+        } else {
+            let manager = ConnectionManagerConfig::new()
+                .set_response_timeout(Some(config.timeout))
+                .set_connection_timeout(Some(config.timeout))
+                // Reconnect attempts stay short so a decision never waits long on a dead
+                // server.
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(100));
+            Connection::Single(
+                ConnectionManager::new_lazy_with_config(client, manager).map_err(|source| {
+                    RedisStoreError::Unreachable {
+                        address: address.clone(),
+                        source,
+                    }
+                })?,
+            )
+        };
         Ok(RedisStore {
             connection,
-            script: redis::Script::new(DECIDE_LUA),
+            decide_script: redis::Script::new(DECIDE_LUA),
+            refund_script: redis::Script::new(REFUND_LUA),
             prefix: config.prefix,
             address,
         })
     }
 
-    /// `host:port` of the server (no credentials).
+    /// `host:port` of the server (with a cluster: of the first seed node), without
+    /// credentials.
     pub fn address(&self) -> &str {
         &self.address
     }
@@ -154,12 +219,26 @@ impl RedisStore {
         &self.prefix
     }
 
-    fn key(&self, counter: &str, key: &str) -> String {
-        let mut k = String::with_capacity(self.prefix.len() + counter.len() + 1 + key.len());
+    /// Whether the store talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.connection.is_cluster()
+    }
+
+    /// The Redis key of one window of a check: `{prefix}{{limit}:{key}}:{window}`.
+    pub fn key(&self, window: &LimitWindow, key: &str) -> String {
+        // `counter` is `limit:window`; limit names have no `:`, window tags neither.
+        let (limit, tag) = window
+            .counter
+            .rsplit_once(':')
+            .unwrap_or((&window.counter, ""));
+        let mut k = String::with_capacity(self.prefix.len() + window.counter.len() + key.len() + 4);
         k.push_str(&self.prefix);
-        k.push_str(counter);
+        k.push('{');
+        k.push_str(limit);
         k.push(':');
         k.push_str(key);
+        k.push_str("}:");
+        k.push_str(tag);
         k
     }
 
@@ -168,7 +247,7 @@ impl RedisStore {
     /// safe to repeat: see [`RedisStore::once`].
     async fn with_retry<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
-        F: Fn(ConnectionManager) -> Fut,
+        F: Fn(Connection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         self.attempt(op, true).await
@@ -180,7 +259,7 @@ impl RedisStore {
     /// decision finds the reconnected connection.
     async fn once<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
-        F: Fn(ConnectionManager) -> Fut,
+        F: Fn(Connection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         self.attempt(op, false).await
@@ -188,7 +267,7 @@ impl RedisStore {
 
     async fn attempt<T, F, Fut>(&self, op: F, may_retry: bool) -> Result<T, StoreError>
     where
-        F: Fn(ConnectionManager) -> Fut,
+        F: Fn(Connection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         match op(self.connection.clone()).await {
@@ -200,55 +279,181 @@ impl RedisStore {
         }
     }
 
-    async fn decide_inner(&self, request: &DecisionRequest) -> Result<Outcomes, StoreError> {
-        let count = request.window_count();
-        let mut invocation = self.script.prepare_invoke();
-        let mut slots: HashMap<(&str, &str), usize> = HashMap::with_capacity(count);
-        invocation.arg(if request.dry_run { "1" } else { "0" });
-        invocation.arg(count);
-        for (check, lw) in request.windows() {
-            let next = slots.len() + 1;
-            let slot = *slots.entry((&lw.counter, check.key())).or_insert_with(|| {
-                invocation.key(self.key(&lw.counter, check.key()));
-                next
-            });
+    /// Runs the decision script for one part of a decision.
+    async fn decide_part(
+        &self,
+        windows: &[(&Check, &LimitWindow)],
+        part: &Part,
+        dry_run: bool,
+    ) -> Result<PartReply, StoreError> {
+        let mut invocation = self.decide_script.prepare_invoke();
+        for key in &part.keys {
+            invocation.key(key);
+        }
+        invocation.arg(if dry_run { "1" } else { "0" });
+        invocation.arg(part.windows.len());
+        for &(index, key_index) in &part.windows {
+            let (check, lw) = windows[index];
             let window = &lw.window;
             let capacity = window.capacity();
             let period = window.rate().period_micros();
-            let algorithm = match window.algorithm() {
-                Algorithm::Gcra => "g",
-                Algorithm::FixedWindow => "f",
-                Algorithm::SlidingWindow => "s",
-            };
-            let interval = period / window.rate().quota() as i64;
             let limit = check.limit();
             let flags = u8::from(limit.charge_denied()) | (u8::from(limit.shadow()) << 1);
             invocation
-                .arg(slot)
-                .arg(algorithm)
+                .arg(key_index)
+                .arg(algorithm_tag(window.algorithm()))
                 .arg(capacity)
                 .arg(period)
-                .arg(interval)
+                .arg(period / window.rate().quota() as i64)
                 .arg(check.cost().min(capacity + 1))
                 .arg(flags);
         }
-        let run = |mut connection: ConnectionManager| {
+        let run = |mut connection: Connection| {
             let invocation = &invocation;
             async move { invocation.invoke_async(&mut connection).await }
         };
         // A dry run charges nothing, so it may be repeated; a real decision may not.
-        let reply: Vec<i64> = if request.dry_run {
+        let reply: Vec<i64> = if dry_run {
             self.with_retry(run).await?
         } else {
             self.once(run).await?
         };
-        parse_reply(&reply, count)
+        parse_reply(&reply, part.windows.len())
+    }
+
+    /// Gives back the listed windows of one part, charged at `decided_at`.
+    async fn refund_part(
+        &self,
+        windows: &[(&Check, &LimitWindow)],
+        part: &Part,
+        which: &[usize],
+        decided_at: i64,
+    ) -> Result<(), StoreError> {
+        let mut invocation = self.refund_script.prepare_invoke();
+        for key in &part.keys {
+            invocation.key(key);
+        }
+        invocation.arg(decided_at).arg(which.len());
+        for &k in which {
+            let (index, key_index) = part.windows[k];
+            let (check, lw) = windows[index];
+            let window = &lw.window;
+            let period = window.rate().period_micros();
+            invocation
+                .arg(key_index)
+                .arg(algorithm_tag(window.algorithm()))
+                .arg(period)
+                .arg(period / window.rate().quota() as i64)
+                .arg(check.cost().min(window.capacity() + 1));
+        }
+        // Not repeated: a refund that ran twice would give back twice.
+        self.once(|mut connection| {
+            let invocation = &invocation;
+            async move { invocation.invoke_async::<i64>(&mut connection).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn decide_inner(&self, request: &DecisionRequest) -> Result<Outcomes, StoreError> {
+        let windows: Vec<(&Check, &LimitWindow)> = request.windows().collect();
+        let cluster = self.is_cluster();
+        let parts = slots::split(
+            &windows,
+            |lw, key| self.key(lw, key),
+            |key| cluster.then(|| Slot::for_key(key)),
+        );
+        if let [part] = parts.as_slice() {
+            // One script decides everything: its answer is the decision.
+            let reply = self.decide_part(&windows, part, request.dry_run).await?;
+            return Ok(Outcomes {
+                windows: reply.outcomes.into_iter().collect(),
+                degraded: false,
+            });
+        }
+        let answers = futures_util::future::join_all(
+            parts
+                .iter()
+                .map(|part| self.decide_part(&windows, part, request.dry_run)),
+        )
+        .await;
+        if answers.iter().any(Result::is_err) {
+            // The decision goes to the on_error policy: what the other parts charged
+            // must not stay behind.
+            self.give_back_everything(&windows, &parts, &answers, request.dry_run)
+                .await;
+            let error = answers.into_iter().find_map(Result::err);
+            return Err(error.unwrap_or(StoreError::Protocol(
+                "a decision part failed without an error".into(),
+            )));
+        }
+        let replies: Vec<PartReply> = answers.into_iter().filter_map(Result::ok).collect();
+        let (outcomes, refunds) = slots::combine(&windows, &parts, &replies, request.dry_run);
+        let given_back = futures_util::future::join_all(refunds.iter().map(|refund| {
+            self.refund_part(
+                &windows,
+                &parts[refund.part],
+                &refund.windows,
+                replies[refund.part].decided_at,
+            )
+        }))
+        .await;
+        for error in given_back.into_iter().filter_map(Result::err) {
+            // The decision stands (denied); the reservation stays until its window ends.
+            tracing::warn!(%error, "a denied cluster decision could not give back a reservation; it expires with its window");
+        }
+        Ok(Outcomes {
+            windows: outcomes,
+            degraded: false,
+        })
+    }
+
+    /// After a failed part: gives back every charge the other parts made.
+    async fn give_back_everything(
+        &self,
+        windows: &[(&Check, &LimitWindow)],
+        parts: &[Part],
+        answers: &[Result<PartReply, StoreError>],
+        dry_run: bool,
+    ) {
+        if dry_run {
+            return;
+        }
+        for (part, answer) in parts.iter().zip(answers) {
+            let Ok(reply) = answer else { continue };
+            let part_allowed = part
+                .windows
+                .iter()
+                .zip(&reply.outcomes)
+                .all(|(&(i, _), o)| o.allowed || windows[i].0.limit().shadow());
+            let charged: Vec<usize> = part
+                .windows
+                .iter()
+                .zip(&reply.outcomes)
+                .enumerate()
+                .filter(|&(_, (&(i, _), o))| {
+                    let check = windows[i].0;
+                    check.cost() > 0
+                        && ((part_allowed && o.allowed)
+                            || (check.limit().charge_denied() && o.retry_after.is_some()))
+                })
+                .map(|(k, _)| k)
+                .collect();
+            if !charged.is_empty()
+                && let Err(error) = self
+                    .refund_part(windows, part, &charged, reply.decided_at)
+                    .await
+            {
+                tracing::warn!(%error, "a failed cluster decision could not give back a reservation; it expires with its window");
+            }
+        }
     }
 
     async fn unlink(&self, keys: Vec<String>) -> Result<u64, StoreError> {
         if keys.is_empty() {
             return Ok(0);
         }
+        // In a cluster the client splits a multi-slot UNLINK per node and sums.
         self.with_retry(|mut connection| {
             let keys = &keys;
             async move {
@@ -261,30 +466,89 @@ impl RedisStore {
         .await
     }
 
+    /// The `host:port` of every primary node: the one server, or each cluster master.
+    async fn primaries(&self) -> Result<Vec<Option<(String, u16)>>, StoreError> {
+        let Connection::Cluster(cluster) = &self.connection else {
+            return Ok(vec![None]);
+        };
+        let nodes: String = self
+            .with_retry(|_| {
+                let mut cluster = cluster.clone();
+                async move {
+                    let value = cluster
+                        .route_command(
+                            redis::cmd("CLUSTER").arg("NODES").clone(),
+                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                        )
+                        .await?;
+                    Ok(redis::from_redis_value(value)?)
+                }
+            })
+            .await?;
+        Ok(nodes
+            .lines()
+            .filter(|line| {
+                line.split(' ')
+                    .nth(2)
+                    .is_some_and(|flags| flags.split(',').any(|f| f == "master"))
+            })
+            .filter_map(|line| {
+                // `<id> <ip:port@cport[,hostname]> <flags> ...`
+                let address = line.split(' ').nth(1)?.split(['@', ',']).next()?;
+                let (host, port) = address.rsplit_once(':')?;
+                Some((host.to_string(), port.parse().ok()?))
+            })
+            .map(Some)
+            .collect())
+    }
+
+    /// One `SCAN` step on one primary (any node on a single server).
+    async fn scan_step(
+        &self,
+        node: &Option<(String, u16)>,
+        cursor: u64,
+        pattern: &str,
+    ) -> Result<(u64, Vec<String>), StoreError> {
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_BATCH);
+        self.with_retry(|connection| {
+            let scan = &scan;
+            async move {
+                match (connection, node) {
+                    (Connection::Cluster(mut cluster), Some((host, port))) => {
+                        let value = cluster
+                            .route_command(
+                                scan.clone(),
+                                RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                                    host: host.clone(),
+                                    port: *port,
+                                }),
+                            )
+                            .await?;
+                        Ok(redis::from_redis_value(value)?)
+                    }
+                    (mut connection, _) => scan.query_async(&mut connection).await,
+                }
+            }
+        })
+        .await
+    }
+
     async fn reset_limit_inner(&self, limit: &Limit) -> Result<u64, StoreError> {
+        // Every key of the limit starts with `{prefix}{{limit}:`.
+        let pattern = format!(
+            "{}*",
+            glob_escape(&format!("{}{{{}:", self.prefix, limit.name()))
+        );
         let mut removed = 0;
-        for lw in limit.windows() {
-            let pattern = format!(
-                "{}:*",
-                glob_escape(&self.key(&lw.counter, "")).trim_end_matches(':')
-            );
+        for node in self.primaries().await? {
             let mut cursor: u64 = 0;
             loop {
-                let (next, keys): (u64, Vec<String>) = self
-                    .with_retry(|mut connection| {
-                        let pattern = &pattern;
-                        async move {
-                            redis::cmd("SCAN")
-                                .arg(cursor)
-                                .arg("MATCH")
-                                .arg(pattern)
-                                .arg("COUNT")
-                                .arg(SCAN_BATCH)
-                                .query_async(&mut connection)
-                                .await
-                        }
-                    })
-                    .await?;
+                let (next, keys) = self.scan_step(&node, cursor, &pattern).await?;
                 removed += self.unlink(keys).await?;
                 if next == 0 {
                     break;
@@ -296,15 +560,24 @@ impl RedisStore {
     }
 }
 
-/// Turns the script's flat reply into outcomes.
-fn parse_reply(reply: &[i64], count: usize) -> Result<Outcomes, StoreError> {
-    if reply.len() != count * 4 {
+fn algorithm_tag(algorithm: Algorithm) -> &'static str {
+    match algorithm {
+        Algorithm::Gcra => "g",
+        Algorithm::FixedWindow => "f",
+        Algorithm::SlidingWindow => "s",
+    }
+}
+
+/// Turns the script's flat reply (4 values per window, then the node's clock) into
+/// outcomes.
+fn parse_reply(reply: &[i64], count: usize) -> Result<PartReply, StoreError> {
+    let (Some(&decided_at), true) = (reply.last(), reply.len() == count * 4 + 1) else {
         return Err(StoreError::Protocol(format!(
             "the decision script answered {} values for {count} windows",
             reply.len()
         )));
-    }
-    let windows: WindowOutcomes = reply
+    };
+    let outcomes = reply[..count * 4]
         .chunks_exact(4)
         .map(|w| WindowOutcome {
             allowed: w[0] == 1,
@@ -313,9 +586,9 @@ fn parse_reply(reply: &[i64], count: usize) -> Result<Outcomes, StoreError> {
             retry_after: (w[3] >= 0).then_some(w[3]),
         })
         .collect();
-    Ok(Outcomes {
-        windows,
-        degraded: false,
+    Ok(PartReply {
+        outcomes,
+        decided_at,
     })
 }
 
@@ -354,11 +627,7 @@ impl Store for RedisStore {
 
     fn reset<'a>(&'a self, limit: &'a Limit, key: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let keys = limit
-                .windows()
-                .iter()
-                .map(|lw| self.key(&lw.counter, key))
-                .collect();
+            let keys = limit.windows().iter().map(|lw| self.key(lw, key)).collect();
             self.unlink(keys).await.map(|_| ())
         })
     }
@@ -402,8 +671,13 @@ mod tests {
             parse_reply(&[1, 2, 3], 1),
             Err(StoreError::Protocol(_))
         ));
-        let ok = parse_reply(&[1, 4, 10, 0, 0, 0, 5, -1], 2).expect("two windows");
-        assert_eq!(ok.windows[1].retry_after, None);
-        assert!(ok.windows[0].allowed && !ok.windows[1].allowed);
+        assert!(matches!(
+            parse_reply(&[1, 4, 10, 0], 1),
+            Err(StoreError::Protocol(_))
+        ));
+        let ok = parse_reply(&[1, 4, 10, 0, 0, 0, 5, -1, 77], 2).expect("two windows");
+        assert_eq!(ok.outcomes[1].retry_after, None);
+        assert!(ok.outcomes[0].allowed && !ok.outcomes[1].allowed);
+        assert_eq!(ok.decided_at, 77);
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sluice_engine::{Check, DecisionRequest, Limit, LimitSpec, Store, decide};
 use sluice_store_redis::{RedisStore, RedisStoreConfig};
-use sluice_testkit::servers::RedisServer;
+use sluice_testkit::servers::{RedisCluster, RedisServer};
 
 fn limit(name: &str, rates: &[&str]) -> Arc<Limit> {
     let rates = rates.iter().map(|r| r.parse().expect("rate")).collect();
@@ -71,7 +71,7 @@ async fn state_is_compact_and_expires_when_it_stops_mattering() {
         dry_run: false,
     };
     decide(&store, &request).await.expect("decide");
-    let key = "sluice:chat:g60:user:42";
+    let key = "sluice:{chat:user:42}:g60";
     let value: String = redis::cmd("GET")
         .arg(key)
         .query_async(&mut admin)
@@ -135,4 +135,53 @@ async fn a_restarted_server_is_used_again_without_reconnecting_by_hand() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(answered, "decisions work again after the restart");
+}
+
+#[tokio::test]
+async fn in_a_cluster_reset_limit_finds_the_keys_on_every_node() {
+    let cluster = RedisCluster::start(3).expect("a 3-master Redis Cluster");
+    let store = RedisStore::connect(RedisStoreConfig::cluster(cluster.urls()))
+        .await
+        .expect("connect");
+    assert!(store.is_cluster());
+    let a = limit("a", &["5/minute", "100/hour"]);
+    let b = limit("b", &["5/minute"]);
+    for i in 0..300 {
+        let request = DecisionRequest {
+            checks: vec![
+                Check::new(a.clone(), format!("k{i}"), 1).expect("check"),
+                Check::new(b.clone(), format!("k{i}"), 1).expect("check"),
+            ],
+            dry_run: false,
+        };
+        assert!(decide(&store, &request).await.expect("decide").allowed);
+    }
+    let mut per_node = Vec::new();
+    for url in cluster.urls() {
+        let client = redis::Client::open(url).expect("url");
+        let mut node = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("node");
+        let keys: u64 = redis::cmd("DBSIZE")
+            .query_async(&mut node)
+            .await
+            .expect("dbsize");
+        per_node.push(keys);
+    }
+    assert_eq!(per_node.iter().sum::<u64>(), 900, "{per_node:?}");
+    assert!(
+        per_node.iter().all(|&n| n > 0),
+        "every node holds counters: {per_node:?}"
+    );
+    assert_eq!(store.reset_limit(&a).await.expect("reset"), 600);
+    let request = DecisionRequest {
+        checks: vec![Check::new(b.clone(), "k7", 0).expect("check")],
+        dry_run: false,
+    };
+    assert_eq!(
+        decide(&store, &request).await.expect("read").results[0].remaining,
+        4,
+        "b's counters stay"
+    );
 }

@@ -1,22 +1,40 @@
-//! The shared semantic suite against a real `redis-server` on the real clock: each
-//! test starts its own server (killed when the test ends) and lets time pass by
-//! sleeping. The Redis server's clock is the machine's clock, so the harness aligns
-//! to period boundaries with the system time.
+//! The shared semantic suite against a real `redis-server` and against a real
+//! three-master Redis Cluster, on the real clock: each test starts its own servers
+//! (killed when the test ends) and lets time pass by sleeping. The Redis servers' clock
+//! is the machine's clock, so the harness aligns to period boundaries with the system
+//! time. In the cluster, the checks of one decision land in different slots (their
+//! keys hash differently), so the suite's atomicity cases run through the
+//! reserve-then-refund path.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sluice_engine::Store;
 use sluice_store_redis::{RedisStore, RedisStoreConfig};
-use sluice_testkit::servers::RedisServer;
+use sluice_testkit::servers::{RedisCluster, RedisServer};
 use sluice_testkit::{Harness, semantic_suite};
 
 const PREFIX: &str = "sluice:test:";
 
+/// The servers behind a harness.
+enum Deployment {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Deployment {
+    fn node_urls(&self) -> Vec<String> {
+        match self {
+            Deployment::Single(server) => vec![server.url()],
+            Deployment::Cluster(cluster) => cluster.urls(),
+        }
+    }
+}
+
 struct RedisHarness {
     store: Arc<RedisStore>,
-    // Dropped after the store: kills the server.
-    _server: RedisServer,
+    // Dropped after the store: kills the servers.
+    deployment: Deployment,
 }
 
 /// Sleeps until `margin` past the next multiple of `period` since the Unix epoch.
@@ -31,9 +49,21 @@ async fn sleep_to_boundary(period: Duration, margin: Duration) {
 }
 
 impl RedisHarness {
-    async fn new() -> Self {
+    async fn single() -> Self {
         let server = RedisServer::start().expect("redis-server starts (scripts/test installs it)");
-        let mut config = RedisStoreConfig::new(server.url());
+        Self::on(Deployment::Single(server)).await
+    }
+
+    async fn cluster() -> Self {
+        let cluster = RedisCluster::start(3).expect("a 3-master Redis Cluster starts");
+        Self::on(Deployment::Cluster(cluster)).await
+    }
+
+    async fn on(deployment: Deployment) -> Self {
+        let mut config = match &deployment {
+            Deployment::Single(server) => RedisStoreConfig::new(server.url()),
+            Deployment::Cluster(cluster) => RedisStoreConfig::cluster(cluster.urls()),
+        };
         config.prefix = PREFIX.to_string();
         config.timeout = Duration::from_secs(5);
         let store = RedisStore::connect(config).await.expect("connect");
@@ -42,7 +72,7 @@ impl RedisHarness {
         sleep_to_boundary(Duration::from_secs(1), Duration::from_millis(5)).await;
         RedisHarness {
             store: Arc::new(store),
-            _server: server,
+            deployment,
         }
     }
 }
@@ -66,31 +96,48 @@ impl Harness for RedisHarness {
     }
 
     async fn live_counters(&self) -> u64 {
-        let client = redis::Client::open(self._server.url()).expect("url");
-        let mut connection = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect");
-        let mut cursor: u64 = 0;
         let mut count = 0;
-        loop {
-            // SCAN skips keys that have expired.
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{PREFIX}*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut connection)
-                .await
-                .expect("scan");
-            count += keys.len() as u64;
-            if next == 0 {
-                return count;
-            }
-            cursor = next;
+        for url in self.deployment.node_urls() {
+            count += live_keys_on(&url).await;
         }
+        count
     }
 }
 
-semantic_suite!(RedisHarness::new());
+/// Keys of this suite still alive on one node.
+async fn live_keys_on(url: &str) -> u64 {
+    let client = redis::Client::open(url).expect("url");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let mut cursor: u64 = 0;
+    let mut count = 0;
+    loop {
+        // SCAN skips keys that have expired.
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{PREFIX}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut connection)
+            .await
+            .expect("scan");
+        count += keys.len() as u64;
+        if next == 0 {
+            return count;
+        }
+        cursor = next;
+    }
+}
+
+mod single_server {
+    use super::*;
+    semantic_suite!(RedisHarness::single());
+}
+
+mod cluster {
+    use super::*;
+    semantic_suite!(RedisHarness::cluster());
+}

@@ -56,7 +56,8 @@ macro_rules! semantic_suite {
             reset_forgets_a_key,
             keys_and_limits_are_independent,
             expired_counters_leave_nothing_behind,
-            concurrent_decisions_admit_exactly_the_quota
+            concurrent_decisions_admit_exactly_the_quota,
+            concurrent_denials_leave_no_charge_on_the_other_check
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

@@ -271,18 +271,66 @@ pub async fn cost_above_capacity_is_denied_with_no_retry_time<H: Harness>(h: &H)
     }
 }
 
-/// When one check denies, no other check of the decision is charged.
+/// When one check denies, no other check of the decision is charged, whatever the
+/// algorithm of either.
 pub async fn denied_decision_charges_nothing<H: Harness>(h: &H) {
-    let wide = plain("wide", "5/hour");
-    let narrow = plain("narrow", "1/hour");
-    assert!(one(h, &narrow, "k", 1).await.allowed);
-    let d = run(h, &[(&wide, "k", 1), (&narrow, "k", 1)], false).await;
-    assert!(!d.allowed);
-    assert!(d.results[0].allowed, "the wide limit alone would allow");
-    assert!(!d.results[1].allowed);
-    assert_eq!(d.results[0].remaining, 5, "reported uncharged");
-    assert_eq!(remaining(h, &wide, "k").await, 5, "and really uncharged");
-    assert_eq!(d.retry_after, d.results[1].retry_after);
+    for algorithm in ALGORITHMS {
+        let wide = with_algorithm(&format!("wide_{algorithm}"), "5/hour", algorithm);
+        let narrow = with_algorithm(&format!("narrow_{algorithm}"), "1/hour", algorithm);
+        assert!(one(h, &narrow, "k", 1).await.allowed);
+        let d = run(h, &[(&wide, "k", 1), (&narrow, "k", 1)], false).await;
+        assert!(!d.allowed, "{algorithm}");
+        assert!(
+            d.results[0].allowed,
+            "{algorithm}: the wide limit alone would allow"
+        );
+        assert!(!d.results[1].allowed);
+        assert_eq!(d.results[0].remaining, 5, "{algorithm}: reported uncharged");
+        assert_eq!(
+            remaining(h, &wide, "k").await,
+            5,
+            "{algorithm}: and really uncharged"
+        );
+        assert_eq!(d.retry_after, d.results[1].retry_after);
+    }
+}
+
+/// Concurrent decisions of two checks, one of them the bottleneck: exactly its quota is
+/// admitted, and the other check is charged for the admitted ones only, never for the
+/// denied ones (in a Redis Cluster the two live in different slots).
+pub async fn concurrent_denials_leave_no_charge_on_the_other_check<H: Harness>(h: &H) {
+    let scarce = plain("scarce", "20/day");
+    let ample = plain("ample", "1000/day");
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = h.store();
+            let (scarce, ample) = (Arc::clone(&scarce), Arc::clone(&ample));
+            tokio::spawn(async move {
+                let mut admitted = 0;
+                for _ in 0..10 {
+                    let request = DecisionRequest {
+                        checks: vec![
+                            Check::new(Arc::clone(&ample), "wide", 1).expect("check"),
+                            Check::new(Arc::clone(&scarce), "hot", 1).expect("check"),
+                        ],
+                        dry_run: false,
+                    };
+                    admitted += u32::from(decide(&*store, &request).await.expect("decide").allowed);
+                }
+                admitted
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for task in tasks {
+        admitted += task.await.expect("task");
+    }
+    assert_eq!(admitted, 20, "exactly the scarce quota");
+    assert_eq!(
+        remaining(h, &ample, "wide").await,
+        980,
+        "the ample check paid for the 20 admitted decisions only"
+    );
 }
 
 /// `charge_denied` limits are charged on denied attempts too, so hammering keeps a client out.

@@ -4,6 +4,8 @@
 //! temporary directory and no persistence, waits until it answers `PING`, and kills
 //! it and removes the directory when dropped. Tests of the store-failure policy can
 //! [`RedisServer::stop`] it and [`RedisServer::restart`] it on the same port.
+//! [`RedisCluster`] starts several of them with cluster mode on and joins them into one
+//! Redis Cluster with `redis-cli --cluster create`.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -187,6 +189,82 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Redis Cluster of `masters` loopback nodes and no replicas, every slot assigned,
+/// killed and cleaned up on drop.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `masters` nodes (at least 3, as `redis-cli --cluster create` demands),
+    /// joins them and waits until every node reports `cluster_state:ok`.
+    pub fn start(masters: usize) -> Result<Self, ServerError> {
+        let cli = find_binary("redis-cli")?;
+        let mut nodes = Vec::with_capacity(masters);
+        for _ in 0..masters {
+            nodes.push(RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "2000",
+            ])?);
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let output = Command::new(&cli)
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io("running redis-cli --cluster create"))?;
+        if !output.status.success() {
+            return Err(ServerError::Io {
+                what: format!(
+                    "redis-cli --cluster create {}: {}",
+                    addresses.join(" "),
+                    String::from_utf8_lossy(&output.stdout)
+                ),
+                source: std::io::Error::other("cluster creation failed"),
+            });
+        }
+        let cluster = RedisCluster { nodes };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !cluster.is_ok(&cli) {
+            if Instant::now() > deadline {
+                return Err(ServerError::NotReady(
+                    format!("Redis Cluster {}", addresses.join(" ")),
+                    READY_TIMEOUT,
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(cluster)
+    }
+
+    fn is_ok(&self, cli: &Path) -> bool {
+        self.nodes.iter().all(|node| {
+            Command::new(cli)
+                .args(["-p", &node.port().to_string(), "CLUSTER", "INFO"])
+                .stdin(Stdio::null())
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+        })
+    }
+
+    /// `redis://127.0.0.1:PORT/` of every node: any one is enough as a seed.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The nodes, to inspect (e.g. count keys on each) or to stop.
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,5 +281,24 @@ mod tests {
         drop(server);
         assert!(!redis_answers(port), "killed on drop");
         assert!(!dir.exists(), "temp dir removed");
+    }
+
+    #[test]
+    fn a_three_master_cluster_serves_every_slot() {
+        let cluster = RedisCluster::start(3).expect("cluster starts");
+        assert_eq!(cluster.urls().len(), 3);
+        let cli = find_binary("redis-cli").expect("redis-cli");
+        let info = Command::new(cli)
+            .args([
+                "-p",
+                &cluster.nodes()[0].port().to_string(),
+                "CLUSTER",
+                "INFO",
+            ])
+            .output()
+            .expect("cluster info");
+        let info = String::from_utf8_lossy(&info.stdout);
+        assert!(info.contains("cluster_slots_assigned:16384"), "{info}");
+        assert!(info.contains("cluster_known_nodes:3"), "{info}");
     }
 }
