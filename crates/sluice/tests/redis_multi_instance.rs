@@ -193,8 +193,11 @@ fn exactly_the_quota_across_instances(algorithm: &str) {
     );
     for k in &stored {
         assert!(
-            k.starts_with(&cluster.prefix) && keys.iter().any(|key| k.ends_with(key.as_str())),
-            "counter {k:?} is not `{}<counter>:<key>`",
+            k.starts_with(&cluster.prefix)
+                && keys
+                    .iter()
+                    .any(|key| k.contains(&format!("{{shared:{key}}}:"))),
+            "counter {k:?} is not `{}{{shared:<key>}}:<window>`",
             cluster.prefix
         );
     }
