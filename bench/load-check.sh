@@ -15,6 +15,8 @@
 #                    | redis (starts its own redis-server on a free loopback port,
 #                      --save '' --appendonly no, in the scratch dir; stopped at exit)
 #   REDIS_SERVER=redis-server  REDIS_CLI=redis-cli   (STORAGE=redis)
+#   SLUICE_BIN=path  run this binary instead of building target/release/sluice
+#                    (to compare two builds in the same minutes)
 #
 # Each run prints req/s, p50 and p99 latency, the status-code histogram and the
 # number of non-200 answers; full wrk output goes to bench/results/. With
@@ -84,9 +86,13 @@ free_port() {
 }
 
 if [[ -z "$target" ]]; then
-    echo "==> building release binary" >&2
-    (cd "$root" && cargo build --release -p sluice)
-    bin="$root/target/release/sluice"
+    if [[ -n "${SLUICE_BIN:-}" ]]; then
+        bin="$SLUICE_BIN"
+    else
+        echo "==> building release binary" >&2
+        (cd "$root" && cargo build --release -p sluice)
+        bin="$root/target/release/sluice"
+    fi
     port="$(free_port)"
     config="$scratch/bench.yaml"
     case "$STORAGE" in

@@ -40,18 +40,19 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
 use sluice_engine::{
     Algorithm, Check, DecisionRequest, Limit, LimitWindow, Outcomes, Store, StoreError,
     StoreFuture, StoreStats, WindowOutcome,
 };
+use thread_local::ThreadLocal;
 
 mod connection;
 mod slots;
 
-use connection::Connection;
+use connection::{Connection, Connections, PerThread};
 use slots::{Part, PartReply};
 
 /// The decision script; see the module doc.
@@ -130,7 +131,7 @@ pub enum RedisStoreError {
 
 /// A [`Store`] on one Redis server or a Redis Cluster. Cheap to share behind an `Arc`.
 pub struct RedisStore {
-    connection: Connection,
+    connections: Connections,
     decide_script: redis::Script,
     refund_script: redis::Script,
     prefix: String,
@@ -141,7 +142,11 @@ impl RedisStore {
     /// Connects now and fails when Redis does not answer.
     pub async fn connect(config: RedisStoreConfig) -> Result<Self, RedisStoreError> {
         let store = Self::lazy(config)?;
-        let mut connection = store.connection.clone();
+        let unreachable = |source| RedisStoreError::Unreachable {
+            address: store.address.clone(),
+            source,
+        };
+        let mut connection = store.connections.get().map_err(unreachable)?;
         redis::cmd("PING")
             .query_async::<()>(&mut connection)
             .await
@@ -162,7 +167,7 @@ impl RedisStore {
         };
         let client = redis::Client::open(config.url.as_str()).map_err(bad_url(&config.url))?;
         let address = client.get_connection_info().addr().to_string();
-        let connection = if config.cluster {
+        let connections = if config.cluster {
             let mut nodes = vec![client.get_connection_info().clone()];
             for seed in &config.cluster_seeds {
                 let info = redis::Client::open(seed.as_str()).map_err(bad_url(seed))?;
@@ -175,7 +180,7 @@ impl RedisStore {
                 .retries(1)
                 .build()
                 .map_err(bad_url(&config.url))?;
-            Connection::Cluster(
+            Connections::Cluster(
                 cluster.get_pending_async_connection_with_config(
                     ClusterConfig::new()
                         .set_connection_timeout(config.timeout)
@@ -190,17 +195,14 @@ impl RedisStore {
                 // server.
                 .set_number_of_retries(1)
                 .set_max_delay(Duration::from_millis(100));
-            Connection::Single(
-                ConnectionManager::new_lazy_with_config(client, manager).map_err(|source| {
-                    RedisStoreError::Unreachable {
-                        address: address.clone(),
-                        source,
-                    }
-                })?,
-            )
+            Connections::Single(Box::new(PerThread {
+                client,
+                config: manager,
+                connections: ThreadLocal::new(),
+            }))
         };
         Ok(RedisStore {
-            connection,
+            connections,
             decide_script: redis::Script::new(DECIDE_LUA),
             refund_script: redis::Script::new(REFUND_LUA),
             prefix: config.prefix,
@@ -221,7 +223,7 @@ impl RedisStore {
 
     /// Whether the store talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        self.connection.is_cluster()
+        self.connections.is_cluster()
     }
 
     /// The Redis key of one window of a check: `{prefix}{{limit}:{key}}:{window}`.
@@ -270,9 +272,14 @@ impl RedisStore {
         F: Fn(Connection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        match op(self.connection.clone()).await {
+        let connection = || {
+            self.connections
+                .get()
+                .map_err(|e| store_error(&self.address, e))
+        };
+        match op(connection()?).await {
             Ok(value) => Ok(value),
-            Err(error) if may_retry && retryable(&error) => op(self.connection.clone())
+            Err(error) if may_retry && retryable(&error) => op(connection()?)
                 .await
                 .map_err(|e| store_error(&self.address, e)),
             Err(error) => Err(store_error(&self.address, error)),
@@ -468,7 +475,7 @@ impl RedisStore {
 
     /// The `host:port` of every primary node: the one server, or each cluster master.
     async fn primaries(&self) -> Result<Vec<Option<(String, u16)>>, StoreError> {
-        let Connection::Cluster(cluster) = &self.connection else {
+        let Connections::Cluster(cluster) = &self.connections else {
             return Ok(vec![None]);
         };
         let nodes: String = self
