@@ -194,8 +194,14 @@ pub(crate) fn config(root: &Node, source: &str) -> Result<Config, Fail> {
     }
     if let Some((node, path)) = fields.get("envoy") {
         config.envoy = crate::envoy::envoy(node, &path, source)?;
-        let taken = config.envoy.iter().flat_map(|envoy| envoy.domains.limits().iter());
-        if let Some(limit) = taken.into_iter().find(|l| config.limits.get(l.name()).is_some()) {
+        let taken = config
+            .envoy
+            .iter()
+            .flat_map(|envoy| envoy.domains.limits().iter());
+        if let Some(limit) = taken
+            .into_iter()
+            .find(|l| config.limits.get(l.name()).is_some())
+        {
             let (node, path) = fields.get("limits").unwrap_or((node, path));
             return Err(Fail::new(
                 &node.origin,

@@ -424,7 +424,9 @@ impl Builder {
             };
             if let Some(first) = seen.insert((key.clone(), value.clone()), line) {
                 let what = match &value {
-                    Some(value) => format!("key `{}` with value `{}`", shorten(&key), shorten(value)),
+                    Some(value) => {
+                        format!("key `{}` with value `{}`", shorten(&key), shorten(value))
+                    }
                     None => format!("key `{}` without a value", shorten(&key)),
                 };
                 return Err(Fail::new(
@@ -533,7 +535,13 @@ impl Builder {
     }
 
     /// A `rate_limit:` block.
-    fn rule(&mut self, node: &Node, path: &str, own_path: &str, shadow: bool) -> Result<Rule, Fail> {
+    fn rule(
+        &mut self,
+        node: &Node,
+        path: &str,
+        own_path: &str,
+        shadow: bool,
+    ) -> Result<Rule, Fail> {
         let Some(fields) = Fields::of(node, path, RATE_LIMIT_FIELDS).map_err(ratelimit_hint)?
         else {
             return Err(Fail::new(
@@ -628,7 +636,8 @@ impl Builder {
             let requests = whole(requests_node, &requests_path, 0, MAX_REQUESTS_PER_UNIT)?;
             match Rate::new(requests, unit.seconds()) {
                 Ok(rate) => {
-                    let limit = self.limit(own_path, rate, shadow, requests_node, &requests_path)?;
+                    let limit =
+                        self.limit(own_path, rate, shadow, requests_node, &requests_path)?;
                     RuleKind::Limited {
                         unit,
                         requests_per_unit: u32::try_from(requests).unwrap_or(u32::MAX),
@@ -777,7 +786,10 @@ mod tests {
         .unwrap();
         let level = config.domains.get("d").unwrap();
         let rule = level.by_key["k"].exact["bad"].rule.as_ref().unwrap();
-        assert!(matches!(rule.kind, RuleKind::BlockAll { unit: Unit::Second }));
+        assert!(matches!(
+            rule.kind,
+            RuleKind::BlockAll { unit: Unit::Second }
+        ));
         assert!(config.domains.limits().is_empty());
     }
 
@@ -787,6 +799,9 @@ mod tests {
             "envoy:\n  domains:\n    - domain: d\n      descriptors:\n        - key: k\n          unit: second\n",
         )
         .unwrap_err();
-        assert!(error.starts_with("6:11: envoy.domains[0].descriptors[0].unit: unknown field `unit`"), "{error}");
+        assert!(
+            error.starts_with("6:11: envoy.domains[0].descriptors[0].unit: unknown field `unit`"),
+            "{error}"
+        );
     }
 }

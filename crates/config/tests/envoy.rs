@@ -16,10 +16,8 @@ fn error(text: &str) -> String {
 }
 
 fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "sluice-config-envoy-{tag}-{}",
-        std::process::id()
-    ));
+    let dir =
+        std::env::temp_dir().join(format!("sluice-config-envoy-{tag}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     dir
@@ -73,8 +71,8 @@ fn a_document_becomes_rules_and_limits() {
     assert_eq!(limit.windows()[0].window.rate().period_secs(), 60);
     assert_eq!(limit.algorithm(), sluice_engine::Algorithm::FixedWindow);
 
-    let nested = &edge.by_key["service"].any.as_ref().unwrap().children.by_key["user"].exact
-        ["user-a"];
+    let nested =
+        &edge.by_key["service"].any.as_ref().unwrap().children.by_key["user"].exact["user-a"];
     let rule = nested.rule.as_ref().unwrap();
     assert!(rule.shadow);
     assert_eq!(rule.replaces, vec!["per_ip".to_string()]);
@@ -84,7 +82,14 @@ fn a_document_becomes_rules_and_limits() {
     assert!(limit.shadow());
     assert_eq!(unit.seconds(), 7 * 86_400);
     assert!(matches!(
-        edge.by_key["internal"].any.as_ref().unwrap().rule.as_ref().unwrap().kind,
+        edge.by_key["internal"]
+            .any
+            .as_ref()
+            .unwrap()
+            .rule
+            .as_ref()
+            .unwrap()
+            .kind,
         RuleKind::Unlimited
     ));
     // Counted rules only: the blocked address and the unlimited key have no limit.
@@ -102,7 +107,10 @@ fn no_envoy_section_no_service() {
 
 #[test]
 fn the_listen_address_can_be_overridden() {
-    let overrides = [("SLUICE_ENVOY__LISTEN".to_string(), "127.0.0.1:9999".to_string())];
+    let overrides = [(
+        "SLUICE_ENVOY__LISTEN".to_string(),
+        "127.0.0.1:9999".to_string(),
+    )];
     let config = load_str("envoy: {}\n", "sluice.yaml", &|_| None, &overrides).unwrap();
     assert_eq!(config.envoy.unwrap().listen.port(), 9999);
 }
@@ -122,7 +130,11 @@ fn existing_files_load_unchanged_and_their_errors_name_them() {
     let envoy = config.envoy.unwrap();
     assert_eq!(envoy.config_files, vec![dir.join("a.yaml")]);
     let files = envoy.domains.get("files").unwrap();
-    assert!(files.by_key["generic_key"].exact.contains_key("${NOT_A_VAR}"));
+    assert!(
+        files.by_key["generic_key"]
+            .exact
+            .contains_key("${NOT_A_VAR}")
+    );
 
     fs::write(
         dir.join("bad.yaml"),
@@ -133,14 +145,23 @@ fn existing_files_load_unchanged_and_their_errors_name_them() {
     let error = load_str(text, main.to_str().unwrap(), &|_| None, &[]).unwrap_err();
     assert_eq!(error.source, dir.join("bad.yaml").display().to_string());
     assert_eq!((error.line, error.column), (Some(5), Some(13)));
-    assert_eq!(error.field.as_deref(), Some("descriptors[0].rate_limit.unit"));
-    assert!(error.message.contains("unknown unit `fortnight`"), "{error}");
+    assert_eq!(
+        error.field.as_deref(),
+        Some("descriptors[0].rate_limit.unit")
+    );
+    assert!(
+        error.message.contains("unknown unit `fortnight`"),
+        "{error}"
+    );
 
     let text = "envoy:\n  config_files: [missing.yaml]\n";
     let error = load_str(text, main.to_str().unwrap(), &|_| None, &[])
         .unwrap_err()
         .to_string();
-    assert!(error.contains(":2:18: envoy.config_files[0]: cannot read"), "{error}");
+    assert!(
+        error.contains(":2:18: envoy.config_files[0]: cannot read"),
+        "{error}"
+    );
     let _ = fs::remove_dir_all(&dir);
 }
 

@@ -22,7 +22,9 @@ pub trait EntryRef {
     fn value(&self) -> &str;
 }
 
-impl EntryRef for crate::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry {
+impl EntryRef
+    for crate::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry
+{
     fn key(&self) -> &str {
         &self.key
     }
@@ -118,18 +120,24 @@ mod tests {
 
     /// The domain `d` of an inline `envoy:` section.
     fn domains(descriptors: &str) -> sluice_config::EnvoyConfig {
-        let text = format!("envoy:\n  domains:\n    - domain: d\n      descriptors:\n{descriptors}");
+        let text =
+            format!("envoy:\n  domains:\n    - domain: d\n      descriptors:\n{descriptors}");
         sluice_config::load_str(&text, "t.yaml", &|_| None, &[])
             .unwrap()
             .envoy
             .unwrap()
     }
 
-    fn hit(config: &sluice_config::EnvoyConfig, entries: &[(&str, &str)]) -> Option<(String, u32, String)> {
+    fn hit(
+        config: &sluice_config::EnvoyConfig,
+        entries: &[(&str, &str)],
+    ) -> Option<(String, u32, String)> {
         let top = config.domains.get("d").unwrap();
         find(top, entries).map(|hit| {
             let per = match &hit.rule.kind {
-                RuleKind::Limited { requests_per_unit, .. } => *requests_per_unit,
+                RuleKind::Limited {
+                    requests_per_unit, ..
+                } => *requests_per_unit,
                 RuleKind::BlockAll { .. } => 0,
                 RuleKind::Unlimited => u32::MAX,
             };
@@ -156,8 +164,15 @@ mod tests {
         let config = domains(
             "        - key: message_type\n          value: marketing\n          descriptors:\n            - key: to_number\n              rate_limit: {unit: day, requests_per_unit: 5}\n        - key: to_number\n          rate_limit: {unit: day, requests_per_unit: 100}\n        - key: key\n          value: value\n          rate_limit: {unit: second, requests_per_unit: 300}\n",
         );
-        let nested = hit(&config, &[("message_type", "marketing"), ("to_number", "2061111111")]).unwrap();
-        assert_eq!((nested.0.as_str(), nested.1), ("d.message_type_marketing.to_number", 5));
+        let nested = hit(
+            &config,
+            &[("message_type", "marketing"), ("to_number", "2061111111")],
+        )
+        .unwrap();
+        assert_eq!(
+            (nested.0.as_str(), nested.1),
+            ("d.message_type_marketing.to_number", 5)
+        );
         assert_eq!(nested.2, "9:marketing10:2061111111");
         let flat = hit(&config, &[("to_number", "2061111111")]).unwrap();
         assert_eq!((flat.0.as_str(), flat.1), ("d.to_number", 100));
@@ -192,7 +207,8 @@ mod tests {
 
     #[test]
     fn long_keys_are_hashed_and_no_request_matches_nothing() {
-        let config = domains("        - {key: user, rate_limit: {unit: minute, requests_per_unit: 5}}\n");
+        let config =
+            domains("        - {key: user, rate_limit: {unit: minute, requests_per_unit: 5}}\n");
         let long = "u".repeat(1000);
         let key = hit(&config, &[("user", long.as_str())]).unwrap().2;
         assert!(key.starts_with("h:") && key.len() == 42, "{key}");

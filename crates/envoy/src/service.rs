@@ -40,7 +40,11 @@ enum Plan {
     /// `unlimited: true`: OK, everything remaining.
     Unlimited,
     /// `requests_per_unit: 0`: over the limit without asking the store.
-    Blocked { limit: RateLimit, unit: Unit, shadow: bool },
+    Blocked {
+        limit: RateLimit,
+        unit: Unit,
+        shadow: bool,
+    },
     /// Decided by the store: the check's index in the decision request.
     Counted {
         check: usize,
@@ -101,8 +105,9 @@ impl RateLimitService {
             .map(|(i, descriptor)| match (level, &descriptor.limit) {
                 (None, _) => Ok(Found::None),
                 (Some(_), Some(limit)) => override_of(&request.domain, i, descriptor, limit),
-                (Some(level), None) => Ok(matcher::find(level, &descriptor.entries)
-                    .map_or(Found::None, Found::Rule)),
+                (Some(level), None) => {
+                    Ok(matcher::find(level, &descriptor.entries).map_or(Found::None, Found::Rule))
+                }
             })
             .collect::<Result<_, Status>>()?;
         // A rule named in another matched rule's `replaces` does not apply to this call.
@@ -351,7 +356,10 @@ fn status(plan: Plan, results: &[WindowResult], now: i64) -> DescriptorStatus {
                 };
             };
             let (code, remaining) = match (result.allowed, result.shadow) {
-                (true, _) => (Code::Ok, u32::try_from(result.remaining).unwrap_or(u32::MAX)),
+                (true, _) => (
+                    Code::Ok,
+                    u32::try_from(result.remaining).unwrap_or(u32::MAX),
+                ),
                 (false, true) => (Code::Ok, 0),
                 (false, false) => (Code::OverLimit, 0),
             };
@@ -392,9 +400,10 @@ fn headers(statuses: &[DescriptorStatus]) -> Vec<HeaderValue> {
         .current_limit
         .as_ref()
         .map_or(0, |limit| limit.requests_per_unit);
-    let reset = status.duration_until_reset.as_ref().map_or(0, |d| {
-        d.seconds + i64::from(d.nanos > 0)
-    });
+    let reset = status
+        .duration_until_reset
+        .as_ref()
+        .map_or(0, |d| d.seconds + i64::from(d.nanos > 0));
     let header = |key: &str, value: String| HeaderValue {
         key: key.to_string(),
         value,
