@@ -233,3 +233,19 @@ descriptors:
         assert time.monotonic() < deadline, sluice.log()
         time.sleep(0.2)
     assert sluice.call("files", [("generic_key", "api")]).overall_code == OK
+
+
+def test_envoys_limit_override_is_honoured_for_a_known_domain(start_sluice):
+    sluice = start_sluice(EDGE)
+    descriptor = ratelimit_pb2.RateLimitDescriptor(
+        entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key="anything", value=uid())],
+        limit=ratelimit_pb2.RateLimitDescriptor.RateLimitOverride(
+            requests_per_unit=2, unit=2  # envoy.type.v3.RateLimitUnit.MINUTE
+        ),
+    )
+    answers = [sluice.call("edge", descriptor) for _ in range(3)]
+    assert [a.overall_code for a in answers] == [OK, OK, OVER_LIMIT]
+    assert answers[0].statuses[0].current_limit.requests_per_unit == 2
+    assert answers[0].statuses[0].current_limit.unit == MINUTE
+    # An unknown domain still answers OK, override or not.
+    assert sluice.call("nobody", descriptor).overall_code == OK
