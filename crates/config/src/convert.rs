@@ -159,7 +159,7 @@ pub(crate) fn boolean(node: &Node, path: &str) -> Result<bool, Fail> {
 }
 
 /// The whole config from the document's root.
-pub(crate) fn config(root: &Node) -> Result<Config, Fail> {
+pub(crate) fn config(root: &Node, source: &str) -> Result<Config, Fail> {
     let mut config = Config::default();
     let Some(fields) = Fields::of(root, "", TOP_LEVEL)? else {
         return Ok(config);
@@ -192,10 +192,31 @@ pub(crate) fn config(root: &Node) -> Result<Config, Fail> {
     if let Some((node, path)) = fields.get("routes") {
         config.routes = front_door::routes(node, &path, &config.limits)?;
     }
+    if let Some((node, path)) = fields.get("envoy") {
+        config.envoy = crate::envoy::envoy(node, &path, source)?;
+        let taken = config
+            .envoy
+            .iter()
+            .flat_map(|envoy| envoy.domains.limits().iter());
+        if let Some(limit) = taken
+            .into_iter()
+            .find(|l| config.limits.get(l.name()).is_some())
+        {
+            let (node, path) = fields.get("limits").unwrap_or((node, path));
+            return Err(Fail::new(
+                &node.origin,
+                &path,
+                format!(
+                    "limit `{}` has the name sluice gives an envoy descriptor rule: rename the limit (names starting with `envoy.` are best left to the envoy section)",
+                    limit.name()
+                ),
+            ));
+        }
+    }
     Ok(config)
 }
 
-fn listen(node: &Node, path: &str) -> Result<SocketAddr, Fail> {
+pub(crate) fn listen(node: &Node, path: &str) -> Result<SocketAddr, Fail> {
     let hint = "write IP:port, e.g. 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080";
     if let Value::Scalar(Scalar {
         text,

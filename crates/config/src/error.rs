@@ -94,6 +94,9 @@ pub(crate) struct Fail {
     pub origin: Origin,
     pub field: Option<String>,
     pub message: String,
+    /// The file the failure is in when it is not the main config file (an
+    /// `envoy.config_files` entry); `None` for the main file.
+    pub file: Option<String>,
 }
 
 impl Fail {
@@ -102,13 +105,22 @@ impl Fail {
             origin: origin.clone(),
             field: (!field.is_empty()).then(|| field.to_string()),
             message: message.into(),
+            file: None,
+        }
+    }
+
+    /// The same failure, placed in `file` rather than the main config file.
+    pub(crate) fn in_file(self, file: &str) -> Self {
+        Fail {
+            file: Some(file.to_string()),
+            ..self
         }
     }
 
     pub(crate) fn into_error(self, source: &str) -> ConfigError {
         match self.origin {
             Origin::File { line, column } => ConfigError {
-                source: source.to_string(),
+                source: self.file.unwrap_or_else(|| source.to_string()),
                 line: Some(line),
                 column: Some(column),
                 field: self.field,

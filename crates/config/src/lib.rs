@@ -19,7 +19,7 @@
 //!    are created (`SLUICE_RESPONSES__DENY_STATUS=403`,
 //!    `SLUICE_CLIENT_IP__TRUSTED_PROXIES='[10.0.0.0/8]'`). Only names whose first segment is
 //!    a top-level key (`listen`, `admin`, `storage`, `limits`, `http`, `client_ip`,
-//!    `responses`, `forward_auth`, `routes`) are overrides; other `SLUICE_*` variables
+//!    `responses`, `forward_auth`, `routes`, `envoy`) are overrides; other `SLUICE_*` variables
 //!    (`SLUICE_LOG`, `SLUICE_LOG_FORMAT`, `SLUICE_CONFIG`, `SLUICE_ADMIN_TOKEN`,
 //!    `SLUICE_IP_HASH_SECRET`) are ignored. A value that
 //!    starts with `[`, `{` or a quote is read as YAML; any other is taken literally as one
@@ -56,11 +56,15 @@
 //!     limits: [{limit: chat_ip, key: "{client_ip}"}]
 //! ```
 //!
+//! The Envoy rate limit service (`envoy:`, see [`envoy`]) takes envoyproxy/ratelimit's
+//! descriptor documents, inline under `domains:` or from `config_files:`.
+//!
 //! Every error is a [`ConfigError`] naming the file, line, column and field, or the override
 //! variable the bad value came from. Null (`~` or nothing) for an optional setting means "use
 //! the default". Loading never panics, whatever the input.
 
 mod convert;
+pub mod envoy;
 mod error;
 mod front_door;
 mod overrides;
@@ -70,6 +74,7 @@ use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 
+pub use envoy::EnvoyConfig;
 pub use error::ConfigError;
 
 /// The whole configuration, validated.
@@ -100,6 +105,8 @@ pub struct Config {
     /// Which limits apply to which HTTP requests, on which keys (`routes:`). Default: no
     /// routes, so no request is limited by the proxy or forward-auth.
     pub routes: sluice_http::Rules,
+    /// The Envoy rate limit service (`envoy:`): served only when the section is present.
+    pub envoy: Option<EnvoyConfig>,
 }
 
 impl Config {
@@ -120,6 +127,7 @@ impl Default for Config {
             responses: sluice_http::ResponseConfig::default(),
             forward_auth: ForwardAuthConfig::default(),
             routes: sluice_http::Rules::default(),
+            envoy: None,
         }
     }
 }
@@ -137,6 +145,7 @@ impl fmt::Debug for Config {
             responses,
             forward_auth,
             routes,
+            envoy,
         } = self;
         f.debug_struct("Config")
             .field("listen", listen)
@@ -148,6 +157,7 @@ impl fmt::Debug for Config {
             .field("responses", responses)
             .field("forward_auth", forward_auth)
             .field("routes", routes)
+            .field("envoy", envoy)
             .finish()
     }
 }
@@ -414,5 +424,5 @@ pub fn load_str(
         _ => tree::Node::empty_map(error::Origin::File { line: 1, column: 1 }),
     };
     overrides::apply(&mut root, overrides).map_err(|fail| fail.into_error(source))?;
-    convert::config(&root).map_err(|fail| fail.into_error(source))
+    convert::config(&root, source).map_err(|fail| fail.into_error(source))
 }

@@ -26,6 +26,7 @@ pub(crate) const TOP_LEVEL: &[&str] = &[
     "responses",
     "forward_auth",
     "routes",
+    "envoy",
 ];
 
 /// The config path `name` addresses, if it is an override at all.

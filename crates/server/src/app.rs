@@ -34,7 +34,7 @@ pub struct AppState {
 impl AppState {
     /// State for `config` (read from `path`, for reloads) over `store`.
     pub fn new(config: &Config, path: Option<PathBuf>, store: Arc<dyn Store>) -> Self {
-        let metrics = Arc::new(Metrics::new(&config.limits));
+        let metrics = Arc::new(Metrics::new(crate::live::every_limit(config)));
         AppState {
             config: LiveConfig::new(config, path),
             decider: Decider::new(store, Arc::clone(&metrics)),

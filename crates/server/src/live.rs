@@ -35,6 +35,8 @@ pub struct Live {
     pub forward_auth_deny_status: Option<StatusCode>,
     /// The largest request body read.
     pub max_body_bytes: usize,
+    /// The Envoy rate limit service's descriptors and answer settings, when configured.
+    pub envoy: Option<sluice_config::EnvoyConfig>,
 }
 
 impl Live {
@@ -51,8 +53,19 @@ impl Live {
             admin_token: config.admin.token.clone(),
             forward_auth_deny_status: config.forward_auth.deny_status,
             max_body_bytes: config.http.max_body_bytes,
+            envoy: config.envoy.clone(),
         }
     }
+}
+
+/// Every limit `config` decides with: the named `limits:` and the Envoy descriptor rules.
+pub fn every_limit(config: &Config) -> impl Iterator<Item = &std::sync::Arc<sluice_engine::Limit>> {
+    config.limits.iter().chain(
+        config
+            .envoy
+            .iter()
+            .flat_map(|envoy| envoy.domains.limits().iter()),
+    )
 }
 
 /// Settings bound when the server started.
@@ -62,6 +75,7 @@ struct StartupSettings {
     admin_listen: Option<SocketAddr>,
     storage: StorageConfig,
     threads: usize,
+    envoy_listen: Option<SocketAddr>,
 }
 
 impl StartupSettings {
@@ -71,6 +85,7 @@ impl StartupSettings {
             admin_listen: config.admin.listen,
             storage: config.storage.clone(),
             threads: config.http.threads,
+            envoy_listen: config.envoy.as_ref().map(|envoy| envoy.listen),
         }
     }
 
@@ -88,6 +103,9 @@ impl StartupSettings {
         }
         if self.threads != new.threads {
             fields.push("http.threads");
+        }
+        if self.envoy_listen != new.envoy_listen {
+            fields.push("envoy.listen");
         }
         fields
     }
@@ -166,13 +184,14 @@ impl LiveConfig {
             tracing::warn!(fields = ?restart, "these settings change only on restart; the rest of the new config is applied");
         }
         let version = self.current.load().version + 1;
-        metrics.track_limits(&config.limits);
+        metrics.track_limits(every_limit(&config));
         self.current
             .store(Arc::new(Live::from_config(&config, version)));
         tracing::info!(
             version,
             limits = config.limits.len(),
             routes = config.routes.len(),
+            envoy_domains = config.envoy.as_ref().map_or(0, |envoy| envoy.domains.len()),
             "config reloaded"
         );
         log.loaded_at = at;

@@ -12,7 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use sluice_engine::{LimitSet, StoreStats};
+use sluice_engine::{Limit, StoreStats};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
@@ -50,11 +50,22 @@ pub struct Metrics {
     keys: Family<BackendLabels, Gauge>,
     evictions: Family<BackendLabels, Counter>,
     render_lock: std::sync::Mutex<()>,
+    /// Envoy `ShouldRateLimit` calls answered OK.
+    pub envoy_ok: Counter,
+    /// Envoy `ShouldRateLimit` calls answered OVER_LIMIT.
+    pub envoy_over_limit: Counter,
+    /// Envoy `ShouldRateLimit` calls answered with a gRPC error.
+    pub envoy_error: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EnvoyLabels {
+    code: &'static str,
 }
 
 impl Metrics {
     /// A registry with every metric, and counters for each of `limits`.
-    pub fn new(limits: &LimitSet) -> Self {
+    pub fn new<'a>(limits: impl IntoIterator<Item = &'a Arc<Limit>>) -> Self {
         let mut registry = Registry::with_prefix("sluice");
         let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
@@ -91,6 +102,18 @@ impl Metrics {
             "Counters evicted before expiry because the store was full",
             evictions.clone(),
         );
+        let envoy = Family::<EnvoyLabels, Counter>::default();
+        registry.register(
+            "envoy_calls",
+            "Envoy rate limit service calls, by answer (ok, over_limit, error)",
+            envoy.clone(),
+        );
+        let envoy_code = |code| envoy.get_or_create(&EnvoyLabels { code }).clone();
+        let (envoy_ok, envoy_over_limit, envoy_error) = (
+            envoy_code("ok"),
+            envoy_code("over_limit"),
+            envoy_code("error"),
+        );
         let metrics = Metrics {
             registry,
             decisions,
@@ -101,15 +124,18 @@ impl Metrics {
             keys,
             evictions,
             render_lock: std::sync::Mutex::new(()),
+            envoy_ok,
+            envoy_over_limit,
+            envoy_error,
         };
         metrics.track_limits(limits);
         metrics
     }
 
     /// Creates counters for `limits` (after a reload, new limits get theirs; old series stay).
-    pub fn track_limits(&self, limits: &LimitSet) {
+    pub fn track_limits<'a>(&self, limits: impl IntoIterator<Item = &'a Arc<Limit>>) {
         let map = limits
-            .iter()
+            .into_iter()
             .map(|limit| {
                 let handle = |outcome| {
                     self.decisions

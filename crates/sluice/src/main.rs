@@ -93,6 +93,14 @@ fn check_config(file: &Path) -> ExitCode {
                 backend_name(&config),
                 config.listen
             );
+            if let Some(envoy) = &config.envoy {
+                println!(
+                    "ok: envoy: {} domains, {} counted rules, listen {}",
+                    envoy.domains.len(),
+                    envoy.domains.limits().len(),
+                    envoy.listen
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(error) => {
@@ -257,16 +265,48 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         threads,
         "sluice listening"
     );
+    // The Envoy rate limit service: its own listener, served like HTTP (one runtime per
+    // thread), deciding through the same state, store and reloadable config.
+    let mut envoy_server = match &config.envoy {
+        Some(envoy) => {
+            let envoy_listen = envoy.listen;
+            let listeners = sluice_server::bind_listeners(envoy_listen, threads).with_context(|| {
+                format!("cannot listen on {envoy_listen}: pick a free address for `envoy.listen:` (or SLUICE_ENVOY__LISTEN)")
+            })?;
+            tracing::info!(
+                %envoy_listen,
+                domains = envoy.domains.len(),
+                rules = envoy.domains.limits().len(),
+                "Envoy rate limit service (gRPC) listening"
+            );
+            let state = Arc::clone(&state);
+            let stopped = stopped.clone();
+            Some(tokio::task::spawn_blocking(move || {
+                sluice_envoy::serve_per_thread(listeners, state, stopped)
+            }))
+        }
+        None => None,
+    };
     watch_config_file(Arc::clone(&state), path);
     tokio::spawn(reload_on_sighup(Arc::clone(&state)));
     let router = sluice_server::router(Arc::clone(&state), admin_listen.is_some());
     let mut server = tokio::task::spawn_blocking(move || {
         sluice_server::serve_per_thread(listeners, router, stopped)
     });
+    let envoy_stopped = async {
+        match envoy_server.as_mut() {
+            Some(handle) => handle.await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         finished = &mut server => {
             finished.context("the HTTP server stopped unexpectedly")??;
             anyhow::bail!("the HTTP server stopped unexpectedly");
+        }
+        finished = envoy_stopped => {
+            finished.context("the Envoy rate limit service stopped unexpectedly")??;
+            anyhow::bail!("the Envoy rate limit service stopped unexpectedly");
         }
         _ = shutdown_signal() => {}
     }
@@ -274,6 +314,11 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     server
         .await
         .context("the HTTP server did not shut down cleanly")??;
+    if let Some(envoy_server) = envoy_server {
+        envoy_server
+            .await
+            .context("the Envoy rate limit service did not shut down cleanly")??;
+    }
     tracing::info!("sluice stopped");
     Ok(())
 }
@@ -300,36 +345,58 @@ async fn reload_on_sighup(state: Arc<AppState>) {
     let _ = state;
 }
 
-/// Reloads the config when its file changes. The path is looked at once a second,
-/// following symlinks, so an editor's rename-over and a Kubernetes ConfigMap's `..data`
-/// symlink swap are seen as surely as an in-place write; the file is only reloaded when
-/// its content differs from what was last read.
+/// Reloads the config when its file, or an `envoy.config_files` file it names, changes.
+/// The paths are looked at once a second, following symlinks, so an editor's rename-over
+/// and a Kubernetes ConfigMap's `..data` symlink swap are seen as surely as an in-place
+/// write; the config is only reloaded when some file's content differs from what was
+/// last read.
 fn watch_config_file(state: Arc<AppState>, path: PathBuf) {
-    fn fingerprint(path: &Path) -> Option<(u64, u64, std::time::SystemTime)> {
+    type Fingerprint = Option<(u64, u64, std::time::SystemTime)>;
+    fn fingerprint(path: &Path) -> Fingerprint {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(path).ok()?;
         Some((meta.ino(), meta.len(), meta.modified().ok()?))
     }
+    /// The config file and the envoy files the running config names.
+    fn watched(state: &AppState, path: &Path) -> Vec<PathBuf> {
+        let mut paths = vec![path.to_path_buf()];
+        if let Some(envoy) = &state.live().envoy {
+            paths.extend(envoy.config_files.iter().cloned());
+        }
+        paths
+    }
     let spawned = std::thread::Builder::new()
         .name("sluice-config-watch".into())
         .spawn(move || {
-            let mut seen = fingerprint(&path);
-            let mut content = std::fs::read(&path).ok();
+            let read = |paths: &[PathBuf]| -> Vec<(Fingerprint, Option<Vec<u8>>)> {
+                paths
+                    .iter()
+                    .map(|p| (fingerprint(p), std::fs::read(p).ok()))
+                    .collect()
+            };
+            let mut paths = watched(&state, &path);
+            let mut seen = read(&paths);
             loop {
                 std::thread::sleep(Duration::from_secs(1));
-                let now = fingerprint(&path);
-                if now == seen {
+                let now: Vec<Fingerprint> = paths.iter().map(|p| fingerprint(p)).collect();
+                if now.iter().eq(seen.iter().map(|(f, _)| f)) {
                     continue;
                 }
-                seen = now;
-                let new = std::fs::read(&path).ok();
-                if new.is_none() || new == content {
+                let new = read(&paths);
+                let changed = new
+                    .iter()
+                    .zip(&seen)
+                    .position(|((_, new), (_, old))| new.is_some() && new != old);
+                seen = new;
+                let Some(changed) = changed else {
                     continue;
-                }
-                content = new;
-                tracing::info!(path = %path.display(), "config file changed: reloading");
+                };
+                tracing::info!(path = %paths[changed].display(), "config file changed: reloading");
                 // Errors are logged and recorded for /v1/status by the reload itself.
                 let _ = state.reload();
+                // The new config may name other envoy files.
+                paths = watched(&state, &path);
+                seen = read(&paths);
             }
         });
     if let Err(error) = spawned {

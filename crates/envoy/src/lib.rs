@@ -1,0 +1,123 @@
+//! sluice's gRPC front door: Envoy's rate limit service
+//! (`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`) with the descriptor
+//! configuration of envoyproxy/ratelimit, so an existing deployment switches by pointing
+//! Envoy's `rate_limit_service` at sluice.
+//!
+//! - [`proto`]: the Rust types generated from the vendored, trimmed Envoy protos.
+//! - [`matcher`]: which configured rule a request descriptor hits, and the counter key.
+//! - [`service`]: one call end to end: match every descriptor, decide them all in one
+//!   atomic [`sluice_engine::DecisionRequest`], answer per-descriptor statuses.
+//! - [`serve_per_thread`]: the listener, one single-threaded runtime per thread like the
+//!   HTTP front door.
+//!
+//! Semantics follow envoyproxy/ratelimit: the most specific descriptor wins (a value
+//! beats a value prefix beats the key alone, level by level), a descriptor with no rule is
+//! OK with no limit, an unknown domain is OK for every descriptor, `hits_addend` is the
+//! cost (a descriptor's own `hits_addend` first, else the request's, 0 meaning 1), the
+//! overall code is OVER_LIMIT when any descriptor is, and a `shadow_mode` rule reports
+//! OK while it is counted. One difference: the decision is atomic, so when any
+//! descriptor is over its limit no counter is charged (envoyproxy/ratelimit charges
+//! every matched counter on every call unless `STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT`).
+
+pub mod matcher;
+pub mod service;
+
+use std::sync::Arc;
+
+use sluice_server::AppState;
+
+/// The types generated from the vendored Envoy protos (`proto/`), in their packages.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    /// `envoy.*`
+    pub mod envoy {
+        /// `envoy.service.*`
+        pub mod service {
+            /// `envoy.service.ratelimit.*`
+            pub mod ratelimit {
+                /// `envoy.service.ratelimit.v3`: the service, request and response.
+                pub mod v3 {
+                    tonic::include_proto!("envoy.service.ratelimit.v3");
+                }
+            }
+        }
+        /// `envoy.extensions.*`
+        pub mod extensions {
+            /// `envoy.extensions.common.*`
+            pub mod common {
+                /// `envoy.extensions.common.ratelimit.*`
+                pub mod ratelimit {
+                    /// `envoy.extensions.common.ratelimit.v3`: the descriptor.
+                    pub mod v3 {
+                        tonic::include_proto!("envoy.extensions.common.ratelimit.v3");
+                    }
+                }
+            }
+        }
+        /// `envoy.config.*`
+        pub mod config {
+            /// `envoy.config.core.*`
+            pub mod core {
+                /// `envoy.config.core.v3`: `HeaderValue`.
+                pub mod v3 {
+                    tonic::include_proto!("envoy.config.core.v3");
+                }
+            }
+        }
+        /// `envoy.type.*`
+        pub mod r#type {
+            /// `envoy.type.v3`: `RateLimitUnit`.
+            pub mod v3 {
+                tonic::include_proto!("envoy.r#type.v3");
+            }
+        }
+    }
+}
+
+pub use proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+pub use service::RateLimitService;
+
+/// Serves the rate limit service on `listeners`, one single-threaded runtime per listener
+/// (bound with `SO_REUSEPORT` by [`sluice_server::bind_listeners`]), as the HTTP front door
+/// does. Blocks until every thread has finished its in-flight calls after `shutdown`
+/// turns true.
+pub fn serve_per_thread(
+    listeners: Vec<std::net::TcpListener>,
+    state: Arc<AppState>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, listener)| {
+            let service = RateLimitService::new(Arc::clone(&state));
+            let mut shutdown = shutdown.clone();
+            std::thread::Builder::new()
+                .name(format!("sluice-grpc-{i}"))
+                .spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    runtime.block_on(async move {
+                        let listener = tokio::net::TcpListener::from_std(listener)?;
+                        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                            .with_nodelay(Some(true));
+                        let stop = async move {
+                            let _ = shutdown.wait_for(|stop| *stop).await;
+                        };
+                        tonic::transport::Server::builder()
+                            .add_service(service.into_server())
+                            .serve_with_incoming_shutdown(incoming, stop)
+                            .await
+                            .map_err(std::io::Error::other)
+                    })
+                })
+        })
+        .collect::<std::io::Result<_>>()?;
+    for handle in handles {
+        handle
+            .join()
+            .map_err(|_| std::io::Error::other("a gRPC thread panicked"))??;
+    }
+    Ok(())
+}

@@ -1,0 +1,251 @@
+"""Envoy's rate limit service, called the way Envoy calls it: a real gRPC client
+(grpcio, stubs generated from the same protos) against the real `sluice serve`."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+import pytest
+from google.protobuf import wrappers_pb2
+
+from conftest import ratelimit_pb2, rls_pb2
+
+OK = rls_pb2.RateLimitResponse.OK
+OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
+MINUTE = rls_pb2.RateLimitResponse.RateLimit.MINUTE
+SECOND = rls_pb2.RateLimitResponse.RateLimit.SECOND
+DAY = rls_pb2.RateLimitResponse.RateLimit.DAY
+
+# One envoyproxy/ratelimit document, as it would be in its own file, indented under
+# `domains:`. Values the tests send are unique per test, so counters never collide.
+EDGE = """
+envoy:
+  listen: 127.0.0.1:GRPC_PORT
+  domains:
+    - domain: edge
+      descriptors:
+        - key: remote_address
+          rate_limit: {unit: minute, requests_per_unit: 3}
+        # Black list IP: the most specific match wins.
+        - key: remote_address
+          value: 50.0.0.5
+          rate_limit: {unit: second, requests_per_unit: 0}
+        - key: tight
+          rate_limit: {unit: minute, requests_per_unit: 1}
+        - key: loose
+          rate_limit: {unit: minute, requests_per_unit: 100}
+        - key: cost
+          rate_limit: {unit: minute, requests_per_unit: 5}
+        - key: trial
+          shadow_mode: true
+          rate_limit: {unit: minute, requests_per_unit: 1, name: trial_limit}
+        - key: internal
+          rate_limit: {unlimited: true}
+        - key: message_type
+          value: marketing
+          descriptors:
+            - key: to_number
+              rate_limit: {unit: day, requests_per_unit: 2}
+        - key: to_number
+          rate_limit: {unit: day, requests_per_unit: 100}
+"""
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def test_ok_until_the_limit_then_over_limit(start_sluice):
+    sluice = start_sluice(EDGE)
+    ip = f"10.{uid()}"
+    remaining = []
+    for _ in range(3):
+        answer = sluice.call("edge", [("remote_address", ip)])
+        assert answer.overall_code == OK
+        (status,) = answer.statuses
+        assert status.code == OK
+        assert status.current_limit.requests_per_unit == 3
+        assert status.current_limit.unit == MINUTE
+        assert 0 < status.duration_until_reset.ToTimedelta().total_seconds() <= 60
+        remaining.append(status.limit_remaining)
+    assert remaining == [2, 1, 0]
+
+    answer = sluice.call("edge", [("remote_address", ip)])
+    assert answer.overall_code == OVER_LIMIT
+    assert answer.statuses[0].code == OVER_LIMIT
+    assert answer.statuses[0].limit_remaining == 0
+    # Another address has its own counter.
+    assert sluice.call("edge", [("remote_address", f"10.{uid()}")]).overall_code == OK
+
+    metrics = sluice.metrics()
+    assert 'sluice_envoy_calls_total{code="over_limit"} 1' in metrics
+    assert 'sluice_envoy_calls_total{code="ok"} 4' in metrics
+    assert 'sluice_decisions_total{limit="envoy.edge.remote_address",outcome="denied"} 1' in metrics
+
+
+def test_one_status_per_descriptor_decided_together(start_sluice):
+    sluice = start_sluice(EDGE)
+    user = uid()
+    first = sluice.call("edge", [("tight", user)], [("loose", user)], [("no_rule", "x")])
+    assert [s.code for s in first.statuses] == [OK, OK, OK]
+    assert first.statuses[1].limit_remaining == 99
+    # A descriptor with no matching rule is OK with no limit.
+    assert not first.statuses[2].HasField("current_limit")
+
+    second = sluice.call("edge", [("tight", user)], [("loose", user)], [("no_rule", "x")])
+    assert second.overall_code == OVER_LIMIT
+    assert [s.code for s in second.statuses] == [OVER_LIMIT, OK, OK]
+    # Decided atomically: the denied call charged no counter, `loose` still has 99.
+    assert second.statuses[1].limit_remaining == 99
+    assert second.statuses[0].current_limit.requests_per_unit == 1
+
+
+def test_shadow_mode_reports_ok_while_counting(start_sluice):
+    sluice = start_sluice(EDGE)
+    user = uid()
+    first = sluice.call("edge", [("trial", user)])
+    assert first.statuses[0].limit_remaining == 0
+    assert first.statuses[0].current_limit.name == "trial_limit"
+    for _ in range(3):
+        answer = sluice.call("edge", [("trial", user)], [("loose", user)])
+        # Over its limit, but shadow: the descriptor and the call stay OK, as
+        # envoyproxy/ratelimit answers.
+        assert answer.overall_code == OK
+        assert answer.statuses[0].code == OK
+        assert answer.statuses[0].limit_remaining == 0
+        assert answer.statuses[1].code == OK
+    assert (
+        'sluice_decisions_total{limit="envoy.edge.trial",outcome="shadow_denied"} 3'
+        in sluice.metrics()
+    )
+
+
+def test_hits_addend_is_the_cost(start_sluice):
+    sluice = start_sluice(EDGE)
+    key = uid()
+    answer = sluice.call("edge", [("cost", key)], hits_addend=3)
+    assert answer.statuses[0].limit_remaining == 2
+    answer = sluice.call("edge", [("cost", key)], hits_addend=3)
+    assert answer.overall_code == OVER_LIMIT
+    # 0 (unset) means 1.
+    answer = sluice.call("edge", [("cost", key)])
+    assert (answer.overall_code, answer.statuses[0].limit_remaining) == (OK, 1)
+
+    # A descriptor's own hits_addend overrides the request's; 0 there checks only.
+    own = ratelimit_pb2.RateLimitDescriptor(
+        entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key="cost", value=key)],
+        hits_addend=wrappers_pb2.UInt64Value(value=0),
+    )
+    answer = sluice.call("edge", own, hits_addend=4)
+    assert (answer.overall_code, answer.statuses[0].limit_remaining) == (OK, 1)
+    own.hits_addend.value = 1
+    assert sluice.call("edge", own, hits_addend=4).statuses[0].limit_remaining == 0
+
+
+def test_the_most_specific_rule_wins(start_sluice):
+    sluice = start_sluice(EDGE)
+    # A value beats the key alone: 50.0.0.5 has requests_per_unit 0.
+    blocked = sluice.call("edge", [("remote_address", "50.0.0.5")])
+    assert blocked.overall_code == OVER_LIMIT
+    assert blocked.statuses[0].current_limit.requests_per_unit == 0
+    assert blocked.statuses[0].current_limit.unit == SECOND
+
+    # Nested descriptors match level by level.
+    number = uid()
+    marketing = [("message_type", "marketing"), ("to_number", number)]
+    direct = [("to_number", number)]
+    answer = sluice.call("edge", marketing, direct)
+    assert [s.current_limit.requests_per_unit for s in answer.statuses] == [2, 100]
+    assert all(s.current_limit.unit == DAY for s in answer.statuses)
+    sluice.call("edge", marketing)
+    assert sluice.call("edge", marketing).overall_code == OVER_LIMIT
+    # The placeholder level alone, or a descriptor deeper than the config, has no rule.
+    answer = sluice.call(
+        "edge", [("message_type", "marketing")], [("remote_address", "1.2.3.4"), ("x", "y")]
+    )
+    assert answer.overall_code == OK
+    assert [s.HasField("current_limit") for s in answer.statuses] == [False, False]
+
+    # Unlimited: OK, everything remaining.
+    unlimited = sluice.call("edge", [("internal", "x")]).statuses[0]
+    assert (unlimited.code, unlimited.limit_remaining) == (OK, 2**32 - 1)
+
+
+def test_an_unknown_domain_is_ok_for_every_descriptor(start_sluice):
+    sluice = start_sluice(EDGE)
+    for _ in range(5):
+        answer = sluice.call("nobody", [("remote_address", "10.0.0.1")], [("tight", "a")])
+        assert answer.overall_code == OK
+        assert [s.code for s in answer.statuses] == [OK, OK]
+        assert not any(s.HasField("current_limit") for s in answer.statuses)
+
+
+def test_bad_calls_are_grpc_errors(start_sluice):
+    sluice = start_sluice(EDGE)
+    with pytest.raises(grpc.RpcError) as error:
+        sluice.call("", [("remote_address", "1")])
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "domain is empty" in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        sluice.call("edge")
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_response_headers_are_opt_in(start_sluice):
+    section = EDGE.replace("  domains:", "  response_headers: true\n  domains:", 1)
+    sluice = start_sluice(section)
+    user = uid()
+    answer = sluice.call("edge", [("loose", user)], [("cost", user)])
+    headers = {h.key: h.value for h in answer.response_headers_to_add}
+    # The descriptor closest to its limit: `cost`, 4 of 5 left.
+    assert headers["X-RateLimit-Limit"] == "5"
+    assert headers["X-RateLimit-Remaining"] == "4"
+    assert 0 < int(headers["X-RateLimit-Reset"]) <= 60
+    plain = start_sluice(EDGE)
+    assert list(plain.call("edge", [("loose", user)]).response_headers_to_add) == []
+
+
+def test_existing_ratelimit_files_load_and_reload(start_sluice):
+    ratelimit_file = """# an envoyproxy/ratelimit config file, unchanged
+domain: files
+descriptors:
+  - key: generic_key
+    value: api
+    rate_limit:
+      unit: MINUTE
+      requests_per_unit: 1
+"""
+    section = "envoy:\n  listen: 127.0.0.1:GRPC_PORT\n  config_files: [ratelimit.yaml]\n"
+    sluice = start_sluice(section, files={"ratelimit.yaml": ratelimit_file})
+    assert sluice.call("files", [("generic_key", "api")]).overall_code == OK
+    assert sluice.call("files", [("generic_key", "api")]).overall_code == OVER_LIMIT
+
+    # Editing the file reloads it: a higher limit on the same counter.
+    (sluice.dir / "ratelimit.yaml").write_text(
+        ratelimit_file.replace("requests_per_unit: 1", "requests_per_unit: 5")
+    )
+    deadline = time.monotonic() + 15
+    while sluice.call("files", [("generic_key", "api")], hits_addend=0).statuses[
+        0
+    ].current_limit.requests_per_unit != 5:
+        assert time.monotonic() < deadline, sluice.log()
+        time.sleep(0.2)
+    assert sluice.call("files", [("generic_key", "api")]).overall_code == OK
+
+
+def test_envoys_limit_override_is_honoured_for_a_known_domain(start_sluice):
+    sluice = start_sluice(EDGE)
+    descriptor = ratelimit_pb2.RateLimitDescriptor(
+        entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key="anything", value=uid())],
+        limit=ratelimit_pb2.RateLimitDescriptor.RateLimitOverride(
+            requests_per_unit=2, unit=2  # envoy.type.v3.RateLimitUnit.MINUTE
+        ),
+    )
+    answers = [sluice.call("edge", descriptor) for _ in range(3)]
+    assert [a.overall_code for a in answers] == [OK, OK, OVER_LIMIT]
+    assert answers[0].statuses[0].current_limit.requests_per_unit == 2
+    assert answers[0].statuses[0].current_limit.unit == MINUTE
+    # An unknown domain still answers OK, override or not.
+    assert sluice.call("nobody", descriptor).overall_code == OK
