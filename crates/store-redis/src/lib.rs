@@ -26,6 +26,10 @@
 //! its retry time, quota × period) are computed exactly by long multiplication. Costs
 //! are capped at a window's capacity + 1 before they are sent, which decides the same.
 //!
+//! # Refunds
+//! `refund` runs a second small script (`refund.lua`, the engine's `Window::refund`) on
+//! the charged windows: one round trip, never repeated.
+//!
 //! # Connection
 //! One multiplexed [`ConnectionManager`] serves every decision; it reconnects by
 //! itself. After a killed connection the first command fails and the next succeeds, so
@@ -43,6 +47,9 @@ use sluice_engine::{
 
 /// The decision script; see the module doc.
 const DECIDE_LUA: &str = include_str!("decide.lua");
+
+/// The refund script: gives back what a decision charged (`Store::refund`).
+const REFUND_LUA: &str = include_str!("refund.lua");
 
 /// How many keys one `SCAN` step asks for and one `UNLINK` removes.
 const SCAN_BATCH: usize = 500;
@@ -94,6 +101,7 @@ pub enum RedisStoreError {
 pub struct RedisStore {
     connection: ConnectionManager,
     script: redis::Script,
+    refund_script: redis::Script,
     prefix: String,
     address: String,
 }
@@ -139,6 +147,7 @@ impl RedisStore {
         Ok(RedisStore {
             connection,
             script: redis::Script::new(DECIDE_LUA),
+            refund_script: redis::Script::new(REFUND_LUA),
             prefix: config.prefix,
             address,
         })
@@ -243,6 +252,56 @@ impl RedisStore {
             self.once(run).await?
         };
         parse_reply(&reply, count)
+    }
+
+    async fn refund_inner(
+        &self,
+        request: &DecisionRequest,
+        charged: &[bool],
+    ) -> Result<(), StoreError> {
+        let mut invocation = self.refund_script.prepare_invoke();
+        let mut slots: HashMap<(&str, &str), usize> = HashMap::new();
+        let windows: Vec<_> = request
+            .windows()
+            .zip(charged)
+            .filter(|(_, charged)| **charged)
+            .map(|(window, _)| window)
+            .collect();
+        if windows.is_empty() {
+            return Ok(());
+        }
+        invocation.arg(windows.len());
+        for (check, lw) in windows {
+            let next = slots.len() + 1;
+            let slot = *slots.entry((&lw.counter, check.key())).or_insert_with(|| {
+                invocation.key(self.key(&lw.counter, check.key()));
+                next
+            });
+            let window = &lw.window;
+            let capacity = window.capacity();
+            let period = window.rate().period_micros();
+            let algorithm = match window.algorithm() {
+                Algorithm::Gcra => "g",
+                Algorithm::FixedWindow => "f",
+                Algorithm::SlidingWindow => "s",
+            };
+            invocation
+                .arg(slot)
+                .arg(algorithm)
+                .arg(capacity)
+                .arg(period)
+                .arg(period / window.rate().quota() as i64)
+                // More than the capacity was never charged in one decision.
+                .arg(check.cost().min(capacity));
+        }
+        // Giving back twice would be as wrong as charging twice: never repeated.
+        let _: i64 = self
+            .once(|mut connection| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async(&mut connection).await }
+            })
+            .await?;
+        Ok(())
     }
 
     async fn unlink(&self, keys: Vec<String>) -> Result<u64, StoreError> {
@@ -365,6 +424,14 @@ impl Store for RedisStore {
 
     fn reset_limit<'a>(&'a self, limit: &'a Limit) -> StoreFuture<'a, u64> {
         Box::pin(self.reset_limit_inner(limit))
+    }
+
+    fn refund<'a>(
+        &'a self,
+        request: &'a DecisionRequest,
+        charged: &'a [bool],
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(self.refund_inner(request, charged))
     }
 
     fn ping(&self) -> StoreFuture<'_, ()> {

@@ -56,7 +56,9 @@ macro_rules! semantic_suite {
             reset_forgets_a_key,
             keys_and_limits_are_independent,
             expired_counters_leave_nothing_behind,
-            concurrent_decisions_admit_exactly_the_quota
+            concurrent_decisions_admit_exactly_the_quota,
+            refund_gives_back_what_was_charged,
+            refund_never_fills_beyond_the_quota
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
