@@ -26,6 +26,8 @@ pub(crate) const TOP_LEVEL: &[&str] = &[
     "responses",
     "forward_auth",
     "routes",
+    "proxy",
+    "sessions",
 ];
 
 /// The config path `name` addresses, if it is an override at all.
