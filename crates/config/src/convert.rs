@@ -205,8 +205,7 @@ pub(crate) fn config(root: &Node) -> Result<Config, Fail> {
     // After `limits` and `proxy`, wherever each is in the file: routes name limits, and
     // `{session}` needs the proxy's cookies.
     if let Some((node, path)) = fields.get("routes") {
-        config.routes =
-            front_door::routes(node, &path, &config.limits, config.proxy.is_some())?;
+        config.routes = front_door::routes(node, &path, &config.limits, config.proxy.is_some())?;
     }
     Ok(config)
 }

@@ -229,12 +229,11 @@ impl LiveConfig {
         }
         let version = self.current.load().version + 1;
         metrics.track_limits(&config.limits);
-        self.current
-            .store(Arc::new(Live::with_session_secret(
-                &config,
-                version,
-                self.session_secret.as_ref().map(|s| &s[..]),
-            )));
+        self.current.store(Arc::new(Live::with_session_secret(
+            &config,
+            version,
+            self.session_secret.as_ref().map(|s| &s[..]),
+        )));
         tracing::info!(
             version,
             limits = config.limits.len(),

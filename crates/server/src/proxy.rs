@@ -226,7 +226,13 @@ fn upstream_failure(app: &AppState, status: StatusCode, code: &'static str, why:
 }
 
 /// Forwards an allowed request and returns the upstream's answer (or a 502/504).
-async fn forward(app: &AppState, proxy: &ProxyConfig, live: &Live, peer: IpAddr, request: Request) -> Response {
+async fn forward(
+    app: &AppState,
+    proxy: &ProxyConfig,
+    live: &Live,
+    peer: IpAddr,
+    request: Request,
+) -> Response {
     let (mut parts, body) = request.into_parts();
     let upgrade = requested_upgrade(&parts.headers);
     let client_upgrade = upgrade
@@ -275,7 +281,10 @@ async fn forward(app: &AppState, proxy: &ProxyConfig, live: &Live, peer: IpAddr,
                     app,
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream_timeout",
-                    &format!("could not be connected to within {} ms", proxy.connect_timeout_ms),
+                    &format!(
+                        "could not be connected to within {} ms",
+                        proxy.connect_timeout_ms
+                    ),
                 )
             } else {
                 upstream_failure(
@@ -350,7 +359,13 @@ fn session(live: &Live, headers: &HeaderMap) -> Option<Session> {
 }
 
 fn set_session_cookie(live: &Live, session: &Option<Session>, tls: bool, headers: &mut HeaderMap) {
-    if let (Some(sessions), Some(Session { issue: Some(value), .. })) = (&live.sessions, session) {
+    if let (
+        Some(sessions),
+        Some(Session {
+            issue: Some(value), ..
+        }),
+    ) = (&live.sessions, session)
+    {
         if let Some(cookie) = sessions.set_cookie(value, tls) {
             headers.append(header::SET_COOKIE, cookie);
         }
@@ -381,8 +396,14 @@ pub async fn proxy(
     if let Some(quota_path) = &proxy.quota_path {
         if normalize_path(request.uri().path()) == *quota_path {
             let (method, uri) = (request.method().clone(), request.uri().clone());
-            let mut response =
-                quota(&app, &live, peer, (&method, &uri, request.headers()), &session).await;
+            let mut response = quota(
+                &app,
+                &live,
+                peer,
+                (&method, &uri, request.headers()),
+                &session,
+            )
+            .await;
             set_session_cookie(&live, &session, tls, response.headers_mut());
             return response;
         }
@@ -438,9 +459,11 @@ pub async fn proxy(
         if !decision.degraded && proxy.refund_on_status.contains(response.status().as_u16()) {
             app.decider.refund(&decision_request, decision).await;
         }
-        live.policy
-            .responses
-            .add_rate_limit_headers(&decision_request, decision, response.headers_mut());
+        live.policy.responses.add_rate_limit_headers(
+            &decision_request,
+            decision,
+            response.headers_mut(),
+        );
     }
     set_session_cookie(&live, &session, tls, response.headers_mut());
     response
@@ -509,7 +532,9 @@ async fn quota(
         }
     }
     let Some(path) = path else {
-        return quota_error(format!("the query needs `path`, the request to report on; {usage}"));
+        return quota_error(format!(
+            "the query needs `path`, the request to report on; {usage}"
+        ));
     };
     if !path.starts_with('/') || path.len() > 2048 {
         return quota_error(format!(

@@ -580,7 +580,11 @@ pub async fn refund_never_fills_beyond_the_quota<H: Harness>(h: &H) {
                 .await
                 .expect("the store refunds");
         }
-        assert_eq!(remaining(h, &l, key).await, 3, "{algorithm}: full, not more");
+        assert_eq!(
+            remaining(h, &l, key).await,
+            3,
+            "{algorithm}: full, not more"
+        );
         assert!(
             !one(h, &l, key, 4).await.allowed,
             "{algorithm}: the quota did not grow"
