@@ -291,7 +291,7 @@ impl StatusSet {
 }
 
 /// Session cookies (`sessions:`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionsConfig {
     /// The signing secret; `None`: a random one per start (sessions then reset on
     /// restart and are not shared across instances).

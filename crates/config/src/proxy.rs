@@ -17,7 +17,6 @@
 //! ```
 
 use http::Uri;
-use sluice_http::SessionCookie;
 
 use crate::convert::{Fields, boolean, string, whole};
 use crate::error::Fail;
@@ -140,19 +139,18 @@ pub(crate) fn proxy(node: &Node, path: &str, admin: &AdminConfig) -> Result<Prox
     }
     if let (Some(quota), SluiceEndpoints::Prefix(prefix)) =
         (&config.quota_path, &config.sluice_endpoints)
+        && (quota == prefix || quota.starts_with(&format!("{prefix}/")))
     {
-        if quota == prefix || quota.starts_with(&format!("{prefix}/")) {
-            let (node, path) = fields
-                .get("quota_path")
-                .unwrap_or((node_upstream, path_upstream.clone()));
-            return Err(Fail::new(
-                &node.origin,
-                &path,
-                format!(
-                    "quota_path `{quota}` is under sluice_endpoints `{prefix}`, where sluice's own endpoints are: move it out, e.g. /_quota"
-                ),
-            ));
-        }
+        let (node, path) = fields
+            .get("quota_path")
+            .unwrap_or((node_upstream, path_upstream.clone()));
+        return Err(Fail::new(
+            &node.origin,
+            &path,
+            format!(
+                "quota_path `{quota}` is under sluice_endpoints `{prefix}`, where sluice's own endpoints are: move it out, e.g. /_quota"
+            ),
+        ));
     }
     Ok(config)
 }
@@ -293,13 +291,4 @@ pub(crate) fn sessions(node: &Node, path: &str) -> Result<SessionsConfig, Fail> 
         config.cookie.max_age_seconds = whole(node, &path, 1, MAX_AGE_SECONDS)?;
     }
     Ok(config)
-}
-
-impl Default for SessionsConfig {
-    fn default() -> Self {
-        SessionsConfig {
-            secret: None,
-            cookie: SessionCookie::default(),
-        }
-    }
 }

@@ -205,10 +205,10 @@ fn upstream_uri(upstream: &Uri, uri: &Uri) -> Result<Uri, axum::http::Error> {
 fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(error);
     while let Some(error) = source {
-        if let Some(io) = error.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return true;
-            }
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return true;
         }
         source = error.source();
     }
@@ -365,10 +365,9 @@ fn set_session_cookie(live: &Live, session: &Option<Session>, tls: bool, headers
             issue: Some(value), ..
         }),
     ) = (&live.sessions, session)
+        && let Some(cookie) = sessions.set_cookie(value, tls)
     {
-        if let Some(cookie) = sessions.set_cookie(value, tls) {
-            headers.append(header::SET_COOKIE, cookie);
-        }
+        headers.append(header::SET_COOKIE, cookie);
     }
 }
 
@@ -393,20 +392,20 @@ pub async fn proxy(
     let trusted = live.policy.client_ip.is_trusted_peer(peer);
     let tls = over_tls(request.headers(), trusted);
     let session = session(&live, request.headers());
-    if let Some(quota_path) = &proxy.quota_path {
-        if normalize_path(request.uri().path()) == *quota_path {
-            let (method, uri) = (request.method().clone(), request.uri().clone());
-            let mut response = quota(
-                &app,
-                &live,
-                peer,
-                (&method, &uri, request.headers()),
-                &session,
-            )
-            .await;
-            set_session_cookie(&live, &session, tls, response.headers_mut());
-            return response;
-        }
+    if let Some(quota_path) = &proxy.quota_path
+        && normalize_path(request.uri().path()) == *quota_path
+    {
+        let (method, uri) = (request.method().clone(), request.uri().clone());
+        let mut response = quota(
+            &app,
+            &live,
+            peer,
+            (&method, &uri, request.headers()),
+            &session,
+        )
+        .await;
+        set_session_cookie(&live, &session, tls, response.headers_mut());
+        return response;
     }
 
     let decision_request = {

@@ -208,10 +208,8 @@ impl Store for PolicyStore {
                 )));
             }
             let result = self.bounded(self.primary.refund(request, charged)).await;
-            if let Err(error) = &result {
-                if matches!(error, StoreError::Unavailable(_) | StoreError::Timeout(_)) {
-                    self.failed(epoch, error);
-                }
+            if let Err(error @ (StoreError::Unavailable(_) | StoreError::Timeout(_))) = &result {
+                self.failed(epoch, error);
             }
             result
         })
