@@ -188,9 +188,24 @@ pub(crate) fn config(root: &Node, source: &str) -> Result<Config, Fail> {
     if let Some((node, path)) = fields.get("forward_auth") {
         config.forward_auth = front_door::forward_auth(node, &path)?;
     }
-    // After `limits`, wherever each is in the file: routes name limits.
+    // After `admin`: `proxy.sluice_endpoints: admin` needs `admin.listen`.
+    if let Some((node, path)) = fields.get("proxy") {
+        config.proxy = Some(crate::proxy::proxy(node, &path, &config.admin)?);
+    }
+    if let Some((node, path)) = fields.get("sessions") {
+        if config.proxy.is_none() {
+            return Err(Fail::new(
+                &node.origin,
+                &path,
+                "sessions are issued by the reverse proxy, which is not configured: add a `proxy:` section with an upstream, or remove sessions",
+            ));
+        }
+        config.sessions = crate::proxy::sessions(node, &path)?;
+    }
+    // After `limits` and `proxy`, wherever each is in the file: routes name limits, and
+    // `{session}` needs the proxy's cookies.
     if let Some((node, path)) = fields.get("routes") {
-        config.routes = front_door::routes(node, &path, &config.limits)?;
+        config.routes = front_door::routes(node, &path, &config.limits, config.proxy.is_some())?;
     }
     if let Some((node, path)) = fields.get("envoy") {
         config.envoy = crate::envoy::envoy(node, &path, source)?;

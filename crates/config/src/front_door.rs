@@ -237,7 +237,13 @@ fn deny_status(node: &Node, path: &str) -> Result<StatusCode, Fail> {
 
 // ---- routes ----
 
-pub(crate) fn routes(node: &Node, path: &str, limits: &LimitSet) -> Result<Rules, Fail> {
+/// `sessions`: whether `{session}` can resolve (the reverse proxy issues session cookies).
+pub(crate) fn routes(
+    node: &Node,
+    path: &str,
+    limits: &LimitSet,
+    sessions: bool,
+) -> Result<Rules, Fail> {
     if node.is_null() {
         return Ok(Rules::default());
     }
@@ -256,7 +262,7 @@ pub(crate) fn routes(node: &Node, path: &str, limits: &LimitSet) -> Result<Rules
     let mut default: Option<(String, &Origin)> = None;
     for (i, item) in items.iter().enumerate() {
         let path = format!("{path}[{i}]");
-        let (route, match_node) = route(item, &path, limits)?;
+        let (route, match_node) = route(item, &path, limits, sessions)?;
         if route.default {
             if let Some((first, origin)) = &default {
                 let on_line = match origin {
@@ -279,7 +285,12 @@ pub(crate) fn routes(node: &Node, path: &str, limits: &LimitSet) -> Result<Rules
 }
 
 /// One route, and its `match` node.
-fn route<'a>(node: &'a Node, path: &str, limits: &LimitSet) -> Result<(Route, &'a Node), Fail> {
+fn route<'a>(
+    node: &'a Node,
+    path: &str,
+    limits: &LimitSet,
+    sessions: bool,
+) -> Result<(Route, &'a Node), Fail> {
     let example =
         "e.g. `- match: {path: /api/*}` with `limits: [{limit: api, key: \"{client_ip}\"}]`";
     let Some(fields) = Fields::of(node, path, ROUTE_FIELDS)? else {
@@ -307,7 +318,7 @@ fn route<'a>(node: &'a Node, path: &str, limits: &LimitSet) -> Result<(Route, &'
     let route = Route {
         default: matcher.is_none(),
         matcher: matcher.unwrap_or_default(),
-        limits: route_limits(limits_node, &limits_path, limits)?,
+        limits: route_limits(limits_node, &limits_path, limits, sessions)?,
     };
     Ok((route, match_node))
 }
@@ -385,7 +396,12 @@ fn method(node: &Node, path: &str) -> Result<Method, Fail> {
     })
 }
 
-fn route_limits(node: &Node, path: &str, limits: &LimitSet) -> Result<Vec<RouteLimit>, Fail> {
+fn route_limits(
+    node: &Node,
+    path: &str,
+    limits: &LimitSet,
+    sessions: bool,
+) -> Result<Vec<RouteLimit>, Fail> {
     let items = match &node.value {
         Value::Seq(items) if !items.is_empty() => items,
         _ => {
@@ -402,11 +418,16 @@ fn route_limits(node: &Node, path: &str, limits: &LimitSet) -> Result<Vec<RouteL
     items
         .iter()
         .enumerate()
-        .map(|(i, item)| route_limit(item, &format!("{path}[{i}]"), limits))
+        .map(|(i, item)| route_limit(item, &format!("{path}[{i}]"), limits, sessions))
         .collect()
 }
 
-fn route_limit(node: &Node, path: &str, limits: &LimitSet) -> Result<RouteLimit, Fail> {
+fn route_limit(
+    node: &Node,
+    path: &str,
+    limits: &LimitSet,
+    sessions: bool,
+) -> Result<RouteLimit, Fail> {
     let example = "e.g. `{limit: api, key: \"{client_ip}\"}`";
     let Some(fields) = Fields::of(node, path, ROUTE_LIMIT_FIELDS)? else {
         return Err(Fail::new(
@@ -448,7 +469,7 @@ fn route_limit(node: &Node, path: &str, limits: &LimitSet) -> Result<RouteLimit,
     }
     let keys = one_or_many(key_node, &key_path)
         .into_iter()
-        .map(|(node, path)| key_template(node, &path))
+        .map(|(node, path)| key_template(node, &path, sessions))
         .collect::<Result<_, _>>()?;
     let cost = match fields.get("cost") {
         Some((node, path)) => whole(node, &path, 0, u64::MAX)?,
@@ -478,7 +499,7 @@ fn unknown_limit(name: &str, limits: &LimitSet) -> String {
     )
 }
 
-fn key_template(node: &Node, path: &str) -> Result<KeyTemplate, Fail> {
+fn key_template(node: &Node, path: &str, sessions: bool) -> Result<KeyTemplate, Fail> {
     if let Value::Map(_) = node.value {
         // `key: {client_ip}` unquoted is a YAML mapping.
         return Err(Fail::new(
@@ -489,13 +510,13 @@ fn key_template(node: &Node, path: &str) -> Result<KeyTemplate, Fail> {
     }
     let template = KeyTemplate::from_str(string(node, path)?)
         .map_err(|error| Fail::new(&node.origin, path, error.to_string()))?;
-    if template.uses_session() {
-        // No front door issues session cookies yet (the reverse proxy will): a limit keyed
-        // only by {session} would silently never apply.
+    if template.uses_session() && !sessions {
+        // Only the reverse proxy issues session cookies (it alone writes the response the
+        // client sees): without it a limit keyed by {session} would silently never apply.
         return Err(Fail::new(
             &node.origin,
             path,
-            "{session} needs sluice's session cookies, which the reverse proxy issues and this version does not have yet; key anonymous callers by {client_ip} or a {cookie.NAME} your app sets",
+            "{session} needs sluice's session cookies, which only the reverse proxy issues: add a `proxy:` section, or key anonymous callers by {client_ip} or a {cookie.NAME} your app sets",
         ));
     }
     Ok(template)

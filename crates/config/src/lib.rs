@@ -19,7 +19,7 @@
 //!    are created (`SLUICE_RESPONSES__DENY_STATUS=403`,
 //!    `SLUICE_CLIENT_IP__TRUSTED_PROXIES='[10.0.0.0/8]'`). Only names whose first segment is
 //!    a top-level key (`listen`, `admin`, `storage`, `limits`, `http`, `client_ip`,
-//!    `responses`, `forward_auth`, `routes`, `envoy`) are overrides; other `SLUICE_*` variables
+//!    `responses`, `forward_auth`, `routes`, `envoy`, `proxy`, `sessions`) are overrides; other `SLUICE_*` variables
 //!    (`SLUICE_LOG`, `SLUICE_LOG_FORMAT`, `SLUICE_CONFIG`, `SLUICE_ADMIN_TOKEN`,
 //!    `SLUICE_IP_HASH_SECRET`) are ignored. A value that
 //!    starts with `[`, `{` or a quote is read as YAML; any other is taken literally as one
@@ -58,6 +58,9 @@
 //!
 //! The Envoy rate limit service (`envoy:`, see [`envoy`]) takes envoyproxy/ratelimit's
 //! descriptor documents, inline under `domains:` or from `config_files:`.
+//! The reverse proxy's sections, `proxy:` and `sessions:`, are described in the `proxy`
+//! module's source (crates/config/src/proxy.rs); `{session}` keys are accepted only with
+//! `proxy:`.
 //!
 //! Every error is a [`ConfigError`] naming the file, line, column and field, or the override
 //! variable the bad value came from. Null (`~` or nothing) for an optional setting means "use
@@ -68,6 +71,7 @@ pub mod envoy;
 mod error;
 mod front_door;
 mod overrides;
+mod proxy;
 mod tree;
 
 use std::fmt;
@@ -107,6 +111,10 @@ pub struct Config {
     pub routes: sluice_http::Rules,
     /// The Envoy rate limit service (`envoy:`): served only when the section is present.
     pub envoy: Option<EnvoyConfig>,
+    /// The reverse proxy (`proxy:`); `None` when sluice does not proxy.
+    pub proxy: Option<ProxyConfig>,
+    /// Session cookies for `{session}` keys (`sessions:`, only with `proxy`).
+    pub sessions: SessionsConfig,
 }
 
 impl Config {
@@ -128,6 +136,8 @@ impl Default for Config {
             forward_auth: ForwardAuthConfig::default(),
             routes: sluice_http::Rules::default(),
             envoy: None,
+            proxy: None,
+            sessions: SessionsConfig::default(),
         }
     }
 }
@@ -146,6 +156,8 @@ impl fmt::Debug for Config {
             forward_auth,
             routes,
             envoy,
+            proxy,
+            sessions,
         } = self;
         f.debug_struct("Config")
             .field("listen", listen)
@@ -158,6 +170,8 @@ impl fmt::Debug for Config {
             .field("forward_auth", forward_auth)
             .field("routes", routes)
             .field("envoy", envoy)
+            .field("proxy", proxy)
+            .field("sessions", sessions)
             .finish()
     }
 }
@@ -198,6 +212,101 @@ pub struct ForwardAuthConfig {
     /// `responses.deny_status` (nginx `auth_request` only understands 401 and 403).
     /// Default `None`: `responses.deny_status` applies.
     pub deny_status: Option<http::StatusCode>,
+}
+
+/// The reverse proxy (`proxy:`): allowed requests go to `upstream`, denied ones are
+/// answered by sluice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Where allowed requests go: `http://host:port`, optionally with a path prefix.
+    pub upstream: http::Uri,
+    /// Longest wait for a connection to the upstream, in milliseconds. Default 5000.
+    pub connect_timeout_ms: u64,
+    /// Longest wait from sending a request to the upstream's response head, in
+    /// milliseconds (the body then streams for as long as it takes). Default 60000.
+    pub timeout_ms: u64,
+    /// Upstream statuses whose cost is given back. Default none.
+    pub refund_on_status: StatusSet,
+    /// Where a caller reads its own quota (`GET <quota_path>?path=/x&method=POST`),
+    /// normalised. Default none.
+    pub quota_path: Option<String>,
+    /// Where sluice's own endpoints are served while it proxies. Default `main`.
+    pub sluice_endpoints: SluiceEndpoints,
+}
+
+impl ProxyConfig {
+    /// Default `connect_timeout_ms`.
+    pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+    /// Default `timeout_ms`.
+    pub const DEFAULT_TIMEOUT_MS: u64 = 60_000;
+
+    /// Proxying to `upstream` with every other setting at its default.
+    pub fn new(upstream: http::Uri) -> Self {
+        ProxyConfig {
+            upstream,
+            connect_timeout_ms: Self::DEFAULT_CONNECT_TIMEOUT_MS,
+            timeout_ms: Self::DEFAULT_TIMEOUT_MS,
+            refund_on_status: StatusSet::default(),
+            quota_path: None,
+            sluice_endpoints: SluiceEndpoints::Main,
+        }
+    }
+}
+
+/// Where sluice's own endpoints (`/v1/check`, `/v1/forward-auth`, `/healthz`, `/readyz`,
+/// `/metrics`, ...) are served while it proxies (`proxy.sluice_endpoints`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub enum SluiceEndpoints {
+    /// On the main listener, at their usual paths: they win over the upstream's.
+    #[default]
+    Main,
+    /// Only on `admin.listen`: every path of the main listener goes to the upstream.
+    Admin,
+    /// On the main listener under this prefix (e.g. `/_sluice/metrics`).
+    Prefix(String),
+}
+
+/// A set of HTTP statuses: single codes and whole classes (`"5xx"`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusSet {
+    codes: Vec<u16>,
+    /// Bit `d` set: every `dxx` status.
+    classes: u8,
+}
+
+impl StatusSet {
+    /// Adds one code.
+    pub fn add_code(&mut self, code: u16) {
+        if !self.codes.contains(&code) {
+            self.codes.push(code);
+        }
+    }
+
+    /// Adds a class by its first digit (1 to 5).
+    pub fn add_class(&mut self, digit: u8) {
+        self.classes |= 1 << digit;
+    }
+
+    /// Whether `status` is in the set.
+    pub fn contains(&self, status: u16) -> bool {
+        let digit = status / 100;
+        (digit < 8 && self.classes & (1 << digit) != 0) || self.codes.contains(&status)
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.codes.is_empty() && self.classes == 0
+    }
+}
+
+/// Session cookies (`sessions:`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionsConfig {
+    /// The signing secret; `None`: a random one per start (sessions then reset on
+    /// restart and are not shared across instances).
+    pub secret: Option<Secret>,
+    /// Name, lifetime and `Secure`.
+    pub cookie: sluice_http::SessionCookie,
 }
 
 /// Admin API settings (`admin:`).

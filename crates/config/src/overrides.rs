@@ -27,6 +27,8 @@ pub(crate) const TOP_LEVEL: &[&str] = &[
     "forward_auth",
     "routes",
     "envoy",
+    "proxy",
+    "sessions",
 ];
 
 /// The config path `name` addresses, if it is an override at all.

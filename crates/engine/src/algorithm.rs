@@ -278,6 +278,49 @@ impl Window {
         }
     }
 
+    /// Gives back `cost` that an earlier decision charged to `state`: the state after the
+    /// refund, or `None` when there is nothing to give back (the counter is absent,
+    /// expired or already full).
+    ///
+    /// gcra moves the TAT back by `cost` intervals, never before `now`. Window counters
+    /// are decremented, never below zero: fixed windows in the current window; sliding
+    /// windows from the current window's count first and then from the previous one's.
+    /// A refund is applied to the window current when it arrives, so a refund that
+    /// crosses a window boundary may give back in the new window what the old one spent
+    /// (at most `cost` more than the quota in that window).
+    pub fn refund(&self, state: Option<State>, now: Micros, cost: u64) -> Option<State> {
+        let state = state?;
+        if cost == 0 {
+            return None;
+        }
+        let refunded = match self.normalize(Some(state), now) {
+            State::Gcra { tat } => {
+                let back = (cost as i128 * self.interval() as i128).min(i64::MAX as i128) as i64;
+                State::Gcra {
+                    tat: tat.saturating_sub(back).max(now),
+                }
+            }
+            State::Fixed { start, count } => State::Fixed {
+                start,
+                count: count.saturating_sub(cost),
+            },
+            State::Sliding {
+                start,
+                count,
+                previous,
+            } => {
+                let from_count = count.min(cost);
+                let from_previous = previous.min(cost - from_count);
+                State::Sliding {
+                    start,
+                    count: count - from_count,
+                    previous: previous - from_previous,
+                }
+            }
+        };
+        (refunded != self.normalize(Some(state), now)).then_some(refunded)
+    }
+
     /// Brings a stored state to `now`: an expired or foreign state becomes the empty one.
     fn normalize(&self, state: Option<State>, now: Micros) -> State {
         match self.algorithm {

@@ -189,6 +189,31 @@ pub fn apply(
     outcomes
 }
 
+/// Gives back what an earlier decision charged: for every window of `request` whose
+/// `charged` flag is set (in [`DecisionRequest::windows`] order; see
+/// [`Decision::charged_windows`]), the check's cost is refunded to its counter (see
+/// [`Window::refund`](crate::Window::refund)). `slot_of` and `slots` are as for
+/// [`apply`]; changed slots come back with `dirty` set. The refund stores run under
+/// the same locks as their decisions.
+pub fn refund(
+    request: &DecisionRequest,
+    charged: &[bool],
+    slot_of: &[usize],
+    slots: &mut [Slot],
+    now: Micros,
+) {
+    for (((check, lw), &slot), &was_charged) in request.windows().zip(slot_of).zip(charged) {
+        if !was_charged {
+            continue;
+        }
+        let slot = &mut slots[slot];
+        if let Some(state) = lw.window.refund(slot.state, now, check.cost) {
+            slot.state = Some(state);
+            slot.dirty = true;
+        }
+    }
+}
+
 /// Evaluates one window against its counter's working state, charges it when the
 /// check has a cost and `charge` agrees, and returns the evaluation and the state after.
 fn step(
@@ -282,6 +307,27 @@ impl Decision {
             degraded,
             results,
         }
+    }
+}
+
+impl Decision {
+    /// Which windows of `request` this decision charged, in [`DecisionRequest::windows`]
+    /// order: what a refund gives back. Nothing for a dry run; for an allowed decision,
+    /// every window that allowed (with a cost), plus `charge_denied` windows of shadow
+    /// limits that denied a cost that could fit; for a denied one, only `charge_denied`
+    /// windows whose cost could fit.
+    pub fn charged_windows(&self, request: &DecisionRequest) -> Vec<bool> {
+        request
+            .windows()
+            .zip(&self.results)
+            .map(|((check, _), result)| {
+                let charge_denied =
+                    check.limit.charge_denied() && !result.allowed && result.retry_after.is_some();
+                !request.dry_run
+                    && check.cost > 0
+                    && ((self.allowed && result.allowed) || charge_denied)
+            })
+            .collect()
     }
 }
 

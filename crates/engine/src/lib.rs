@@ -26,7 +26,7 @@ pub use algorithm::{Algorithm, Evaluation, State, Window};
 pub use clock::{Clock, ManualClock, Micros, SystemClock};
 pub use decision::{
     Check, CheckError, Decision, DecisionRequest, MAX_KEY_BYTES, Slot, WindowOutcome,
-    WindowOutcomes, WindowResult, apply, decide,
+    WindowOutcomes, WindowResult, apply, decide, refund,
 };
 pub use limit::{Limit, LimitError, LimitSet, LimitSpec, LimitWindow};
 pub use rate::{Rate, RateError};

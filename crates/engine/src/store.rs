@@ -66,6 +66,26 @@ pub trait Store: Send + Sync {
         })
     }
 
+    /// Gives back what an earlier decision of `request` charged: the cost of every
+    /// window whose `charged` flag is set (in [`DecisionRequest::windows`] order, as
+    /// [`Decision::charged_windows`](crate::Decision::charged_windows) says), atomically,
+    /// never below an empty counter (see [`Window::refund`](crate::Window::refund)).
+    /// Not retried by callers: a refund that may have run must not run twice. Stores
+    /// that cannot refund answer an error saying so.
+    fn refund<'a>(
+        &'a self,
+        request: &'a DecisionRequest,
+        charged: &'a [bool],
+    ) -> StoreFuture<'a, ()> {
+        let _ = (request, charged);
+        let backend = self.backend();
+        Box::pin(async move {
+            Err(StoreError::Protocol(format!(
+                "refunds not supported by this store ({backend})"
+            )))
+        })
+    }
+
     /// Succeeds when the store can serve decisions.
     fn ping(&self) -> StoreFuture<'_, ()>;
 

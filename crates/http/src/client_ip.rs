@@ -118,6 +118,11 @@ impl ClientIpResolver {
         &self.config
     }
 
+    /// Whether `peer` is a trusted proxy, whose forwarding headers are believed.
+    pub fn is_trusted_peer(&self, peer: IpAddr) -> bool {
+        self.is_trusted(canonical(peer))
+    }
+
     fn is_trusted(&self, ip: IpAddr) -> bool {
         self.config
             .trusted_proxies

@@ -6,17 +6,20 @@
 //! - [`rules`]: routes that map a request to the checks of one atomic decision.
 //! - [`policy`]: the bundle of the three that front doors hold.
 //! - [`response`]: deny status, `Retry-After`, body template and rate-limit headers.
+//! - [`session`]: signed session cookies for `{session}` keys.
 
 pub mod client_ip;
 pub mod policy;
 pub mod response;
 pub mod rules;
+pub mod session;
 pub mod template;
 
 pub use client_ip::{ClientIpConfig, ClientIpResolver, ForwardedHeader};
 pub use policy::{HttpPolicy, IncomingRequest};
 pub use response::{BodyTemplate, Denial, HeaderStyles, ResponseConfig};
 pub use rules::{PathPattern, Route, RouteLimit, RouteMatch, RuleError, Rules};
+pub use session::{Session, SessionCookie, SessionError, Sessions};
 pub use template::{KeyTemplate, RequestFacts, TemplateError, normalize_path};
 
 /// Lower-case hex of `bytes`, for digests in keys and logs.

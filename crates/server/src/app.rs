@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use serde::Serialize;
 use serde_json::json;
-use sluice_config::Config;
+use sluice_config::{Config, SluiceEndpoints};
 use sluice_engine::Store;
 
 use crate::decider::Decider;
@@ -60,8 +60,37 @@ impl AppState {
 }
 
 /// The routes of the main listener. With `admin_separate` (an `admin.listen` address),
-/// the admin calls are served only by [`admin_router`] and answer 404 here.
+/// the admin calls are served only by [`admin_router`] and answer 404 here. With a
+/// reverse proxy configured, every request that is not one of sluice's endpoints goes
+/// to the upstream, and `proxy.sluice_endpoints` says where those endpoints are: at
+/// their paths (`main`), only on the admin listener (`admin`), or under a prefix.
 pub fn router(state: Arc<AppState>, admin_separate: bool) -> Router {
+    let endpoints = state
+        .live()
+        .proxy
+        .as_ref()
+        .map(|proxy| proxy.sluice_endpoints.clone());
+    let own = || {
+        own_routes(admin_separate)
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+    };
+    let routes = match endpoints {
+        None => own(),
+        Some(SluiceEndpoints::Main) => own_routes(admin_separate)
+            .fallback(crate::proxy::proxy)
+            .method_not_allowed_fallback(method_not_allowed),
+        Some(SluiceEndpoints::Admin) => Router::new().fallback(crate::proxy::proxy),
+        Some(SluiceEndpoints::Prefix(prefix)) => Router::new()
+            .nest(&prefix, own())
+            .fallback(crate::proxy::proxy),
+    };
+    routes.with_state(state)
+}
+
+/// sluice's own endpoints (and the admin calls unless they are served elsewhere),
+/// without a fallback.
+fn own_routes(admin_separate: bool) -> Router<Arc<AppState>> {
     let mut routes = Router::new()
         .route("/v1/check", post(crate::check::check))
         .route(
@@ -81,15 +110,22 @@ pub fn router(state: Arc<AppState>, admin_separate: bool) -> Router {
         routes = routes.merge(admin_routes());
     }
     routes
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
 }
 
-/// The admin calls alone, for a separate `admin.listen` address.
+/// The admin calls alone, for a separate `admin.listen` address; with
+/// `proxy.sluice_endpoints: admin`, every sluice endpoint.
 pub fn admin_router(state: Arc<AppState>) -> Router {
-    admin_routes()
-        .route("/healthz", get(healthz))
+    let all_endpoints_here = state
+        .live()
+        .proxy
+        .as_ref()
+        .is_some_and(|proxy| proxy.sluice_endpoints == SluiceEndpoints::Admin);
+    let routes = if all_endpoints_here {
+        own_routes(false)
+    } else {
+        admin_routes().route("/healthz", get(healthz))
+    };
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

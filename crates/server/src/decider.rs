@@ -45,6 +45,28 @@ impl Decider {
         result
     }
 
+    /// Gives back what `decision` charged for `request` (the proxy's `refund_on_status`).
+    /// A failure is logged and counted, not retried: a refund that may have run must not
+    /// run twice.
+    pub async fn refund(&self, request: &DecisionRequest, decision: &Decision) {
+        let charged = decision.charged_windows(request);
+        if !charged.contains(&true) {
+            return;
+        }
+        let started = Instant::now();
+        let result = self.store.refund(request, &charged).await;
+        self.metrics.observe_store(started.elapsed());
+        match result {
+            Ok(()) => {
+                self.metrics.refunds.inc();
+            }
+            Err(error) => {
+                self.metrics.store_errors.inc();
+                tracing::warn!(%error, backend = self.store.backend(), "refund failed; the cost stays charged");
+            }
+        }
+    }
+
     fn record(&self, request: &DecisionRequest, decision: &Decision) {
         if decision.degraded {
             self.metrics.degraded.inc();

@@ -1,5 +1,5 @@
 //! sluice's HTTP front door: the JSON decision API (`POST /v1/check`), the limits
-//! listing, admin calls, health, readiness and Prometheus metrics.
+//! listing, admin calls, health, readiness, Prometheus metrics and the reverse proxy.
 //!
 //! - [`app`]: the shared state and the routers.
 //! - [`live`]: the reloadable configuration snapshot and the reload.
@@ -7,6 +7,7 @@
 //!   every front door goes through it.
 //! - [`check`]: `POST /v1/check` — request parsing, validation and the response shape.
 //! - [`forward_auth`]: `/v1/forward-auth` for nginx, Traefik and Envoy.
+//! - [`proxy`]: the reverse proxy and its quota endpoint.
 //! - [`admin`]: calls behind the bearer token.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`error`]: the `{"error": ..., "message": ...}` answers.
@@ -19,6 +20,7 @@ pub mod error;
 pub mod forward_auth;
 pub mod live;
 pub mod metrics;
+pub mod proxy;
 
 pub use app::{AppState, admin_router, bind_listeners, router, serve, serve_per_thread};
 pub use decider::Decider;

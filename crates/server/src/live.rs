@@ -14,9 +14,9 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
-use sluice_config::{Config, Secret, StorageConfig};
+use sluice_config::{Config, ProxyConfig, Secret, SluiceEndpoints, StorageConfig};
 use sluice_engine::LimitSet;
-use sluice_http::{ClientIpResolver, HttpPolicy};
+use sluice_http::{ClientIpResolver, HttpPolicy, Sessions};
 
 use crate::metrics::Metrics;
 
@@ -37,11 +37,37 @@ pub struct Live {
     pub max_body_bytes: usize,
     /// The Envoy rate limit service's descriptors and answer settings, when configured.
     pub envoy: Option<sluice_config::EnvoyConfig>,
+    /// The reverse proxy, when configured.
+    pub proxy: Option<ProxyConfig>,
+    /// Session cookies, when the proxy runs and a route keys by `{session}`.
+    pub sessions: Option<Sessions>,
 }
 
 impl Live {
-    /// The live part of `config`, as `version`.
+    /// The live part of `config`, as `version`. Sessions without a configured secret are
+    /// signed with a random one made here (see [`LiveConfig`], which keeps one per start).
     pub fn from_config(config: &Config, version: u64) -> Self {
+        let secret = sluice_http::session::random_bytes::<32>().ok();
+        Self::with_session_secret(config, version, secret.as_ref().map(|s| &s[..]))
+    }
+
+    /// The live part of `config`, signing sessions with `fallback_secret` unless the
+    /// config names its own (with neither, no sessions are issued and `{session}` never
+    /// resolves).
+    pub fn with_session_secret(
+        config: &Config,
+        version: u64,
+        fallback_secret: Option<&[u8]>,
+    ) -> Self {
+        let sessions = (config.proxy.is_some() && config.routes.uses_session())
+            .then(|| {
+                let secret = match &config.sessions.secret {
+                    Some(secret) => secret.expose().as_bytes(),
+                    None => fallback_secret?,
+                };
+                Sessions::new(secret, config.sessions.cookie.clone()).ok()
+            })
+            .flatten();
         Live {
             version,
             limits: config.limits.clone(),
@@ -54,6 +80,8 @@ impl Live {
             forward_auth_deny_status: config.forward_auth.deny_status,
             max_body_bytes: config.http.max_body_bytes,
             envoy: config.envoy.clone(),
+            proxy: config.proxy.clone(),
+            sessions,
         }
     }
 }
@@ -76,6 +104,10 @@ struct StartupSettings {
     storage: StorageConfig,
     threads: usize,
     envoy_listen: Option<SocketAddr>,
+    /// Whether requests go to an upstream, and where sluice's own endpoints are: the
+    /// router is built from these once.
+    proxy_routing: Option<SluiceEndpoints>,
+    proxy_connect_timeout_ms: Option<u64>,
 }
 
 impl StartupSettings {
@@ -86,6 +118,8 @@ impl StartupSettings {
             storage: config.storage.clone(),
             threads: config.http.threads,
             envoy_listen: config.envoy.as_ref().map(|envoy| envoy.listen),
+            proxy_routing: config.proxy.as_ref().map(|p| p.sluice_endpoints.clone()),
+            proxy_connect_timeout_ms: config.proxy.as_ref().map(|p| p.connect_timeout_ms),
         }
     }
 
@@ -107,6 +141,17 @@ impl StartupSettings {
         if self.envoy_listen != new.envoy_listen {
             fields.push("envoy.listen");
         }
+        if self.proxy_routing.is_some() != new.proxy_routing.is_some() {
+            fields.push("proxy");
+        } else if self.proxy_routing != new.proxy_routing {
+            fields.push("proxy.sluice_endpoints");
+        }
+        if self.proxy_routing.is_some()
+            && new.proxy_routing.is_some()
+            && self.proxy_connect_timeout_ms != new.proxy_connect_timeout_ms
+        {
+            fields.push("proxy.connect_timeout_ms");
+        }
         fields
     }
 }
@@ -127,6 +172,9 @@ struct ReloadLog {
 /// The live configuration, its source file and the reload history.
 pub struct LiveConfig {
     current: ArcSwap<Live>,
+    /// Signs sessions when the config names no secret: made once per start, so a reload
+    /// keeps every session valid.
+    session_secret: Option<[u8; 32]>,
     path: Option<PathBuf>,
     startup: StartupSettings,
     log: Mutex<ReloadLog>,
@@ -139,8 +187,22 @@ pub struct ReloadError(pub String);
 impl LiveConfig {
     /// The configuration the server started with, read from `path` (if any).
     pub fn new(config: &Config, path: Option<PathBuf>) -> Self {
+        let session_secret = match sluice_http::session::random_bytes::<32>() {
+            Ok(secret) => Some(secret),
+            Err(error) => {
+                tracing::error!(%error, "no random source for a session secret: set sessions.secret, or {{session}} keys will not resolve");
+                None
+            }
+        };
+        let live = Live::with_session_secret(config, 1, session_secret.as_ref().map(|s| &s[..]));
+        if live.sessions.is_some() && config.sessions.secret.is_none() {
+            tracing::warn!(
+                "sessions.secret is not set: session cookies are signed with a random secret made at start, so every session resets when sluice restarts and sessions are not shared between instances; set sessions.secret (at least 16 bytes) to keep them"
+            );
+        }
         LiveConfig {
-            current: ArcSwap::from_pointee(Live::from_config(config, 1)),
+            session_secret,
+            current: ArcSwap::from_pointee(live),
             path,
             startup: StartupSettings::of(config),
             log: Mutex::new(ReloadLog {
@@ -185,8 +247,11 @@ impl LiveConfig {
         }
         let version = self.current.load().version + 1;
         metrics.track_limits(every_limit(&config));
-        self.current
-            .store(Arc::new(Live::from_config(&config, version)));
+        self.current.store(Arc::new(Live::with_session_secret(
+            &config,
+            version,
+            self.session_secret.as_ref().map(|s| &s[..]),
+        )));
         tracing::info!(
             version,
             limits = config.limits.len(),

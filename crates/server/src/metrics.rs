@@ -47,6 +47,10 @@ pub struct Metrics {
     pub store_errors: Counter,
     /// Seconds each store call took.
     pub store_latency: Histogram,
+    /// Proxied decisions whose cost was given back (`proxy.refund_on_status`).
+    pub refunds: Counter,
+    /// Proxied requests the upstream did not answer in time or at all (502/504).
+    pub upstream_failures: Counter,
     keys: Family<BackendLabels, Gauge>,
     evictions: Family<BackendLabels, Counter>,
     render_lock: std::sync::Mutex<()>,
@@ -94,6 +98,18 @@ impl Metrics {
             "Time each store call took",
             store_latency.clone(),
         );
+        let refunds = Counter::default();
+        registry.register(
+            "refunds",
+            "Proxied decisions whose cost was given back because of the upstream's status",
+            refunds.clone(),
+        );
+        let upstream_failures = Counter::default();
+        registry.register(
+            "upstream_failures",
+            "Proxied requests the upstream could not be reached for or did not answer in time",
+            upstream_failures.clone(),
+        );
         let keys = Family::<BackendLabels, Gauge>::default();
         registry.register("store_keys", "Counters the store holds", keys.clone());
         let evictions = Family::<BackendLabels, Counter>::default();
@@ -121,6 +137,8 @@ impl Metrics {
             degraded,
             store_errors,
             store_latency,
+            refunds,
+            upstream_failures,
             keys,
             evictions,
             render_lock: std::sync::Mutex::new(()),

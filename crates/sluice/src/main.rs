@@ -287,6 +287,9 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         }
         None => None,
     };
+    if let Some(proxy) = &config.proxy {
+        tracing::info!(upstream = %proxy.upstream, "reverse proxy: requests that are not sluice's own go upstream");
+    }
     watch_config_file(Arc::clone(&state), path);
     tokio::spawn(reload_on_sighup(Arc::clone(&state)));
     let router = sluice_server::router(Arc::clone(&state), admin_listen.is_some());

@@ -411,6 +411,24 @@ impl Store for DiskStore {
         }
     }
 
+    fn refund<'a>(
+        &'a self,
+        request: &'a DecisionRequest,
+        charged: &'a [bool],
+    ) -> StoreFuture<'a, ()> {
+        if let Some(error) = self.failed() {
+            return Box::pin(std::future::ready(Err(error)));
+        }
+        let mut seq = None;
+        self.memory.refund_sync_with(request, charged, |changes| {
+            seq = Some(self.journal.put(changes));
+        });
+        match seq {
+            None => Box::pin(std::future::ready(Ok(()))),
+            Some(seq) => Box::pin(async move { self.journal.committed(seq).await }),
+        }
+    }
+
     fn reset_limit<'a>(&'a self, limit: &'a Limit) -> StoreFuture<'a, u64> {
         let mut seq = 0;
         let removed = self.memory.reset_limit_sync_with(limit, |counter, key| {

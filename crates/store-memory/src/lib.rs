@@ -24,7 +24,7 @@ use compact_str::CompactString;
 use hashbrown::{DefaultHashBuilder, HashTable};
 use sluice_engine::{
     Clock, DecisionRequest, Limit, Micros, Outcomes, Slot, State, Store, StoreFuture, StoreStats,
-    SystemClock, Window, WindowOutcomes, apply,
+    SystemClock, Window, WindowOutcomes, apply, refund,
 };
 use smallvec::SmallVec;
 use std::hash::BuildHasher;
@@ -155,6 +155,33 @@ impl MemoryStore {
         self.inner.decide(request, changed)
     }
 
+    /// Gives back what a decision of `request` charged to the windows flagged in
+    /// `charged` (see [`Store::refund`]), synchronously.
+    pub fn refund_sync(&self, request: &DecisionRequest, charged: &[bool]) {
+        self.refund_sync_with(request, charged, |_| {});
+    }
+
+    /// Like [`MemoryStore::refund_sync`], and calls `changed` with every counter the
+    /// refund wrote, under its locks (see [`MemoryStore::decide_sync_with`]).
+    pub fn refund_sync_with(
+        &self,
+        request: &DecisionRequest,
+        charged: &[bool],
+        changed: impl FnOnce(&[Change<'_>]),
+    ) {
+        if request.window_count() != charged.len() || !charged.contains(&true) {
+            return;
+        }
+        self.inner.update(
+            request,
+            |request, slot_of, slots, now| {
+                refund(request, charged, slot_of, slots, now);
+                WindowOutcomes::new()
+            },
+            changed,
+        );
+    }
+
     /// Forgets every window of `limit` for `key`, synchronously.
     pub fn reset_sync(&self, limit: &Limit, key: &str) {
         self.reset_sync_with(limit, key, |_| {});
@@ -272,21 +299,33 @@ impl Inner {
     }
 
     fn decide(&self, request: &DecisionRequest, changed: impl FnOnce(&[Change<'_>])) -> Outcomes {
-        let windows = if request.window_count() == 1 {
-            self.decide_one_counter(request, changed)
-        } else {
-            self.decide_many_counters(request, changed)
-        };
+        let windows = self.update(request, apply, changed);
         Outcomes {
             windows,
             degraded: false,
         }
     }
 
-    /// The common case, one window of one check: one lock, one lookup.
-    fn decide_one_counter(
+    /// Runs `op` (the engine's [`apply`], or a refund) over the request's counters under
+    /// their shard locks and writes back what it changed.
+    fn update(
         &self,
         request: &DecisionRequest,
+        op: impl FnOnce(&DecisionRequest, &[usize], &mut [Slot], Micros) -> WindowOutcomes,
+        changed: impl FnOnce(&[Change<'_>]),
+    ) -> WindowOutcomes {
+        if request.window_count() == 1 {
+            self.update_one_counter(request, op, changed)
+        } else {
+            self.update_many_counters(request, op, changed)
+        }
+    }
+
+    /// The common case, one window of one check: one lock, one lookup.
+    fn update_one_counter(
+        &self,
+        request: &DecisionRequest,
+        op: impl FnOnce(&DecisionRequest, &[usize], &mut [Slot], Micros) -> WindowOutcomes,
         changed: impl FnOnce(&[Change<'_>]),
     ) -> WindowOutcomes {
         let Some((check, lw)) = request.windows().next() else {
@@ -305,7 +344,7 @@ impl Inner {
         {
             Some(entry) => {
                 slots[0].state = (entry.expires_at > now).then_some(entry.state);
-                let outcomes = apply(request, &[0], &mut slots, now);
+                let outcomes = op(request, &[0], &mut slots, now);
                 if let (true, Some(state)) = (slots[0].dirty, slots[0].state) {
                     entry.state = state;
                     entry.expires_at = lw.window.expires_at(&state);
@@ -319,7 +358,7 @@ impl Inner {
                 outcomes
             }
             None => {
-                let outcomes = apply(request, &[0], &mut slots, now);
+                let outcomes = op(request, &[0], &mut slots, now);
                 if let (true, Some(state)) = (slots[0].dirty, slots[0].state) {
                     let at = Location {
                         hash,
@@ -343,9 +382,10 @@ impl Inner {
     }
 
     /// Several windows or checks: lock every shard involved, in index order.
-    fn decide_many_counters(
+    fn update_many_counters(
         &self,
         request: &DecisionRequest,
+        op: impl FnOnce(&DecisionRequest, &[usize], &mut [Slot], Micros) -> WindowOutcomes,
         changed: impl FnOnce(&[Change<'_>]),
     ) -> WindowOutcomes {
         let mut counters: SmallVec<[Location<'_>; 8]> = SmallVec::new();
@@ -374,7 +414,7 @@ impl Inner {
         shard_ids.dedup();
         let mut guards: SmallVec<[MutexGuard<'_, Shard>; 8]> =
             shard_ids.iter().map(|&id| self.lock(id)).collect();
-        // Under every lock, for the same reason as in `decide_one_counter`.
+        // Under every lock, for the same reason as in `update_one_counter`.
         let now = self.clock.now();
         // Every counter's shard is in `shard_ids` by construction.
         let guard_index = |shard: usize| shard_ids.binary_search(&shard).unwrap_or(0);
@@ -393,7 +433,7 @@ impl Inner {
             })
             .collect();
 
-        let outcomes = apply(request, &slot_of, &mut slots, now);
+        let outcomes = op(request, &slot_of, &mut slots, now);
 
         let mut changes: SmallVec<[Change<'_>; 4]> = SmallVec::new();
         for (slot, c) in slots.iter().zip(&counters) {
@@ -547,6 +587,15 @@ impl Store for MemoryStore {
     fn reset_limit<'a>(&'a self, limit: &'a Limit) -> StoreFuture<'a, u64> {
         let removed = self.reset_limit_sync_with(limit, |_, _| {});
         Box::pin(std::future::ready(Ok(removed)))
+    }
+
+    fn refund<'a>(
+        &'a self,
+        request: &'a DecisionRequest,
+        charged: &'a [bool],
+    ) -> StoreFuture<'a, ()> {
+        self.refund_sync(request, charged);
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn ping(&self) -> StoreFuture<'_, ()> {

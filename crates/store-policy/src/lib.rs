@@ -191,6 +191,30 @@ impl Store for PolicyStore {
         })
     }
 
+    /// Refunds go to the shared store, bounded by the timeout and never retried (a
+    /// refund that may have run must not run twice). While the store is down they are
+    /// refused: the decision they would undo was made by the policy, not the store.
+    fn refund<'a>(
+        &'a self,
+        request: &'a DecisionRequest,
+        charged: &'a [bool],
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let epoch = self.epoch.load(Ordering::Acquire);
+            if is_down_epoch(epoch) {
+                return Err(StoreError::Unavailable(format!(
+                    "the {} store is down; refund not applied",
+                    self.primary.backend()
+                )));
+            }
+            let result = self.bounded(self.primary.refund(request, charged)).await;
+            if let Err(error @ (StoreError::Unavailable(_) | StoreError::Timeout(_))) = &result {
+                self.failed(epoch, error);
+            }
+            result
+        })
+    }
+
     fn reset<'a>(&'a self, limit: &'a Limit, key: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             self.local.reset_sync(limit, key);

@@ -3,14 +3,14 @@
 -- expires_at) and crates/engine/src/decision.rs (apply: two passes). Times are
 -- microseconds since the Unix epoch; Lua numbers are doubles, exact below 2^53.
 --
--- KEYS: the distinct counters of the request (prefix .. counter .. ':' .. key).
+-- KEYS: the distinct counters of the request (prefix .. '{' .. limit .. ':' .. key .. '}:' .. window),
+--   all in one cluster slot.
 -- ARGV[1]: '1' for dry_run; ARGV[2]: the number of windows n; then 7 values per window:
 --   slot (1-based index into KEYS), algorithm ('g', 'f', 's'), capacity (gcra burst,
 --   otherwise the quota), period (µs), gcra interval (µs), cost (already capped at
 --   capacity + 1, which decides the same), flags (1: charge_denied, 2: shadow).
 -- Returns 4 integers per window: allowed (1/0), remaining, reset_after (µs),
---   retry_after (µs; -1: never); then `now`, this node's clock (µs), which a refund of
---   this decision's charges needs (refund.lua).
+--   retry_after (µs; -1: never).
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -255,5 +255,4 @@ for i = 1, n do
   reply[#reply + 1] = o[3]
   reply[#reply + 1] = o[4]
 end
-reply[#reply + 1] = now
 return reply

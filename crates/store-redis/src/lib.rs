@@ -27,6 +27,10 @@
 //! its retry time, quota × period) are computed exactly by long multiplication. Costs
 //! are capped at a window's capacity + 1 before they are sent, which decides the same.
 //!
+//! # Refunds
+//! `refund` runs a second small script (`refund.lua`, the engine's `Window::refund`) on
+//! the charged windows: one round trip, never repeated.
+//!
 //! # Connection
 //! One multiplexed connection serves every decision (see [`connection`]); it
 //! reconnects by itself. A call that charges is never repeated after a dropped
@@ -57,7 +61,9 @@ use slots::{Part, PartReply};
 
 /// The decision script; see the module doc.
 const DECIDE_LUA: &str = include_str!("decide.lua");
-/// Gives back a cluster decision's charges; see [`slots`].
+
+/// The refund script: gives back what a decision charged (`Store::refund`, and a
+/// cluster decision that another slot denied; see [`slots`]).
 const REFUND_LUA: &str = include_str!("refund.lua");
 
 /// How many keys one `SCAN` step asks for and one `UNLINK` removes.
@@ -328,30 +334,32 @@ impl RedisStore {
         parse_reply(&reply, part.windows.len())
     }
 
-    /// Gives back the listed windows of one part, charged at `decided_at`.
+    /// Gives back the listed windows of one part (indexes into `part.windows`).
     async fn refund_part(
         &self,
         windows: &[(&Check, &LimitWindow)],
         part: &Part,
         which: &[usize],
-        decided_at: i64,
     ) -> Result<(), StoreError> {
         let mut invocation = self.refund_script.prepare_invoke();
         for key in &part.keys {
             invocation.key(key);
         }
-        invocation.arg(decided_at).arg(which.len());
+        invocation.arg(which.len());
         for &k in which {
             let (index, key_index) = part.windows[k];
             let (check, lw) = windows[index];
             let window = &lw.window;
+            let capacity = window.capacity();
             let period = window.rate().period_micros();
             invocation
                 .arg(key_index)
                 .arg(algorithm_tag(window.algorithm()))
+                .arg(capacity)
                 .arg(period)
                 .arg(period / window.rate().quota() as i64)
-                .arg(check.cost().min(window.capacity() + 1));
+                // More than the capacity was never charged in one decision.
+                .arg(check.cost().min(capacity));
         }
         // Not repeated: a refund that ran twice would give back twice.
         self.once(|mut connection| {
@@ -396,14 +404,11 @@ impl RedisStore {
         }
         let replies: Vec<PartReply> = answers.into_iter().filter_map(Result::ok).collect();
         let (outcomes, refunds) = slots::combine(&windows, &parts, &replies, request.dry_run);
-        let given_back = futures_util::future::join_all(refunds.iter().map(|refund| {
-            self.refund_part(
-                &windows,
-                &parts[refund.part],
-                &refund.windows,
-                replies[refund.part].decided_at,
-            )
-        }))
+        let given_back = futures_util::future::join_all(
+            refunds
+                .iter()
+                .map(|refund| self.refund_part(&windows, &parts[refund.part], &refund.windows)),
+        )
         .await;
         for error in given_back.into_iter().filter_map(Result::err) {
             // The decision stands (denied); the reservation stays until its window ends.
@@ -447,13 +452,41 @@ impl RedisStore {
                 .map(|(k, _)| k)
                 .collect();
             if !charged.is_empty()
-                && let Err(error) = self
-                    .refund_part(windows, part, &charged, reply.decided_at)
-                    .await
+                && let Err(error) = self.refund_part(windows, part, &charged).await
             {
                 tracing::warn!(%error, "a failed cluster decision could not give back a reservation; it expires with its window");
             }
         }
+    }
+
+    async fn refund_inner(
+        &self,
+        request: &DecisionRequest,
+        charged: &[bool],
+    ) -> Result<(), StoreError> {
+        let windows: Vec<(&Check, &LimitWindow)> = request.windows().collect();
+        let cluster = self.is_cluster();
+        let parts = slots::split(
+            &windows,
+            |lw, key| self.key(lw, key),
+            |key| cluster.then(|| Slot::for_key(key)),
+        );
+        // One script per part (one part on a single server), each giving back its
+        // charged windows.
+        let windows = &windows;
+        let results = futures_util::future::join_all(parts.iter().filter_map(|part| {
+            let which: Vec<usize> = part
+                .windows
+                .iter()
+                .enumerate()
+                .filter(|&(_, &(index, _))| charged.get(index).copied().unwrap_or(false))
+                .map(|(k, _)| k)
+                .collect();
+            (!which.is_empty())
+                .then_some(async move { self.refund_part(windows, part, &which).await })
+        }))
+        .await;
+        results.into_iter().collect()
     }
 
     async fn unlink(&self, keys: Vec<String>) -> Result<u64, StoreError> {
@@ -575,16 +608,15 @@ fn algorithm_tag(algorithm: Algorithm) -> &'static str {
     }
 }
 
-/// Turns the script's flat reply (4 values per window, then the node's clock) into
-/// outcomes.
+/// Turns the script's flat reply (4 values per window) into outcomes.
 fn parse_reply(reply: &[i64], count: usize) -> Result<PartReply, StoreError> {
-    let (Some(&decided_at), true) = (reply.last(), reply.len() == count * 4 + 1) else {
+    if reply.len() != count * 4 {
         return Err(StoreError::Protocol(format!(
             "the decision script answered {} values for {count} windows",
             reply.len()
         )));
-    };
-    let outcomes = reply[..count * 4]
+    }
+    let outcomes = reply
         .chunks_exact(4)
         .map(|w| WindowOutcome {
             allowed: w[0] == 1,
@@ -593,10 +625,7 @@ fn parse_reply(reply: &[i64], count: usize) -> Result<PartReply, StoreError> {
             retry_after: (w[3] >= 0).then_some(w[3]),
         })
         .collect();
-    Ok(PartReply {
-        outcomes,
-        decided_at,
-    })
+    Ok(PartReply { outcomes })
 }
 
 /// Escapes Redis glob characters so a prefix or counter matches only itself.
@@ -643,6 +672,14 @@ impl Store for RedisStore {
         Box::pin(self.reset_limit_inner(limit))
     }
 
+    fn refund<'a>(
+        &'a self,
+        request: &'a DecisionRequest,
+        charged: &'a [bool],
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(self.refund_inner(request, charged))
+    }
+
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             self.with_retry(|mut connection| async move {
@@ -678,13 +715,8 @@ mod tests {
             parse_reply(&[1, 2, 3], 1),
             Err(StoreError::Protocol(_))
         ));
-        assert!(matches!(
-            parse_reply(&[1, 4, 10, 0], 1),
-            Err(StoreError::Protocol(_))
-        ));
-        let ok = parse_reply(&[1, 4, 10, 0, 0, 0, 5, -1, 77], 2).expect("two windows");
+        let ok = parse_reply(&[1, 4, 10, 0, 0, 0, 5, -1], 2).expect("two windows");
         assert_eq!(ok.outcomes[1].retry_after, None);
         assert!(ok.outcomes[0].allowed && !ok.outcomes[1].allowed);
-        assert_eq!(ok.decided_at, 77);
     }
 }

@@ -1,17 +1,17 @@
--- sluice: give back what one decision charged, for a Redis Cluster decision whose
--- checks live in several slots and that another slot denied (see slots.rs). Mirrors
--- the state formats of decide.lua.
+-- sluice: give back what an earlier decision charged, on the Redis server's clock.
+-- Mirrors crates/engine/src/algorithm.rs (Window::refund): gcra moves the TAT back by
+-- cost intervals, never before now; fixed windows decrement the current window's count;
+-- sliding windows decrement the current count first, then the previous one; never below
+-- zero. Absent or expired counters are left alone.
 --
--- KEYS: the distinct counters to refund.
--- ARGV[1]: the time the charge was made (µs, decide.lua's `now` on this node);
--- ARGV[2]: the number of windows n; then 5 values per window: slot (1-based index into
---   KEYS), algorithm ('g', 'f', 's'), period (µs), gcra interval (µs), cost.
--- A window whose period has moved on keeps its state: the charge has expired with it
--- (a sliding window's previous period still counts, so that is where it is taken from).
--- Returns the number of windows refunded.
+-- KEYS: the distinct counters refunded (as decide.lua's), all in one cluster slot.
+-- ARGV[1]: the number of windows n; then 6 values per window: slot (1-based index into
+--   KEYS), algorithm ('g', 'f', 's'), capacity, period (µs), gcra interval (µs), cost.
+-- Returns the number of counters written.
 
-local charged_at = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = tonumber(ARGV[1])
 
 local function idiv(a, b)
   local q = math.floor(a / b)
@@ -20,48 +20,100 @@ local function idiv(a, b)
   return q
 end
 
-local refunded = 0
+local function window_start(period)
+  return now - (now - idiv(now, period) * period)
+end
+
+local function parse(alg, raw)
+  if not raw then return nil end
+  if alg == 'g' then
+    local tat = string.match(raw, '^(%-?%d+)$')
+    if tat then return { tat = tonumber(tat) } end
+  elseif alg == 'f' then
+    local s, c = string.match(raw, '^(%-?%d+):(%d+)$')
+    if s then return { start = tonumber(s), count = tonumber(c) } end
+  else
+    local s, c, p = string.match(raw, '^(%-?%d+):(%d+):(%d+)$')
+    if s then return { start = tonumber(s), count = tonumber(c), prev = tonumber(p) } end
+  end
+  return nil
+end
+
+local function encode(alg, st)
+  if alg == 'g' then return string.format('%d', st.tat) end
+  if alg == 'f' then return string.format('%d:%d', st.start, st.count) end
+  return string.format('%d:%d:%d', st.start, st.count, st.prev)
+end
+
+local function expires_at(w, st)
+  if w.alg == 'g' then return st.tat end
+  if w.alg == 'f' then return st.start + w.period end
+  if st.count > 0 then return st.start + 2 * w.period end
+  return st.start + w.period
+end
+
+-- Window::refund: the state after giving back `cost`, or nil when nothing changes.
+local function refund(w, st, cost)
+  if not st or cost == 0 then return nil end
+  if w.alg == 'g' then
+    if st.tat <= now then return nil end
+    local tat = st.tat - cost * w.interval
+    if tat < now then tat = now end
+    return { tat = tat }
+  end
+  local start = window_start(w.period)
+  if w.alg == 'f' then
+    if st.start < start or st.count == 0 then return nil end
+    local count = st.count - cost
+    if count < 0 then count = 0 end
+    return { start = st.start, count = count }
+  end
+  local cur
+  if st.start >= start then
+    cur = { start = st.start, count = st.count, prev = st.prev }
+  elseif st.start == start - w.period then
+    cur = { start = start, count = 0, prev = st.count }
+  else
+    return nil
+  end
+  local from_count = math.min(cur.count, cost)
+  local from_prev = math.min(cur.prev, cost - from_count)
+  if from_count == 0 and from_prev == 0 then return nil end
+  return { start = cur.start, count = cur.count - from_count, prev = cur.prev - from_prev }
+end
+
+local states = {}
+local algs = {}
+local windows = {}
 for i = 1, n do
-  local b = 2 + (i - 1) * 5
-  local key = KEYS[tonumber(ARGV[b + 1])]
-  local alg = ARGV[b + 2]
-  local period = tonumber(ARGV[b + 3])
-  local interval = tonumber(ARGV[b + 4])
-  local cost = tonumber(ARGV[b + 5])
-  local raw = redis.call('GET', key)
-  if raw then
-    if alg == 'g' then
-      local tat = string.match(raw, '^(%-?%d+)$')
-      if tat then
-        -- A tat earlier than now is an empty bucket: nothing below it to protect.
-        redis.call('SET', key, string.format('%d', tonumber(tat) - cost * interval), 'KEEPTTL')
-        refunded = refunded + 1
-      end
-    else
-      local start = idiv(charged_at, period) * period
-      if alg == 'f' then
-        local s, c = string.match(raw, '^(%-?%d+):(%d+)$')
-        if s and tonumber(s) == start then
-          local left = math.max(tonumber(c) - cost, 0)
-          redis.call('SET', key, string.format('%d:%d', start, left), 'KEEPTTL')
-          refunded = refunded + 1
-        end
-      else
-        local s, c, p = string.match(raw, '^(%-?%d+):(%d+):(%d+)$')
-        if s then
-          s, c, p = tonumber(s), tonumber(c), tonumber(p)
-          if s == start then
-            c = math.max(c - cost, 0)
-          elseif s == start + period then
-            p = math.max(p - cost, 0)
-          end
-          if s == start or s == start + period then
-            redis.call('SET', key, string.format('%d:%d:%d', s, c, p), 'KEEPTTL')
-            refunded = refunded + 1
-          end
-        end
-      end
-    end
+  local b = 1 + (i - 1) * 6
+  local w = {
+    slot = tonumber(ARGV[b + 1]), alg = ARGV[b + 2], cap = tonumber(ARGV[b + 3]),
+    period = tonumber(ARGV[b + 4]), interval = tonumber(ARGV[b + 5]), cost = tonumber(ARGV[b + 6]),
+  }
+  windows[i] = w
+  if algs[w.slot] == nil then
+    algs[w.slot] = w
+    states[w.slot] = parse(w.alg, redis.call('GET', KEYS[w.slot])) or false
   end
 end
-return refunded
+
+local dirty = {}
+for i = 1, n do
+  local w = windows[i]
+  local after = refund(w, states[w.slot] or nil, w.cost)
+  if after then
+    states[w.slot] = after
+    dirty[w.slot] = true
+  end
+end
+
+local written = 0
+for slot, _ in pairs(dirty) do
+  local w = algs[slot]
+  local st = states[slot]
+  local ms = idiv(expires_at(w, st) + 999, 1000)
+  redis.call('SET', KEYS[slot], encode(w.alg, st), 'PXAT', string.format('%d', ms))
+  written = written + 1
+end
+return written

@@ -10,7 +10,7 @@
 //! decision is allowed and every charge stands: exactly what one script would have
 //! done. When some part denies, the parts that allowed have charged windows that a
 //! denied decision must not charge; [`combine`] lists them and the store gives them
-//! back with `refund.lua` (reserve, then refund). Until the refund lands (one more
+//! back with `refund.lua` (reserve, then refund: the same script as `Store::refund`). Until the refund lands (one more
 //! round trip to those nodes) a concurrent decision may see the reservation and be
 //! denied where it would have fit: an over-count for a few hundred microseconds,
 //! never an under-count, so a limit is never exceeded.
@@ -32,8 +32,6 @@ pub(crate) struct Part {
 pub(crate) struct PartReply {
     /// One outcome per window of the part, in part order.
     pub outcomes: Vec<WindowOutcome>,
-    /// The node's clock when it decided (µs since the epoch).
-    pub decided_at: i64,
 }
 
 /// The windows of one part to give back, as indexes into the part's windows.
@@ -227,11 +225,9 @@ mod tests {
         let replies = vec![
             PartReply {
                 outcomes: vec![outcome(true), outcome(true)],
-                decided_at: 1,
             },
             PartReply {
                 outcomes: vec![outcome(false)],
-                decided_at: 1,
             },
         ];
         let (outcomes, refunds) = combine(&windows, &parts, &replies, false);
@@ -252,11 +248,9 @@ mod tests {
         let all_allow = vec![
             PartReply {
                 outcomes: vec![outcome(true), outcome(true)],
-                decided_at: 1,
             },
             PartReply {
                 outcomes: vec![outcome(true)],
-                decided_at: 1,
             },
         ];
         assert!(combine(&windows, &parts, &all_allow, false).1.is_empty());

@@ -57,7 +57,9 @@ macro_rules! semantic_suite {
             keys_and_limits_are_independent,
             expired_counters_leave_nothing_behind,
             concurrent_decisions_admit_exactly_the_quota,
-            concurrent_denials_leave_no_charge_on_the_other_check
+            concurrent_denials_leave_no_charge_on_the_other_check,
+            refund_gives_back_what_was_charged,
+            refund_never_fills_beyond_the_quota
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

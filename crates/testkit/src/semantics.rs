@@ -540,3 +540,124 @@ pub async fn concurrent_decisions_admit_exactly_the_quota<H: Harness>(h: &H) {
         assert_eq!(admitted, 100, "{algorithm}: exactly the quota");
     }
 }
+
+async fn refund<H: Harness>(h: &H, checks: &[(&Arc<Limit>, &str, u64)]) -> Decision {
+    let request = DecisionRequest {
+        checks: checks
+            .iter()
+            .map(|(l, k, c)| Check::new(Arc::clone(l), *k, *c).expect("test check"))
+            .collect(),
+        dry_run: false,
+    };
+    let decision = decide(&*h.store(), &request).await.expect("store decides");
+    let charged = decision.charged_windows(&request);
+    h.store()
+        .refund(&request, &charged)
+        .await
+        .expect("the store refunds");
+    decision
+}
+
+/// A refund gives back exactly what the decision charged, for every algorithm and every
+/// window of a multi-rate limit; other keys are untouched, and a denied decision (which
+/// charged nothing) refunds nothing.
+pub async fn refund_gives_back_what_was_charged<H: Harness>(h: &H) {
+    for algorithm in ALGORITHMS {
+        let l = with_algorithm("refunded", "5/hour", algorithm);
+        let key = algorithm.as_str();
+        one(h, &l, key, 2).await;
+        one(h, &l, "other", 1).await;
+        let d = refund(h, &[(&l, key, 2)]).await;
+        assert!(d.allowed);
+        assert_eq!(d.results[0].remaining, 1, "{algorithm}: charged first");
+        assert_eq!(
+            remaining(h, &l, key).await,
+            3,
+            "{algorithm}: the refunded cost is back"
+        );
+        assert_eq!(
+            remaining(h, &l, "other").await,
+            4,
+            "{algorithm}: other keys keep their charge"
+        );
+        // Spend the rest: the next is denied, and refunding that denial gives nothing.
+        one(h, &l, key, 3).await;
+        let denied = refund(h, &[(&l, key, 1)]).await;
+        assert!(!denied.allowed, "{algorithm}");
+        assert_eq!(remaining(h, &l, key).await, 0, "{algorithm}: still spent");
+    }
+
+    // gcra: a refund moves the TAT back, so after a charge and its refund the whole
+    // burst fits again.
+    let g = plain("refund_gcra", "2/hour");
+    refund(h, &[(&g, "k", 1)]).await;
+    one(h, &g, "k", 2).await;
+    assert!(!one(h, &g, "k", 1).await.allowed);
+
+    let layered = limit("refund_layered", &["2/hour", "3/day"], |_| {});
+    one(h, &layered, "k", 1).await;
+    refund(h, &[(&layered, "k", 1)]).await;
+    let read = one(h, &layered, "k", 0).await;
+    assert_eq!(
+        (read.results[0].remaining, read.results[1].remaining),
+        (1, 2),
+        "both windows refunded"
+    );
+
+    // Two checks on one counter: both charges come back.
+    let twice = plain("refund_twice", "4/hour");
+    refund(h, &[(&twice, "k", 1), (&twice, "k", 1)]).await;
+    assert_eq!(remaining(h, &twice, "k").await, 4);
+}
+
+/// Refunding more than is spent stops at a full window: never above the quota, for a
+/// counter that was never charged, already refunded, or expired.
+pub async fn refund_never_fills_beyond_the_quota<H: Harness>(h: &H) {
+    for algorithm in ALGORITHMS {
+        let l = with_algorithm("overfilled", "3/hour", algorithm);
+        let key = algorithm.as_str();
+        let request = DecisionRequest {
+            checks: vec![Check::new(Arc::clone(&l), key, 2).expect("check")],
+            dry_run: false,
+        };
+        let decision = decide(&*h.store(), &request).await.expect("decide");
+        let charged = decision.charged_windows(&request);
+        for _ in 0..3 {
+            h.store()
+                .refund(&request, &charged)
+                .await
+                .expect("the store refunds");
+        }
+        assert_eq!(
+            remaining(h, &l, key).await,
+            3,
+            "{algorithm}: full, not more"
+        );
+        assert!(
+            !one(h, &l, key, 4).await.allowed,
+            "{algorithm}: the quota did not grow"
+        );
+        // A counter that does not exist takes a refund without coming into being.
+        let fresh = DecisionRequest {
+            checks: vec![Check::new(Arc::clone(&l), "never-seen", 1).expect("check")],
+            dry_run: false,
+        };
+        h.store()
+            .refund(&fresh, &[true])
+            .await
+            .expect("refund of nothing");
+        assert_eq!(remaining(h, &l, "never-seen").await, 3, "{algorithm}");
+    }
+    let before = h.live_counters().await;
+    let g = plain("refund_absent", "1/hour");
+    let absent = DecisionRequest {
+        checks: vec![Check::new(Arc::clone(&g), "ghost", 1).expect("check")],
+        dry_run: false,
+    };
+    h.store().refund(&absent, &[true]).await.expect("refund");
+    assert_eq!(
+        h.live_counters().await,
+        before,
+        "a refund of an absent counter stores nothing"
+    );
+}

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# The reverse proxy's cost: one fast upstream (nginx answering a fixed 200) served
+#   1. directly,
+#   2. through `sluice serve` as a reverse proxy with one limit on {client_ip},
+#   3. through nginx with `limit_req` (one zone on $binary_remote_addr) and pooled
+#      upstream connections,
+# alternated round by round so all three see the same machine conditions (this 2-core
+# VM's throughput drifts by ±20% between minutes). The limits are far above the offered
+# load, so every request is decided and forwarded: the cost measured is deciding plus
+# proxying. Prints each round and the medians (req/s, p99).
+#
+# Usage: bench/proxy-vs-nginx.sh [ROUNDS]   (default 3; DURATION=8 seconds per run;
+#        SLUICE_BIN=path to a release binary, else it is built with cargo --release)
+# Needs: wrk and nginx (apt-get install -y wrk nginx-light).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+rounds="${1:-3}"
+DURATION="${DURATION:-8}"
+CONNECTIONS="${CONNECTIONS:-64}"
+command -v wrk >/dev/null || { echo "needs wrk: apt-get install -y wrk" >&2; exit 1; }
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+[ -x "$NGINX" ] || { echo "needs nginx: apt-get install -y nginx-light" >&2; exit 1; }
+
+scratch="$(mktemp -d "${TMPDIR:-/tmp}/sluice-proxy-bench.XXXXXX")"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    "$NGINX" -c "$scratch/upstream.conf" -s stop 2>/dev/null || true
+    "$NGINX" -c "$scratch/front.conf" -s stop 2>/dev/null || true
+    rm -rf "$scratch"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+upstream_port="$(free_port)"; sluice_port="$(free_port)"; front_port="$(free_port)"
+
+if [ -z "${SLUICE_BIN:-}" ]; then
+    (cd "$root" && cargo build --release -q -p sluice)
+    SLUICE_BIN="${CARGO_TARGET_DIR:-$root/target}/release/sluice"
+fi
+
+# The upstream: one nginx worker answering a small fixed 200 with keep-alive.
+cat > "$scratch/upstream.conf" <<NGINX
+worker_processes 1;
+pid $scratch/upstream.pid;
+error_log $scratch/upstream-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$upstream_port;
+    location / { default_type application/json; return 200 '{"ok":true}'; }
+  }
+}
+NGINX
+# nginx in front with limit_req, the way it is usually set up for an API.
+cat > "$scratch/front.conf" <<NGINX
+worker_processes 2;
+pid $scratch/front.pid;
+error_log $scratch/front-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  limit_req_zone \$binary_remote_addr zone=api:10m rate=100000r/s;
+  upstream app { server 127.0.0.1:$upstream_port; keepalive 128; }
+  server {
+    listen 127.0.0.1:$front_port;
+    location / {
+      limit_req zone=api burst=100000 nodelay;
+      limit_req_status 429;
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
+  }
+}
+NGINX
+cat > "$scratch/sluice.yaml" <<YAML
+listen: 127.0.0.1:$sluice_port
+storage: {backend: memory, max_keys: 1000000}
+limits:
+  per_ip: {rate: 100000/second}
+routes:
+  - match: {path: "/*"}
+    limits:
+      - {limit: per_ip, key: "{client_ip}"}
+proxy:
+  upstream: http://127.0.0.1:$upstream_port
+YAML
+"$NGINX" -c "$scratch/upstream.conf"
+"$NGINX" -c "$scratch/front.conf"
+"$SLUICE_BIN" serve --config "$scratch/sluice.yaml" 2>"$scratch/sluice.log" & pids+=($!)
+sleep 1
+for port in "$upstream_port" "$front_port" "$sluice_port"; do
+    curl -sf "http://127.0.0.1:$port/search" >/dev/null || { echo "port $port does not answer" >&2; cat "$scratch/sluice.log" >&2; exit 1; }
+done
+curl -si "http://127.0.0.1:$sluice_port/search" | grep -qi '^ratelimit:' || { echo "sluice did not decide the request" >&2; exit 1; }
+
+run() { # url -> "req/s p99 non2xx"
+    wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency "$1" 2>&1 \
+      | awk '/Requests\/sec/ {rps=$2} /^ +99%/ {p99=$2} /Non-2xx/ {bad=$NF} END {print rps, p99, (bad == "" ? 0 : bad)}'
+}
+printf "%-6s %-24s %-24s %-24s\n" round "direct" "sluice proxy" "nginx limit_req"
+: > "$scratch/results"
+for r in $(seq 1 "$rounds"); do
+    read -r d_rps d_p99 d_bad < <(run "http://127.0.0.1:$upstream_port/search")
+    read -r s_rps s_p99 s_bad < <(run "http://127.0.0.1:$sluice_port/search")
+    read -r n_rps n_p99 n_bad < <(run "http://127.0.0.1:$front_port/search")
+    for bad in "$d_bad" "$s_bad" "$n_bad"; do
+        [ "$bad" = 0 ] || { echo "round $r: non-2xx answers ($d_bad/$s_bad/$n_bad): the limits are meant never to deny" >&2; exit 1; }
+    done
+    printf "%-6s %-24s %-24s %-24s\n" "$r" "$d_rps ($d_p99)" "$s_rps ($s_p99)" "$n_rps ($n_p99)"
+    echo "$d_rps $s_rps $n_rps $d_p99 $s_p99 $n_p99" >> "$scratch/results"
+done
+python3 - "$scratch/results" <<'PY'
+import statistics, sys
+def ms(t):
+    for unit, f in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if t.endswith(unit):
+            return float(t[: -len(unit)]) * f
+    return float(t)
+rows = [line.split() for line in open(sys.argv[1])]
+d, s, n = (statistics.median(float(r[i]) for r in rows) for i in range(3))
+dp, sp, np_ = (statistics.median(ms(r[i]) for r in rows) for i in range(3, 6))
+print(f"median  direct {d:.0f} req/s p99 {dp:.2f} ms | sluice {s:.0f} req/s p99 {sp:.2f} ms "
+      f"({s / d:.2f} of direct) | nginx limit_req {n:.0f} req/s p99 {np_:.2f} ms ({n / d:.2f} of direct)")
+print(f"sluice / nginx limit_req: {s / n:.2f}")
+PY

@@ -1,0 +1,400 @@
+//! The reverse proxy against a tiny raw-socket upstream: what reaches the app (headers,
+//! body, forwarding headers), what reaches the client (hop-by-hop headers dropped both
+//! ways), WebSocket upgrades copied both ways, timeouts and a dead upstream as 502/504
+//! JSON, where sluice's own endpoints live, and reload-time settings.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Server, free_port, http_request};
+
+/// An upstream on a free port, one thread per connection:
+/// - `/ws`: answers `101` and then echoes every byte upper-cased until the client closes;
+/// - `/slow`: waits 3 s, then answers like `/echo`;
+/// - anything else: `200` whose body is the request's method, target, header lines and
+///   body, with hop-by-hop headers of its own that must not reach the client.
+struct Upstream {
+    port: u16,
+    requests: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        let port = listener.local_addr().expect("addr").port();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&requests);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let counter = Arc::clone(&counter);
+                std::thread::spawn(move || serve_connection(stream, &counter));
+            }
+        });
+        Upstream { port, requests }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+fn serve_connection(stream: TcpStream, counter: &AtomicUsize) {
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    loop {
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push(line.trim_end().to_string());
+        }
+        counter.fetch_add(1, Ordering::SeqCst);
+        let length = head
+            .iter()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+            })
+            .unwrap_or(0);
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let target = head[0].split(' ').nth(1).unwrap_or("/").to_string();
+        if target == "/ws" {
+            let _ = writer.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: test\r\n\r\n",
+            );
+            let mut buf = [0u8; 1024];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if writer.write_all(&buf[..n].to_ascii_uppercase()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        if target == "/slow" {
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        let mut echo = head.join("\n");
+        echo.push_str("\n\n");
+        echo.push_str(&String::from_utf8_lossy(&body));
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: keep-alive, X-Upstream-Hop\r\nX-Upstream-Hop: secret\r\nKeep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nX-Upstream-End: kept\r\n\r\n{echo}",
+            echo.len()
+        );
+        if writer.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn proxy_config(upstream: &str, extra: &str) -> String {
+    format!(
+        "limits:\n  per_ip: {{rate: 2/minute}}\nroutes:\n  - match: {{path: /limited}}\n    limits:\n      - {{limit: per_ip, key: \"{{client_ip}}\"}}\nproxy:\n  upstream: {upstream}\n{extra}"
+    )
+}
+
+/// The header lines the upstream saw, lower-cased names.
+fn seen_headers(body: &str) -> Vec<(String, String)> {
+    body.split("\n\n")
+        .next()
+        .unwrap_or("")
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect()
+}
+
+fn seen<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn requests_reach_the_app_whole_and_hop_by_hop_headers_stay_behind() {
+    let upstream = Upstream::start();
+    let server = Server::start(&proxy_config(&upstream.url(), ""));
+    let response = http_request(
+        server.port,
+        "POST",
+        "/api/items?x=1&y=%20z",
+        &[
+            ("Content-Type", "application/json"),
+            ("X-User-Id", "42"),
+            ("Connection", "X-Private-Hop"),
+            ("X-Private-Hop", "drop me"),
+            ("Keep-Alive", "timeout=9"),
+            ("Proxy-Authorization", "Basic c2VjcmV0"),
+            ("TE", "trailers"),
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Forwarded-Host", "evil.example"),
+            ("Forwarded", "for=6.6.6.6"),
+        ],
+        br#"{"name": "widget"}"#,
+    )
+    .expect("proxied");
+    assert_eq!(response.status, 200, "{}", response.describe());
+    let body = &response.body;
+    assert!(
+        body.starts_with("POST /api/items?x=1&y=%20z HTTP/1.1\n"),
+        "method, path and query unchanged: {body}"
+    );
+    assert!(body.ends_with(r#"{"name": "widget"}"#), "the body: {body}");
+    let headers = seen_headers(body);
+    assert_eq!(seen(&headers, "x-user-id"), Some("42"));
+    assert_eq!(seen(&headers, "content-type"), Some("application/json"));
+    assert_eq!(
+        seen(&headers, "host"),
+        Some(format!("127.0.0.1:{}", server.port).as_str()),
+        "Host is the client's"
+    );
+    for hop in [
+        "x-private-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "forwarded",
+    ] {
+        assert_eq!(
+            seen(&headers, hop),
+            None,
+            "{hop} must not reach the app: {body}"
+        );
+    }
+    assert_ne!(
+        seen(&headers, "connection").map(str::to_ascii_lowercase),
+        Some("close".into()),
+        "the client's Connection is not the upstream connection's"
+    );
+    assert_eq!(
+        seen(&headers, "x-forwarded-for"),
+        Some("127.0.0.1"),
+        "an untrusted client's X-Forwarded-For is replaced, not appended to"
+    );
+    assert_eq!(seen(&headers, "x-forwarded-proto"), Some("http"));
+    assert_eq!(
+        seen(&headers, "x-forwarded-host"),
+        Some(format!("127.0.0.1:{}", server.port).as_str())
+    );
+
+    for hop in ["x-upstream-hop", "keep-alive", "proxy-authenticate"] {
+        assert_eq!(
+            response.header(hop),
+            None,
+            "{hop} must not reach the client: {}",
+            response.describe()
+        );
+    }
+    assert_eq!(response.header("x-upstream-end"), Some("kept"));
+}
+
+#[test]
+fn a_trusted_proxy_s_forwarding_headers_are_extended() {
+    let upstream = Upstream::start();
+    let server = Server::start(&format!(
+        "client_ip: {{trusted_proxies: [127.0.0.1]}}\n{}",
+        proxy_config(&upstream.url(), "")
+    ));
+    let response = http_request(
+        server.port,
+        "GET",
+        "/limited",
+        &[
+            ("X-Forwarded-For", "198.51.100.7"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "api.example"),
+        ],
+        b"",
+    )
+    .expect("proxied");
+    let headers = seen_headers(&response.body);
+    assert_eq!(
+        seen(&headers, "x-forwarded-for"),
+        Some("198.51.100.7, 127.0.0.1")
+    );
+    assert_eq!(seen(&headers, "x-forwarded-proto"), Some("https"));
+    assert_eq!(seen(&headers, "x-forwarded-host"), Some("api.example"));
+    // The limit is counted on the client the trusted proxy named.
+    assert_eq!(
+        response.header("x-ratelimit-remaining"),
+        Some("1"),
+        "{}",
+        response.describe()
+    );
+    let other = http_request(
+        server.port,
+        "GET",
+        "/limited",
+        &[("X-Forwarded-For", "198.51.100.8")],
+        b"",
+    )
+    .expect("proxied");
+    assert_eq!(other.header("x-ratelimit-remaining"), Some("1"));
+}
+
+#[test]
+fn denied_requests_never_reach_the_upstream() {
+    let upstream = Upstream::start();
+    let server = Server::start(&proxy_config(&upstream.url(), ""));
+    for remaining in ["1", "0"] {
+        let ok = http_request(server.port, "GET", "/limited", &[], b"").expect("proxied");
+        assert_eq!(ok.status, 200);
+        assert_eq!(ok.header("x-ratelimit-remaining"), Some(remaining));
+        assert_eq!(ok.header("ratelimit-policy"), Some("\"per_ip\";q=2;w=60"));
+    }
+    let before = upstream.requests();
+    let denied =
+        http_request(server.port, "POST", "/limited", &[], b"a body never read").expect("answer");
+    assert_eq!(denied.status, 429, "{}", denied.describe());
+    assert!(denied.header("retry-after").is_some());
+    assert_eq!(denied.json()["error"], "rate_limited");
+    assert_eq!(denied.json()["limit"], "per_ip");
+    assert_eq!(upstream.requests(), before, "the upstream saw nothing");
+    // Paths without a route are not limited.
+    let free = http_request(server.port, "GET", "/free", &[], b"").expect("proxied");
+    assert_eq!(free.status, 200);
+    assert_eq!(free.header("x-ratelimit-remaining"), None);
+}
+
+#[test]
+fn websocket_upgrades_are_copied_both_ways() {
+    let upstream = Upstream::start();
+    let server = Server::start(&proxy_config(&upstream.url(), ""));
+    let mut stream = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .expect("write upgrade");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut status = String::new();
+    reader.read_line(&mut status).expect("status line");
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("header");
+        if line == "\r\n" {
+            break;
+        }
+        head.push(line.trim_end().to_ascii_lowercase());
+    }
+    assert!(head.contains(&"upgrade: websocket".to_string()), "{head:?}");
+    assert!(
+        head.contains(&"connection: upgrade".to_string()),
+        "{head:?}"
+    );
+    assert!(
+        head.contains(&"sec-websocket-accept: test".to_string()),
+        "{head:?}"
+    );
+    for message in ["hello", "second frame"] {
+        stream.write_all(message.as_bytes()).expect("send");
+        let mut echoed = vec![0; message.len()];
+        reader.read_exact(&mut echoed).expect("echo");
+        assert_eq!(echoed, message.to_ascii_uppercase().as_bytes());
+    }
+}
+
+#[test]
+fn a_dead_or_slow_upstream_is_a_json_502_or_504() {
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let server = Server::start(&proxy_config(&dead, "  refund_on_status: [\"5xx\"]\n"));
+    let response = http_request(server.port, "GET", "/limited", &[], b"").expect("answer");
+    assert_eq!(response.status, 502, "{}", response.describe());
+    assert_eq!(response.json()["error"], "upstream_unavailable");
+    assert!(
+        response
+            .header("content-type")
+            .unwrap_or("")
+            .contains("json")
+    );
+    // Refunded (5xx): the limit of two was never spent.
+    for _ in 0..3 {
+        let again = http_request(server.port, "GET", "/limited", &[], b"").expect("answer");
+        assert_eq!(again.status, 502, "{}", again.describe());
+    }
+
+    let upstream = Upstream::start();
+    let slow = Server::start(&proxy_config(&upstream.url(), "  timeout_ms: 300\n"));
+    let started = Instant::now();
+    let response = http_request(slow.port, "GET", "/slow", &[], b"").expect("answer");
+    assert_eq!(response.status, 504, "{}", response.describe());
+    assert_eq!(response.json()["error"], "upstream_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered at the timeout"
+    );
+}
+
+#[test]
+fn sluice_endpoints_can_move_out_of_the_upstream_s_way() {
+    let upstream = Upstream::start();
+    // Default: sluice's paths win.
+    let main = Server::start(&proxy_config(&upstream.url(), ""));
+    let metrics = http_request(main.port, "GET", "/metrics", &[], b"").expect("answer");
+    assert!(
+        metrics.body.contains("sluice_decisions"),
+        "{}",
+        metrics.describe()
+    );
+
+    let prefixed = Server::start(&proxy_config(
+        &upstream.url(),
+        "  sluice_endpoints: /_sluice\n",
+    ));
+    let app_metrics = http_request(prefixed.port, "GET", "/metrics", &[], b"").expect("answer");
+    assert!(
+        app_metrics.body.starts_with("GET /metrics HTTP/1.1"),
+        "the app's /metrics: {}",
+        app_metrics.describe()
+    );
+    let own = http_request(prefixed.port, "GET", "/_sluice/metrics", &[], b"").expect("answer");
+    assert!(own.body.contains("sluice_decisions"), "{}", own.describe());
+    let health = http_request(prefixed.port, "GET", "/_sluice/healthz", &[], b"").expect("answer");
+    assert_eq!(health.status, 200);
+    let unknown = http_request(prefixed.port, "GET", "/_sluice/nothing", &[], b"").expect("answer");
+    assert_eq!(unknown.status, 404, "sluice's own 404 under its prefix");
+
+    let admin_port = free_port();
+    let moved = Server::start(&format!(
+        "admin: {{listen: 127.0.0.1:{admin_port}}}\n{}",
+        proxy_config(&upstream.url(), "  sluice_endpoints: admin\n")
+    ));
+    let app_health = http_request(moved.port, "GET", "/healthz", &[], b"").expect("answer");
+    assert!(
+        app_health.body.starts_with("GET /healthz"),
+        "{}",
+        app_health.describe()
+    );
+    common::wait_port(admin_port);
+    let own = http_request(admin_port, "GET", "/metrics", &[], b"").expect("answer");
+    assert!(own.body.contains("sluice_decisions"), "{}", own.describe());
+}
