@@ -23,6 +23,10 @@ const STORAGE_FIELDS: &[&str] = &[
     "url",
     "timeout_ms",
     "cluster",
+    "schema",
+    "pool_size",
+    "migrate",
+    "unlogged",
 ];
 const HTTP_FIELDS: &[&str] = &["max_body_bytes", "threads"];
 const LIMIT_FIELDS: &[&str] = &["rate", "algorithm", "burst", "charge_denied", "shadow"];
@@ -264,27 +268,26 @@ fn storage(node: &Node, path: &str) -> Result<StorageConfig, Fail> {
         storage.backend = match string(node, path)? {
             "memory" => Backend::Memory,
             "disk" => Backend::Disk,
-            // Filled in from url, timeout_ms and cluster below.
+            // Filled in from url, timeout_ms and the backend's own fields below.
             "redis" => Backend::Redis {
                 url: Secret::new(""),
                 timeout_ms: Backend::DEFAULT_TIMEOUT_MS,
                 cluster: false,
             },
-            name @ "postgres" => {
-                return Err(Fail::new(
-                    &node.origin,
-                    path,
-                    format!(
-                        "storage backend `{name}` is not available in this version; use memory, disk or redis"
-                    ),
-                ));
-            }
+            "postgres" => Backend::Postgres {
+                url: Secret::new(""),
+                schema: Backend::DEFAULT_SCHEMA.to_string(),
+                pool_size: Backend::DEFAULT_POOL_SIZE,
+                timeout_ms: Backend::DEFAULT_TIMEOUT_MS,
+                migrate: true,
+                unlogged: false,
+            },
             other => {
                 return Err(Fail::new(
                     &node.origin,
                     path,
                     format!(
-                        "unknown storage backend `{}`: use memory, disk or redis (postgres comes in a later version)",
+                        "unknown storage backend `{}`: use memory, disk, redis or postgres",
                         crate::tree::shorten(other)
                     ),
                 ));
@@ -308,7 +311,7 @@ fn storage(node: &Node, path: &str) -> Result<StorageConfig, Fail> {
         storage.sync = boolean(node, path)?;
     }
     let backend_node = backend.as_ref().map_or(node, |(node, _)| *node);
-    redis_fields(&mut storage, &fields, backend_node, path)?;
+    shared_store_fields(&mut storage, &fields, backend_node, path)?;
     let is_disk = storage.backend == Backend::Disk;
     match (&storage.backend, &backend, &data_path) {
         (Backend::Disk, Some((node, _)), None) => {
@@ -365,58 +368,130 @@ fn storage(node: &Node, path: &str) -> Result<StorageConfig, Fail> {
     Ok(storage)
 }
 
-/// `url`, `timeout_ms` and `cluster`: required or refused depending on the backend.
-fn redis_fields(
+/// The fields of the shared stores (`url`, `timeout_ms`; Redis's `cluster`; PostgreSQL's
+/// `schema`, `pool_size`, `migrate`, `unlogged`): required or refused depending on the
+/// backend.
+fn shared_store_fields(
     storage: &mut StorageConfig,
     fields: &Fields<'_>,
     backend_node: &Node,
     path: &str,
 ) -> Result<(), Fail> {
-    let url = fields.get("url");
-    let timeout = fields.get("timeout_ms");
-    let cluster = fields.get("cluster");
-    let Backend::Redis {
-        url: url_value,
-        timeout_ms,
-        cluster: cluster_value,
-    } = &mut storage.backend
-    else {
-        if let Some((node, field)) = [&url, &timeout, &cluster].into_iter().flatten().next() {
+    for (field, backends) in [
+        ("url", "redis or postgres"),
+        ("timeout_ms", "redis or postgres"),
+        ("cluster", "redis"),
+        ("schema", "postgres"),
+        ("pool_size", "postgres"),
+        ("migrate", "postgres"),
+        ("unlogged", "postgres"),
+    ] {
+        let applies = match &storage.backend {
+            Backend::Redis { .. } => backends.contains("redis"),
+            Backend::Postgres { .. } => backends.contains("postgres"),
+            Backend::Memory | Backend::Disk => false,
+        };
+        if let (false, Some((node, path))) = (applies, fields.get(field)) {
+            let first = backends.split(' ').next().unwrap_or(backends);
             return Err(Fail::new(
                 &node.origin,
-                field,
+                &path,
                 format!(
-                    "storage.{} only applies to backend redis: set `backend: redis`, or remove it",
-                    field.rsplit('.').next().unwrap_or(field)
+                    "storage.{field} only applies to backend {backends}: set `backend: {first}`, or remove it"
                 ),
             ));
         }
-        return Ok(());
+    }
+    let (name, example, schemes): (&str, &str, &[&str]) = match &storage.backend {
+        Backend::Redis { .. } => (
+            "redis",
+            "redis://127.0.0.1:6379",
+            &["redis://", "rediss://", "redis+unix://", "unix://"],
+        ),
+        Backend::Postgres { .. } => (
+            "postgres",
+            "postgres://sluice:${SLUICE_PG_PASSWORD}@127.0.0.1:5432/sluice",
+            &["postgres://", "postgresql://"],
+        ),
+        Backend::Memory | Backend::Disk => return Ok(()),
     };
-    let Some((node, field)) = &url else {
+    let Some((node, field)) = fields.get("url") else {
         return Err(Fail::new(
             &backend_node.origin,
             &join(path, "url"),
-            "backend redis needs a url: add `url: redis://127.0.0.1:6379` under storage",
+            format!("backend {name} needs a url: add `url: {example}` under storage"),
         ));
     };
-    let text = string(node, field)?.trim();
-    let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
+    // The value may hold a password: it never goes into a message.
+    let text = string(node, &field)?.trim();
+    let scheme_ok = schemes
         .iter()
         .any(|scheme| text.starts_with(scheme) && text.len() > scheme.len());
     if !scheme_ok {
-        return Err(Fail::new(
-            &node.origin,
-            field,
-            "storage.url must be a Redis URL such as redis://127.0.0.1:6379 (or rediss:// for TLS)",
-        ));
+        let message = match name {
+            "redis" => "storage.url must be a Redis URL such as redis://127.0.0.1:6379 (or rediss:// for TLS)".to_string(),
+            _ => format!("storage.url must be a PostgreSQL URL such as {example}"),
+        };
+        return Err(Fail::new(&node.origin, &field, message));
     }
-    *url_value = Secret::new(text);
-    if let Some((node, field)) = &timeout {
-        *timeout_ms = whole(node, field, 1, Backend::MAX_TIMEOUT_MS)?;
-    }
-    if let Some((node, field)) = &cluster {
-        *cluster_value = boolean(node, field)?;
+    let timeout = match fields.get("timeout_ms") {
+        Some((node, field)) => Some(whole(node, &field, 1, Backend::MAX_TIMEOUT_MS)?),
+        None => None,
+    };
+    match &mut storage.backend {
+        Backend::Redis {
+            url,
+            timeout_ms,
+            cluster,
+        } => {
+            *url = Secret::new(text);
+            *timeout_ms = timeout.unwrap_or(*timeout_ms);
+            if let Some((node, field)) = fields.get("cluster") {
+                *cluster = boolean(node, &field)?;
+            }
+        }
+        Backend::Postgres {
+            url,
+            schema,
+            pool_size,
+            timeout_ms,
+            migrate,
+            unlogged,
+        } => {
+            *url = Secret::new(text);
+            *timeout_ms = timeout.unwrap_or(*timeout_ms);
+            if let Some((node, field)) = fields.get("schema") {
+                let name = string(node, &field)?;
+                let mut bytes = name.bytes();
+                let plain = name.len() <= 63
+                    && bytes
+                        .next()
+                        .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+                    && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                if !plain {
+                    return Err(Fail::new(
+                        &node.origin,
+                        &field,
+                        format!(
+                            "schema `{}` is not a plain lowercase PostgreSQL identifier: use letters a-z, digits and _, starting with a letter or _, at most 63 bytes, e.g. `schema: sluice`",
+                            crate::tree::shorten(name)
+                        ),
+                    ));
+                }
+                *schema = name.to_string();
+            }
+            if let Some((node, field)) = fields.get("pool_size") {
+                let value = whole(node, &field, 1, Backend::MAX_POOL_SIZE as u64)?;
+                *pool_size = usize::try_from(value).unwrap_or(Backend::MAX_POOL_SIZE);
+            }
+            if let Some((node, field)) = fields.get("migrate") {
+                *migrate = boolean(node, &field)?;
+            }
+            if let Some((node, field)) = fields.get("unlogged") {
+                *unlogged = boolean(node, &field)?;
+            }
+        }
+        Backend::Memory | Backend::Disk => {}
     }
     Ok(())
 }
