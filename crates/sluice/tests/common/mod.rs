@@ -1040,3 +1040,7 @@ fn read_redis_reply(r: &mut impl std::io::BufRead) -> std::io::Result<RedisReply
         _ => return Err(bad(format!("unexpected reply {line:?}"))),
     })
 }
+
+// ---- a real PostgreSQL (for the PostgreSQL store) -------------------------
+
+pub use sluice_testkit::servers::PostgresServer;
