@@ -18,7 +18,7 @@
 #                    | postgres (initdb + pg_ctl of its own cluster in the scratch dir, as the
 #                      postgres user when run as root, on a free loopback port; stopped at exit)
 #   PG_BIN=$(pg_config --bindir)   PG_TRACK=top   (STORAGE=postgres; pg_stat_statements.track)
-#   PG_POOL=16                                    (STORAGE=postgres; storage.pool_size)
+#   PG_POOL=16  PG_TIMEOUT_MS=200                (STORAGE=postgres; storage.pool_size, timeout_ms)
 #
 # Each run prints req/s, p50 and p99 latency, the status-code histogram and the
 # number of non-200 answers; full wrk output goes to bench/results/. With
@@ -177,7 +177,7 @@ if [[ -z "$target" ]]; then
             fi
             pg_sql "CREATE EXTENSION pg_stat_statements" >/dev/null
             echo "==> PostgreSQL $(pg_sql 'SHOW server_version') on 127.0.0.1:$pg_port (data in $pg_data)" >&2
-            storage="{backend: postgres, url: 'postgres://postgres@127.0.0.1:$pg_port/postgres', prefix: 'bench:', pool_size: ${PG_POOL:-16}}"
+            storage="{backend: postgres, url: 'postgres://postgres@127.0.0.1:$pg_port/postgres', prefix: 'bench:', pool_size: ${PG_POOL:-16}, timeout_ms: ${PG_TIMEOUT_MS:-200}}"
             ;;
         *) echo "STORAGE must be memory, disk, disk-sync, redis or postgres, not $STORAGE" >&2; exit 2 ;;
     esac
