@@ -15,6 +15,10 @@
 #                    | redis (starts its own redis-server on a free loopback port,
 #                      --save '' --appendonly no, in the scratch dir; stopped at exit)
 #   REDIS_SERVER=redis-server  REDIS_CLI=redis-cli   (STORAGE=redis)
+#                    | postgres (initdb + pg_ctl of its own cluster in the scratch dir, as the
+#                      postgres user when run as root, on a free loopback port; stopped at exit)
+#   PG_BIN=$(pg_config --bindir)   PG_TRACK=top   (STORAGE=postgres; pg_stat_statements.track)
+#   PG_POOL=16  PG_TIMEOUT_MS=200                (STORAGE=postgres; storage.pool_size, timeout_ms)
 #   SLUICE_BIN=path  run this binary instead of building target/release/sluice
 #                    (to compare two builds in the same minutes)
 #
@@ -23,7 +27,10 @@
 # STORAGE=redis it also prints, per run, the EVALSHA calls Redis counted
 # (INFO commandstats, reset before the run) divided by the requests wrk completed,
 # and the degraded decisions and store errors from /metrics (a run with any degraded
-# decision did not measure Redis and fails).
+# decision did not measure Redis and fails). With STORAGE=postgres it prints the calls of
+# sluice_decide (pg_stat_statements, reset before the run) per request, every statement
+# pg_stat_statements saw per request (with PG_TRACK=all, the ones inside the function
+# too), and the same degraded / store-error deltas.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -38,7 +45,7 @@ STORAGE="${STORAGE:-memory}"
 target=""
 variants="1 2"
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -61,8 +68,13 @@ scratch="$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")"
 server_pid=""
 redis_pid=""
 redis_port=""
+pg_data=""
+pg_port=""
 cleanup() {
     local rc=$?
+    if [[ -n "$pg_data" ]]; then
+        pg_as "$PG_BIN/pg_ctl" -D "$pg_data" -m immediate -w stop >/dev/null 2>&1 || true
+    fi
     if [[ -n "$redis_pid" ]] && kill -0 "$redis_pid" 2>/dev/null; then
         kill "$redis_pid" 2>/dev/null || true
         wait "$redis_pid" 2>/dev/null || true
@@ -81,6 +93,16 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# Runs a PostgreSQL server command as the cluster's owner (initdb refuses root).
+pg_as() {
+    if [[ "$(id -u)" == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# psql against the benchmark cluster: unaligned, tuples only.
+pg_sql() {
+    "$PG_BIN/psql" -X -A -t -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres -c "$1"
+}
+
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }
@@ -91,7 +113,7 @@ if [[ -z "$target" ]]; then
     else
         echo "==> building release binary" >&2
         (cd "$root" && cargo build --release -p sluice)
-        bin="$root/target/release/sluice"
+        bin="${CARGO_TARGET_DIR:-$root/target}/release/sluice"
     fi
     port="$(free_port)"
     config="$scratch/bench.yaml"
@@ -131,7 +153,39 @@ if [[ -z "$target" ]]; then
             echo "==> redis-server (pid $redis_pid) on 127.0.0.1:$redis_port" >&2
             storage="{backend: redis, url: 'redis://127.0.0.1:$redis_port/', prefix: 'bench:'}"
             ;;
-        *) echo "STORAGE must be memory, disk, disk-sync or redis, not $STORAGE" >&2; exit 2 ;;
+        postgres)
+            PG_BIN="${PG_BIN:-$(pg_config --bindir 2>/dev/null || true)}"
+            if [[ ! -x "$PG_BIN/initdb" ]]; then
+                echo "PostgreSQL server binaries not found (PG_BIN=$PG_BIN); install them with: apt-get install -y postgresql" >&2
+                exit 1
+            fi
+            mkdir -p "$scratch/pg"
+            if [[ "$(id -u)" == 0 ]]; then
+                # The cluster runs as postgres, which must reach its directory.
+                chmod o+x "$scratch"
+                chown postgres: "$scratch/pg"
+            fi
+            pg_data="$scratch/pg/data"
+            pg_as "$PG_BIN/initdb" -D "$pg_data" -A trust -U postgres -E UTF8 --locale=C --no-sync >/dev/null
+            for _ in 1 2 3 4 5; do
+                pg_port="$(free_port)"
+                if pg_as "$PG_BIN/pg_ctl" -D "$pg_data" -l "$scratch/pg/server.log" -w -o \
+                    "-p $pg_port -k $scratch/pg -c listen_addresses=127.0.0.1 -c max_connections=100 -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=${PG_TRACK:-top}" \
+                    start >/dev/null; then
+                    break
+                fi
+                pg_port=""
+            done
+            if [[ -z "$pg_port" ]]; then
+                echo "PostgreSQL did not start; log:" >&2
+                cat "$scratch/pg/server.log" >&2
+                exit 1
+            fi
+            pg_sql "CREATE EXTENSION pg_stat_statements" >/dev/null
+            echo "==> PostgreSQL $(pg_sql 'SHOW server_version') on 127.0.0.1:$pg_port (data in $pg_data)" >&2
+            storage="{backend: postgres, url: 'postgres://postgres@127.0.0.1:$pg_port/postgres', prefix: 'bench:', pool_size: ${PG_POOL:-16}, timeout_ms: ${PG_TIMEOUT_MS:-200}}"
+            ;;
+        *) echo "STORAGE must be memory, disk, disk-sync, redis or postgres, not $STORAGE" >&2; exit 2 ;;
     esac
     cat >"$config" <<EOF
 listen: 127.0.0.1:$port
@@ -194,9 +248,12 @@ for v in $variants; do
     out="$root/bench/results/check-v$v-$stamp.txt"
     if [[ -n "$redis_pid" ]]; then
         "$REDIS_CLI" -p "$redis_port" CONFIG RESETSTAT >/dev/null
-        degraded_before="$(metric sluice_degraded_decisions_total)"
-        errors_before="$(metric sluice_store_errors_total)"
     fi
+    if [[ -n "$pg_port" ]]; then
+        pg_sql "SELECT pg_stat_statements_reset()" >/dev/null
+    fi
+    degraded_before="$(metric sluice_degraded_decisions_total)"
+    errors_before="$(metric sluice_store_errors_total)"
     echo "==> wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $v check(s)/request, $KEYS keys -> $base/v1/check" >&2
     "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$here/check.lua" \
         "$base/v1/check" -- "checks=$v" "keys=$KEYS" | tee "$out"
@@ -215,6 +272,20 @@ for v in $variants; do
         per="$(awk -v e="${evalsha:-0}" -v r="${requests:-0}" 'BEGIN { if (r > 0) printf "%.3f", e / r; else print "?" }')"
         line+="  evalsha=${evalsha:-0}  requests=${requests:-?}  evalsha/request=$per  degraded=$degraded  store-errors=$errors"
         if [[ "$degraded" != 0 ]]; then line+="  (DEGRADED: not all decided by Redis)"; fi
+    fi
+    if [[ -n "$pg_port" ]]; then
+        requests="$(awk '/requests in/ {print $1; exit}' "$out")"
+        # Read before anything else runs on the cluster; this script's own queries
+        # mention pg_stat_statements and are left out.
+        stats="$(pg_sql "SELECT coalesce(sum(calls) FILTER (WHERE toplevel AND query LIKE '%sluice_decide%'), 0) || ' ' || coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query NOT LIKE '%pg_stat_statements%'")"
+        pg_sql "SELECT calls || '  ' || CASE WHEN toplevel THEN 'top   ' ELSE 'nested' END || '  ' || regexp_replace(query, '\s+', ' ', 'g') FROM pg_stat_statements WHERE query NOT LIKE '%pg_stat_statements%' ORDER BY calls DESC LIMIT 12" >>"$out"
+        read -r decide_calls all_calls <<<"$stats"
+        degraded=$(( $(metric sluice_degraded_decisions_total) - degraded_before ))
+        errors=$(( $(metric sluice_store_errors_total) - errors_before ))
+        per="$(awk -v e="${decide_calls:-0}" -v r="${requests:-0}" 'BEGIN { if (r > 0) printf "%.3f", e / r; else print "?" }')"
+        all_per="$(awk -v e="${all_calls:-0}" -v r="${requests:-0}" 'BEGIN { if (r > 0) printf "%.3f", e / r; else print "?" }')"
+        line+="  sluice_decide=${decide_calls:-0}  requests=${requests:-?}  decide/request=$per  statements/request=$all_per  degraded=$degraded  store-errors=$errors"
+        if [[ "$degraded" != 0 ]]; then line+="  (DEGRADED: not all decided by PostgreSQL)"; fi
     fi
     summary+=("$line")
 done

@@ -23,6 +23,10 @@ const STORAGE_FIELDS: &[&str] = &[
     "url",
     "timeout_ms",
     "cluster",
+    "schema",
+    "pool_size",
+    "migrate",
+    "unlogged",
 ];
 const HTTP_FIELDS: &[&str] = &["max_body_bytes", "threads"];
 const LIMIT_FIELDS: &[&str] = &["rate", "algorithm", "burst", "charge_denied", "shadow"];
@@ -300,28 +304,27 @@ fn storage(node: &Node, path: &str) -> Result<StorageConfig, Fail> {
         storage.backend = match string(node, path)? {
             "memory" => Backend::Memory,
             "disk" => Backend::Disk,
-            // Filled in from url, timeout_ms and cluster below.
+            // Filled in from url, timeout_ms and the backend's own fields below.
             "redis" => Backend::Redis {
                 url: Secret::new(""),
                 timeout_ms: Backend::DEFAULT_TIMEOUT_MS,
                 cluster: false,
                 cluster_seeds: Vec::new(),
             },
-            name @ "postgres" => {
-                return Err(Fail::new(
-                    &node.origin,
-                    path,
-                    format!(
-                        "storage backend `{name}` is not available in this version; use memory, disk or redis"
-                    ),
-                ));
-            }
+            "postgres" => Backend::Postgres {
+                url: Secret::new(""),
+                schema: Backend::DEFAULT_SCHEMA.to_string(),
+                pool_size: Backend::DEFAULT_POOL_SIZE,
+                timeout_ms: Backend::DEFAULT_TIMEOUT_MS,
+                migrate: true,
+                unlogged: false,
+            },
             other => {
                 return Err(Fail::new(
                     &node.origin,
                     path,
                     format!(
-                        "unknown storage backend `{}`: use memory, disk or redis (postgres comes in a later version)",
+                        "unknown storage backend `{}`: use memory, disk, redis or postgres",
                         crate::tree::shorten(other)
                     ),
                 ));
@@ -345,7 +348,7 @@ fn storage(node: &Node, path: &str) -> Result<StorageConfig, Fail> {
         storage.sync = boolean(node, path)?;
     }
     let backend_node = backend.as_ref().map_or(node, |(node, _)| *node);
-    redis_fields(&mut storage, &fields, backend_node, path)?;
+    shared_store_fields(&mut storage, &fields, backend_node, path)?;
     let is_disk = storage.backend == Backend::Disk;
     match (&storage.backend, &backend, &data_path) {
         (Backend::Disk, Some((node, _)), None) => {
@@ -402,77 +405,182 @@ fn storage(node: &Node, path: &str) -> Result<StorageConfig, Fail> {
     Ok(storage)
 }
 
-/// `url`, `timeout_ms` and `cluster`: required or refused depending on the backend.
-fn redis_fields(
+/// The fields of the shared stores (`url`, `timeout_ms`; Redis's `cluster`; PostgreSQL's
+/// `schema`, `pool_size`, `migrate`, `unlogged`): required or refused depending on the
+/// backend.
+fn shared_store_fields(
     storage: &mut StorageConfig,
     fields: &Fields<'_>,
     backend_node: &Node,
     path: &str,
 ) -> Result<(), Fail> {
-    let url = fields.get("url");
-    let timeout = fields.get("timeout_ms");
-    let cluster = fields.get("cluster");
-    let Backend::Redis {
-        url: url_value,
-        timeout_ms,
-        cluster: cluster_value,
-        cluster_seeds,
-    } = &mut storage.backend
-    else {
-        if let Some((node, field)) = [&url, &timeout, &cluster].into_iter().flatten().next() {
+    for (field, backends) in [
+        ("url", "redis or postgres"),
+        ("timeout_ms", "redis or postgres"),
+        ("cluster", "redis"),
+        ("schema", "postgres"),
+        ("pool_size", "postgres"),
+        ("migrate", "postgres"),
+        ("unlogged", "postgres"),
+    ] {
+        let applies = match &storage.backend {
+            Backend::Redis { .. } => backends.contains("redis"),
+            Backend::Postgres { .. } => backends.contains("postgres"),
+            Backend::Memory | Backend::Disk => false,
+        };
+        if let (false, Some((node, path))) = (applies, fields.get(field)) {
+            let first = backends.split(' ').next().unwrap_or(backends);
             return Err(Fail::new(
                 &node.origin,
-                field,
+                &path,
                 format!(
-                    "storage.{} only applies to backend redis: set `backend: redis`, or remove it",
-                    field.rsplit('.').next().unwrap_or(field)
+                    "storage.{field} only applies to backend {backends}: set `backend: {first}`, or remove it"
                 ),
             ));
         }
-        return Ok(());
-    };
-    if let Some((node, field)) = &cluster {
-        if let Value::Seq(items) = &node.value {
-            // `cluster: [redis://a:7000, redis://b:7001]`: seed nodes of a Redis Cluster.
-            if items.is_empty() {
-                return Err(Fail::new(
-                    &node.origin,
-                    field,
-                    "storage.cluster lists no node: list at least one, e.g. [redis://10.0.0.1:7000], or write `cluster: true` to use storage.url",
-                ));
-            }
-            for (i, item) in items.iter().enumerate() {
-                cluster_seeds.push(redis_url(item, &format!("{field}[{i}]"))?);
-            }
-            *cluster_value = true;
-        } else {
-            *cluster_value = boolean(node, field).map_err(|_| {
-                Fail::new(
-                    &node.origin,
-                    field,
-                    format!(
-                        "storage.cluster is true, false or a list of node URLs, found {}",
-                        node.describe()
-                    ),
-                )
-            })?;
-        }
     }
-    match &url {
-        Some((node, field)) => *url_value = redis_url(node, field)?,
-        None if !cluster_seeds.is_empty() => *url_value = cluster_seeds.remove(0),
+    let (name, example, schemes): (&str, &str, &[&str]) = match &storage.backend {
+        Backend::Redis { .. } => (
+            "redis",
+            "redis://127.0.0.1:6379",
+            &["redis://", "rediss://", "redis+unix://", "unix://"],
+        ),
+        Backend::Postgres { .. } => (
+            "postgres",
+            "postgres://sluice:${SLUICE_PG_PASSWORD}@127.0.0.1:5432/sluice",
+            &["postgres://", "postgresql://"],
+        ),
+        Backend::Memory | Backend::Disk => return Ok(()),
+    };
+    // Redis Cluster: `cluster: true`, or a list of seed nodes (the first stands in for
+    // an absent `url`).
+    let (mut cluster_flag, mut cluster_seeds) = (false, Vec::new());
+    if let (Backend::Redis { .. }, Some((node, field))) = (&storage.backend, fields.get("cluster"))
+    {
+        (cluster_flag, cluster_seeds) = redis_cluster(node, &field)?;
+    }
+    let text = match fields.get("url") {
+        Some((node, field)) => {
+            // The value may hold a password: it never goes into a message.
+            let text = string(node, &field)?.trim();
+            let scheme_ok = schemes
+                .iter()
+                .any(|scheme| text.starts_with(scheme) && text.len() > scheme.len());
+            if !scheme_ok {
+                let message = match name {
+                    "redis" => "storage.url must be a Redis URL such as redis://127.0.0.1:6379 (or rediss:// for TLS)".to_string(),
+                    _ => format!("storage.url must be a PostgreSQL URL such as {example}"),
+                };
+                return Err(Fail::new(&node.origin, &field, message));
+            }
+            Secret::new(text)
+        }
+        None if !cluster_seeds.is_empty() => cluster_seeds.remove(0),
         None => {
+            let cluster_hint = if name == "redis" {
+                " (for a Redis Cluster, a node's url and `cluster: true`)"
+            } else {
+                ""
+            };
             return Err(Fail::new(
                 &backend_node.origin,
                 &join(path, "url"),
-                "backend redis needs a url: add `url: redis://127.0.0.1:6379` under storage (for a Redis Cluster, a node's url and `cluster: true`)",
+                format!(
+                    "backend {name} needs a url: add `url: {example}` under storage{cluster_hint}"
+                ),
             ));
         }
-    }
-    if let Some((node, field)) = &timeout {
-        *timeout_ms = whole(node, field, 1, Backend::MAX_TIMEOUT_MS)?;
+    };
+    let timeout = match fields.get("timeout_ms") {
+        Some((node, field)) => Some(whole(node, &field, 1, Backend::MAX_TIMEOUT_MS)?),
+        None => None,
+    };
+    match &mut storage.backend {
+        Backend::Redis {
+            url,
+            timeout_ms,
+            cluster,
+            cluster_seeds: seeds,
+        } => {
+            *url = text;
+            *timeout_ms = timeout.unwrap_or(*timeout_ms);
+            *cluster = cluster_flag;
+            *seeds = cluster_seeds;
+        }
+        Backend::Postgres {
+            url,
+            schema,
+            pool_size,
+            timeout_ms,
+            migrate,
+            unlogged,
+        } => {
+            *url = text;
+            *timeout_ms = timeout.unwrap_or(*timeout_ms);
+            if let Some((node, field)) = fields.get("schema") {
+                let name = string(node, &field)?;
+                let mut bytes = name.bytes();
+                let plain = name.len() <= 63
+                    && bytes
+                        .next()
+                        .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+                    && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                if !plain {
+                    return Err(Fail::new(
+                        &node.origin,
+                        &field,
+                        format!(
+                            "schema `{}` is not a plain lowercase PostgreSQL identifier: use letters a-z, digits and _, starting with a letter or _, at most 63 bytes, e.g. `schema: sluice`",
+                            crate::tree::shorten(name)
+                        ),
+                    ));
+                }
+                *schema = name.to_string();
+            }
+            if let Some((node, field)) = fields.get("pool_size") {
+                let value = whole(node, &field, 1, Backend::MAX_POOL_SIZE as u64)?;
+                *pool_size = usize::try_from(value).unwrap_or(Backend::MAX_POOL_SIZE);
+            }
+            if let Some((node, field)) = fields.get("migrate") {
+                *migrate = boolean(node, &field)?;
+            }
+            if let Some((node, field)) = fields.get("unlogged") {
+                *unlogged = boolean(node, &field)?;
+            }
+        }
+        Backend::Memory | Backend::Disk => {}
     }
     Ok(())
+}
+
+/// `storage.cluster`: `true`/`false`, or a list of Redis Cluster node URLs (a cluster).
+fn redis_cluster(node: &Node, field: &str) -> Result<(bool, Vec<Secret>), Fail> {
+    let Value::Seq(items) = &node.value else {
+        let on = boolean(node, field).map_err(|_| {
+            Fail::new(
+                &node.origin,
+                field,
+                format!(
+                    "storage.cluster is true, false or a list of node URLs, found {}",
+                    node.describe()
+                ),
+            )
+        })?;
+        return Ok((on, Vec::new()));
+    };
+    if items.is_empty() {
+        return Err(Fail::new(
+            &node.origin,
+            field,
+            "storage.cluster lists no node: list at least one, e.g. [redis://10.0.0.1:7000], or write `cluster: true` to use storage.url",
+        ));
+    }
+    let seeds = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| redis_url(item, &format!("{field}[{i}]")))
+        .collect::<Result<_, _>>()?;
+    Ok((true, seeds))
 }
 
 /// A Redis URL (`redis://`, `rediss://` or a unix socket), kept secret.

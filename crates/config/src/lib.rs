@@ -417,13 +417,39 @@ pub enum Backend {
         /// `storage.cluster` is a list (its first entry is `url` when `url` is absent).
         cluster_seeds: Vec<Secret>,
     },
+    /// Shared by every instance pointing at one PostgreSQL database (config value
+    /// `postgres`); keys start with `storage.prefix`.
+    Postgres {
+        /// `storage.url`, required: `postgres://user:password@host:port/database`. May
+        /// carry a password, so it never shows in `Debug` output.
+        url: Secret,
+        /// `storage.schema`: where sluice's table and functions live; a lowercase
+        /// identifier. Default `public`.
+        schema: String,
+        /// `storage.pool_size`: connections kept at most (1 to 1000). Default 16.
+        pool_size: usize,
+        /// `storage.timeout_ms`: the longest one store call may take before `on_error`
+        /// applies (1 to 60000). Default 200.
+        timeout_ms: u64,
+        /// `storage.migrate`: install or upgrade the schema at start. Default true.
+        migrate: bool,
+        /// `storage.unlogged`: keep counters in an UNLOGGED table (no WAL: faster, but
+        /// emptied by a crash of PostgreSQL). Default false.
+        unlogged: bool,
+    },
 }
 
 impl Backend {
-    /// Default `storage.timeout_ms` of backend redis.
+    /// Default `storage.timeout_ms` of backends redis and postgres.
     pub const DEFAULT_TIMEOUT_MS: u64 = 200;
     /// Largest `storage.timeout_ms`.
     pub const MAX_TIMEOUT_MS: u64 = 60_000;
+    /// Default `storage.schema` of backend postgres.
+    pub const DEFAULT_SCHEMA: &'static str = "public";
+    /// Default `storage.pool_size` of backend postgres.
+    pub const DEFAULT_POOL_SIZE: usize = 16;
+    /// Largest `storage.pool_size`.
+    pub const MAX_POOL_SIZE: usize = 1_000;
 
     /// The config spelling.
     pub fn as_str(&self) -> &'static str {
@@ -431,6 +457,7 @@ impl Backend {
             Backend::Memory => "memory",
             Backend::Disk => "disk",
             Backend::Redis { .. } => "redis",
+            Backend::Postgres { .. } => "postgres",
         }
     }
 }

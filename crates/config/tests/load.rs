@@ -382,12 +382,7 @@ fn wrong_types_are_reported_with_what_was_found() {
 }
 
 #[test]
-fn storage_backends_of_later_versions_say_so() {
-    let error = err("storage: {backend: postgres}");
-    assert!(
-        error.message.contains("not available in this version"),
-        "{error}"
-    );
+fn unknown_storage_backends_list_the_known_ones() {
     let error = err("storage:\n  backend: mongo\n");
     assert_at(
         &error,
@@ -628,7 +623,7 @@ fn an_override_naming_an_unknown_field_names_the_variable() {
     assert_eq!(error.line, None);
     assert_eq!(
         error.to_string(),
-        "SLUICE_STORAGE__MAX_KEY (overrides storage.max_key): unknown field `max_key`, expected one of `backend`, `max_keys`, `on_error`, `prefix`, `sweep_interval_ms`, `path`, `sync`, `url`, `timeout_ms`, `cluster`"
+        "SLUICE_STORAGE__MAX_KEY (overrides storage.max_key): unknown field `max_key`, expected one of `backend`, `max_keys`, `on_error`, `prefix`, `sweep_interval_ms`, `path`, `sync`, `url`, `timeout_ms`, `cluster`, `schema`, `pool_size`, `migrate`, `unlogged`"
     );
     let error = err_with("", &[], &[("SLUICE_LIMITS__CHAT_USER__RAT", "5/minute")]);
     assert!(
@@ -710,14 +705,119 @@ fn disk_backend_errors_name_the_line() {
     assert_at(&error, 3, 9, "storage.sync", "only applies to backend disk");
     let error = err("storage:\n  backend: disk\n  path: /tmp/x\n  sync: yes please\n");
     assert_at(&error, 4, 9, "storage.sync", "expected true or false");
-    let error = err("storage:\n  backend: postgres\n");
+    let error = err("storage:\n  backend: mysql\n");
     assert_at(
         &error,
         2,
         12,
         "storage.backend",
-        "use memory, disk or redis",
+        "use memory, disk, redis or postgres",
     );
+}
+
+#[test]
+fn postgres_backend_reads_its_fields() {
+    let config = ok("storage:\n  backend: postgres\n  url: postgres://u:pw@10.0.0.9:5432/rl\n");
+    let Backend::Postgres {
+        url,
+        schema,
+        pool_size,
+        timeout_ms,
+        migrate,
+        unlogged,
+    } = &config.storage.backend
+    else {
+        panic!("postgres backend");
+    };
+    assert_eq!(url.expose(), "postgres://u:pw@10.0.0.9:5432/rl");
+    assert_eq!(
+        (
+            schema.as_str(),
+            *pool_size,
+            *timeout_ms,
+            *migrate,
+            *unlogged
+        ),
+        ("public", 16, 200, true, false)
+    );
+    assert_eq!(config.storage.backend.to_string(), "postgres");
+    let debug = format!("{:?}", config.storage);
+    assert!(
+        !debug.contains("10.0.0.9") && !debug.contains("pw"),
+        "the url (which may hold a password) is not in Debug output: {debug}"
+    );
+    let config = ok("storage:
+  backend: postgres
+  url: postgresql://h/db
+  schema: rate_limits
+  pool_size: 4
+  timeout_ms: 50
+  migrate: false
+  unlogged: true
+  prefix: \"a:\"
+  on_error: deny
+");
+    assert_eq!(
+        config.storage.backend,
+        Backend::Postgres {
+            url: sluice_config::Secret::new("postgresql://h/db"),
+            schema: "rate_limits".to_string(),
+            pool_size: 4,
+            timeout_ms: 50,
+            migrate: false,
+            unlogged: true,
+        }
+    );
+    assert_eq!(config.storage.prefix, "a:");
+}
+
+#[test]
+fn postgres_backend_errors_name_the_line_and_never_show_the_url() {
+    let error = err("storage:\n  backend: postgres\n");
+    assert_at(&error, 2, 12, "storage.url", "backend postgres needs a url");
+    let error = err("storage:\n  backend: postgres\n  url: mysql://u:hunter2@h/db\n");
+    assert_at(&error, 3, 8, "storage.url", "must be a PostgreSQL URL");
+    assert!(!error.to_string().contains("hunter2"), "{error}");
+    let error = err("storage:\n  backend: postgres\n  url: redis://h\n");
+    assert_at(&error, 3, 8, "storage.url", "must be a PostgreSQL URL");
+    let error = err("storage:\n  backend: postgres\n  url: postgres://h\n  schema: Rate-Limits\n");
+    assert_at(
+        &error,
+        4,
+        11,
+        "storage.schema",
+        "plain lowercase PostgreSQL identifier",
+    );
+    let error = err("storage:\n  backend: postgres\n  url: postgres://h\n  pool_size: 0\n");
+    assert_at(&error, 4, 14, "storage.pool_size", "");
+    let error = err("storage:\n  backend: postgres\n  url: postgres://h\n  migrate: maybe\n");
+    assert_at(&error, 4, 12, "storage.migrate", "expected true or false");
+    let error = err("storage:\n  backend: postgres\n  url: postgres://h\n  cluster: true\n");
+    assert_at(
+        &error,
+        4,
+        12,
+        "storage.cluster",
+        "only applies to backend redis",
+    );
+    let error = err("storage:\n  backend: redis\n  url: redis://h\n  unlogged: true\n");
+    assert_at(
+        &error,
+        4,
+        13,
+        "storage.unlogged",
+        "only applies to backend postgres",
+    );
+    let error = err("storage:\n  schema: sluice\n");
+    assert_at(
+        &error,
+        2,
+        11,
+        "storage.schema",
+        "only applies to backend postgres",
+    );
+    let error = err("storage:\n  backend: postgres\n  url: postgres://h\n  path: /tmp/x\n");
+    assert_at(&error, 4, 9, "storage.path", "only applies to backend disk");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! The `sluice` command: a thin shell over the library crates.
 //!
 //! `sluice serve --config FILE` loads the config, opens the store and serves the HTTP
-//! front door; `sluice check-config FILE` validates a file without starting anything.
+//! front door; `sluice check-config FILE` validates a file without starting anything;
+//! `sluice migrate --config FILE [--print]` installs (or prints) the PostgreSQL schema.
 
 mod admin_cli;
 
@@ -17,6 +18,9 @@ use sluice_server::AppState;
 use sluice_store_disk::{DiskStore, DiskStoreConfig};
 use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
 use sluice_store_policy::{FailurePolicy, PolicyConfig, PolicyStore};
+use sluice_store_postgres::{
+    PostgresStore, PostgresStoreConfig, PostgresStoreError, SCHEMA_VERSION, SchemaStatus,
+};
 use sluice_store_redis::{RedisStore, RedisStoreConfig};
 use tracing_subscriber::EnvFilter;
 
@@ -57,6 +61,16 @@ enum Command {
     },
     /// Talk to a running server's admin API: reset, reset-limit, state, reload, status.
     Admin(admin_cli::AdminArgs),
+    /// Install or upgrade sluice's PostgreSQL schema (storage.backend: postgres), or
+    /// print its SQL for a DBA to apply.
+    Migrate {
+        /// The YAML config file (its storage section names the database and schema).
+        #[arg(long, short, env = "SLUICE_CONFIG")]
+        config: PathBuf,
+        /// Print the SQL instead of applying it; connects to nothing.
+        #[arg(long)]
+        print: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,11 +80,15 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => check_config(&file),
         Command::Serve { config } => serve(&config),
         Command::Admin(args) => admin_cli::run(args),
+        Command::Migrate { config, print } => migrate(&config, print),
     }
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // The PostgreSQL client and pool log every dropped connection and server notice;
+    // the store-failure policy already logs an outage once each way.
+    let filter = EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,tokio_postgres=warn,deadpool=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -152,19 +170,28 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
                     RedisStore::lazy(redis)?
                 }
             };
-            Arc::new(PolicyStore::new(
-                Arc::new(store),
-                PolicyConfig {
-                    policy: match config.storage.on_error {
-                        OnError::Allow => FailurePolicy::Allow,
-                        OnError::Deny => FailurePolicy::Deny,
-                        OnError::Local => FailurePolicy::Local,
-                    },
-                    timeout: Duration::from_millis(*timeout_ms),
-                    probe_interval: Duration::from_secs(1),
-                    local_max_keys: config.storage.max_keys,
-                },
-            ))
+            with_failure_policy(Arc::new(store), *timeout_ms, config)
+        }
+        Backend::Postgres { timeout_ms, .. } => {
+            let store = Arc::new(PostgresStore::new(postgres_settings(config)?)?);
+            // As for Redis, a database that is down at start does not stop sluice: the
+            // schema is checked (or installed) on its first answer. A database that
+            // answers but refuses the schema is a configuration error: stop and say so.
+            match store.prepare().await {
+                Ok(status) => tracing::info!(
+                    address = store.address(),
+                    schema = store.schema(),
+                    prefix = store.prefix(),
+                    status = ?status,
+                    "postgres store ready"
+                ),
+                Err(error @ PostgresStoreError::Unreachable { .. }) => {
+                    tracing::error!(%error, on_error = %config.storage.on_error, "cannot reach PostgreSQL at start; deciding by on_error until it answers");
+                }
+                Err(error) => return Err(error.into()),
+            }
+            store.start_sweeper(Duration::from_millis(config.storage.sweep_interval_ms));
+            with_failure_policy(store, *timeout_ms, config)
         }
         Backend::Memory => Arc::new(MemoryStore::new(memory)),
         Backend::Disk => {
@@ -190,6 +217,119 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             Arc::new(store)
         }
     })
+}
+
+/// A shared store wrapped in the `on_error` policy, every call bounded by `timeout_ms`.
+fn with_failure_policy(store: Arc<dyn Store>, timeout_ms: u64, config: &Config) -> Arc<dyn Store> {
+    Arc::new(PolicyStore::new(
+        store,
+        PolicyConfig {
+            policy: match config.storage.on_error {
+                OnError::Allow => FailurePolicy::Allow,
+                OnError::Deny => FailurePolicy::Deny,
+                OnError::Local => FailurePolicy::Local,
+            },
+            timeout: Duration::from_millis(timeout_ms),
+            probe_interval: Duration::from_secs(1),
+            local_max_keys: config.storage.max_keys,
+        },
+    ))
+}
+
+/// The PostgreSQL store's settings from `storage:` (backend postgres).
+fn postgres_settings(config: &Config) -> anyhow::Result<PostgresStoreConfig> {
+    let Backend::Postgres {
+        url,
+        schema,
+        pool_size,
+        timeout_ms,
+        migrate,
+        unlogged,
+    } = &config.storage.backend
+    else {
+        anyhow::bail!(
+            "storage.backend is {}, not postgres: sluice migrate installs the PostgreSQL schema; set `backend: postgres` and a url",
+            config.storage.backend
+        );
+    };
+    let mut settings = PostgresStoreConfig::new(url.expose());
+    settings.schema = schema.clone();
+    settings.prefix = config.storage.prefix.clone();
+    settings.pool_size = *pool_size;
+    settings.timeout = Duration::from_millis(*timeout_ms);
+    settings.migrate = *migrate;
+    settings.unlogged = *unlogged;
+    Ok(settings)
+}
+
+/// `sluice migrate`: applies the schema now (whatever `storage.migrate` says), or prints it.
+fn migrate(path: &Path, print: bool) -> ExitCode {
+    let config = match sluice_config::load(path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let settings = match postgres_settings(&config) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("error: {}: {error:#}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    if print {
+        return match sluice_store_postgres::migration_sql(&settings.schema, settings.unlogged) {
+            Ok(sql) => {
+                print!("{sql}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    // Migrations may take longer than a decision: wait at least ten seconds for the
+    // connection and the lock other instances may hold.
+    let mut settings = settings;
+    settings.timeout = settings.timeout.max(Duration::from_secs(10));
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let schema = settings.schema.clone();
+    let outcome = runtime.block_on(async move {
+        let store = PostgresStore::new(settings)?;
+        let status = store.migrate().await?;
+        Ok::<_, PostgresStoreError>((store.address().to_string(), status))
+    });
+    match outcome {
+        Ok((address, status)) => {
+            match status {
+                SchemaStatus::Migrated { from } => println!(
+                    "sluice schema version {SCHEMA_VERSION} installed in schema {schema} at {address} (was {from})"
+                ),
+                SchemaStatus::UpToDate => println!(
+                    "sluice schema in schema {schema} at {address} is already at version {SCHEMA_VERSION}"
+                ),
+                SchemaStatus::Newer { found } => println!(
+                    "sluice schema in schema {schema} at {address} is at version {found}, newer than this sluice's {SCHEMA_VERSION}: left as it is"
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn serve(path: &Path) -> ExitCode {

@@ -3,8 +3,10 @@
 //! - [`semantics`]: the behaviour every [`Store`](sluice_engine::Store) must show, written
 //!   once. A backend runs it with [`semantic_suite!`] and a [`Harness`] that hands out a
 //!   fresh store and a way to let time pass.
-//! - [`servers`]: real servers (`redis-server`) on free loopback ports, cleaned up on drop.
+//! - [`servers`]: real servers (`redis-server`, PostgreSQL) on free loopback ports, cleaned
+//!   up on drop.
 
+mod postgres;
 pub mod semantics;
 pub mod servers;
 

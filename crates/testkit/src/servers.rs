@@ -6,6 +6,7 @@
 //! [`RedisServer::stop`] it and [`RedisServer::restart`] it on the same port.
 //! [`RedisCluster`] starts several of them with cluster mode on and joins them into one
 //! Redis Cluster with `redis-cli --cluster create`.
+//! [`PostgresServer`] (in `postgres.rs`) does the same for a PostgreSQL cluster.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -13,14 +14,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use crate::postgres::PostgresServer;
+
 /// Why a test server could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The binary is not installed (`scripts/test` installs it).
-    #[error(
-        "{0} not found on PATH: install it (apt-get install -y redis-server) or run scripts/test"
-    )]
-    NotInstalled(&'static str),
+    #[error("{0} not found: run scripts/test, which installs it (Debian package {1})")]
+    NotInstalled(&'static str, &'static str),
     /// Starting or talking to the process failed.
     #[error("{what}: {source}")]
     Io {
@@ -30,17 +31,25 @@ pub enum ServerError {
         source: std::io::Error,
     },
     /// The server did not answer in time.
-    #[error("{0} did not answer PING within {1:?}")]
+    #[error("{0} did not answer within {1:?}")]
     NotReady(String, Duration),
+    /// A setup command (initdb, pg_ctl, psql) failed.
+    #[error("{command} failed: {output}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What it printed.
+        output: String,
+    },
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
     let what = what.into();
     move |source| ServerError::Io { what, source }
 }
 
 /// How long a server may take to answer its first `PING`.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Finds `binary` on `PATH`.
 pub fn find_binary(binary: &'static str) -> Result<PathBuf, ServerError> {
@@ -49,7 +58,7 @@ pub fn find_binary(binary: &'static str) -> Result<PathBuf, ServerError> {
         .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
         .map(|dir| dir.join(binary))
         .find(|candidate| candidate.is_file())
-        .ok_or(ServerError::NotInstalled(binary))
+        .ok_or(ServerError::NotInstalled(binary, binary))
 }
 
 /// A loopback port nobody listens on right now (bind port 0, read it, let it go).
@@ -94,7 +103,8 @@ impl RedisServer {
     /// Like [`RedisServer::start`], with extra command-line arguments
     /// (e.g. `["--cluster-enabled", "yes"]`).
     pub fn start_with(extra: &[&str]) -> Result<Self, ServerError> {
-        let binary = find_binary("redis-server")?;
+        let binary = find_binary("redis-server")
+            .map_err(|_| ServerError::NotInstalled("redis-server", "redis-server"))?;
         // A port found free may be taken before the server binds it: try a few.
         let mut last = None;
         for _ in 0..5 {
@@ -113,7 +123,7 @@ impl RedisServer {
                 Err(error) => last = Some(error),
             }
         }
-        Err(last.unwrap_or(ServerError::NotInstalled("redis-server")))
+        Err(last.unwrap_or(ServerError::NotInstalled("redis-server", "redis-server")))
     }
 
     fn launch(&mut self) -> Result<(), ServerError> {

@@ -1040,3 +1040,9 @@ fn read_redis_reply(r: &mut impl std::io::BufRead) -> std::io::Result<RedisReply
         _ => return Err(bad(format!("unexpected reply {line:?}"))),
     })
 }
+
+// ---- a real PostgreSQL (for the PostgreSQL store) -------------------------
+
+// Only the PostgreSQL tests use it; every test binary compiles this module.
+#[allow(unused_imports)]
+pub use sluice_testkit::servers::PostgresServer;
