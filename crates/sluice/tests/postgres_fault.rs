@@ -257,7 +257,7 @@ fn migrate_prints_or_applies_the_schema_and_migrate_false_requires_it() {
     assert!(out.contains("installed in schema rl"), "{out}");
     let (status, out, err) = run_cli(&["migrate", "--config", config]);
     assert!(status.success(), "{err}");
-    assert!(out.contains("already at version 1"), "{out}");
+    assert!(out.contains("already at version 2"), "{out}");
 
     // Now serve starts with migrate: false and decides through the database.
     let s = Server::start(&std::fs::read_to_string(config).expect("config"));

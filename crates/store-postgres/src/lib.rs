@@ -52,7 +52,7 @@ use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 /// The schema version this build installs and expects.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The migration script, with placeholders for the schema and the table's persistence.
 const SCHEMA_SQL: &str = include_str!("schema.sql");
@@ -234,6 +234,8 @@ struct Statements {
     reset: String,
     reset_range: String,
     sweep: String,
+    /// Gives back what a decision charged.
+    refund: String,
     /// Whether the version table and the decision function exist.
     installed: String,
     version: String,
@@ -245,6 +247,7 @@ impl Statements {
         Statements {
             decide: format!("SELECT {s}.sluice_decide($1::text[], $2::bigint[], $3::boolean)"),
             reset: format!("SELECT {s}.sluice_reset($1::text[])"),
+            refund: format!("SELECT {s}.sluice_refund($1::text[], $2::bigint[])"),
             reset_range: format!(
                 "WITH gone AS (DELETE FROM {s}.sluice_counters AS t \
                  WHERE t.key >= $1::text COLLATE \"C\" AND t.key < $2::text COLLATE \"C\" \
@@ -631,11 +634,7 @@ impl PostgresStore {
             let window = &lw.window;
             let capacity = window.capacity();
             let period = window.rate().period_micros();
-            let algorithm = match window.algorithm() {
-                Algorithm::Gcra => 0,
-                Algorithm::FixedWindow => 1,
-                Algorithm::SlidingWindow => 2,
-            };
+            let algorithm = algorithm_code(window.algorithm());
             let interval = period / window.rate().quota() as i64;
             let limit = check.limit();
             let flags = i64::from(limit.charge_denied()) | (i64::from(limit.shadow()) << 1);
@@ -665,6 +664,46 @@ impl PostgresStore {
             .try_get(0)
             .map_err(|e| StoreError::Protocol(format!("sluice_decide answered: {e}")))?;
         parse_reply(&reply, count)
+    }
+
+    async fn refund_inner(
+        &self,
+        request: &DecisionRequest,
+        charged: &[bool],
+    ) -> Result<(), StoreError> {
+        let mut keys: Vec<String> = Vec::new();
+        let mut slots: HashMap<(&str, &str), i64> = HashMap::new();
+        let mut args: Vec<i64> = Vec::new();
+        for ((check, lw), _) in request
+            .windows()
+            .zip(charged)
+            .filter(|(_, charged)| **charged)
+        {
+            let slot = *slots.entry((&lw.counter, check.key())).or_insert_with(|| {
+                keys.push(self.key(&lw.counter, check.key()));
+                keys.len() as i64
+            });
+            let window = &lw.window;
+            let capacity = window.capacity();
+            let period = window.rate().period_micros();
+            args.extend_from_slice(&[
+                slot,
+                algorithm_code(window.algorithm()),
+                capacity as i64,
+                period,
+                period / window.rate().quota() as i64,
+                // More than the capacity was never charged in one decision.
+                check.cost().min(capacity) as i64,
+            ]);
+        }
+        if keys.is_empty() {
+            return Ok(());
+        }
+        // Giving back twice would be as wrong as charging twice: retried only when the
+        // first attempt provably did not run.
+        self.query(&self.statements.refund, &[&keys, &args], false)
+            .await
+            .map(|_| ())
     }
 
     async fn reset_limit_inner(&self, limit: &Limit) -> Result<u64, StoreError> {
@@ -825,6 +864,15 @@ fn parse_reply(reply: &[i64], count: usize) -> Result<Outcomes, StoreError> {
     })
 }
 
+/// The algorithm as `sluice_decide` and `sluice_refund` number it.
+fn algorithm_code(algorithm: Algorithm) -> i64 {
+    match algorithm {
+        Algorithm::Gcra => 0,
+        Algorithm::FixedWindow => 1,
+        Algorithm::SlidingWindow => 2,
+    }
+}
+
 impl Store for PostgresStore {
     fn decide<'a>(&'a self, request: &'a DecisionRequest) -> StoreFuture<'a, Outcomes> {
         Box::pin(self.decide_inner(request))
@@ -846,6 +894,14 @@ impl Store for PostgresStore {
 
     fn reset_limit<'a>(&'a self, limit: &'a Limit) -> StoreFuture<'a, u64> {
         Box::pin(self.reset_limit_inner(limit))
+    }
+
+    fn refund<'a>(
+        &'a self,
+        request: &'a DecisionRequest,
+        charged: &'a [bool],
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(self.refund_inner(request, charged))
     }
 
     fn ping(&self) -> StoreFuture<'_, ()> {
@@ -881,7 +937,7 @@ mod tests {
     #[test]
     fn the_script_names_the_schema_and_persistence() {
         let logged = migration_sql("rate", false).expect("script");
-        assert!(logged.starts_with("-- sluice schema version 1"));
+        assert!(logged.starts_with("-- sluice schema version 2"));
         assert!(logged.contains("CREATE TABLE IF NOT EXISTS \"rate\".sluice_counters"));
         assert!(logged.contains("SET LOGGED"));
         assert!(!logged.contains('@'), "every placeholder is filled");

@@ -1,5 +1,5 @@
--- sluice schema version 1 for PostgreSQL 13+: the counter table, the decision function,
--- the reset and sweep functions. Every statement is idempotent, so the whole script may
+-- sluice schema version 2 for PostgreSQL 13+: the counter table, the decision and refund
+-- functions, the reset and sweep functions (version 1 had no refund). Every statement is idempotent, so the whole script may
 -- run again at any time (`sluice serve` runs it at start unless `migrate: false`;
 -- `sluice migrate --print` prints it for a DBA).
 --
@@ -315,6 +315,95 @@ BEGIN
 END
 $sluice$;
 
+-- Gives back what an earlier decision charged (Store::refund; the engine's
+-- Window::refund): gcra moves the tat back by cost intervals, never before now; a fixed
+-- window's current count goes down; a sliding window's current count, then its previous
+-- one. Never below an empty counter; an absent or expired counter is left alone.
+--   p_keys: the distinct counters refunded; p_args: 6 values per window: slot (1-based
+--   index into p_keys), algorithm (0 gcra, 1 fixed, 2 sliding), capacity, period (µs),
+--   gcra interval (µs), cost. Under the same locks as decisions. Returns the number of
+--   counters written.
+CREATE OR REPLACE FUNCTION @schema@.sluice_refund(p_keys text[], p_args bigint[])
+RETURNS bigint
+LANGUAGE plpgsql
+AS $sluice$
+DECLARE
+    n integer := coalesce(pg_catalog.array_length(p_args, 1), 0) / 6;
+    slots integer := coalesce(pg_catalog.array_length(p_keys, 1), 0);
+    now_us bigint;
+    wp boolean[]; wa bigint[]; wb bigint[]; wc bigint[]; sa bigint[]; sp bigint[];
+    dirty boolean[];
+    r record;
+    i integer; o integer; s integer;
+    alg bigint; period bigint; ivl bigint; cost bigint;
+    ws bigint; ca bigint; cb bigint; cc bigint; take bigint;
+    written bigint := 0;
+BEGIN
+    IF slots = 0 OR n = 0 THEN
+        RETURN 0;
+    END IF;
+    PERFORM pg_catalog.pg_advisory_xact_lock(q.h)
+       FROM (SELECT DISTINCT pg_catalog.hashtextextended(k, 1936487781) AS h
+               FROM pg_catalog.unnest(p_keys) AS k ORDER BY 1) AS q;
+    now_us := (EXTRACT(EPOCH FROM pg_catalog.clock_timestamp()) * 1000000)::bigint;
+    wp := pg_catalog.array_fill(false, ARRAY[slots]);
+    dirty := wp;
+    wa := pg_catalog.array_fill(0::bigint, ARRAY[slots]);
+    wb := wa; wc := wa; sa := wa; sp := wa;
+    FOR r IN SELECT t.key, t.a, t.b, t.c FROM @schema@.sluice_counters AS t
+              WHERE t.key = ANY (p_keys) AND t.expires_at > now_us LOOP
+        s := pg_catalog.array_position(p_keys, r.key);
+        wp[s] := true; wa[s] := r.a; wb[s] := r.b; wc[s] := r.c;
+    END LOOP;
+    FOR i IN 1 .. n LOOP
+        o := (i - 1) * 6;
+        s := p_args[o + 1]::integer; alg := p_args[o + 2];
+        period := p_args[o + 4]; ivl := p_args[o + 5]; cost := p_args[o + 6];
+        sa[s] := alg; sp[s] := period;
+        CONTINUE WHEN NOT wp[s] OR cost <= 0;
+        IF alg = 0 THEN
+            ca := GREATEST(wa[s], now_us);
+            cb := GREATEST(ca - cost * ivl, now_us);
+            IF cb <> ca THEN
+                wa[s] := cb; wb[s] := 0; wc[s] := 0; dirty[s] := true;
+            END IF;
+        ELSE
+            ws := now_us - (now_us % period);
+            IF wa[s] >= ws THEN
+                ca := wa[s]; cb := wb[s]; cc := wc[s];
+            ELSIF alg = 2 AND wa[s] = ws - period THEN
+                ca := ws; cb := 0; cc := wb[s];
+            ELSE
+                CONTINUE;
+            END IF;
+            -- The current window's count first, then (sliding) the previous one's.
+            take := LEAST(cb, cost);
+            cb := cb - take;
+            IF alg = 2 THEN
+                cc := cc - LEAST(cc, cost - take);
+            END IF;
+            IF ca <> wa[s] OR cb <> wb[s] OR cc <> wc[s] THEN
+                wa[s] := ca; wb[s] := cb; wc[s] := cc; dirty[s] := true;
+            END IF;
+        END IF;
+    END LOOP;
+    FOR s IN 1 .. slots LOOP
+        CONTINUE WHEN NOT dirty[s];
+        UPDATE @schema@.sluice_counters AS t
+           SET a = wa[s], b = wb[s], c = wc[s],
+               expires_at = CASE WHEN sa[s] = 0 THEN wa[s]
+                                 WHEN sa[s] = 1 OR wb[s] = 0 THEN wa[s] + sp[s]
+                                 ELSE wa[s] + 2 * sp[s] END
+         WHERE t.key = p_keys[s];
+        written := written + 1;
+    END LOOP;
+    RETURN written;
+END
+$sluice$;
+
 INSERT INTO @schema@.sluice_migrations (version, description)
      VALUES (1, 'counter table; sluice_decide, sluice_reset and sluice_sweep')
+ON CONFLICT (version) DO NOTHING;
+INSERT INTO @schema@.sluice_migrations (version, description)
+     VALUES (2, 'sluice_refund')
 ON CONFLICT (version) DO NOTHING;
