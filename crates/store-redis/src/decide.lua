@@ -1,4 +1,5 @@
--- sluice: decide every window of one request atomically, on the Redis server's clock.
+-- sluice: decide every window of one request atomically, on the Redis server's clock
+-- (`now`, with idiv, window_start, parse, encode and expires_at, comes from state.lua).
 -- Mirrors crates/engine/src/algorithm.rs (Window::evaluate, remaining, reset_after,
 -- expires_at) and crates/engine/src/decision.rs (apply: two passes). Times are
 -- microseconds since the Unix epoch; Lua numbers are doubles, exact below 2^53.
@@ -12,19 +13,9 @@
 -- Returns 4 integers per window: allowed (1/0), remaining, reset_after (µs),
 --   retry_after (µs; -1: never).
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local dry_run = ARGV[1] == '1'
 local n = tonumber(ARGV[2])
 local TWO53 = 9007199254740992
-
--- floor(a / b) for non-negative integers, corrected for the rounding of the division.
-local function idiv(a, b)
-  local q = math.floor(a / b)
-  local r = a - q * b
-  if r < 0 then q = q - 1 elseif r >= b then q = q + 1 end
-  return q
-end
 
 -- floor(a * b / d) and (a * b) mod d for non-negative integers, exact even when the
 -- product exceeds 2^53 (quota times a period of months does).
@@ -57,38 +48,6 @@ local function muldiv(a, b, d)
   return qa * b + q, r
 end
 
-local function window_start(period)
-  return now - (now - idiv(now, period) * period)
-end
-
--- Stored states: gcra "tat"; fixed "start:count"; sliding "start:count:previous".
-local function parse(alg, raw)
-  if not raw then return nil end
-  if alg == 'g' then
-    local tat = string.match(raw, '^(%-?%d+)$')
-    if tat then return { tat = tonumber(tat) } end
-  elseif alg == 'f' then
-    local s, c = string.match(raw, '^(%-?%d+):(%d+)$')
-    if s then return { start = tonumber(s), count = tonumber(c) } end
-  else
-    local s, c, p = string.match(raw, '^(%-?%d+):(%d+):(%d+)$')
-    if s then return { start = tonumber(s), count = tonumber(c), prev = tonumber(p) } end
-  end
-  return nil
-end
-
-local function encode(alg, st)
-  if alg == 'g' then return string.format('%d', st.tat) end
-  if alg == 'f' then return string.format('%d:%d', st.start, st.count) end
-  return string.format('%d:%d:%d', st.start, st.count, st.prev)
-end
-
-local function expires_at(w, st)
-  if w.alg == 'g' then return st.tat end
-  if w.alg == 'f' then return st.start + w.period end
-  if st.count > 0 then return st.start + 2 * w.period end
-  return st.start + w.period
-end
 
 local function normalize(w, st)
   if w.alg == 'g' then

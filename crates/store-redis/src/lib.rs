@@ -60,11 +60,11 @@ use connection::{Connection, Connections, PerThread};
 use slots::{Part, PartReply};
 
 /// The decision script; see the module doc.
-const DECIDE_LUA: &str = include_str!("decide.lua");
+const DECIDE_LUA: &str = concat!(include_str!("state.lua"), include_str!("decide.lua"));
 
 /// The refund script: gives back what a decision charged (`Store::refund`, and a
 /// cluster decision that another slot denied; see [`slots`]).
-const REFUND_LUA: &str = include_str!("refund.lua");
+const REFUND_LUA: &str = concat!(include_str!("state.lua"), include_str!("refund.lua"));
 
 /// How many keys one `SCAN` step asks for and one `UNLINK` removes.
 const SCAN_BATCH: usize = 500;

@@ -1,4 +1,5 @@
--- sluice: give back what an earlier decision charged, on the Redis server's clock.
+-- sluice: give back what an earlier decision charged, on the Redis server's clock
+-- (`now` and the state helpers come from state.lua).
 -- Mirrors crates/engine/src/algorithm.rs (Window::refund): gcra moves the TAT back by
 -- cost intervals, never before now; fixed windows decrement the current window's count;
 -- sliding windows decrement the current count first, then the previous one; never below
@@ -9,48 +10,7 @@
 --   KEYS), algorithm ('g', 'f', 's'), capacity, period (µs), gcra interval (µs), cost.
 -- Returns the number of counters written.
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local n = tonumber(ARGV[1])
-
-local function idiv(a, b)
-  local q = math.floor(a / b)
-  local r = a - q * b
-  if r < 0 then q = q - 1 elseif r >= b then q = q + 1 end
-  return q
-end
-
-local function window_start(period)
-  return now - (now - idiv(now, period) * period)
-end
-
-local function parse(alg, raw)
-  if not raw then return nil end
-  if alg == 'g' then
-    local tat = string.match(raw, '^(%-?%d+)$')
-    if tat then return { tat = tonumber(tat) } end
-  elseif alg == 'f' then
-    local s, c = string.match(raw, '^(%-?%d+):(%d+)$')
-    if s then return { start = tonumber(s), count = tonumber(c) } end
-  else
-    local s, c, p = string.match(raw, '^(%-?%d+):(%d+):(%d+)$')
-    if s then return { start = tonumber(s), count = tonumber(c), prev = tonumber(p) } end
-  end
-  return nil
-end
-
-local function encode(alg, st)
-  if alg == 'g' then return string.format('%d', st.tat) end
-  if alg == 'f' then return string.format('%d:%d', st.start, st.count) end
-  return string.format('%d:%d:%d', st.start, st.count, st.prev)
-end
-
-local function expires_at(w, st)
-  if w.alg == 'g' then return st.tat end
-  if w.alg == 'f' then return st.start + w.period end
-  if st.count > 0 then return st.start + 2 * w.period end
-  return st.start + w.period
-end
 
 -- Window::refund: the state after giving back `cost`, or nil when nothing changes.
 local function refund(w, st, cost)
