@@ -2,53 +2,33 @@
 //! written once.
 //!
 //! Both are multiplexed: concurrent decisions share the connections (pipelined on the
-//! wire), they do not take one each. A single server gets one [`ConnectionManager`] per
-//! thread that uses the store (each reconnects by itself): sluice serves HTTP on one
-//! single-threaded runtime per core, and a connection driven by the thread that
-//! decides saves two thread hand-offs (and their wake-ups) per decision. A cluster is redis-rs's cluster connection, which routes every
+//! wire), they do not take one each. A single server is one [`ConnectionManager`] for the
+//! whole process, which reconnects by itself. (One per serving thread saved two thread
+//! hand-offs per decision, about 10% in BENCHMARKS.md, but then every thread found out
+//! about a Redis restart on its own first call after it, and recovery flapped.) A cluster is redis-rs's cluster connection, which routes every
 //! command by the slot of its first key, follows `MOVED`/`ASK` redirections and
 //! refreshes its slot map when nodes change; it is opened lazily, so sluice starts (and
 //! decides by `on_error`) while the cluster is down.
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
-use redis::{Client, Cmd, Pipeline, RedisFuture, RedisResult, Value};
-use thread_local::ThreadLocal;
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 /// Where a store's connections come from.
 pub(crate) enum Connections {
-    /// One Redis server: a multiplexed connection per thread, opened on its first use.
-    Single(Box<PerThread>),
+    /// One Redis server: one multiplexed connection, reconnected when it drops.
+    Single(ConnectionManager),
     /// A Redis Cluster: one connection (to every node) shared by all threads.
     Cluster(ClusterConnection),
 }
 
-/// One server's connections, one per thread.
-pub(crate) struct PerThread {
-    /// The server.
-    pub client: Client,
-    /// Timeouts and reconnection.
-    pub config: ConnectionManagerConfig,
-    /// This thread's connection.
-    pub connections: ThreadLocal<ConnectionManager>,
-}
-
 impl Connections {
-    /// The connection for this thread. Must be called inside a Tokio runtime: a new
-    /// connection's driver runs on it.
+    /// A handle on the connection (cheap: both are multiplexed).
     pub(crate) fn get(&self) -> RedisResult<Connection> {
-        match self {
-            Connections::Single(server) => server
-                .connections
-                .get_or_try(|| {
-                    ConnectionManager::new_lazy_with_config(
-                        server.client.clone(),
-                        server.config.clone(),
-                    )
-                })
-                .map(|manager| Connection::Single(manager.clone())),
-            Connections::Cluster(cluster) => Ok(Connection::Cluster(cluster.clone())),
-        }
+        Ok(match self {
+            Connections::Single(manager) => Connection::Single(manager.clone()),
+            Connections::Cluster(cluster) => Connection::Cluster(cluster.clone()),
+        })
     }
 
     /// Whether keys must be grouped by slot (a script may only touch one slot's keys).

@@ -51,12 +51,11 @@ use sluice_engine::{
     Algorithm, Check, DecisionRequest, Limit, LimitWindow, Outcomes, Store, StoreError,
     StoreFuture, StoreStats, WindowOutcome,
 };
-use thread_local::ThreadLocal;
 
 mod connection;
 mod slots;
 
-use connection::{Connection, Connections, PerThread};
+use connection::{Connection, Connections};
 use slots::{Part, PartReply};
 
 /// The decision script; see the module doc.
@@ -201,11 +200,14 @@ impl RedisStore {
                 // server.
                 .set_number_of_retries(1)
                 .set_max_delay(Duration::from_millis(100));
-            Connections::Single(Box::new(PerThread {
-                client,
-                config: manager,
-                connections: ThreadLocal::new(),
-            }))
+            Connections::Single(
+                redis::aio::ConnectionManager::new_lazy_with_config(client, manager).map_err(
+                    |source| RedisStoreError::Unreachable {
+                        address: address.clone(),
+                        source,
+                    },
+                )?,
+            )
         };
         Ok(RedisStore {
             connections,
@@ -261,9 +263,9 @@ impl RedisStore {
         self.attempt(op, true).await
     }
 
-    /// Runs `op` once. A call that charges must not be repeated: when the connection
-    /// drops or times out, the script may already have run, and a second run would
-    /// charge twice. The failure goes to the `on_error` policy instead, and the next
+    /// Runs `op` once (again only when the connection was refused, so nothing was
+    /// sent). A call that charges must not be repeated: when the connection drops or
+    /// times out, the script may already have run, and a second run would charge twice. The failure goes to the `on_error` policy instead, and the next
     /// decision finds the reconnected connection.
     async fn once<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
@@ -285,9 +287,13 @@ impl RedisStore {
         };
         match op(connection()?).await {
             Ok(value) => Ok(value),
-            Err(error) if may_retry && retryable(&error) => op(connection()?)
-                .await
-                .map_err(|e| store_error(&self.address, e)),
+            // A refused connection never carried the command, so even a charging call may
+            // go again (the manager has reconnected by then).
+            Err(error) if (may_retry && retryable(&error)) || error.is_connection_refusal() => {
+                op(connection()?)
+                    .await
+                    .map_err(|e| store_error(&self.address, e))
+            }
             Err(error) => Err(store_error(&self.address, error)),
         }
     }
