@@ -439,17 +439,9 @@ fn shared_store_fields(
             ));
         }
     }
-    let (name, example, schemes): (&str, &str, &[&str]) = match &storage.backend {
-        Backend::Redis { .. } => (
-            "redis",
-            "redis://127.0.0.1:6379",
-            &["redis://", "rediss://", "redis+unix://", "unix://"],
-        ),
-        Backend::Postgres { .. } => (
-            "postgres",
-            "postgres://sluice:${SLUICE_PG_PASSWORD}@127.0.0.1:5432/sluice",
-            &["postgres://", "postgresql://"],
-        ),
+    let (name, example) = match &storage.backend {
+        Backend::Redis { .. } => ("redis", REDIS_URL_EXAMPLE),
+        Backend::Postgres { .. } => ("postgres", POSTGRES_URL_EXAMPLE),
         Backend::Memory | Backend::Disk => return Ok(()),
     };
     // Redis Cluster: `cluster: true`, or a list of seed nodes (the first stands in for
@@ -460,21 +452,7 @@ fn shared_store_fields(
         (cluster_flag, cluster_seeds) = redis_cluster(node, &field)?;
     }
     let text = match fields.get("url") {
-        Some((node, field)) => {
-            // The value may hold a password: it never goes into a message.
-            let text = string(node, &field)?.trim();
-            let scheme_ok = schemes
-                .iter()
-                .any(|scheme| text.starts_with(scheme) && text.len() > scheme.len());
-            if !scheme_ok {
-                let message = match name {
-                    "redis" => "storage.url must be a Redis URL such as redis://127.0.0.1:6379 (or rediss:// for TLS)".to_string(),
-                    _ => format!("storage.url must be a PostgreSQL URL such as {example}"),
-                };
-                return Err(Fail::new(&node.origin, &field, message));
-            }
-            Secret::new(text)
-        }
+        Some((node, field)) => store_url(node, &field, name)?,
         None if !cluster_seeds.is_empty() => cluster_seeds.remove(0),
         None => {
             let cluster_hint = if name == "redis" {
@@ -578,15 +556,32 @@ fn redis_cluster(node: &Node, field: &str) -> Result<(bool, Vec<Secret>), Fail> 
     let seeds = items
         .iter()
         .enumerate()
-        .map(|(i, item)| redis_url(item, &format!("{field}[{i}]")))
+        .map(|(i, item)| store_url(item, &format!("{field}[{i}]"), "redis"))
         .collect::<Result<_, _>>()?;
     Ok((true, seeds))
 }
 
-/// A Redis URL (`redis://`, `rediss://` or a unix socket), kept secret.
-fn redis_url(node: &Node, field: &str) -> Result<Secret, Fail> {
+const REDIS_URL_EXAMPLE: &str = "redis://127.0.0.1:6379";
+const POSTGRES_URL_EXAMPLE: &str = "postgres://sluice:${SLUICE_PG_PASSWORD}@127.0.0.1:5432/sluice";
+
+/// A store URL of backend `name` (`redis` or `postgres`), kept secret: the value may
+/// hold a password, so it never goes into a message.
+fn store_url(node: &Node, field: &str, name: &str) -> Result<Secret, Fail> {
+    let (schemes, kind, example): (&[&str], &str, String) = if name == "redis" {
+        (
+            &["redis://", "rediss://", "redis+unix://", "unix://"],
+            "a Redis URL",
+            format!("{REDIS_URL_EXAMPLE} (or rediss:// for TLS)"),
+        )
+    } else {
+        (
+            &["postgres://", "postgresql://"],
+            "a PostgreSQL URL",
+            POSTGRES_URL_EXAMPLE.to_string(),
+        )
+    };
     let text = string(node, field)?.trim();
-    let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
+    let scheme_ok = schemes
         .iter()
         .any(|scheme| text.starts_with(scheme) && text.len() > scheme.len());
     if !scheme_ok {
@@ -594,7 +589,7 @@ fn redis_url(node: &Node, field: &str) -> Result<Secret, Fail> {
             &node.origin,
             field,
             format!(
-                "storage.{} must be a Redis URL such as redis://127.0.0.1:6379 (or rediss:// for TLS)",
+                "storage.{} must be {kind} such as {example}",
                 field.strip_prefix("storage.").unwrap_or(field)
             ),
         ));

@@ -12,7 +12,7 @@
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 /// Where a store's connections come from.
 pub(crate) enum Connections {
@@ -24,11 +24,11 @@ pub(crate) enum Connections {
 
 impl Connections {
     /// A handle on the connection (cheap: both are multiplexed).
-    pub(crate) fn get(&self) -> RedisResult<Connection> {
-        Ok(match self {
+    pub(crate) fn get(&self) -> Connection {
+        match self {
             Connections::Single(manager) => Connection::Single(manager.clone()),
             Connections::Cluster(cluster) => Connection::Cluster(cluster.clone()),
-        })
+        }
     }
 
     /// Whether keys must be grouped by slot (a script may only touch one slot's keys).

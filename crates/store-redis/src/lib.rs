@@ -147,11 +147,7 @@ impl RedisStore {
     /// Connects now and fails when Redis does not answer.
     pub async fn connect(config: RedisStoreConfig) -> Result<Self, RedisStoreError> {
         let store = Self::lazy(config)?;
-        let unreachable = |source| RedisStoreError::Unreachable {
-            address: store.address.clone(),
-            source,
-        };
-        let mut connection = store.connections.get().map_err(unreachable)?;
+        let mut connection = store.connections.get();
         redis::cmd("PING")
             .query_async::<()>(&mut connection)
             .await
@@ -280,17 +276,12 @@ impl RedisStore {
         F: Fn(Connection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let connection = || {
-            self.connections
-                .get()
-                .map_err(|e| store_error(&self.address, e))
-        };
-        match op(connection()?).await {
+        match op(self.connections.get()).await {
             Ok(value) => Ok(value),
             // A refused connection never carried the command, so even a charging call may
             // go again (the manager has reconnected by then).
             Err(error) if (may_retry && retryable(&error)) || error.is_connection_refusal() => {
-                op(connection()?)
+                op(self.connections.get())
                     .await
                     .map_err(|e| store_error(&self.address, e))
             }
@@ -439,24 +430,7 @@ impl RedisStore {
         }
         for (part, answer) in parts.iter().zip(answers) {
             let Ok(reply) = answer else { continue };
-            let part_allowed = part
-                .windows
-                .iter()
-                .zip(&reply.outcomes)
-                .all(|(&(i, _), o)| o.allowed || windows[i].0.limit().shadow());
-            let charged: Vec<usize> = part
-                .windows
-                .iter()
-                .zip(&reply.outcomes)
-                .enumerate()
-                .filter(|&(_, (&(i, _), o))| {
-                    let check = windows[i].0;
-                    check.cost() > 0
-                        && ((part_allowed && o.allowed)
-                            || (check.limit().charge_denied() && o.retry_after.is_some()))
-                })
-                .map(|(k, _)| k)
-                .collect();
+            let charged = slots::charged(windows, part, reply);
             if !charged.is_empty()
                 && let Err(error) = self.refund_part(windows, part, &charged).await
             {

@@ -55,13 +55,14 @@ pub(crate) fn split<'a, S: PartialEq>(
     for (index, (check, lw)) in windows.iter().enumerate() {
         let key = key_of(lw, check.key());
         let slot = slot_of(&key);
-        let part = match parts.iter().position(|(s, _)| *s == slot) {
-            Some(p) => &mut parts[p].1,
+        let p = match parts.iter().position(|(s, _)| *s == slot) {
+            Some(p) => p,
             None => {
                 parts.push((slot, Part::default()));
-                &mut parts.last_mut().expect("just pushed").1
+                parts.len() - 1
             }
         };
+        let part = &mut parts[p].1;
         let key_index = match part.keys.iter().position(|k| *k == key) {
             Some(k) => k + 1,
             None => {
@@ -79,6 +80,38 @@ fn allows<'a>(windows: impl Iterator<Item = (&'a WindowOutcome, &'a Check)>) -> 
     windows
         .into_iter()
         .all(|(outcome, check)| outcome.allowed || check.limit().shadow())
+}
+
+/// Whether one part's own script allowed (and so charged every window that allowed).
+fn part_allows(windows: &[(&Check, &LimitWindow)], part: &Part, reply: &PartReply) -> bool {
+    allows(
+        reply
+            .outcomes
+            .iter()
+            .zip(part.windows.iter().map(|&(i, _)| windows[i].0)),
+    )
+}
+
+/// Every window one part's script charged, as indexes into the part's windows: what
+/// must be given back when the decision cannot stand at all (another part failed).
+pub(crate) fn charged(
+    windows: &[(&Check, &LimitWindow)],
+    part: &Part,
+    reply: &PartReply,
+) -> Vec<usize> {
+    let part_allowed = part_allows(windows, part, reply);
+    part.windows
+        .iter()
+        .zip(&reply.outcomes)
+        .enumerate()
+        .filter(|&(_, (&(i, _), o))| {
+            let check = windows[i].0;
+            check.cost() > 0
+                && ((part_allowed && o.allowed)
+                    || (check.limit().charge_denied() && o.retry_after.is_some()))
+        })
+        .map(|(k, _)| k)
+        .collect()
 }
 
 /// Puts the parts' outcomes back in request order and lists what must be given back:
@@ -115,13 +148,7 @@ pub(crate) fn combine(
         return (outcomes, refunds);
     }
     for (p, (part, reply)) in parts.iter().zip(replies).enumerate() {
-        let part_allowed = allows(
-            reply
-                .outcomes
-                .iter()
-                .zip(part.windows.iter().map(|&(i, _)| windows[i].0)),
-        );
-        if !part_allowed {
+        if !part_allows(windows, part, reply) {
             // The part's own script decided "denied": it charged what a denied decision
             // charges, nothing more.
             continue;
