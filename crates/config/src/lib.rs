@@ -121,6 +121,29 @@ impl Config {
     /// The default listen address, `127.0.0.1:8080`.
     pub const DEFAULT_LISTEN: SocketAddr =
         SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+
+    /// What a valid config does that its author may not mean: `sluice check-config`
+    /// prints these and `sluice serve` logs them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Some(proxy) = &self.proxy {
+            match &proxy.sluice_endpoints {
+                SluiceEndpoints::Main => warnings.push(format!(
+                    "proxy.sluice_endpoints: main serves /v1/check, /v1/forward-auth, /v1/limits, /v1/stats and /metrics on {} to every client the proxy serves: any of them can spend or read any key's quota; use `admin` (with admin.listen) or a prefix the public cannot reach",
+                    self.listen
+                )),
+                SluiceEndpoints::Prefix(prefix) => warnings.push(format!(
+                    "proxy.sluice_endpoints: {prefix} serves /v1/check and the other endpoints under {prefix} on {} to every client that learns the prefix: any of them can spend or read any key's quota; prefer `admin` with admin.listen, or block {prefix} at the edge",
+                    self.listen
+                )),
+                SluiceEndpoints::Admin if self.admin.listen.is_none() => warnings.push(
+                    "proxy mode: sluice's own endpoints (/metrics, /readyz, /v1/check, admin calls) are not served anywhere, since they stay off the public listener and admin.listen is not set; add `admin: {listen: 127.0.0.1:8081}` to reach them".to_string(),
+                ),
+                SluiceEndpoints::Admin => {}
+            }
+        }
+        warnings
+    }
 }
 
 impl Default for Config {
@@ -230,7 +253,8 @@ pub struct ProxyConfig {
     /// Where a caller reads its own quota (`GET <quota_path>?path=/x&method=POST`),
     /// normalised. Default none.
     pub quota_path: Option<String>,
-    /// Where sluice's own endpoints are served while it proxies. Default `main`.
+    /// Where sluice's own endpoints are served while it proxies. Default `admin`: only on
+    /// `admin.listen`, never to the proxied clients.
     pub sluice_endpoints: SluiceEndpoints,
 }
 
@@ -248,19 +272,24 @@ impl ProxyConfig {
             timeout_ms: Self::DEFAULT_TIMEOUT_MS,
             refund_on_status: StatusSet::default(),
             quota_path: None,
-            sluice_endpoints: SluiceEndpoints::Main,
+            sluice_endpoints: SluiceEndpoints::Admin,
         }
     }
 }
 
 /// Where sluice's own endpoints (`/v1/check`, `/v1/forward-auth`, `/healthz`, `/readyz`,
 /// `/metrics`, ...) are served while it proxies (`proxy.sluice_endpoints`).
+///
+/// The default is [`SluiceEndpoints::Admin`]: the proxied clients are the public, and
+/// `/v1/check` would let any of them spend or read any key's quota.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub enum SluiceEndpoints {
-    /// On the main listener, at their usual paths: they win over the upstream's.
-    #[default]
+    /// On the main listener, at their usual paths: they win over the upstream's, and
+    /// every proxied client can call them.
     Main,
-    /// Only on `admin.listen`: every path of the main listener goes to the upstream.
+    /// Only on `admin.listen` (nowhere when it is not set): every path of the main
+    /// listener goes to the upstream. The default.
+    #[default]
     Admin,
     /// On the main listener under this prefix (e.g. `/_sluice/metrics`).
     Prefix(String),

@@ -8,7 +8,7 @@
 //!   timeout_ms: 60000                    # from sending the request to the response head
 //!   refund_on_status: [404, "5xx"]       # codes or classes whose cost is given back
 //!   quota_path: /_sluice/quota           # the caller's own quota, without charging
-//!   sluice_endpoints: main               # main | admin | a prefix such as /_sluice
+//!   sluice_endpoints: admin              # admin (default) | main | a prefix such as /_sluice
 //! sessions:                              # only with proxy
 //!   cookie: sluice_session
 //!   secret: ${SLUICE_SESSION_SECRET}     # at least 16 bytes; random per start if absent
@@ -130,7 +130,7 @@ pub(crate) fn proxy(node: &Node, path: &str, admin: &AdminConfig) -> Result<Prox
                     &node.origin,
                     &path,
                     format!(
-                        "unknown sluice_endpoints `{}`: use `main` (sluice's paths win over the upstream's), `admin` (only on admin.listen) or a prefix such as /_sluice",
+                        "unknown sluice_endpoints `{}`: use `admin` (only on admin.listen, the default), `main` (sluice's paths win over the upstream's, open to every client) or a prefix such as /_sluice",
                         shorten(other)
                     ),
                 ));

@@ -106,6 +106,68 @@ pub fn parse_forwarded_for_entry(entry: &str) -> Option<IpAddr> {
     ip.parse::<IpAddr>().ok()
 }
 
+/// Splits `text` at each `separator` outside a quoted string (RFC 9110 §5.6.4: `"`
+/// opens and closes, `\\` escapes the next character), scanning from the right: the
+/// right end is what the trusted proxies wrote, well formed, while a client controls
+/// the left and may leave a quote open to swallow what follows it. Parts come left to
+/// right; the leftmost is `None` when an unclosed quote makes it unreadable.
+fn split_outside_quotes(text: &str, separator: u8) -> Vec<Option<&str>> {
+    let bytes = text.as_bytes();
+    let mut parts = Vec::new();
+    let (mut end, mut quoted) = (bytes.len(), false);
+    let mut i = bytes.len();
+    while i > 0 {
+        i -= 1;
+        match bytes[i] {
+            b'"' => {
+                let backslashes = bytes[..i].iter().rev().take_while(|&&b| b == b'\\').count();
+                if backslashes % 2 == 0 {
+                    quoted = !quoted;
+                }
+            }
+            b if b == separator && !quoted => {
+                parts.push(Some(&text[i + 1..end]));
+                end = i;
+            }
+            _ => {}
+        }
+    }
+    parts.push((!quoted).then(|| &text[..end]));
+    parts.reverse();
+    parts
+}
+
+/// The elements of one RFC 7239 `Forwarded` line, left to right; `None` for one that
+/// cannot be read (which stops the walk, as garbage does).
+fn forwarded_elements(line: &str) -> Vec<Option<&str>> {
+    split_outside_quotes(line, b',')
+}
+
+/// The address in an element's `for=` pair: a token or a quoted string, with a port or
+/// in brackets. `None` for `unknown`, an obfuscated identifier, or no `for`.
+fn forwarded_for(element: &str) -> Option<IpAddr> {
+    let pairs = split_outside_quotes(element, b';');
+    let value = pairs.into_iter().find_map(|pair| {
+        let (name, value) = pair?.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("for")
+            .then_some(value.trim())
+    })?;
+    let value = match value.strip_prefix('"') {
+        Some(quoted) => {
+            let inner = quoted.strip_suffix('"')?;
+            let mut unescaped = String::with_capacity(inner.len());
+            let mut chars = inner.chars();
+            while let Some(c) = chars.next() {
+                unescaped.push(if c == '\\' { chars.next()? } else { c });
+            }
+            unescaped
+        }
+        None => value.to_string(),
+    };
+    parse_forwarded_for_entry(&value)
+}
+
 impl ClientIpResolver {
     /// A resolver with `config`; `ipv6_prefix` is clamped to 1..=128.
     pub fn new(mut config: ClientIpConfig) -> Self {
@@ -159,16 +221,8 @@ impl ClientIpResolver {
                 let entries = lines
                     .iter()
                     .rev()
-                    .flat_map(|line| rfc7239::parse(line).rev());
-                self.walk(
-                    peer,
-                    entries.map(|element| {
-                        element
-                            .ok()
-                            .and_then(|f| f.forwarded_for)
-                            .and_then(|node| node.ip().copied())
-                    }),
-                )
+                    .flat_map(|line| forwarded_elements(line).into_iter().rev());
+                self.walk(peer, entries.map(|element| element.and_then(forwarded_for)))
             }
         }
     }
@@ -321,6 +375,27 @@ mod tests {
         // X-Forwarded-For is not read when Forwarded is configured.
         let xff = headers("x-forwarded-for", &["6.6.6.6"]);
         assert_eq!(r.resolve(ip("10.0.0.1"), &xff), ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn commas_and_semicolons_inside_quoted_forwarded_values_do_not_split() {
+        let r = ClientIpResolver::new(ClientIpConfig {
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+            header: ForwardedHeader::Forwarded,
+            ..Default::default()
+        });
+        for line in [
+            r#"for=203.0.113.15;by="a,b""#,
+            r#"for=203.0.113.15;by="a;for=10.0.0.9,x""#,
+            r#"by="\",\"";for="203.0.113.15""#,
+            r#"FOR="203.0.113.15:4711";proto=https"#,
+        ] {
+            let h = headers("forwarded", &[line]);
+            assert_eq!(r.resolve(ip("10.0.0.1"), &h), ip("203.0.113.15"), "{line}");
+        }
+        // An unclosed quote is unreadable: the walk stops at the trusted peer.
+        let h = headers("forwarded", &[r#"for=203.0.113.15;by="a,b"#]);
+        assert_eq!(r.resolve(ip("10.0.0.1"), &h), ip("10.0.0.1"));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! the tower layer), written once:
 //!
 //! - [`client_ip`]: the client's address behind trusted proxies, grouped and hashed.
+//! - [`path`]: the request path as the application will route it, and what is refused.
 //! - [`template`]: key templates (`user:{header.x-user-id}`) and the request facts they read.
 //! - [`rules`]: routes that map a request to the checks of one atomic decision.
 //! - [`policy`]: the bundle of the three that front doors hold.
@@ -9,6 +10,7 @@
 //! - [`session`]: signed session cookies for `{session}` keys.
 
 pub mod client_ip;
+pub mod path;
 pub mod policy;
 pub mod response;
 pub mod rules;
@@ -16,11 +18,12 @@ pub mod session;
 pub mod template;
 
 pub use client_ip::{ClientIpConfig, ClientIpResolver, ForwardedHeader};
-pub use policy::{HttpPolicy, IncomingRequest};
+pub use path::{PathError, RequestPath, normalize_path};
+pub use policy::{HttpPolicy, IncomingRequest, RequestError};
 pub use response::{BodyTemplate, Denial, HeaderStyles, ResponseConfig};
 pub use rules::{PathPattern, Route, RouteLimit, RouteMatch, RuleError, Rules};
 pub use session::{Session, SessionCookie, SessionError, Sessions};
-pub use template::{KeyTemplate, RequestFacts, TemplateError, normalize_path};
+pub use template::{KeyError, KeyTemplate, RequestFacts, TemplateError};
 
 /// Lower-case hex of `bytes`, for digests in keys and logs.
 pub fn hex(bytes: &[u8]) -> String {

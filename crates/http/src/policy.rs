@@ -8,9 +8,32 @@ use http::header::HeaderMap;
 use sluice_engine::DecisionRequest;
 
 use crate::client_ip::ClientIpResolver;
+use crate::path::{PathError, RequestPath};
 use crate::response::ResponseConfig;
 use crate::rules::Rules;
-use crate::template::{RequestFacts, normalize_path};
+use crate::template::{KeyError, RequestFacts};
+
+/// Why a request cannot be decided: the client sent something sluice refuses to guess
+/// about. Front doors answer it with `400` and the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The path is spelled in a way applications disagree about.
+    #[error(transparent)]
+    Path(#[from] PathError),
+    /// A key template reads a name repeated with too many values.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+impl RequestError {
+    /// The `error` code of the JSON answer.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RequestError::Path(_) => "invalid_path",
+            RequestError::Key(_) => "ambiguous_key",
+        }
+    }
+}
 
 /// Rules, client identity and answers, as configured.
 #[derive(Debug, Clone, Default)]
@@ -30,7 +53,7 @@ pub struct IncomingRequest<'a> {
     pub peer: Option<IpAddr>,
     /// The method.
     pub method: &'a str,
-    /// Path and query, as sent (normalised here).
+    /// Path and query, as sent (decoded and checked here, see [`crate::path`]).
     pub path_and_query: &'a str,
     /// The headers.
     pub headers: &'a HeaderMap,
@@ -40,23 +63,24 @@ pub struct IncomingRequest<'a> {
 
 impl HttpPolicy {
     /// The decision request for `incoming`: every limit of every matching route whose
-    /// key resolves. Empty when no route applies.
+    /// key resolves. Empty when no route applies. A path or key that applications
+    /// could read in more than one way is an error, never a guess.
     pub fn decision_request(
         &self,
         incoming: &IncomingRequest<'_>,
         dry_run: bool,
-    ) -> DecisionRequest {
+    ) -> Result<DecisionRequest, RequestError> {
         if self.rules.is_empty() {
-            return DecisionRequest {
+            return Ok(DecisionRequest {
                 checks: Vec::new(),
                 dry_run,
-            };
+            });
         }
         let (path, query) = match incoming.path_and_query.split_once('?') {
             Some((path, query)) => (path, Some(query)),
             None => (incoming.path_and_query, None),
         };
-        let path = normalize_path(path);
+        let path = RequestPath::parse(path)?.canonical;
         let client_key = incoming.peer.map(|peer| {
             self.client_ip
                 .key(self.client_ip.resolve(peer, incoming.headers))
@@ -69,7 +93,7 @@ impl HttpPolicy {
             client_ip: client_key.as_deref(),
             session: incoming.session,
         };
-        self.rules.decision_request(&facts, dry_run)
+        Ok(self.rules.decision_request(&facts, dry_run)?)
     }
 }
 

@@ -1,10 +1,18 @@
 //! Routes: which limits apply to an HTTP request, and on which keys.
 //!
-//! A route matches on the normalised path (exact `/chat/message`, prefix `/api/*`,
-//! or regex `~^/v[0-9]+/`), optionally on methods and on a header being present.
-//! A request may match several routes; every limit of every matching route goes into
-//! one atomic decision (the same limit on the same key only once). A request that
-//! matches no route is not limited, unless a `default` route exists.
+//! A route matches on the request's canonical path (exact `/chat/message`, prefix
+//! `/api/*`, or regex `~^/v[0-9]+/`; see [`crate::path`]), optionally on methods and
+//! on a header being present. A request may match several routes; every limit of every
+//! matching route goes into one atomic decision (the same limit on the same key only
+//! once). A request that matches no route is not limited, unless a `default` route
+//! exists.
+//!
+//! Paths match **without regard to ASCII case**, because Express and ASP.NET route
+//! `/CHAT/message` to the `/chat/message` handler. For applications that do respect
+//! case (Starlette, Django, axum), the `default` route still applies to a request whose
+//! path matches a route only when case is ignored: such an application would send it
+//! to a catch-all handler, not to the route's. `HEAD` matches routes for `GET`, which
+//! frameworks serve with the `GET` handler.
 //!
 //! Matching cost does not grow with the number of exact and prefix routes: exact paths
 //! are one hash lookup, prefixes one lookup per segment of the request path. Regex
@@ -15,19 +23,19 @@ use std::sync::Arc;
 
 use http::Method;
 use http::header::HeaderName;
-use regex::RegexSet;
+use regex::{RegexSet, RegexSetBuilder};
 use sluice_engine::{Check, DecisionRequest, Limit};
 
-use crate::template::{KeyTemplate, RequestFacts};
+use crate::template::{KeyError, KeyTemplate, RequestFacts};
 
 /// How a route matches the path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathPattern {
-    /// The path exactly (after normalisation).
+    /// The path exactly, in its canonical spelling ([`crate::normalize_path`]).
     Exact(String),
     /// The path and everything below it: `/api/*` matches `/api` and `/api/x/y`.
     Prefix(String),
-    /// A regular expression over the normalised path.
+    /// A regular expression over the canonical path, matched without regard to case.
     Regex(String),
 }
 
@@ -56,12 +64,12 @@ impl std::str::FromStr for PathPattern {
         }
         if let Some(prefix) = s.strip_suffix("/*") {
             return Ok(PathPattern::Prefix(
-                crate::template::normalize_path(prefix)
+                crate::path::normalize_path(prefix)
                     .trim_end_matches('/')
                     .to_string(),
             ));
         }
-        Ok(PathPattern::Exact(crate::template::normalize_path(s)))
+        Ok(PathPattern::Exact(crate::path::normalize_path(s)))
     }
 }
 
@@ -104,7 +112,8 @@ pub struct Rules {
     routes: Vec<Route>,
     exact: HashMap<String, Vec<usize>>,
     prefix: HashMap<String, Vec<usize>>,
-    regex: Option<(RegexSet, Vec<usize>)>,
+    /// Case-insensitive, for matching; case-sensitive, for the default route's test.
+    regex: Option<(RegexSet, RegexSet, Vec<usize>)>,
     pathless: Vec<usize>,
     default: Option<usize>,
     uses_session: bool,
@@ -122,12 +131,16 @@ impl Rules {
                 continue;
             }
             match &route.matcher.path {
-                Some(PathPattern::Exact(path)) => {
-                    rules.exact.entry(path.clone()).or_default().push(i)
-                }
-                Some(PathPattern::Prefix(prefix)) => {
-                    rules.prefix.entry(prefix.clone()).or_default().push(i)
-                }
+                Some(PathPattern::Exact(path)) => rules
+                    .exact
+                    .entry(path.to_ascii_lowercase())
+                    .or_default()
+                    .push(i),
+                Some(PathPattern::Prefix(prefix)) => rules
+                    .prefix
+                    .entry(prefix.to_ascii_lowercase())
+                    .or_default()
+                    .push(i),
                 Some(PathPattern::Regex(regex)) => {
                     patterns.push(regex.clone());
                     regex_routes.push(i);
@@ -136,9 +149,13 @@ impl Rules {
             }
         }
         if !patterns.is_empty() {
-            let set = RegexSet::new(&patterns)
-                .map_err(|e| RuleError::BadRegex(patterns.join(" | "), e.to_string()))?;
-            rules.regex = Some((set, regex_routes));
+            let build = |case_insensitive| {
+                RegexSetBuilder::new(&patterns)
+                    .case_insensitive(case_insensitive)
+                    .build()
+                    .map_err(|e| RuleError::BadRegex(patterns.join(" | "), e.to_string()))
+            };
+            rules.regex = Some((build(true)?, build(false)?, regex_routes));
         }
         rules.uses_session = routes
             .iter()
@@ -167,15 +184,16 @@ impl Rules {
     /// The routes that apply to a request, in configuration order.
     pub fn matching(&self, facts: &RequestFacts<'_>) -> Vec<&Route> {
         let path = facts.path;
+        let folded = path.to_ascii_lowercase();
         let mut hits: Vec<usize> = Vec::new();
-        if let Some(routes) = self.exact.get(path) {
+        if let Some(routes) = self.exact.get(&folded) {
             hits.extend(routes);
         }
         if !self.prefix.is_empty() {
             // "/a/b/c" is under the prefixes "/a/b/c", "/a/b", "/a" and "" (for "/*").
-            let mut end = path.len();
+            let mut end = folded.len();
             loop {
-                let candidate = path[..end].trim_end_matches('/');
+                let candidate = folded[..end].trim_end_matches('/');
                 if let Some(routes) = self.prefix.get(candidate) {
                     hits.extend(routes);
                 }
@@ -185,61 +203,88 @@ impl Rules {
                 }
             }
         }
-        if let Some((set, routes)) = &self.regex {
+        if let Some((set, _, routes)) = &self.regex {
             hits.extend(set.matches(path).iter().map(|m| routes[m]));
         }
         hits.extend(&self.pathless);
         hits.sort_unstable();
         hits.dedup();
         let method = facts.method;
-        let mut matched: Vec<&Route> = hits
-            .into_iter()
-            .map(|i| &self.routes[i])
-            .filter(|route| {
-                let m = &route.matcher;
-                (m.methods.is_empty()
-                    || m.methods
-                        .iter()
-                        .any(|x| x.as_str().eq_ignore_ascii_case(method)))
-                    && m.header
-                        .as_ref()
-                        .is_none_or(|h| facts.headers.contains_key(h))
-            })
-            .collect();
-        if matched.is_empty() {
+        hits.retain(|&i| {
+            let m = &self.routes[i].matcher;
+            (m.methods.is_empty()
+                || m.methods.iter().any(|x| {
+                    x.as_str().eq_ignore_ascii_case(method)
+                        || (*x == Method::GET && method.eq_ignore_ascii_case("HEAD"))
+                }))
+                && m.header
+                    .as_ref()
+                    .is_none_or(|h| facts.headers.contains_key(h))
+        });
+        let case_matched = hits.iter().any(|&i| self.matches_case(i, path));
+        let mut matched: Vec<&Route> = hits.into_iter().map(|i| &self.routes[i]).collect();
+        if !case_matched {
             matched.extend(self.default.map(|i| &self.routes[i]));
         }
         matched
     }
 
+    /// Whether route `i` (which matched `path` ignoring case) also matches it with case.
+    fn matches_case(&self, i: usize, path: &str) -> bool {
+        match &self.routes[i].matcher.path {
+            None => true,
+            Some(PathPattern::Exact(exact)) => path == exact,
+            Some(PathPattern::Prefix(prefix)) => path
+                .strip_prefix(prefix.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+            Some(PathPattern::Regex(_)) => self.regex.as_ref().is_some_and(|(_, set, routes)| {
+                routes
+                    .iter()
+                    .position(|&r| r == i)
+                    .is_some_and(|p| set.matches(path).matched(p))
+            }),
+        }
+    }
+
     /// The checks a request makes: every limit of every matching route whose key
-    /// resolves, each (limit, key) once.
-    pub fn checks(&self, facts: &RequestFacts<'_>) -> Vec<Check> {
+    /// resolves, each (limit, key) once; a key template that reads a repeated name
+    /// gives a check per value (see [`KeyTemplate::render`]).
+    pub fn checks(&self, facts: &RequestFacts<'_>) -> Result<Vec<Check>, KeyError> {
         let mut checks: Vec<Check> = Vec::new();
         for route in self.matching(facts) {
             for rl in &route.limits {
-                let Some(key) = rl.keys.iter().find_map(|t| t.render(facts)) else {
-                    continue;
-                };
-                let seen = checks
-                    .iter()
-                    .any(|c| Arc::ptr_eq(c.limit(), &rl.limit) && c.key() == key);
-                if !seen {
-                    // Keys were bounded by `render`, so this cannot fail; skip if it ever did.
-                    if let Ok(check) = Check::new(Arc::clone(&rl.limit), key, rl.cost) {
-                        checks.push(check);
+                let mut keys = None;
+                for template in &rl.keys {
+                    keys = template.render(facts)?;
+                    if keys.is_some() {
+                        break;
+                    }
+                }
+                for key in keys.into_iter().flatten() {
+                    let seen = checks
+                        .iter()
+                        .any(|c| Arc::ptr_eq(c.limit(), &rl.limit) && c.key() == key);
+                    if !seen {
+                        // Keys were bounded by `render`, so this cannot fail; skip if it ever did.
+                        if let Ok(check) = Check::new(Arc::clone(&rl.limit), key, rl.cost) {
+                            checks.push(check);
+                        }
                     }
                 }
             }
         }
-        checks
+        Ok(checks)
     }
 
     /// The decision request for a request: [`Rules::checks`] as one atomic decision.
-    pub fn decision_request(&self, facts: &RequestFacts<'_>, dry_run: bool) -> DecisionRequest {
-        DecisionRequest {
-            checks: self.checks(facts),
+    pub fn decision_request(
+        &self,
+        facts: &RequestFacts<'_>,
+        dry_run: bool,
+    ) -> Result<DecisionRequest, KeyError> {
+        Ok(DecisionRequest {
+            checks: self.checks(facts)?,
             dry_run,
-        }
+        })
     }
 }

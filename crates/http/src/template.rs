@@ -163,116 +163,130 @@ impl KeyTemplate {
         self.parts.contains(&Part::Session)
     }
 
-    /// The key for this request, or `None` when a placeholder does not resolve. Keys
-    /// longer than the engine accepts are replaced by `sha256:` and their hash, so a
-    /// long identifier still gets a bucket of its own.
-    pub fn render(&self, facts: &RequestFacts<'_>) -> Option<String> {
-        let mut key = String::new();
+    /// The keys for this request, or `None` when a placeholder does not resolve.
+    ///
+    /// A name the request carries more than once (`?api_key=a&api_key=b`, a cookie
+    /// sent twice, a repeated header) gives one key per distinct value: frameworks
+    /// disagree on which copy the application reads (Starlette and Django the last
+    /// query value, Flask the first, Express all of them), so every copy is charged
+    /// and none goes free. A repeated header also counts as its values joined by `, `,
+    /// which is how Express and Django read it. More than [`MAX_KEYS_PER_TEMPLATE`]
+    /// keys is an error rather than a silent choice.
+    ///
+    /// Keys longer than the engine accepts are replaced by `sha256:` and their hash,
+    /// so a long identifier still gets a bucket of its own.
+    pub fn render(&self, facts: &RequestFacts<'_>) -> Result<Option<Vec<String>>, KeyError> {
+        let mut keys = vec![String::new()];
         for part in &self.parts {
-            let value: std::borrow::Cow<'_, str> = match part {
-                Part::Literal(text) => text.as_str().into(),
-                Part::ClientIp => facts.client_ip?.into(),
-                Part::Method => facts.method.into(),
-                Part::Path => facts.path.into(),
-                Part::Session => facts.session?.into(),
-                Part::Header(name) => header_value(facts.headers, name)?.into(),
-                Part::Cookie(name) => cookie_value(facts.headers, name)?.into(),
-                Part::Query(name) => query_value(facts.query?, name)?.into(),
+            let values: Vec<std::borrow::Cow<'_, str>> = match part {
+                Part::Literal(text) => vec![text.as_str().into()],
+                Part::ClientIp => one(facts.client_ip),
+                Part::Method => one(Some(facts.method)),
+                Part::Path => one(Some(facts.path)),
+                Part::Session => one(facts.session),
+                Part::Header(name) => header_values(facts.headers, name),
+                Part::Cookie(name) => cookie_values(facts.headers, name),
+                Part::Query(name) => facts
+                    .query
+                    .map(|q| query_values(q, name))
+                    .unwrap_or_default(),
             };
-            if value.is_empty() {
-                return None;
+            if values.is_empty() {
+                return Ok(None);
             }
-            key.push_str(&value);
+            if keys.len() * values.len() > MAX_KEYS_PER_TEMPLATE {
+                return Err(KeyError::TooManyValues {
+                    template: self.text.clone(),
+                });
+            }
+            keys = keys
+                .iter()
+                .flat_map(|key| values.iter().map(move |value| format!("{key}{value}")))
+                .collect();
         }
-        if key.len() > MAX_KEY_BYTES {
-            return Some(format!(
-                "sha256:{}",
-                crate::hex(&Sha256::digest(key.as_bytes()))
-            ));
+        for key in &mut keys {
+            if key.len() > MAX_KEY_BYTES {
+                *key = format!("sha256:{}", crate::hex(&Sha256::digest(key.as_bytes())));
+            }
         }
-        Some(key)
+        Ok(Some(keys))
     }
 }
 
-fn header_value<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> {
-    let value = headers.get(name)?;
-    std::str::from_utf8(value.as_bytes()).ok().map(str::trim)
+/// The most keys one template may give for one request (see [`KeyTemplate::render`]).
+pub const MAX_KEYS_PER_TEMPLATE: usize = 8;
+
+/// Why a request's keys could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// A repeated parameter, cookie or header gave more distinct keys than are charged.
+    #[error(
+        "the request repeats a parameter, cookie or header read by the key `{template}` with more than 8 different values: send it once"
+    )]
+    TooManyValues {
+        /// The template whose placeholders repeat.
+        template: String,
+    },
 }
 
-fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
+/// A value that is there and not empty.
+fn one(value: Option<&str>) -> Vec<std::borrow::Cow<'_, str>> {
+    value
+        .filter(|v| !v.is_empty())
+        .map(|v| vec![v.into()])
+        .unwrap_or_default()
+}
+
+/// Adds `value` unless it is empty or already there.
+fn push_distinct<'a>(
+    values: &mut Vec<std::borrow::Cow<'a, str>>,
+    value: std::borrow::Cow<'a, str>,
+) {
+    if !value.is_empty() && !values.contains(&value) {
+        values.push(value);
+    }
+}
+
+fn header_values<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Vec<std::borrow::Cow<'h, str>> {
+    let mut values = Vec::new();
+    let mut all = Vec::new();
+    for value in headers.get_all(name) {
+        // A value that is not UTF-8 keeps its bytes as escapes: it still resolves, to a
+        // key of its own, rather than fall through to the next template.
+        let text: std::borrow::Cow<'h, str> = match std::str::from_utf8(value.as_bytes()) {
+            Ok(text) => text.trim().into(),
+            Err(_) => crate::path::encode_raw_bytes(value.as_bytes()).into(),
+        };
+        all.push(text.clone());
+        push_distinct(&mut values, text);
+    }
+    if all.len() > 1 {
+        push_distinct(&mut values, all.join(", ").into());
+    }
+    values
+}
+
+fn cookie_values<'h>(headers: &'h HeaderMap, name: &str) -> Vec<std::borrow::Cow<'h, str>> {
+    let mut values = Vec::new();
+    for cookie in headers
         .get_all(http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(cookie::Cookie::split_parse)
         .filter_map(Result::ok)
-        .find(|c| c.name() == name)
-        .map(|c| c.value().to_string())
+        .filter(|c| c.name() == name)
+    {
+        push_distinct(&mut values, cookie.value().to_string().into());
+    }
+    values
 }
 
-fn query_value(query: &str, name: &str) -> Option<String> {
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.into_owned())
-}
-
-/// The path as the application will most likely route it, so a limit cannot be dodged
-/// by spelling the path differently: percent-encoded unreserved characters decoded
-/// (`%6d` → `m`), repeated slashes merged, `.` and `..` segments resolved, and a
-/// trailing slash dropped (except for `/` itself); a `%` that starts no escape is
-/// written `%25`. The query is not part of it. Normalising twice changes nothing.
-pub fn normalize_path(raw: &str) -> String {
-    let raw = raw.split(['?', '#']).next().unwrap_or("");
-    let mut decoded = String::with_capacity(raw.len());
-    let bytes = raw.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = |b: u8| (b as char).to_digit(16);
-            if let (Some(high), Some(low)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                let byte = (high * 16 + low) as u8;
-                if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-                    decoded.push(byte as char);
-                } else {
-                    decoded.push('%');
-                    decoded.push(bytes[i + 1].to_ascii_uppercase() as char);
-                    decoded.push(bytes[i + 2].to_ascii_uppercase() as char);
-                }
-                i += 3;
-                continue;
-            }
-        }
-        if bytes[i] == b'%' {
-            // A '%' that starts no escape is written as one, so decoding can never
-            // assemble a new escape and normalising twice changes nothing.
-            decoded.push_str("%25");
-            i += 1;
-            continue;
-        }
-        // `i` only ever advances by whole characters, so it is a char boundary.
-        let ch = raw[i..].chars().next().unwrap_or('/');
-        decoded.push(ch);
-        i += ch.len_utf8();
+fn query_values<'q>(query: &'q str, name: &str) -> Vec<std::borrow::Cow<'q, str>> {
+    let mut values = Vec::new();
+    for (_, value) in form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| k == name) {
+        push_distinct(&mut values, value);
     }
-    let mut segments: Vec<&str> = Vec::new();
-    for segment in decoded.split('/') {
-        match segment {
-            "" | "." => {}
-            ".." => {
-                segments.pop();
-            }
-            s => segments.push(s),
-        }
-    }
-    let mut path = String::with_capacity(decoded.len() + 1);
-    for segment in &segments {
-        path.push('/');
-        path.push_str(segment);
-    }
-    if path.is_empty() {
-        path.push('/');
-    }
-    path
+    values
 }
 
 #[cfg(test)]
@@ -301,8 +315,10 @@ mod tests {
                 .parse()
                 .unwrap();
         assert_eq!(
-            t.render(&facts(&h, Some("a=1&org=acme"))).as_deref(),
-            Some("user:42:abc:acme:POST/chat/message:{x}")
+            t.render(&facts(&h, Some("a=1&org=acme"))),
+            Ok(Some(vec![
+                "user:42:abc:acme:POST/chat/message:{x}".to_string()
+            ]))
         );
     }
 
@@ -318,7 +334,7 @@ mod tests {
             "{session}",
         ] {
             let t: KeyTemplate = t.parse().unwrap();
-            assert_eq!(t.render(&facts(&h, Some("a=1"))), None, "{t}");
+            assert_eq!(t.render(&facts(&h, Some("a=1"))), Ok(None), "{t}");
         }
     }
 
@@ -330,7 +346,7 @@ mod tests {
             HeaderValue::from_str(&"a".repeat(2000)).unwrap(),
         );
         let t: KeyTemplate = "user:{header.x-user-id}".parse().unwrap();
-        let key = t.render(&facts(&h, None)).unwrap();
+        let key = t.render(&facts(&h, None)).unwrap().unwrap().remove(0);
         assert!(key.starts_with("sha256:") && key.len() == 71, "{key}");
     }
 
@@ -363,28 +379,50 @@ mod tests {
     }
 
     #[test]
-    fn paths_are_normalised_the_way_apps_route_them() {
-        for (raw, expected) in [
-            ("/chat/message", "/chat/message"),
-            ("/chat/message/", "/chat/message"),
-            ("//chat///message", "/chat/message"),
-            ("/chat/%6dessage", "/chat/message"),
-            ("/chat/%6Dessage?x=1", "/chat/message"),
-            ("/chat/./message", "/chat/message"),
-            ("/other/../chat/message", "/chat/message"),
-            ("/../../chat/message", "/chat/message"),
-            ("/a%2Fb", "/a%2Fb"),
-            ("/a%2fb", "/a%2Fb"),
-            ("/%%30a", "/%250a"),
-            ("/", "/"),
-            ("", "/"),
-            ("/%", "/%25"),
-            ("/%zz", "/%25zz"),
-            ("/é%", "/é%25"),
-            ("/%é1", "/%25é1"),
-            ("/a%", "/a%25"),
-        ] {
-            assert_eq!(normalize_path(raw), expected, "{raw:?}");
-        }
+    fn every_copy_of_a_repeated_name_is_a_key() {
+        let mut h = HeaderMap::new();
+        h.append("x-user-id", HeaderValue::from_static("junk"));
+        h.append("x-user-id", HeaderValue::from_static("42"));
+        h.append("cookie", HeaderValue::from_static("sid=a; sid=b"));
+        h.append("cookie", HeaderValue::from_static("sid=a"));
+        let keys = |t: &str, query| {
+            t.parse::<KeyTemplate>()
+                .unwrap()
+                .render(&facts(&h, query))
+                .unwrap()
+                .unwrap()
+        };
+        assert_eq!(
+            keys(
+                "{query.api_key}",
+                Some("api_key=junk&api_key=REAL&api_key=junk")
+            ),
+            ["junk", "REAL"]
+        );
+        assert_eq!(
+            keys("{query.api_key}", Some("api_key=&api_key=REAL")),
+            ["REAL"]
+        );
+        assert_eq!(keys("s:{cookie.sid}", None), ["s:a", "s:b"]);
+        assert_eq!(keys("{header.x-user-id}", None), ["junk", "42", "junk, 42"]);
+        let many: String = (0..9).map(|i| format!("k={i}&")).collect();
+        assert!(matches!(
+            "{query.k}"
+                .parse::<KeyTemplate>()
+                .unwrap()
+                .render(&facts(&h, Some(&many))),
+            Err(KeyError::TooManyValues { .. })
+        ));
+    }
+
+    #[test]
+    fn a_header_that_is_not_utf8_still_resolves_to_its_own_key() {
+        let mut h = HeaderMap::new();
+        h.insert("x-user-id", HeaderValue::from_bytes(b"\xff42").unwrap());
+        let t: KeyTemplate = "user:{header.x-user-id}".parse().unwrap();
+        assert_eq!(
+            t.render(&facts(&h, None)),
+            Ok(Some(vec!["user:%FF42".to_string()]))
+        );
     }
 }

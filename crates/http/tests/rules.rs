@@ -46,6 +46,7 @@ fn checks(rules: &Rules, method: &str, path: &str, headers: &HeaderMap) -> Vec<(
     };
     rules
         .checks(&facts)
+        .unwrap()
         .iter()
         .map(|c| (c.limit().name().to_string(), c.key().to_string()))
         .collect()

@@ -188,9 +188,17 @@ pub fn parse_cost(value: Option<&Value>, default: u64, field: &str) -> Result<u6
             } else if n.as_i64().is_some() {
                 Err(invalid(format!("negative ({n})")))
             } else {
+                // Not a u64 or an i64: a float, or an integer beyond 64 bits that JSON
+                // parsing turned into one. Floats are exact up to 2^53; past that a
+                // whole-looking float may not be the number that was written.
+                const EXACT: f64 = (1u64 << 53) as f64;
                 match n.as_f64() {
-                    Some(f) if f >= 0.0 && f.fract() == 0.0 && f <= u64::MAX as f64 => Ok(f as u64),
                     Some(f) if f < 0.0 => Err(invalid(format!("negative ({n})"))),
+                    Some(f) if f > EXACT => Err(invalid(format!(
+                        "too large ({n}): the largest cost is {}",
+                        u64::MAX
+                    ))),
+                    Some(f) if f.fract() == 0.0 => Ok(f as u64),
                     _ => Err(invalid(format!("not a whole number ({n})"))),
                 }
             }

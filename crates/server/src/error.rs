@@ -89,3 +89,11 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+impl From<sluice_http::RequestError> for ApiError {
+    /// A request sluice refuses to guess about (an ambiguous path or key): a 400 that
+    /// says what to send instead.
+    fn from(error: sluice_http::RequestError) -> Self {
+        ApiError::bad_request(error.code(), error.to_string())
+    }
+}

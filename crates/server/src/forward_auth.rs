@@ -24,23 +24,20 @@ use crate::error::ApiError;
 /// Where the forward-auth endpoint lives.
 pub const PATH: &str = "/v1/forward-auth";
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
+/// A header's value as text: bytes outside visible ASCII (raw UTF-8 that nginx passes
+/// through from the request line, say) are percent-encoded, so the value is decided
+/// for what it is and never read as another path. `None` when absent or blank.
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    let value = headers.get(name)?;
+    let text = sluice_http::path::encode_raw_bytes(value.as_bytes().trim_ascii());
+    (!text.is_empty()).then_some(text)
 }
 
 /// Every description of the original request that arrived: Traefik's headers, nginx's
 /// headers, and the path after `/v1/forward-auth` (Envoy). A proxy sets its own pair,
 /// but may pass the client's copy of the other pair through unchanged (nginx does not
 /// strip `X-Forwarded-Uri`), so no single source can be believed over the others.
-fn originals<'a>(
-    method: &'a Method,
-    uri: &'a Uri,
-    headers: &'a HeaderMap,
-) -> Vec<(&'a str, String)> {
+fn originals(method: &Method, uri: &Uri, headers: &HeaderMap) -> Vec<(String, String)> {
     let own_method = method.as_str();
     let mut candidates = Vec::with_capacity(2);
     for (method_header, uri_header) in [
@@ -49,7 +46,10 @@ fn originals<'a>(
     ] {
         let (m, u) = (header(headers, method_header), header(headers, uri_header));
         if m.is_some() || u.is_some() {
-            candidates.push((m.unwrap_or(own_method), u.unwrap_or("/").to_string()));
+            candidates.push((
+                m.unwrap_or_else(|| own_method.to_string()),
+                u.unwrap_or_else(|| "/".to_string()),
+            ));
         }
     }
     let suffix = uri.path().strip_prefix(PATH).unwrap_or("");
@@ -59,7 +59,7 @@ fn originals<'a>(
             Some(query) => format!("{path}?{query}"),
             None => path.to_string(),
         };
-        candidates.push((own_method, path_and_query));
+        candidates.push((own_method.to_string(), path_and_query));
     }
     candidates.dedup();
     candidates
@@ -80,12 +80,24 @@ pub async fn forward_auth(
     for (original_method, path_and_query) in originals(&method, &uri, &headers) {
         let incoming = IncomingRequest {
             peer: Some(peer.ip()),
-            method: original_method,
+            method: &original_method,
             path_and_query: &path_and_query,
             headers: &headers,
             session: None,
         };
-        for check in live.policy.decision_request(&incoming, false).checks {
+        let checks = match live.policy.decision_request(&incoming, false) {
+            Ok(request) => request.checks,
+            Err(error) => {
+                // Refused, not guessed. The proxy must relay it: nginx passes only
+                // 401 and 403 through, so the configured deny status is used if set.
+                let mut answer = ApiError::from(error);
+                if let Some(status) = live.forward_auth_deny_status {
+                    answer.status = status;
+                }
+                return answer.into_response();
+            }
+        };
+        for check in checks {
             let seen = request
                 .checks
                 .iter()

@@ -27,8 +27,13 @@
 //!   `502 {"error": "upstream_unavailable"}`.
 //! - **Answers.** Allowed responses carry the rate-limit headers; a new session's cookie
 //!   is set on every answer (see [`sluice_http::session`]). When the upstream's status
-//!   (or sluice's 502/504) is in `proxy.refund_on_status`, the decision's cost is given
-//!   back before the answer is sent, so the caller's next request already sees it.
+//!   is in `proxy.refund_on_status`, the decision's cost is given back before the answer
+//!   is sent, so the caller's next request already sees it. sluice's own 502/504 are
+//!   refunded only when the request never reached the upstream (no connection): after
+//!   it was sent, the upstream may still be doing the work.
+//! - **Paths** that applications could read in more than one way (`%2F`, `\`, `;`,
+//!   `%00`, dot segments) are refused with `400 invalid_path` and never forwarded (see
+//!   [`sluice_http::path`]).
 //! - **Quota** (`proxy.quota_path`): see [`quota`].
 
 use std::cell::RefCell;
@@ -215,14 +220,44 @@ fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn upstream_failure(app: &AppState, status: StatusCode, code: &'static str, why: &str) -> Response {
+/// Marks an answer that sluice wrote in place of the upstream's. `request_sent` says
+/// whether the request may have reached the upstream, which may then have done the
+/// work: such an answer is never refunded, whatever its status.
+#[derive(Debug, Clone, Copy)]
+struct AnsweredBySluice {
+    request_sent: bool,
+}
+
+fn upstream_failure(
+    app: &AppState,
+    status: StatusCode,
+    code: &'static str,
+    why: &str,
+    request_sent: bool,
+) -> Response {
     app.metrics.upstream_failures.inc();
-    ApiError::new(
+    let mut response = ApiError::new(
         status,
         code,
         format!("the upstream app {why}; try again later"),
     )
-    .into_response()
+    .into_response();
+    response
+        .extensions_mut()
+        .insert(AnsweredBySluice { request_sent });
+    response
+}
+
+/// Whether the cost of a request answered by `response` is given back: its status is
+/// in `refund_on_status`, and the upstream answered it (or never got the request).
+/// sluice's own 504 after the request was sent is not refunded: the upstream may be
+/// finishing the work, and a client able to make calls slow would get them free.
+fn refundable(proxy: &ProxyConfig, response: &Response) -> bool {
+    proxy.refund_on_status.contains(response.status().as_u16())
+        && response
+            .extensions()
+            .get::<AnsweredBySluice>()
+            .is_none_or(|answer| !answer.request_sent)
 }
 
 /// Forwards an allowed request and returns the upstream's answer (or a 502/504).
@@ -272,6 +307,7 @@ async fn forward(
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
                 &format!("did not answer within {} ms", proxy.timeout_ms),
+                true,
             );
         }
         Ok(Err(error)) => {
@@ -285,6 +321,7 @@ async fn forward(
                         "could not be connected to within {} ms",
                         proxy.connect_timeout_ms
                     ),
+                    !error.is_connect(),
                 )
             } else {
                 upstream_failure(
@@ -292,6 +329,7 @@ async fn forward(
                     StatusCode::BAD_GATEWAY,
                     "upstream_unavailable",
                     "could not be reached or closed the connection",
+                    !error.is_connect(),
                 )
             };
         }
@@ -306,6 +344,7 @@ async fn forward(
                 StatusCode::BAD_GATEWAY,
                 "upstream_unavailable",
                 "switched protocols without being asked to",
+                true,
             );
         };
         let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -417,7 +456,16 @@ pub async fn proxy(
             headers: request.headers(),
             session: session.as_ref().map(|s| s.id.as_str()),
         };
-        live.policy.decision_request(&incoming, false)
+        match live.policy.decision_request(&incoming, false) {
+            Ok(decision_request) => decision_request,
+            Err(error) => {
+                let mut response = ApiError::from(error)
+                    .closing_unless(!has_body(request.headers()))
+                    .into_response();
+                set_session_cookie(&live, &session, tls, response.headers_mut());
+                return response;
+            }
+        }
     };
     let decision = if decision_request.checks.is_empty() {
         None
@@ -455,7 +503,7 @@ pub async fn proxy(
 
     let mut response = forward(&app, proxy, &live, peer, request).await;
     if let Some(decision) = &decision {
-        if !decision.degraded && proxy.refund_on_status.contains(response.status().as_u16()) {
+        if !decision.degraded && refundable(proxy, &response) {
             app.decider.refund(&decision_request, decision).await;
         }
         live.policy.responses.add_rate_limit_headers(
@@ -559,7 +607,10 @@ async fn quota(
         headers,
         session: session.as_ref().map(|s| s.id.as_str()),
     };
-    let priced = live.policy.decision_request(&incoming, true);
+    let priced = match live.policy.decision_request(&incoming, true) {
+        Ok(priced) => priced,
+        Err(error) => return quota_error(format!("`path`: {error}")),
+    };
     let costs: Vec<u64> = priced.checks.iter().map(Check::cost).collect();
     let read = DecisionRequest {
         checks: priced

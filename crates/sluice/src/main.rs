@@ -119,6 +119,9 @@ fn check_config(file: &Path) -> ExitCode {
                     envoy.listen
                 );
             }
+            for warning in config.warnings() {
+                println!("warning: {warning}");
+            }
             ExitCode::SUCCESS
         }
         Err(error) => {
@@ -363,6 +366,9 @@ fn serve(path: &Path) -> ExitCode {
 
 async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     use anyhow::Context;
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let store = open_store(&config).await?;
     let listen = config.listen;
     let state = Arc::new(AppState::new(

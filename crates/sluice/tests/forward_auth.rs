@@ -814,7 +814,7 @@ routes:
         "/chat/message/",
         "/chat/%6dessage",
         "//chat//message",
-        "/chat/./x/../message",
+        "/CHAT/Message",
     ]
     .iter()
     .enumerate()
@@ -842,6 +842,148 @@ routes:
         "POST /chat/messages (a different path)",
         &nginx(&s, "POST", "/chat/messages", &[]),
     );
+}
+
+/// What applications decode differently is refused, never decided as another path:
+/// uvicorn turns `/chat%2Fmessage` into `/chat/message` and runs that handler.
+#[test]
+fn ambiguous_paths_are_refused_not_let_through() {
+    let config = "\
+limits:
+  one: {rate: 1/hour}
+routes:
+  - match: {path: /chat/message, methods: [POST]}
+    limits: [{limit: one, key: \"{client_ip}\"}]
+";
+    let s = Server::start(config);
+    assert_allowed("first", &nginx(&s, "POST", "/chat/message", &[]));
+    for uri in [
+        "/chat%2Fmessage",
+        "/chat%2fmessage",
+        "/chat%5Cmessage",
+        "/chat\\message",
+        "/chat/message;jsessionid=1",
+        "/chat/message%3B",
+        "/chat/message%00",
+        "/chat/x/../message",
+        "/chat/%2e/message",
+    ] {
+        for (who, r) in [
+            ("nginx", nginx(&s, "POST", uri, &[])),
+            ("traefik", traefik(&s, "POST", uri, &[])),
+        ] {
+            assert_eq!(r.status, 400, "{who} POST {uri}: {}", r.describe());
+            assert_eq!(r.json()["error"], "invalid_path", "{who} POST {uri}");
+        }
+    }
+    // nginx passes only 401 and 403 through: with a deny status set, refusals use it.
+    let s = Server::start(&format!("forward_auth: {{deny_status: 403}}\n{config}"));
+    let r = nginx(&s, "POST", "/chat%2Fmessage", &[]);
+    assert_eq!(r.status, 403, "{}", r.describe());
+    assert_eq!(r.json()["error"], "invalid_path");
+}
+
+/// nginx passes the request line's bytes through in `X-Original-URI`: raw UTF-8 is
+/// decided as the path it is, not as `/`.
+#[test]
+fn raw_utf8_in_the_original_uri_is_decided_for_what_it_is() {
+    let s = Server::start(
+        "\
+limits:
+  one: {rate: 1/hour}
+  catch_all: {rate: 1/hour}
+routes:
+  - match: {path: /caf%C3%A9}
+    limits: [{limit: one, key: \"{client_ip}\"}]
+  - match: default
+    limits: [{limit: catch_all, key: \"{client_ip}\"}]
+",
+    );
+    assert_allowed("first", &nginx(&s, "GET", "/café", &[]));
+    assert_denied("raw UTF-8, 2nd", &nginx(&s, "GET", "/café", &[]), 429);
+    assert_denied("encoded, 3rd", &nginx(&s, "GET", "/caf%c3%a9", &[]), 429);
+    // Another raw path is not `/`: it falls to the default route, its own bucket.
+    assert_allowed("other raw path", &traefik(&s, "GET", "/naïve", &[]));
+    assert_denied(
+        "other raw path, 2nd",
+        &traefik(&s, "GET", "/naïve", &[]),
+        429,
+    );
+}
+
+/// HEAD is served by GET handlers, so it is limited by GET routes.
+#[test]
+fn head_counts_as_get() {
+    let s = Server::start(
+        "\
+limits:
+  one: {rate: 1/hour}
+routes:
+  - match: {path: /search, methods: [GET]}
+    limits: [{limit: one, key: \"{client_ip}\"}]
+",
+    );
+    assert_allowed("GET", &nginx(&s, "GET", "/search", &[]));
+    assert_denied("HEAD after GET", &nginx(&s, "HEAD", "/search", &[]), 429);
+    assert_unlimited("POST", &nginx(&s, "POST", "/search", &[]));
+}
+
+/// `?api_key=junk&api_key=REAL`: Starlette reads the last, Flask the first; every
+/// distinct value is charged, so neither copy goes free. The same for cookies.
+#[test]
+fn every_copy_of_a_repeated_parameter_or_cookie_is_charged() {
+    let s = Server::start(
+        "\
+limits:
+  per_key: {rate: 1/hour}
+routes:
+  - match: {path: /q}
+    limits: [{limit: per_key, key: [\"k:{query.api_key}\", \"c:{cookie.sid}\"]}]
+",
+    );
+    assert_allowed("REAL", &nginx(&s, "GET", "/q?api_key=REAL", &[]));
+    assert_denied(
+        "junk then REAL",
+        &nginx(&s, "GET", "/q?api_key=junk&api_key=REAL", &[]),
+        429,
+    );
+    assert_denied(
+        "REAL then junk",
+        &nginx(&s, "GET", "/q?api_key=REAL&api_key=junk2", &[]),
+        429,
+    );
+    assert_allowed(
+        "cookie s1",
+        &nginx(&s, "GET", "/q", &[("Cookie", "sid=s1")]),
+    );
+    assert_denied(
+        "cookie twice",
+        &nginx(&s, "GET", "/q", &[("Cookie", "sid=other; sid=s1")]),
+        429,
+    );
+    let many: String = (0..9).map(|i| format!("api_key=v{i}&")).collect();
+    let r = nginx(&s, "GET", &format!("/q?{many}"), &[]);
+    assert_eq!(r.status, 400, "{}", r.describe());
+    assert_eq!(r.json()["error"], "ambiguous_key");
+}
+
+/// RFC 7239: a quoted comma belongs to its value. Splitting inside the quotes would
+/// key the client as the proxy, in one bucket with everyone behind it.
+#[test]
+fn a_quoted_comma_in_forwarded_does_not_merge_clients() {
+    let s = Server::start(&format!(
+        "client_ip: {{trusted_proxies: [127.0.0.1], header: forwarded}}\n{CHAT3}"
+    ));
+    for client in ["203.0.113.15", "203.0.113.16"] {
+        let forwarded = format!("for={client};by=\"a,b\"");
+        let r = traefik(&s, "POST", "/chat/message", &[("Forwarded", &forwarded)]);
+        assert_allowed(&forwarded, &r);
+        assert_eq!(
+            rem(&forwarded, &r, "plain3"),
+            2,
+            "{client} has its own bucket"
+        );
+    }
 }
 
 #[test]

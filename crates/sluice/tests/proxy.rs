@@ -357,8 +357,8 @@ fn a_dead_or_slow_upstream_is_a_json_502_or_504() {
 #[test]
 fn sluice_endpoints_can_move_out_of_the_upstream_s_way() {
     let upstream = Upstream::start();
-    // Default: sluice's paths win.
-    let main = Server::start(&proxy_config(&upstream.url(), ""));
+    // `main`: sluice's paths win.
+    let main = Server::start(&proxy_config(&upstream.url(), "  sluice_endpoints: main\n"));
     let metrics = http_request(main.port, "GET", "/metrics", &[], b"").expect("answer");
     assert!(
         metrics.body.contains("sluice_decisions"),
@@ -397,4 +397,128 @@ fn sluice_endpoints_can_move_out_of_the_upstream_s_way() {
     common::wait_port(admin_port);
     let own = http_request(admin_port, "GET", "/metrics", &[], b"").expect("answer");
     assert!(own.body.contains("sluice_decisions"), "{}", own.describe());
+}
+
+/// The proxied clients are the public: by default none of sluice's own endpoints is
+/// theirs to call. Before, any client could `POST /v1/check` to lock another user
+/// out, or read anyone's quota with a dry run.
+#[test]
+fn sluice_s_own_api_is_not_served_to_proxied_clients_by_default() {
+    let upstream = Upstream::start();
+    let config = proxy_config(&upstream.url(), "");
+    let server = Server::start(&config);
+    let check = http_request(
+        server.port,
+        "POST",
+        "/v1/check",
+        &[("Content-Type", "application/json")],
+        br#"{"checks":[{"limit":"per_ip","key":"127.0.0.1","cost":2}]}"#,
+    )
+    .expect("answer");
+    assert!(
+        check.body.starts_with("POST /v1/check HTTP/1.1"),
+        "/v1/check went to the app, not to sluice: {}",
+        check.describe()
+    );
+    for path in [
+        "/metrics",
+        "/v1/stats",
+        "/v1/limits",
+        "/v1/forward-auth",
+        "/readyz",
+    ] {
+        let r = http_request(server.port, "GET", path, &[], b"").expect("answer");
+        assert!(
+            r.body.starts_with(&format!("GET {path} HTTP/1.1")),
+            "{path} went to the app: {}",
+            r.describe()
+        );
+    }
+    // The client's quota was not spent by its /v1/check call.
+    let r = http_request(server.port, "GET", "/limited", &[], b"").expect("answer");
+    assert_eq!(r.status, 200, "{}", r.describe());
+
+    // check-config says where the endpoints are when they are public, or nowhere.
+    let dir = common::scratch_dir("endpoints-warning");
+    for (extra, warning) in [
+        (
+            "  sluice_endpoints: main\n",
+            "any of them can spend or read any key's quota",
+        ),
+        (
+            "  sluice_endpoints: /_sluice\n",
+            "every client that learns the prefix",
+        ),
+        ("", "not served anywhere"),
+    ] {
+        let file = common::write_file(&dir, "sluice.yaml", &proxy_config(&upstream.url(), extra));
+        let (status, stdout, _) = common::run_cli(&["check-config", file.to_str().unwrap()]);
+        assert!(status.success(), "{stdout}");
+        assert!(
+            stdout.contains("warning: ") && stdout.contains(warning),
+            "{extra:?}: {stdout}"
+        );
+    }
+}
+
+/// Paths that the app would decode into a limited route are refused and never reach
+/// it; other spellings of the route count against its bucket.
+#[test]
+fn spellings_of_a_limited_path_are_charged_or_refused() {
+    let upstream = Upstream::start();
+    let server = Server::start(&proxy_config(&upstream.url(), ""));
+    for (target, status) in [
+        ("/limited", 200),
+        ("/LIMITED", 200),
+        ("/%6cimited", 429),
+        ("/limited/", 429),
+        ("//limited", 429),
+    ] {
+        let r = http_request(server.port, "GET", target, &[], b"").expect("answer");
+        assert_eq!(r.status, status, "GET {target}: {}", r.describe());
+    }
+    let (status, head) = common::raw_http(
+        server.port,
+        b"HEAD /limited HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .expect("answer");
+    assert_eq!(status, 429, "HEAD is limited like GET: {head}");
+    let reached = upstream.requests();
+    for target in [
+        "/limited%2F",
+        "/x%2F..%2Flimited",
+        "/limited;x=1",
+        "/limited%3B",
+        "/limited%00",
+        "/limited%5C",
+        "/x/../limited",
+        "/./limited",
+        "/%2e%2e/limited",
+        "/limited/%ff",
+    ] {
+        let r = http_request(server.port, "GET", target, &[], b"").expect("answer");
+        assert_eq!(r.status, 400, "GET {target}: {}", r.describe());
+        assert_eq!(r.json()["error"], "invalid_path", "GET {target}");
+    }
+    assert_eq!(
+        upstream.requests(),
+        reached,
+        "no refused path reached the app"
+    );
+}
+
+/// sluice's own 504 comes after the request was sent: the upstream may still be doing
+/// the (costly) work, so it is not refunded, even with `refund_on_status: ["5xx"]`.
+/// A 502 for an upstream that could not be connected to is (see the dead upstream test).
+#[test]
+fn sluice_s_own_504_after_sending_is_not_refunded() {
+    let upstream = Upstream::start();
+    let server = Server::start(&format!(
+        "limits:\n  per_ip: {{rate: 2/minute}}\nroutes:\n  - match: {{path: /slow}}\n    limits:\n      - {{limit: per_ip, key: \"{{client_ip}}\"}}\nproxy:\n  upstream: {}\n  timeout_ms: 200\n  refund_on_status: [\"5xx\"]\n",
+        upstream.url()
+    ));
+    for status in [504, 504, 429] {
+        let r = http_request(server.port, "GET", "/slow", &[], b"").expect("answer");
+        assert_eq!(r.status, status, "{}", r.describe());
+    }
 }

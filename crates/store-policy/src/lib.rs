@@ -183,10 +183,14 @@ impl Store for PolicyStore {
                     self.succeeded(epoch);
                     Ok(outcomes)
                 }
-                Err(error) => {
+                Err(error @ (StoreError::Unavailable(_) | StoreError::Timeout(_))) => {
                     self.failed(epoch, &error);
                     Ok(self.fallback(request))
                 }
+                // The store answered: it is up, and refused this one request (a key it
+                // cannot hold, say). Only that request fails; switching everyone to the
+                // `on_error` policy would let one client open every limit.
+                Err(error) => Err(error),
             }
         })
     }

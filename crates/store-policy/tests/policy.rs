@@ -41,8 +41,8 @@ impl Store for Flaky {
         Box::pin(async move {
             // A slow answer is decided when the call arrives, like a reply already on the
             // wire when the connection then breaks.
-            let answer = self.inner.decide_sync(request);
             if slow > 0 {
+                let answer = self.inner.decide_sync(request);
                 tokio::time::sleep(Duration::from_millis(slow)).await;
                 return Ok(answer);
             }
@@ -51,6 +51,11 @@ impl Store for Flaky {
             }
             if self.failing.load(Ordering::SeqCst) {
                 return Err(StoreError::Unavailable("connection refused".into()));
+            }
+            // What PostgreSQL does with a key it cannot hold: the server is fine, the
+            // one statement is refused.
+            if request.checks.iter().any(|c| c.key().contains('\0')) {
+                return Err(StoreError::Protocol("invalid byte sequence: 0x00".into()));
             }
             Ok(self.inner.decide_sync(request))
         })
@@ -245,4 +250,27 @@ async fn a_killed_and_restarted_redis_degrades_then_recovers() {
     // The restarted Redis kept nothing (no persistence): a fresh shared counter.
     assert!(d.allowed);
     assert_eq!(d.results[0].remaining, 2);
+}
+
+#[tokio::test]
+async fn a_request_the_store_refuses_fails_alone_and_opens_no_limit() {
+    let flaky = Flaky::new();
+    let store = policy(flaky.clone(), FailurePolicy::Allow);
+    let l = limit("1/hour");
+    assert!(
+        decide(&store, &request(&l, "victim"))
+            .await
+            .unwrap()
+            .allowed
+    );
+    let refused = decide(&store, &request(&l, "evil\0")).await;
+    assert!(
+        matches!(refused, Err(StoreError::Protocol(_))),
+        "the refused request fails: {refused:?}"
+    );
+    let next = decide(&store, &request(&l, "victim")).await.unwrap();
+    assert!(
+        !next.allowed && !next.degraded,
+        "other clients are still decided by the store, not by on_error: allow"
+    );
 }

@@ -39,6 +39,7 @@
 //! (the schema dropped, a replanned statement, a restart in progress) are retried once.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -513,7 +514,17 @@ impl PostgresStore {
         k.push_str(&self.prefix);
         k.push_str(counter);
         k.push(':');
-        k.push_str(key);
+        // PostgreSQL text cannot hold a zero byte: such a key would be refused, so it
+        // is written as hex behind a \x01 mark (as is any key starting with the mark,
+        // so no two keys share a row).
+        if key.contains('\0') || key.starts_with('\u{1}') {
+            k.push('\u{1}');
+            for byte in key.bytes() {
+                let _ = write!(k, "{byte:02x}");
+            }
+        } else {
+            k.push_str(key);
+        }
         k
     }
 

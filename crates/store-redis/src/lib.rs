@@ -625,10 +625,26 @@ fn retryable(error: &redis::RedisError) -> bool {
     error.is_connection_dropped() || error.is_io_error()
 }
 
+/// Only failures of the server as a whole are `Unavailable` (and may switch every
+/// client to the `on_error` policy); an error about one request fails that request.
 fn store_error(address: &str, error: redis::RedisError) -> StoreError {
+    use redis::{ErrorKind, ServerErrorKind};
+    let server_down = matches!(
+        error.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::BusyLoading
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::ReadOnly
+        )
+    );
     if error.is_timeout() {
         StoreError::Unavailable(format!("Redis at {address} timed out: {error}"))
-    } else if error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal()
+    } else if server_down
+        || error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
     {
         StoreError::Unavailable(format!("Redis at {address}: {error}"))
     } else {

@@ -57,6 +57,7 @@ macro_rules! semantic_suite {
             repeated_counter_in_one_request_counts_twice,
             reset_forgets_a_key,
             keys_and_limits_are_independent,
+            keys_with_any_characters_are_counters_of_their_own,
             expired_counters_leave_nothing_behind,
             concurrent_decisions_admit_exactly_the_quota,
             concurrent_denials_leave_no_charge_on_the_other_check,

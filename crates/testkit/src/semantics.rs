@@ -493,6 +493,37 @@ pub async fn keys_and_limits_are_independent<H: Harness>(h: &H) {
     );
 }
 
+/// Any key a client can put in a request is a counter of its own: a zero byte,
+/// control characters, quotes, braces and non-ASCII text neither fail the store (which
+/// would hand every client's decisions to the `on_error` policy) nor merge keys.
+pub async fn keys_with_any_characters_are_counters_of_their_own<H: Harness>(h: &H) {
+    let l = plain("odd_keys", "1/hour");
+    let keys = [
+        "a\0b",
+        "a\0c",
+        "\0",
+        "\u{1}610062",
+        "a\u{1}",
+        "quote'\"\\",
+        "{tag}}:x",
+        "caf\u{e9}\u{1F600}",
+        "tab\tnl\n",
+        "%00",
+    ];
+    for key in keys {
+        let first = one(h, &l, key, 1).await;
+        assert!(
+            first.allowed && !first.degraded,
+            "{key:?}: the store decided it"
+        );
+        assert!(!one(h, &l, key, 1).await.allowed, "{key:?}: and counted it");
+    }
+    assert!(
+        one(h, &l, "a", 1).await.allowed,
+        "a prefix of an odd key is another key"
+    );
+}
+
 /// Counters expire: a flood of keys leaves nothing once its windows have passed.
 pub async fn expired_counters_leave_nothing_behind<H: Harness>(h: &H) {
     let limits = [

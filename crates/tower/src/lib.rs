@@ -172,7 +172,25 @@ where
                 headers: request.headers(),
                 session: None,
             };
-            let decision_request = shared.policy.decision_request(&incoming, false);
+            let decision_request = match shared.policy.decision_request(&incoming, false) {
+                Ok(decision_request) => decision_request,
+                // A path or key the app could read in more than one way is refused
+                // rather than guessed (see `sluice_http::path`).
+                Err(error) => {
+                    let mut headers = http::HeaderMap::new();
+                    headers.insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    let body =
+                        serde_json::json!({"error": error.code(), "message": error.to_string()});
+                    return Ok(plain(
+                        StatusCode::BAD_REQUEST,
+                        headers,
+                        body.to_string().into_bytes(),
+                    ));
+                }
+            };
             if decision_request.checks.is_empty() {
                 return inner.call(request).await;
             }
