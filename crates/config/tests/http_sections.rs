@@ -112,6 +112,7 @@ fn facts<'a>(method: &'a str, path: &'a str, headers: &'a HeaderMap) -> RequestF
     RequestFacts {
         method,
         path,
+        literal_path: path,
         query: None,
         headers,
         client_ip: Some("198.51.100.7"),
@@ -124,6 +125,7 @@ fn checks(config: &Config, facts: &RequestFacts<'_>) -> Vec<(String, String, u64
     config
         .routes
         .checks(facts)
+        .expect("keys resolve")
         .iter()
         .map(|c| (c.limit().name().to_string(), c.key().to_string(), c.cost()))
         .collect()

@@ -54,6 +54,7 @@ fn bench(c: &mut Criterion) {
             let facts = RequestFacts {
                 method: "POST",
                 path: &path,
+                literal_path: &path,
                 query: None,
                 headers: &headers,
                 client_ip: Some("203.0.113.7"),

@@ -160,6 +160,10 @@ fn join(segments: &[String]) -> String {
 pub struct RequestPath {
     /// The canonical spelling (see [`normalize_path`]), case kept.
     pub canonical: String,
+    /// The path exactly as a decoding framework routes it (Starlette, Django): escapes
+    /// spelled canonically, but repeated and trailing slashes kept. Only the `default`
+    /// route looks at it (see [`crate::rules`]).
+    pub literal: String,
 }
 
 impl RequestPath {
@@ -168,7 +172,16 @@ impl RequestPath {
     /// proxy passed through raw are read as if percent-encoded.
     pub fn parse(raw: &str) -> Result<Self, PathError> {
         let mut segments: Vec<String> = Vec::new();
-        for (decoded, encoded_slash) in decoded_segments(raw) {
+        let mut literal = String::with_capacity(raw.len());
+        let path = raw.split(['?', '#']).next().unwrap_or("");
+        for (i, raw_segment) in path.split('/').enumerate() {
+            if i > 0 {
+                literal.push('/');
+            }
+            if raw_segment.is_empty() {
+                continue;
+            }
+            let (decoded, encoded_slash) = decode_segment(raw_segment.as_bytes());
             if encoded_slash {
                 return Err(PathError::EncodedSlash);
             }
@@ -189,10 +202,15 @@ impl RequestPath {
             }
             let mut segment = String::with_capacity(decoded.len());
             encode_segment(&decoded, &mut segment);
+            literal.push_str(&segment);
             segments.push(segment);
+        }
+        if !literal.starts_with('/') {
+            literal.insert(0, '/');
         }
         Ok(RequestPath {
             canonical: join(&segments),
+            literal,
         })
     }
 }
@@ -276,6 +294,18 @@ mod tests {
             assert_eq!(
                 RequestPath::parse(raw).map(|p| p.canonical),
                 Ok(canonical.to_string()),
+                "{raw:?}"
+            );
+        }
+        for (raw, literal) in [
+            ("/chat//Message/", "/chat//Message/"),
+            ("//%63hat", "//chat"),
+            ("", "/"),
+            ("/", "/"),
+        ] {
+            assert_eq!(
+                RequestPath::parse(raw).map(|p| p.literal),
+                Ok(literal.to_string()),
                 "{raw:?}"
             );
         }

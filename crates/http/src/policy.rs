@@ -80,14 +80,15 @@ impl HttpPolicy {
             Some((path, query)) => (path, Some(query)),
             None => (incoming.path_and_query, None),
         };
-        let path = RequestPath::parse(path)?.canonical;
+        let path = RequestPath::parse(path)?;
         let client_key = incoming.peer.map(|peer| {
             self.client_ip
                 .key(self.client_ip.resolve(peer, incoming.headers))
         });
         let facts = RequestFacts {
             method: incoming.method,
-            path: &path,
+            path: &path.canonical,
+            literal_path: &path.literal,
             query,
             headers: incoming.headers,
             client_ip: client_key.as_deref(),

@@ -7,12 +7,13 @@
 //! once). A request that matches no route is not limited, unless a `default` route
 //! exists.
 //!
-//! Paths match **without regard to ASCII case**, because Express and ASP.NET route
-//! `/CHAT/message` to the `/chat/message` handler. For applications that do respect
-//! case (Starlette, Django, axum), the `default` route still applies to a request whose
-//! path matches a route only when case is ignored: such an application would send it
-//! to a catch-all handler, not to the route's. `HEAD` matches routes for `GET`, which
-//! frameworks serve with the `GET` handler.
+//! Paths match **without regard to ASCII case, repeated slashes or a trailing slash**,
+//! because Express and ASP.NET route `/CHAT/message/` to the `/chat/message` handler.
+//! An application that reads the path literally (Starlette, Django, axum) would send
+//! such a request to a catch-all handler instead, so the `default` route also applies
+//! whenever no route matches the literal path ([`RequestFacts::literal_path`]): every
+//! reading of the path is charged. `HEAD` matches routes for `GET`, which frameworks
+//! serve with the `GET` handler.
 //!
 //! Matching cost does not grow with the number of exact and prefix routes: exact paths
 //! are one hash lookup, prefixes one lookup per segment of the request path. Regex
@@ -221,7 +222,9 @@ impl Rules {
                     .as_ref()
                     .is_none_or(|h| facts.headers.contains_key(h))
         });
-        let case_matched = hits.iter().any(|&i| self.matches_case(i, path));
+        let case_matched = hits
+            .iter()
+            .any(|&i| self.matches_literally(i, facts.literal_path));
         let mut matched: Vec<&Route> = hits.into_iter().map(|i| &self.routes[i]).collect();
         if !case_matched {
             matched.extend(self.default.map(|i| &self.routes[i]));
@@ -229,14 +232,17 @@ impl Rules {
         matched
     }
 
-    /// Whether route `i` (which matched `path` ignoring case) also matches it with case.
-    fn matches_case(&self, i: usize, path: &str) -> bool {
+    /// Whether route `i` (which matched the canonical path ignoring case) also matches
+    /// the literal path, with case and every slash, as a decoding framework would.
+    fn matches_literally(&self, i: usize, path: &str) -> bool {
         match &self.routes[i].matcher.path {
             None => true,
             Some(PathPattern::Exact(exact)) => path == exact,
+            // As a mount: `/api/...`, not `/api` itself, which such an app may route
+            // elsewhere.
             Some(PathPattern::Prefix(prefix)) => path
                 .strip_prefix(prefix.as_str())
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+                .is_some_and(|rest| rest.starts_with('/')),
             Some(PathPattern::Regex(_)) => self.regex.as_ref().is_some_and(|(_, set, routes)| {
                 routes
                     .iter()

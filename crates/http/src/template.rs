@@ -17,8 +17,12 @@ use sluice_engine::MAX_KEY_BYTES;
 pub struct RequestFacts<'a> {
     /// The method, e.g. `POST`.
     pub method: &'a str,
-    /// The normalised path (see [`normalize_path`]).
+    /// The path's canonical spelling ([`crate::RequestPath::canonical`]): routes match
+    /// it ignoring case, and `{path}` reads it in lower case, so spelling the path
+    /// another way neither dodges a route nor opens a fresh bucket.
     pub path: &'a str,
+    /// The path as a decoding framework routes it ([`crate::RequestPath::literal`]).
+    pub literal_path: &'a str,
     /// The raw query string, without `?`.
     pub query: Option<&'a str>,
     /// The request headers.
@@ -182,7 +186,7 @@ impl KeyTemplate {
                 Part::Literal(text) => vec![text.as_str().into()],
                 Part::ClientIp => one(facts.client_ip),
                 Part::Method => one(Some(facts.method)),
-                Part::Path => one(Some(facts.path)),
+                Part::Path => vec![facts.path.to_ascii_lowercase().into()],
                 Part::Session => one(facts.session),
                 Part::Header(name) => header_values(facts.headers, name),
                 Part::Cookie(name) => cookie_values(facts.headers, name),
@@ -298,6 +302,7 @@ mod tests {
         RequestFacts {
             method: "POST",
             path: "/chat/message",
+            literal_path: "/chat/message",
             query,
             headers,
             client_ip: Some("203.0.113.7"),

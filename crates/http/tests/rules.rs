@@ -39,6 +39,7 @@ fn checks(rules: &Rules, method: &str, path: &str, headers: &HeaderMap) -> Vec<(
     let facts = RequestFacts {
         method,
         path,
+        literal_path: path,
         query: None,
         headers,
         client_ip: Some("203.0.113.7"),
