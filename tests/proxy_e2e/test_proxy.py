@@ -226,13 +226,80 @@ def test_an_upstream_that_is_down_gives_a_json_502(
     body = response.json()
     assert body["error"] == "upstream_unavailable"
     assert "upstream" in body["message"]
-    # sluice itself is up.
-    assert http.get(down.url + "/healthz").status_code == 200
+    # sluice itself is up: it answered the 502 itself, as JSON.
+    assert response.headers["content-type"] == "application/json"
 
 
-def test_sluice_answers_its_own_endpoints_and_forwards_everything_else(
-    http: httpx.Client, proxy: Sluice, app: AppServer
+def test_sluice_s_own_endpoints_are_not_served_to_the_proxied_clients(
+    http: httpx.Client, proxy: Sluice, client_ip: str
 ) -> None:
-    assert http.get(proxy.url + "/healthz").json() == {"status": "ok"}
-    assert "sluice_decisions" in http.get(proxy.url + "/metrics").text
+    """Any client could otherwise POST /v1/check to lock another user out, or read
+    anyone's quota: by default they belong to the app (FastAPI's own 404 here)."""
+    for method, path in [
+        ("POST", "/v1/check"),
+        ("GET", "/metrics"),
+        ("GET", "/v1/stats"),
+        ("GET", "/v1/limits"),
+        ("GET", "/healthz"),
+    ]:
+        response = http.request(
+            method,
+            proxy.url + path,
+            json={"checks": [{"limit": "chat_user", "key": "user:victim", "cost": 5}]},
+        )
+        assert response.status_code in (404, 405), (path, response.text)
+        assert response.json() == {"detail": "Not Found"} or response.status_code == 405
     assert http.get(proxy.url + "/nothing-here").json() == {"detail": "Not Found"}, "FastAPI's own 404"
+    # The victim's quota is whole.
+    headers = {"X-Forwarded-For": client_ip, "X-User-Id": "victim"}
+    assert http.post(proxy.url + "/chat/message", headers=headers, content=b"x").status_code == 200
+
+
+def raw_request(proxy: Sluice, method: str, target: str, headers: Dict[str, str]) -> str:
+    """Sends the request line byte for byte (httpx would resolve dot segments)."""
+    import socket
+
+    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{proxy.port}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    lines += ["Content-Length: 2", "", "hi"]
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall("\r\n".join(lines).encode("latin-1"))
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks).decode("latin-1")
+
+
+def test_no_spelling_of_the_chat_path_reaches_the_handler_for_free(
+    http: httpx.Client, proxy: Sluice, control: StreamControl, client_ip: str
+) -> None:
+    """uvicorn percent-decodes the path before FastAPI routes it: `/chat%2Fmessage`
+    runs the `/chat/message` handler. Once the user's quota is spent, no spelling of
+    the path may run it again."""
+    control.release()
+    for _ in range(5):
+        assert chat(http, proxy, client_ip, user="mallory").status_code == 200
+    headers = {"X-Forwarded-For": client_ip, "X-User-Id": "mallory"}
+    for target in [
+        "/chat%2Fmessage",
+        "/chat%2fmessage",
+        "/chat%5Cmessage",
+        "/chat/message;x=1",
+        "/chat/message%3B",
+        "/chat/message%00",
+        "/chat/x/../message",
+        "/chat/./message",
+        "/%63hat/%6Dessage",
+        "/chat/message/",
+        "//chat/message",
+        "/CHAT/message",
+    ]:
+        answer = raw_request(proxy, "POST", target, headers)
+        status = int(answer.split(" ", 2)[1])
+        assert "data: first" not in answer, f"{target} ran the handler: {answer[:300]}"
+        assert status in (400, 429, 404, 307), f"{target}: {answer[:300]}"
+        if status == 400:
+            assert '"error":"invalid_path"' in answer.replace(" ", ""), answer
