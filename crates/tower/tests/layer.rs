@@ -305,3 +305,29 @@ async fn nested_routers_are_matched_on_the_full_path() {
         StatusCode::TOO_MANY_REQUESTS
     );
 }
+
+/// Inside the app too, a path the app could read in more than one way is refused,
+/// never passed to a handler unlimited; other spellings of a route are charged.
+#[tokio::test]
+async fn ambiguous_paths_are_refused_and_other_spellings_charged() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = app(layer(memory()), Arc::clone(&calls), "203.0.113.7:4000");
+    // The limit is 2 a minute: `/ANON` is charged (axum answers 404, routing with
+    // case), so `/an%6Fn` is the third request and denied.
+    assert_eq!(send(&app, "GET", "/anon", &[]).await.0, StatusCode::OK);
+    assert_eq!(
+        send(&app, "GET", "/ANON", &[]).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        send(&app, "GET", "/an%6Fn", &[]).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let before = calls.load(Ordering::SeqCst);
+    for path in ["/anon%2F", "/anon;x", "/x/../anon", "/anon%00"] {
+        let (status, _, body) = send(&app, "GET", path, &[]).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+        assert!(body.contains("invalid_path"), "{path}: {body}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), before, "no handler ran");
+}
