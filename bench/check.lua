@@ -79,7 +79,8 @@ function response(status, headers, body)
       return
    end
    -- the decision's own "allowed" is the first one in the body when the
-   -- server writes fields in DESIGN order; otherwise count it as unparsed
+   -- server writes `allowed` first (docs/design/front-doors.md, "Decision API");
+   -- otherwise count it as unparsed
    local a = body and body:match('^%s*{%s*"allowed"%s*:%s*(%a+)')
    if a == "true" then
       allowed = allowed + 1

@@ -1,4 +1,4 @@
-//! `POST /v1/check`: the JSON decision API of DESIGN §4.1.
+//! `POST /v1/check`: the JSON decision API (docs/design/front-doors.md, "Decision API").
 //!
 //! Every malformed request is a 400 whose `error` code says what kind of mistake it
 //! is and whose `message` names the field and how to fix it.
@@ -334,7 +334,8 @@ pub fn result_bodies<'a>(request: &'a DecisionRequest, decision: &Decision) -> V
         .collect()
 }
 
-/// Renders a decision as DESIGN §4.1's JSON, one result per window.
+/// Renders a decision as the decision API's JSON (docs/design/front-doors.md), one
+/// result per window.
 pub fn decision_json(request: &DecisionRequest, decision: &Decision) -> Response {
     let results = result_bodies(request, decision);
     json_response(

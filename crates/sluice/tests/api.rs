@@ -1,5 +1,6 @@
-//! Black-box tests of the `sluice` binary's HTTP decision API (DESIGN §2, §4.1)
-//! and its command line (`serve`, `check-config`, DESIGN §5).
+//! Black-box tests of the `sluice` binary's HTTP decision API (docs/design/engine.md,
+//! docs/design/front-doors.md "Decision API") and its command line (`serve`,
+//! `check-config`; docs/design/operations.md).
 //!
 //! Every test starts its own `sluice serve` on a free port with its own config,
 //! so tests are independent and can run in parallel.

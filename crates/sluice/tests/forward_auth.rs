@@ -1,4 +1,5 @@
-//! Black-box tests of `/v1/forward-auth` (DESIGN §4.2, §4.3): the endpoint nginx
+//! Black-box tests of `/v1/forward-auth` (docs/design/front-doors.md, "Forward-auth";
+//! docs/design/http.md, "Client IP", "Paths", "Routes"): the endpoint nginx
 //! `auth_request`, Traefik ForwardAuth and Envoy ext_authz call before letting a
 //! request through. Each test starts the real `sluice serve` with its own `routes:`
 //! config and talks to it over raw HTTP (request targets are sent byte for byte, so

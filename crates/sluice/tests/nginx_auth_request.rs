@@ -1,6 +1,6 @@
-//! End to end with a real nginx (DESIGN §4.2): nginx `auth_request` asks sluice's
-//! `/v1/forward-auth` about every request before proxying it to an upstream, and
-//! copies sluice's rate-limit headers to the client.
+//! End to end with a real nginx (docs/design/front-doors.md, "Forward-auth"): nginx
+//! `auth_request` asks sluice's `/v1/forward-auth` about every request before proxying
+//! it to an upstream, and copies sluice's rate-limit headers to the client.
 //!
 //! ```text
 //! client ──> nginx :front ──auth_request──> sluice /v1/forward-auth
