@@ -18,12 +18,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
-pub const ADMIN_TOKEN: &str = "secret-token";
+pub const ADMIN_TOKEN: &str = "secret-token-for-tests";
 
 /// `admin:` + `storage:` + `limits:` of the reference config, plus a few
 /// single-purpose limits the tests use so that they do not depend on each other.
 pub const STANDARD: &str = "\
-admin: {token: secret-token}
+admin: {token: secret-token-for-tests}
 storage: {backend: memory, max_keys: 100000}
 limits:
   chat_user: {rate: [5/minute, 60/hour]}
