@@ -90,7 +90,12 @@ fn rates(config: &Config, name: &str) -> Vec<String> {
 
 #[test]
 fn the_design_example_loads_with_its_values() {
-    let config = with(EXAMPLE, &[("SLUICE_ADMIN_TOKEN", "s3cret-s3cret-s3cret")], &[]).unwrap();
+    let config = with(
+        EXAMPLE,
+        &[("SLUICE_ADMIN_TOKEN", "s3cret-s3cret-s3cret")],
+        &[],
+    )
+    .unwrap();
     assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
     assert_eq!(
         config.admin.token.as_ref().map(|t| t.expose()),
@@ -139,7 +144,12 @@ fn the_design_example_loads_with_its_values() {
 
 #[test]
 fn the_admin_token_never_shows_in_debug_output() {
-    let config = with(EXAMPLE, &[("SLUICE_ADMIN_TOKEN", "s3cret-s3cret-s3cret")], &[]).unwrap();
+    let config = with(
+        EXAMPLE,
+        &[("SLUICE_ADMIN_TOKEN", "s3cret-s3cret-s3cret")],
+        &[],
+    )
+    .unwrap();
     let shown = format!("{config:?}");
     assert!(!shown.contains("s3cret"), "{shown}");
     assert!(shown.contains("[redacted]"), "{shown}");
