@@ -93,25 +93,14 @@ fn killing_redis_under_load_degrades_without_5xx_and_sharing_resumes_after_resta
     );
 }
 
-/// `/readyz`'s status (503 is an answer here, not a failure).
-fn readyz(s: &Server) -> u16 {
-    match common::agent().get(s.url("/readyz")).call() {
-        Ok(r) => r.status().as_u16(),
-        Err(e) => panic!("GET /readyz: {e}"),
-    }
-}
-
 /// How long `/readyz` took to answer `status`; panics after `within`.
 fn readyz_turns(s: &Server, status: u16, within: Duration) -> Duration {
     let started = Instant::now();
-    while readyz(s) != status {
-        assert!(
-            started.elapsed() < within,
-            "/readyz not {status} within {within:?}\n{}",
-            s.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    assert!(
+        common::readyz_becomes(s, status, within),
+        "/readyz not {status} within {within:?}\n{}",
+        s.stderr()
+    );
     started.elapsed()
 }
 

@@ -372,6 +372,26 @@ impl Drop for Server {
     }
 }
 
+/// `/readyz`'s status (503 is an answer here, not a failure).
+pub fn readyz(s: &Server) -> u16 {
+    match agent().get(s.url("/readyz")).call() {
+        Ok(r) => r.status().as_u16(),
+        Err(e) => panic!("GET /readyz: {e}"),
+    }
+}
+
+/// Whether `/readyz` answers `status` within `within`.
+pub fn readyz_becomes(s: &Server, status: u16, within: Duration) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if readyz(s) == status {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
+}
+
 /// Extra command-line arguments and environment for [`Server::start_with`].
 #[derive(Default, Clone)]
 pub struct ServeOpts {
