@@ -189,7 +189,7 @@ if [[ -z "$target" ]]; then
     esac
     cat >"$config" <<EOF
 listen: 127.0.0.1:$port
-admin: {token: bench-token}
+admin: {token: bench-token-0123456789}
 storage: $storage
 limits:
   # one gcra limit per API key; 10k distinct keys

@@ -249,3 +249,23 @@ def test_envoys_limit_override_is_honoured_for_a_known_domain(start_sluice):
     assert answers[0].statuses[0].current_limit.unit == MINUTE
     # An unknown domain still answers OK, override or not.
     assert sluice.call("nobody", descriptor).overall_code == OK
+
+
+def test_descriptors_and_entries_per_call_are_capped(start_sluice):
+    sluice = start_sluice(EDGE)
+    # At the caps: answered.
+    value = uid()
+    assert sluice.call("edge", *[[("loose", f"{value}-{i}")] for i in range(64)]).overall_code == OK
+    assert sluice.call("edge", [("k", value)] * 32).overall_code == OK
+    # Over them: INVALID_ARGUMENT saying the cap and what to do.
+    with pytest.raises(grpc.RpcError) as error:
+        sluice.call("edge", *[[("loose", f"{value}-{i}")] for i in range(65)])
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "65 descriptors in one call; at most 64" in error.value.details()
+    assert "split" in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        sluice.call("edge", [("remote_address", value)], [("k", value)] * 1000)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "descriptor 1 has 1000 entries; at most 32" in error.value.details()
+    # The service still answers.
+    assert sluice.call("edge", [("loose", value)]).overall_code == OK

@@ -28,7 +28,14 @@ const STORAGE_FIELDS: &[&str] = &[
     "migrate",
     "unlogged",
 ];
-const HTTP_FIELDS: &[&str] = &["max_body_bytes", "threads"];
+const HTTP_FIELDS: &[&str] = &[
+    "max_body_bytes",
+    "threads",
+    "header_read_timeout_ms",
+    "idle_timeout_ms",
+    "max_connections",
+    "shutdown_timeout_ms",
+];
 const LIMIT_FIELDS: &[&str] = &["rate", "algorithm", "burst", "charge_denied", "shadow"];
 
 /// The fields of a mapping, checked against the known ones.
@@ -284,6 +291,25 @@ fn admin(node: &Node, path: &str) -> Result<AdminConfig, Fail> {
                 &node.origin,
                 &path,
                 "admin.token is empty: set it or remove it",
+            ));
+        }
+        if token.trim().is_empty() {
+            return Err(Fail::new(
+                &node.origin,
+                &path,
+                "admin.token is only whitespace: set a random token of at least 16 bytes (e.g. `openssl rand -hex 32`) or remove it",
+            ));
+        }
+        // Admin calls reset counters and reload the config: a guessable token is no lock.
+        if token.trim().len() < AdminConfig::MIN_TOKEN_BYTES {
+            return Err(Fail::new(
+                &node.origin,
+                &path,
+                format!(
+                    "admin.token is {} bytes, shorter than {}: use a random token (e.g. `openssl rand -hex 32`)",
+                    token.trim().len(),
+                    AdminConfig::MIN_TOKEN_BYTES
+                ),
             ));
         }
         admin.token = Some(Secret::new(token));
@@ -614,6 +640,21 @@ fn http(node: &Node, path: &str) -> Result<HttpConfig, Fail> {
     if let Some((node, path)) = fields.get("threads") {
         let value = whole(node, &path, 0, HttpConfig::MAX_THREADS as u64)?;
         http.threads = usize::try_from(value).unwrap_or(0);
+    }
+    if let Some((node, path)) = fields.get("header_read_timeout_ms") {
+        http.header_read_timeout_ms =
+            whole(node, &path, 1, HttpConfig::MAX_HEADER_READ_TIMEOUT_MS)?;
+    }
+    if let Some((node, path)) = fields.get("idle_timeout_ms") {
+        http.idle_timeout_ms = whole(node, &path, 1, HttpConfig::MAX_IDLE_TIMEOUT_MS)?;
+    }
+    if let Some((node, path)) = fields.get("max_connections") {
+        let value = whole(node, &path, 1, HttpConfig::MAX_MAX_CONNECTIONS as u64)?;
+        http.max_connections =
+            usize::try_from(value).unwrap_or(HttpConfig::DEFAULT_MAX_CONNECTIONS);
+    }
+    if let Some((node, path)) = fields.get("shutdown_timeout_ms") {
+        http.shutdown_timeout_ms = whole(node, &path, 0, HttpConfig::MAX_SHUTDOWN_TIMEOUT_MS)?;
     }
     Ok(http)
 }

@@ -347,6 +347,11 @@ pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
 }
 
+impl AdminConfig {
+    /// Shortest `admin.token` accepted, in bytes (not counting surrounding whitespace).
+    pub const MIN_TOKEN_BYTES: usize = 16;
+}
+
 /// A secret string (such as the admin token) that never shows in `Debug` or `Display` output.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Secret(String);
@@ -534,6 +539,19 @@ pub struct HttpConfig {
     /// Threads serving HTTP, each with its own event loop and listener; 0 (the
     /// default) means one per CPU core.
     pub threads: usize,
+    /// The longest a client may take to send a complete request head, counted from
+    /// when the connection opens or, on a kept-alive connection, from the first byte of
+    /// the next request; then the connection is closed. Default 10 s.
+    pub header_read_timeout_ms: u64,
+    /// How long a connection with no request in flight stays open waiting for the next
+    /// request before it is closed. Default 60 s.
+    pub idle_timeout_ms: u64,
+    /// Most connections open at once on each listener (main, admin, Envoy), over all
+    /// serving threads; further connections wait in the listen backlog. Default 10000.
+    pub max_connections: usize,
+    /// After SIGTERM, how long requests in flight get to finish before the remaining
+    /// connections are closed and the process exits. Default 25 s.
+    pub shutdown_timeout_ms: u64,
 }
 
 impl HttpConfig {
@@ -545,6 +563,25 @@ impl HttpConfig {
     pub const MAX_THREADS: usize = 256;
     /// Largest `max_body_bytes` accepted (16 MiB).
     pub const MAX_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+    /// Default `header_read_timeout_ms`: ample for a head of any accepted size on a slow
+    /// link, short enough that a client trickling a head holds a connection briefly.
+    pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+    /// Largest `header_read_timeout_ms` accepted (10 minutes).
+    pub const MAX_HEADER_READ_TIMEOUT_MS: u64 = 600_000;
+    /// Default `idle_timeout_ms`: as long as common load balancers keep idle upstream
+    /// connections (AWS ALB, nginx `keepalive_timeout` upstream), so pools are reused.
+    pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+    /// Largest `idle_timeout_ms` accepted (one hour).
+    pub const MAX_IDLE_TIMEOUT_MS: u64 = 3_600_000;
+    /// Default `max_connections`.
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+    /// Largest `max_connections` accepted.
+    pub const MAX_MAX_CONNECTIONS: usize = 1_000_000;
+    /// Default `shutdown_timeout_ms`: under Kubernetes' default 30 s grace period, so
+    /// sluice exits by itself before the SIGKILL.
+    pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 25_000;
+    /// Largest `shutdown_timeout_ms` accepted (10 minutes).
+    pub const MAX_SHUTDOWN_TIMEOUT_MS: u64 = 600_000;
 }
 
 impl Default for HttpConfig {
@@ -552,6 +589,10 @@ impl Default for HttpConfig {
         HttpConfig {
             max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
             threads: 0,
+            header_read_timeout_ms: Self::DEFAULT_HEADER_READ_TIMEOUT_MS,
+            idle_timeout_ms: Self::DEFAULT_IDLE_TIMEOUT_MS,
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            shutdown_timeout_ms: Self::DEFAULT_SHUTDOWN_TIMEOUT_MS,
         }
     }
 }

@@ -90,11 +90,16 @@ fn rates(config: &Config, name: &str) -> Vec<String> {
 
 #[test]
 fn the_design_example_loads_with_its_values() {
-    let config = with(EXAMPLE, &[("SLUICE_ADMIN_TOKEN", "s3cret")], &[]).unwrap();
+    let config = with(
+        EXAMPLE,
+        &[("SLUICE_ADMIN_TOKEN", "s3cret-s3cret-s3cret")],
+        &[],
+    )
+    .unwrap();
     assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
     assert_eq!(
         config.admin.token.as_ref().map(|t| t.expose()),
-        Some("s3cret")
+        Some("s3cret-s3cret-s3cret")
     );
     assert_eq!(config.storage.backend, Backend::Memory);
     assert_eq!(config.storage.max_keys, 1_000_000);
@@ -139,7 +144,12 @@ fn the_design_example_loads_with_its_values() {
 
 #[test]
 fn the_admin_token_never_shows_in_debug_output() {
-    let config = with(EXAMPLE, &[("SLUICE_ADMIN_TOKEN", "s3cret")], &[]).unwrap();
+    let config = with(
+        EXAMPLE,
+        &[("SLUICE_ADMIN_TOKEN", "s3cret-s3cret-s3cret")],
+        &[],
+    )
+    .unwrap();
     let shown = format!("{config:?}");
     assert!(!shown.contains("s3cret"), "{shown}");
     assert!(shown.contains("[redacted]"), "{shown}");
@@ -546,11 +556,11 @@ fn keys_and_comments_are_not_interpolated() {
 fn overrides_set_nested_fields_lists_and_new_entries() {
     let config = with(
         EXAMPLE,
-        &[("SLUICE_ADMIN_TOKEN", "file")],
+        &[("SLUICE_ADMIN_TOKEN", "from-the-file-0123")],
         &[
             ("SLUICE_LISTEN", "0.0.0.0:9000"),
             ("SLUICE_STORAGE__MAX_KEYS", "5000"),
-            ("SLUICE_ADMIN__TOKEN", "from-env: #1"),
+            ("SLUICE_ADMIN__TOKEN", "from-env: #1 0123456789"),
             ("SLUICE_LIMITS__CHAT_USER__RATE", "[10/minute, 100/hour]"),
             ("SLUICE_LIMITS__CHAT_IP__RATE", "7/minute"),
             ("SLUICE_LIMITS__NEW_ONE__RATE", "1/second"),
@@ -563,7 +573,7 @@ fn overrides_set_nested_fields_lists_and_new_entries() {
     assert_eq!(config.storage.on_error, OnError::Local, "siblings are kept");
     assert_eq!(
         config.admin.token.as_ref().unwrap().expose(),
-        "from-env: #1"
+        "from-env: #1 0123456789"
     );
     assert_eq!(rates(&config, "chat_user"), ["10/minute", "100/hour"]);
     assert_eq!(rates(&config, "chat_ip"), ["7/minute"]);
@@ -638,7 +648,7 @@ fn an_override_naming_an_unknown_field_names_the_variable() {
 fn a_bad_override_value_names_the_variable() {
     let error = err_with(
         EXAMPLE,
-        &[("SLUICE_ADMIN_TOKEN", "t")],
+        &[("SLUICE_ADMIN_TOKEN", "t0123456789abcdef")],
         &[("SLUICE_STORAGE__MAX_KEYS", "many")],
     );
     assert_eq!(

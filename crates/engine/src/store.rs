@@ -86,8 +86,17 @@ pub trait Store: Send + Sync {
         })
     }
 
-    /// Succeeds when the store can serve decisions.
+    /// Succeeds when the store can serve decisions: one round trip to the store.
     fn ping(&self) -> StoreFuture<'_, ()>;
+
+    /// Whether the store can serve decisions, as cheaply as the store can tell: what
+    /// unauthenticated endpoints (`/readyz`, `/v1/stats`) answer from, so that flooding
+    /// them cannot flood the store. The default asks [`Store::ping`], which costs nothing
+    /// for in-process stores; a store behind a network keeps a state instead (the
+    /// failure policy's wrapper does, refreshing it at most once a probe interval).
+    fn health(&self) -> StoreFuture<'_, ()> {
+        self.ping()
+    }
 
     /// Counters for metrics.
     fn stats(&self) -> StoreStats;

@@ -7,8 +7,8 @@
 //! - [`matcher`]: which configured rule a request descriptor hits, and the counter key.
 //! - [`service`]: one call end to end: match every descriptor, decide them all in one
 //!   atomic [`sluice_engine::DecisionRequest`], answer per-descriptor statuses.
-//! - [`serve_per_thread`]: the listener, one single-threaded runtime per thread like the
-//!   HTTP front door.
+//! - [`router`]: the service as a router, served by `sluice_server::serve_per_thread`
+//!   like the HTTP front door, over HTTP/2.
 //!
 //! Semantics follow envoyproxy/ratelimit: the most specific descriptor wins (a value
 //! beats a value prefix beats the key alone, level by level), a descriptor with no rule is
@@ -77,47 +77,11 @@ pub mod proto {
 pub use proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 pub use service::RateLimitService;
 
-/// Serves the rate limit service on `listeners`, one single-threaded runtime per listener
-/// (bound with `SO_REUSEPORT` by [`sluice_server::bind_listeners`]), as the HTTP front door
-/// does. Blocks until every thread has finished its in-flight calls after `shutdown`
-/// turns true.
-pub fn serve_per_thread(
-    listeners: Vec<std::net::TcpListener>,
-    state: Arc<AppState>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(i, listener)| {
-            let service = RateLimitService::new(Arc::clone(&state));
-            let mut shutdown = shutdown.clone();
-            std::thread::Builder::new()
-                .name(format!("sluice-grpc-{i}"))
-                .spawn(move || {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()?;
-                    runtime.block_on(async move {
-                        let listener = tokio::net::TcpListener::from_std(listener)?;
-                        let incoming = tonic::transport::server::TcpIncoming::from(listener)
-                            .with_nodelay(Some(true));
-                        let stop = async move {
-                            let _ = shutdown.wait_for(|stop| *stop).await;
-                        };
-                        tonic::transport::Server::builder()
-                            .add_service(service.into_server())
-                            .serve_with_incoming_shutdown(incoming, stop)
-                            .await
-                            .map_err(std::io::Error::other)
-                    })
-                })
-        })
-        .collect::<std::io::Result<_>>()?;
-    for handle in handles {
-        handle
-            .join()
-            .map_err(|_| std::io::Error::other("a gRPC thread panicked"))??;
-    }
-    Ok(())
+/// The rate limit service as a router for [`sluice_server::serve_per_thread`] with
+/// [`sluice_server::Protocol::Http2`]: served like the HTTP front door (one runtime per
+/// thread over `SO_REUSEPORT` listeners), with the same header-read and idle timeouts,
+/// connection cap and shutdown deadline (`http:`). Other gRPC methods answer
+/// `UNIMPLEMENTED`.
+pub fn router(state: Arc<AppState>) -> axum::Router {
+    tonic::service::Routes::new(RateLimitService::new(state).into_server()).into_axum_router()
 }

@@ -24,6 +24,15 @@ use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::{
 };
 use crate::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 
+/// Most descriptors one call may carry, as `/v1/check` takes at most
+/// [`sluice_server::check::MAX_CHECKS`] checks: every descriptor is matched and may be a
+/// counter of one atomic decision, so an unbounded list is unbounded work per call.
+pub const MAX_DESCRIPTORS: usize = sluice_server::check::MAX_CHECKS;
+
+/// Most entries one descriptor may carry. Envoy's rate limit actions make a handful;
+/// matching walks the configured tree entry by entry.
+pub const MAX_ENTRIES: usize = 32;
+
 /// The name of the limit that counts a descriptor carrying Envoy's own `limit` override.
 const OVERRIDE_LIMIT: &str = "envoy.override";
 
@@ -86,6 +95,23 @@ impl RateLimitService {
             return Err(Status::invalid_argument(
                 "no descriptors: a rate limit call needs at least one descriptor",
             ));
+        }
+        if request.descriptors.len() > MAX_DESCRIPTORS {
+            return Err(Status::invalid_argument(format!(
+                "{} descriptors in one call; at most {MAX_DESCRIPTORS} are accepted: split the route's rate limit actions over several rate_limits entries (each is its own call)",
+                request.descriptors.len()
+            )));
+        }
+        if let Some((i, descriptor)) = request
+            .descriptors
+            .iter()
+            .enumerate()
+            .find(|(_, d)| d.entries.len() > MAX_ENTRIES)
+        {
+            return Err(Status::invalid_argument(format!(
+                "descriptor {i} has {} entries; at most {MAX_ENTRIES} are accepted: use fewer actions in that rate limit entry",
+                descriptor.entries.len()
+            )));
         }
         if let Some(i) = request.descriptors.iter().position(|d| d.is_negative_hits) {
             return Err(Status::invalid_argument(format!(

@@ -38,11 +38,7 @@ pub fn authorize(live: &Live, headers: &HeaderMap) -> Result<(), ApiError> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
+        .and_then(bearer_token);
     match presented {
         // Digests first: equal lengths, so the comparison's time says nothing about the
         // token's length or content.
@@ -58,6 +54,16 @@ pub fn authorize(live: &Live, headers: &HeaderMap) -> Result<(), ApiError> {
             "this call needs the admin token: send Authorization: Bearer <admin.token>",
         )),
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme is
+/// case-insensitive (RFC 9110 §11.1: `bearer`, `BEARER`), separated by spaces or tabs.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once([' ', '\t'])?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|token| !token.is_empty())
 }
 
 fn store_failed(what: &str) -> ApiError {

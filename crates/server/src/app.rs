@@ -19,6 +19,7 @@ use crate::decider::Decider;
 use crate::error::{ApiError, json_response};
 use crate::live::{Live, LiveConfig, ReloadError};
 use crate::metrics::Metrics;
+use crate::serve::{Limits, Protocol, serve_listener};
 
 /// Everything a request handler needs.
 pub struct AppState {
@@ -168,21 +169,29 @@ pub fn bind_listeners(
 
 /// Serves `router` with one single-threaded runtime per listener: the kernel spreads
 /// connections over the `SO_REUSEPORT` listeners and no thread ever wakes another, the
-/// way nginx runs one event loop per worker. Blocks until every thread has finished its
-/// in-flight requests after `shutdown` turns true.
+/// way nginx runs one event loop per worker. Every thread shares `limits` (one
+/// connection cap for the listener). Blocks until every thread has wound down its
+/// connections after `shutdown` turns true (within `limits`' shutdown deadline).
 pub fn serve_per_thread(
     listeners: Vec<std::net::TcpListener>,
     router: Router,
+    protocol: Protocol,
+    limits: &Limits,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    let kind = match protocol {
+        Protocol::Http1 => "http",
+        Protocol::Http2 => "grpc",
+    };
     let handles: Vec<_> = listeners
         .into_iter()
         .enumerate()
         .map(|(i, listener)| {
             let router = router.clone();
+            let limits = limits.clone();
             let mut shutdown = shutdown.clone();
             std::thread::Builder::new()
-                .name(format!("sluice-http-{i}"))
+                .name(format!("sluice-{kind}-{i}"))
                 .spawn(move || {
                     let runtime = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
@@ -192,7 +201,7 @@ pub fn serve_per_thread(
                         let stop = async move {
                             let _ = shutdown.wait_for(|stop| *stop).await;
                         };
-                        serve(listener, router, stop).await
+                        serve_listener(listener, router, protocol, limits, stop).await
                     })
                 })
         })
@@ -200,27 +209,20 @@ pub fn serve_per_thread(
     for handle in handles {
         handle
             .join()
-            .map_err(|_| std::io::Error::other("an HTTP thread panicked"))??;
+            .map_err(|_| std::io::Error::other(format!("a {kind} serving thread panicked")))??;
     }
     Ok(())
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then finishes in-flight requests.
+/// Serves `router` (HTTP/1) on `listener` until `shutdown` resolves, then winds its
+/// connections down within `limits`' shutdown deadline.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Answers are small: send them now rather than wait to coalesce.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    // Front doors that resolve the client's address need the socket peer.
-    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_listener(listener, router, Protocol::Http1, limits, shutdown).await
 }
 
 #[derive(Serialize)]
@@ -281,7 +283,8 @@ async fn stats(State(app): State<Arc<AppState>>) -> Response {
         })
         .collect();
     let store = app.decider.store();
-    let reachable = store.ping().await.is_ok();
+    // The known state, not a round trip: this endpoint needs no token.
+    let reachable = store.health().await.is_ok();
     let store_stats = store.stats();
     json_response(
         StatusCode::OK,
@@ -306,14 +309,17 @@ async fn healthz() -> Response {
 
 async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     let store = app.decider.store();
-    match store.ping().await {
+    // The known state, not a round trip: this endpoint needs no token, and a flood of
+    // it must not reach the store.
+    match store.health().await {
         Ok(()) => json_response(
             StatusCode::OK,
             &json!({"status": "ready", "store": store.backend()}),
         ),
         Err(error) => {
-            // The error may name hosts or carry a DSN: log it, answer without it.
-            tracing::warn!(%error, backend = store.backend(), "store not ready");
+            // The error may name hosts or carry a DSN: not in the answer. The failure
+            // policy logs the outage once; a line per call would let callers flood the log.
+            tracing::debug!(%error, backend = store.backend(), "store not ready");
             json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &json!({"status": "unavailable", "store": store.backend()}),

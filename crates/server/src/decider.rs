@@ -1,24 +1,71 @@
 //! The one path from a decision request to a decision, shared by every front door:
 //! asks the store, times it, and counts the outcome per limit.
+//!
+//! Denials are logged at most once per limit per [`DENIAL_LOG_INTERVAL`]: callers choose
+//! how often they are denied, so a line per denial would let them choose the log's rate.
+//! The next line logged for a limit is preceded by one saying how many of its denials
+//! were not logged since its last line; every denial is counted in
+//! `sluice_decisions_total` either way.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use sluice_engine::{Decision, DecisionRequest, Store, StoreError};
+use sluice_engine::{Check, Decision, DecisionRequest, Store, StoreError};
 
 use crate::metrics::Metrics;
+
+/// The shortest time between two denial lines of one limit.
+pub const DENIAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Decides requests against a store and records metrics.
 #[derive(Clone)]
 pub struct Decider {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    /// The zero of [`DenialLog`]'s clock.
+    started: Instant,
+}
+
+/// One limit's denial log state: when its last denial line was written and how many
+/// denials have not been logged since. Lock-free, as floods of denials pass through it.
+#[derive(Debug, Default)]
+pub struct DenialLog {
+    /// Milliseconds (from the decider's start, plus one so that 0 means never) of the
+    /// last denial line.
+    last_line_ms: AtomicU64,
+    /// Denials not logged since that line.
+    not_logged: AtomicU64,
+}
+
+impl DenialLog {
+    /// Whether the denial at `now_ms` gets a line: `Some(n)` when it does, `n` being the
+    /// denials not logged before it; `None` when it only counts towards the next line.
+    fn admit(&self, now_ms: u64) -> Option<u64> {
+        let now = now_ms.saturating_add(1);
+        let last = self.last_line_ms.load(Ordering::Acquire);
+        let due = last == 0 || now >= last.saturating_add(DENIAL_LOG_INTERVAL.as_millis() as u64);
+        if due
+            && self
+                .last_line_ms
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            return Some(self.not_logged.swap(0, Ordering::AcqRel));
+        }
+        self.not_logged.fetch_add(1, Ordering::AcqRel);
+        None
+    }
 }
 
 impl Decider {
     /// A decider over `store` reporting to `metrics`.
     pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
-        Decider { store, metrics }
+        Decider {
+            store,
+            metrics,
+            started: Instant::now(),
+        }
     }
 
     /// The store decisions go to.
@@ -86,29 +133,47 @@ impl Decider {
                 (true, true) => counter.shadow_denied.inc(),
             };
             if denied {
-                let retry_after_ms = decision
-                    .results
-                    .iter()
-                    .filter(|r| r.check == index && !r.allowed)
-                    .map(|r| r.retry_after.map(|us| (us.max(0) as u64).div_ceil(1000)))
-                    .max()
-                    .flatten();
-                if check.limit().shadow() {
-                    tracing::info!(
-                        limit = check.limit().name(),
-                        key_hash = %key_hash(check.key()),
-                        retry_after_ms,
-                        "would deny (shadow limit: allowed)"
-                    );
-                } else {
-                    tracing::info!(
-                        limit = check.limit().name(),
-                        key_hash = %key_hash(check.key()),
-                        retry_after_ms,
-                        "denied"
-                    );
-                }
+                self.log_denial(check, decision, index, &counter.denial_log);
             }
+        }
+    }
+
+    /// Logs the denial of check `index`, unless its limit had a line within the interval.
+    fn log_denial(&self, check: &Check, decision: &Decision, index: usize, log: &DenialLog) {
+        let Some(not_logged) = log.admit(self.started.elapsed().as_millis() as u64) else {
+            return;
+        };
+        let limit = check.limit().name();
+        let shadow = check.limit().shadow();
+        if not_logged > 0 {
+            tracing::info!(
+                limit,
+                shadow,
+                not_logged,
+                "denials not logged since this limit's last denial line (at most one line per limit per second; all are counted in sluice_decisions_total)"
+            );
+        }
+        let retry_after_ms = decision
+            .results
+            .iter()
+            .filter(|r| r.check == index && !r.allowed)
+            .map(|r| r.retry_after.map(|us| (us.max(0) as u64).div_ceil(1000)))
+            .max()
+            .flatten();
+        if shadow {
+            tracing::info!(
+                limit,
+                key_hash = %key_hash(check.key()),
+                retry_after_ms,
+                "would deny (shadow limit: allowed)"
+            );
+        } else {
+            tracing::info!(
+                limit,
+                key_hash = %key_hash(check.key()),
+                retry_after_ms,
+                "denied"
+            );
         }
     }
 }

@@ -10,6 +10,8 @@
 //! - [`proxy`]: the reverse proxy and its quota endpoint.
 //! - [`admin`]: calls behind the bearer token.
 //! - [`metrics`]: the Prometheus registry.
+//! - [`serve`]: connections: header-read and idle timeouts, the connection cap, the
+//!   shutdown deadline.
 //! - [`error`]: the `{"error": ..., "message": ...}` answers.
 
 pub mod admin;
@@ -21,9 +23,11 @@ pub mod forward_auth;
 pub mod live;
 pub mod metrics;
 pub mod proxy;
+pub mod serve;
 
 pub use app::{AppState, admin_router, bind_listeners, router, serve, serve_per_thread};
 pub use decider::Decider;
 pub use error::ApiError;
 pub use live::{Live, LiveConfig, ReloadError};
 pub use metrics::Metrics;
+pub use serve::{Limits, Protocol};

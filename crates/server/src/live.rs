@@ -103,6 +103,9 @@ struct StartupSettings {
     admin_listen: Option<SocketAddr>,
     storage: StorageConfig,
     threads: usize,
+    /// `http.header_read_timeout_ms`, `idle_timeout_ms`, `max_connections` and
+    /// `shutdown_timeout_ms`: the listeners' bounds.
+    connection_bounds: [(&'static str, u64); 4],
     envoy_listen: Option<SocketAddr>,
     /// Whether requests go to an upstream, and where sluice's own endpoints are: the
     /// router is built from these once.
@@ -117,6 +120,15 @@ impl StartupSettings {
             admin_listen: config.admin.listen,
             storage: config.storage.clone(),
             threads: config.http.threads,
+            connection_bounds: [
+                (
+                    "http.header_read_timeout_ms",
+                    config.http.header_read_timeout_ms,
+                ),
+                ("http.idle_timeout_ms", config.http.idle_timeout_ms),
+                ("http.max_connections", config.http.max_connections as u64),
+                ("http.shutdown_timeout_ms", config.http.shutdown_timeout_ms),
+            ],
             envoy_listen: config.envoy.as_ref().map(|envoy| envoy.listen),
             proxy_routing: config.proxy.as_ref().map(|p| p.sluice_endpoints.clone()),
             proxy_connect_timeout_ms: config.proxy.as_ref().map(|p| p.connect_timeout_ms),
@@ -137,6 +149,11 @@ impl StartupSettings {
         }
         if self.threads != new.threads {
             fields.push("http.threads");
+        }
+        for ((name, old), (_, new)) in self.connection_bounds.iter().zip(&new.connection_bounds) {
+            if old != new {
+                fields.push(*name);
+            }
         }
         if self.envoy_listen != new.envoy_listen {
             fields.push("envoy.listen");

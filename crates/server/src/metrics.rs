@@ -34,6 +34,9 @@ pub struct LimitCounters {
     pub denied: Counter,
     /// This shadow limit would have denied the request.
     pub shadow_denied: Counter,
+    /// How this limit's denials are logged: one line per interval (see
+    /// [`crate::decider::DenialLog`]).
+    pub denial_log: Arc<crate::decider::DenialLog>,
 }
 
 /// Every metric sluice exports.
@@ -167,6 +170,7 @@ impl Metrics {
                     allowed: handle("allowed"),
                     denied: handle("denied"),
                     shadow_denied: handle("shadow_denied"),
+                    denial_log: Arc::default(),
                 };
                 (limit.name().to_string(), counters)
             })

@@ -385,24 +385,33 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     })?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let admin_listen = config.admin.listen;
-    if let Some(admin_listen) = admin_listen {
-        let listener = tokio::net::TcpListener::bind(admin_listen)
-            .await
-            .with_context(|| {
-                format!("cannot listen on {admin_listen}: pick a free address for `admin.listen:`")
-            })?;
-        let mut stopped = stopped.clone();
-        let router = sluice_server::admin_router(Arc::clone(&state));
-        tokio::spawn(async move {
-            let stop = async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            };
-            if let Err(error) = sluice_server::serve(listener, router, stop).await {
-                tracing::error!(%error, "the admin listener stopped");
-            }
-        });
-        tracing::info!(%admin_listen, "admin calls served only here");
-    }
+    // One cap per listener: a flood of the public port cannot lock operators out of
+    // the admin port.
+    let limits = || sluice_server::Limits::new(&config.http);
+    let admin_server = match admin_listen {
+        Some(admin_listen) => {
+            let listener = tokio::net::TcpListener::bind(admin_listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {admin_listen}: pick a free address for `admin.listen:`"
+                    )
+                })?;
+            let mut stopped = stopped.clone();
+            let router = sluice_server::admin_router(Arc::clone(&state));
+            let limits = limits();
+            tracing::info!(%admin_listen, "admin calls served only here");
+            Some(tokio::spawn(async move {
+                let stop = async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                };
+                if let Err(error) = sluice_server::serve(listener, router, limits, stop).await {
+                    tracing::error!(%error, "the admin listener stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     tracing::info!(
         %listen,
         backend = store.backend(),
@@ -425,10 +434,17 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
                 rules = envoy.domains.limits().len(),
                 "Envoy rate limit service (gRPC) listening"
             );
-            let state = Arc::clone(&state);
+            let router = sluice_envoy::router(Arc::clone(&state));
+            let limits = limits();
             let stopped = stopped.clone();
             Some(tokio::task::spawn_blocking(move || {
-                sluice_envoy::serve_per_thread(listeners, state, stopped)
+                sluice_server::serve_per_thread(
+                    listeners,
+                    router,
+                    sluice_server::Protocol::Http2,
+                    &limits,
+                    stopped,
+                )
             }))
         }
         None => None,
@@ -439,8 +455,15 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     watch_config_file(Arc::clone(&state), path);
     tokio::spawn(reload_on_sighup(Arc::clone(&state)));
     let router = sluice_server::router(Arc::clone(&state), admin_listen.is_some());
+    let http_limits = limits();
     let mut server = tokio::task::spawn_blocking(move || {
-        sluice_server::serve_per_thread(listeners, router, stopped)
+        sluice_server::serve_per_thread(
+            listeners,
+            router,
+            sluice_server::Protocol::Http1,
+            &http_limits,
+            stopped,
+        )
     });
     let envoy_stopped = async {
         match envoy_server.as_mut() {
@@ -467,6 +490,10 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         envoy_server
             .await
             .context("the Envoy rate limit service did not shut down cleanly")??;
+    }
+    if let Some(admin_server) = admin_server {
+        // Its errors were logged by the task.
+        let _ = admin_server.await;
     }
     tracing::info!("sluice stopped");
     Ok(())
@@ -573,5 +600,5 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = terminate => {},
     }
-    tracing::info!("shutting down: finishing in-flight requests");
+    tracing::info!("shutting down: finishing in-flight requests (up to http.shutdown_timeout_ms)");
 }

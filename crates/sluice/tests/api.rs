@@ -910,7 +910,7 @@ fn reset_needs_the_admin_token_and_restores_the_counter() {
     let r = s.reset(Some("wrong-token"), &body);
     assert_eq!(r.status, 401, "reset with a wrong token: {}", r.body);
     assert!(r.json()["error"].is_string(), "{}", r.body);
-    let r = s.reset(Some("secret-token-but-longer"), &body);
+    let r = s.reset(Some("secret-token-for-tests-but-longer"), &body);
     assert_eq!(
         r.status, 401,
         "reset with a token that only starts right: {}",
@@ -1063,7 +1063,7 @@ fn check_config_reports_file_line_and_field() {
         &dir,
         "bad.yaml",
         "listen: 127.0.0.1:9\n\
-         admin: {token: x}\n\
+         admin: {token: x0123456789abcdef}\n\
          storage: {backend: memory}\n\
          limits:\n\
          \x20 fine: {rate: 5/minute}\n\
@@ -1092,7 +1092,7 @@ fn check_config_reports_file_line_and_field() {
         &dir,
         "bad2.yaml",
         "listen: 127.0.0.1:9\n\
-         admin: {token: x}\n\
+         admin: {token: x0123456789abcdef}\n\
          limits:\n\
          \x20 a: {rate: 5/minute}\n\
          \x20 b: {rate: 5/minute}\n\
@@ -1196,7 +1196,7 @@ fn serve_with_bad_config_exits_with_file_line_message() {
         "bad.yaml",
         &format!(
             "listen: 127.0.0.1:{port}\n\
-             admin: {{token: x}}\n\
+             admin: {{token: x0123456789abcdef}}\n\
              limits:\n\
              \x20 ok_limit: {{rate: 5/minute}}\n\
              \x20 bad_limit: {{rate: -5/minute}}\n"

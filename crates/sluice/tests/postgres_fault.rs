@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{PostgresServer, Server, run_cli, write_file};
+use common::{PostgresServer, Server, readyz_becomes, run_cli, write_file};
 use serde_json::json;
 
 fn storage(postgres: &PostgresServer, extra: &str) -> String {
@@ -19,26 +19,6 @@ fn storage(postgres: &PostgresServer, extra: &str) -> String {
         "storage: {{backend: postgres, url: \"{}\", prefix: \"fault:\", on_error: local, timeout_ms: 200{extra}}}\n",
         postgres.url()
     )
-}
-
-/// `/readyz`'s status (503 is an answer here, not a failure).
-fn readyz(s: &Server) -> u16 {
-    match common::agent().get(s.url("/readyz")).call() {
-        Ok(r) => r.status().as_u16(),
-        Err(e) => panic!("GET /readyz: {e}"),
-    }
-}
-
-/// Whether `/readyz` answers `status` within `within`.
-fn readyz_becomes(s: &Server, status: u16, within: Duration) -> bool {
-    let started = Instant::now();
-    while started.elapsed() < within {
-        if readyz(s) == status {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 /// Waits until `/readyz` answers `status`; panics after `within`.

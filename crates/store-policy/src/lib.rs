@@ -13,6 +13,11 @@
 //! does not add its timeout to every request. The first success resumes shared counting:
 //! within about a second of the store coming back, with no restart. Each change of state
 //! is logged once, not once per request.
+//!
+//! [`Store::health`] answers from this state: while decisions reach the store it costs
+//! nothing, and otherwise at most one call per probe interval pings the store (the same
+//! gate as the decisions' probes), so `/readyz` and `/v1/stats` cannot be used to flood
+//! the store, and an outage is still noticed within about a probe interval.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,6 +65,10 @@ pub struct PolicyStore {
     started: Instant,
     /// Microseconds since `started` when the next probe may run.
     next_probe: AtomicU64,
+    /// Microseconds since `started` of the last call the store answered (within a
+    /// millisecond: it is only written when it moves by more, to keep decisions from
+    /// all writing one cache line); [`NEVER`] before the first.
+    last_answer: AtomicU64,
 }
 
 impl PolicyStore {
@@ -75,6 +84,7 @@ impl PolicyStore {
             epoch: AtomicU64::new(0),
             started: Instant::now(),
             next_probe: AtomicU64::new(0),
+            last_answer: AtomicU64::new(NEVER),
         }
     }
 
@@ -105,6 +115,10 @@ impl PolicyStore {
 
     /// A call started in `epoch` succeeded.
     fn succeeded(&self, epoch: u64) {
+        let now = self.elapsed_micros();
+        if now.saturating_sub(self.last_answer.load(Ordering::Relaxed)) > 1_000 {
+            self.last_answer.fetch_max(now.max(1), Ordering::Relaxed);
+        }
         if is_down_epoch(epoch)
             && self
                 .epoch
@@ -245,6 +259,32 @@ impl Store for PolicyStore {
         })
     }
 
+    /// The known state while it is fresh: the store answered within the last probe
+    /// interval, or it is down and the probe is not due. Otherwise this call is the one
+    /// that pings (others meanwhile get the known state).
+    fn health(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let epoch = self.epoch.load(Ordering::Acquire);
+            let interval = self.config.probe_interval.as_micros() as u64;
+            let last_answer = self.last_answer.load(Ordering::Relaxed);
+            let answered_lately = last_answer != NEVER
+                && self.elapsed_micros().saturating_sub(last_answer) < interval;
+            let known = if is_down_epoch(epoch) {
+                Err(StoreError::Unavailable(format!(
+                    "the {} store is unreachable (tried again once per {:?})",
+                    self.primary.backend(),
+                    self.config.probe_interval
+                )))
+            } else {
+                Ok(())
+            };
+            if (known.is_ok() && answered_lately) || !self.may_probe() {
+                return known;
+            }
+            self.ping().await
+        })
+    }
+
     fn stats(&self) -> StoreStats {
         self.primary.stats()
     }
@@ -253,6 +293,9 @@ impl Store for PolicyStore {
         self.primary.backend()
     }
 }
+
+/// `last_answer` before the store has answered anything.
+const NEVER: u64 = 0;
 
 fn is_down_epoch(epoch: u64) -> bool {
     epoch % 2 == 1

@@ -20,6 +20,7 @@ struct Flaky {
     /// Milliseconds the next call waits before answering (0: none).
     slow_next_ms: AtomicU64,
     calls: AtomicUsize,
+    pings: AtomicUsize,
 }
 
 impl Flaky {
@@ -30,6 +31,7 @@ impl Flaky {
             hanging: AtomicBool::new(false),
             slow_next_ms: AtomicU64::new(0),
             calls: AtomicUsize::new(0),
+            pings: AtomicUsize::new(0),
         })
     }
 }
@@ -65,6 +67,7 @@ impl Store for Flaky {
         Box::pin(async { Ok(()) })
     }
     fn ping(&self) -> StoreFuture<'_, ()> {
+        self.pings.fetch_add(1, Ordering::SeqCst);
         let failing = self.failing.load(Ordering::SeqCst);
         Box::pin(async move {
             if failing {
@@ -209,6 +212,52 @@ async fn an_answer_already_in_flight_does_not_end_an_outage_that_began_after_it(
         decide(&*store, &request(&l, "k")).await.unwrap().degraded,
         "still deciding by the policy until a probe succeeds"
     );
+}
+
+#[tokio::test]
+async fn health_pings_at_most_once_a_probe_interval_and_follows_the_store() {
+    let flaky = Flaky::new();
+    let store = policy(Arc::clone(&flaky) as Arc<dyn Store>, FailurePolicy::Local);
+    // Many health calls within one interval: one ping.
+    for _ in 0..500 {
+        store.health().await.unwrap();
+    }
+    assert_eq!(flaky.pings.load(Ordering::SeqCst), 1);
+    // Decisions that reach the store keep it known healthy without pings.
+    let l = limit("1000/hour");
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        decide(&store, &request(&l, "k")).await.unwrap();
+        store.health().await.unwrap();
+    }
+    assert_eq!(flaky.pings.load(Ordering::SeqCst), 1);
+    // With no decisions, an outage is noticed by the next interval's ping.
+    flaky.failing.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    while store.health().await.is_ok() {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "outage not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(store.is_down());
+    // While down: still at most one ping per interval, and back up by itself.
+    let pings = flaky.pings.load(Ordering::SeqCst);
+    for _ in 0..500 {
+        assert!(store.health().await.is_err());
+    }
+    assert!(flaky.pings.load(Ordering::SeqCst) <= pings + 1);
+    flaky.failing.store(false, Ordering::SeqCst);
+    let started = Instant::now();
+    while store.health().await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "recovery not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!store.is_down());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

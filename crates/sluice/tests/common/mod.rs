@@ -24,12 +24,12 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 pub fn bin() -> String {
     std::env::var("SLUICE_TEST_BIN").unwrap_or_else(|_| BIN.to_string())
 }
-pub const ADMIN_TOKEN: &str = "secret-token";
+pub const ADMIN_TOKEN: &str = "secret-token-for-tests";
 
 /// `admin:` + `storage:` + `limits:` of the reference config, plus a few
 /// single-purpose limits the tests use so that they do not depend on each other.
 pub const STANDARD: &str = "\
-admin: {token: secret-token}
+admin: {token: secret-token-for-tests}
 storage: {backend: memory, max_keys: 100000}
 limits:
   chat_user: {rate: [5/minute, 60/hour]}
@@ -376,6 +376,26 @@ impl Drop for Server {
             );
         }
     }
+}
+
+/// `/readyz`'s status (503 is an answer here, not a failure).
+pub fn readyz(s: &Server) -> u16 {
+    match agent().get(s.url("/readyz")).call() {
+        Ok(r) => r.status().as_u16(),
+        Err(e) => panic!("GET /readyz: {e}"),
+    }
+}
+
+/// Whether `/readyz` answers `status` within `within`.
+pub fn readyz_becomes(s: &Server, status: u16, within: Duration) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if readyz(s) == status {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
 }
 
 /// Extra command-line arguments and environment for [`Server::start_with`].

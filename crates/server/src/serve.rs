@@ -1,0 +1,453 @@
+//! Serving a listener with hyper directly, so that no client can hold a connection, a
+//! serving slot or a shutdown forever (`axum::serve` exposes none of these bounds):
+//!
+//! - a **header-read timeout**: a new connection must deliver a complete request head
+//!   within `http.header_read_timeout_ms` of being accepted, and on a kept-alive HTTP/1
+//!   connection the next head must be complete that long after its first byte;
+//! - an **idle timeout**: a connection with no request in flight is closed after
+//!   `http.idle_timeout_ms` without a new request (HTTP/2 gets a GOAWAY first);
+//! - a **connection cap**: at most `http.max_connections` connections per listener, over
+//!   all its threads. At the cap, each thread holds the one connection it accepted last
+//!   unserved and stops accepting, so further connections wait in the kernel's listen
+//!   backlog (and are refused by the kernel once that is full); they are served as soon
+//!   as a connection closes. Nothing is dropped by sluice and nothing fails;
+//! - a **shutdown deadline**: when shutdown starts, the listener closes, connections with
+//!   no request in flight are closed at once (a request not yet fully received was not
+//!   processed, so a client may retry it elsewhere), requests in flight get
+//!   `http.shutdown_timeout_ms` to finish, and then every remaining connection is closed.
+//!
+//! Requests in flight are counted per connection from the moment hyper hands a request
+//! to the router until its response body has been sent (or dropped), so a long streamed
+//! proxy response is never cut by the idle timeout.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use sluice_config::HttpConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tower_service::Service;
+
+/// The HTTP version a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 and 1.0 with upgrades (WebSockets through the proxy): the main and
+    /// admin listeners.
+    Http1,
+    /// HTTP/2 with prior knowledge, as gRPC clients speak it: the Envoy listener.
+    Http2,
+}
+
+/// The bounds of one listener. Clones share its connection cap, so every thread serving
+/// the listener takes from the same `max_connections`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    shutdown_timeout: Duration,
+    max_connections: usize,
+    slots: Arc<Semaphore>,
+}
+
+impl Limits {
+    /// The bounds `http:` configures, with a connection cap of its own.
+    pub fn new(http: &HttpConfig) -> Self {
+        Limits {
+            header_read_timeout: Duration::from_millis(http.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(http.idle_timeout_ms),
+            shutdown_timeout: Duration::from_millis(http.shutdown_timeout_ms),
+            max_connections: http.max_connections,
+            slots: Arc::new(Semaphore::new(http.max_connections)),
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then closes the listener and
+/// winds connections down within the shutdown deadline (see the module docs).
+pub async fn serve_listener(
+    listener: TcpListener,
+    router: Router,
+    protocol: Protocol,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let (stop, stopping) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut shutdown = pin!(shutdown);
+    loop {
+        // Finished connections' results are not needed: collect them as we go.
+        while connections.try_join_next().is_some() {}
+        let (tcp, peer, slot) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = accept(&listener, &limits) => accepted,
+        };
+        // Answers are small: send them now rather than wait to coalesce.
+        let _ = tcp.set_nodelay(true);
+        connections.spawn(connection(
+            tcp,
+            peer,
+            slot,
+            router.clone(),
+            protocol,
+            limits.clone(),
+            stopping.clone(),
+        ));
+    }
+    // New connections are refused from here (every thread's listener closes).
+    drop(listener);
+    let _ = stop.send(true);
+    let drained = tokio::time::timeout(limits.shutdown_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            connections = connections.len(),
+            shutdown_timeout_ms = limits.shutdown_timeout.as_millis() as u64,
+            "shutdown deadline passed: closing connections whose requests have not finished"
+        );
+    }
+    connections.shutdown().await;
+    Ok(())
+}
+
+/// The next connection and its slot under the cap. The slot is taken after the accept,
+/// so a thread never sits on a slot while waiting for a connection the kernel may give
+/// another thread's listener.
+async fn accept(
+    listener: &TcpListener,
+    limits: &Limits,
+) -> (TcpStream, SocketAddr, OwnedSemaphorePermit) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                if limits.slots.available_permits() == 0 {
+                    tracing::debug!(
+                        max_connections = limits.max_connections,
+                        "connection cap reached: waiting for a connection to close"
+                    );
+                }
+                // The semaphore is never closed, so this only waits.
+                if let Ok(slot) = Arc::clone(&limits.slots).acquire_owned().await {
+                    return (tcp, peer, slot);
+                }
+            }
+            // The peer gave up before we accepted: nothing to do.
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) => {}
+            Err(error) => {
+                // Usually the open-file limit. Accepting again at once would spin.
+                tracing::warn!(
+                    %error,
+                    "cannot accept a connection; retrying in 100 ms (at the open-file limit, raise `ulimit -n` or lower http.max_connections)"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Serves one connection until it ends, times out, or shutdown closes it.
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: OwnedSemaphorePermit,
+    router: Router,
+    protocol: Protocol,
+    limits: Limits,
+    stopping: watch::Receiver<bool>,
+) {
+    let _slot = slot;
+    let tracker = Arc::new(Tracker::new(protocol));
+    let io = TokioIo::new(Watched {
+        io: tcp,
+        tracker: Arc::clone(&tracker),
+    });
+    let requests = Arc::clone(&tracker);
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        let in_flight = InFlight::begin(&requests);
+        // Front doors that resolve the client's address need the socket peer.
+        request.extensions_mut().insert(ConnectInfo(peer));
+        let mut router = router.clone();
+        async move {
+            let response = router.call(request).await?;
+            // The request stays in flight until its body is sent (or dropped).
+            Ok::<_, Infallible>(response.map(|body| {
+                Body::new(body.map_frame(move |frame| {
+                    let _in_flight = &in_flight;
+                    frame
+                }))
+            }))
+        }
+    });
+    match protocol {
+        Protocol::Http1 => {
+            // The header timeout is ours (hyper's would also run while idle).
+            let conn = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(None)
+                .serve_connection(io, service)
+                .with_upgrades();
+            guard(
+                conn,
+                |conn| conn.graceful_shutdown(),
+                &tracker,
+                &limits,
+                stopping,
+            )
+            .await;
+        }
+        Protocol::Http2 => {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(io, service);
+            guard(
+                conn,
+                |conn| conn.graceful_shutdown(),
+                &tracker,
+                &limits,
+                stopping,
+            )
+            .await;
+        }
+    }
+}
+
+/// Drives `conn` and closes it (by dropping it) when its deadline passes or, at
+/// shutdown, once no request is in flight.
+async fn guard<C>(
+    conn: C,
+    graceful_shutdown: impl Fn(Pin<&mut C>),
+    tracker: &Tracker,
+    limits: &Limits,
+    mut stopping: watch::Receiver<bool>,
+) where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    let mut conn = pin!(conn);
+    let mut stop = *stopping.borrow();
+    // Set once an idle HTTP/2 connection was sent a GOAWAY: when it is closed regardless.
+    let mut goaway_deadline: Option<Instant> = None;
+    loop {
+        if stop && tracker.is_quiet() {
+            return;
+        }
+        let deadline = goaway_deadline.or_else(|| tracker.deadline(limits));
+        let expired = async {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "connection ended with an error");
+                }
+                return;
+            }
+            () = expired => {
+                if goaway_deadline.is_some() {
+                    return;
+                }
+                match tracker.expired(limits) {
+                    Expired::No => {}
+                    Expired::IdleHttp2 => {
+                        graceful_shutdown(conn.as_mut());
+                        goaway_deadline = Some(Instant::now() + limits.header_read_timeout);
+                    }
+                    Expired::Yes => return,
+                }
+            }
+            () = tracker.changed.notified() => {}
+            changed = stopping.changed(), if !stop => {
+                stop = true;
+                if changed.is_ok() && !tracker.is_quiet() {
+                    // Finish the requests in flight, then close (HTTP/1 stops keep-alive,
+                    // HTTP/2 sends GOAWAY).
+                    graceful_shutdown(conn.as_mut());
+                }
+            }
+        }
+    }
+}
+
+/// Where a connection is between requests.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// Accepted; the first request head is due a header timeout after this.
+    Opened(Instant),
+    /// A response was sent at this instant; nothing of the next request has arrived.
+    Idle(Instant),
+    /// The first byte of the next HTTP/1 request head arrived at this instant.
+    Head(Instant),
+    /// This many requests in flight.
+    Busy(usize),
+}
+
+/// Whether a connection's deadline has passed.
+enum Expired {
+    No,
+    /// An idle HTTP/2 connection: send GOAWAY so a client does not race the close.
+    IdleHttp2,
+    Yes,
+}
+
+/// A connection's phase, shared by its reads, its requests and its guard.
+struct Tracker {
+    phase: Mutex<Phase>,
+    /// Wakes the guard when a deadline moves (a response finished, a head began).
+    changed: Notify,
+    protocol: Protocol,
+}
+
+impl Tracker {
+    fn new(protocol: Protocol) -> Self {
+        Tracker {
+            phase: Mutex::new(Phase::Opened(Instant::now())),
+            changed: Notify::new(),
+            protocol,
+        }
+    }
+
+    fn phase(&self) -> MutexGuard<'_, Phase> {
+        // The critical sections cannot panic; if one did, the phase is still usable.
+        self.phase.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Bytes arrived. On an idle HTTP/1 connection they start the next head (HTTP/2
+    /// traffic between requests, pings and settings, does not).
+    fn read(&self) {
+        if self.protocol != Protocol::Http1 {
+            return;
+        }
+        let mut phase = self.phase();
+        if let Phase::Idle(_) = *phase {
+            *phase = Phase::Head(Instant::now());
+            drop(phase);
+            self.changed.notify_one();
+        }
+    }
+
+    /// No request in flight.
+    fn is_quiet(&self) -> bool {
+        !matches!(*self.phase(), Phase::Busy(_))
+    }
+
+    fn deadline(&self, limits: &Limits) -> Option<Instant> {
+        match *self.phase() {
+            Phase::Opened(since) | Phase::Head(since) => Some(since + limits.header_read_timeout),
+            Phase::Idle(since) => Some(since + limits.idle_timeout),
+            Phase::Busy(_) => None,
+        }
+    }
+
+    fn expired(&self, limits: &Limits) -> Expired {
+        let phase = *self.phase();
+        let Some(deadline) = self.deadline(limits) else {
+            return Expired::No;
+        };
+        if deadline > Instant::now() {
+            Expired::No
+        } else if matches!(phase, Phase::Idle(_)) && self.protocol == Protocol::Http2 {
+            Expired::IdleHttp2
+        } else {
+            Expired::Yes
+        }
+    }
+}
+
+/// One request in flight on a connection, from the router's call to the end of its
+/// response body.
+struct InFlight(Arc<Tracker>);
+
+impl InFlight {
+    fn begin(tracker: &Arc<Tracker>) -> Self {
+        let mut phase = tracker.phase();
+        *phase = match *phase {
+            Phase::Busy(n) => Phase::Busy(n + 1),
+            _ => Phase::Busy(1),
+        };
+        drop(phase);
+        InFlight(Arc::clone(tracker))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut phase = self.0.phase();
+        *phase = match *phase {
+            Phase::Busy(n) if n > 1 => Phase::Busy(n - 1),
+            _ => Phase::Idle(Instant::now()),
+        };
+        drop(phase);
+        self.0.changed.notify_one();
+    }
+}
+
+/// A TCP stream that tells its connection's [`Tracker`] when bytes arrive.
+struct Watched {
+    io: TcpStream,
+    tracker: Arc<Tracker>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.tracker.read();
+        }
+        result
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}

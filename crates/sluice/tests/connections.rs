@@ -1,0 +1,335 @@
+//! Clients that hold the server: a request head sent in part, a kept-alive connection
+//! left idle, more connections than `http.max_connections`, connections open at SIGTERM,
+//! and a silent TCP connection to the Envoy port. Each against the real binary.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// What happened to a connection while we waited for the server to speak.
+#[derive(Debug, PartialEq, Eq)]
+enum Heard {
+    /// The server closed the connection (EOF or reset) after this long.
+    Closed(Duration),
+    /// The server sent bytes.
+    Data(String),
+    /// Nothing within the wait.
+    Nothing,
+}
+
+/// Reads from `stream` until it closes, sends something, or `wait` passes.
+fn listen(stream: &mut TcpStream, wait: Duration) -> Heard {
+    let started = Instant::now();
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 4096];
+    match stream.read(&mut buf) {
+        Ok(0) => Heard::Closed(started.elapsed()),
+        Ok(n) => Heard::Data(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Heard::Nothing
+        }
+        Err(_) => Heard::Closed(started.elapsed()),
+    }
+}
+
+/// Reads and discards what the server sends (an HTTP/2 server speaks first: its
+/// SETTINGS) until it closes the connection or `wait` passes.
+fn until_closed(stream: &mut TcpStream, wait: Duration) -> Heard {
+    let started = Instant::now();
+    loop {
+        let left = wait.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Heard::Nothing;
+        }
+        match listen(stream, left) {
+            Heard::Data(_) => continue,
+            Heard::Closed(_) => return Heard::Closed(started.elapsed()),
+            Heard::Nothing => return Heard::Nothing,
+        }
+    }
+}
+
+fn connect(port: u16) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", port)).expect("connect")
+}
+
+/// Sends a whole keep-alive `GET /healthz` and reads its whole response.
+fn healthz_keep_alive(stream: &mut TcpStream) -> String {
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    match listen(stream, Duration::from_secs(5)) {
+        Heard::Data(text) => {
+            assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+            text
+        }
+        other => panic!("GET /healthz on a kept-alive connection: {other:?}"),
+    }
+}
+
+fn assert_closed_between(heard: Heard, at_least: Duration, at_most: Duration, what: &str) {
+    match heard {
+        Heard::Closed(after) => assert!(
+            after >= at_least && after <= at_most,
+            "{what}: closed after {after:?}, expected between {at_least:?} and {at_most:?}"
+        ),
+        other => panic!("{what}: expected the server to close the connection, got {other:?}"),
+    }
+}
+
+const LIMITS: &str = "storage: {backend: memory}\nlimits:\n  five: {rate: 5/minute}\n";
+
+#[test]
+fn a_half_sent_request_head_is_closed_after_the_header_timeout() {
+    let s = Server::start(&format!(
+        "http: {{header_read_timeout_ms: 400, idle_timeout_ms: 60000}}\n{LIMITS}"
+    ));
+    let mut half = connect(s.port);
+    half.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let mut silent = connect(s.port);
+    assert_closed_between(
+        listen(&mut half, Duration::from_secs(5)),
+        Duration::from_millis(250),
+        Duration::from_secs(3),
+        "a head without its blank line",
+    );
+    assert_closed_between(
+        listen(&mut silent, Duration::from_secs(5)),
+        Duration::ZERO,
+        Duration::from_secs(3),
+        "a connection that never sends a byte",
+    );
+    // On a kept-alive connection, the next head is due a header timeout after its first
+    // byte, however long the idle timeout.
+    let mut kept = connect(s.port);
+    healthz_keep_alive(&mut kept);
+    kept.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+    assert_closed_between(
+        listen(&mut kept, Duration::from_secs(5)),
+        Duration::from_millis(250),
+        Duration::from_secs(3),
+        "a second head sent in part",
+    );
+    // The server still serves.
+    assert_eq!(s.get("/healthz").status, 200);
+}
+
+#[test]
+fn an_idle_kept_alive_connection_is_closed_after_the_idle_timeout() {
+    let s = Server::start(&format!(
+        "http: {{header_read_timeout_ms: 60000, idle_timeout_ms: 500}}\n{LIMITS}"
+    ));
+    let mut kept = connect(s.port);
+    // Requests closer together than the idle timeout keep it open.
+    for _ in 0..4 {
+        healthz_keep_alive(&mut kept);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    healthz_keep_alive(&mut kept);
+    assert_closed_between(
+        listen(&mut kept, Duration::from_secs(5)),
+        Duration::from_millis(350),
+        Duration::from_secs(3),
+        "an idle kept-alive connection",
+    );
+}
+
+#[test]
+fn connections_over_the_cap_wait_and_are_served_once_others_close() {
+    // Two serving threads share one cap of 3.
+    let s = Server::start(&format!(
+        "http: {{max_connections: 3, threads: 2, idle_timeout_ms: 60000, header_read_timeout_ms: 60000}}\n{LIMITS}"
+    ));
+    // Let the readiness probe's connection close.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut held: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut c = connect(s.port);
+            healthz_keep_alive(&mut c);
+            c
+        })
+        .collect();
+    // Three more: connected (the kernel's backlog), but not served while 3 are held.
+    // They keep their connection after their answer, so each one served holds a slot.
+    let mut waiting: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut c = connect(s.port);
+            c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            c
+        })
+        .collect();
+    for (i, c) in waiting.iter_mut().enumerate() {
+        assert_eq!(
+            listen(c, Duration::from_millis(400)),
+            Heard::Nothing,
+            "connection {} over the cap of 3 was served",
+            i + 4
+        );
+    }
+    assert!(
+        s_running(&s),
+        "the server must not stop with connections over the cap"
+    );
+    // One held connection closes: one waiting connection is served.
+    drop(held.pop());
+    let mut served = vec![false; waiting.len()];
+    for (c, served) in waiting.iter_mut().zip(&mut served) {
+        if let Heard::Data(text) = listen(c, Duration::from_millis(1500)) {
+            assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+            *served = true;
+        }
+    }
+    assert_eq!(
+        served.iter().filter(|s| **s).count(),
+        1,
+        "one slot freed, so exactly one waiting connection is served"
+    );
+    // The other two held close: the other waiting connections are served.
+    held.clear();
+    for (c, _) in waiting.iter_mut().zip(&served).filter(|(_, s)| !**s) {
+        match listen(c, Duration::from_secs(5)) {
+            Heard::Data(text) => assert!(text.starts_with("HTTP/1.1 200"), "{text}"),
+            other => {
+                panic!("a waiting connection was not served after the others closed: {other:?}")
+            }
+        }
+    }
+    drop(waiting);
+    assert_eq!(s.get("/healthz").status, 200);
+}
+
+/// Sends SIGTERM, asserts the server exits 0 within 10 s, and says how long it took.
+fn terminate(s: &mut Server) -> Duration {
+    let started = Instant::now();
+    s.signal("TERM");
+    let status = s
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("sluice still running 10 s after SIGTERM\n{}", s.stderr()));
+    assert!(status.success(), "exit status {status}\n{}", s.stderr());
+    started.elapsed()
+}
+
+fn s_running(s: &Server) -> bool {
+    // A signal 0 checks the process exists without touching it.
+    std::process::Command::new("kill")
+        .args(["-0", &s.pid().to_string()])
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+#[test]
+fn sigterm_with_a_half_sent_head_exits_promptly() {
+    let mut s = Server::start(&format!(
+        "http: {{header_read_timeout_ms: 60000, idle_timeout_ms: 60000, shutdown_timeout_ms: 5000}}\n{LIMITS}"
+    ));
+    let mut half = connect(s.port);
+    half.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let mut idle = connect(s.port);
+    healthz_keep_alive(&mut idle);
+    std::thread::sleep(Duration::from_millis(100));
+    let took = terminate(&mut s);
+    // Neither connection has a request in flight: closed at once, not at the deadline.
+    assert!(
+        took < Duration::from_secs(3),
+        "took {took:?}\n{}",
+        s.stderr()
+    );
+    assert!(matches!(
+        listen(&mut half, Duration::from_secs(1)),
+        Heard::Closed(_)
+    ));
+}
+
+#[test]
+fn sigterm_closes_requests_still_in_flight_at_the_shutdown_deadline() {
+    // An upstream that accepts and never answers: a proxied request stays in flight.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_port = upstream.local_addr().unwrap().port();
+    let accepted = std::thread::spawn(move || {
+        let held: Vec<TcpStream> = upstream.incoming().take(1).filter_map(Result::ok).collect();
+        std::thread::sleep(Duration::from_secs(20));
+        drop(held);
+    });
+    let mut s = Server::start(&format!(
+        "http: {{shutdown_timeout_ms: 700}}\n{LIMITS}proxy: {{upstream: 'http://127.0.0.1:{upstream_port}'}}\n"
+    ));
+    let mut in_flight = connect(s.port);
+    in_flight
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let took = terminate(&mut s);
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_secs(4),
+        "exited {took:?} after SIGTERM; the deadline is 700 ms\n{}",
+        s.stderr()
+    );
+    assert!(
+        s.stderr().contains("shutdown deadline passed"),
+        "{}",
+        s.stderr()
+    );
+    drop(accepted);
+}
+
+#[test]
+fn a_silent_connection_to_the_envoy_port_is_closed_and_does_not_block_shutdown() {
+    let grpc_port = free_port();
+    let mut s = Server::start(&format!(
+        "http: {{header_read_timeout_ms: 400, idle_timeout_ms: 60000, shutdown_timeout_ms: 20000}}\n{LIMITS}\
+         envoy:\n  listen: 127.0.0.1:{grpc_port}\n  domains:\n    - domain: edge\n      descriptors:\n        - key: k\n          rate_limit: {{unit: minute, requests_per_unit: 3}}\n"
+    ));
+    let mut silent = connect(grpc_port);
+    assert_closed_between(
+        until_closed(&mut silent, Duration::from_secs(5)),
+        Duration::from_millis(250),
+        Duration::from_secs(3),
+        "a TCP connection to the Envoy port that never sends the HTTP/2 preface",
+    );
+    // Another one held at SIGTERM does not hold the process for the deadline.
+    let _held = connect(grpc_port);
+    let mut half = connect(grpc_port);
+    half.write_all(b"PRI * HTTP/2.0\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let took = terminate(&mut s);
+    assert!(
+        took < Duration::from_secs(3),
+        "took {took:?}\n{}",
+        s.stderr()
+    );
+}
+
+#[test]
+fn the_authorization_scheme_is_case_insensitive() {
+    let s = Server::standard();
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let r = common::agent()
+            .get(s.url("/v1/status"))
+            .header("authorization", format!("{scheme} {ADMIN_TOKEN}"))
+            .call()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "scheme {scheme:?}");
+    }
+    for value in [
+        format!("Basic {ADMIN_TOKEN}"),
+        format!("Bearer{ADMIN_TOKEN}"),
+        "Bearer ".to_string(),
+    ] {
+        let r = common::agent()
+            .get(s.url("/v1/status"))
+            .header("authorization", &value)
+            .call()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401, "Authorization: {value:?}");
+    }
+}
