@@ -253,6 +253,7 @@ fn sigterm_with_a_half_sent_head_exits_promptly() {
 #[test]
 fn sigterm_closes_requests_still_in_flight_at_the_shutdown_deadline() {
     // An upstream that accepts and never answers: a proxied request stays in flight.
+    // (sluice's endpoints stay on the main listener, so its /healthz is not proxied.)
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let upstream_port = upstream.local_addr().unwrap().port();
     let accepted = std::thread::spawn(move || {
@@ -261,7 +262,7 @@ fn sigterm_closes_requests_still_in_flight_at_the_shutdown_deadline() {
         drop(held);
     });
     let mut s = Server::start(&format!(
-        "http: {{shutdown_timeout_ms: 700}}\n{LIMITS}proxy: {{upstream: 'http://127.0.0.1:{upstream_port}'}}\n"
+        "http: {{shutdown_timeout_ms: 700}}\n{LIMITS}proxy: {{upstream: 'http://127.0.0.1:{upstream_port}', sluice_endpoints: main}}\n"
     ));
     let mut in_flight = connect(s.port);
     in_flight
