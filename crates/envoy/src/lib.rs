@@ -7,7 +7,7 @@
 //! - [`matcher`]: which configured rule a request descriptor hits, and the counter key.
 //! - [`service`]: one call end to end: match every descriptor, decide them all in one
 //!   atomic [`sluice_engine::DecisionRequest`], answer per-descriptor statuses.
-//! - [`router`]: the service as a router, served by `sluice_server::serve_per_thread`
+//! - [`router`]: the service as a router, served by `sluice_runtime::serve_per_thread`
 //!   like the HTTP front door, over HTTP/2.
 //!
 //! Semantics follow envoyproxy/ratelimit: the most specific descriptor wins (a value
@@ -24,7 +24,7 @@ pub mod service;
 
 use std::sync::Arc;
 
-use sluice_server::AppState;
+use sluice_runtime::AppState;
 
 /// The types generated from the vendored Envoy protos (`proto/`), in their packages.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -77,11 +77,13 @@ pub mod proto {
 pub use proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 pub use service::RateLimitService;
 
-/// The rate limit service as a router for [`sluice_server::serve_per_thread`] with
-/// [`sluice_server::Protocol::Http2`]: served like the HTTP front door (one runtime per
+/// The rate limit service as a router for [`sluice_runtime::serve_per_thread`] with
+/// [`sluice_runtime::Protocol::Http2`]: served like the HTTP front door (one runtime per
 /// thread over `SO_REUSEPORT` listeners), with the same header-read and idle timeouts,
 /// connection cap and shutdown deadline (`http:`). Other gRPC methods answer
-/// `UNIMPLEMENTED`.
+/// `UNIMPLEMENTED`. Registers the service's call counter in `state.metrics`: call it once.
 pub fn router(state: Arc<AppState>) -> axum::Router {
-    tonic::service::Routes::new(RateLimitService::new(state).into_server()).into_axum_router()
+    let calls = service::Calls::register(&state.metrics);
+    tonic::service::Routes::new(RateLimitService::new(state, calls).into_server())
+        .into_axum_router()
 }

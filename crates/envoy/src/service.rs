@@ -1,6 +1,6 @@
 //! `ShouldRateLimit`, end to end: every descriptor of a call is matched against the
 //! domain's rules, all counted ones are decided together in one atomic
-//! [`DecisionRequest`] through the server's [`sluice_server::Decider`] (so the store's
+//! [`DecisionRequest`] through the shared [`sluice_runtime::Decider`] (so the store's
 //! failure policy and the metrics apply), and the answer carries one status per
 //! descriptor in the request's order.
 
@@ -8,9 +8,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use sluice_config::envoy::{Rule, RuleKind, Unit};
 use sluice_engine::{Algorithm, Check, DecisionRequest, Limit, LimitSpec, Rate, WindowResult};
-use sluice_server::AppState;
+use sluice_runtime::AppState;
 use tonic::{Request, Response, Status};
 
 use crate::matcher::{self, Hit};
@@ -25,9 +28,9 @@ use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::{
 use crate::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 
 /// Most descriptors one call may carry, as `/v1/check` takes at most
-/// [`sluice_server::check::MAX_CHECKS`] checks: every descriptor is matched and may be a
+/// [`sluice_runtime::MAX_CHECKS`] checks: every descriptor is matched and may be a
 /// counter of one atomic decision, so an unbounded list is unbounded work per call.
-pub const MAX_DESCRIPTORS: usize = sluice_server::check::MAX_CHECKS;
+pub const MAX_DESCRIPTORS: usize = sluice_runtime::MAX_CHECKS;
 
 /// Most entries one descriptor may carry. Envoy's rate limit actions make a handful;
 /// matching walks the configured tree entry by entry.
@@ -40,6 +43,38 @@ const OVERRIDE_LIMIT: &str = "envoy.override";
 #[derive(Clone)]
 pub struct RateLimitService {
     state: Arc<AppState>,
+    calls: Calls,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    code: &'static str,
+}
+
+/// `sluice_envoy_calls_total{code}`: calls by answer (ok, over_limit, error).
+#[derive(Clone)]
+pub struct Calls {
+    ok: Counter,
+    over_limit: Counter,
+    error: Counter,
+}
+
+impl Calls {
+    /// Registers the series in the shared registry; once per process.
+    pub fn register(metrics: &sluice_runtime::Metrics) -> Self {
+        let family = Family::<CallLabels, Counter>::default();
+        metrics.register(
+            "envoy_calls",
+            "Envoy rate limit service calls, by answer (ok, over_limit, error)",
+            family.clone(),
+        );
+        let code = |code| family.get_or_create(&CallLabels { code }).clone();
+        Calls {
+            ok: code("ok"),
+            over_limit: code("over_limit"),
+            error: code("error"),
+        }
+    }
 }
 
 /// What one descriptor's status is made from.
@@ -74,9 +109,10 @@ enum Found<'a> {
 }
 
 impl RateLimitService {
-    /// The service over `state`: its live config (domains, reloads), decider and metrics.
-    pub fn new(state: Arc<AppState>) -> Self {
-        RateLimitService { state }
+    /// The service over `state` (its live config, domains and reloads, and decider),
+    /// counting its calls in `calls`.
+    pub fn new(state: Arc<AppState>, calls: Calls) -> Self {
+        RateLimitService { state, calls }
     }
 
     /// The tonic server for this service.
@@ -208,18 +244,18 @@ impl RlsServer for RateLimitService {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
-        let metrics = &self.state.metrics;
+        let calls = &self.calls;
         match self.answer(request.get_ref()).await {
             Ok(response) => {
                 if response.overall_code == Code::OverLimit as i32 {
-                    metrics.envoy_over_limit.inc();
+                    calls.over_limit.inc();
                 } else {
-                    metrics.envoy_ok.inc();
+                    calls.ok.inc();
                 }
                 Ok(Response::new(response))
             }
             Err(status) => {
-                metrics.envoy_error.inc();
+                calls.error.inc();
                 Err(status)
             }
         }

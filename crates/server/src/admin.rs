@@ -15,10 +15,10 @@ use sha2::{Digest, Sha256};
 use sluice_engine::DecisionRequest;
 use subtle::ConstantTimeEq;
 
-use crate::app::AppState;
 use crate::check::{find_limit, parse_key, read_json, result_bodies};
 use crate::error::{ApiError, json_response};
-use crate::live::Live;
+use sluice_runtime::AppState;
+use sluice_runtime::Live;
 
 /// The request shape `POST /v1/reset` expects, quoted in its errors.
 pub const RESET_SHAPE: &str = r#"{"limit": "<name>", "key": "<key>"}"#;

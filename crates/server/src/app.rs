@@ -1,9 +1,8 @@
-//! The shared state of a running server and its routes.
+//! The routers of the main and admin listeners: which of sluice's endpoints each
+//! serves, where the reverse proxy takes over, and the small endpoints (limits, stats,
+//! health, readiness, metrics).
 
-use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::Router;
 use axum::extract::State;
@@ -12,53 +11,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use serde::Serialize;
 use serde_json::json;
-use sluice_config::{Config, SluiceEndpoints};
-use sluice_engine::Store;
+use sluice_config::SluiceEndpoints;
+use sluice_runtime::AppState;
 
-use crate::decider::Decider;
 use crate::error::{ApiError, json_response};
-use crate::live::{Live, LiveConfig, ReloadError};
-use crate::metrics::Metrics;
-use crate::serve::{Limits, Protocol, serve_listener};
-
-/// Everything a request handler needs.
-pub struct AppState {
-    /// The reloadable configuration.
-    pub config: LiveConfig,
-    /// The decision path.
-    pub decider: Decider,
-    /// The metrics registry.
-    pub metrics: Arc<Metrics>,
-    started: Instant,
-}
-
-impl AppState {
-    /// State for `config` (read from `path`, for reloads) over `store`.
-    pub fn new(config: &Config, path: Option<PathBuf>, store: Arc<dyn Store>) -> Self {
-        let metrics = Arc::new(Metrics::new(crate::live::every_limit(config)));
-        AppState {
-            config: LiveConfig::new(config, path),
-            decider: Decider::new(store, Arc::clone(&metrics)),
-            metrics,
-            started: Instant::now(),
-        }
-    }
-
-    /// The configuration snapshot a request works with.
-    pub fn live(&self) -> Arc<Live> {
-        self.config.load()
-    }
-
-    /// Reloads the config file (see [`LiveConfig::reload`]).
-    pub fn reload(&self) -> Result<u64, ReloadError> {
-        self.config.reload(&self.metrics)
-    }
-
-    /// Seconds since the server started.
-    pub fn uptime_seconds(&self) -> u64 {
-        self.started.elapsed().as_secs()
-    }
-}
 
 /// The routes of the main listener. With `admin_separate` (an `admin.listen` address),
 /// the admin calls are served only by [`admin_router`] and answer 404 here. With a
@@ -140,89 +96,6 @@ fn admin_routes() -> Router<Arc<AppState>> {
         .route("/v1/admin/reload", post(admin::reload))
         .route("/v1/admin/reset-limit", post(admin::reset_limit))
         .route("/v1/admin/state", get(admin::state))
-}
-
-/// Binds `count` listeners on `listen` with `SO_REUSEPORT`, one per serving thread.
-/// Must be called inside a Tokio runtime.
-pub fn bind_listeners(
-    listen: std::net::SocketAddr,
-    count: usize,
-) -> std::io::Result<Vec<std::net::TcpListener>> {
-    // SO_REUSEPORT would let a second process bind the same port and quietly take half
-    // the traffic. A plain bind first fails if anything holds the address, and turns
-    // port 0 into one concrete port for every listener.
-    let listen = std::net::TcpListener::bind(listen)?.local_addr()?;
-    (0..count.max(1))
-        .map(|_| {
-            let socket = if listen.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()?
-            } else {
-                tokio::net::TcpSocket::new_v6()?
-            };
-            socket.set_reuseaddr(true)?;
-            socket.set_reuseport(true)?;
-            socket.bind(listen)?;
-            socket.listen(1024)?.into_std()
-        })
-        .collect()
-}
-
-/// Serves `router` with one single-threaded runtime per listener: the kernel spreads
-/// connections over the `SO_REUSEPORT` listeners and no thread ever wakes another, the
-/// way nginx runs one event loop per worker. Every thread shares `limits` (one
-/// connection cap for the listener). Blocks until every thread has wound down its
-/// connections after `shutdown` turns true (within `limits`' shutdown deadline).
-pub fn serve_per_thread(
-    listeners: Vec<std::net::TcpListener>,
-    router: Router,
-    protocol: Protocol,
-    limits: &Limits,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let kind = match protocol {
-        Protocol::Http1 => "http",
-        Protocol::Http2 => "grpc",
-    };
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(i, listener)| {
-            let router = router.clone();
-            let limits = limits.clone();
-            let mut shutdown = shutdown.clone();
-            std::thread::Builder::new()
-                .name(format!("sluice-{kind}-{i}"))
-                .spawn(move || {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()?;
-                    runtime.block_on(async move {
-                        let listener = tokio::net::TcpListener::from_std(listener)?;
-                        let stop = async move {
-                            let _ = shutdown.wait_for(|stop| *stop).await;
-                        };
-                        serve_listener(listener, router, protocol, limits, stop).await
-                    })
-                })
-        })
-        .collect::<std::io::Result<_>>()?;
-    for handle in handles {
-        handle
-            .join()
-            .map_err(|_| std::io::Error::other(format!("a {kind} serving thread panicked")))??;
-    }
-    Ok(())
-}
-
-/// Serves `router` (HTTP/1) on `listener` until `shutdown` resolves, then winds its
-/// connections down within `limits`' shutdown deadline.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    limits: Limits,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    serve_listener(listener, router, Protocol::Http1, limits, shutdown).await
 }
 
 #[derive(Serialize)]

@@ -14,11 +14,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sluice_engine::{Check, CheckError, Decision, DecisionRequest, LimitSet, Micros};
 
-use crate::app::AppState;
 use crate::error::{ApiError, json_response};
+use sluice_runtime::AppState;
 
-/// The most checks one request may carry.
-pub const MAX_CHECKS: usize = 64;
+pub use sluice_runtime::MAX_CHECKS;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

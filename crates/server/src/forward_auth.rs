@@ -18,8 +18,8 @@ use axum::response::{IntoResponse, Response};
 use sluice_engine::DecisionRequest;
 use sluice_http::IncomingRequest;
 
-use crate::app::AppState;
 use crate::error::ApiError;
+use sluice_runtime::AppState;
 
 /// Where the forward-auth endpoint lives.
 pub const PATH: &str = "/v1/forward-auth";

@@ -54,9 +54,9 @@ use sluice_config::ProxyConfig;
 use sluice_engine::{Check, Decision, DecisionRequest};
 use sluice_http::{IncomingRequest, Session, normalize_path};
 
-use crate::app::AppState;
 use crate::error::{ApiError, json_response};
-use crate::live::Live;
+use sluice_runtime::AppState;
+use sluice_runtime::Live;
 
 type UpstreamClient = Client<HttpConnector, Body>;
 

@@ -41,7 +41,8 @@ pub struct LimitCounters {
 
 /// Every metric sluice exports.
 pub struct Metrics {
-    registry: Registry,
+    /// Locked to render, and to add a front door's series ([`Metrics::register`]).
+    registry: std::sync::Mutex<Registry>,
     decisions: Family<DecisionLabels, Counter>,
     per_limit: std::sync::RwLock<Arc<HashMap<String, LimitCounters>>>,
     /// Decisions made without the shared store.
@@ -56,18 +57,6 @@ pub struct Metrics {
     pub upstream_failures: Counter,
     keys: Family<BackendLabels, Gauge>,
     evictions: Family<BackendLabels, Counter>,
-    render_lock: std::sync::Mutex<()>,
-    /// Envoy `ShouldRateLimit` calls answered OK.
-    pub envoy_ok: Counter,
-    /// Envoy `ShouldRateLimit` calls answered OVER_LIMIT.
-    pub envoy_over_limit: Counter,
-    /// Envoy `ShouldRateLimit` calls answered with a gRPC error.
-    pub envoy_error: Counter,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct EnvoyLabels {
-    code: &'static str,
 }
 
 impl Metrics {
@@ -121,20 +110,8 @@ impl Metrics {
             "Counters evicted before expiry because the store was full",
             evictions.clone(),
         );
-        let envoy = Family::<EnvoyLabels, Counter>::default();
-        registry.register(
-            "envoy_calls",
-            "Envoy rate limit service calls, by answer (ok, over_limit, error)",
-            envoy.clone(),
-        );
-        let envoy_code = |code| envoy.get_or_create(&EnvoyLabels { code }).clone();
-        let (envoy_ok, envoy_over_limit, envoy_error) = (
-            envoy_code("ok"),
-            envoy_code("over_limit"),
-            envoy_code("error"),
-        );
         let metrics = Metrics {
-            registry,
+            registry: std::sync::Mutex::new(registry),
             decisions,
             per_limit: Default::default(),
             degraded,
@@ -144,10 +121,6 @@ impl Metrics {
             upstream_failures,
             keys,
             evictions,
-            render_lock: std::sync::Mutex::new(()),
-            envoy_ok,
-            envoy_over_limit,
-            envoy_error,
         };
         metrics.track_limits(limits);
         metrics
@@ -188,6 +161,21 @@ impl Metrics {
             .unwrap_or_default()
     }
 
+    /// Adds a front door's own series (`sluice_` is prefixed to `name`), such as the
+    /// Envoy service's calls: this registry knows nothing of any front door's counters.
+    /// Call it once per series, at start.
+    pub fn register(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        self.registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .register(name, help, metric);
+    }
+
     /// Records one store call's duration.
     pub fn observe_store(&self, took: Duration) {
         self.store_latency.observe(took.as_secs_f64());
@@ -197,18 +185,16 @@ impl Metrics {
     pub fn render(&self, backend: &'static str, stats: StoreStats) -> String {
         let labels = BackendLabels { backend };
         self.keys.get_or_create(&labels).set(stats.keys as i64);
-        {
-            // Two scrapes at once (an HA Prometheus pair) must not both add the same delta.
-            let _one_at_a_time = self
-                .render_lock
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let evictions = self.evictions.get_or_create(&labels);
-            evictions.inc_by(stats.evictions.saturating_sub(evictions.get()));
-        }
+        // Two scrapes at once (an HA Prometheus pair) must not both add the same delta.
+        let registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let evictions = self.evictions.get_or_create(&labels);
+        evictions.inc_by(stats.evictions.saturating_sub(evictions.get()));
         let mut text = String::with_capacity(4096);
         // Writing into a String cannot fail.
-        let _ = encode(&mut text, &self.registry);
+        let _ = encode(&mut text, &registry);
         text
     }
 }

@@ -451,3 +451,86 @@ impl AsyncWrite for Watched {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
+
+/// Binds `count` listeners on `listen` with `SO_REUSEPORT`, one per serving thread.
+/// Must be called inside a Tokio runtime.
+pub fn bind_listeners(
+    listen: std::net::SocketAddr,
+    count: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    // SO_REUSEPORT would let a second process bind the same port and quietly take half
+    // the traffic. A plain bind first fails if anything holds the address, and turns
+    // port 0 into one concrete port for every listener.
+    let listen = std::net::TcpListener::bind(listen)?.local_addr()?;
+    (0..count.max(1))
+        .map(|_| {
+            let socket = if listen.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+            socket.bind(listen)?;
+            socket.listen(1024)?.into_std()
+        })
+        .collect()
+}
+
+/// Serves `router` with one single-threaded runtime per listener: the kernel spreads
+/// connections over the `SO_REUSEPORT` listeners and no thread ever wakes another, the
+/// way nginx runs one event loop per worker. Every thread shares `limits` (one
+/// connection cap for the listener). Blocks until every thread has wound down its
+/// connections after `shutdown` turns true (within `limits`' shutdown deadline).
+pub fn serve_per_thread(
+    listeners: Vec<std::net::TcpListener>,
+    router: Router,
+    protocol: Protocol,
+    limits: &Limits,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let kind = match protocol {
+        Protocol::Http1 => "http",
+        Protocol::Http2 => "grpc",
+    };
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, listener)| {
+            let router = router.clone();
+            let limits = limits.clone();
+            let mut shutdown = shutdown.clone();
+            std::thread::Builder::new()
+                .name(format!("sluice-{kind}-{i}"))
+                .spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    runtime.block_on(async move {
+                        let listener = tokio::net::TcpListener::from_std(listener)?;
+                        let stop = async move {
+                            let _ = shutdown.wait_for(|stop| *stop).await;
+                        };
+                        serve_listener(listener, router, protocol, limits, stop).await
+                    })
+                })
+        })
+        .collect::<std::io::Result<_>>()?;
+    for handle in handles {
+        handle
+            .join()
+            .map_err(|_| std::io::Error::other(format!("a {kind} serving thread panicked")))??;
+    }
+    Ok(())
+}
+
+/// Serves `router` (HTTP/1) on `listener` until `shutdown` resolves, then winds its
+/// connections down within `limits`' shutdown deadline.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_listener(listener, router, Protocol::Http1, limits, shutdown).await
+}

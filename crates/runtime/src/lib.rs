@@ -1,0 +1,27 @@
+//! What every sluice front door shares, written once: the HTTP API and reverse proxy
+//! (`sluice-server`), the Envoy rate limit service (`sluice-envoy`) and the binary
+//! that wires them all hold one [`AppState`] and are served by one loop.
+//!
+//! - [`state`]: [`AppState`], handed to every handler.
+//! - [`live`]: the reloadable configuration snapshot ([`Live`]) and the reload.
+//! - [`decider`]: the one path from a decision request to a decision; it records
+//!   metrics and the (rate-limited) denial log.
+//! - [`metrics`]: the Prometheus registry; front doors register their own series.
+//! - [`serve`]: the per-thread serving loop with header-read and idle timeouts, a
+//!   connection cap and a shutdown deadline, for HTTP/1 and HTTP/2 (gRPC) alike.
+
+pub mod decider;
+pub mod live;
+pub mod metrics;
+pub mod serve;
+pub mod state;
+
+pub use decider::Decider;
+pub use live::{Live, LiveConfig, ReloadError};
+pub use metrics::Metrics;
+pub use serve::{Limits, Protocol, bind_listeners, serve, serve_per_thread};
+pub use state::AppState;
+
+/// The most checks one decision makes: `/v1/check`'s `checks`, Envoy's descriptors per
+/// call. Bounds the work one request can ask for.
+pub const MAX_CHECKS: usize = 64;
