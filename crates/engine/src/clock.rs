@@ -6,6 +6,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// Microseconds since the Unix epoch, UTC.
 pub type Micros = i64;
 
+/// `micros` in whole milliseconds, rounded up (negative counts as 0): a wait reported
+/// this way is always long enough. Every answer in milliseconds uses it.
+pub fn millis_ceil(micros: Micros) -> u64 {
+    (micros.max(0) as u64).div_ceil(1_000)
+}
+
+/// `micros` in whole seconds, rounded up (negative counts as 0): `Retry-After`, reset
+/// times in headers and the quota endpoint.
+pub fn seconds_ceil(micros: Micros) -> u64 {
+    (micros.max(0) as u64).div_ceil(1_000_000)
+}
+
 /// A source of the current time.
 pub trait Clock: Send + Sync {
     /// Now, in microseconds since the Unix epoch.

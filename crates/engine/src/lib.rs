@@ -23,7 +23,7 @@ pub mod rate;
 pub mod store;
 
 pub use algorithm::{Algorithm, Evaluation, State, Window};
-pub use clock::{Clock, ManualClock, Micros, SystemClock};
+pub use clock::{Clock, ManualClock, Micros, SystemClock, millis_ceil, seconds_ceil};
 pub use decision::{
     Check, CheckError, Decision, DecisionRequest, MAX_KEY_BYTES, Slot, WindowOutcome,
     WindowOutcomes, WindowResult, apply, decide, refund,

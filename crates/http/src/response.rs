@@ -13,7 +13,7 @@
 
 use http::StatusCode;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use sluice_engine::{Decision, DecisionRequest, Micros, WindowResult};
+use sluice_engine::{Decision, DecisionRequest, Micros, WindowResult, seconds_ceil};
 
 /// Which rate-limit header families to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,10 +149,6 @@ pub struct Denial {
     pub body: Vec<u8>,
 }
 
-fn seconds_ceil(micros: Micros) -> u64 {
-    (micros.max(0) as u64).div_ceil(1_000_000)
-}
-
 /// `Retry-After` in whole seconds: rounded up, at least 1; `None` when never.
 pub fn retry_after_seconds(decision: &Decision) -> Option<u64> {
     decision
@@ -279,9 +275,7 @@ impl ResponseConfig {
                 BodyPart::Limit => body.push_str(limit),
                 BodyPart::RetryAfterSeconds => body.push_str(&number(retry)),
                 BodyPart::RetryAfterMs => body.push_str(&number(
-                    decision
-                        .retry_after
-                        .map(|m| (m.max(0) as u64).div_ceil(1000)),
+                    decision.retry_after.map(sluice_engine::millis_ceil),
                 )),
                 BodyPart::Message => body.push_str(&message),
                 BodyPart::Status => body.push_str(status.as_str()),

@@ -157,7 +157,7 @@ impl Decider {
             .results
             .iter()
             .filter(|r| r.check == index && !r.allowed)
-            .map(|r| r.retry_after.map(|us| (us.max(0) as u64).div_ceil(1000)))
+            .map(|r| r.retry_after.map(sluice_engine::millis_ceil))
             .max()
             .flatten();
         if shadow {

@@ -8,15 +8,16 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use sluice_engine::DecisionRequest;
 use subtle::ConstantTimeEq;
 
-use crate::check::{find_limit, parse_key, read_json, result_bodies};
+use crate::answer::result_bodies;
 use crate::error::{ApiError, json_response};
+use crate::request::{find_limit, make_check, parse_key, read_json};
 use sluice_runtime::AppState;
 use sluice_runtime::Live;
 
@@ -66,15 +67,6 @@ fn bearer_token(value: &str) -> Option<&str> {
         .filter(|token| !token.is_empty())
 }
 
-fn store_failed(what: &str) -> ApiError {
-    // The store's own error (hosts, DSNs) goes to the log, not into the answer.
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "store_unavailable",
-        format!("{what} failed: the counter store could not answer; see sluice's log"),
-    )
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ResetBody {
@@ -83,30 +75,32 @@ struct ResetBody {
 }
 
 /// `POST /v1/reset`: forgets one key's counters of one limit.
-pub async fn reset(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn reset(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let live = app.live();
-    let result = async {
+    {
         authorize(&live, &headers)?;
         let body: ResetBody = read_json(&headers, body, live.max_body_bytes, RESET_SHAPE).await?;
         let limit = find_limit(&live.limits, &body.limit, "limit")?;
         let key = parse_key(body.key, "key")?;
-        crate::check::make_check(Arc::clone(limit), key.clone(), 0, "key")?;
+        make_check(Arc::clone(limit), key.clone(), 0, "key")?;
         app.decider
             .store()
             .reset(limit, &key)
             .await
             .map_err(|error| {
                 tracing::warn!(%error, "reset failed");
-                store_failed("reset")
+                ApiError::store_unavailable("reset")
             })?;
         tracing::info!(limit = limit.name(), "counter reset by admin");
-        Ok::<_, ApiError>(json_response(
+        Ok(json_response(
             StatusCode::OK,
             &json!({"reset": true, "limit": limit.name(), "key": key}),
         ))
     }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
 }
 
 #[derive(Deserialize)]
@@ -120,9 +114,9 @@ pub async fn reset_limit(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
+) -> Result<Response, ApiError> {
     let live = app.live();
-    let result = async {
+    {
         authorize(&live, &headers)?;
         let body: ResetLimitBody =
             read_json(&headers, body, live.max_body_bytes, RESET_LIMIT_SHAPE).await?;
@@ -134,20 +128,18 @@ pub async fn reset_limit(
             .await
             .map_err(|error| {
                 tracing::warn!(%error, "reset of a whole limit failed");
-                store_failed("resetting the limit")
+                ApiError::store_unavailable("resetting the limit")
             })?;
         tracing::info!(
             limit = limit.name(),
             counters_removed = removed,
             "limit reset by admin"
         );
-        Ok::<_, ApiError>(json_response(
+        Ok(json_response(
             StatusCode::OK,
             &json!({"reset": true, "limit": limit.name(), "counters_removed": removed}),
         ))
     }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// `GET /v1/admin/state?limit=L&key=K`: one key's windows, read without charging.
@@ -155,9 +147,9 @@ pub async fn state(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
-) -> Response {
+) -> Result<Response, ApiError> {
     let live = app.live();
-    let result = async {
+    {
         authorize(&live, &headers)?;
         let missing = |name: &str| {
             ApiError::bad_request(
@@ -173,7 +165,7 @@ pub async fn state(
         // The state now (cost 0), and what a request of cost 1 would be told now: both
         // read without charging.
         let read = |cost| -> Result<DecisionRequest, ApiError> {
-            let check = crate::check::make_check(Arc::clone(limit), key.clone(), cost, "key")?;
+            let check = make_check(Arc::clone(limit), key.clone(), cost, "key")?;
             Ok(DecisionRequest {
                 checks: vec![check],
                 dry_run: true,
@@ -183,7 +175,7 @@ pub async fn state(
         let store = app.decider.store();
         let failed = |error: sluice_engine::StoreError| {
             tracing::warn!(%error, "state read failed");
-            store_failed("reading the state")
+            ApiError::store_unavailable("reading the state")
         };
         let state = sluice_engine::decide(&**store, &now)
             .await
@@ -191,7 +183,7 @@ pub async fn state(
         let verdict = sluice_engine::decide(&**store, &next)
             .await
             .map_err(failed)?;
-        Ok::<_, ApiError>(json_response(
+        Ok(json_response(
             StatusCode::OK,
             &json!({
                 "limit": limit.name(),
@@ -199,41 +191,40 @@ pub async fn state(
                 "results": result_bodies(&now, &state),
                 "next_request": {
                     "allowed": verdict.allowed,
-                    "retry_after_ms": verdict.retry_after.map(crate::check::millis_ceil),
+                    "retry_after_ms": verdict.retry_after.map(sluice_engine::millis_ceil),
                 },
             }),
         ))
     }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// `GET /v1/status`: the config version and the reload history.
-pub async fn status(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    match authorize(&app.live(), &headers) {
-        Ok(()) => json_response(StatusCode::OK, &app.config.status()),
-        Err(error) => error.into_response(),
-    }
+pub async fn status(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&app.live(), &headers)?;
+    Ok(json_response(StatusCode::OK, &app.config.status()))
 }
 
 /// `POST /v1/admin/reload`: reads the config file again now.
-pub async fn reload(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(error) = authorize(&app.live(), &headers) {
-        return error.into_response();
-    }
+pub async fn reload(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&app.live(), &headers)?;
     let state = Arc::clone(&app);
     // Reading and validating the file is blocking work.
     match tokio::task::spawn_blocking(move || state.reload()).await {
-        Ok(Ok(version)) => json_response(
+        Ok(Ok(version)) => Ok(json_response(
             StatusCode::OK,
             &json!({"reloaded": true, "config_version": version}),
-        ),
-        Ok(Err(error)) => ApiError::bad_request("invalid_config", error.0).into_response(),
-        Err(_) => ApiError::new(
+        )),
+        Ok(Err(error)) => Err(ApiError::bad_request("invalid_config", error.0)),
+        Err(_) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "reload_failed",
             "the reload did not finish; see sluice's log",
-        )
-        .into_response(),
+        )),
     }
 }

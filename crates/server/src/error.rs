@@ -34,6 +34,16 @@ impl ApiError {
         }
     }
 
+    /// `503 store_unavailable`: the store could not answer `what`. The store's own error
+    /// (hosts, DSNs) was logged by the decider and stays out of the answer.
+    pub fn store_unavailable(what: &str) -> Self {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("{what} failed: the counter store could not answer; see sluice's log"),
+        )
+    }
+
     /// Marks the answer as closing the connection when the body was left unread.
     pub fn closing_unless(mut self, body_read: bool) -> Self {
         self.close_connection = !body_read;

@@ -72,7 +72,7 @@ pub async fn forward_auth(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, ApiError> {
     // When the sources disagree, every candidate's checks go into one atomic decision:
     // a spoofed header can add a charge, never remove the real route's.
     let live = app.live();
@@ -85,18 +85,19 @@ pub async fn forward_auth(
             headers: &headers,
             session: None,
         };
-        let checks = match live.policy.decision_request(&incoming, false) {
-            Ok(request) => request.checks,
-            Err(error) => {
+        let checks = live
+            .policy
+            .decision_request(&incoming, false)
+            .map_err(|error| {
                 // Refused, not guessed. The proxy must relay it: nginx passes only
                 // 401 and 403 through, so the configured deny status is used if set.
                 let mut answer = ApiError::from(error);
                 if let Some(status) = live.forward_auth_deny_status {
                     answer.status = status;
                 }
-                return answer.into_response();
-            }
-        };
+                answer
+            })?
+            .checks;
         for check in checks {
             let seen = request
                 .checks
@@ -108,26 +109,22 @@ pub async fn forward_auth(
         }
     }
     if request.checks.is_empty() {
-        return StatusCode::OK.into_response();
+        return Ok(StatusCode::OK.into_response());
     }
-    let Ok(decision) = app.decider.decide(&request).await else {
-        // The decider logged the store's error; its text (addresses, DSNs) stays out of answers.
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            "the counter store could not decide; see sluice's log",
-        )
-        .into_response();
-    };
+    let decision = app
+        .decider
+        .decide(&request)
+        .await
+        .map_err(|_| ApiError::store_unavailable("the decision"))?;
     let responses = &live.policy.responses;
     if decision.allowed {
         let mut response = StatusCode::OK.into_response();
         responses.add_rate_limit_headers(&request, &decision, response.headers_mut());
-        return response;
+        return Ok(response);
     }
     let status = live
         .forward_auth_deny_status
         .unwrap_or(responses.deny_status);
     let denial = responses.denial_with_status(&request, &decision, status);
-    (denial.status, denial.headers, denial.body).into_response()
+    Ok((denial.status, denial.headers, denial.body).into_response())
 }

@@ -4,18 +4,22 @@
 //! the serving loop) is in `sluice-runtime`.
 //!
 //! - [`app`]: the routers of the main and admin listeners, and the small endpoints.
-//! - [`check`]: `POST /v1/check` — request parsing, validation and the response shape.
+//! - [`check`]: `POST /v1/check`.
+//! - [`answer`]: the decision API's JSON answer (also the admin state read's).
 //! - [`forward_auth`]: `/v1/forward-auth` for nginx, Traefik and Envoy.
 //! - [`proxy`]: the reverse proxy and its quota endpoint.
 //! - [`admin`]: calls behind the bearer token.
+//! - [`request`]: reading JSON bodies, costs, limit names and keys.
 //! - [`error`]: the `{"error": ..., "message": ...}` answers.
 
 pub mod admin;
+pub mod answer;
 pub mod app;
 pub mod check;
 pub mod error;
 pub mod forward_auth;
 pub mod proxy;
+pub mod request;
 
 pub use app::{admin_router, router};
 pub use error::ApiError;

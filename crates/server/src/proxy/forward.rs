@@ -1,62 +1,24 @@
-//! The reverse proxy (`proxy.upstream`): every request that is not one of sluice's own
-//! endpoints is decided by the routes and, when allowed, forwarded to the upstream; a
-//! denied request is answered by sluice and never reaches it.
-//!
-//! - **Forwarding.** Method, path and query (under the upstream's path prefix, if any),
-//!   headers and body go to the upstream over a pooled HTTP/1.1 connection (one pool per
-//!   serving thread, so a request never waits on another thread's connection). Bodies
-//!   stream both ways, frame by frame, with nothing buffered: server-sent events and
-//!   chunked LLM output reach the client as the upstream writes them.
-//! - **Hop-by-hop headers** (RFC 9110 §7.6.1) are dropped both ways: `Connection` and the
-//!   headers it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
-//!   `Transfer-Encoding`, `Upgrade`, `Proxy-Authorization`, `Proxy-Authenticate`; also
-//!   `Expect` (sluice answers `100-continue` itself). `Host` is passed through as the
-//!   client sent it.
-//! - **Forwarding headers.** From a trusted proxy (`client_ip.trusted_proxies`) the peer
-//!   is appended to `X-Forwarded-For` and its `X-Forwarded-Proto`/`-Host` and
-//!   `Forwarded` are kept. From anyone else the client's own copies are dropped and
-//!   replaced: `X-Forwarded-For: <peer>`, `X-Forwarded-Proto: http`,
-//!   `X-Forwarded-Host: <Host>`, no `Forwarded`. (nginx's `$proxy_add_x_forwarded_for`
-//!   appends to whatever the client sent, so a spoofed entry reaches the app; sluice
-//!   drops it, as Traefik does by default, so the app can believe the header.)
-//! - **Upgrades** (WebSocket): the `Upgrade` request is forwarded with its
-//!   `Connection: upgrade`; when the upstream answers `101`, both connections are taken
-//!   over and bytes are copied both ways until either side closes.
-//! - **Failures.** No connection within `proxy.connect_timeout_ms` or no response head
-//!   within `proxy.timeout_ms`: `504 {"error": "upstream_timeout"}`; refused or broken:
-//!   `502 {"error": "upstream_unavailable"}`.
-//! - **Answers.** Allowed responses carry the rate-limit headers; a new session's cookie
-//!   is set on every answer (see [`sluice_http::session`]). When the upstream's status
-//!   is in `proxy.refund_on_status`, the decision's cost is given back before the answer
-//!   is sent, so the caller's next request already sees it. sluice's own 502/504 are
-//!   refunded only when the request never reached the upstream (no connection): after
-//!   it was sent, the upstream may still be doing the work.
-//! - **Paths** that applications could read in more than one way (`%2F`, `\`, `;`,
-//!   `%00`, dot segments) are refused with `400 invalid_path` and never forwarded (see
-//!   [`sluice_http::path`]).
-//! - **Quota** (`proxy.quota_path`): see [`quota`].
+//! Forwarding an allowed request to the upstream and its answer back: the pooled
+//! client (one per serving thread), hop-by-hop headers, `X-Forwarded-*`, WebSocket
+//! upgrades, and the 502/504 sluice writes when the upstream fails (marked, so that
+//! such an answer is not refunded once the request was sent).
 
 use std::cell::RefCell;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::net::IpAddr;
+use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::Request;
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use axum::http::{Method, StatusCode, Uri, Version};
+use axum::http::{StatusCode, Uri, Version};
 use axum::response::{IntoResponse, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use serde::Serialize;
 use sluice_config::ProxyConfig;
-use sluice_engine::{Check, Decision, DecisionRequest};
-use sluice_http::{IncomingRequest, Session, normalize_path};
+use sluice_runtime::{AppState, Live};
 
-use crate::error::{ApiError, json_response};
-use sluice_runtime::AppState;
-use sluice_runtime::Live;
+use crate::error::ApiError;
 
 type UpstreamClient = Client<HttpConnector, Body>;
 
@@ -176,7 +138,7 @@ fn set_forwarding_headers(headers: &mut HeaderMap, peer: IpAddr, trusted: bool) 
 }
 
 /// Whether the client reached the edge over TLS, as a trusted proxy says.
-fn over_tls(headers: &HeaderMap, trusted: bool) -> bool {
+pub(super) fn over_tls(headers: &HeaderMap, trusted: bool) -> bool {
     trusted
         && headers
             .get("x-forwarded-proto")
@@ -252,7 +214,7 @@ fn upstream_failure(
 /// in `refund_on_status`, and the upstream answered it (or never got the request).
 /// sluice's own 504 after the request was sent is not refunded: the upstream may be
 /// finishing the work, and a client able to make calls slow would get them free.
-fn refundable(proxy: &ProxyConfig, response: &Response) -> bool {
+pub(super) fn refundable(proxy: &ProxyConfig, response: &Response) -> bool {
     proxy.refund_on_status.contains(response.status().as_u16())
         && response
             .extensions()
@@ -261,7 +223,7 @@ fn refundable(proxy: &ProxyConfig, response: &Response) -> bool {
 }
 
 /// Forwards an allowed request and returns the upstream's answer (or a 502/504).
-async fn forward(
+pub(super) async fn forward(
     app: &AppState,
     proxy: &ProxyConfig,
     live: &Live,
@@ -374,308 +336,6 @@ async fn forward(
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, Body::new(body))
-}
-
-/// Whether a request carries a body sluice did not read.
-fn has_body(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::TRANSFER_ENCODING)
-        || headers
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0")
-}
-
-/// The session of this request, when sessions are on. A broken random source leaves
-/// the request without one (its `{session}` keys fall through to the next template).
-fn session(live: &Live, headers: &HeaderMap) -> Option<Session> {
-    let sessions = live.sessions.as_ref()?;
-    match sessions.session(headers) {
-        Ok(session) => Some(session),
-        Err(error) => {
-            tracing::error!(%error, "cannot issue a session");
-            None
-        }
-    }
-}
-
-fn set_session_cookie(live: &Live, session: &Option<Session>, tls: bool, headers: &mut HeaderMap) {
-    if let (
-        Some(sessions),
-        Some(Session {
-            issue: Some(value), ..
-        }),
-    ) = (&live.sessions, session)
-        && let Some(cookie) = sessions.set_cookie(value, tls)
-    {
-        headers.append(header::SET_COOKIE, cookie);
-    }
-}
-
-/// The fallback of the main router while proxying: the quota endpoint, or a decided and
-/// forwarded request.
-pub async fn proxy(
-    State(app): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    request: Request,
-) -> Response {
-    let live = app.live();
-    let Some(proxy) = live.proxy.as_ref() else {
-        // The proxy section was removed by a reload: it ends with a restart.
-        return ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "the reverse proxy was removed from the config; restart sluice to stop proxying",
-        )
-        .into_response();
-    };
-    let peer = peer.ip();
-    let trusted = live.policy.client_ip.is_trusted_peer(peer);
-    let tls = over_tls(request.headers(), trusted);
-    let session = session(&live, request.headers());
-    if let Some(quota_path) = &proxy.quota_path
-        && normalize_path(request.uri().path()) == *quota_path
-    {
-        let (method, uri) = (request.method().clone(), request.uri().clone());
-        let mut response = quota(
-            &app,
-            &live,
-            peer,
-            (&method, &uri, request.headers()),
-            &session,
-        )
-        .await;
-        set_session_cookie(&live, &session, tls, response.headers_mut());
-        return response;
-    }
-
-    let decision_request = {
-        let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        let incoming = IncomingRequest {
-            peer: Some(peer),
-            method: request.method().as_str(),
-            path_and_query,
-            headers: request.headers(),
-            session: session.as_ref().map(|s| s.id.as_str()),
-        };
-        match live.policy.decision_request(&incoming, false) {
-            Ok(decision_request) => decision_request,
-            Err(error) => {
-                let mut response = ApiError::from(error)
-                    .closing_unless(!has_body(request.headers()))
-                    .into_response();
-                set_session_cookie(&live, &session, tls, response.headers_mut());
-                return response;
-            }
-        }
-    };
-    let decision = if decision_request.checks.is_empty() {
-        None
-    } else {
-        match app.decider.decide(&decision_request).await {
-            Ok(decision) => Some(decision),
-            Err(_) => {
-                // The decider logged the store's error; its text stays out of answers.
-                let mut response = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    "the counter store could not decide; see sluice's log",
-                )
-                .closing_unless(!has_body(request.headers()))
-                .into_response();
-                set_session_cookie(&live, &session, tls, response.headers_mut());
-                return response;
-            }
-        }
-    };
-
-    if let Some(decision) = decision.as_ref().filter(|d| !d.allowed) {
-        let denial = live.policy.responses.denial(&decision_request, decision);
-        let body_unread = has_body(request.headers());
-        let mut response = (denial.status, denial.headers, denial.body).into_response();
-        if body_unread {
-            // The body was never read: the connection cannot carry another request.
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        set_session_cookie(&live, &session, tls, response.headers_mut());
-        return response;
-    }
-
-    let mut response = forward(&app, proxy, &live, peer, request).await;
-    if let Some(decision) = &decision {
-        if !decision.degraded && refundable(proxy, &response) {
-            app.decider.refund(&decision_request, decision).await;
-        }
-        live.policy.responses.add_rate_limit_headers(
-            &decision_request,
-            decision,
-            response.headers_mut(),
-        );
-    }
-    set_session_cookie(&live, &session, tls, response.headers_mut());
-    response
-}
-
-#[derive(Serialize)]
-struct QuotaAnswer<'a> {
-    path: &'a str,
-    method: &'a str,
-    limits: Vec<QuotaWindow<'a>>,
-}
-
-#[derive(Serialize)]
-struct QuotaWindow<'a> {
-    limit: &'a str,
-    rate: &'a str,
-    quota: u64,
-    remaining: u64,
-    cost: u64,
-    window_seconds: u64,
-    reset_after_seconds: u64,
-    reset_at: String,
-    shadow: bool,
-}
-
-fn quota_error(message: String) -> Response {
-    ApiError::bad_request("invalid_query", message).into_response()
-}
-
-/// `GET <quota_path>?path=/search&method=POST`: the caller's own remaining quota for a
-/// request to `path` (method default `GET`), one entry per window of every limit that
-/// would apply to it, keyed exactly as that request would be (same IP, headers, cookies
-/// and session). Nothing is charged: the windows are read with cost 0 as a dry run. Each
-/// entry's `cost` is what one such request spends. Bad queries are `400 invalid_query`.
-async fn quota(
-    app: &AppState,
-    live: &Live,
-    peer: IpAddr,
-    (request_method, uri, headers): (&Method, &Uri, &HeaderMap),
-    session: &Option<Session>,
-) -> Response {
-    let usage = "ask e.g. GET <quota_path>?path=/search&method=POST";
-    if request_method != Method::GET && request_method != Method::HEAD {
-        return ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("the quota endpoint answers GET only; {usage}"),
-        )
-        .into_response();
-    }
-    let mut path = None;
-    let mut method = None;
-    for (name, value) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
-        let slot = match &*name {
-            "path" => &mut path,
-            "method" => &mut method,
-            other => {
-                return quota_error(format!(
-                    "unknown query parameter `{}`: only path and method are read; {usage}",
-                    other.chars().take(64).collect::<String>()
-                ));
-            }
-        };
-        if slot.replace(value.into_owned()).is_some() {
-            return quota_error(format!("`{name}` is given twice; give it once; {usage}"));
-        }
-    }
-    let Some(path) = path else {
-        return quota_error(format!(
-            "the query needs `path`, the request to report on; {usage}"
-        ));
-    };
-    if !path.starts_with('/') || path.len() > 2048 {
-        return quota_error(format!(
-            "path must be an absolute path of at most 2048 bytes starting with `/`; {usage}"
-        ));
-    }
-    let method = match method {
-        None => Method::GET,
-        Some(text) => match Method::from_bytes(text.trim().to_ascii_uppercase().as_bytes()) {
-            Ok(method) if !text.trim().is_empty() => method,
-            _ => {
-                return quota_error(format!(
-                    "`{}` is not an HTTP method; {usage}",
-                    text.chars().take(64).collect::<String>()
-                ));
-            }
-        },
-    };
-    let incoming = IncomingRequest {
-        peer: Some(peer),
-        method: method.as_str(),
-        path_and_query: &path,
-        headers,
-        session: session.as_ref().map(|s| s.id.as_str()),
-    };
-    let priced = match live.policy.decision_request(&incoming, true) {
-        Ok(priced) => priced,
-        Err(error) => return quota_error(format!("`path`: {error}")),
-    };
-    let costs: Vec<u64> = priced.checks.iter().map(Check::cost).collect();
-    let read = DecisionRequest {
-        checks: priced
-            .checks
-            .iter()
-            .filter_map(|c| Check::new(Arc::clone(c.limit()), c.key(), 0).ok())
-            .collect(),
-        dry_run: true,
-    };
-    let decision = if read.checks.is_empty() {
-        Decision {
-            allowed: true,
-            retry_after: Some(0),
-            degraded: false,
-            results: Vec::new(),
-        }
-    } else {
-        match app.decider.decide(&read).await {
-            Ok(decision) => decision,
-            Err(_) => {
-                return ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    "the counter store could not answer; see sluice's log",
-                )
-                .into_response();
-            }
-        }
-    };
-    let now = SystemTime::now();
-    let limits = decision
-        .results
-        .iter()
-        .map(|result| {
-            let check = &read.checks[result.check];
-            let window = &check.limit().windows()[result.window];
-            let reset_after_seconds = (result.reset_after.max(0) as u64).div_ceil(1_000_000);
-            QuotaWindow {
-                limit: check.limit().name(),
-                rate: &window.rate_text,
-                quota: result.limit_value,
-                remaining: result.remaining,
-                cost: costs.get(result.check).copied().unwrap_or(1),
-                window_seconds: window.window.rate().period_secs(),
-                reset_after_seconds,
-                reset_at: humantime::format_rfc3339_seconds(
-                    now + Duration::from_secs(reset_after_seconds),
-                )
-                .to_string(),
-                shadow: result.shadow,
-            }
-        })
-        .collect();
-    let mut response = json_response(
-        StatusCode::OK,
-        &QuotaAnswer {
-            path: &path,
-            method: method.as_str(),
-            limits,
-        },
-    );
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
 }
 
 #[cfg(test)]

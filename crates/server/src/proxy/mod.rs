@@ -1,0 +1,183 @@
+//! The reverse proxy (`proxy.upstream`): every request that is not one of sluice's own
+//! endpoints is decided by the routes and, when allowed, forwarded to the upstream; a
+//! denied request is answered by sluice and never reaches it.
+//!
+//! - **Forwarding.** Method, path and query (under the upstream's path prefix, if any),
+//!   headers and body go to the upstream over a pooled HTTP/1.1 connection (one pool per
+//!   serving thread, so a request never waits on another thread's connection). Bodies
+//!   stream both ways, frame by frame, with nothing buffered: server-sent events and
+//!   chunked LLM output reach the client as the upstream writes them.
+//! - **Hop-by-hop headers** (RFC 9110 §7.6.1) are dropped both ways: `Connection` and the
+//!   headers it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
+//!   `Transfer-Encoding`, `Upgrade`, `Proxy-Authorization`, `Proxy-Authenticate`; also
+//!   `Expect` (sluice answers `100-continue` itself). `Host` is passed through as the
+//!   client sent it.
+//! - **Forwarding headers.** From a trusted proxy (`client_ip.trusted_proxies`) the peer
+//!   is appended to `X-Forwarded-For` and its `X-Forwarded-Proto`/`-Host` and
+//!   `Forwarded` are kept. From anyone else the client's own copies are dropped and
+//!   replaced: `X-Forwarded-For: <peer>`, `X-Forwarded-Proto: http`,
+//!   `X-Forwarded-Host: <Host>`, no `Forwarded`. (nginx's `$proxy_add_x_forwarded_for`
+//!   appends to whatever the client sent, so a spoofed entry reaches the app; sluice
+//!   drops it, as Traefik does by default, so the app can believe the header.)
+//! - **Upgrades** (WebSocket): the `Upgrade` request is forwarded with its
+//!   `Connection: upgrade`; when the upstream answers `101`, both connections are taken
+//!   over and bytes are copied both ways until either side closes.
+//! - **Failures.** No connection within `proxy.connect_timeout_ms` or no response head
+//!   within `proxy.timeout_ms`: `504 {"error": "upstream_timeout"}`; refused or broken:
+//!   `502 {"error": "upstream_unavailable"}`.
+//! - **Answers.** Allowed responses carry the rate-limit headers; a new session's cookie
+//!   is set on every answer (see [`sluice_http::session`]). When the upstream's status
+//!   is in `proxy.refund_on_status`, the decision's cost is given back before the answer
+//!   is sent, so the caller's next request already sees it. sluice's own 502/504 are
+//!   refunded only when the request never reached the upstream (no connection): after
+//!   it was sent, the upstream may still be doing the work.
+//! - **Paths** that applications could read in more than one way (`%2F`, `\`, `;`,
+//!   `%00`, dot segments) are refused with `400 invalid_path` and never forwarded (see
+//!   [`sluice_http::path`]).
+//! - **Quota** (`proxy.quota_path`): see [`quota`].
+//!
+//! [`forward`] talks to the upstream; this module decides and answers.
+
+mod forward;
+mod quota;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::StatusCode;
+use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use sluice_http::{IncomingRequest, Session, normalize_path};
+use sluice_runtime::{AppState, Live};
+
+use crate::error::ApiError;
+use forward::{forward, over_tls, refundable};
+
+/// Whether a request carries a body sluice did not read.
+fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+}
+
+/// The session of this request, when sessions are on. A broken random source leaves
+/// the request without one (its `{session}` keys fall through to the next template).
+fn session(live: &Live, headers: &HeaderMap) -> Option<Session> {
+    let sessions = live.sessions.as_ref()?;
+    match sessions.session(headers) {
+        Ok(session) => Some(session),
+        Err(error) => {
+            tracing::error!(%error, "cannot issue a session");
+            None
+        }
+    }
+}
+
+fn set_session_cookie(live: &Live, session: &Option<Session>, tls: bool, headers: &mut HeaderMap) {
+    if let (
+        Some(sessions),
+        Some(Session {
+            issue: Some(value), ..
+        }),
+    ) = (&live.sessions, session)
+        && let Some(cookie) = sessions.set_cookie(value, tls)
+    {
+        headers.append(header::SET_COOKIE, cookie);
+    }
+}
+
+/// The fallback of the main router while proxying: the quota endpoint, or a decided and
+/// forwarded request. A new session's cookie is set on whatever the answer is.
+pub async fn proxy(
+    State(app): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    let live = app.live();
+    let peer = peer.ip();
+    let trusted = live.policy.client_ip.is_trusted_peer(peer);
+    let tls = over_tls(request.headers(), trusted);
+    let session = session(&live, request.headers());
+    let mut response = match answer(&app, &live, peer, &session, request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    };
+    set_session_cookie(&live, &session, tls, response.headers_mut());
+    response
+}
+
+/// The answer to one proxied request: refused, denied, or the upstream's.
+async fn answer(
+    app: &AppState,
+    live: &Live,
+    peer: std::net::IpAddr,
+    session: &Option<Session>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let Some(proxy) = live.proxy.as_ref() else {
+        // The proxy section was removed by a reload: it ends with a restart.
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "the reverse proxy was removed from the config; restart sluice to stop proxying",
+        ));
+    };
+    if let Some(quota_path) = &proxy.quota_path
+        && normalize_path(request.uri().path()) == *quota_path
+    {
+        let (method, uri) = (request.method().clone(), request.uri().clone());
+        return Ok(
+            quota::quota(app, live, peer, (&method, &uri, request.headers()), session).await,
+        );
+    }
+    // A body sluice does not read leaves the connection unusable after an early answer.
+    let body_read = !has_body(request.headers());
+    let decision_request = {
+        let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let incoming = IncomingRequest {
+            peer: Some(peer),
+            method: request.method().as_str(),
+            path_and_query,
+            headers: request.headers(),
+            session: session.as_ref().map(|s| s.id.as_str()),
+        };
+        live.policy
+            .decision_request(&incoming, false)
+            .map_err(|error| ApiError::from(error).closing_unless(body_read))?
+    };
+    let decision = if decision_request.checks.is_empty() {
+        None
+    } else {
+        let decision =
+            app.decider.decide(&decision_request).await.map_err(|_| {
+                ApiError::store_unavailable("the decision").closing_unless(body_read)
+            })?;
+        Some(decision)
+    };
+
+    if let Some(decision) = decision.as_ref().filter(|d| !d.allowed) {
+        let denial = live.policy.responses.denial(&decision_request, decision);
+        let mut response = (denial.status, denial.headers, denial.body).into_response();
+        if !body_read {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        return Ok(response);
+    }
+
+    let mut response = forward(app, proxy, live, peer, request).await;
+    if let Some(decision) = &decision {
+        if !decision.degraded && refundable(proxy, &response) {
+            app.decider.refund(&decision_request, decision).await;
+        }
+        live.policy.responses.add_rate_limit_headers(
+            &decision_request,
+            decision,
+            response.headers_mut(),
+        );
+    }
+    Ok(response)
+}

@@ -1,0 +1,215 @@
+//! Reading what a client sent to sluice's own JSON endpoints (`/v1/check`, the admin
+//! calls): the body within its size cap, costs, limit names and keys. Each mistake is a
+//! 400 whose `error` code names its kind and whose `message` names the field and the fix.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, header};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sluice_engine::{Check, Limit, LimitSet, MAX_KEY_BYTES};
+
+use crate::error::ApiError;
+
+/// How much of a rejected body is read and discarded before answering, so a client
+/// that is still writing sees the 400 instead of a reset connection.
+const DRAIN_LIMIT: usize = 4 * 1024 * 1024;
+
+/// Reads and discards up to `limit` more bytes; true when the body ended.
+async fn drain(mut body: Body, limit: usize) -> bool {
+    use http_body_util::BodyExt;
+    let mut seen = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                seen += frame.data_ref().map_or(0, |d| d.len());
+                if seen > limit {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// Collects at most `max` bytes; on overflow, drains a bounded amount more and says
+/// whether the body was read to its end.
+async fn collect_limited(mut body: Body, max: usize) -> Result<Vec<u8>, bool> {
+    use http_body_util::BodyExt;
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(false);
+        };
+        if let Some(data) = frame.data_ref() {
+            if bytes.len() + data.len() > max {
+                return Err(drain(body, DRAIN_LIMIT).await);
+            }
+            bytes.extend_from_slice(data);
+        }
+    }
+    Ok(bytes)
+}
+
+/// Reads a JSON body: checks the content type and the size cap, then parses it.
+/// `shape` is the expected body, quoted when the body does not fit it.
+pub async fn read_json<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+    max_bytes: usize,
+    shape: &str,
+) -> Result<T, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if !essence.eq_ignore_ascii_case("application/json") {
+        let got = if content_type.is_empty() {
+            "none".to_string()
+        } else {
+            format!("{content_type:?}")
+        };
+        let error = ApiError::bad_request(
+            "unsupported_media_type",
+            format!(
+                "Content-Type must be application/json (got {got}); send the header Content-Type: application/json"
+            ),
+        );
+        return Err(error.closing_unless(drain(body, DRAIN_LIMIT).await));
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || {
+        ApiError::bad_request(
+            "body_too_large",
+            format!(
+                "the request body is larger than {max_bytes} bytes; send fewer checks or shorter keys"
+            ),
+        )
+    };
+    if declared.is_some_and(|len| len > max_bytes as u64) {
+        let read_to_end =
+            declared.is_some_and(|len| len <= DRAIN_LIMIT as u64) && drain(body, DRAIN_LIMIT).await;
+        return Err(too_large().closing_unless(read_to_end));
+    }
+    let bytes = collect_limited(body, max_bytes)
+        .await
+        .map_err(|read_to_end| too_large().closing_unless(read_to_end))?;
+    serde_json::from_slice(&bytes).map_err(|error| {
+        use serde_json::error::Category;
+        match error.classify() {
+            Category::Data => {
+                ApiError::bad_request("invalid_request", format!("{error}; expected {shape}"))
+            }
+            _ => ApiError::bad_request(
+                "invalid_json",
+                format!("the body is not valid JSON: {error}; expected {shape}"),
+            ),
+        }
+    })
+}
+
+/// Reads a cost: a whole number ≥ 0 (`2.0` counts as whole), or the default when absent.
+pub fn parse_cost(value: Option<&Value>, default: u64, field: &str) -> Result<u64, ApiError> {
+    let invalid = |what: String| {
+        ApiError::bad_request(
+            "invalid_cost",
+            format!("{field} is {what}; cost must be a whole number ≥ 0, e.g. 1"),
+        )
+    };
+    match value {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Number(n)) => {
+            if let Some(cost) = n.as_u64() {
+                Ok(cost)
+            } else if n.as_i64().is_some() {
+                Err(invalid(format!("negative ({n})")))
+            } else {
+                // Not a u64 or an i64: a float, or an integer beyond 64 bits that JSON
+                // parsing turned into one. Floats are exact up to 2^53; past that a
+                // whole-looking float may not be the number that was written.
+                const EXACT: f64 = (1u64 << 53) as f64;
+                match n.as_f64() {
+                    Some(f) if f < 0.0 => Err(invalid(format!("negative ({n})"))),
+                    Some(f) if f > EXACT => Err(invalid(format!(
+                        "too large ({n}): the largest cost is {}",
+                        u64::MAX
+                    ))),
+                    Some(f) if f.fract() == 0.0 => Ok(f as u64),
+                    _ => Err(invalid(format!("not a whole number ({n})"))),
+                }
+            }
+        }
+        Some(other) => Err(invalid(format!(
+            "{} rather than a number",
+            json_type(other)
+        ))),
+    }
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Resolves a limit name, or says which exist.
+pub fn find_limit<'a>(
+    limits: &'a LimitSet,
+    name: &str,
+    field: &str,
+) -> Result<&'a Arc<Limit>, ApiError> {
+    limits.get(name).ok_or_else(|| {
+        let known: Vec<&str> = limits.iter().map(|l| l.name()).collect();
+        ApiError::bad_request(
+            "unknown_limit",
+            format!(
+                "{field}: no limit named {name:?} is configured; configured limits: {}",
+                known.join(", ")
+            ),
+        )
+    })
+}
+
+/// Reads a key: a non-empty string of at most [`MAX_KEY_BYTES`] bytes.
+pub fn parse_key(value: Value, field: &str) -> Result<String, ApiError> {
+    let invalid = |why: String| ApiError::bad_request("invalid_key", format!("{field}: {why}"));
+    match value {
+        Value::String(key) if key.is_empty() => Err(invalid(
+            "key is empty: give each check a non-empty key such as \"user:42\"".into(),
+        )),
+        Value::String(key) if key.len() > MAX_KEY_BYTES => Err(invalid(format!(
+            "key is {} bytes long: keys may be at most {MAX_KEY_BYTES} bytes; hash long identifiers first",
+            key.len()
+        ))),
+        Value::String(key) => Ok(key),
+        other => Err(ApiError::bad_request(
+            "invalid_key",
+            format!(
+                "{field} is {} rather than a string; keys are strings such as \"user:42\"",
+                json_type(&other)
+            ),
+        )),
+    }
+}
+
+/// Builds a check, turning key problems into `invalid_key`.
+pub fn make_check(
+    limit: Arc<Limit>,
+    key: String,
+    cost: u64,
+    field: &str,
+) -> Result<Check, ApiError> {
+    Check::new(limit, key, cost)
+        .map_err(|error| ApiError::bad_request("invalid_key", format!("{field}: {error}")))
+}
