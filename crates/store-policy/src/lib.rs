@@ -167,13 +167,28 @@ impl PolicyStore {
                 let allow = self.config.policy == FailurePolicy::Allow;
                 request
                     .windows()
-                    .map(|(_, lw)| WindowOutcome {
-                        allowed: allow,
-                        // Nothing is known about the shared counter: report it as the
-                        // policy treats it, full when open and empty when closed.
-                        remaining: if allow { lw.window.capacity() } else { 0 },
-                        reset_after: 0,
-                        retry_after: Some(if allow { 0 } else { 1_000_000 }),
+                    .map(|(check, lw)| {
+                        let capacity = lw.window.capacity();
+                        // The rules that hold whatever the counter says still hold: a
+                        // cost of 0 is a read and always allowed; a cost above the
+                        // window's capacity never fits, and has no time to wait for.
+                        let (allowed, retry_after) = if check.cost() == 0 {
+                            (true, Some(0))
+                        } else if check.cost() > capacity {
+                            (false, None)
+                        } else if allow {
+                            (true, Some(0))
+                        } else {
+                            (false, Some(1_000_000))
+                        };
+                        WindowOutcome {
+                            allowed,
+                            // Nothing is known about the shared counter: report it as the
+                            // policy treats it, full when open and empty when closed.
+                            remaining: if allow { capacity } else { 0 },
+                            reset_after: 0,
+                            retry_after,
+                        }
                     })
                     .collect()
             }
@@ -184,6 +199,9 @@ impl PolicyStore {
         }
     }
 }
+
+/// How long an admin reset of a whole limit may take.
+pub const RESET_LIMIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Store for PolicyStore {
     fn decide<'a>(&'a self, request: &'a DecisionRequest) -> StoreFuture<'a, Outcomes> {
@@ -240,10 +258,17 @@ impl Store for PolicyStore {
         })
     }
 
+    /// Bounded by [`RESET_LIMIT_TIMEOUT`], not the decision timeout: it walks every key
+    /// of the limit (every master of a cluster, a whole table), and cutting it off part
+    /// way would leave some keys reset and others not.
     fn reset_limit<'a>(&'a self, limit: &'a Limit) -> StoreFuture<'a, u64> {
         Box::pin(async move {
             self.local.reset_limit_sync_with(limit, |_, _| {});
-            self.bounded(self.primary.reset_limit(limit)).await
+            let timeout = RESET_LIMIT_TIMEOUT.max(self.config.timeout);
+            match tokio::time::timeout(timeout, self.primary.reset_limit(limit)).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::Timeout(timeout)),
+            }
         })
     }
 

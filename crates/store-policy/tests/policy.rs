@@ -66,6 +66,13 @@ impl Store for Flaky {
         self.inner.reset_sync(limit, key);
         Box::pin(async { Ok(()) })
     }
+    /// Walking every key takes longer than one decision may.
+    fn reset_limit<'a>(&'a self, limit: &'a Limit) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok(self.inner.reset_limit_sync_with(limit, |_, _| {}) as u64)
+        })
+    }
     fn ping(&self) -> StoreFuture<'_, ()> {
         self.pings.fetch_add(1, Ordering::SeqCst);
         let failing = self.failing.load(Ordering::SeqCst);
@@ -322,4 +329,42 @@ async fn a_request_the_store_refuses_fails_alone_and_opens_no_limit() {
         !next.allowed && !next.degraded,
         "other clients are still decided by the store, not by on_error: allow"
     );
+}
+
+#[tokio::test]
+async fn allow_and_deny_keep_the_rules_that_hold_whatever_the_counter_says() {
+    let l = limit("5/hour");
+    let with_cost = |cost| DecisionRequest {
+        checks: vec![Check::new(Arc::clone(&l), "k", cost).unwrap()],
+        dry_run: false,
+    };
+    for choice in [FailurePolicy::Allow, FailurePolicy::Deny] {
+        let flaky = Flaky::new();
+        flaky.failing.store(true, Ordering::SeqCst);
+        let store = policy(flaky.clone(), choice);
+        let read = decide(&store, &with_cost(0)).await.unwrap();
+        assert!(
+            read.allowed && read.degraded,
+            "{choice:?}: a cost of 0 is a read"
+        );
+        let never = decide(&store, &with_cost(6)).await.unwrap();
+        assert!(
+            !never.allowed && never.retry_after.is_none(),
+            "{choice:?}: a cost above the capacity never fits: {never:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn resetting_a_whole_limit_is_not_cut_off_at_the_decision_timeout() {
+    let flaky = Flaky::new();
+    let store = policy(flaky.clone(), FailurePolicy::Local);
+    let l = limit("1/hour");
+    decide(&store, &request(&l, "k")).await.unwrap();
+    let removed = store.reset_limit(&l).await;
+    assert!(
+        removed.is_ok(),
+        "300 ms is past the 100 ms decision timeout: {removed:?}"
+    );
+    assert!(decide(&store, &request(&l, "k")).await.unwrap().allowed);
 }
