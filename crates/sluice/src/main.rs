@@ -5,10 +5,14 @@
 //!   every front door, reloads on change ([`reload`]);
 //! - `sluice check-config FILE` ([`check_config`]): validates a file, starts nothing;
 //! - `sluice migrate --config FILE [--print]` ([`migrate`]): the PostgreSQL schema;
-//! - `sluice admin ...` ([`admin_cli`]): a running server's admin API.
+//! - `sluice admin ...` ([`admin_cli`]): a running server's admin API;
+//! - `sluice init MODE` ([`init`]): a commented starter config;
+//! - `sluice health` ([`health`]): exit 0 when a running sluice answers.
 
 mod admin_cli;
 mod check_config;
+mod health;
+mod init;
 mod logging;
 mod migrate;
 mod reload;
@@ -25,9 +29,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The version and the commit it was built from (`SLUICE_COMMIT`, see `build.rs`).
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SLUICE_COMMIT"), ")");
+
 /// A rate limiter for HTTP APIs.
 #[derive(Parser)]
-#[command(name = "sluice", version, about)]
+#[command(name = "sluice", version = VERSION, about)]
 struct Cli {
     /// Log line format.
     #[arg(long, global = true, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -57,6 +64,30 @@ enum Command {
     },
     /// Talk to a running server's admin API: reset, reset-limit, state, reload, status.
     Admin(admin_cli::AdminArgs),
+    /// Write a commented starter config for one way of running sluice.
+    Init {
+        /// api (your app calls /v1/check), forward-auth (nginx, Traefik, Envoy) or proxy.
+        #[arg(value_enum)]
+        mode: init::Mode,
+        /// The app to protect, with `proxy`: e.g. http://127.0.0.1:8000.
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Where to write it (`-` for standard output).
+        #[arg(long, short, default_value = "sluice.yaml")]
+        output: PathBuf,
+        /// Replace the file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Exit 0 when a running sluice answers 200 at --url (for container health checks).
+    Health {
+        /// What to ask.
+        #[arg(long, default_value = health::DEFAULT_URL)]
+        url: String,
+        /// How long to wait for the answer, in milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
     /// Install or upgrade sluice's PostgreSQL schema (storage.backend: postgres), or
     /// print its SQL for a DBA to apply.
     Migrate {
@@ -77,5 +108,14 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve::run(&config),
         Command::Admin(args) => admin_cli::run(args),
         Command::Migrate { config, print } => migrate::run(&config, print),
+        Command::Init {
+            mode,
+            upstream,
+            output,
+            force,
+        } => init::run(mode, upstream.as_deref(), &output, force),
+        Command::Health { url, timeout_ms } => {
+            health::run(&url, std::time::Duration::from_millis(timeout_ms))
+        }
     }
 }
