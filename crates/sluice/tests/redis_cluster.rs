@@ -10,9 +10,9 @@ mod common;
 
 use std::sync::Barrier;
 
-use common::{RedisCommands, RedisReply, Server};
+use common::Server;
 use serde_json::{Value, json};
-use sluice_testkit::servers::RedisCluster;
+use sluice_testkit::servers::{RedisCluster, RedisServer};
 
 const INSTANCES: usize = 3;
 const CLIENTS: usize = 64;
@@ -45,10 +45,9 @@ fn check(agent: &ureq::Agent, server: &Server, key: &str, dry_run: bool) -> Valu
 }
 
 fn slot(cluster: &RedisCluster, key: &str) -> i64 {
-    match cluster.nodes()[0].command(&["CLUSTER", "KEYSLOT", key]) {
-        RedisReply::Int(slot) => slot,
-        other => panic!("CLUSTER KEYSLOT answered {other:?}"),
-    }
+    cluster.nodes()[0]
+        .query(&["CLUSTER", "KEYSLOT", key])
+        .expect("CLUSTER KEYSLOT")
 }
 
 #[test]
@@ -105,10 +104,7 @@ limits:
     );
 
     // The counters are spread over the nodes.
-    let keys_on = |node: &sluice_testkit::servers::RedisServer| match node.command(&["DBSIZE"]) {
-        RedisReply::Int(n) => n,
-        other => panic!("DBSIZE answered {other:?}"),
-    };
+    let keys_on = |node: &RedisServer| -> i64 { node.query(&["DBSIZE"]).expect("DBSIZE") };
     let per_node: Vec<i64> = cluster.nodes().iter().map(keys_on).collect();
     assert_eq!(
         per_node.iter().sum::<i64>(),

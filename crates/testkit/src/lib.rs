@@ -5,10 +5,20 @@
 //!   fresh store and a way to let time pass.
 //! - [`servers`]: real servers (`redis-server`, PostgreSQL) on free loopback ports, cleaned
 //!   up on drop.
+//! - [`sluice`]: the real `sluice` binary, black-box: `sluice serve` on a free port with a
+//!   config the test writes ([`sluice::Server`]), and the CLI's other commands.
+//! - [`http`]: requests to it, through ureq or byte for byte over a raw socket.
+//! - [`metrics`]: reading `/metrics`.
+//! - [`shared`]: the shared stores' multi-instance and outage tests, written once for
+//!   every [`shared::SharedStore`] (Redis, PostgreSQL).
 
+pub mod http;
+pub mod metrics;
 mod postgres;
 pub mod semantics;
 pub mod servers;
+pub mod shared;
+pub mod sluice;
 
 use std::future::Future;
 use std::time::Duration;

@@ -7,9 +7,11 @@
 //! [`RedisCluster`] starts several of them with cluster mode on and joins them into one
 //! Redis Cluster with `redis-cli --cluster create`.
 //! [`PostgresServer`] (in `postgres.rs`) does the same for a PostgreSQL cluster.
+//! Tests look at what a store wrote through [`RedisServer::query`] (the `redis` crate's
+//! sync client) and [`PostgresServer::psql`].
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,6 +31,14 @@ pub enum ServerError {
         what: String,
         /// The underlying error.
         source: std::io::Error,
+    },
+    /// A command to a Redis server failed.
+    #[error("redis {command}: {source}")]
+    Redis {
+        /// The command line.
+        command: String,
+        /// The client's error.
+        source: redis::RedisError,
     },
     /// The server did not answer in time.
     #[error("{0} did not answer within {1:?}")]
@@ -71,18 +81,23 @@ pub fn free_port() -> Result<u16, ServerError> {
         .map_err(io("reading the free port"))
 }
 
-/// Whether a Redis server on `port` answers `PING` with `PONG`.
+/// Whether a Redis server on `port` answers `PING` with `PONG` (within a second).
 pub fn redis_answers(port: u16) -> bool {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}/")) else {
         return false;
     };
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-    if stream.write_all(b"PING\r\n").is_err() {
+    let Ok(mut connection) = client.get_connection_with_timeout(Duration::from_millis(200)) else {
+        return false;
+    };
+    if connection
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .is_err()
+    {
         return false;
     }
-    let mut answer = [0u8; 7];
-    stream.read_exact(&mut answer).is_ok() && &answer == b"+PONG\r\n"
+    redis::cmd("PING")
+        .query::<String>(&mut connection)
+        .is_ok_and(|answer| answer == "PONG")
 }
 
 /// A `redis-server` of its own, killed and cleaned up on drop.
@@ -176,6 +191,50 @@ impl RedisServer {
     /// Its working directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Sends one command (e.g. `["KEYS", "*"]`, `["CLUSTER", "KEYSLOT", key]`) over a
+    /// fresh connection and converts the reply to `T`.
+    pub fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> Result<T, ServerError> {
+        let failed = |source| ServerError::Redis {
+            command: args.join(" "),
+            source,
+        };
+        let client = redis::Client::open(self.url()).map_err(failed)?;
+        let mut connection = client
+            .get_connection_with_timeout(Duration::from_millis(500))
+            .map_err(failed)?;
+        connection
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(failed)?;
+        let mut command = redis::Cmd::new();
+        for arg in args {
+            command.arg(*arg);
+        }
+        command.query(&mut connection).map_err(failed)
+    }
+
+    /// `INFO commandstats` as (command, field) → value, e.g. `("evalsha", "calls") → 300`:
+    /// how a test counts the round trips a store made.
+    pub fn command_stats(&self) -> Result<BTreeMap<(String, String), u64>, ServerError> {
+        let text: String = self.query(&["INFO", "commandstats"])?;
+        let mut out = BTreeMap::new();
+        for line in text.lines() {
+            let Some((name, fields)) = line.trim().split_once(':') else {
+                continue;
+            };
+            let Some(command) = name.strip_prefix("cmdstat_") else {
+                continue;
+            };
+            for field in fields.split(',') {
+                if let Some((k, v)) = field.split_once('=')
+                    && let Ok(v) = v.parse::<u64>()
+                {
+                    out.insert((command.to_string(), k.to_string()), v);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Kills the server (SIGKILL) and waits for it to exit; the data is gone.
@@ -288,6 +347,16 @@ mod tests {
         assert!(!redis_answers(port), "stopped");
         server.restart().expect("restarts");
         assert!(redis_answers(port), "same port again");
+        let set: String = server.query(&["SET", "k", "v"]).expect("SET");
+        assert_eq!(set, "OK");
+        let keys: Vec<String> = server.query(&["KEYS", "*"]).expect("KEYS");
+        assert_eq!(keys, ["k"]);
+        let stats = server.command_stats().expect("commandstats");
+        assert_eq!(
+            stats[&("set".to_string(), "calls".to_string())],
+            1,
+            "{stats:?}"
+        );
         drop(server);
         assert!(!redis_answers(port), "killed on drop");
         assert!(!dir.exists(), "temp dir removed");

@@ -1,0 +1,517 @@
+//! One harness for the black-box tests of the shared stores (Redis, PostgreSQL): what
+//! differs between them is a [`SharedStore`]; what a user must see from any of them is
+//! written once here, as generic test bodies a test file calls per backend:
+//!
+//! - [`exactly_the_quota_across_instances`]: three `sluice serve` processes on one store
+//!   admit exactly one limit's quota together, race after race, one round trip per
+//!   decision, every counter under the configured prefix.
+//! - [`outage_under_load_degrades_and_sharing_resumes`]: the store goes down while load
+//!   runs; no 5xx, decisions go on degraded (and are counted), `/readyz` follows the
+//!   store's state, shared counting resumes by itself and each change is logged once.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::http::agent;
+use crate::metrics::metric_value;
+use crate::servers::{PostgresServer, RedisServer, ServerError};
+use crate::sluice::{Binary, ServeOpts, Server, hit_until_not_degraded, now_ms, readyz_becomes};
+
+/// A shared store's server, as the shared-store tests drive it.
+pub trait SharedStore: Sized {
+    /// The store's name in assertion messages ("Redis", "PostgreSQL").
+    const NAME: &'static str;
+
+    /// Whether counters survive [`SharedStore::restart`] (PostgreSQL keeps its data
+    /// directory; the test Redis has no persistence).
+    const KEEPS_COUNTERS_OVER_RESTART: bool;
+
+    /// Store settings the multi-instance race adds to its `storage:` mapping.
+    const RACE_SETTINGS: &'static str;
+
+    /// Starts a fresh server, ready to count what sluice sends it; panics when it
+    /// cannot (`scripts/test` installs the servers).
+    fn start() -> Self;
+
+    /// The `storage:` line of a sluice config for this store, with `settings` (e.g.
+    /// `prefix: 'p:', timeout_ms: 200`) after the backend and url.
+    fn storage(&self, settings: &str) -> String;
+
+    /// Takes the server down as a crash would: open connections drop.
+    fn stop(&mut self);
+
+    /// Brings it back on the same port.
+    fn restart(&mut self) -> Result<(), ServerError>;
+
+    /// Forgets the commands or statements counted so far.
+    fn reset_counts(&self);
+
+    /// How many decisions the store ran since [`SharedStore::reset_counts`], asserting
+    /// that each was one round trip and that nothing else but upkeep ran.
+    fn decision_round_trips(&self) -> u64;
+
+    /// The names of every counter the store holds.
+    fn counters(&self) -> Vec<String>;
+
+    /// Whether `counter` is the stored name of limit `limit`'s counter for `key` under
+    /// `prefix`.
+    fn counter_is(counter: &str, prefix: &str, limit: &str, key: &str) -> bool;
+
+    /// The stored names' shape under `prefix`, for assertion messages.
+    fn counter_shape(prefix: &str) -> String;
+
+    /// Text that must stay out of sluice's default log while the store fails.
+    const UNWANTED_LOG: &'static [&'static str];
+}
+
+impl SharedStore for RedisServer {
+    const NAME: &'static str = "Redis";
+    const KEEPS_COUNTERS_OVER_RESTART: bool = false;
+    const RACE_SETTINGS: &'static str = "";
+    const UNWANTED_LOG: &'static [&'static str] = &[];
+
+    fn start() -> Self {
+        RedisServer::start().expect("redis-server (scripts/test installs it)")
+    }
+
+    fn storage(&self, settings: &str) -> String {
+        format!(
+            "storage: {{backend: redis, url: '{}', {settings}}}\n",
+            self.url()
+        )
+    }
+
+    fn stop(&mut self) {
+        RedisServer::stop(self);
+    }
+
+    fn restart(&mut self) -> Result<(), ServerError> {
+        RedisServer::restart(self)
+    }
+
+    fn reset_counts(&self) {
+        let _: String = self
+            .query(&["CONFIG", "RESETSTAT"])
+            .expect("CONFIG RESETSTAT");
+    }
+
+    /// One successful EVALSHA per decision (a NOSCRIPT answer, before the script is
+    /// loaded, counts as a failed call and is followed by the script itself).
+    fn decision_round_trips(&self) -> u64 {
+        let stats = self.command_stats().expect("INFO commandstats");
+        let stat = |field: &str| {
+            stats
+                .get(&("evalsha".to_string(), field.to_string()))
+                .copied()
+                .unwrap_or(0)
+        };
+        stat("calls") - stat("failed_calls")
+    }
+
+    fn counters(&self) -> Vec<String> {
+        self.query(&["KEYS", "*"]).expect("KEYS *")
+    }
+
+    fn counter_is(counter: &str, prefix: &str, limit: &str, key: &str) -> bool {
+        counter.starts_with(prefix) && counter.contains(&format!("{{{limit}:{key}}}:"))
+    }
+
+    fn counter_shape(prefix: &str) -> String {
+        format!("{prefix}{{<limit>:<key>}}:<window>")
+    }
+}
+
+impl SharedStore for PostgresServer {
+    const NAME: &'static str = "PostgreSQL";
+    const KEEPS_COUNTERS_OVER_RESTART: bool = true;
+    const RACE_SETTINGS: &'static str = ", pool_size: 8";
+    const UNWANTED_LOG: &'static [&'static str] = &["WARN deadpool", "terminating connection"];
+
+    /// With `pg_stat_statements` counting top-level statements.
+    fn start() -> Self {
+        let postgres = PostgresServer::start_with(&[
+            "shared_preload_libraries=pg_stat_statements",
+            "pg_stat_statements.track=top",
+        ])
+        .expect("PostgreSQL (scripts/test installs it)");
+        postgres
+            .psql("CREATE EXTENSION pg_stat_statements")
+            .expect("pg_stat_statements");
+        postgres
+    }
+
+    fn storage(&self, settings: &str) -> String {
+        format!(
+            "storage: {{backend: postgres, url: '{}', {settings}}}\n",
+            self.url()
+        )
+    }
+
+    fn stop(&mut self) {
+        PostgresServer::stop(self);
+    }
+
+    fn restart(&mut self) -> Result<(), ServerError> {
+        PostgresServer::restart(self)
+    }
+
+    fn reset_counts(&self) {
+        self.psql("SELECT pg_stat_statements_reset()")
+            .expect("reset statistics");
+    }
+
+    /// One top-level statement per decision, and that statement is the decision
+    /// function; the sweeps (and their transactions) are the only other statements.
+    /// Call it before the test's own queries, which would count too.
+    fn decision_round_trips(&self) -> u64 {
+        let statements = self
+            .psql(
+                "SELECT query || '|' || calls FROM pg_stat_statements \
+                 WHERE query NOT LIKE '%pg_stat_statements%' ORDER BY calls DESC",
+            )
+            .expect("statement statistics");
+        let mut decide_calls = 0;
+        for line in statements.lines() {
+            let (query, calls) = line.rsplit_once('|').expect("query|calls");
+            let calls: u64 = calls.parse().expect("calls");
+            if query.contains("sluice_decide") {
+                decide_calls += calls;
+            } else {
+                assert!(
+                    query.contains("sluice_sweep")
+                        || query.contains("statement_timeout")
+                        || query.starts_with("START TRANSACTION")
+                        || query.starts_with("COMMIT"),
+                    "only decisions and sweeps ran: {query} ({calls} calls)\n{statements}"
+                );
+            }
+        }
+        decide_calls
+    }
+
+    fn counters(&self) -> Vec<String> {
+        self.psql("SELECT key FROM public.sluice_counters ORDER BY key")
+            .expect("rows")
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn counter_is(counter: &str, prefix: &str, _limit: &str, key: &str) -> bool {
+        counter.starts_with(prefix) && counter.ends_with(key)
+    }
+
+    fn counter_shape(prefix: &str) -> String {
+        format!("{prefix}<counter>:<key>")
+    }
+}
+
+// ---- several instances, one limit ------------------------------------------------
+
+/// `sluice serve` processes in the race.
+const INSTANCES: usize = 3;
+/// Client threads, spread over the instances.
+const CLIENTS: usize = 64;
+/// Requests per client per trial: 192 requests race for 100 admissions.
+const REQUESTS_PER_CLIENT: usize = 3;
+/// The shared limit: `100/day`.
+const QUOTA: u64 = 100;
+/// Races counted per algorithm.
+const TRIALS: usize = 10;
+/// A day: a window boundary inside a trial is rare, and detected.
+const PERIOD_MS: u64 = 86_400_000;
+/// How far a trial's start and end are widened when looking for a window boundary
+/// (clock reads here and on the store's server are not the same instant).
+const BOUNDARY_MARGIN_MS: u64 = 5_000;
+
+/// One decision on `server`; panics unless it is a well-formed 200 decided by the
+/// store (not degraded).
+fn decide<S: SharedStore>(agent: &ureq::Agent, server: &Server, key: &str) -> Value {
+    let body = json!({"checks": [{"limit": "shared", "key": key}]}).to_string();
+    let r = agent
+        .post(server.url("/v1/check"))
+        .header("content-type", "application/json")
+        .send(body.as_bytes());
+    let mut r = r.unwrap_or_else(|e| {
+        panic!(
+            "POST /v1/check to port {}: {e}\nstderr:\n{}",
+            server.port,
+            server.stderr()
+        )
+    });
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().expect("read body");
+    assert_eq!(
+        status,
+        200,
+        "POST /v1/check to port {} answered {status} {text}\nstderr:\n{}",
+        server.port,
+        server.stderr()
+    );
+    let decision: Value = serde_json::from_str(&text).expect("decision is JSON");
+    assert_eq!(
+        decision["results"][0]["limit_value"], QUOTA,
+        "limit_value in {decision}"
+    );
+    assert_eq!(
+        decision["degraded"],
+        false,
+        "decided through {}: {decision}\nstderr:\n{}",
+        S::NAME,
+        server.stderr()
+    );
+    decision
+}
+
+/// Admissions per instance in one race on `key`.
+fn race<S: SharedStore>(instances: &[Server], key: &str) -> [u64; INSTANCES] {
+    let barrier = Barrier::new(CLIENTS);
+    let per_client: Vec<(usize, u64)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..CLIENTS)
+            .map(|client| {
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    let instance = client % INSTANCES;
+                    let server = &instances[instance];
+                    let agent = agent();
+                    barrier.wait();
+                    let admitted = (0..REQUESTS_PER_CLIENT)
+                        .filter(|_| decide::<S>(&agent, server, key)["allowed"] == true)
+                        .count() as u64;
+                    (instance, admitted)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread panicked"))
+            .collect()
+    });
+    let mut admitted = [0; INSTANCES];
+    for (instance, n) in per_client {
+        admitted[instance] += n;
+    }
+    admitted
+}
+
+/// Three instances of `bin` share a fresh `S` under a `100/day` limit of `algorithm`;
+/// 64 client threads spread over them race on one key, and exactly 100 requests are
+/// admitted in total, trial after trial (each on a fresh key), by at least two
+/// instances, after which every instance sees the key exhausted. A trial that
+/// straddles a UTC midnight is run again on another key. The store's timeout is
+/// raised so that a slow minute on a shared machine cannot turn into a degraded (or
+/// retried, so twice charged) decision.
+pub fn exactly_the_quota_across_instances<S: SharedStore>(bin: &Binary, algorithm: &str) {
+    let started = Instant::now();
+    let store = S::start();
+    let prefix = format!("it-{algorithm}-{}:", now_ms());
+    let config = format!(
+        "{}limits:\n  shared: {{rate: {QUOTA}/day, algorithm: {algorithm}}}\n",
+        store.storage(&format!(
+            "prefix: '{prefix}', timeout_ms: 10000{}",
+            S::RACE_SETTINGS
+        ))
+    );
+    // Started together: a store with a schema sees them race to install it, which
+    // must be harmless.
+    let instances: Vec<Server> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..INSTANCES)
+            .map(|_| scope.spawn(|| Server::start_with_bin(bin, &config, &ServeOpts::default())))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("sluice serve starts"))
+            .collect()
+    });
+    store.reset_counts();
+    let mut decisions = 0u64;
+    let mut keys = Vec::new();
+    let mut trial = 0;
+    let mut counted = 0;
+    while counted < TRIALS {
+        trial += 1;
+        assert!(
+            trial <= TRIALS + 3,
+            "too many trials straddled a window boundary"
+        );
+        let key = format!("trial-{trial}");
+        let t0 = now_ms() - BOUNDARY_MARGIN_MS;
+        let admitted = race::<S>(&instances, &key);
+        decisions += (CLIENTS * REQUESTS_PER_CLIENT) as u64;
+        // Afterwards every instance sees the key exhausted.
+        let agent = agent();
+        for server in &instances {
+            let d = decide::<S>(&agent, server, &key);
+            decisions += 1;
+            assert_eq!(
+                (
+                    d["allowed"].as_bool(),
+                    d["results"][0]["remaining"].as_u64()
+                ),
+                (Some(false), Some(0)),
+                "{algorithm}, key {key}: after the race, instance on port {} still admits: {d}",
+                server.port
+            );
+        }
+        let t1 = now_ms() + BOUNDARY_MARGIN_MS;
+        keys.push(key.clone());
+        if t0 / PERIOD_MS != t1 / PERIOD_MS {
+            eprintln!("{algorithm}: trial {trial} straddled a window boundary; run again");
+            continue;
+        }
+        let total: u64 = admitted.iter().sum();
+        assert_eq!(
+            total, QUOTA,
+            "{algorithm}, key {key}: {total} admitted in total (per instance {admitted:?}), \
+             the shared limit is {QUOTA}"
+        );
+        assert!(
+            admitted.iter().filter(|&&n| n > 0).count() >= 2,
+            "{algorithm}, key {key}: admissions {admitted:?} all came from one instance; \
+             the race did not exercise sharing"
+        );
+        counted += 1;
+    }
+
+    // One round trip per decision (read before the queries below, which may count).
+    assert_eq!(
+        store.decision_round_trips(),
+        decisions,
+        "{} decision round trips vs decisions",
+        S::NAME
+    );
+    // Every counter lives under the configured prefix: one per key.
+    let stored = store.counters();
+    assert_eq!(
+        stored.len(),
+        keys.len(),
+        "one counter per trial key: {stored:?}"
+    );
+    for k in &stored {
+        assert!(
+            keys.iter()
+                .any(|key| S::counter_is(k, &prefix, "shared", key)),
+            "counter {k:?} is not `{}`",
+            S::counter_shape(&prefix)
+        );
+    }
+    eprintln!(
+        "{algorithm}: {counted} trials, {decisions} decisions in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+// ---- the store down under load ---------------------------------------------------
+
+/// Load from six threads while `S` crashes and comes back: only 200s (never a 5xx),
+/// some decided degraded under `on_error: local` and counted in `/metrics`; `/readyz`
+/// answers 503 within 3 s of the crash and 200 within 5 s of the restart; then shared
+/// counting resumes (the counter spent before the crash is still there when the store
+/// keeps its data, fresh when it does not), and the outage and the recovery are each
+/// logged once.
+pub fn outage_under_load_degrades_and_sharing_resumes<S: SharedStore>(bin: &Binary) {
+    let mut store = S::start();
+    let s = Server::start_with_bin(
+        bin,
+        &format!(
+            "{}limits:\n  api: {{rate: 1000000/hour}}\n  kept: {{rate: 10/hour}}\n",
+            store.storage("prefix: 'fault:', on_error: local, timeout_ms: 200")
+        ),
+        &ServeOpts::default(),
+    );
+    // Spend 4 of `kept` before the outage; PostgreSQL commits asynchronously, so give
+    // its WAL writer a few hundred milliseconds before the crash.
+    for _ in 0..4 {
+        assert_eq!(s.hit("kept", "k", None)["degraded"], false);
+    }
+    std::thread::sleep(Duration::from_millis(1_000));
+
+    let stop = AtomicBool::new(false);
+    let degraded = AtomicUsize::new(0);
+    let statuses: Mutex<BTreeMap<u16, usize>> = Mutex::new(BTreeMap::new());
+    let (went_unready, came_back) = std::thread::scope(|scope| {
+        for t in 0..6 {
+            let (s, stop, degraded, statuses) = (&s, &stop, &degraded, &statuses);
+            scope.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = s.post_json(
+                        "/v1/check",
+                        &json!({"checks": [{"limit": "api", "key": format!("k{t}")}]}),
+                    );
+                    *statuses.lock().unwrap().entry(r.status).or_default() += 1;
+                    if r.status == 200 && r.json()["degraded"] == true {
+                        degraded.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(800));
+        store.stop();
+        let went_unready = readyz_becomes(&s, 503, Duration::from_secs(3));
+        std::thread::sleep(Duration::from_millis(1_000));
+        let restarted = store.restart();
+        let came_back = restarted.is_ok() && readyz_becomes(&s, 200, Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(1_000));
+        // The load threads stop whatever happened above, so a failure cannot hang the test.
+        stop.store(true, Ordering::Relaxed);
+        (went_unready, came_back)
+    });
+    assert!(
+        went_unready,
+        "/readyz answered 503 while {} was down",
+        S::NAME
+    );
+    assert!(
+        came_back,
+        "/readyz answered 200 again after the restart\n{}",
+        s.stderr()
+    );
+    let statuses = statuses.into_inner().unwrap();
+    assert_eq!(
+        statuses.keys().copied().collect::<Vec<_>>(),
+        vec![200],
+        "only 200s, never a 5xx: {statuses:?}"
+    );
+    assert!(
+        degraded.load(Ordering::Relaxed) > 0,
+        "decisions while {} was down were degraded",
+        S::NAME
+    );
+
+    // Shared counting is back: fresh decisions are not degraded and land in the store.
+    let d = hit_until_not_degraded(&s, "kept", "k", Duration::from_secs(3));
+    let remaining = if S::KEEPS_COUNTERS_OVER_RESTART { 5 } else { 9 };
+    assert_eq!(
+        d["results"][0]["remaining"],
+        remaining,
+        "the counter spent before the restart (kept over it: {}): {d}",
+        S::KEEPS_COUNTERS_OVER_RESTART
+    );
+    let degraded_total =
+        metric_value(&s.metrics(), "sluice_degraded_decisions_total", &[]).unwrap_or(0.0);
+    assert!(
+        degraded_total > 0.0,
+        "degraded decisions are counted in metrics"
+    );
+    let log = s.stderr();
+    assert_eq!(
+        log.matches("store unreachable").count(),
+        1,
+        "the outage is logged once:\n{log}"
+    );
+    assert!(
+        log.contains("store reachable again"),
+        "and the recovery:\n{log}"
+    );
+    for unwanted in S::UNWANTED_LOG {
+        assert!(
+            !log.contains(unwanted),
+            "the client's own per-connection chatter ({unwanted:?}) stays out of the \
+             default log:\n{log}"
+        );
+    }
+}
