@@ -23,7 +23,7 @@ impl Drop for Running {
 
 /// `sluice serve` on `file`, with `listen` (and the admin listener) moved by env.
 fn serve(file: &std::path::Path, port: u16, admin_port: u16) -> Running {
-    let child = Command::new(bin())
+    let child = Command::new(bin().path())
         .args(["serve", "--config"])
         .arg(file)
         .env("SLUICE_LISTEN", format!("127.0.0.1:{port}"))
@@ -46,7 +46,7 @@ fn init(mode: &[&str]) -> std::path::PathBuf {
     let file = scratch_dir("init").join("sluice.yaml");
     let mut args = vec!["init"];
     args.extend_from_slice(mode);
-    let out = Command::new(bin())
+    let out = Command::new(bin().path())
         .args(&args)
         .arg("--output")
         .arg(&file)
@@ -57,7 +57,7 @@ fn init(mode: &[&str]) -> std::path::PathBuf {
         "{mode:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let check = Command::new(bin())
+    let check = Command::new(bin().path())
         .arg("check-config")
         .arg(&file)
         .output()
@@ -72,7 +72,7 @@ fn init(mode: &[&str]) -> std::path::PathBuf {
 }
 
 fn health(url: &str) -> bool {
-    Command::new(bin())
+    Command::new(bin().path())
         .args(["health", "--url", url])
         .status()
         .expect("run sluice health")
@@ -163,7 +163,7 @@ fn the_proxy_starter_forwards_and_keeps_its_endpoints_private() {
 
 #[test]
 fn version_names_the_commit() {
-    let out = Command::new(bin()).arg("--version").output().expect("run");
+    let out = Command::new(bin().path()).arg("--version").output().expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(
