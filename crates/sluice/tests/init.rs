@@ -163,7 +163,10 @@ fn the_proxy_starter_forwards_and_keeps_its_endpoints_private() {
 
 #[test]
 fn version_names_the_commit() {
-    let out = Command::new(bin().path()).arg("--version").output().expect("run");
+    let out = Command::new(bin().path())
+        .arg("--version")
+        .output()
+        .expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(

@@ -144,9 +144,15 @@ impl Journal {
     }
 }
 
+/// Bytes of keys and values after which the journal writer rotates the memtable itself,
+/// well below the keyspace's `max_memtable_size` (see `write_until_closed`).
+pub(crate) const ROTATE_BYTES: u64 = 4 * 1024 * 1024;
+
 impl Shared {
     fn write_until_closed(&self, db: &Database, keyspace: &Keyspace, mode: PersistMode) {
         let mut ops = Vec::new();
+        // Bytes written since this thread last rotated the memtable (see `ROTATE_BYTES`).
+        let mut unrotated: u64 = 0;
         loop {
             let seq = {
                 let mut pending = lock(&self.pending);
@@ -165,13 +171,31 @@ impl Shared {
             let mut batch = db.batch().durability(Some(mode));
             for op in ops.drain(..) {
                 match op {
-                    Op::Put(key, value) => batch.insert(keyspace, key, value.as_bytes()),
-                    Op::Remove(key) => batch.remove(keyspace, key),
+                    Op::Put(key, value) => {
+                        unrotated += (key.len() + value.as_bytes().len()) as u64;
+                        batch.insert(keyspace, key, value.as_bytes())
+                    }
+                    Op::Remove(key) => {
+                        unrotated += key.len() as u64;
+                        batch.remove(keyspace, key)
+                    }
                 }
             }
             match batch.commit() {
                 Ok(()) => {
                     self.durable.send_modify(|d| d.seq = seq);
+                    // fjall 3.1 rotates a full memtable by a message to its single worker,
+                    // which then sends itself a flush on the same bounded channel: under a
+                    // write flood the channel fills with rotation requests and the worker
+                    // blocks on its own queue, hanging every write (fjall-rs/fjall#323).
+                    // Rotating here, on this thread, long before the memtable is full,
+                    // means the worker is never asked to rotate.
+                    if unrotated >= ROTATE_BYTES {
+                        unrotated = 0;
+                        if let Err(error) = keyspace.rotate_memtable() {
+                            tracing::warn!(%error, "disk store: memtable rotation failed; retried after the next writes");
+                        }
+                    }
                 }
                 Err(error) => {
                     tracing::error!(%error, "disk store: journal write failed; decisions will fail until sluice is restarted");

@@ -188,7 +188,9 @@ impl DiskStore {
             .map_err(open_error)?;
         let keyspace = db
             .keyspace(KEYSPACE, || {
-                KeyspaceCreateOptions::default().max_memtable_size(8 * 1024 * 1024)
+                // The journal writer rotates at `ROTATE_BYTES`; this is only the backstop
+                // at which fjall's worker would be asked to (see journal.rs).
+                KeyspaceCreateOptions::default().max_memtable_size(64 * 1024 * 1024)
             })
             .map_err(open_error)?;
 
