@@ -11,6 +11,11 @@
 
 use std::time::Duration;
 
+use sluice_store_rules::after_scheme;
+use sluice_store_rules::postgres::{
+    DEFAULT_POOL_SIZE, DEFAULT_SCHEMA, URL_SCHEMES, is_plain_schema_name,
+};
+
 use crate::PostgresStoreError;
 
 /// Settings of a [`PostgresStore`](crate::PostgresStore).
@@ -53,9 +58,9 @@ impl PostgresStoreConfig {
     pub fn new(url: impl Into<String>) -> Self {
         PostgresStoreConfig {
             url: url.into(),
-            schema: "public".to_string(),
+            schema: DEFAULT_SCHEMA.to_string(),
             prefix: "sluice:".to_string(),
-            pool_size: 16,
+            pool_size: DEFAULT_POOL_SIZE,
             timeout: Duration::from_millis(200),
             migrate: true,
             unlogged: false,
@@ -65,7 +70,7 @@ impl PostgresStoreConfig {
     /// The connection settings of every session, or why these settings can never work.
     pub(crate) fn session(&self) -> Result<tokio_postgres::Config, PostgresStoreError> {
         check_schema_name(&self.schema)?;
-        if !url_scheme_ok(&self.url) {
+        if after_scheme(&self.url, URL_SCHEMES).is_none() {
             return Err(PostgresStoreError::BadUrl(
                 "it must start with postgres:// or postgresql://".to_string(),
             ));
@@ -98,26 +103,14 @@ impl PostgresStoreConfig {
     }
 }
 
-/// Schema names are restricted to what needs no quoting rules: lowercase identifiers.
+/// Refuses a schema name that would need quoting rules (the shared rule of the config
+/// loader and the store).
 pub(crate) fn check_schema_name(schema: &str) -> Result<(), PostgresStoreError> {
-    let mut bytes = schema.bytes();
-    let ok = schema.len() <= 63
-        && bytes
-            .next()
-            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
-        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if ok {
+    if is_plain_schema_name(schema) {
         Ok(())
     } else {
         Err(PostgresStoreError::BadSchema(schema.to_string()))
     }
-}
-
-/// The scheme the config promises: a URL, not a key=value string.
-fn url_scheme_ok(url: &str) -> bool {
-    ["postgres://", "postgresql://"]
-        .iter()
-        .any(|scheme| url.starts_with(scheme))
 }
 
 /// `host:port` of the first host, for messages.
@@ -137,14 +130,10 @@ mod tests {
     use crate::PostgresStore;
 
     #[test]
-    fn schema_names_are_plain_lowercase_identifiers() {
-        for good in ["public", "sluice", "_s1", "a_b_c"] {
-            assert!(check_schema_name(good).is_ok(), "{good}");
-        }
-        let long = "a".repeat(64);
-        for bad in ["", "Sluice", "1abc", "a-b", "a\"b", "a b", long.as_str()] {
-            assert!(check_schema_name(bad).is_err(), "{bad:?}");
-        }
+    fn schema_names_are_checked_by_the_shared_rule() {
+        assert!(check_schema_name("rate").is_ok());
+        let error = check_schema_name("Rate").expect_err("uppercase refused");
+        assert!(error.to_string().contains("at most 63 bytes"), "{error}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 use deadpool_postgres::PoolError;
 use sluice_engine::StoreError;
+use sluice_store_rules::postgres::SCHEMA_NAME_RULE;
 use tokio_postgres::error::SqlState;
 
 use crate::SCHEMA_VERSION;
@@ -23,9 +24,7 @@ pub enum PostgresStoreError {
     )]
     BadUrl(String),
     /// The schema name is not a plain identifier.
-    #[error(
-        "storage.schema {0:?} is not a plain lowercase identifier: use letters a-z, digits and _, starting with a letter or _, at most 63 bytes"
-    )]
+    #[error("storage.schema {0:?} is not a plain lowercase identifier: {SCHEMA_NAME_RULE}")]
     BadSchema(String),
     /// PostgreSQL did not answer.
     #[error("cannot reach PostgreSQL at {address}: {reason}")]

@@ -15,6 +15,9 @@
 //! - **Failures** ([`error`]): a charging decision is never sent twice when it may have
 //!   run; errors that prove the statement rolled back, and that a second attempt can
 //!   cure, are retried once.
+//!
+//! What settings are valid (schema names, URL schemes) is decided in
+//! `sluice-store-rules`, which the config loader applies too.
 
 mod config;
 mod error;
