@@ -157,13 +157,47 @@ impl PostgresStore {
         }
     }
 
-    pub(crate) fn pool_failure(&self, error: PoolError) -> Failure {
+    /// Runs one maintenance statement (a sweep batch, a limit's reset) in its own
+    /// transaction, allowed the maintenance timeout rather than a decision's. Tried
+    /// once: a failure goes to the caller.
+    pub(crate) async fn maintenance_query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<tokio_postgres::Row, StoreError> {
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| self.pool_failure(e).error)?;
+        let transaction = client
+            .transaction()
+            .await
+            .map_err(|e| self.query_failure(&e).error)?;
+        transaction
+            .batch_execute(&format!(
+                "SET LOCAL statement_timeout = {MAINTENANCE_TIMEOUT_MS}"
+            ))
+            .await
+            .map_err(|e| self.query_failure(&e).error)?;
+        let row = transaction
+            .query_one(sql, params)
+            .await
+            .map_err(|e| self.query_failure(&e).error)?;
+        transaction
+            .commit()
+            .await
+            .map_err(|e| self.query_failure(&e).error)?;
+        Ok(row)
+    }
+
+    fn pool_failure(&self, error: PoolError) -> Failure {
         pool_failure(&self.address, error)
     }
 
     /// Classifies a failed statement, and notes a dropped schema so that the next call
     /// prepares it again.
-    pub(crate) fn query_failure(&self, error: &tokio_postgres::Error) -> Failure {
+    fn query_failure(&self, error: &tokio_postgres::Error) -> Failure {
         let failure = query_failure(&self.address, error);
         if failure.schema_gone {
             self.ready.store(false, Ordering::Release);
@@ -267,29 +301,9 @@ impl PostgresStore {
             let mut to = from.clone();
             to.pop();
             to.push(';');
-            let mut client = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| self.pool_failure(e).error)?;
-            let transaction = client
-                .transaction()
-                .await
-                .map_err(|e| self.query_failure(&e).error)?;
-            transaction
-                .batch_execute(&format!(
-                    "SET LOCAL statement_timeout = {MAINTENANCE_TIMEOUT_MS}"
-                ))
-                .await
-                .map_err(|e| self.query_failure(&e).error)?;
-            let row = transaction
-                .query_one(&self.statements.reset_range, &[&from, &to])
-                .await
-                .map_err(|e| self.query_failure(&e).error)?;
-            transaction
-                .commit()
-                .await
-                .map_err(|e| self.query_failure(&e).error)?;
+            let row = self
+                .maintenance_query(&self.statements.reset_range, &[&from, &to])
+                .await?;
             removed += row.get::<_, i64>(0).max(0) as u64;
         }
         Ok(removed)

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sluice_engine::StoreError;
 
-use crate::{MAINTENANCE_TIMEOUT_MS, PostgresStore};
+use crate::PostgresStore;
 
 /// Rows one sweep statement deletes at most (each batch is its own transaction).
 const SWEEP_BATCH: i32 = 10_000;
@@ -33,30 +33,10 @@ impl PostgresStore {
         let mut total = 0u64;
         let mut every_us = every.as_micros() as i64;
         for _ in 0..SWEEP_MAX_BATCHES {
-            let mut client = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| self.pool_failure(e).error)?;
-            let transaction = client
-                .transaction()
-                .await
-                .map_err(|e| self.query_failure(&e).error)?;
-            transaction
-                .batch_execute(&format!(
-                    "SET LOCAL statement_timeout = {MAINTENANCE_TIMEOUT_MS}"
-                ))
-                .await
-                .map_err(|e| self.query_failure(&e).error)?;
             let grace = SWEEP_GRACE.as_micros() as i64;
-            let row = transaction
-                .query_one(&self.statements.sweep, &[&SWEEP_BATCH, &grace, &every_us])
-                .await
-                .map_err(|e| self.query_failure(&e).error)?;
-            transaction
-                .commit()
-                .await
-                .map_err(|e| self.query_failure(&e).error)?;
+            let row = self
+                .maintenance_query(&self.statements.sweep, &[&SWEEP_BATCH, &grace, &every_us])
+                .await?;
             let deleted: i64 = row.get(0);
             if deleted < 0 {
                 return Ok(None);
