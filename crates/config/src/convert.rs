@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 
 use sluice_engine::{Algorithm, Limit, LimitError, LimitSet, LimitSpec, Rate};
+use sluice_store_rules::{after_scheme, postgres};
 
 use crate::error::{Fail, join};
 use crate::front_door;
@@ -405,21 +406,17 @@ fn storage(node: &Node, path: &str) -> Result<StorageConfig, Fail> {
         storage.max_keys = usize::try_from(whole(node, &path, 1, max)?).unwrap_or(usize::MAX);
     }
     if let Some((node, path)) = fields.get("on_error") {
-        storage.on_error = match string(node, &path)? {
-            "allow" => OnError::Allow,
-            "deny" => OnError::Deny,
-            "local" => OnError::Local,
-            other => {
-                return Err(Fail::new(
-                    &node.origin,
-                    &path,
-                    format!(
-                        "unknown on_error `{}`, expected one of `allow`, `deny`, `local`",
-                        crate::tree::shorten(other)
-                    ),
-                ));
-            }
-        };
+        let name = string(node, &path)?;
+        storage.on_error = OnError::from_name(name).ok_or_else(|| {
+            Fail::new(
+                &node.origin,
+                &path,
+                format!(
+                    "unknown on_error `{}`, expected one of `allow`, `deny`, `local`",
+                    crate::tree::shorten(name)
+                ),
+            )
+        })?;
     }
     if let Some((node, path)) = fields.get("prefix") {
         storage.prefix = string(node, &path)?.to_string();
@@ -523,19 +520,14 @@ fn shared_store_fields(
             *timeout_ms = timeout.unwrap_or(*timeout_ms);
             if let Some((node, field)) = fields.get("schema") {
                 let name = string(node, &field)?;
-                let mut bytes = name.bytes();
-                let plain = name.len() <= 63
-                    && bytes
-                        .next()
-                        .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
-                    && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-                if !plain {
+                if !postgres::is_plain_schema_name(name) {
                     return Err(Fail::new(
                         &node.origin,
                         &field,
                         format!(
-                            "schema `{}` is not a plain lowercase PostgreSQL identifier: use letters a-z, digits and _, starting with a letter or _, at most 63 bytes, e.g. `schema: sluice`",
-                            crate::tree::shorten(name)
+                            "schema `{}` is not a plain lowercase PostgreSQL identifier: {}, e.g. `schema: sluice`",
+                            crate::tree::shorten(name),
+                            postgres::SCHEMA_NAME_RULE
                         ),
                     ));
                 }
@@ -595,21 +587,20 @@ const POSTGRES_URL_EXAMPLE: &str = "postgres://sluice:${SLUICE_PG_PASSWORD}@127.
 fn store_url(node: &Node, field: &str, name: &str) -> Result<Secret, Fail> {
     let (schemes, kind, example): (&[&str], &str, String) = if name == "redis" {
         (
-            &["redis://", "rediss://", "redis+unix://", "unix://"],
+            sluice_store_rules::redis::URL_SCHEMES,
             "a Redis URL",
             format!("{REDIS_URL_EXAMPLE} (or rediss:// for TLS)"),
         )
     } else {
         (
-            &["postgres://", "postgresql://"],
+            postgres::URL_SCHEMES,
             "a PostgreSQL URL",
             POSTGRES_URL_EXAMPLE.to_string(),
         )
     };
     let text = string(node, field)?.trim();
-    let scheme_ok = schemes
-        .iter()
-        .any(|scheme| text.starts_with(scheme) && text.len() > scheme.len());
+    // The store's own rule, and more: something after the scheme.
+    let scheme_ok = after_scheme(text, schemes).is_some_and(|rest| !rest.is_empty());
     if !scheme_ok {
         return Err(Fail::new(
             &node.origin,

@@ -479,9 +479,9 @@ impl Backend {
     /// Largest `storage.timeout_ms`.
     pub const MAX_TIMEOUT_MS: u64 = 60_000;
     /// Default `storage.schema` of backend postgres.
-    pub const DEFAULT_SCHEMA: &'static str = "public";
+    pub const DEFAULT_SCHEMA: &'static str = sluice_store_rules::postgres::DEFAULT_SCHEMA;
     /// Default `storage.pool_size` of backend postgres.
-    pub const DEFAULT_POOL_SIZE: usize = 16;
+    pub const DEFAULT_POOL_SIZE: usize = sluice_store_rules::postgres::DEFAULT_POOL_SIZE;
     /// Largest `storage.pool_size`.
     pub const MAX_POOL_SIZE: usize = 1_000;
 
@@ -502,34 +502,9 @@ impl fmt::Display for Backend {
     }
 }
 
-/// What to do when the store fails or times out (`storage.on_error`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub enum OnError {
-    /// Fail open: allow the request.
-    Allow,
-    /// Fail closed: deny the request.
-    Deny,
-    /// Decide with in-process counters until the store is back. The default.
-    #[default]
-    Local,
-}
-
-impl OnError {
-    /// The config spelling: `allow`, `deny` or `local`.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            OnError::Allow => "allow",
-            OnError::Deny => "deny",
-            OnError::Local => "local",
-        }
-    }
-}
-
-impl fmt::Display for OnError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// What to do when the store fails or times out (`storage.on_error`): the failure
+/// policy's own type, so the value goes to the store wrapper as it is.
+pub use sluice_store_rules::FailurePolicy as OnError;
 
 /// HTTP front-door settings (`http:`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,11 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_config::{Backend, Config, OnError};
+use sluice_config::{Backend, Config};
 use sluice_engine::Store;
 use sluice_store_disk::{DiskStore, DiskStoreConfig};
 use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
-use sluice_store_policy::{FailurePolicy, PolicyConfig, PolicyStore};
+use sluice_store_policy::{PolicyConfig, PolicyStore};
 use sluice_store_postgres::{PostgresStore, PostgresStoreConfig, PostgresStoreError};
 use sluice_store_redis::{RedisStore, RedisStoreConfig};
 
@@ -105,11 +105,7 @@ fn with_failure_policy(store: Arc<dyn Store>, timeout_ms: u64, config: &Config) 
     Arc::new(PolicyStore::new(
         store,
         PolicyConfig {
-            policy: match config.storage.on_error {
-                OnError::Allow => FailurePolicy::Allow,
-                OnError::Deny => FailurePolicy::Deny,
-                OnError::Local => FailurePolicy::Local,
-            },
+            policy: config.storage.on_error,
             timeout: Duration::from_millis(timeout_ms),
             probe_interval: Duration::from_secs(1),
             local_max_keys: config.storage.max_keys,

@@ -28,16 +28,9 @@ use sluice_engine::{
 };
 use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
 
-/// What to do while the shared store cannot answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailurePolicy {
-    /// Allow every request (fail open).
-    Allow,
-    /// Deny every request (fail closed).
-    Deny,
-    /// Decide with in-process counters.
-    Local,
-}
+/// What to do while the shared store cannot answer: the very value of the config's
+/// `storage.on_error`.
+pub use sluice_store_rules::FailurePolicy;
 
 /// Settings of a [`PolicyStore`].
 #[derive(Debug, Clone, Copy)]

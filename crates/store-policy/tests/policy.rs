@@ -70,7 +70,7 @@ impl Store for Flaky {
     fn reset_limit<'a>(&'a self, limit: &'a Limit) -> StoreFuture<'a, u64> {
         Box::pin(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            Ok(self.inner.reset_limit_sync_with(limit, |_, _| {}) as u64)
+            Ok(self.inner.reset_limit_sync_with(limit, |_, _| {}))
         })
     }
     fn ping(&self) -> StoreFuture<'_, ()> {
