@@ -29,24 +29,11 @@ use std::sync::Arc;
 
 use sluice_engine::{Algorithm, Limit, LimitSpec, Rate};
 
-use crate::convert::{Fields, boolean, listen, string, whole};
-use crate::error::{Fail, Origin};
-use crate::tree::{self, Node, Value, shorten};
+use serde::Deserialize;
 
-const ENVOY_FIELDS: &[&str] = &["listen", "domains", "config_files", "response_headers"];
-const DOCUMENT_FIELDS: &[&str] = &["domain", "descriptors"];
-const DESCRIPTOR_FIELDS: &[&str] = &[
-    "key",
-    "value",
-    "rate_limit",
-    "descriptors",
-    "shadow_mode",
-    "detailed_metric",
-    "value_to_metric",
-    "share_threshold",
-];
-const RATE_LIMIT_FIELDS: &[&str] = &["unit", "requests_per_unit", "unlimited", "name", "replaces"];
-const REPLACES_FIELDS: &[&str] = &["name"];
+use crate::de::{FromText, ListKind, ListOf, Located, OneOrMany, Parsed, Place, Whole, from_node};
+use crate::error::Fail;
+use crate::tree::{self, shorten};
 
 /// The most a rule may allow per unit: what sluice counts up to in one window.
 pub const MAX_REQUESTS_PER_UNIT: u64 = sluice_engine::rate::MAX_QUOTA;
@@ -249,66 +236,118 @@ impl fmt::Display for Unit {
     }
 }
 
-/// The `envoy:` section. `source` is the main config file's name, which relative
-/// `config_files` are resolved against.
-pub(crate) fn envoy(node: &Node, path: &str, source: &str) -> Result<Option<EnvoyConfig>, Fail> {
-    let Some(fields) = Fields::of(node, path, ENVOY_FIELDS)? else {
-        return Ok(None);
-    };
-    let mut builder = Builder::default();
-    let mut config = EnvoyConfig {
-        listen: EnvoyConfig::DEFAULT_LISTEN,
-        response_headers: false,
-        config_files: Vec::new(),
-        domains: Arc::default(),
-    };
-    if let Some((node, path)) = fields.get("listen") {
-        config.listen = listen(node, &path)?;
+/// `envoy:`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EnvoySection {
+    listen: Option<Parsed<SocketAddr>>,
+    domains: Option<ListOf<Located<RatelimitDocument>, DocumentList>>,
+    /// Relative to the sluice config file's directory.
+    config_files: Option<OneOrMany<Located<String>>>,
+    response_headers: Option<bool>,
+}
+
+struct DocumentList;
+impl ListKind for DocumentList {
+    const EXPECTING: &'static str =
+        "a list of envoyproxy/ratelimit documents, e.g. `- domain: edge` with `descriptors: [...]`";
+}
+
+/// One envoyproxy/ratelimit document.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RatelimitDocument {
+    domain: Option<Located<String>>,
+    descriptors: Option<Descriptors>,
+}
+
+type Descriptors = ListOf<Located<RatelimitDescriptor>, DescriptorList>;
+
+struct DescriptorList;
+impl ListKind for DescriptorList {
+    const EXPECTING: &'static str = "a list of descriptors, e.g. `- key: remote_address`";
+}
+
+/// One descriptor.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RatelimitDescriptor {
+    key: Option<Located<String>>,
+    /// A trailing `*` makes it a prefix; empty is no value.
+    value: Option<String>,
+    rate_limit: Option<Located<RatelimitRule>>,
+    descriptors: Option<Descriptors>,
+    shadow_mode: Option<bool>,
+    /// Metric naming switches of envoyproxy/ratelimit: sluice counts per rule, so they
+    /// are accepted (checked to be booleans) and change nothing.
+    #[allow(dead_code)]
+    detailed_metric: Option<bool>,
+    #[allow(dead_code)]
+    value_to_metric: Option<bool>,
+    share_threshold: Option<Located<bool>>,
+}
+
+/// A `rate_limit:` block.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RatelimitRule {
+    unit: Option<Located<Parsed<Unit>>>,
+    requests_per_unit: Option<Located<Whole<0, MAX_REQUESTS_PER_UNIT>>>,
+    unlimited: Option<bool>,
+    name: Option<String>,
+    replaces: Option<ListOf<Located<Option<RatelimitReplaces>>, ReplacesList>>,
+}
+
+struct ReplacesList;
+impl ListKind for ReplacesList {
+    const EXPECTING: &'static str = "a list such as `- name: specific_limit`";
+}
+
+/// One of `replaces`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RatelimitReplaces {
+    name: Option<String>,
+}
+
+impl FromText for Unit {
+    fn from_text(text: &str) -> Result<Self, String> {
+        Unit::parse(text).ok_or_else(|| {
+            let units = Unit::ALL.map(|unit| unit.as_str()).join(", ");
+            format!("unknown unit `{}`: use one of {units}", shorten(text))
+        })
     }
-    if let Some((node, path)) = fields.get("response_headers") {
-        config.response_headers = boolean(node, &path)?;
-    }
-    if let Some((node, path)) = fields.get("domains") {
-        let Value::Seq(items) = &node.value else {
-            return Err(Fail::new(
-                &node.origin,
-                &path,
-                format!(
-                    "expected a list of envoyproxy/ratelimit documents, e.g. `- domain: edge` with `descriptors: [...]`, found {}",
-                    node.describe()
-                ),
-            ));
-        };
-        for (i, item) in items.iter().enumerate() {
-            builder.document(item, &format!("{path}[{i}]"), None)?;
+}
+
+impl EnvoySection {
+    /// The section's config. `source` is the main config file's name, which relative
+    /// `config_files` are resolved against.
+    pub(crate) fn build(self, source: &str) -> Result<EnvoyConfig, Fail> {
+        let mut builder = Builder::default();
+        for document in self.domains.map_or(Vec::new(), |domains| domains.0) {
+            builder.document(document, None)?;
         }
-    }
-    if let Some((node, path)) = fields.get("config_files") {
-        let items: Vec<(&Node, String)> = match &node.value {
-            Value::Seq(items) => items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| (item, format!("{path}[{i}]")))
-                .collect(),
-            _ => vec![(node, path.clone())],
-        };
+        let mut config_files = Vec::new();
         let base = Path::new(source).parent().unwrap_or(Path::new(""));
-        for (item, path) in items {
-            let name = string(item, &path)?;
-            if name.trim().is_empty() {
-                return Err(Fail::new(
-                    &item.origin,
-                    &path,
+        for name in self.config_files.map_or(Vec::new(), |files| files.0) {
+            if name.value.trim().is_empty() {
+                return Err(name.at.fail(
                     "the file name is empty: give the path of an envoyproxy/ratelimit config file",
                 ));
             }
-            let file = base.join(name.trim());
-            builder.file(&file, item, &path)?;
-            config.config_files.push(file);
+            let file = base.join(name.value.trim());
+            builder.file(&file, &name.at)?;
+            config_files.push(file);
         }
+        Ok(EnvoyConfig {
+            listen: self
+                .listen
+                .map_or(EnvoyConfig::DEFAULT_LISTEN, |listen| listen.0),
+            response_headers: self.response_headers.unwrap_or(false),
+            config_files,
+            domains: Arc::new(builder.domains),
+        })
     }
-    config.domains = Arc::new(builder.finish());
-    Ok(Some(config))
 }
 
 /// Builds the domains, remembering where each was defined and which limit names are taken.
@@ -322,78 +361,71 @@ struct Builder {
 
 impl Builder {
     /// Reads one config file and adds its document.
-    fn file(&mut self, file: &Path, item: &Node, path: &str) -> Result<(), Fail> {
+    fn file(&mut self, file: &Path, at: &Place) -> Result<(), Fail> {
         let shown = file.display().to_string();
         let text = std::fs::read_to_string(file).map_err(|error| {
-            Fail::new(
-                &item.origin,
-                path,
-                format!(
-                    "cannot read the envoyproxy/ratelimit config file {shown}: {error} (relative names are taken from the sluice config file's directory)"
-                ),
-            )
+            at.fail(format!(
+                "cannot read the envoyproxy/ratelimit config file {shown}: {error} (relative names are taken from the sluice config file's directory)"
+            ))
         })?;
         let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         // Loaded as it is, as envoyproxy/ratelimit would: no ${VAR} interpolation.
         let root = tree::parse(text, None).map_err(|fail| fail.in_file(&shown))?;
-        match root {
-            Some(root) if !root.is_null() => self
-                .document(&root, "", Some(&shown))
-                .map_err(|fail| fail.in_file(&shown)),
-            _ => Err(Fail::new(
-                &item.origin,
-                path,
-                format!("{shown} is empty: it needs `domain:` and `descriptors:`"),
-            )),
-        }
+        let Some(root) = root.filter(|root| !root.is_null()) else {
+            return Err(at.fail(format!(
+                "{shown} is empty: it needs `domain:` and `descriptors:`"
+            )));
+        };
+        let document = from_node(&root, "").map_err(|fail| fail.in_file(&shown))?;
+        let document = Located {
+            value: document,
+            at: Place {
+                origin: root.origin.clone(),
+                path: String::new(),
+            },
+        };
+        self.document(document, Some(&shown))
+            .map_err(|fail| fail.in_file(&shown))
     }
 
     /// One envoyproxy/ratelimit document: `domain` and `descriptors`.
-    fn document(&mut self, node: &Node, path: &str, file: Option<&str>) -> Result<(), Fail> {
-        let Some(fields) = Fields::of(node, path, DOCUMENT_FIELDS).map_err(ratelimit_hint)? else {
-            return Err(Fail::new(
-                &node.origin,
-                path,
-                "an empty document: give it `domain:` and `descriptors:`",
-            ));
-        };
-        let Some((domain_node, domain_path)) = fields.get("domain") else {
-            return Err(Fail::new(
-                &node.origin,
-                path,
+    fn document(
+        &mut self,
+        document: Located<RatelimitDocument>,
+        file: Option<&str>,
+    ) -> Result<(), Fail> {
+        let Located {
+            value: document,
+            at,
+        } = document;
+        let Some(Located {
+            value: domain,
+            at: domain_at,
+        }) = document.domain
+        else {
+            return Err(at.fail(
                 "missing `domain`: every envoyproxy/ratelimit document names its domain, e.g. `domain: edge`",
             ));
         };
-        let domain = string(domain_node, &domain_path)?.to_string();
         if domain.is_empty() {
-            return Err(Fail::new(
-                &domain_node.origin,
-                &domain_path,
+            return Err(domain_at.fail(
                 "the domain is empty: name it as Envoy's rate limit filter does (its `domain:`)",
             ));
         }
-        let line = match &domain_node.origin {
-            Origin::File { line, .. } => *line,
-            Origin::Env { .. } => 0,
-        };
         if let Some((first_file, first_line)) = self.defined_at.get(&domain) {
             let place = match first_file {
                 Some(first) => format!("{first}:{first_line}"),
                 None => format!("line {first_line} of the sluice config"),
             };
-            return Err(Fail::new(
-                &domain_node.origin,
-                &domain_path,
-                format!(
-                    "domain `{}` is already defined ({place}): merge the two documents' descriptors into one",
-                    shorten(&domain)
-                ),
-            ));
+            return Err(domain_at.fail(format!(
+                "domain `{}` is already defined ({place}): merge the two documents' descriptors into one",
+                shorten(&domain)
+            )));
         }
         self.defined_at
-            .insert(domain.clone(), (file.map(str::to_string), line));
-        let level = match fields.get("descriptors") {
-            Some((node, path)) => self.level(node, &path, &domain)?,
+            .insert(domain.clone(), (file.map(str::to_string), domain_at.line()));
+        let level = match document.descriptors {
+            Some(descriptors) => self.level(descriptors, &domain)?,
             None => Level::default(),
         };
         self.domains.by_name.insert(domain, level);
@@ -401,41 +433,23 @@ impl Builder {
     }
 
     /// A `descriptors:` list. `parent` is the ratelimit-style path of the level's owner.
-    fn level(&mut self, node: &Node, path: &str, parent: &str) -> Result<Level, Fail> {
-        let Value::Seq(items) = &node.value else {
-            return Err(Fail::new(
-                &node.origin,
-                path,
-                format!(
-                    "expected a list of descriptors, e.g. `- key: remote_address`, found {}",
-                    node.describe()
-                ),
-            ));
-        };
+    fn level(&mut self, descriptors: Descriptors, parent: &str) -> Result<Level, Fail> {
         let mut level = Level::default();
         // Where each composite key (key, value) was first written, to report duplicates.
         let mut seen: HashMap<(String, Option<String>), usize> = HashMap::new();
-        for (i, item) in items.iter().enumerate() {
-            let path = format!("{path}[{i}]");
-            let (key, value, descriptor) = self.descriptor(item, &path, parent)?;
-            let line = match &item.origin {
-                Origin::File { line, .. } => *line,
-                Origin::Env { .. } => 0,
-            };
-            if let Some(first) = seen.insert((key.clone(), value.clone()), line) {
+        for item in descriptors.0 {
+            let at = item.at.clone();
+            let (key, value, descriptor) = self.descriptor(item, parent)?;
+            if let Some(first) = seen.insert((key.clone(), value.clone()), at.line()) {
                 let what = match &value {
                     Some(value) => {
                         format!("key `{}` with value `{}`", shorten(&key), shorten(value))
                     }
                     None => format!("key `{}` without a value", shorten(&key)),
                 };
-                return Err(Fail::new(
-                    &item.origin,
-                    &path,
-                    format!(
-                        "a second descriptor with {what} at this level (the first is on line {first}): keep one, or merge their nested descriptors"
-                    ),
-                ));
+                return Err(at.fail(format!(
+                    "a second descriptor with {what} at this level (the first is on line {first}): keep one, or merge their nested descriptors"
+                )));
             }
             let entry = level.by_key.entry(key).or_default();
             match value {
@@ -454,62 +468,35 @@ impl Builder {
     /// One descriptor: its key, its value and what it holds.
     fn descriptor(
         &mut self,
-        node: &Node,
-        path: &str,
+        item: Located<RatelimitDescriptor>,
         parent: &str,
     ) -> Result<(String, Option<String>, Descriptor), Fail> {
-        let Some(fields) = Fields::of(node, path, DESCRIPTOR_FIELDS).map_err(ratelimit_hint)?
+        let Located { value: item, at } = item;
+        let Some(Located {
+            value: key,
+            at: key_at,
+        }) = item.key
         else {
-            return Err(Fail::new(
-                &node.origin,
-                path,
-                "an empty descriptor: give it at least `key:`",
-            ));
+            return Err(
+                at.fail("missing `key`: every descriptor has one, e.g. `key: remote_address`")
+            );
         };
-        let Some((key_node, key_path)) = fields.get("key") else {
-            return Err(Fail::new(
-                &node.origin,
-                path,
-                "missing `key`: every descriptor has one, e.g. `key: remote_address`",
-            ));
-        };
-        let key = string(key_node, &key_path)?.to_string();
         if key.is_empty() {
-            return Err(Fail::new(
-                &key_node.origin,
-                &key_path,
+            return Err(key_at.fail(
                 "the key is empty: use the descriptor key Envoy sends, e.g. remote_address",
             ));
         }
-        let value = match fields.get("value") {
-            Some((node, path)) => {
-                let value = string(node, &path)?;
-                // An empty value is no value, as envoyproxy/ratelimit reads it.
-                (!value.is_empty()).then(|| value.to_string())
-            }
-            None => None,
-        };
+        // An empty value is no value, as envoyproxy/ratelimit reads it.
+        let value = item.value.filter(|value| !value.is_empty());
         let own_path = match &value {
             Some(value) => format!("{parent}.{key}_{value}"),
             None => format!("{parent}.{key}"),
         };
-        let flag = |name: &str| -> Result<Option<(bool, &Node, String)>, Fail> {
-            match fields.get(name) {
-                Some((node, path)) => Ok(Some((boolean(node, &path)?, node, path))),
-                None => Ok(None),
-            }
-        };
-        let shadow = flag("shadow_mode")?.is_some_and(|(on, _, _)| on);
-        // Metric naming switches of envoyproxy/ratelimit: sluice counts per rule, so
-        // they are accepted (checked to be booleans) and change nothing.
-        flag("detailed_metric")?;
-        flag("value_to_metric")?;
-        let share_threshold = match flag("share_threshold")? {
-            Some((true, node, path)) => {
+        let shadow = item.shadow_mode.unwrap_or(false);
+        let share_threshold = match item.share_threshold {
+            Some(share) if share.value => {
                 if !value.as_deref().is_some_and(|value| value.ends_with('*')) {
-                    return Err(Fail::new(
-                        &node.origin,
-                        &path,
+                    return Err(share.at.fail(
                         "share_threshold only applies to a prefix value (one ending in `*`, e.g. `value: files*`): add the `*` or remove share_threshold",
                     ));
                 }
@@ -517,12 +504,12 @@ impl Builder {
             }
             _ => false,
         };
-        let rule = match fields.get("rate_limit") {
-            Some((node, path)) => Some(Arc::new(self.rule(node, &path, &own_path, shadow)?)),
+        let rule = match item.rate_limit {
+            Some(rule) => Some(Arc::new(self.rule(rule, &own_path, shadow)?)),
             None => None,
         };
-        let children = match fields.get("descriptors") {
-            Some((node, path)) => self.level(node, &path, &own_path)?,
+        let children = match item.descriptors {
+            Some(descriptors) => self.level(descriptors, &own_path)?,
             None => Level::default(),
         };
         let descriptor = Descriptor {
@@ -537,114 +524,55 @@ impl Builder {
     /// A `rate_limit:` block.
     fn rule(
         &mut self,
-        node: &Node,
-        path: &str,
+        rule: Located<RatelimitRule>,
         own_path: &str,
         shadow: bool,
     ) -> Result<Rule, Fail> {
-        let Some(fields) = Fields::of(node, path, RATE_LIMIT_FIELDS).map_err(ratelimit_hint)?
-        else {
-            return Err(Fail::new(
-                &node.origin,
-                path,
-                "rate_limit is empty: give `unit` and `requests_per_unit`, e.g. `{unit: minute, requests_per_unit: 60}`, or `unlimited: true`",
-            ));
-        };
-        let unlimited = match fields.get("unlimited") {
-            Some((node, path)) => boolean(node, &path)?,
-            None => false,
-        };
-        let name = match fields.get("name") {
-            Some((node, path)) => {
-                let name = string(node, &path)?;
-                (!name.is_empty()).then(|| name.to_string())
-            }
-            None => None,
-        };
+        let Located { value: rule, at } = rule;
+        let name = rule.name.filter(|name| !name.is_empty());
         let mut replaces = Vec::new();
-        if let Some((list, list_path)) = fields.get("replaces") {
-            let Value::Seq(items) = &list.value else {
-                return Err(Fail::new(
-                    &list.origin,
-                    &list_path,
-                    format!(
-                        "expected a list such as `- name: specific_limit`, found {}",
-                        list.describe()
-                    ),
+        for item in rule.replaces.map_or(Vec::new(), |list| list.0) {
+            let replaced = item
+                .value
+                .and_then(|item| item.name)
+                .filter(|name| !name.is_empty());
+            let Some(replaced) = replaced else {
+                return Err(item.at.fail(
+                    "a replaces entry needs the name of the rule it replaces: `- name: specific_limit`",
                 ));
             };
-            for (i, item) in items.iter().enumerate() {
-                let item_path = format!("{list_path}[{i}]");
-                let replaced = Fields::of(item, &item_path, REPLACES_FIELDS)
-                    .map_err(ratelimit_hint)?
-                    .and_then(|fields| fields.get("name"))
-                    .map(|(node, path)| string(node, &path).map(str::to_string))
-                    .transpose()?
-                    .filter(|name| !name.is_empty());
-                let Some(replaced) = replaced else {
-                    return Err(Fail::new(
-                        &item.origin,
-                        &item_path,
-                        "a replaces entry needs the name of the rule it replaces: `- name: specific_limit`",
-                    ));
-                };
-                if name.as_deref() == Some(replaced.as_str()) {
-                    return Err(Fail::new(
-                        &item.origin,
-                        &item_path,
-                        "a rule cannot replace itself: name another rule's `rate_limit.name`",
-                    ));
-                }
-                replaces.push(replaced);
+            if name.as_deref() == Some(replaced.as_str()) {
+                return Err(item
+                    .at
+                    .fail("a rule cannot replace itself: name another rule's `rate_limit.name`"));
             }
+            replaces.push(replaced);
         }
-        let unit = fields.get("unit");
-        let requests = fields.get("requests_per_unit");
-        let kind = if unlimited {
-            if let Some((node, path)) = unit.as_ref().or(requests.as_ref()) {
-                return Err(Fail::new(
-                    &node.origin,
-                    path,
+        let kind = if rule.unlimited.unwrap_or(false) {
+            let unit = rule.unit.as_ref().map(|unit| &unit.at);
+            if let Some(at) = unit.or(rule.requests_per_unit.as_ref().map(|r| &r.at)) {
+                return Err(at.fail(
                     "an unlimited rule has no unit or requests_per_unit: remove them, or remove `unlimited: true`",
                 ));
             }
             RuleKind::Unlimited
         } else {
-            let units = Unit::ALL.map(|unit| unit.as_str()).join(", ");
-            let Some((unit_node, unit_path)) = unit else {
-                return Err(Fail::new(
-                    &node.origin,
-                    path,
-                    format!("missing `unit`: one of {units}"),
-                ));
+            let Some(unit) = rule.unit.map(|unit| unit.value.0) else {
+                let units = Unit::ALL.map(|unit| unit.as_str()).join(", ");
+                return Err(at.fail(format!("missing `unit`: one of {units}")));
             };
-            let text = string(unit_node, &unit_path)?;
-            let Some(unit) = Unit::parse(text) else {
-                return Err(Fail::new(
-                    &unit_node.origin,
-                    &unit_path,
-                    format!("unknown unit `{}`: use one of {units}", shorten(text)),
-                ));
-            };
-            let Some((requests_node, requests_path)) = requests else {
-                return Err(Fail::new(
-                    &node.origin,
-                    path,
+            let Some(requests) = rule.requests_per_unit else {
+                return Err(at.fail(
                     "missing `requests_per_unit`: how many requests each unit allows (0 blocks every request)",
                 ));
             };
-            let requests = whole(requests_node, &requests_path, 0, MAX_REQUESTS_PER_UNIT)?;
-            match Rate::new(requests, unit.seconds()) {
-                Ok(rate) => {
-                    let limit =
-                        self.limit(own_path, rate, shadow, requests_node, &requests_path)?;
-                    RuleKind::Limited {
-                        unit,
-                        requests_per_unit: u32::try_from(requests).unwrap_or(u32::MAX),
-                        limit,
-                    }
-                }
-                // Only 0 gets here: the range was checked above.
+            match Rate::new(requests.value.0, unit.seconds()) {
+                Ok(rate) => RuleKind::Limited {
+                    unit,
+                    requests_per_unit: u32::try_from(requests.value.0).unwrap_or(u32::MAX),
+                    limit: self.limit(own_path, rate, shadow, &requests.at)?,
+                },
+                // Only 0 gets here: the range was checked when it was read.
                 Err(_) => RuleKind::BlockAll { unit },
             }
         };
@@ -664,15 +592,13 @@ impl Builder {
         own_path: &str,
         rate: Rate,
         shadow: bool,
-        node: &Node,
-        path: &str,
+        at: &Place,
     ) -> Result<Arc<Limit>, Fail> {
         let name = self.limit_name(own_path);
         let mut spec = LimitSpec::new(vec![rate]);
         spec.algorithm = Algorithm::FixedWindow;
         spec.shadow = shadow;
-        let limit = Limit::new(&name, spec)
-            .map_err(|error| Fail::new(&node.origin, path, error.to_string()))?;
+        let limit = Limit::new(&name, spec).map_err(|error| at.fail(error.to_string()))?;
         let limit = Arc::new(limit);
         self.domains.limits.push(Arc::clone(&limit));
         Ok(limit)
@@ -701,10 +627,6 @@ impl Builder {
         self.names.insert(name.clone());
         name
     }
-
-    fn finish(self) -> Domains {
-        self.domains
-    }
 }
 
 /// 64-bit FNV-1a: a stable hash (unlike std's), so limit names do not change between builds.
@@ -714,39 +636,18 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Says, on an unknown-field error in a ratelimit document, that sluice reads the
-/// envoyproxy/ratelimit format without that field.
-fn ratelimit_hint(fail: Fail) -> Fail {
-    if fail.message.starts_with("unknown field") {
-        Fail {
-            message: format!(
-                "{} (sluice reads envoyproxy/ratelimit's descriptor format; this key is not part of it here: remove it or move it to the level it belongs to)",
-                fail.message
-            ),
-            ..fail
-        }
-    } else {
-        fail
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Option<EnvoyConfig>, String> {
-        let root = tree::parse(text, None).map_err(|f| f.message)?.unwrap();
-        let Value::Map(entries) = &root.value else {
-            panic!("not a map")
-        };
-        let entry = entries.iter().find(|e| e.key == "envoy").unwrap();
-        envoy(&entry.value, "envoy", "sluice.yaml").map_err(|f| {
-            let place = match f.origin {
-                Origin::File { line, column } => format!("{line}:{column}"),
-                Origin::Env { var } => var,
-            };
-            format!("{place}: {}: {}", f.field.unwrap_or_default(), f.message)
-        })
+        crate::load_str(text, "sluice.yaml", &|_| None, &[])
+            .map(|config| config.envoy)
+            .map_err(|error| {
+                let (line, column) = (error.line.unwrap_or(0), error.column.unwrap_or(0));
+                let field = error.field.unwrap_or_default();
+                format!("{line}:{column}: {field}: {}", error.message)
+            })
     }
 
     #[test]

@@ -1,35 +1,27 @@
-//! The HTTP front-door sections: `client_ip`, `responses`, `forward_auth` and `routes`,
-//! converted into `sluice_http`'s types with every error placed at its node.
+//! The HTTP front-door sections, `client_ip`, `responses`, `forward_auth` and `routes`, as
+//! derived types, and their checks building `sluice_http`'s types.
 
+use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use ipnet::IpNet;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Unexpected, Visitor};
 use sluice_engine::LimitSet;
 use sluice_http::{
     BodyTemplate, ClientIpConfig, ForwardedHeader, KeyTemplate, PathPattern, ResponseConfig, Route,
     RouteLimit, RouteMatch, Rules,
 };
 
-use crate::ForwardAuthConfig;
-use crate::convert::{Fields, boolean, string, whole};
-use crate::error::{Fail, Origin};
-use crate::tree::{Kind, Node, Scalar, Value, shorten};
-
-const CLIENT_IP_FIELDS: &[&str] = &[
-    "trusted_proxies",
-    "header",
-    "ipv6_prefix",
-    "hash",
-    "hash_secret",
-];
-const RESPONSES_FIELDS: &[&str] = &["deny_status", "headers", "body", "content_type"];
-const FORWARD_AUTH_FIELDS: &[&str] = &["deny_status"];
-const ROUTE_FIELDS: &[&str] = &["match", "limits"];
-const MATCH_FIELDS: &[&str] = &["path", "methods", "header"];
-const ROUTE_LIMIT_FIELDS: &[&str] = &["limit", "key", "cost"];
+use crate::de::{
+    FromText, HINT, ListKind, ListOf, Located, OneOrMany, Parsed, Place, Whole, WholeVisitor,
+    by_shape,
+};
+use crate::error::Fail;
+use crate::tree::shorten;
 
 /// Shortest `client_ip.hash_secret` accepted, in bytes.
 const MIN_HASH_SECRET_BYTES: usize = 16;
@@ -37,445 +29,394 @@ const MIN_HASH_SECRET_BYTES: usize = 16;
 /// Most limit names listed in an "unknown limit" error.
 const MAX_NAMES_SHOWN: usize = 20;
 
-/// A list's items with their paths (`path[i]`), or a single value as a list of one.
-fn one_or_many<'a>(node: &'a Node, path: &str) -> Vec<(&'a Node, String)> {
-    match &node.value {
-        Value::Seq(items) => items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| (item, format!("{path}[{i}]")))
-            .collect(),
-        _ => vec![(node, path.to_string())],
-    }
+/// `client_ip:`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClientIpSection {
+    /// CIDR ranges or single addresses.
+    trusted_proxies: Option<OneOrMany<Parsed<TrustedProxy>>>,
+    header: Option<Parsed<ForwardedHeader>>,
+    ipv6_prefix: Option<Whole<1, 128>>,
+    hash: Option<Located<bool>>,
+    /// Never shown in a message.
+    hash_secret: Option<Located<String>>,
 }
 
-// ---- client_ip ----
+/// `responses:`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ResponsesSection {
+    deny_status: Option<DenyStatus>,
+    /// `ietf`, `legacy`, both or none.
+    headers: Option<OneOrMany<Parsed<HeaderStyle>>>,
+    body: Option<Parsed<BodyTemplate>>,
+    content_type: Option<Parsed<HeaderValue>>,
+}
 
-pub(crate) fn client_ip(node: &Node, path: &str) -> Result<ClientIpConfig, Fail> {
-    let mut config = ClientIpConfig::default();
-    let Some(fields) = Fields::of(node, path, CLIENT_IP_FIELDS)? else {
-        return Ok(config);
-    };
-    if let Some((node, path)) = fields.get("trusted_proxies") {
-        config.trusted_proxies = one_or_many(node, &path)
-            .into_iter()
-            .map(|(node, path)| trusted_proxy(node, &path))
-            .collect::<Result<_, _>>()?;
-    }
-    if let Some((node, path)) = fields.get("header") {
-        let text = string(node, &path)?;
-        config.header = match text.trim().to_ascii_lowercase().as_str() {
-            "x-forwarded-for" => ForwardedHeader::XForwardedFor,
-            "forwarded" => ForwardedHeader::Forwarded,
-            _ => {
-                return Err(Fail::new(
-                    &node.origin,
-                    &path,
-                    format!(
-                        "unknown forwarding header `{}`, expected `x-forwarded-for` or `forwarded` (RFC 7239)",
-                        shorten(text)
-                    ),
-                ));
+/// `forward_auth:`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ForwardAuthSection {
+    pub deny_status: Option<DenyStatus>,
+}
+
+/// `routes:`
+pub(crate) type Routes = ListOf<RouteSection, RoutesList>;
+
+pub(crate) struct RoutesList;
+impl ListKind for RoutesList {
+    const EXPECTING: &'static str =
+        "a list of routes, e.g. `- match: {path: /api/*}` with `limits: [...]`";
+}
+
+/// One route.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RouteSection {
+    #[serde(rename = "match")]
+    matcher: Located<Matcher>,
+    limits: ListOf<RouteLimitSection, RouteLimitsList>,
+}
+
+pub(crate) struct RouteLimitsList;
+impl ListKind for RouteLimitsList {
+    const EXPECTING: &'static str =
+        "a non-empty list of limits, e.g. `[{limit: api, key: \"{client_ip}\"}]`";
+    const NON_EMPTY: bool = true;
+}
+
+const MATCH_EXPECTING: &str = "`default` or a mapping such as {path: /api/*, methods: [GET]}";
+
+/// `match: default`, or `match: {path, methods, header}`.
+enum Matcher {
+    Default,
+    Match(MatchSection),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MatchSection {
+    path: Option<Parsed<PathPattern>>,
+    methods: Option<Located<OneOrMany<Parsed<Method>>>>,
+    header: Option<Parsed<HeaderName>>,
+}
+
+/// One limit a route applies.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RouteLimitSection {
+    limit: Located<String>,
+    key: Located<OneOrMany<Located<Parsed<KeyTemplate>>>>,
+    cost: Option<Whole<0, { u64::MAX }>>,
+}
+
+impl<'de> Deserialize<'de> for Matcher {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Matcher;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(MATCH_EXPECTING)
             }
-        };
-    }
-    if let Some((node, path)) = fields.get("ipv6_prefix") {
-        config.ipv6_prefix = u8::try_from(whole(node, &path, 1, 128)?).unwrap_or(128);
-    }
-    let hash = match fields.get("hash") {
-        Some((node, path)) => Some((boolean(node, &path)?, node, path)),
-        None => None,
-    };
-    // The secret's value never goes into a message.
-    match (hash, fields.get("hash_secret")) {
-        (Some((true, _, _)), Some((node, path))) => {
-            let secret = string(node, &path)?;
-            if secret.len() < MIN_HASH_SECRET_BYTES {
-                return Err(Fail::new(
-                    &node.origin,
-                    &path,
-                    format!(
-                        "hash_secret must be at least {MIN_HASH_SECRET_BYTES} bytes: use a long random value, e.g. from `openssl rand -hex 32`"
-                    ),
-                ));
-            }
-            config.hash_secret = Some(secret.as_bytes().to_vec());
-        }
-        (Some((true, node, path)), None) => {
-            return Err(Fail::new(
-                &node.origin,
-                &path,
-                format!(
-                    "hash: true needs hash_secret, a secret of at least {MIN_HASH_SECRET_BYTES} bytes, e.g. `hash_secret: ${{SLUICE_IP_HASH_SECRET}}`"
-                ),
-            ));
-        }
-        (_, Some((node, path))) => {
-            return Err(Fail::new(
-                &node.origin,
-                &path,
-                "hash_secret is set but hash is not true, so addresses would not be hashed: add `hash: true`, or remove hash_secret",
-            ));
-        }
-        (_, None) => {}
-    }
-    Ok(config)
-}
-
-/// A CIDR range (`10.0.0.0/8`) or a single address (`127.0.0.1`, `::1`: /32 or /128).
-fn trusted_proxy(node: &Node, path: &str) -> Result<IpNet, Fail> {
-    let text = string(node, path)?.trim();
-    if let Ok(net) = IpNet::from_str(text) {
-        return Ok(net);
-    }
-    if let Ok(ip) = IpAddr::from_str(text) {
-        // Peers are compared in canonical form: `::ffff:10.0.0.1` is 10.0.0.1.
-        return Ok(IpNet::from(sluice_http::client_ip::canonical(ip)));
-    }
-    Err(Fail::new(
-        &node.origin,
-        path,
-        format!(
-            "`{}` is not an IP address or CIDR range: write e.g. 10.0.0.0/8, 192.168.1.10 or \"::1\"",
-            shorten(text)
-        ),
-    ))
-}
-
-// ---- responses and forward_auth ----
-
-pub(crate) fn responses(node: &Node, path: &str) -> Result<ResponseConfig, Fail> {
-    let mut config = ResponseConfig::default();
-    let Some(fields) = Fields::of(node, path, RESPONSES_FIELDS)? else {
-        return Ok(config);
-    };
-    if let Some((node, path)) = fields.get("deny_status") {
-        config.deny_status = deny_status(node, &path)?;
-    }
-    if let Some((node, path)) = fields.get("headers") {
-        config.headers.ietf = false;
-        config.headers.legacy = false;
-        for (node, path) in one_or_many(node, &path) {
-            match string(node, &path)? {
-                "ietf" => config.headers.ietf = true,
-                "legacy" => config.headers.legacy = true,
-                other => {
-                    return Err(Fail::new(
-                        &node.origin,
-                        &path,
-                        format!(
-                            "unknown header style `{}`, expected `ietf` (RateLimit-Policy, RateLimit) or `legacy` (X-RateLimit-*); [] sends none",
-                            shorten(other)
-                        ),
-                    ));
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Matcher, E> {
+                if text.trim() == "default" {
+                    return Ok(Matcher::Default);
                 }
+                let hint = if text.starts_with(['/', '~']) {
+                    format!(": write `match: {{path: {}}}`", shorten(text))
+                } else {
+                    String::new()
+                };
+                let expected = format!("{MATCH_EXPECTING}{HINT}{hint}");
+                Err(E::invalid_type(Unexpected::Str(text), &expected.as_str()))
+            }
+            fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Matcher, D::Error> {
+                MatchSection::deserialize(d).map(Matcher::Match)
             }
         }
+        by_shape(deserializer, V)
     }
-    if let Some((node, path)) = fields.get("body") {
-        if let Value::Map(_) | Value::Seq(_) = node.value {
-            return Err(Fail::new(
-                &node.origin,
-                &path,
-                format!(
-                    "expected the body as a string, found {}: quote it, e.g. body: '{{\"error\": \"rate_limited\", \"limit\": \"{{limit}}\"}}'",
-                    node.describe()
-                ),
-            ));
-        }
-        config.body = BodyTemplate::from_str(string(node, &path)?)
-            .map_err(|error| Fail::new(&node.origin, &path, error.to_string()))?;
-    }
-    if let Some((node, path)) = fields.get("content_type") {
-        let text = string(node, &path)?.trim();
-        if text.is_empty() {
-            return Err(Fail::new(
-                &node.origin,
-                &path,
-                "content_type is empty: set it (e.g. application/json) or remove it",
-            ));
-        }
-        config.content_type = HeaderValue::from_str(text).map_err(|_| {
-            Fail::new(
-                &node.origin,
-                &path,
-                format!(
-                    "`{}` is not a valid header value: use visible ASCII, e.g. application/json",
-                    shorten(text)
-                ),
-            )
-        })?;
-    }
-    Ok(config)
-}
-
-pub(crate) fn forward_auth(node: &Node, path: &str) -> Result<ForwardAuthConfig, Fail> {
-    let mut config = ForwardAuthConfig::default();
-    let Some(fields) = Fields::of(node, path, FORWARD_AUTH_FIELDS)? else {
-        return Ok(config);
-    };
-    if let Some((node, path)) = fields.get("deny_status") {
-        config.deny_status = Some(deny_status(node, &path)?);
-    }
-    Ok(config)
 }
 
 /// A 4xx or 5xx status.
-fn deny_status(node: &Node, path: &str) -> Result<StatusCode, Fail> {
-    let code = whole(node, path, 400, 599).map_err(|fail| Fail {
-        message: format!(
-            "{}: a deny status is a client or server error code, e.g. 429 or 403",
-            fail.message
-        ),
-        ..fail
-    })?;
-    u16::try_from(code)
-        .ok()
-        .and_then(|code| StatusCode::from_u16(code).ok())
-        .ok_or_else(|| Fail::new(&node.origin, path, format!("{code} is not a status code")))
-}
+pub(crate) struct DenyStatus(pub StatusCode);
 
-// ---- routes ----
-
-/// `sessions`: whether `{session}` can resolve (the reverse proxy issues session cookies).
-pub(crate) fn routes(
-    node: &Node,
-    path: &str,
-    limits: &LimitSet,
-    sessions: bool,
-) -> Result<Rules, Fail> {
-    if node.is_null() {
-        return Ok(Rules::default());
-    }
-    let Value::Seq(items) = &node.value else {
-        return Err(Fail::new(
-            &node.origin,
-            path,
-            format!(
-                "expected a list of routes, e.g. `- match: {{path: /api/*}}` with `limits: [...]`, found {}",
-                node.describe()
-            ),
-        ));
-    };
-    let mut routes = Vec::with_capacity(items.len());
-    // The first default route: its path and where it was written.
-    let mut default: Option<(String, &Origin)> = None;
-    for (i, item) in items.iter().enumerate() {
-        let path = format!("{path}[{i}]");
-        let (route, match_node) = route(item, &path, limits, sessions)?;
-        if route.default {
-            if let Some((first, origin)) = &default {
-                let on_line = match origin {
-                    Origin::File { line, .. } => format!(", on line {line}"),
-                    Origin::Env { .. } => String::new(),
-                };
-                return Err(Fail::new(
-                    &match_node.origin,
-                    &format!("{path}.match"),
-                    format!(
-                        "a second default route (the first is {first}{on_line}): there can be only one; merge their limits"
-                    ),
-                ));
-            }
-            default = Some((path.clone(), &match_node.origin));
-        }
-        routes.push(route);
-    }
-    Rules::new(routes).map_err(|error| Fail::new(&node.origin, path, error.to_string()))
-}
-
-/// One route, and its `match` node.
-fn route<'a>(
-    node: &'a Node,
-    path: &str,
-    limits: &LimitSet,
-    sessions: bool,
-) -> Result<(Route, &'a Node), Fail> {
-    let example =
-        "e.g. `- match: {path: /api/*}` with `limits: [{limit: api, key: \"{client_ip}\"}]`";
-    let Some(fields) = Fields::of(node, path, ROUTE_FIELDS)? else {
-        return Err(Fail::new(
-            &node.origin,
-            path,
-            format!("route has no settings: give it `match` and `limits`, {example}"),
-        ));
-    };
-    let Some((match_node, match_path)) = fields.get("match") else {
-        return Err(Fail::new(
-            &node.origin,
-            path,
-            "missing field `match`: write `match: {path: /api/*}`, `match: {}` for every request, or `match: default` for requests no other route matches",
-        ));
-    };
-    let matcher = matcher(match_node, &match_path)?;
-    let Some((limits_node, limits_path)) = fields.get("limits") else {
-        return Err(Fail::new(
-            &node.origin,
-            path,
-            format!("missing field `limits`: a route applies at least one limit, {example}"),
-        ));
-    };
-    let route = Route {
-        default: matcher.is_none(),
-        matcher: matcher.unwrap_or_default(),
-        limits: route_limits(limits_node, &limits_path, limits, sessions)?,
-    };
-    Ok((route, match_node))
-}
-
-/// `match: default` (`None`) or `match: {path, methods, header}`.
-fn matcher(node: &Node, path: &str) -> Result<Option<RouteMatch>, Fail> {
-    if let Value::Scalar(Scalar { text, kind }) = &node.value {
-        if *kind == Kind::Str && text.trim() == "default" {
-            return Ok(None);
-        }
-        let hint = if text.starts_with(['/', '~']) {
-            format!(": write `match: {{path: {}}}`", shorten(text))
-        } else {
-            String::new()
-        };
-        return Err(Fail::new(
-            &node.origin,
-            path,
-            format!(
-                "expected `default` or a mapping such as {{path: /api/*, methods: [GET]}}, found {}{hint}",
-                node.describe()
-            ),
-        ));
-    }
-    let Some(fields) = Fields::of(node, path, MATCH_FIELDS)? else {
-        return Ok(Some(RouteMatch::default()));
-    };
-    let mut matcher = RouteMatch::default();
-    if let Some((node, path)) = fields.get("path") {
-        let pattern = PathPattern::from_str(string(node, &path)?)
-            .map_err(|error| Fail::new(&node.origin, &path, error.to_string()))?;
-        matcher.path = Some(pattern);
-    }
-    if let Some((node, path)) = fields.get("methods") {
-        if matches!(&node.value, Value::Seq(items) if items.is_empty()) {
-            return Err(Fail::new(
-                &node.origin,
-                &path,
-                "methods is empty: list at least one (e.g. [GET, POST]), or remove it to match every method",
-            ));
-        }
-        matcher.methods = one_or_many(node, &path)
-            .into_iter()
-            .map(|(node, path)| method(node, &path))
-            .collect::<Result<_, _>>()?;
-    }
-    if let Some((node, path)) = fields.get("header") {
-        let text = string(node, &path)?.trim();
-        let name = HeaderName::from_bytes(text.to_ascii_lowercase().as_bytes()).map_err(|_| {
-            Fail::new(
-                &node.origin,
-                &path,
-                format!(
-                    "`{}` is not a valid header name, e.g. x-api-key",
-                    shorten(text)
-                ),
-            )
+impl<'de> Deserialize<'de> for DenyStatus {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let code = deserializer.deserialize_any(WholeVisitor {
+            min: 400,
+            max: 599,
+            hint: ": a deny status is a client or server error code, e.g. 429 or 403",
         })?;
-        matcher.header = Some(name);
+        // Every code from 400 to 599 is a status, so this error cannot happen (and would
+        // be placed at the section rather than the value).
+        let code = u16::try_from(code).map_err(de::Error::custom)?;
+        StatusCode::from_u16(code)
+            .map(DenyStatus)
+            .map_err(de::Error::custom)
     }
-    Ok(Some(matcher))
 }
 
-fn method(node: &Node, path: &str) -> Result<Method, Fail> {
-    let text = string(node, path)?.trim();
-    Method::from_bytes(text.to_ascii_uppercase().as_bytes()).map_err(|_| {
-        Fail::new(
-            &node.origin,
-            path,
+/// A CIDR range (`10.0.0.0/8`) or a single address (`127.0.0.1`, `::1`: /32 or /128).
+struct TrustedProxy(IpNet);
+
+impl FromText for TrustedProxy {
+    fn from_text(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if let Ok(net) = IpNet::from_str(text) {
+            return Ok(TrustedProxy(net));
+        }
+        match IpAddr::from_str(text) {
+            // Peers are compared in canonical form: `::ffff:10.0.0.1` is 10.0.0.1.
+            Ok(ip) => Ok(TrustedProxy(IpNet::from(
+                sluice_http::client_ip::canonical(ip),
+            ))),
+            Err(_) => Err(format!(
+                "`{}` is not an IP address or CIDR range: write e.g. 10.0.0.0/8, 192.168.1.10 or \"::1\"",
+                shorten(text)
+            )),
+        }
+    }
+}
+
+impl FromText for ForwardedHeader {
+    fn from_text(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => Ok(ForwardedHeader::XForwardedFor),
+            "forwarded" => Ok(ForwardedHeader::Forwarded),
+            _ => Err(format!(
+                "unknown forwarding header `{}`, expected `x-forwarded-for` or `forwarded` (RFC 7239)",
+                shorten(text)
+            )),
+        }
+    }
+}
+
+/// One of `responses.headers`.
+#[derive(PartialEq, Eq)]
+enum HeaderStyle {
+    Ietf,
+    Legacy,
+}
+
+impl FromText for HeaderStyle {
+    fn from_text(text: &str) -> Result<Self, String> {
+        match text {
+            "ietf" => Ok(HeaderStyle::Ietf),
+            "legacy" => Ok(HeaderStyle::Legacy),
+            other => Err(format!(
+                "unknown header style `{}`, expected `ietf` (RateLimit-Policy, RateLimit) or `legacy` (X-RateLimit-*); [] sends none",
+                shorten(other)
+            )),
+        }
+    }
+}
+
+impl FromText for BodyTemplate {
+    const EXPECTING: &'static str = "the body as a string\0: quote it, e.g. body: '{\"error\": \"rate_limited\", \"limit\": \"{limit}\"}'";
+    fn from_text(text: &str) -> Result<Self, String> {
+        BodyTemplate::from_str(text).map_err(|error| error.to_string())
+    }
+}
+
+impl FromText for HeaderValue {
+    fn from_text(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(
+                "content_type is empty: set it (e.g. application/json) or remove it".to_string(),
+            );
+        }
+        HeaderValue::from_str(text).map_err(|_| {
+            format!(
+                "`{}` is not a valid header value: use visible ASCII, e.g. application/json",
+                shorten(text)
+            )
+        })
+    }
+}
+
+impl FromText for PathPattern {
+    fn from_text(text: &str) -> Result<Self, String> {
+        PathPattern::from_str(text).map_err(|error| error.to_string())
+    }
+}
+
+impl FromText for Method {
+    fn from_text(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        Method::from_bytes(text.to_ascii_uppercase().as_bytes()).map_err(|_| {
             format!(
                 "`{}` is not an HTTP method: write one name per item, e.g. [GET, POST]",
                 shorten(text)
-            ),
-        )
-    })
+            )
+        })
+    }
 }
 
-fn route_limits(
-    node: &Node,
-    path: &str,
-    limits: &LimitSet,
-    sessions: bool,
-) -> Result<Vec<RouteLimit>, Fail> {
-    let items = match &node.value {
-        Value::Seq(items) if !items.is_empty() => items,
-        _ => {
-            return Err(Fail::new(
-                &node.origin,
-                path,
-                format!(
-                    "expected a non-empty list of limits, e.g. `[{{limit: api, key: \"{{client_ip}}\"}}]`, found {}",
-                    node.describe()
-                ),
+impl FromText for HeaderName {
+    fn from_text(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        HeaderName::from_bytes(text.to_ascii_lowercase().as_bytes()).map_err(|_| {
+            format!(
+                "`{}` is not a valid header name, e.g. x-api-key",
+                shorten(text)
+            )
+        })
+    }
+}
+
+impl FromText for KeyTemplate {
+    // `key: {client_ip}` unquoted is a YAML mapping.
+    const EXPECTING: &'static str =
+        "a key template\0: quote templates that start with `{`, e.g. key: \"{client_ip}\"";
+    fn from_text(text: &str) -> Result<Self, String> {
+        KeyTemplate::from_str(text).map_err(|error| error.to_string())
+    }
+}
+
+impl ClientIpSection {
+    pub(crate) fn build(self) -> Result<ClientIpConfig, Fail> {
+        let mut config = ClientIpConfig::default();
+        if let Some(proxies) = self.trusted_proxies {
+            config.trusted_proxies = proxies.0.into_iter().map(|proxy| proxy.0.0).collect();
+        }
+        if let Some(header) = self.header {
+            config.header = header.0;
+        }
+        if let Some(prefix) = self.ipv6_prefix {
+            config.ipv6_prefix = u8::try_from(prefix.0).unwrap_or(128);
+        }
+        // The secret's value never goes into a message.
+        match (self.hash, self.hash_secret) {
+            (Some(hash), Some(secret)) if hash.value => {
+                if secret.value.len() < MIN_HASH_SECRET_BYTES {
+                    return Err(secret.at.fail(format!(
+                        "hash_secret must be at least {MIN_HASH_SECRET_BYTES} bytes: use a long random value, e.g. from `openssl rand -hex 32`"
+                    )));
+                }
+                config.hash_secret = Some(secret.value.into_bytes());
+            }
+            (Some(hash), None) if hash.value => {
+                return Err(hash.at.fail(format!(
+                    "hash: true needs hash_secret, a secret of at least {MIN_HASH_SECRET_BYTES} bytes, e.g. `hash_secret: ${{SLUICE_IP_HASH_SECRET}}`"
+                )));
+            }
+            (_, Some(secret)) => {
+                return Err(secret.at.fail(
+                    "hash_secret is set but hash is not true, so addresses would not be hashed: add `hash: true`, or remove hash_secret",
+                ));
+            }
+            (_, None) => {}
+        }
+        Ok(config)
+    }
+}
+
+impl ResponsesSection {
+    pub(crate) fn build(self) -> ResponseConfig {
+        let mut config = ResponseConfig::default();
+        if let Some(status) = self.deny_status {
+            config.deny_status = status.0;
+        }
+        if let Some(styles) = self.headers {
+            config.headers.ietf = styles.0.iter().any(|s| s.0 == HeaderStyle::Ietf);
+            config.headers.legacy = styles.0.iter().any(|s| s.0 == HeaderStyle::Legacy);
+        }
+        if let Some(body) = self.body {
+            config.body = body.0;
+        }
+        if let Some(content_type) = self.content_type {
+            config.content_type = content_type.0;
+        }
+        config
+    }
+}
+
+impl Routes {
+    /// `sessions`: whether `{session}` can resolve (the reverse proxy issues session cookies).
+    pub(crate) fn build(
+        self,
+        at: &Place,
+        limits: &LimitSet,
+        sessions: bool,
+    ) -> Result<Rules, Fail> {
+        let mut routes = Vec::with_capacity(self.0.len());
+        // The first default route: its index and where it was written.
+        let mut default: Option<(usize, usize)> = None;
+        for (i, route) in self.0.into_iter().enumerate() {
+            let matcher = match route.matcher.value {
+                Matcher::Default => {
+                    if let Some((first, line)) = default {
+                        let on_line = match line {
+                            0 => String::new(),
+                            line => format!(", on line {line}"),
+                        };
+                        return Err(route.matcher.at.fail(format!(
+                            "a second default route (the first is {}[{first}]{on_line}): there can be only one; merge their limits",
+                            at.path
+                        )));
+                    }
+                    default = Some((i, route.matcher.at.line()));
+                    None
+                }
+                Matcher::Match(section) => Some(section.build()?),
+            };
+            let route_limits = route.limits.0.into_iter();
+            let route_limits = route_limits.map(|limit| limit.build(limits, sessions));
+            routes.push(Route {
+                default: matcher.is_none(),
+                matcher: matcher.unwrap_or_default(),
+                limits: route_limits.collect::<Result<_, _>>()?,
+            });
+        }
+        Rules::new(routes).map_err(|error| at.fail(error.to_string()))
+    }
+}
+
+impl MatchSection {
+    fn build(self) -> Result<RouteMatch, Fail> {
+        let mut matcher = RouteMatch {
+            path: self.path.map(|path| path.0),
+            header: self.header.map(|header| header.0),
+            ..RouteMatch::default()
+        };
+        if let Some(methods) = self.methods {
+            if methods.value.0.is_empty() {
+                return Err(methods.at.fail(
+                    "methods is empty: list at least one (e.g. [GET, POST]), or remove it to match every method",
+                ));
+            }
+            matcher.methods = methods.value.0.into_iter().map(|m| m.0).collect();
+        }
+        Ok(matcher)
+    }
+}
+
+impl RouteLimitSection {
+    fn build(self, limits: &LimitSet, sessions: bool) -> Result<RouteLimit, Fail> {
+        let Some(limit) = limits.get(&self.limit.value).cloned() else {
+            return Err(self.limit.at.fail(unknown_limit(&self.limit.value, limits)));
+        };
+        if self.key.value.0.is_empty() {
+            return Err(self.key.at.fail(
+                "key is an empty list: give at least one key template, e.g. \"{client_ip}\"",
             ));
         }
-    };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| route_limit(item, &format!("{path}[{i}]"), limits, sessions))
-        .collect()
-}
-
-fn route_limit(
-    node: &Node,
-    path: &str,
-    limits: &LimitSet,
-    sessions: bool,
-) -> Result<RouteLimit, Fail> {
-    let example = "e.g. `{limit: api, key: \"{client_ip}\"}`";
-    let Some(fields) = Fields::of(node, path, ROUTE_LIMIT_FIELDS)? else {
-        return Err(Fail::new(
-            &node.origin,
-            path,
-            format!("empty entry: name a limit and a key, {example}"),
-        ));
-    };
-    let Some((limit_node, limit_path)) = fields.get("limit") else {
-        return Err(Fail::new(
-            &node.origin,
-            path,
-            format!("missing field `limit`: name one of the configured limits, {example}"),
-        ));
-    };
-    let name = string(limit_node, &limit_path)?;
-    let Some(limit) = limits.get(name).cloned() else {
-        return Err(Fail::new(
-            &limit_node.origin,
-            &limit_path,
-            unknown_limit(name, limits),
-        ));
-    };
-    let Some((key_node, key_path)) = fields.get("key") else {
-        return Err(Fail::new(
-            &node.origin,
-            path,
-            format!(
-                "missing field `key`: give a key template or a list of them to try in order, {example}"
-            ),
-        ));
-    };
-    if matches!(&key_node.value, Value::Seq(items) if items.is_empty()) {
-        return Err(Fail::new(
-            &key_node.origin,
-            &key_path,
-            "key is an empty list: give at least one key template, e.g. \"{client_ip}\"",
-        ));
+        let mut keys = Vec::with_capacity(self.key.value.0.len());
+        for key in self.key.value.0 {
+            // Only the reverse proxy issues session cookies (it alone writes the response
+            // the client sees): without it a limit keyed by {session} would never apply.
+            if key.value.0.uses_session() && !sessions {
+                return Err(key.at.fail(
+                    "{session} needs sluice's session cookies, which only the reverse proxy issues: add a `proxy:` section, or key anonymous callers by {client_ip} or a {cookie.NAME} your app sets",
+                ));
+            }
+            keys.push(key.value.0);
+        }
+        let cost = self.cost.map_or(1, |cost| cost.0);
+        Ok(RouteLimit { limit, keys, cost })
     }
-    let keys = one_or_many(key_node, &key_path)
-        .into_iter()
-        .map(|(node, path)| key_template(node, &path, sessions))
-        .collect::<Result<_, _>>()?;
-    let cost = match fields.get("cost") {
-        Some((node, path)) => whole(node, &path, 0, u64::MAX)?,
-        None => 1,
-    };
-    Ok(RouteLimit { limit, keys, cost })
 }
 
 fn unknown_limit(name: &str, limits: &LimitSet) -> String {
@@ -497,27 +438,4 @@ fn unknown_limit(name: &str, limits: &LimitSet) -> String {
         "unknown limit `{name}`: the configured limits are {}; define it under `limits:` or use one of those",
         names.join(", ")
     )
-}
-
-fn key_template(node: &Node, path: &str, sessions: bool) -> Result<KeyTemplate, Fail> {
-    if let Value::Map(_) = node.value {
-        // `key: {client_ip}` unquoted is a YAML mapping.
-        return Err(Fail::new(
-            &node.origin,
-            path,
-            "expected a key template, found a mapping: quote templates that start with `{`, e.g. key: \"{client_ip}\"",
-        ));
-    }
-    let template = KeyTemplate::from_str(string(node, path)?)
-        .map_err(|error| Fail::new(&node.origin, path, error.to_string()))?;
-    if template.uses_session() && !sessions {
-        // Only the reverse proxy issues session cookies (it alone writes the response the
-        // client sees): without it a limit keyed by {session} would silently never apply.
-        return Err(Fail::new(
-            &node.origin,
-            path,
-            "{session} needs sluice's session cookies, which only the reverse proxy issues: add a `proxy:` section, or key anonymous callers by {client_ip} or a {cookie.NAME} your app sets",
-        ));
-    }
-    Ok(template)
 }

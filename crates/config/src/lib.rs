@@ -67,6 +67,7 @@
 //! the default". Loading never panics, whatever the input.
 
 mod convert;
+mod de;
 pub mod envoy;
 mod error;
 mod front_door;

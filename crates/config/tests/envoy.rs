@@ -176,6 +176,14 @@ fn bad_documents_are_reported_at_their_place() {
             "sluice.yaml:6:60: envoy.domains[0].descriptors[0].rate_limit.burst: unknown field `burst`",
         ),
         (
+            doc("        - ~\n"),
+            "sluice.yaml:5:11: envoy.domains[0].descriptors[0]: an empty descriptor: give it at least `key:`",
+        ),
+        (
+            "envoy:\n  domains:\n    - ~\n".to_string(),
+            "sluice.yaml:3:7: envoy.domains[0]: an empty document: give it `domain:` and `descriptors:`",
+        ),
+        (
             doc("        - value: v\n"),
             "sluice.yaml:5:11: envoy.domains[0].descriptors[0]: missing `key`",
         ),

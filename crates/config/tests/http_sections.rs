@@ -634,6 +634,22 @@ routes:
     let error =
         err("limits: {a: {rate: 1/s}}\nroutes:\n  - match: default\n    limits: [{limit: a}]\n");
     assert_at(&error, 4, 14, "routes[0].limits[0]", "missing field `key`");
+    let error = err("limits: {a: {rate: 1/s}}\nroutes:\n  -\n");
+    assert_at(
+        &error,
+        3,
+        4,
+        "routes[0]",
+        "route has no settings: give it `match` and `limits`",
+    );
+    let error = err("limits: {a: {rate: 1/s}}\nroutes:\n  - match: default\n    limits: [~]\n");
+    assert_at(
+        &error,
+        4,
+        14,
+        "routes[0].limits[0]",
+        "empty entry: name a limit and a key",
+    );
     let error = err(
         "limits: {a: {rate: 1/s}}\nroutes:\n  - match: default\n    limits: [{limit: a, key: x, cost: -1}]\n",
     );
