@@ -285,9 +285,18 @@ fn cookie_values<'h>(headers: &'h HeaderMap, name: &str) -> Vec<std::borrow::Cow
     values
 }
 
+/// Every value of `name`, also written `name[]` or `name[i]`: Express (through `qs`)
+/// and PHP read those as the same parameter.
 fn query_values<'q>(query: &'q str, name: &str) -> Vec<std::borrow::Cow<'q, str>> {
     let mut values = Vec::new();
-    for (_, value) in form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| k == name) {
+    let same = |key: &str| {
+        key == name
+            || key
+                .strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix('['))
+                .is_some_and(|rest| rest.ends_with(']'))
+    };
+    for (_, value) in form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| same(k)) {
         push_distinct(&mut values, value);
     }
     values
@@ -407,6 +416,13 @@ mod tests {
         assert_eq!(
             keys("{query.api_key}", Some("api_key=&api_key=REAL")),
             ["REAL"]
+        );
+        assert_eq!(
+            keys(
+                "{query.api_key}",
+                Some("api_key[]=REAL&api_key[1]=b&api_key_x=no")
+            ),
+            ["REAL", "b"]
         );
         assert_eq!(keys("s:{cookie.sid}", None), ["s:a", "s:b"]);
         assert_eq!(keys("{header.x-user-id}", None), ["junk", "42", "junk, 42"]);
