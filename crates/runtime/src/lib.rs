@@ -19,7 +19,7 @@ pub mod state;
 pub use decider::Decider;
 pub use live::{Live, LiveConfig, ReloadError};
 pub use metrics::Metrics;
-pub use serve::{Limits, Protocol, bind_listeners, serve, serve_per_thread};
+pub use serve::{ConnectionSlot, Limits, Protocol, bind_listeners, serve, serve_per_thread};
 pub use state::AppState;
 
 /// The most checks one decision makes: `/v1/check`'s `checks`, Envoy's descriptors per

@@ -125,6 +125,12 @@ pub async fn serve_listener(
     Ok(())
 }
 
+/// A connection's slot under `http.max_connections`, in every request's extensions. The
+/// slot is free again when the last clone is dropped: a front door that takes the
+/// connection over (an upgrade) keeps a clone while it uses it.
+#[derive(Debug, Clone)]
+pub struct ConnectionSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
 /// The next connection and its slot under the cap. The slot is taken after the accept,
 /// so a thread never sits on a slot while waiting for a connection the kernel may give
 /// another thread's listener.
@@ -174,7 +180,9 @@ async fn connection(
     limits: Limits,
     stopping: watch::Receiver<bool>,
 ) {
-    let _slot = slot;
+    // Shared with the requests: a connection taken over by an upgrade (a WebSocket
+    // through the proxy) keeps its slot for as long as its bytes are copied.
+    let slot = ConnectionSlot(Arc::new(slot));
     let tracker = Arc::new(Tracker::new(protocol));
     let io = TokioIo::new(Watched {
         io: tcp,
@@ -185,6 +193,7 @@ async fn connection(
         let in_flight = InFlight::begin(&requests);
         // Front doors that resolve the client's address need the socket peer.
         request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(slot.clone());
         let mut router = router.clone();
         async move {
             let response = router.call(request).await?;

@@ -522,3 +522,58 @@ fn sluice_s_own_504_after_sending_is_not_refunded() {
         assert_eq!(r.status, status, "{}", r.describe());
     }
 }
+
+/// A WebSocket taken over through the proxy still holds its connection slot: a flood of
+/// upgrades cannot get past `http.max_connections`.
+#[test]
+fn an_upgraded_connection_counts_under_the_connection_cap() {
+    let upstream = Upstream::start();
+    let server = Server::start(&proxy_config(
+        &upstream.url(),
+        "  sluice_endpoints: main\nhttp: {max_connections: 1, threads: 1}\n",
+    ));
+    let mut ws = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    ws.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .expect("write upgrade");
+    let mut reader = BufReader::new(ws.try_clone().expect("clone"));
+    let mut status = String::new();
+    reader.read_line(&mut status).expect("status line");
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("header");
+        if line == "\r\n" {
+            break;
+        }
+    }
+    ws.write_all(b"ping").expect("send");
+    let mut echoed = [0; 4];
+    reader.read_exact(&mut echoed).expect("echo");
+    // The upgrade holds the only slot: another connection waits, unserved.
+    let mut other = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    other
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .expect("timeout");
+    other
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut buf = [0u8; 64];
+    let waited = other.read(&mut buf);
+    assert!(
+        waited.is_err(),
+        "served while the WebSocket held the only slot: {waited:?}"
+    );
+    // Once the WebSocket closes, the waiting connection is served.
+    drop(reader);
+    drop(ws);
+    other
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut answer = String::new();
+    other.read_to_string(&mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

@@ -235,6 +235,8 @@ pub(super) async fn forward(
     let client_upgrade = upgrade
         .as_ref()
         .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
+    // An upgraded connection still counts under http.max_connections while it is copied.
+    let slot = parts.extensions.remove::<sluice_runtime::ConnectionSlot>();
     let trusted = live.policy.client_ip.is_trusted_peer(peer);
     strip_hop_by_hop(&mut parts.headers);
     set_forwarding_headers(&mut parts.headers, peer, trusted);
@@ -311,6 +313,7 @@ pub(super) async fn forward(
         };
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         tokio::spawn(async move {
+            let _slot = slot;
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((client_io, upstream_io)) => {
                     let mut client_io = TokioIo::new(client_io);
