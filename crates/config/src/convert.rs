@@ -71,6 +71,7 @@ struct HttpSection {
     >,
     threads: Option<Whole<0, { HttpConfig::MAX_THREADS as u64 }>>,
     header_read_timeout_ms: Option<Whole<1, { HttpConfig::MAX_HEADER_READ_TIMEOUT_MS }>>,
+    body_read_timeout_ms: Option<Whole<1, { HttpConfig::MAX_BODY_READ_TIMEOUT_MS }>>,
     idle_timeout_ms: Option<Whole<1, { HttpConfig::MAX_IDLE_TIMEOUT_MS }>>,
     max_connections: Option<Whole<1, { HttpConfig::MAX_MAX_CONNECTIONS as u64 }>>,
     shutdown_timeout_ms: Option<Whole<0, { HttpConfig::MAX_SHUTDOWN_TIMEOUT_MS }>>,
@@ -517,6 +518,9 @@ impl HttpSection {
         }
         if let Some(value) = self.header_read_timeout_ms {
             http.header_read_timeout_ms = value.0;
+        }
+        if let Some(value) = self.body_read_timeout_ms {
+            http.body_read_timeout_ms = value.0;
         }
         if let Some(value) = self.idle_timeout_ms {
             http.idle_timeout_ms = value.0;

@@ -519,6 +519,11 @@ pub struct HttpConfig {
     /// when the connection opens or, on a kept-alive connection, from the first byte of
     /// the next request; then the connection is closed. Default 10 s.
     pub header_read_timeout_ms: u64,
+    /// How long a client may take to send the body of a request to sluice's own JSON
+    /// endpoints (`/v1/check`, admin calls) once its head has arrived; then it gets
+    /// `408 request_timeout` and the connection is closed. Proxied bodies stream to the
+    /// upstream instead, under `proxy.timeout_ms`. Default 10 s.
+    pub body_read_timeout_ms: u64,
     /// How long a connection with no request in flight stays open waiting for the next
     /// request before it is closed. Default 60 s.
     pub idle_timeout_ms: u64,
@@ -544,6 +549,11 @@ impl HttpConfig {
     pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
     /// Largest `header_read_timeout_ms` accepted (10 minutes).
     pub const MAX_HEADER_READ_TIMEOUT_MS: u64 = 600_000;
+    /// Default `body_read_timeout_ms`: a 64 KiB body arrives well within it on any link
+    /// a client should use.
+    pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 10_000;
+    /// Largest `body_read_timeout_ms` accepted (10 minutes).
+    pub const MAX_BODY_READ_TIMEOUT_MS: u64 = 600_000;
     /// Default `idle_timeout_ms`: as long as common load balancers keep idle upstream
     /// connections (AWS ALB, nginx `keepalive_timeout` upstream), so pools are reused.
     pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
@@ -566,6 +576,7 @@ impl Default for HttpConfig {
             max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
             threads: 0,
             header_read_timeout_ms: Self::DEFAULT_HEADER_READ_TIMEOUT_MS,
+            body_read_timeout_ms: Self::DEFAULT_BODY_READ_TIMEOUT_MS,
             idle_timeout_ms: Self::DEFAULT_IDLE_TIMEOUT_MS,
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,
             shutdown_timeout_ms: Self::DEFAULT_SHUTDOWN_TIMEOUT_MS,

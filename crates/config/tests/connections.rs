@@ -41,6 +41,7 @@ fn assert_at(error: &ConfigError, line: usize, column: usize, field: &str, messa
 fn connection_bounds_default_to_safe_values() {
     let http = ok("").http;
     assert_eq!(http.header_read_timeout_ms, 10_000);
+    assert_eq!(http.body_read_timeout_ms, 10_000);
     assert_eq!(http.idle_timeout_ms, 60_000);
     assert_eq!(http.max_connections, 10_000);
     assert_eq!(http.shutdown_timeout_ms, 25_000);
@@ -52,12 +53,14 @@ fn connection_bounds_are_read() {
     let http = ok("\
 http:
   header_read_timeout_ms: 250
+  body_read_timeout_ms: 300
   idle_timeout_ms: 500
   max_connections: 3
   shutdown_timeout_ms: 0
 ")
     .http;
     assert_eq!(http.header_read_timeout_ms, 250);
+    assert_eq!(http.body_read_timeout_ms, 300);
     assert_eq!(http.idle_timeout_ms, 500);
     assert_eq!(http.max_connections, 3);
     assert_eq!(http.shutdown_timeout_ms, 0);

@@ -35,6 +35,8 @@ pub struct Live {
     pub forward_auth_deny_status: Option<StatusCode>,
     /// The largest request body read.
     pub max_body_bytes: usize,
+    /// How long the body of a request to sluice's own JSON endpoints may take.
+    pub body_read_timeout: std::time::Duration,
     /// The Envoy rate limit service's descriptors and answer settings, when configured.
     pub envoy: Option<sluice_config::EnvoyConfig>,
     /// The reverse proxy, when configured.
@@ -79,6 +81,7 @@ impl Live {
             admin_token: config.admin.token.clone(),
             forward_auth_deny_status: config.forward_auth.deny_status,
             max_body_bytes: config.http.max_body_bytes,
+            body_read_timeout: std::time::Duration::from_millis(config.http.body_read_timeout_ms),
             envoy: config.envoy.clone(),
             proxy: config.proxy.clone(),
             sessions,

@@ -83,7 +83,7 @@ pub async fn reset(
     let live = app.live();
     {
         authorize(&live, &headers)?;
-        let body: ResetBody = read_json(&headers, body, live.max_body_bytes, RESET_SHAPE).await?;
+        let body: ResetBody = read_json(&headers, body, &live, RESET_SHAPE).await?;
         let limit = find_limit(&live.limits, &body.limit, "limit")?;
         let key = parse_key(body.key, "key")?;
         make_check(Arc::clone(limit), key.clone(), 0, "key")?;
@@ -118,8 +118,7 @@ pub async fn reset_limit(
     let live = app.live();
     {
         authorize(&live, &headers)?;
-        let body: ResetLimitBody =
-            read_json(&headers, body, live.max_body_bytes, RESET_LIMIT_SHAPE).await?;
+        let body: ResetLimitBody = read_json(&headers, body, &live, RESET_LIMIT_SHAPE).await?;
         let limit = find_limit(&live.limits, &body.limit, "limit")?;
         let removed = app
             .decider

@@ -89,7 +89,7 @@ pub async fn check(
     body: Body,
 ) -> Result<Response, ApiError> {
     let live = app.live();
-    let body: CheckBody = read_json(&headers, body, live.max_body_bytes, CHECK_SHAPE).await?;
+    let body: CheckBody = read_json(&headers, body, &live, CHECK_SHAPE).await?;
     let request = build_request(&live.limits, body)?;
     let decision = app
         .decider

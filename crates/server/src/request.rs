@@ -5,10 +5,12 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sluice_engine::{Check, Limit, LimitSet, MAX_KEY_BYTES};
+
+use sluice_runtime::Live;
 
 use crate::error::ApiError;
 
@@ -53,9 +55,34 @@ async fn collect_limited(mut body: Body, max: usize) -> Result<Vec<u8>, bool> {
     Ok(bytes)
 }
 
+/// Reads a JSON body within `http.body_read_timeout_ms` and `http.max_body_bytes`
+/// (see [`read_json_unbounded`]). A client that sends its head and then trickles the
+/// body gets `408 request_timeout` and the connection is closed, so it cannot hold a
+/// connection and a serving slot for as long as it likes.
+pub async fn read_json<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+    live: &Live,
+    shape: &str,
+) -> Result<T, ApiError> {
+    let read = read_json_unbounded(headers, body, live.max_body_bytes, shape);
+    match tokio::time::timeout(live.body_read_timeout, read).await {
+        Ok(result) => result,
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} ms (http.body_read_timeout_ms); send the whole body at once",
+                live.body_read_timeout.as_millis()
+            ),
+        )
+        .closing_unless(false)),
+    }
+}
+
 /// Reads a JSON body: checks the content type and the size cap, then parses it.
 /// `shape` is the expected body, quoted when the body does not fit it.
-pub async fn read_json<T: DeserializeOwned>(
+async fn read_json_unbounded<T: DeserializeOwned>(
     headers: &HeaderMap,
     body: Body,
     max_bytes: usize,

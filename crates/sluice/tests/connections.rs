@@ -88,6 +88,35 @@ fn assert_closed_between(heard: Heard, at_least: Duration, at_most: Duration, wh
 
 const LIMITS: &str = "storage: {backend: memory}\nlimits:\n  five: {rate: 5/minute}\n";
 
+/// A head that arrives whole, then a body that never does: sluice's own endpoints answer
+/// 408 at the body timeout and close, rather than hold the connection and its slot.
+#[test]
+fn a_trickled_body_gets_408_at_the_body_timeout() {
+    let s = Server::start(&format!(
+        "http: {{body_read_timeout_ms: 400, idle_timeout_ms: 60000}}\n{LIMITS}"
+    ));
+    let mut stream = connect(s.port);
+    stream
+        .write_all(b"POST /v1/check HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n{\"checks\":")
+        .expect("write");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let started = Instant::now();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(
+        answer.contains("request_timeout") && answer.contains("body_read_timeout_ms"),
+        "{answer}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered at the 400 ms timeout, took {:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn a_half_sent_request_head_is_closed_after_the_header_timeout() {
     let s = Server::start(&format!(
