@@ -14,7 +14,7 @@
 //! ```
 //!
 //! A document is `domain` plus nested `descriptors`, each with `key`, an optional `value`
-//! (a trailing `*` makes it a prefix), an optional `rate_limit` (`unit`,
+//! (each `*` in it matches any run of characters: `foo*`, `/api*v1`, `svc*ep*rpc`), an optional `rate_limit` (`unit`,
 //! `requests_per_unit`, `unlimited`, `name`, `replaces`) and the switches `shadow_mode`,
 //! `share_threshold`, `detailed_metric` and `value_to_metric`. Every rule becomes a fixed
 //! window [`Limit`] named after its descriptor path. Files named in `config_files` are
@@ -103,15 +103,71 @@ impl Level {
 }
 
 /// The descriptors of one level that share a key, in matching order: an exact value
-/// first, then value prefixes (`value: foo*`) in file order, then the key alone.
+/// first, then wildcard values (`foo*`, `/api*v1`, `svc*ep*rpc`) in file order, then the
+/// key alone.
 #[derive(Debug, Clone, Default)]
 pub struct KeyMatch {
     /// Descriptors with `value`, by the value.
     pub exact: HashMap<String, Descriptor>,
-    /// Descriptors whose value ends in `*`: the prefix before it, in file order.
-    pub prefixes: Vec<(String, Descriptor)>,
+    /// Descriptors whose value holds a `*`, in file order.
+    pub patterns: Vec<(Pattern, Descriptor)>,
     /// The descriptor with `key` and no `value`: any value.
     pub any: Option<Descriptor>,
+}
+
+/// A descriptor value with one or more `*`, each standing for any run of characters
+/// (including none): `foo*` is a prefix, `/api*v1` a prefix and a suffix, `svc*ep*rpc`
+/// several literal parts in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern {
+    /// The value as configured, `*` included.
+    text: String,
+    /// The literal parts between the `*`s: at least two, the first and last possibly empty.
+    parts: Vec<String>,
+}
+
+impl Pattern {
+    /// The pattern for `value`, or `None` when it holds no `*` (an exact value).
+    pub fn new(value: &str) -> Option<Pattern> {
+        if !value.contains('*') {
+            return None;
+        }
+        Some(Pattern {
+            text: value.to_string(),
+            parts: value.split('*').map(str::to_string).collect(),
+        })
+    }
+
+    /// The value as configured.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether `value` matches: it starts with the first part, ends with the last, and
+    /// holds the parts between in order without overlapping.
+    pub fn matches(&self, value: &str) -> bool {
+        let (Some((first, rest)), Some(last)) = (self.parts.split_first(), self.parts.last())
+        else {
+            return false;
+        };
+        let middle = &rest[..rest.len().saturating_sub(1)];
+        if value.len() < first.len() + last.len()
+            || !value.starts_with(first.as_str())
+            || !value.ends_with(last.as_str())
+        {
+            return false;
+        }
+        // The stretch the `*`s may cover; the earliest match of each middle part leaves
+        // the most room for the next, so a greedy scan finds a match whenever one exists.
+        let mut between = &value[first.len()..value.len() - last.len()];
+        for part in middle {
+            match between.find(part.as_str()) {
+                Some(at) => between = &between[at + part.len()..],
+                None => return false,
+            }
+        }
+        true
+    }
 }
 
 /// One configured descriptor.
@@ -121,9 +177,9 @@ pub struct Descriptor {
     pub rule: Option<Arc<Rule>>,
     /// The descriptors nested under it.
     pub children: Level,
-    /// `share_threshold: true` on a prefix value: every value it matches shares one counter.
+    /// `share_threshold: true` on a wildcard value: every value it matches shares one counter.
     pub share_threshold: bool,
-    /// The configured value (`foo*` for a prefix), used as the counter's key part when
+    /// The configured value (`foo*` for a wildcard), used as the counter's key part when
     /// `share_threshold` is set.
     pub value: Option<String>,
 }
@@ -162,6 +218,20 @@ pub enum RuleKind {
         /// The sluice limit that counts it.
         limit: Arc<Limit>,
     },
+}
+
+impl RuleKind {
+    /// The requests each unit allows: 0 for a rule that blocks all, `u32::MAX` for an
+    /// unlimited one (the remaining count envoyproxy/ratelimit reports for it).
+    pub fn requests_per_unit(&self) -> u32 {
+        match self {
+            RuleKind::Unlimited => u32::MAX,
+            RuleKind::BlockAll { .. } => 0,
+            RuleKind::Limited {
+                requests_per_unit, ..
+            } => *requests_per_unit,
+        }
+    }
 }
 
 /// A rate limit unit, as envoyproxy/ratelimit spells it (any case).
@@ -273,7 +343,7 @@ impl ListKind for DescriptorList {
 #[serde(deny_unknown_fields)]
 struct RatelimitDescriptor {
     key: Option<Located<String>>,
-    /// A trailing `*` makes it a prefix; empty is no value.
+    /// A `*` anywhere makes it a wildcard; empty is no value.
     value: Option<String>,
     rate_limit: Option<Located<RatelimitRule>>,
     descriptors: Option<Descriptors>,
@@ -454,8 +524,8 @@ impl Builder {
             let entry = level.by_key.entry(key).or_default();
             match value {
                 None => entry.any = Some(descriptor),
-                Some(value) => match value.strip_suffix('*') {
-                    Some(prefix) => entry.prefixes.push((prefix.to_string(), descriptor)),
+                Some(value) => match Pattern::new(&value) {
+                    Some(pattern) => entry.patterns.push((pattern, descriptor)),
                     None => {
                         entry.exact.insert(value, descriptor);
                     }
@@ -495,9 +565,9 @@ impl Builder {
         let shadow = item.shadow_mode.unwrap_or(false);
         let share_threshold = match item.share_threshold {
             Some(share) if share.value => {
-                if !value.as_deref().is_some_and(|value| value.ends_with('*')) {
+                if !value.as_deref().is_some_and(|value| value.contains('*')) {
                     return Err(share.at.fail(
-                        "share_threshold only applies to a prefix value (one ending in `*`, e.g. `value: files*`): add the `*` or remove share_threshold",
+                        "share_threshold only applies to a wildcard value (one with a `*`, e.g. `value: files/*` or `/api*v1`): add the `*` or remove share_threshold",
                     ));
                 }
                 true
