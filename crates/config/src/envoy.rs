@@ -15,8 +15,9 @@
 //!
 //! A document is `domain` plus nested `descriptors`, each with `key`, an optional `value`
 //! (each `*` in it matches any run of characters: `foo*`, `/api*v1`, `svc*ep*rpc`), an optional `rate_limit` (`unit`,
-//! `requests_per_unit`, `unlimited`, `name`, `replaces`) and the switches `shadow_mode`,
-//! `share_threshold`, `detailed_metric` and `value_to_metric`. Every rule becomes a fixed
+//! `requests_per_unit`, `unlimited`, `name`, `replaces`), `metadata` (any mapping) and
+//! the switches `shadow_mode`, `quota_mode`, `share_threshold`, `detailed_metric` and
+//! `value_to_metric`. Every rule becomes a fixed
 //! window [`Limit`] named after its descriptor path. Files named in `config_files` are
 //! read as they are (no `${VAR}` interpolation), relative to the sluice config file's
 //! directory; their errors name their own file, line and column.
@@ -182,6 +183,69 @@ pub struct Descriptor {
     /// The configured value (`foo*` for a wildcard), used as the counter's key part when
     /// `share_threshold` is set.
     pub value: Option<String>,
+    /// `metadata:` as written, for the answer (envoyproxy/ratelimit returns it with an
+    /// under-limit status).
+    pub metadata: Option<Metadata>,
+}
+
+/// A YAML value under `metadata:`, kept as written (scalars as their text).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Metadata {
+    /// `~` or an empty value.
+    Null,
+    /// `true` / `false`.
+    Bool(bool),
+    /// Any other scalar, as written.
+    Text(String),
+    /// A sequence.
+    List(Vec<Metadata>),
+    /// A mapping, in file order.
+    Map(Vec<(String, Metadata)>),
+}
+
+impl<'de> Deserialize<'de> for Metadata {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Metadata;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("metadata: a mapping, list or scalar")
+            }
+            fn visit_unit<E>(self) -> Result<Metadata, E> {
+                Ok(Metadata::Null)
+            }
+            fn visit_none<E>(self) -> Result<Metadata, E> {
+                Ok(Metadata::Null)
+            }
+            fn visit_bool<E>(self, value: bool) -> Result<Metadata, E> {
+                Ok(Metadata::Bool(value))
+            }
+            fn visit_str<E>(self, value: &str) -> Result<Metadata, E> {
+                Ok(Metadata::Text(value.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Metadata, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Metadata::List(items))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Metadata, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(Metadata::Map(entries))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
 }
 
 /// A `rate_limit` block, validated.
@@ -197,6 +261,9 @@ pub struct Rule {
     pub replaces: Vec<String>,
     /// `shadow_mode`: decide and count, but always answer OK.
     pub shadow: bool,
+    /// `quota_mode`: decide and count, and answer OK when over the limit too (a soft
+    /// quota, as envoyproxy/ratelimit's quota mode allows the request).
+    pub quota_mode: bool,
 }
 
 /// What a rule does.
@@ -355,6 +422,10 @@ struct RatelimitDescriptor {
     #[allow(dead_code)]
     value_to_metric: Option<bool>,
     share_threshold: Option<Located<bool>>,
+    /// envoyproxy/ratelimit's per-descriptor `metadata`: any mapping, kept as written.
+    metadata: Option<Located<Metadata>>,
+    /// envoyproxy/ratelimit's `quota_mode`: over the limit is still OK (a soft quota).
+    quota_mode: Option<bool>,
 }
 
 /// A `rate_limit:` block.
@@ -563,6 +634,14 @@ impl Builder {
             None => format!("{parent}.{key}"),
         };
         let shadow = item.shadow_mode.unwrap_or(false);
+        let quota_mode = item.quota_mode.unwrap_or(false);
+        if let Some(metadata) = &item.metadata
+            && !matches!(metadata.value, Metadata::Map(_))
+        {
+            return Err(metadata
+                .at
+                .fail("metadata is a mapping, e.g. `metadata: {name: service_1}`"));
+        }
         let share_threshold = match item.share_threshold {
             Some(share) if share.value => {
                 if !value.as_deref().is_some_and(|value| value.contains('*')) {
@@ -575,7 +654,7 @@ impl Builder {
             _ => false,
         };
         let rule = match item.rate_limit {
-            Some(rule) => Some(Arc::new(self.rule(rule, &own_path, shadow)?)),
+            Some(rule) => Some(Arc::new(self.rule(rule, &own_path, shadow, quota_mode)?)),
             None => None,
         };
         let children = match item.descriptors {
@@ -587,6 +666,7 @@ impl Builder {
             children,
             share_threshold,
             value: value.clone(),
+            metadata: item.metadata.map(|metadata| metadata.value),
         };
         Ok((key, value, descriptor))
     }
@@ -597,6 +677,7 @@ impl Builder {
         rule: Located<RatelimitRule>,
         own_path: &str,
         shadow: bool,
+        quota_mode: bool,
     ) -> Result<Rule, Fail> {
         let Located { value: rule, at } = rule;
         let name = rule.name.filter(|name| !name.is_empty());
@@ -640,7 +721,9 @@ impl Builder {
                 Ok(rate) => RuleKind::Limited {
                     unit,
                     requests_per_unit: u32::try_from(requests.value.0).unwrap_or(u32::MAX),
-                    limit: self.limit(own_path, rate, shadow, &requests.at)?,
+                    // A quota-mode rule never denies: the engine's shadow switch counts it
+                    // and reports allowed, so it also never stops the other counters.
+                    limit: self.limit(own_path, rate, shadow || quota_mode, &requests.at)?,
                 },
                 // Only 0 gets here: the range was checked when it was read.
                 Err(_) => RuleKind::BlockAll { unit },
@@ -652,6 +735,7 @@ impl Builder {
             name,
             replaces,
             shadow,
+            quota_mode,
         })
     }
 

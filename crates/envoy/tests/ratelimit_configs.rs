@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use sluice_config::EnvoyConfig;
+use sluice_config::envoy::Metadata;
 use sluice_envoy::matcher::find;
 
 /// The files in `ratelimit_configs/` named, as `envoy.config_files` would load them.
@@ -99,4 +100,53 @@ fn share_threshold_file_loads_and_shares_counters() {
     let (_, b) = hit(&config, &[("tenant", "t2prod"), ("resource", "resv2")]).unwrap();
     assert_eq!((per, &a), (60, &b));
     assert!(hit(&config, &[("tenant", "t1-dev"), ("resource", "res-a-v2")]).is_none());
+}
+
+#[test]
+fn metadata_is_accepted_and_kept_as_written() {
+    let config = load(&["metadata.yaml"]).unwrap();
+    let top = config.domains.get("test-domain").unwrap();
+    let subkey = &top.by_key["key1"].exact["value1"].children.by_key["subkey1"];
+    let text = |s: &str| Metadata::Text(s.to_string());
+    assert_eq!(
+        subkey.any.as_ref().unwrap().metadata,
+        Some(Metadata::Map(vec![("name".into(), text("service_1"))]))
+    );
+    assert_eq!(subkey.exact["subvalue1"].metadata, None);
+    assert_eq!(
+        top.by_key["key2"].any.as_ref().unwrap().metadata,
+        Some(Metadata::Map(vec![(
+            "service_with_quota".into(),
+            Metadata::Map(vec![("name".into(), text("service_2"))])
+        )]))
+    );
+    // Matching is unchanged by metadata: ratelimit's basic expectations.
+    assert_eq!(
+        hit(&config, &[("key1", "value1"), ("subkey1", "x")])
+            .unwrap()
+            .0,
+        5
+    );
+    assert_eq!(
+        hit(&config, &[("key1", "value1"), ("subkey1", "subvalue1")])
+            .unwrap()
+            .0,
+        10
+    );
+    assert_eq!(hit(&config, &[("key2", "anything")]).unwrap().0, 20);
+}
+
+#[test]
+fn quota_mode_is_a_rule_that_counts_but_never_denies() {
+    let config = load(&["quota_mode.yaml"]).unwrap();
+    let top = config.domains.get("test-domain").unwrap();
+    let soft = find(top, &[("quota_limit", "a")]).unwrap().rule;
+    assert!(soft.quota_mode && !soft.shadow);
+    let sluice_config::envoy::RuleKind::Limited { limit, .. } = &soft.kind else {
+        panic!("{:?}", soft.kind)
+    };
+    // Counted, and reported allowed when over: the engine's shadow switch.
+    assert!(limit.shadow());
+    let hard = find(top, &[("hard_limit", "a")]).unwrap().rule;
+    assert!(!hard.quota_mode);
 }
