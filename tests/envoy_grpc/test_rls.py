@@ -43,6 +43,10 @@ envoy:
           rate_limit: {unit: minute, requests_per_unit: 1, name: trial_limit}
         - key: internal
           rate_limit: {unlimited: true}
+        - key: quota
+          quota_mode: true
+          metadata: {name: service_1}
+          rate_limit: {unit: minute, requests_per_unit: 1}
         - key: message_type
           value: marketing
           descriptors:
@@ -120,6 +124,21 @@ def test_shadow_mode_reports_ok_while_counting(start_sluice):
         'sluice_decisions_total{limit="envoy.edge.trial",outcome="shadow_denied"} 3'
         in sluice.metrics()
     )
+
+
+def test_quota_mode_allows_over_the_limit_and_does_not_block_others(start_sluice):
+    sluice = start_sluice(EDGE)
+    user = uid()
+    first = sluice.call("edge", [("quota", user)])
+    assert first.overall_code == OK
+    assert first.statuses[0].limit_remaining == 0
+    for _ in range(2):
+        answer = sluice.call("edge", [("quota", user)], [("loose", user)])
+        # Over its soft quota: envoyproxy/ratelimit's quota mode still allows it.
+        assert answer.overall_code == OK
+        assert answer.statuses[0].code == OK
+        assert answer.statuses[0].current_limit.requests_per_unit == 1
+        assert answer.statuses[1].code == OK
 
 
 def test_hits_addend_is_the_cost(start_sluice):

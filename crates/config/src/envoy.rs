@@ -14,9 +14,10 @@
 //! ```
 //!
 //! A document is `domain` plus nested `descriptors`, each with `key`, an optional `value`
-//! (a trailing `*` makes it a prefix), an optional `rate_limit` (`unit`,
-//! `requests_per_unit`, `unlimited`, `name`, `replaces`) and the switches `shadow_mode`,
-//! `share_threshold`, `detailed_metric` and `value_to_metric`. Every rule becomes a fixed
+//! (each `*` in it matches any run of characters: `foo*`, `/api*v1`, `svc*ep*rpc`), an optional `rate_limit` (`unit`,
+//! `requests_per_unit`, `unlimited`, `name`, `replaces`), `metadata` (any mapping) and
+//! the switches `shadow_mode`, `quota_mode`, `share_threshold`, `detailed_metric` and
+//! `value_to_metric`. Every rule becomes a fixed
 //! window [`Limit`] named after its descriptor path. Files named in `config_files` are
 //! read as they are (no `${VAR}` interpolation), relative to the sluice config file's
 //! directory; their errors name their own file, line and column.
@@ -103,15 +104,71 @@ impl Level {
 }
 
 /// The descriptors of one level that share a key, in matching order: an exact value
-/// first, then value prefixes (`value: foo*`) in file order, then the key alone.
+/// first, then wildcard values (`foo*`, `/api*v1`, `svc*ep*rpc`) in file order, then the
+/// key alone.
 #[derive(Debug, Clone, Default)]
 pub struct KeyMatch {
     /// Descriptors with `value`, by the value.
     pub exact: HashMap<String, Descriptor>,
-    /// Descriptors whose value ends in `*`: the prefix before it, in file order.
-    pub prefixes: Vec<(String, Descriptor)>,
+    /// Descriptors whose value holds a `*`, in file order.
+    pub patterns: Vec<(Pattern, Descriptor)>,
     /// The descriptor with `key` and no `value`: any value.
     pub any: Option<Descriptor>,
+}
+
+/// A descriptor value with one or more `*`, each standing for any run of characters
+/// (including none): `foo*` is a prefix, `/api*v1` a prefix and a suffix, `svc*ep*rpc`
+/// several literal parts in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern {
+    /// The value as configured, `*` included.
+    text: String,
+    /// The literal parts between the `*`s: at least two, the first and last possibly empty.
+    parts: Vec<String>,
+}
+
+impl Pattern {
+    /// The pattern for `value`, or `None` when it holds no `*` (an exact value).
+    pub fn new(value: &str) -> Option<Pattern> {
+        if !value.contains('*') {
+            return None;
+        }
+        Some(Pattern {
+            text: value.to_string(),
+            parts: value.split('*').map(str::to_string).collect(),
+        })
+    }
+
+    /// The value as configured.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether `value` matches: it starts with the first part, ends with the last, and
+    /// holds the parts between in order without overlapping.
+    pub fn matches(&self, value: &str) -> bool {
+        let (Some((first, rest)), Some(last)) = (self.parts.split_first(), self.parts.last())
+        else {
+            return false;
+        };
+        let middle = &rest[..rest.len().saturating_sub(1)];
+        if value.len() < first.len() + last.len()
+            || !value.starts_with(first.as_str())
+            || !value.ends_with(last.as_str())
+        {
+            return false;
+        }
+        // The stretch the `*`s may cover; the earliest match of each middle part leaves
+        // the most room for the next, so a greedy scan finds a match whenever one exists.
+        let mut between = &value[first.len()..value.len() - last.len()];
+        for part in middle {
+            match between.find(part.as_str()) {
+                Some(at) => between = &between[at + part.len()..],
+                None => return false,
+            }
+        }
+        true
+    }
 }
 
 /// One configured descriptor.
@@ -121,11 +178,74 @@ pub struct Descriptor {
     pub rule: Option<Arc<Rule>>,
     /// The descriptors nested under it.
     pub children: Level,
-    /// `share_threshold: true` on a prefix value: every value it matches shares one counter.
+    /// `share_threshold: true` on a wildcard value: every value it matches shares one counter.
     pub share_threshold: bool,
-    /// The configured value (`foo*` for a prefix), used as the counter's key part when
+    /// The configured value (`foo*` for a wildcard), used as the counter's key part when
     /// `share_threshold` is set.
     pub value: Option<String>,
+    /// `metadata:` as written, for the answer (envoyproxy/ratelimit returns it with an
+    /// under-limit status).
+    pub metadata: Option<Metadata>,
+}
+
+/// A YAML value under `metadata:`, kept as written (scalars as their text).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Metadata {
+    /// `~` or an empty value.
+    Null,
+    /// `true` / `false`.
+    Bool(bool),
+    /// Any other scalar, as written.
+    Text(String),
+    /// A sequence.
+    List(Vec<Metadata>),
+    /// A mapping, in file order.
+    Map(Vec<(String, Metadata)>),
+}
+
+impl<'de> Deserialize<'de> for Metadata {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Metadata;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("metadata: a mapping, list or scalar")
+            }
+            fn visit_unit<E>(self) -> Result<Metadata, E> {
+                Ok(Metadata::Null)
+            }
+            fn visit_none<E>(self) -> Result<Metadata, E> {
+                Ok(Metadata::Null)
+            }
+            fn visit_bool<E>(self, value: bool) -> Result<Metadata, E> {
+                Ok(Metadata::Bool(value))
+            }
+            fn visit_str<E>(self, value: &str) -> Result<Metadata, E> {
+                Ok(Metadata::Text(value.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Metadata, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Metadata::List(items))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Metadata, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(Metadata::Map(entries))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
 }
 
 /// A `rate_limit` block, validated.
@@ -141,6 +261,9 @@ pub struct Rule {
     pub replaces: Vec<String>,
     /// `shadow_mode`: decide and count, but always answer OK.
     pub shadow: bool,
+    /// `quota_mode`: decide and count, and answer OK when over the limit too (a soft
+    /// quota, as envoyproxy/ratelimit's quota mode allows the request).
+    pub quota_mode: bool,
 }
 
 /// What a rule does.
@@ -162,6 +285,20 @@ pub enum RuleKind {
         /// The sluice limit that counts it.
         limit: Arc<Limit>,
     },
+}
+
+impl RuleKind {
+    /// The requests each unit allows: 0 for a rule that blocks all, `u32::MAX` for an
+    /// unlimited one (the remaining count envoyproxy/ratelimit reports for it).
+    pub fn requests_per_unit(&self) -> u32 {
+        match self {
+            RuleKind::Unlimited => u32::MAX,
+            RuleKind::BlockAll { .. } => 0,
+            RuleKind::Limited {
+                requests_per_unit, ..
+            } => *requests_per_unit,
+        }
+    }
 }
 
 /// A rate limit unit, as envoyproxy/ratelimit spells it (any case).
@@ -273,7 +410,7 @@ impl ListKind for DescriptorList {
 #[serde(deny_unknown_fields)]
 struct RatelimitDescriptor {
     key: Option<Located<String>>,
-    /// A trailing `*` makes it a prefix; empty is no value.
+    /// A `*` anywhere makes it a wildcard; empty is no value.
     value: Option<String>,
     rate_limit: Option<Located<RatelimitRule>>,
     descriptors: Option<Descriptors>,
@@ -285,6 +422,10 @@ struct RatelimitDescriptor {
     #[allow(dead_code)]
     value_to_metric: Option<bool>,
     share_threshold: Option<Located<bool>>,
+    /// envoyproxy/ratelimit's per-descriptor `metadata`: any mapping, kept as written.
+    metadata: Option<Located<Metadata>>,
+    /// envoyproxy/ratelimit's `quota_mode`: over the limit is still OK (a soft quota).
+    quota_mode: Option<bool>,
 }
 
 /// A `rate_limit:` block.
@@ -454,8 +595,8 @@ impl Builder {
             let entry = level.by_key.entry(key).or_default();
             match value {
                 None => entry.any = Some(descriptor),
-                Some(value) => match value.strip_suffix('*') {
-                    Some(prefix) => entry.prefixes.push((prefix.to_string(), descriptor)),
+                Some(value) => match Pattern::new(&value) {
+                    Some(pattern) => entry.patterns.push((pattern, descriptor)),
                     None => {
                         entry.exact.insert(value, descriptor);
                     }
@@ -493,11 +634,19 @@ impl Builder {
             None => format!("{parent}.{key}"),
         };
         let shadow = item.shadow_mode.unwrap_or(false);
+        let quota_mode = item.quota_mode.unwrap_or(false);
+        if let Some(metadata) = &item.metadata
+            && !matches!(metadata.value, Metadata::Map(_))
+        {
+            return Err(metadata
+                .at
+                .fail("metadata is a mapping, e.g. `metadata: {name: service_1}`"));
+        }
         let share_threshold = match item.share_threshold {
             Some(share) if share.value => {
-                if !value.as_deref().is_some_and(|value| value.ends_with('*')) {
+                if !value.as_deref().is_some_and(|value| value.contains('*')) {
                     return Err(share.at.fail(
-                        "share_threshold only applies to a prefix value (one ending in `*`, e.g. `value: files*`): add the `*` or remove share_threshold",
+                        "share_threshold only applies to a wildcard value (one with a `*`, e.g. `value: files/*` or `/api*v1`): add the `*` or remove share_threshold",
                     ));
                 }
                 true
@@ -505,7 +654,7 @@ impl Builder {
             _ => false,
         };
         let rule = match item.rate_limit {
-            Some(rule) => Some(Arc::new(self.rule(rule, &own_path, shadow)?)),
+            Some(rule) => Some(Arc::new(self.rule(rule, &own_path, shadow, quota_mode)?)),
             None => None,
         };
         let children = match item.descriptors {
@@ -517,6 +666,7 @@ impl Builder {
             children,
             share_threshold,
             value: value.clone(),
+            metadata: item.metadata.map(|metadata| metadata.value),
         };
         Ok((key, value, descriptor))
     }
@@ -527,6 +677,7 @@ impl Builder {
         rule: Located<RatelimitRule>,
         own_path: &str,
         shadow: bool,
+        quota_mode: bool,
     ) -> Result<Rule, Fail> {
         let Located { value: rule, at } = rule;
         let name = rule.name.filter(|name| !name.is_empty());
@@ -570,7 +721,9 @@ impl Builder {
                 Ok(rate) => RuleKind::Limited {
                     unit,
                     requests_per_unit: u32::try_from(requests.value.0).unwrap_or(u32::MAX),
-                    limit: self.limit(own_path, rate, shadow, &requests.at)?,
+                    // A quota-mode rule never denies: the engine's shadow switch counts it
+                    // and reports allowed, so it also never stops the other counters.
+                    limit: self.limit(own_path, rate, shadow || quota_mode, &requests.at)?,
                 },
                 // Only 0 gets here: the range was checked when it was read.
                 Err(_) => RuleKind::BlockAll { unit },
@@ -582,6 +735,7 @@ impl Builder {
             name,
             replaces,
             shadow,
+            quota_mode,
         })
     }
 

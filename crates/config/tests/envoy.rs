@@ -213,7 +213,7 @@ fn bad_documents_are_reported_at_their_place() {
         ),
         (
             doc("        - {key: k, value: x, share_threshold: true}\n"),
-            "share_threshold only applies to a prefix value",
+            "share_threshold only applies to a wildcard value",
         ),
         (
             doc("        - key: k\n          rate_limit: {name: a, unit: second, requests_per_unit: 1, replaces: [{name: a}]}\n"),

@@ -3,13 +3,14 @@
 //!
 //! A descriptor's entries are matched level by level: at each level the entry's key
 //! picks the configured descriptors with that key, and of those an exact value wins over
-//! a value prefix (`foo*`, first in file order), which wins over the key alone. A rule
+//! a wildcard value (`foo*`, `/api*v1`, `svc*ep*rpc`; the first in file order that
+//! matches), which wins over the key alone. A rule
 //! applies only when it sits on the descriptor's last entry: a request with more entries
 //! than the configuration nests, or fewer, hits no rule.
 //!
 //! The counter is the rule's limit; its key is the request's values along the path (so
 //! `remote_address` with no configured value counts each address apart), except where a
-//! prefix with `share_threshold` matched: there the pattern stands for every value.
+//! wildcard with `share_threshold` matched: there the pattern stands for every value.
 
 use sluice_config::envoy::{Descriptor, Level, Rule};
 use sluice_engine::MAX_KEY_BYTES;
@@ -81,7 +82,8 @@ pub fn find<'a, E: EntryRef>(top: &'a Level, entries: &[E]) -> Option<Hit<'a>> {
     None
 }
 
-/// The descriptor `entry` selects at `level`: exact value, then prefix, then key alone.
+/// The descriptor `entry` selects at `level`: exact value, then the first wildcard value
+/// in file order that matches, then key alone.
 fn step<'a, E: EntryRef>(level: &'a Level, entry: &E) -> Option<&'a Descriptor> {
     let candidates = level.by_key.get(entry.key())?;
     let value = entry.value();
@@ -90,9 +92,9 @@ fn step<'a, E: EntryRef>(level: &'a Level, entry: &E) -> Option<&'a Descriptor> 
         .get(value)
         .or_else(|| {
             candidates
-                .prefixes
+                .patterns
                 .iter()
-                .find(|(prefix, _)| value.starts_with(prefix.as_str()))
+                .find(|(pattern, _)| pattern.matches(value))
                 .map(|(_, descriptor)| descriptor)
         })
         .or(candidates.any.as_ref())
@@ -116,7 +118,6 @@ pub fn bounded(key: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_config::envoy::RuleKind;
 
     /// The domain `d` of an inline `envoy:` section.
     fn domains(descriptors: &str) -> sluice_config::EnvoyConfig {
@@ -134,13 +135,7 @@ mod tests {
     ) -> Option<(String, u32, String)> {
         let top = config.domains.get("d").unwrap();
         find(top, entries).map(|hit| {
-            let per = match &hit.rule.kind {
-                RuleKind::Limited {
-                    requests_per_unit, ..
-                } => *requests_per_unit,
-                RuleKind::BlockAll { .. } => 0,
-                RuleKind::Unlimited => u32::MAX,
-            };
+            let per = hit.rule.kind.requests_per_unit();
             (hit.rule.path.clone(), per, hit.key)
         })
     }

@@ -293,7 +293,8 @@ fn plan_rule(hit: Hit<'_>, cost: u64, checks: &mut Vec<Check>) -> Result<Plan, S
         RuleKind::BlockAll { unit } => Plan::Blocked {
             limit: reported(rule.name.as_deref(), 0, *unit),
             unit: *unit,
-            shadow: rule.shadow,
+            // A quota-mode rule answers OK over the limit, like a shadow one.
+            shadow: rule.shadow || rule.quota_mode,
         },
         RuleKind::Limited {
             unit,
