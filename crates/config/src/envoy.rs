@@ -437,6 +437,9 @@ struct RatelimitRule {
     unlimited: Option<bool>,
     name: Option<String>,
     replaces: Option<ListOf<Located<Option<RatelimitReplaces>>, ReplacesList>>,
+    /// A sluice extension (envoyproxy/ratelimit rejects it): the rule's algorithm,
+    /// `fixed_window` (ratelimit's, the default), `sliding_window` or `gcra`.
+    algorithm: Option<Located<Parsed<Algorithm>>>,
 }
 
 struct ReplacesList;
@@ -701,9 +704,12 @@ impl Builder {
         }
         let kind = if rule.unlimited.unwrap_or(false) {
             let unit = rule.unit.as_ref().map(|unit| &unit.at);
-            if let Some(at) = unit.or(rule.requests_per_unit.as_ref().map(|r| &r.at)) {
+            let counted = unit
+                .or(rule.requests_per_unit.as_ref().map(|r| &r.at))
+                .or(rule.algorithm.as_ref().map(|a| &a.at));
+            if let Some(at) = counted {
                 return Err(at.fail(
-                    "an unlimited rule has no unit or requests_per_unit: remove them, or remove `unlimited: true`",
+                    "an unlimited rule has no unit, requests_per_unit or algorithm: remove them, or remove `unlimited: true`",
                 ));
             }
             RuleKind::Unlimited
@@ -723,7 +729,13 @@ impl Builder {
                     requests_per_unit: u32::try_from(requests.value.0).unwrap_or(u32::MAX),
                     // A quota-mode rule never denies: the engine's shadow switch counts it
                     // and reports allowed, so it also never stops the other counters.
-                    limit: self.limit(own_path, rate, shadow || quota_mode, &requests.at)?,
+                    limit: self.limit(
+                        own_path,
+                        rate,
+                        rule.algorithm.map_or(Algorithm::FixedWindow, |a| a.value.0),
+                        shadow || quota_mode,
+                        &requests.at,
+                    )?,
                 },
                 // Only 0 gets here: the range was checked when it was read.
                 Err(_) => RuleKind::BlockAll { unit },
@@ -745,12 +757,13 @@ impl Builder {
         &mut self,
         own_path: &str,
         rate: Rate,
+        algorithm: Algorithm,
         shadow: bool,
         at: &Place,
     ) -> Result<Arc<Limit>, Fail> {
         let name = self.limit_name(own_path);
         let mut spec = LimitSpec::new(vec![rate]);
-        spec.algorithm = Algorithm::FixedWindow;
+        spec.algorithm = algorithm;
         spec.shadow = shadow;
         let limit = Limit::new(&name, spec).map_err(|error| at.fail(error.to_string()))?;
         let limit = Arc::new(limit);

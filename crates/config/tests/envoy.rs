@@ -258,3 +258,33 @@ fn bad_documents_are_reported_at_their_place() {
         .collect();
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// A sluice extension: a rule may choose its algorithm (envoyproxy/ratelimit counts
+/// fixed windows only, and rejects the key).
+#[test]
+fn a_rule_may_choose_its_algorithm() {
+    let config = load(
+        "envoy:\n  domains:\n    - domain: d\n      descriptors:\n        - {key: a, rate_limit: {unit: minute, requests_per_unit: 5}}\n        - {key: b, rate_limit: {unit: minute, requests_per_unit: 5, algorithm: gcra}}\n        - {key: c, rate_limit: {unit: hour, requests_per_unit: 5, algorithm: sliding_window}}\n",
+    )
+    .expect("valid");
+    let envoy = config.envoy.expect("envoy");
+    let algorithms: Vec<&str> = envoy
+        .domains
+        .limits()
+        .iter()
+        .map(|l| l.algorithm().as_str())
+        .collect();
+    assert_eq!(algorithms, ["fixed_window", "gcra", "sliding_window"]);
+    let bad = error(
+        "envoy:\n  domains:\n    - domain: d\n      descriptors:\n        - {key: a, rate_limit: {unit: minute, requests_per_unit: 5, algorithm: leaky}}\n",
+    );
+    assert!(bad.starts_with("sluice.yaml:5:80: envoy.domains[0].descriptors[0].rate_limit.algorithm: unknown algorithm \"leaky\""), "{bad}");
+    assert!(bad.contains("algorithm"), "{bad}");
+    let unlimited = error(
+        "envoy:\n  domains:\n    - domain: d\n      descriptors:\n        - {key: a, rate_limit: {unlimited: true, algorithm: gcra}}\n",
+    );
+    assert!(
+        unlimited.contains("remove `unlimited: true`"),
+        "{unlimited}"
+    );
+}
