@@ -185,9 +185,14 @@ impl Rules {
     /// The routes that apply to a request, in configuration order.
     pub fn matching(&self, facts: &RequestFacts<'_>) -> Vec<&Route> {
         let path = facts.path;
-        let folded = path.to_ascii_lowercase();
+        // Most paths are lower case already: fold (and allocate) only when needed.
+        let folded: std::borrow::Cow<'_, str> = if path.bytes().any(|b| b.is_ascii_uppercase()) {
+            path.to_ascii_lowercase().into()
+        } else {
+            path.into()
+        };
         let mut hits: Vec<usize> = Vec::new();
-        if let Some(routes) = self.exact.get(&folded) {
+        if let Some(routes) = self.exact.get(folded.as_ref()) {
             hits.extend(routes);
         }
         if !self.prefix.is_empty() {

@@ -203,10 +203,17 @@ impl KeyTemplate {
                     template: self.text.clone(),
                 });
             }
-            keys = keys
-                .iter()
-                .flat_map(|key| values.iter().map(move |value| format!("{key}{value}")))
-                .collect();
+            if let [value] = values.as_slice() {
+                // The usual case, one value: extend the keys in place.
+                for key in &mut keys {
+                    key.push_str(value);
+                }
+            } else {
+                keys = keys
+                    .iter()
+                    .flat_map(|key| values.iter().map(move |value| format!("{key}{value}")))
+                    .collect();
+            }
         }
         for key in &mut keys {
             if key.len() > MAX_KEY_BYTES {

@@ -119,3 +119,18 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// A single-threaded Tokio runtime for a subcommand's async work, or `None` after
+/// saying why it could not start.
+fn current_thread_runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => Some(runtime),
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            None
+        }
+    }
+}

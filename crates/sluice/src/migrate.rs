@@ -40,15 +40,8 @@ pub(crate) fn run(path: &Path, print: bool) -> ExitCode {
     // connection and the lock other instances may hold.
     let mut settings = settings;
     settings.timeout = settings.timeout.max(Duration::from_secs(10));
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = crate::current_thread_runtime() else {
+        return ExitCode::FAILURE;
     };
     let schema = settings.schema.clone();
     let outcome = runtime.block_on(async move {

@@ -22,15 +22,8 @@ pub(crate) fn run(path: &Path) -> ExitCode {
     };
     // This runtime waits for signals and runs store background tasks; HTTP is served by
     // one single-threaded runtime per core (see `sluice_runtime::serve_per_thread`).
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = crate::current_thread_runtime() else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(serve(config, path.to_path_buf())) {
         Ok(()) => ExitCode::SUCCESS,
