@@ -114,6 +114,8 @@ struct LimitSection {
     burst: Option<Located<Whole<1, { u64::MAX }>>>,
     charge_denied: Option<bool>,
     shadow: Option<bool>,
+    /// Calls in flight per key, held by reservations (`/v1/reserve`, the proxy).
+    concurrency: Option<Located<Whole<1, 1_000_000_000>>>,
 }
 
 /// `storage.cluster`: `true`/`false`, or a list of Redis Cluster node URLs.
@@ -554,9 +556,29 @@ fn build_limit(name: &Located<String>, limit: Option<&LimitSection>) -> Result<L
             .at
             .fail(format!("limit has no settings: give it a rate, {example}")));
     };
+    if let Some(slots) = &limit.concurrency {
+        let mut spec = LimitSpec::concurrency(slots.value.0);
+        spec.shadow = limit.shadow.unwrap_or(false);
+        let extra = [
+            limit.rate.as_ref().map(|r| (&r.at, "rate")),
+            limit.algorithm.as_ref().map(|a| (&a.at, "algorithm")),
+            limit.burst.as_ref().map(|b| (&b.at, "burst")),
+        ];
+        if let Some((at, field)) = extra.into_iter().flatten().next() {
+            return Err(at.fail(format!(
+                "`{field}` does not apply to a concurrency limit: a limit counts either calls in flight (concurrency) or a rate; put the rate in a separate limit"
+            )));
+        }
+        if limit.charge_denied == Some(true) {
+            return Err(name.at.fail(
+                "charge_denied does not apply to a concurrency limit: a denied call holds no slot; remove it",
+            ));
+        }
+        return Limit::new(&name.value, spec).map_err(|error| slots.at.fail(error.to_string()));
+    }
     let Some(rate) = &limit.rate else {
         return Err(name.at.fail(format!(
-            "missing field `rate`: a limit needs at least one rate, {example}"
+            "missing field `rate`: a limit needs at least one rate, {example} (or `concurrency: N` for calls in flight)"
         )));
     };
     let rates = &rate.value.0;
@@ -584,7 +606,10 @@ fn build_limit(name: &Located<String>, limit: Option<&LimitSection>) -> Result<L
             | LimitError::BurstNeedsOneRate
             | LimitError::BadBurst(_) => burst,
             LimitError::UnknownAlgorithm(_) => limit.algorithm.as_ref().map(|a| &a.at),
-            LimitError::BadName(_) | LimitError::DuplicateName(_) => None,
+            LimitError::BadName(_)
+            | LimitError::DuplicateName(_)
+            | LimitError::BadConcurrency(_)
+            | LimitError::ConcurrencyWithRates => None,
         };
         at.unwrap_or(&name.at).fail(error.to_string())
     })

@@ -22,9 +22,21 @@
 //!   window was spent at its very end. With evenly arriving traffic the estimate
 //!   is exact.
 //!
+//! - **concurrency**: calls in flight, not a rate. The state is how many slots are
+//!   held now and when the first of them expires; the store keeps who holds which
+//!   slot (a reservation, until it is settled, released or expires) and derives the
+//!   state from that, so the arithmetic here is a counter against a capacity.
+//!
 //! A cost of 0 is a read: always allowed, never charged. A cost above what the
 //! window can ever admit (the burst for gcra, the quota otherwise) is denied with
 //! no retry time.
+//!
+//! **Debt.** [`Window::force`] charges past the limit: work that already happened
+//! (a settled reservation that cost more than its estimate, a stream that ended) is
+//! booked, not dropped. gcra moves its TAT further than the bucket (later requests
+//! wait until it has drained back, up to [`MAX_DEBT_MICROS`]); window counters go
+//! above their quota, so nothing fits until the window (for sliding windows, its
+//! weighted tail) has passed.
 
 use std::fmt;
 use std::str::FromStr;
@@ -43,7 +55,13 @@ pub enum Algorithm {
     SlidingWindow,
     /// Epoch-aligned fixed windows.
     FixedWindow,
+    /// Calls in flight (`concurrency: N`): slots held by open reservations.
+    Concurrency,
 }
+
+/// How far ahead of now a forced charge may push a gcra window's TAT: about 35 years,
+/// which keeps every stored time below 2^53 (exact in Lua's doubles).
+pub const MAX_DEBT_MICROS: Micros = 1 << 50;
 
 impl Algorithm {
     /// The config spelling: `gcra`, `sliding_window`, `fixed_window`.
@@ -52,6 +70,7 @@ impl Algorithm {
             Algorithm::Gcra => "gcra",
             Algorithm::SlidingWindow => "sliding_window",
             Algorithm::FixedWindow => "fixed_window",
+            Algorithm::Concurrency => "concurrency",
         }
     }
 
@@ -61,6 +80,7 @@ impl Algorithm {
             Algorithm::Gcra => 'g',
             Algorithm::SlidingWindow => 's',
             Algorithm::FixedWindow => 'f',
+            Algorithm::Concurrency => 'c',
         }
     }
 }
@@ -107,6 +127,13 @@ pub enum State {
         count: u64,
         /// Cost spent in the window before it.
         previous: u64,
+    },
+    /// concurrency: slots held now, as the store counted them from its open reservations.
+    Concurrency {
+        /// Slots held by open, unexpired reservations.
+        open: u64,
+        /// When the first of them expires (now when none is held).
+        free_at: Micros,
     },
 }
 
@@ -155,6 +182,21 @@ impl Window {
             algorithm,
             rate,
             burst,
+        })
+    }
+
+    /// A concurrency window: at most `slots` calls in flight per key.
+    pub fn concurrency(slots: u64) -> Result<Self, LimitError> {
+        if slots == 0 || slots > crate::rate::MAX_QUOTA {
+            return Err(LimitError::BadConcurrency(slots));
+        }
+        // The rate is never used for time: slots per (nominal) second keeps `capacity`,
+        // `rate()` and the reported limit meaningful.
+        let rate = Rate::new(slots, 1).map_err(|_| LimitError::BadConcurrency(slots))?;
+        Ok(Window {
+            algorithm: Algorithm::Concurrency,
+            rate,
+            burst: slots,
         })
     }
 
@@ -275,6 +317,55 @@ impl Window {
                     charged,
                 }
             }
+            State::Concurrency { open, free_at } => {
+                let held = open.saturating_add(cost);
+                let allowed = cost == 0 || held <= self.burst;
+                let retry_after = if allowed {
+                    Some(0)
+                } else if cost > self.burst {
+                    None
+                } else {
+                    // A slot may come back sooner (a settle); this is when one must.
+                    Some((free_at - now).max(0))
+                };
+                Evaluation {
+                    allowed,
+                    retry_after,
+                    current,
+                    charged: State::Concurrency {
+                        open: held,
+                        free_at,
+                    },
+                }
+            }
+        }
+    }
+
+    /// Charges `cost` whatever the limit says (debt, see the module doc): the state
+    /// after the charge. A concurrency window is not charged this way (its slots belong
+    /// to reservations), so its state comes back unchanged.
+    pub fn force(&self, state: Option<State>, now: Micros, cost: u64) -> State {
+        match self.normalize(state, now) {
+            State::Gcra { tat } => {
+                let pushed = tat as i128 + cost as i128 * self.interval() as i128;
+                State::Gcra {
+                    tat: pushed.min(now as i128 + MAX_DEBT_MICROS as i128) as Micros,
+                }
+            }
+            State::Fixed { start, count } => State::Fixed {
+                start,
+                count: count.saturating_add(cost),
+            },
+            State::Sliding {
+                start,
+                count,
+                previous,
+            } => State::Sliding {
+                start,
+                count: count.saturating_add(cost),
+                previous,
+            },
+            concurrency @ State::Concurrency { .. } => concurrency,
         }
     }
 
@@ -317,6 +408,8 @@ impl Window {
                     previous: previous - from_previous,
                 }
             }
+            // Slots come back when their reservation ends, not by refund.
+            State::Concurrency { .. } => return None,
         };
         (refunded != self.normalize(Some(state), now)).then_some(refunded)
     }
@@ -364,6 +457,16 @@ impl Window {
                     previous,
                 }
             }
+            Algorithm::Concurrency => match state {
+                Some(State::Concurrency { open, free_at }) if open > 0 => State::Concurrency {
+                    open,
+                    free_at: free_at.max(now),
+                },
+                _ => State::Concurrency {
+                    open: 0,
+                    free_at: now,
+                },
+            },
         }
     }
 
@@ -387,6 +490,7 @@ impl Window {
                 .rate
                 .quota()
                 .saturating_sub(self.sliding_used(start, count, previous, now)),
+            State::Concurrency { open, .. } => self.burst.saturating_sub(open),
         }
     }
 
@@ -400,6 +504,7 @@ impl Window {
             State::Sliding {
                 start, previous, ..
             } if previous > 0 => start + period - now,
+            State::Concurrency { open, free_at } if open > 0 => free_at - now,
             _ => 0,
         }
     }
@@ -412,6 +517,7 @@ impl Window {
             State::Fixed { start, .. } => start + period,
             State::Sliding { start, count, .. } if count > 0 => start + 2 * period,
             State::Sliding { start, .. } => start + period,
+            State::Concurrency { free_at, .. } => free_at,
         }
     }
 }

@@ -12,6 +12,7 @@
 //! - [`algorithm`]: gcra, sliding window and fixed window over one window's [`State`].
 //! - [`limit`]: named limits with one or more windows, and the set of them.
 //! - [`decision`]: checks, atomic decisions over many windows, results.
+//! - [`reservation`]: reserve an estimate, settle the actual cost (refunds and debt).
 //! - [`store`]: the storage trait and its error type.
 //! - [`clock`]: the time source for in-process stores.
 
@@ -20,9 +21,10 @@ pub mod clock;
 pub mod decision;
 pub mod limit;
 pub mod rate;
+pub mod reservation;
 pub mod store;
 
-pub use algorithm::{Algorithm, Evaluation, State, Window};
+pub use algorithm::{Algorithm, Evaluation, MAX_DEBT_MICROS, State, Window};
 pub use clock::{Clock, ManualClock, Micros, SystemClock, millis_ceil, seconds_ceil};
 pub use decision::{
     Check, CheckError, Decision, DecisionRequest, MAX_KEY_BYTES, Slot, WindowOutcome,
@@ -30,4 +32,5 @@ pub use decision::{
 };
 pub use limit::{Limit, LimitError, LimitSet, LimitSpec, LimitWindow};
 pub use rate::{Rate, RateError};
+pub use reservation::{Hold, HoldId, SettleStatus, Settlement, settle};
 pub use store::{Outcomes, Store, StoreError, StoreFuture, StoreStats};

@@ -1,5 +1,6 @@
 //! Named limits. A limit has one or more windows (`[5/minute, 60/hour]`) that all
-//! apply to the same key, plus the `charge_denied` and `shadow` switches.
+//! apply to the same key, plus the `charge_denied` and `shadow` switches; or it counts
+//! calls in flight (`concurrency: N`), one window whose slots reservations hold.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,6 +39,14 @@ pub enum LimitError {
         "burst {0} is out of range: use 1 up to the bucket a rate can refill within 2000 periods"
     )]
     BadBurst(u64),
+    /// `concurrency` out of range.
+    #[error("concurrency {0} is out of range: use 1 to 1000000000 calls in flight")]
+    BadConcurrency(u64),
+    /// Both `concurrency` and rates given.
+    #[error(
+        "a limit counts either calls in flight (concurrency) or a rate, not both; put them in separate limits"
+    )]
+    ConcurrencyWithRates,
     /// gcra's interval would be below a microsecond.
     #[error(
         "rate {0} is too fine for gcra (more than one request per microsecond); use fixed_window or sliding_window"
@@ -58,6 +67,8 @@ pub struct LimitSpec {
     pub charge_denied: bool,
     /// Decide and report, never deny.
     pub shadow: bool,
+    /// Calls in flight per key instead of rates: slots held by open reservations.
+    pub concurrency: Option<u64>,
 }
 
 impl LimitSpec {
@@ -69,6 +80,15 @@ impl LimitSpec {
             burst: None,
             charge_denied: false,
             shadow: false,
+            concurrency: None,
+        }
+    }
+
+    /// A limit of at most `slots` calls in flight per key.
+    pub fn concurrency(slots: u64) -> Self {
+        LimitSpec {
+            concurrency: Some(slots),
+            ..LimitSpec::new(Vec::new())
         }
     }
 }
@@ -104,6 +124,21 @@ impl Limit {
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
         if !name_ok {
             return Err(LimitError::BadName(name.to_string()));
+        }
+        if let Some(slots) = spec.concurrency {
+            if !spec.rates.is_empty() || spec.burst.is_some() {
+                return Err(LimitError::ConcurrencyWithRates);
+            }
+            return Ok(Limit {
+                name: name.into(),
+                windows: vec![LimitWindow {
+                    window: Window::concurrency(slots)?,
+                    counter: format!("{name}:c").into(),
+                    rate_text: format!("{slots} in flight").into(),
+                }],
+                charge_denied: false,
+                shadow: spec.shadow,
+            });
         }
         if spec.rates.is_empty() {
             return Err(LimitError::NoRates);
@@ -163,6 +198,12 @@ impl Limit {
     /// The algorithm every window uses.
     pub fn algorithm(&self) -> Algorithm {
         self.windows[0].window.algorithm()
+    }
+
+    /// Whether the limit counts calls in flight (`concurrency: N`): only a reservation
+    /// can hold its slots.
+    pub fn is_concurrency(&self) -> bool {
+        self.algorithm() == Algorithm::Concurrency
     }
 }
 

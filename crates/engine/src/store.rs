@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::decision::{DecisionRequest, WindowOutcomes};
 use crate::limit::Limit;
+use crate::reservation::{Hold, SettleStatus, Settlement};
 
 /// A boxed future as the [`Store`] methods return it; boxed so stores can be chosen at run time.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -82,6 +83,37 @@ pub trait Store: Send + Sync {
         Box::pin(async move {
             Err(StoreError::Protocol(format!(
                 "refunds not supported by this store ({backend})"
+            )))
+        })
+    }
+
+    /// Decides `request` like [`Store::decide`], and when it is allowed (and not a dry
+    /// run) records `hold` and gives it one slot of every concurrency window, in the
+    /// same atomic step (see [`reservation`](crate::reservation)). Never repeated by
+    /// callers. Stores without reservations answer an error saying so.
+    fn reserve<'a>(
+        &'a self,
+        request: &'a DecisionRequest,
+        hold: &'a Hold,
+    ) -> StoreFuture<'a, Outcomes> {
+        let _ = (request, hold);
+        let backend = self.backend();
+        Box::pin(async move {
+            Err(StoreError::Protocol(format!(
+                "reservations not supported by this store ({backend})"
+            )))
+        })
+    }
+
+    /// Applies `settlement` atomically: when it names a hold, only if that hold is open
+    /// (then marks it settled and frees its slots); without one, unconditionally. Never
+    /// repeated by callers (a settlement is idempotent only when it names a hold).
+    fn settle<'a>(&'a self, settlement: &'a Settlement) -> StoreFuture<'a, SettleStatus> {
+        let _ = settlement;
+        let backend = self.backend();
+        Box::pin(async move {
+            Err(StoreError::Protocol(format!(
+                "reservations not supported by this store ({backend})"
             )))
         })
     }

@@ -4,7 +4,7 @@
 //! names never contain a zero byte, so the first one splits the two.
 //!
 //! Value, little-endian: a format byte (1), `expires_at` (i64 µs since the epoch),
-//! a state tag (`g`, `f`, `s`) and the state's fields as i64/u64.
+//! a state tag (`g`, `f`, `s`, `c`) and the state's fields as i64/u64.
 
 use sluice_engine::{Micros, State};
 
@@ -76,6 +76,13 @@ pub(crate) fn value(state: &State, expires_at: Micros) -> Value {
             put(&count.to_le_bytes());
             put(&previous.to_le_bytes());
         }
+        // A concurrency window's holders are journaled with the disk store's holds; the
+        // state alone is only what they add up to.
+        State::Concurrency { open, free_at } => {
+            put(b"c");
+            put(&free_at.to_le_bytes());
+            put(&open.to_le_bytes());
+        }
     }
     v
 }
@@ -105,6 +112,10 @@ pub(crate) fn decode(raw: &[u8]) -> Option<(State, Micros)> {
             start: i64::from_le_bytes(field(0)?),
             count: u64::from_le_bytes(field(1)?),
             previous: u64::from_le_bytes(field(2)?),
+        },
+        (b'c', 26) => State::Concurrency {
+            free_at: i64::from_le_bytes(field(0)?),
+            open: u64::from_le_bytes(field(1)?),
         },
         _ => return None,
     };

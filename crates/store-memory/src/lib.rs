@@ -14,7 +14,16 @@
 //! [`StoreStats::evictions`]). A flood of distinct keys therefore costs at most
 //! `max_keys` entries, and the counters evicted first are the ones that had least
 //! time left to matter.
+//!
+//! Reservations (`Store::reserve`, `Store::settle`; see `sluice_engine::reservation`):
+//! a concurrency window's entry keeps its holders (reservation id and expiry) and its
+//! state is counted from them; the hold records live in their own shards, bounded by
+//! `max_keys` like the counters and swept when they expire. A reservation locks its
+//! counters' shards first and its hold's shard last, so reservations and settlements
+//! never wait on each other in a cycle.
 
+use std::cell::Cell;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -23,8 +32,9 @@ use std::time::Duration;
 use compact_str::CompactString;
 use hashbrown::{DefaultHashBuilder, HashTable};
 use sluice_engine::{
-    Clock, DecisionRequest, Limit, Micros, Outcomes, Slot, State, Store, StoreFuture, StoreStats,
-    SystemClock, Window, WindowOutcomes, apply, refund,
+    Algorithm, Clock, DecisionRequest, Hold, Limit, Micros, Outcomes, SettleStatus, Settlement,
+    Slot, State, Store, StoreFuture, StoreStats, SystemClock, Window, WindowOutcomes, apply,
+    refund, settle,
 };
 use smallvec::SmallVec;
 use std::hash::BuildHasher;
@@ -45,6 +55,44 @@ pub struct Change<'a> {
     pub state: State,
     /// When that state expires (the store drops it then).
     pub expires_at: Micros,
+    /// For a concurrency window: the reservations holding its slots, with their expiry.
+    pub holders: &'a [Holder],
+}
+
+/// A reservation holding one slot of a concurrency window: its id and when it expires.
+pub type Holder = (u128, Micros);
+
+/// A hold record as a reservation or settlement left it, as [`MemoryStore::reserve_sync_with`]
+/// and [`MemoryStore::settle_sync_with`] report it (a durable store journals it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldChange<'a> {
+    /// The reservation id.
+    pub id: u128,
+    /// The digest it was made with.
+    pub digest: &'a str,
+    /// When it expires.
+    pub expires_at: Micros,
+    /// Whether it has been settled (or released).
+    pub settled: bool,
+}
+
+/// What a store holds about one reservation.
+#[derive(Debug, Clone)]
+struct HoldRecord {
+    digest: Box<str>,
+    expires_at: Micros,
+    settled: bool,
+}
+
+/// What an operation does to the holders of the concurrency windows it touches.
+#[derive(Debug, Clone, Copy)]
+enum Holders {
+    /// Nothing (a decision, a refund).
+    Keep,
+    /// The reservation takes a slot in every concurrency window it charged.
+    Add(Holder),
+    /// The reservation gives back its slot in every concurrency window.
+    Remove(u128),
 }
 
 /// Settings of a [`MemoryStore`].
@@ -74,6 +122,7 @@ pub struct MemoryStore {
 
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
+    holds: Box<[Mutex<HashMap<u128, HoldRecord>>]>,
     hasher: DefaultHashBuilder,
     clock: Arc<dyn Clock>,
     shard_capacity: usize,
@@ -91,6 +140,8 @@ struct Entry {
     key: CompactString,
     state: State,
     expires_at: Micros,
+    /// A concurrency window's holders (boxed: rate windows, the many, pay 8 bytes).
+    holders: Option<Box<Vec<Holder>>>,
 }
 
 /// Where one counter lives.
@@ -117,6 +168,9 @@ impl MemoryStore {
         let inner = Arc::new(Inner {
             shards: (0..shard_count)
                 .map(|_| Mutex::new(Shard::default()))
+                .collect(),
+            holds: (0..shard_count)
+                .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
             hasher: DefaultHashBuilder::default(),
             clock,
@@ -155,6 +209,161 @@ impl MemoryStore {
         self.inner.decide(request, changed)
     }
 
+    /// Reserves `request` (see [`Store::reserve`]) synchronously.
+    pub fn reserve_sync(&self, request: &DecisionRequest, hold: &Hold) -> Outcomes {
+        self.reserve_sync_with(request, hold, |_, _| {})
+    }
+
+    /// Like [`MemoryStore::reserve_sync`], and calls `changed` with the counters it wrote
+    /// and the hold it recorded (when allowed), under its locks (see
+    /// [`MemoryStore::decide_sync_with`]).
+    pub fn reserve_sync_with(
+        &self,
+        request: &DecisionRequest,
+        hold: &Hold,
+        changed: impl FnOnce(&[Change<'_>], Option<HoldChange<'_>>),
+    ) -> Outcomes {
+        let Some(id) = parse_hold_id(&hold.id.id) else {
+            // Not an id this store could ever settle: decide without holding anything.
+            return self.decide_sync(request);
+        };
+        let digest = hold.id.digest.as_str();
+        let recorded: Cell<Option<Micros>> = Cell::new(None);
+        let mut changed = Some(changed);
+        let windows = self.inner.update(
+            request,
+            |request, slot_of, slots, now| {
+                let expires_at = now.saturating_add(hold.ttl.max(1));
+                let outcomes = apply(request, slot_of, slots, now);
+                let allowed = request
+                    .windows()
+                    .zip(&outcomes)
+                    .all(|((check, _), o)| o.allowed || check.limit().shadow());
+                if !allowed || request.dry_run {
+                    return (outcomes, Holders::Keep);
+                }
+                let record = HoldRecord {
+                    digest: digest.into(),
+                    expires_at,
+                    settled: false,
+                };
+                let evicted = self
+                    .inner
+                    .record_hold(id, record, now, self.inner.shard_capacity);
+                self.inner.count_evictions(evicted);
+                recorded.set(Some(expires_at));
+                (outcomes, Holders::Add((id, expires_at)))
+            },
+            |changes| {
+                if let Some(changed) = changed.take() {
+                    changed(changes, hold_change(id, digest, recorded.get(), false));
+                }
+            },
+        );
+        if let (Some(changed), Some(_)) = (changed, recorded.get()) {
+            changed(&[], hold_change(id, digest, recorded.get(), false));
+        }
+        Outcomes {
+            windows,
+            degraded: false,
+        }
+    }
+
+    /// Settles (see [`Store::settle`]) synchronously.
+    pub fn settle_sync(&self, settlement: &Settlement) -> SettleStatus {
+        self.settle_sync_with(settlement, |_, _| {})
+    }
+
+    /// Like [`MemoryStore::settle_sync`], and calls `changed` with the counters it wrote
+    /// and the hold it marked settled, under its locks.
+    pub fn settle_sync_with(
+        &self,
+        settlement: &Settlement,
+        changed: impl FnOnce(&[Change<'_>], Option<HoldChange<'_>>),
+    ) -> SettleStatus {
+        if !settlement.is_well_formed() {
+            return SettleStatus::Unknown;
+        }
+        let hold = match &settlement.hold {
+            None => None,
+            Some(hold) => match parse_hold_id(&hold.id) {
+                Some(id) => Some((id, hold.digest.as_str())),
+                None => return SettleStatus::Unknown,
+            },
+        };
+        let mut status = SettleStatus::Settled;
+        let closed: Cell<Option<Micros>> = Cell::new(None);
+        let mut changed = Some(changed);
+        self.inner.update(
+            &settlement.request,
+            |_, slot_of, slots, now| {
+                if let Some((id, digest)) = hold {
+                    match self.inner.close_hold(id, digest, now) {
+                        Ok(expires_at) => closed.set(Some(expires_at)),
+                        Err(answer) => {
+                            status = answer;
+                            return (WindowOutcomes::new(), Holders::Keep);
+                        }
+                    }
+                }
+                settle(settlement, slot_of, slots, now);
+                let holders = hold.map_or(Holders::Keep, |(id, _)| Holders::Remove(id));
+                (WindowOutcomes::new(), holders)
+            },
+            |changes| {
+                if let (Some(changed), Some((id, digest))) = (changed.take(), hold) {
+                    changed(changes, hold_change(id, digest, closed.get(), true));
+                } else if let Some(changed) = changed.take() {
+                    changed(changes, None);
+                }
+            },
+        );
+        if let (Some(changed), Some((id, digest)), Some(_)) = (changed, hold, closed.get()) {
+            changed(&[], hold_change(id, digest, closed.get(), true));
+        }
+        status
+    }
+
+    /// Puts a hold record back, e.g. one a durable store read at start (an expired one
+    /// is ignored).
+    pub fn restore_hold(&self, id: u128, digest: &str, expires_at: Micros, settled: bool) {
+        let now = self.inner.clock.now();
+        if expires_at <= now {
+            return;
+        }
+        let evicted = self.inner.record_hold(
+            id,
+            HoldRecord {
+                digest: digest.into(),
+                expires_at,
+                settled,
+            },
+            now,
+            self.inner.shard_capacity,
+        );
+        self.inner.count_evictions(evicted);
+    }
+
+    /// Puts a concurrency window's holders back (a durable store at start); expired
+    /// holders are dropped.
+    pub fn restore_holders(&self, counter: &Arc<str>, key: &str, holders: &[Holder]) {
+        let now = self.inner.clock.now();
+        let live: Vec<Holder> = holders.iter().copied().filter(|h| h.1 > now).collect();
+        let Some(expires_at) = holders_expiry(&live) else {
+            return;
+        };
+        let state = concurrency_state(&live, now);
+        self.restore(counter, key, state, expires_at);
+        let hash = self.inner.hasher.hash_one((&**counter, key));
+        let mut shard = self.inner.lock(self.inner.shard_of(hash));
+        if let Some(entry) = shard
+            .table
+            .find_mut(hash, |e| e.matches(hash, counter, key))
+        {
+            entry.holders = Some(Box::new(live));
+        }
+    }
+
     /// Gives back what a decision of `request` charged to the windows flagged in
     /// `charged` (see [`Store::refund`]), synchronously.
     pub fn refund_sync(&self, request: &DecisionRequest, charged: &[bool]) {
@@ -176,7 +385,7 @@ impl MemoryStore {
             request,
             |request, slot_of, slots, now| {
                 refund(request, charged, slot_of, slots, now);
-                WindowOutcomes::new()
+                (WindowOutcomes::new(), Holders::Keep)
             },
             changed,
         );
@@ -299,7 +508,11 @@ impl Inner {
     }
 
     fn decide(&self, request: &DecisionRequest, changed: impl FnOnce(&[Change<'_>])) -> Outcomes {
-        let windows = self.update(request, apply, changed);
+        let windows = self.update(
+            request,
+            |request, slot_of, slots, now| (apply(request, slot_of, slots, now), Holders::Keep),
+            changed,
+        );
         Outcomes {
             windows,
             degraded: false,
@@ -311,10 +524,13 @@ impl Inner {
     fn update(
         &self,
         request: &DecisionRequest,
-        op: impl FnOnce(&DecisionRequest, &[usize], &mut [Slot], Micros) -> WindowOutcomes,
+        op: impl FnOnce(&DecisionRequest, &[usize], &mut [Slot], Micros) -> (WindowOutcomes, Holders),
         changed: impl FnOnce(&[Change<'_>]),
     ) -> WindowOutcomes {
-        if request.window_count() == 1 {
+        let concurrency = request
+            .windows()
+            .any(|(_, lw)| lw.window.algorithm() == Algorithm::Concurrency);
+        if request.window_count() == 1 && !concurrency {
             self.update_one_counter(request, op, changed)
         } else {
             self.update_many_counters(request, op, changed)
@@ -325,7 +541,7 @@ impl Inner {
     fn update_one_counter(
         &self,
         request: &DecisionRequest,
-        op: impl FnOnce(&DecisionRequest, &[usize], &mut [Slot], Micros) -> WindowOutcomes,
+        op: impl FnOnce(&DecisionRequest, &[usize], &mut [Slot], Micros) -> (WindowOutcomes, Holders),
         changed: impl FnOnce(&[Change<'_>]),
     ) -> WindowOutcomes {
         let Some((check, lw)) = request.windows().next() else {
@@ -344,7 +560,7 @@ impl Inner {
         {
             Some(entry) => {
                 slots[0].state = (entry.expires_at > now).then_some(entry.state);
-                let outcomes = op(request, &[0], &mut slots, now);
+                let (outcomes, _) = op(request, &[0], &mut slots, now);
                 if let (true, Some(state)) = (slots[0].dirty, slots[0].state) {
                     entry.state = state;
                     entry.expires_at = lw.window.expires_at(&state);
@@ -353,12 +569,13 @@ impl Inner {
                         key,
                         state,
                         expires_at: entry.expires_at,
+                        holders: &[],
                     }]);
                 }
                 outcomes
             }
             None => {
-                let outcomes = op(request, &[0], &mut slots, now);
+                let (outcomes, _) = op(request, &[0], &mut slots, now);
                 if let (true, Some(state)) = (slots[0].dirty, slots[0].state) {
                     let at = Location {
                         hash,
@@ -374,6 +591,7 @@ impl Inner {
                         key,
                         state,
                         expires_at: lw.window.expires_at(&state),
+                        holders: &[],
                     }]);
                 }
                 outcomes
@@ -385,7 +603,7 @@ impl Inner {
     fn update_many_counters(
         &self,
         request: &DecisionRequest,
-        op: impl FnOnce(&DecisionRequest, &[usize], &mut [Slot], Micros) -> WindowOutcomes,
+        op: impl FnOnce(&DecisionRequest, &[usize], &mut [Slot], Micros) -> (WindowOutcomes, Holders),
         changed: impl FnOnce(&[Change<'_>]),
     ) -> WindowOutcomes {
         let mut counters: SmallVec<[Location<'_>; 8]> = SmallVec::new();
@@ -423,37 +641,120 @@ impl Inner {
 
         let mut slots: SmallVec<[Slot; 8]> = counters
             .iter()
-            .map(|c| Slot {
-                state: guards[guard_index(c.shard)]
+            .map(|c| {
+                let entry = guards[guard_index(c.shard)]
                     .table
                     .find(c.hash, |e| e.matches(c.hash, c.counter, c.key))
-                    .filter(|e| e.expires_at > now)
-                    .map(|e| e.state),
-                dirty: false,
+                    .filter(|e| e.expires_at > now);
+                let state = if c.window.algorithm() == Algorithm::Concurrency {
+                    Some(concurrency_state(
+                        entry.and_then(|e| e.holders.as_deref()).map_or(&[], |h| h),
+                        now,
+                    ))
+                } else {
+                    entry.map(|e| e.state)
+                };
+                Slot {
+                    state,
+                    dirty: false,
+                }
             })
             .collect();
 
-        let outcomes = op(request, &slot_of, &mut slots, now);
+        let (outcomes, holders) = op(request, &slot_of, &mut slots, now);
 
-        let mut changes: SmallVec<[Change<'_>; 4]> = SmallVec::new();
-        for (slot, c) in slots.iter().zip(&counters) {
-            if let (true, Some(state)) = (slot.dirty, slot.state) {
+        // Which counters changed, and the holder lists of the concurrency ones (kept
+        // here so the changes can borrow them while the shards stay locked).
+        let mut written: SmallVec<[(usize, State, Option<Vec<Holder>>); 4]> = SmallVec::new();
+        for (index, (slot, c)) in slots.iter().zip(&counters).enumerate() {
+            if c.window.algorithm() == Algorithm::Concurrency {
+                let change = match holders {
+                    Holders::Add(holder) if slot.dirty => Some((Some(holder), None)),
+                    Holders::Remove(id) => Some((None, Some(id))),
+                    _ => None,
+                };
+                let Some((add, remove)) = change else {
+                    continue;
+                };
+                let shard = &mut guards[guard_index(c.shard)];
+                let (state, list, evicted) =
+                    shard.update_holders(c, add, remove, now, self.shard_capacity, &own);
+                self.count_evictions(evicted);
+                if let Some(list) = list {
+                    written.push((index, state, Some(list)));
+                }
+            } else if let (true, Some(state)) = (slot.dirty, slot.state) {
                 let evicted =
                     guards[guard_index(c.shard)].upsert(c, state, now, self.shard_capacity, &own);
                 self.count_evictions(evicted);
-                changes.push(Change {
-                    counter: c.counter,
-                    key: c.key,
-                    state,
-                    expires_at: c.window.expires_at(&state),
-                });
+                written.push((index, state, None));
             }
         }
-        if !changes.is_empty() {
+        if !written.is_empty() {
+            let changes: SmallVec<[Change<'_>; 4]> = written
+                .iter()
+                .map(|(index, state, list)| {
+                    let c = &counters[*index];
+                    let holders: &[Holder] = list.as_deref().unwrap_or(&[]);
+                    Change {
+                        counter: c.counter,
+                        key: c.key,
+                        state: *state,
+                        expires_at: holders_expiry(holders)
+                            .unwrap_or_else(|| c.window.expires_at(state)),
+                        holders,
+                    }
+                })
+                .collect();
             changed(&changes);
         }
         drop(guards);
         outcomes
+    }
+
+    fn hold_shard(&self, id: u128) -> MutexGuard<'_, HashMap<u128, HoldRecord>> {
+        let shard = &self.holds[(id as usize) & (self.holds.len() - 1)];
+        shard.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a hold, making room as counters do when its shard is full: expired
+    /// holds go first, then the sixteenth nearest to expiry. Returns how many live holds
+    /// were evicted.
+    fn record_hold(&self, id: u128, record: HoldRecord, now: Micros, capacity: usize) -> u64 {
+        let mut holds = self.hold_shard(id);
+        let mut evicted = 0;
+        if holds.len() >= capacity && !holds.contains_key(&id) {
+            holds.retain(|_, h| h.expires_at > now);
+            if holds.len() >= capacity {
+                let batch = (capacity / 16).max(1);
+                let mut expiries: Vec<Micros> = holds.values().map(|h| h.expires_at).collect();
+                let (_, threshold, _) = expiries.select_nth_unstable(batch - 1);
+                let threshold = *threshold;
+                holds.retain(|_, h| {
+                    let evict = evicted < batch && h.expires_at <= threshold;
+                    evicted += usize::from(evict);
+                    !evict
+                });
+            }
+        }
+        holds.insert(id, record);
+        evicted as u64
+    }
+
+    /// Marks an open hold settled: its expiry, or why it cannot be settled.
+    fn close_hold(&self, id: u128, digest: &str, now: Micros) -> Result<Micros, SettleStatus> {
+        let mut holds = self.hold_shard(id);
+        match holds.get_mut(&id) {
+            Some(hold) if hold.expires_at > now && *hold.digest == *digest => {
+                if hold.settled {
+                    Err(SettleStatus::AlreadySettled)
+                } else {
+                    hold.settled = true;
+                    Ok(hold.expires_at)
+                }
+            }
+            _ => Err(SettleStatus::Unknown),
+        }
     }
 
     fn count_evictions(&self, evicted: u64) {
@@ -466,6 +767,13 @@ impl Inner {
         for shard in self.shards.iter() {
             let now = self.clock.now();
             self.lock_shard(shard).table.retain(|e| e.expires_at > now);
+        }
+        for holds in self.holds.iter() {
+            let now = self.clock.now();
+            holds
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|_, h| h.expires_at > now);
         }
     }
 }
@@ -492,6 +800,46 @@ impl Shard {
             }
             None => self.insert_new(at, state, now, capacity, keep),
         }
+    }
+
+    /// Adds and/or removes a holder of a concurrency window, dropping expired ones:
+    /// the window's state after it, its holder list when the entry changed (for the
+    /// journal), and how many live counters were evicted to make room.
+    fn update_holders(
+        &mut self,
+        at: &Location<'_>,
+        add: Option<Holder>,
+        remove: Option<u128>,
+        now: Micros,
+        capacity: usize,
+        keep: &[u64],
+    ) -> (State, Option<Vec<Holder>>, u64) {
+        let mut evicted = 0;
+        if self
+            .table
+            .find(at.hash, |e| e.matches(at.hash, at.counter, at.key))
+            .is_none()
+        {
+            if add.is_none() {
+                return (concurrency_state(&[], now), None, 0);
+            }
+            let state = concurrency_state(&[], now);
+            evicted = self.insert_new(at, state, now, capacity, keep);
+        }
+        let Some(entry) = self
+            .table
+            .find_mut(at.hash, |e| e.matches(at.hash, at.counter, at.key))
+        else {
+            return (concurrency_state(&[], now), None, evicted);
+        };
+        let list = entry.holders.get_or_insert_with(Default::default);
+        list.retain(|&(id, expires_at)| expires_at > now && Some(id) != remove);
+        if let Some(holder) = add {
+            list.push(holder);
+        }
+        entry.state = concurrency_state(list, now);
+        entry.expires_at = holders_expiry(list).unwrap_or(now);
+        (entry.state, Some(list.to_vec()), evicted)
     }
 
     /// Inserts a counter known to be absent, making room first when the shard is full;
@@ -536,6 +884,7 @@ impl Shard {
                 key: key.into(),
                 state,
                 expires_at,
+                holders: None,
             },
             |e| e.hash,
         );
@@ -563,6 +912,41 @@ impl Shard {
         });
         evicted as u64
     }
+}
+
+/// A concurrency window's state counted from its holders at `now`.
+fn concurrency_state(holders: &[Holder], now: Micros) -> State {
+    let live = holders.iter().filter(|&&(_, expires_at)| expires_at > now);
+    State::Concurrency {
+        open: live.clone().count() as u64,
+        free_at: live.map(|&(_, expires_at)| expires_at).min().unwrap_or(now),
+    }
+}
+
+fn hold_change(
+    id: u128,
+    digest: &str,
+    expires_at: Option<Micros>,
+    settled: bool,
+) -> Option<HoldChange<'_>> {
+    expires_at.map(|expires_at| HoldChange {
+        id,
+        digest,
+        expires_at,
+        settled,
+    })
+}
+
+/// When the last holder expires (the entry may be dropped then).
+fn holders_expiry(holders: &[Holder]) -> Option<Micros> {
+    holders.iter().map(|&(_, expires_at)| expires_at).max()
+}
+
+/// A reservation id as stores write it: 32 hex digits.
+pub fn parse_hold_id(id: &str) -> Option<u128> {
+    (id.len() == 32)
+        .then(|| u128::from_str_radix(id, 16).ok())
+        .flatten()
 }
 
 fn sweep_until_dropped(store: Weak<Inner>, stop: mpsc::Receiver<()>, interval: Duration) {
@@ -596,6 +980,18 @@ impl Store for MemoryStore {
     ) -> StoreFuture<'a, ()> {
         self.refund_sync(request, charged);
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn reserve<'a>(
+        &'a self,
+        request: &'a DecisionRequest,
+        hold: &'a Hold,
+    ) -> StoreFuture<'a, Outcomes> {
+        Box::pin(std::future::ready(Ok(self.reserve_sync(request, hold))))
+    }
+
+    fn settle<'a>(&'a self, settlement: &'a Settlement) -> StoreFuture<'a, SettleStatus> {
+        Box::pin(std::future::ready(Ok(self.settle_sync(settlement))))
     }
 
     fn ping(&self) -> StoreFuture<'_, ()> {

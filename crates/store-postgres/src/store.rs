@@ -339,6 +339,7 @@ fn algorithm_code(algorithm: Algorithm) -> i64 {
         Algorithm::Gcra => 0,
         Algorithm::FixedWindow => 1,
         Algorithm::SlidingWindow => 2,
+        Algorithm::Concurrency => 3,
     }
 }
 

@@ -585,6 +585,7 @@ fn algorithm_tag(algorithm: Algorithm) -> &'static str {
         Algorithm::Gcra => "g",
         Algorithm::FixedWindow => "f",
         Algorithm::SlidingWindow => "s",
+        Algorithm::Concurrency => "c",
     }
 }
 

@@ -3,6 +3,7 @@
 //! - [`semantics`]: the behaviour every [`Store`](sluice_engine::Store) must show, written
 //!   once. A backend runs it with [`semantic_suite!`] and a [`Harness`] that hands out a
 //!   fresh store and a way to let time pass.
+//! - [`reservations`]: the same for reservations (reserve, settle, debt, concurrency).
 //! - [`servers`]: real servers (`redis-server`, PostgreSQL) on free loopback ports, cleaned
 //!   up on drop.
 //! - [`sluice`]: the real `sluice` binary, black-box: `sluice serve` on a free port with a
@@ -15,6 +16,7 @@
 pub mod http;
 pub mod metrics;
 mod postgres;
+pub mod reservations;
 pub mod semantics;
 pub mod servers;
 pub mod shared;
@@ -74,6 +76,25 @@ macro_rules! semantic_suite {
             refund_gives_back_what_was_charged,
             refund_never_fills_beyond_the_quota
         );
+        $crate::semantic_suite!(@reservations $make;
+            settle_less_refunds_the_difference,
+            settle_more_goes_into_debt,
+            settling_twice_changes_nothing,
+            release_gives_back_the_whole_estimate,
+            expired_denied_and_forged_reservations_settle_nothing,
+            a_charge_for_work_done_is_booked_past_the_limit,
+            concurrency_slots_are_held_until_settled_or_expired,
+            concurrent_reservations_never_exceed_the_slots
+        );
+    };
+    (@reservations $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let harness = $make.await;
+                $crate::reservations::$case(&harness).await;
+            }
+        )*
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
         $(
