@@ -172,7 +172,7 @@ pub(crate) fn decode_any(raw: &[u8]) -> Option<(Stored, Micros)> {
         b'C' => {
             let expires_at = expires_at(raw)?;
             let rest = &raw[10..];
-            if rest.len() % 24 != 0 {
+            if !rest.len().is_multiple_of(24) {
                 return None;
             }
             let holders = rest
