@@ -17,7 +17,9 @@
 //! (each `*` in it matches any run of characters: `foo*`, `/api*v1`, `svc*ep*rpc`), an optional `rate_limit` (`unit`,
 //! `requests_per_unit`, `unlimited`, `name`, `replaces`), `metadata` (any mapping) and
 //! the switches `shadow_mode`, `quota_mode`, `share_threshold`, `detailed_metric` and
-//! `value_to_metric`. Every rule becomes a fixed
+//! `value_to_metric`. Two sluice extensions, which envoyproxy/ratelimit would reject:
+//! `rate_limit.algorithm` and `rate_limit.debt: true` (hits are work already done,
+//! such as the tokens of a finished stream: booked past the limit). Every rule becomes a fixed
 //! window [`Limit`] named after its descriptor path. Files named in `config_files` are
 //! read as they are (no `${VAR}` interpolation), relative to the sluice config file's
 //! directory; their errors name their own file, line and column.
@@ -264,6 +266,12 @@ pub struct Rule {
     /// `quota_mode`: decide and count, and answer OK when over the limit too (a soft
     /// quota, as envoyproxy/ratelimit's quota mode allows the request).
     pub quota_mode: bool,
+    /// `rate_limit.debt` (a sluice extension): hits are work already done, such as the
+    /// tokens Envoy reports when a stream ends (`apply_on_stream_done`): every hit is
+    /// booked, past the limit if need be, and a descriptor is over the limit while
+    /// nothing is left (so a call that sends `hits_addend: 0` first is refused while the
+    /// key is in debt).
+    pub debt: bool,
 }
 
 /// What a rule does.
@@ -440,6 +448,8 @@ struct RatelimitRule {
     /// A sluice extension (envoyproxy/ratelimit rejects it): the rule's algorithm,
     /// `fixed_window` (ratelimit's, the default), `sliding_window` or `gcra`.
     algorithm: Option<Located<Parsed<Algorithm>>>,
+    /// A sluice extension: hits are booked past the limit (see [`Rule::debt`]).
+    debt: Option<Located<bool>>,
 }
 
 struct ReplacesList;
@@ -706,10 +716,11 @@ impl Builder {
             let unit = rule.unit.as_ref().map(|unit| &unit.at);
             let counted = unit
                 .or(rule.requests_per_unit.as_ref().map(|r| &r.at))
-                .or(rule.algorithm.as_ref().map(|a| &a.at));
+                .or(rule.algorithm.as_ref().map(|a| &a.at))
+                .or(rule.debt.as_ref().map(|d| &d.at));
             if let Some(at) = counted {
                 return Err(at.fail(
-                    "an unlimited rule has no unit, requests_per_unit or algorithm: remove them, or remove `unlimited: true`",
+                    "an unlimited rule has no unit, requests_per_unit, algorithm or debt: remove them, or remove `unlimited: true`",
                 ));
             }
             RuleKind::Unlimited
@@ -748,6 +759,7 @@ impl Builder {
             replaces,
             shadow,
             quota_mode,
+            debt: rule.debt.is_some_and(|d| d.value),
         })
     }
 

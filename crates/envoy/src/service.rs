@@ -12,7 +12,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use sluice_config::envoy::{Rule, RuleKind, Unit};
-use sluice_engine::{Algorithm, Check, DecisionRequest, Limit, LimitSpec, Rate, WindowResult};
+use sluice_engine::{
+    Algorithm, Check, DecisionRequest, Limit, LimitSpec, Rate, Settlement, WindowResult,
+};
 use sluice_runtime::AppState;
 use tonic::{Request, Response, Status};
 
@@ -94,6 +96,9 @@ enum Plan {
         check: usize,
         limit: RateLimit,
         unit: Unit,
+        /// A `debt` rule: its hits were booked before the decision, which only reads
+        /// it; it is over the limit while nothing is left.
+        debt: bool,
     },
 }
 
@@ -183,13 +188,14 @@ impl RateLimitService {
             .collect();
 
         let mut checks = Vec::new();
+        let mut debts = Vec::new();
         let mut plans = Vec::with_capacity(found.len());
         for (descriptor, found) in request.descriptors.iter().zip(found) {
             let cost = cost_of(request, descriptor);
             let plan = match found {
                 Found::None => Plan::NoLimit,
                 Found::Rule(hit) if is_replaced(hit.rule, &replaced) => Plan::NoLimit,
-                Found::Rule(hit) => plan_rule(hit, cost, &mut checks)?,
+                Found::Rule(hit) => plan_rule(hit, cost, &mut checks, &mut debts)?,
                 Found::Override {
                     unit,
                     requests_per_unit,
@@ -199,6 +205,9 @@ impl RateLimitService {
             plans.push(plan);
         }
 
+        if !debts.is_empty() {
+            self.book(debts).await?;
+        }
         let results = if checks.is_empty() {
             Vec::new()
         } else {
@@ -235,6 +244,33 @@ impl RateLimitService {
             request_headers_to_add: Vec::new(),
             raw_body: Vec::new(),
         })
+    }
+}
+
+impl RateLimitService {
+    /// Books the hits of `debt` rules (work already done) past their limits.
+    async fn book(&self, debts: Vec<(Check, u64)>) -> Result<(), Status> {
+        let (checks, actual): (Vec<Check>, Vec<u64>) = debts.into_iter().unzip();
+        let request = DecisionRequest {
+            checks,
+            dry_run: false,
+        };
+        let settlement = Settlement {
+            hold: None,
+            windows: vec![true; request.window_count()],
+            request,
+            actual,
+        };
+        self.state
+            .decider
+            .settle(&settlement)
+            .await
+            .map(|_| ())
+            .map_err(|_| {
+                Status::unavailable(
+                    "the rate limit store is unavailable: the hits of a debt rule were not booked",
+                )
+            })
     }
 }
 
@@ -286,7 +322,12 @@ fn reported(rule_name: Option<&str>, requests_per_unit: u32, unit: Unit) -> Rate
     }
 }
 
-fn plan_rule(hit: Hit<'_>, cost: u64, checks: &mut Vec<Check>) -> Result<Plan, Status> {
+fn plan_rule(
+    hit: Hit<'_>,
+    cost: u64,
+    checks: &mut Vec<Check>,
+    debts: &mut Vec<(Check, u64)>,
+) -> Result<Plan, Status> {
     let rule = hit.rule;
     Ok(match &rule.kind {
         RuleKind::Unlimited => Plan::Unlimited,
@@ -301,13 +342,20 @@ fn plan_rule(hit: Hit<'_>, cost: u64, checks: &mut Vec<Check>) -> Result<Plan, S
             requests_per_unit,
             limit,
         } => {
-            let check = Check::new(Arc::clone(limit), hit.key, cost)
+            // A debt rule's hits are booked unconditionally before the decision, which
+            // then only reads the counter (cost 0) to report it.
+            let decided = if rule.debt { 0 } else { cost };
+            let check = Check::new(Arc::clone(limit), hit.key, decided)
                 .map_err(|error| Status::internal(format!("descriptor key: {error}")))?;
+            if rule.debt && cost > 0 {
+                debts.push((check.clone(), cost));
+            }
             checks.push(check);
             Plan::Counted {
                 check: checks.len() - 1,
                 limit: reported(rule.name.as_deref(), *requests_per_unit, *unit),
                 unit: *unit,
+                debt: rule.debt && !rule.shadow && !rule.quota_mode,
             }
         }
     })
@@ -378,6 +426,7 @@ fn plan_override(
         check: checks.len() - 1,
         limit,
         unit,
+        debt: false,
     })
 }
 
@@ -408,7 +457,12 @@ fn status(plan: Plan, results: &[WindowResult], now: i64) -> DescriptorStatus {
             limit_remaining: 0,
             duration_until_reset: Some(until_window_end(unit, now)),
         },
-        Plan::Counted { check, limit, unit } => {
+        Plan::Counted {
+            check,
+            limit,
+            unit,
+            debt,
+        } => {
             let Some(result) = results.iter().find(|r| r.check == check) else {
                 // The engine answers every window; an answer without it is not a decision.
                 return DescriptorStatus {
@@ -419,6 +473,7 @@ fn status(plan: Plan, results: &[WindowResult], now: i64) -> DescriptorStatus {
                 };
             };
             let (code, remaining) = match (result.allowed, result.shadow) {
+                (true, _) if debt && result.remaining == 0 => (Code::OverLimit, 0),
                 (true, _) => (
                     Code::Ok,
                     u32::try_from(result.remaining).unwrap_or(u32::MAX),
