@@ -146,6 +146,37 @@ def test_quota_mode_allows_over_the_limit_and_does_not_block_others(start_sluice
         assert answer.statuses[1].code == OK
 
 
+def test_dynamic_metadata_carries_quota_mode_violations_and_descriptor_metadata(start_sluice):
+    # envoyproxy/ratelimit with RESPONSE_DYNAMIC_METADATA=true: the answer's
+    # dynamic_metadata names the domain and descriptors, the quota-mode descriptors
+    # that went over (still OK), and the metadata of the descriptors within limits.
+    from google.protobuf.json_format import MessageToDict
+
+    sluice = start_sluice(EDGE.replace("  domains:", "  response_dynamic_metadata: true\n  domains:", 1))
+    user = uid()
+    first = sluice.call("edge", [("quota", user)], [("loose", user)])
+    meta = MessageToDict(first.dynamic_metadata)
+    assert meta["domain"] == "edge"
+    assert meta["descriptors"] == [
+        {"entries": [f"quota={user}"]},
+        {"entries": [f"loose={user}"]},
+    ]
+    assert meta["quotaModeEnabled"] is True
+    assert "quotaModeViolations" not in meta
+    assert meta["metadata"] == {"name": "service_1"}
+
+    second = sluice.call("edge", [("loose", user)], [("quota", user)], hits_addend=2)
+    assert second.overall_code == OK, "quota mode still allows"
+    meta = MessageToDict(second.dynamic_metadata)
+    assert meta["quotaModeViolations"] == [1]
+    assert meta["hitsAddend"] == 2
+    assert "metadata" not in meta, "metadata only for descriptors within their limits"
+
+    # Off by default, as in envoyproxy/ratelimit.
+    plain = start_sluice(EDGE).call("edge", [("quota", user)])
+    assert not plain.HasField("dynamic_metadata")
+
+
 def test_tokens_reported_when_a_stream_ends_are_booked_past_the_limit(start_sluice):
     # Envoy's AI gateway asks with hits_addend 0 before the call, then reports the
     # tokens with hits_addend when the stream ends. A `debt` rule books them even past
