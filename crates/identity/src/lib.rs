@@ -28,8 +28,10 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+use jsonwebtoken::{DecodingKey, Validation, decode, decode_header};
 use serde_json::{Map, Value};
+
+pub use jsonwebtoken::Algorithm;
 
 /// A verified token's claims.
 pub type Claims = Map<String, Value>;
