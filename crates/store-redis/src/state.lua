@@ -1,10 +1,15 @@
 -- sluice: what every script of the Redis store shares, put in front of each one when it
 -- is loaded (crates/store-redis/src/lib.rs concatenates them): the Redis server's clock,
--- integer division, and the stored states. Times are microseconds since the Unix epoch;
--- Lua numbers are doubles, exact below 2^53.
+-- integer division, the stored states and how they stand now, and a concurrency
+-- window's holders. Times are microseconds since the Unix epoch; Lua numbers are
+-- doubles, exact below 2^53.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+
+-- MAX_DEBT_MICROS (crates/engine/src/algorithm.rs): how far past now a forced charge may
+-- push a gcra TAT. Also the most a window's count may hold, so counts stay exact.
+local MAX_DEBT = 1125899906842624
 
 -- floor(a / b) for non-negative integers, corrected for the rounding of the division.
 local function idiv(a, b)
@@ -18,7 +23,22 @@ local function window_start(period)
   return now - (now - idiv(now, period) * period)
 end
 
+-- An integer as Redis arguments want it (tostring would write 1.7e+15).
+local function int(x)
+  return string.format('%d', x)
+end
+
+-- The five values every script takes first for a window, from ARGV[b + 1]: slot
+-- (1-based index into KEYS), algorithm, capacity, period (µs), gcra interval (µs).
+local function window_args(b)
+  return {
+    slot = tonumber(ARGV[b + 1]), alg = ARGV[b + 2], cap = tonumber(ARGV[b + 3]),
+    period = tonumber(ARGV[b + 4]), interval = tonumber(ARGV[b + 5]),
+  }
+end
+
 -- Stored states: gcra "tat"; fixed "start:count"; sliding "start:count:previous".
+-- A concurrency window is not a string but a sorted set (see `holders` below).
 local function parse(alg, raw)
   if not raw then return nil end
   if alg == 'g' then
@@ -35,7 +55,7 @@ local function parse(alg, raw)
 end
 
 local function encode(alg, st)
-  if alg == 'g' then return string.format('%d', st.tat) end
+  if alg == 'g' then return int(st.tat) end
   if alg == 'f' then return string.format('%d:%d', st.start, st.count) end
   return string.format('%d:%d:%d', st.start, st.count, st.prev)
 end
@@ -45,4 +65,57 @@ local function expires_at(w, st)
   if w.alg == 'f' then return st.start + w.period end
   if st.count > 0 then return st.start + 2 * w.period end
   return st.start + w.period
+end
+
+-- Writes a rate window's state and keeps it exactly as long as it matters: PXAT (on the
+-- same clock as TIME) at the engine's expires_at, rounded up to the millisecond.
+local function write(key, w, st)
+  redis.call('SET', key, encode(w.alg, st), 'PXAT', int(idiv(expires_at(w, st) + 999, 1000)))
+end
+
+-- Window::normalize: a stored state (nil: absent) brought to now.
+local function normalize(w, st)
+  if w.alg == 'g' then
+    if st and st.tat > now then return { tat = st.tat } end
+    return { tat = now }
+  end
+  if w.alg == 'c' then
+    if st and st.open > 0 then
+      if st.free_at > now then return { open = st.open, free_at = st.free_at } end
+      return { open = st.open, free_at = now }
+    end
+    return { open = 0, free_at = now }
+  end
+  local start = window_start(w.period)
+  if w.alg == 'f' then
+    -- A state from a later window (a decision whose clock read later) is current.
+    if st and st.start >= start then return { start = st.start, count = st.count } end
+    return { start = start, count = 0 }
+  end
+  if st then
+    if st.start >= start then return { start = st.start, count = st.count, prev = st.prev } end
+    if st.start == start - w.period then return { start = start, count = 0, prev = st.count } end
+  end
+  return { start = start, count = 0, prev = 0 }
+end
+
+-- A concurrency window's holders are a sorted set at its key: one member per open
+-- reservation (its id), scored by the reservation's expiry. Members scored at or
+-- before now have expired and do not count. The state: how many are open, and when
+-- the first of them expires.
+local function holders(key)
+  local live = '(' .. int(now)
+  local open = redis.call('ZCOUNT', key, live, '+inf')
+  if open == 0 then return { open = 0, free_at = now } end
+  local first = redis.call('ZRANGEBYSCORE', key, live, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  return { open = open, free_at = tonumber(first[2]) }
+end
+
+-- Keeps the holders' set exactly as long as its last holder (PXAT rounded up to the
+-- millisecond; a set left with expired holders only goes at once, an empty one is gone).
+local function expire_holders(key)
+  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  if last[2] then
+    redis.call('PEXPIREAT', key, int(idiv(tonumber(last[2]) + 999, 1000)))
+  end
 end
