@@ -907,3 +907,29 @@ fn redis_backend_errors_name_the_line() {
     let error = err("storage:\n  backend: redis\n  url: redis://h\n  path: /tmp/x\n");
     assert_at(&error, 4, 9, "storage.path", "only applies to backend disk");
 }
+
+/// Every example config in the repository loads (with the secrets it names set).
+#[test]
+fn every_example_config_loads() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut seen = 0;
+    let mut dirs = vec![root];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("examples") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "yaml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read");
+            let env = |name: &str| (name == "JWT_SECRET").then(|| "x".repeat(32));
+            sluice_config::load_str(&text, &path.to_string_lossy(), &env, &[])
+                .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 3, "the examples were found ({seen})");
+}
