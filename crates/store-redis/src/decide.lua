@@ -1,5 +1,6 @@
 -- sluice: decide every window of one request atomically, on the Redis server's clock
--- (`now`, with idiv, window_start, parse, encode and expires_at, comes from state.lua).
+-- (`now`, with idiv, window_start, window_end, parse, encode and expires_at, comes from
+-- state.lua).
 -- Mirrors crates/engine/src/algorithm.rs (Window::evaluate, remaining, reset_after,
 -- expires_at) and crates/engine/src/decision.rs (apply: two passes). Times are
 -- microseconds since the Unix epoch; Lua numbers are doubles, exact below 2^53.
@@ -8,8 +9,9 @@
 --   all in one cluster slot.
 -- ARGV[1]: '1' for dry_run; ARGV[2]: the number of windows n; then 7 values per window:
 --   slot (1-based index into KEYS), algorithm ('g', 'f', 's'), capacity (gcra burst,
---   otherwise the quota), period (µs), gcra interval (µs), cost (already capped at
---   capacity + 1, which decides the same), flags (1: charge_denied, 2: shadow).
+--   otherwise the quota), period (µs; -1: a UTC calendar month, fixed windows only),
+--   gcra interval (µs), cost (already capped at capacity + 1, which decides the same),
+--   flags (1: charge_denied, 2: shadow).
 -- Returns 4 integers per window: allowed (1/0), remaining, reset_after (µs),
 --   retry_after (µs; -1: never).
 
@@ -93,7 +95,7 @@ local function evaluate(w, st, cost)
     local spent = cur.count + cost
     local allowed = cost == 0 or spent <= w.cap
     local retry
-    if allowed then retry = 0 elseif cost > w.cap then retry = -1 else retry = cur.start + w.period - now end
+    if allowed then retry = 0 elseif cost > w.cap then retry = -1 else retry = window_end(w.period, cur.start) - now end
     return allowed, retry, cur, { start = cur.start, count = spent }
   end
   local quota, period = w.cap, w.period
@@ -135,7 +137,7 @@ local function reset_after(w, st)
     return 0
   end
   if st.count > 0 then
-    if w.alg == 'f' then return st.start + w.period - now end
+    if w.alg == 'f' then return window_end(w.period, st.start) - now end
     return st.start + 2 * w.period - now
   end
   if w.alg == 's' and st.prev > 0 then return st.start + w.period - now end

@@ -7,7 +7,8 @@
 --
 -- KEYS: the distinct counters refunded (as decide.lua's), all in one cluster slot.
 -- ARGV[1]: the number of windows n; then 6 values per window: slot (1-based index into
---   KEYS), algorithm ('g', 'f', 's'), capacity, period (µs), gcra interval (µs), cost.
+--   KEYS), algorithm ('g', 'f', 's'), capacity, period (µs; -1: a UTC calendar month, as
+--   for decide.lua), gcra interval (µs), cost.
 -- Returns the number of counters written.
 
 local n = tonumber(ARGV[1])
