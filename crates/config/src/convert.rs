@@ -607,7 +607,9 @@ fn build_limit(name: &Located<String>, limit: Option<&LimitSection>) -> Result<L
                 .rev()
                 .find(|r| r.value.0 == *second)
                 .map(|r| &r.at),
-            LimitError::RateTooFine(rate) => {
+            // At the rate: it is what asks for a fixed window, whether or not the
+            // algorithm was written.
+            LimitError::RateTooFine(rate) | LimitError::CalendarMonthNeedsFixedWindow(rate, _) => {
                 rates.iter().find(|r| r.value.0 == *rate).map(|r| &r.at)
             }
             LimitError::NoRates => Some(&rate.at),

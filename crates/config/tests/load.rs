@@ -336,6 +336,40 @@ fn engine_errors_found_after_parsing_are_placed_at_their_field() {
 }
 
 #[test]
+fn a_calendar_month_rate_needs_the_fixed_window() {
+    // gcra by default: the error is at the rate, and says what to write.
+    let error = err("limits:\n  budget:\n    rate: 100/month\n");
+    assert_at(
+        &error,
+        3,
+        11,
+        "limits.budget.rate",
+        "rate 100/month counts UTC calendar months, which only algorithm fixed_window can do, not gcra; set algorithm: fixed_window",
+    );
+    let error = err("limits:\n  budget: {rate: [10/day, 100/mo], algorithm: sliding_window}\n");
+    assert_at(
+        &error,
+        2,
+        27,
+        "limits.budget.rate[1]",
+        "not sliding_window; set algorithm: fixed_window",
+    );
+    let error = err("limits:\n  budget: {rate: 100/3months, algorithm: fixed_window}\n");
+    assert_at(
+        &error,
+        2,
+        18,
+        "limits.budget.rate",
+        "calendar months take no multiplier; write N/month",
+    );
+
+    let config = ok("limits:\n  budget: {rate: [100/months, 10/day], algorithm: fixed_window}\n");
+    assert_eq!(rates(&config, "budget"), ["100/month", "10/day"]);
+    let budget = config.limits.get("budget").expect("budget");
+    assert_eq!(&*budget.windows()[0].counter, "budget:f1mo");
+}
+
+#[test]
 fn a_limit_without_a_rate_is_an_error() {
     let error = err("limits: {x: {}}\n");
     assert_at(&error, 1, 10, "limits.x", "missing field `rate`");

@@ -4,7 +4,10 @@
 //! `schema.sql` is a versioned, idempotent migration ([`SCHEMA_VERSION`]): a table
 //! `sluice_counters (key, a, b, c, expires_at)` (one row per counter, the engine's
 //! state in three integers, microseconds and units of cost), the functions
-//! `sluice_decide`, `sluice_reset` and `sluice_sweep`, and a record of applied versions.
+//! `sluice_decide`, `sluice_refund`, `sluice_reset`, `sluice_sweep` and
+//! `sluice_month_start` (calendar-month windows), and a record of applied versions. A
+//! version adds to the script and records itself; a database at an older version gets
+//! the whole (idempotent) script again.
 //! [`PostgresStore::prepare`] applies it (or, with `migrate: false`, only checks it is
 //! there); [`migration_sql`] is the same script for a DBA. `unlogged: true` makes the
 //! counter table `UNLOGGED`: no WAL, faster, and emptied by PostgreSQL after a crash.
@@ -18,7 +21,7 @@ use crate::error::describe;
 use crate::{MAINTENANCE_TIMEOUT_MS, PostgresStore, PostgresStoreError};
 
 /// The schema version this build installs and expects.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The migration script, with placeholders for the schema and the table's persistence.
 const SCHEMA_SQL: &str = include_str!("schema.sql");
@@ -254,7 +257,7 @@ mod tests {
     #[test]
     fn the_script_names_the_schema_and_persistence() {
         let logged = migration_sql("rate", false).expect("script");
-        assert!(logged.starts_with("-- sluice schema version 2"));
+        assert!(logged.starts_with("-- sluice schema version 3"));
         assert!(logged.contains("CREATE TABLE IF NOT EXISTS \"rate\".sluice_counters"));
         assert!(logged.contains("SET LOGGED"));
         assert!(!logged.contains('@'), "every placeholder is filled");

@@ -1,5 +1,6 @@
--- sluice schema version 2 for PostgreSQL 13+: the counter table, the decision and refund
--- functions, the reset and sweep functions (version 1 had no refund). Every statement is idempotent, so the whole script may
+-- sluice schema version 3 for PostgreSQL 13+: the counter table, the decision and refund
+-- functions, the reset and sweep functions (version 1 had no refund; version 2 no
+-- calendar-month windows). Every statement is idempotent, so the whole script may
 -- run again at any time (`sluice serve` runs it at start unless `migrate: false`;
 -- `sluice migrate --print` prints it for a DBA).
 --
@@ -57,12 +58,26 @@ CREATE TABLE IF NOT EXISTS @schema@.sluice_sweeper (
 );
 INSERT INTO @schema@.sluice_sweeper (id, swept_at) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
 
+-- The start of the UTC calendar month holding p_us (µs since the epoch), moved on by
+-- p_months months: the bounds of N/month windows (period -1 in sluice_decide and
+-- sluice_refund; crates/engine/src/calendar.rs). Computed on timestamp without time
+-- zone, which counts from 1970-01-01 00:00 with no zone at all, so the session's
+-- TimeZone plays no part; the microseconds stay exact (below 2^53) through the interval.
+CREATE OR REPLACE FUNCTION @schema@.sluice_month_start(p_us bigint, p_months integer)
+RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $sluice$
+    SELECT (EXTRACT(EPOCH FROM pg_catalog.date_trunc('month', TIMESTAMP '1970-01-01' + p_us * INTERVAL '1 microsecond')
+                               + p_months * INTERVAL '1 month') * 1000000)::bigint
+$sluice$;
+
 -- Decides every window of one request atomically.
 --   p_keys: the request's distinct counters (prefix || counter || ':' || key).
 --   p_args: 7 values per window, in the request's window order: slot (1-based index
 --     into p_keys), algorithm (0 gcra, 1 fixed window, 2 sliding window), capacity (gcra
---     burst, otherwise the quota), period (µs), gcra interval (µs), cost (capped at
---     capacity + 1, which decides the same), flags (1: charge_denied, 2: shadow).
+--     burst, otherwise the quota), period (µs; -1: a UTC calendar month, fixed windows
+--     only), gcra interval (µs), cost (capped at capacity + 1, which decides the same),
+--     flags (1: charge_denied, 2: shadow).
 --   p_read_only: a dry run (or only costs of 0): no locks, nothing written.
 -- Returns 4 values per window: allowed (1/0), remaining, reset_after (µs), retry_after
 -- (µs; -1: never).
@@ -93,8 +108,8 @@ DECLARE
     alg bigint; cap bigint; period bigint; ivl bigint; cost bigint; flags bigint;
     ca bigint; cb bigint; cc bigint;          -- the state now, without this request
     ga bigint; gb bigint; gc bigint;          -- the state if it is charged
-    ws bigint; tau bigint; used bigint; lft bigint; weighted bigint; elapsed bigint;
-    room bigint; divisor bigint;
+    ws bigint; we bigint; tau bigint; used bigint; lft bigint; weighted bigint;
+    elapsed bigint; room bigint; divisor bigint;
     allowed boolean; retry bigint; charged boolean;
     decision_allowed boolean := true;
 BEGIN
@@ -155,17 +170,23 @@ BEGIN
                 -- charge_denied locks out for at most one more bucket after the last attempt.
                 ga := LEAST(ga, GREATEST(now_us + 2 * tau, ca)); gb := 0; gc := 0;
             ELSE
-                ws := now_us - now_us % period;
+                IF period < 0 THEN ws := @schema@.sluice_month_start(now_us, 0);
+                ELSE ws := now_us - now_us % period;
+                END IF;
                 IF alg = 1 THEN
                     -- fixed window; a state from a later window (a decision whose clock
-                    -- read later) is the current one.
+                    -- read later) is the current one. It ends at `we`: months differ in
+                    -- length.
                     IF wp[s] AND wa[s] >= ws THEN ca := wa[s]; cb := wb[s]; ELSE ca := ws; cb := 0; END IF;
                     cc := 0;
+                    IF period < 0 THEN we := @schema@.sluice_month_start(ca, 1);
+                    ELSE we := ca + period;
+                    END IF;
                     gb := cb + cost;
                     allowed := cost = 0 OR gb <= cap;
                     IF allowed THEN retry := 0;
                     ELSIF cost > cap THEN retry := -1;
-                    ELSE retry := ca + period - now_us;
+                    ELSE retry := we - now_us;
                     END IF;
                     ga := ca; gc := 0;
                 ELSE
@@ -225,7 +246,7 @@ BEGIN
                 res[i * 4 + 3] := GREATEST(ca - now_us, 0);
             ELSIF alg = 1 THEN
                 res[i * 4 + 2] := GREATEST(cap - cb, 0);
-                res[i * 4 + 3] := CASE WHEN cb > 0 THEN ca + period - now_us ELSE 0 END;
+                res[i * 4 + 3] := CASE WHEN cb > 0 THEN we - now_us ELSE 0 END;
             ELSE
                 res[i * 4 + 2] := GREATEST(cap - used, 0);
                 res[i * 4 + 3] := CASE WHEN cb > 0 THEN ca + 2 * period - now_us
@@ -243,6 +264,7 @@ BEGIN
             changed := changed || s;
             -- Kept exactly as long as it matters (the engine's expires_at).
             ea := ea || CASE WHEN sa[s] = 0 THEN wa[s]
+                             WHEN sp[s] < 0 THEN @schema@.sluice_month_start(wa[s], 1)
                              WHEN sa[s] = 1 OR wb[s] = 0 THEN wa[s] + sp[s]
                              ELSE wa[s] + 2 * sp[s] END;
         END IF;
@@ -320,9 +342,9 @@ $sluice$;
 -- window's current count goes down; a sliding window's current count, then its previous
 -- one. Never below an empty counter; an absent or expired counter is left alone.
 --   p_keys: the distinct counters refunded; p_args: 6 values per window: slot (1-based
---   index into p_keys), algorithm (0 gcra, 1 fixed, 2 sliding), capacity, period (µs),
---   gcra interval (µs), cost. Under the same locks as decisions. Returns the number of
---   counters written.
+--   index into p_keys), algorithm (0 gcra, 1 fixed, 2 sliding), capacity, period (µs;
+--   -1: a UTC calendar month), gcra interval (µs), cost. Under the same locks as
+--   decisions. Returns the number of counters written.
 CREATE OR REPLACE FUNCTION @schema@.sluice_refund(p_keys text[], p_args bigint[])
 RETURNS bigint
 LANGUAGE plpgsql
@@ -368,7 +390,9 @@ BEGIN
                 wa[s] := cb; wb[s] := 0; wc[s] := 0; dirty[s] := true;
             END IF;
         ELSE
-            ws := now_us - (now_us % period);
+            IF period < 0 THEN ws := @schema@.sluice_month_start(now_us, 0);
+            ELSE ws := now_us - (now_us % period);
+            END IF;
             IF wa[s] >= ws THEN
                 ca := wa[s]; cb := wb[s]; cc := wc[s];
             ELSIF alg = 2 AND wa[s] = ws - period THEN
@@ -392,6 +416,7 @@ BEGIN
         UPDATE @schema@.sluice_counters AS t
            SET a = wa[s], b = wb[s], c = wc[s],
                expires_at = CASE WHEN sa[s] = 0 THEN wa[s]
+                                 WHEN sp[s] < 0 THEN @schema@.sluice_month_start(wa[s], 1)
                                  WHEN sa[s] = 1 OR wb[s] = 0 THEN wa[s] + sp[s]
                                  ELSE wa[s] + 2 * sp[s] END
          WHERE t.key = p_keys[s];
@@ -406,4 +431,7 @@ INSERT INTO @schema@.sluice_migrations (version, description)
 ON CONFLICT (version) DO NOTHING;
 INSERT INTO @schema@.sluice_migrations (version, description)
      VALUES (2, 'sluice_refund')
+ON CONFLICT (version) DO NOTHING;
+INSERT INTO @schema@.sluice_migrations (version, description)
+     VALUES (3, 'calendar-month windows: sluice_month_start; period -1 in sluice_decide and sluice_refund')
 ON CONFLICT (version) DO NOTHING;

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use sluice_engine::{
-    Algorithm, DecisionRequest, Limit, Outcomes, Store, StoreError, StoreFuture, StoreStats,
+    Algorithm, DecisionRequest, Limit, Outcomes, Rate, Store, StoreError, StoreFuture, StoreStats,
     WindowOutcome, WindowOutcomes,
 };
 use tokio_postgres::NoTls;
@@ -218,9 +218,9 @@ impl PostgresStore {
             });
             let window = &lw.window;
             let capacity = window.capacity();
-            let period = window.rate().period_micros();
+            let period = function_period(window.rate());
             let algorithm = algorithm_code(window.algorithm());
-            let interval = period / window.rate().quota() as i64;
+            let interval = window.rate().period_micros() / window.rate().quota() as i64;
             let limit = check.limit();
             let flags = i64::from(limit.charge_denied()) | (i64::from(limit.shadow()) << 1);
             // Capacities are at most 10^9: far inside i64.
@@ -270,13 +270,13 @@ impl PostgresStore {
             });
             let window = &lw.window;
             let capacity = window.capacity();
-            let period = window.rate().period_micros();
+            let period = function_period(window.rate());
             args.extend_from_slice(&[
                 slot,
                 algorithm_code(window.algorithm()),
                 capacity as i64,
                 period,
-                period / window.rate().quota() as i64,
+                window.rate().period_micros() / window.rate().quota() as i64,
                 // More than the capacity was never charged in one decision.
                 check.cost().min(capacity) as i64,
             ]);
@@ -331,6 +331,19 @@ fn parse_reply(reply: &[i64], count: usize) -> Result<Outcomes, StoreError> {
         windows,
         degraded: false,
     })
+}
+
+/// The period sent for a calendar-month window (`N/month`): the functions find the
+/// month's bounds on the database's clock (`sluice_month_start`, schema version 3).
+const CALENDAR_MONTH: i64 = -1;
+
+/// The period `sluice_decide` and `sluice_refund` take: microseconds, or [`CALENDAR_MONTH`].
+fn function_period(rate: Rate) -> i64 {
+    if rate.is_calendar_month() {
+        CALENDAR_MONTH
+    } else {
+        rate.period_micros()
+    }
 }
 
 /// The algorithm as `sluice_decide` and `sluice_refund` number it.

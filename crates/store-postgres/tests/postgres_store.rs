@@ -1,5 +1,6 @@
 //! PostgreSQL-specific behaviour: one statement per decision, compact rows with exact
-//! expiry, a table that shrinks back after a key flood, reset of a whole limit, the
+//! expiry, calendar months whatever the session's time zone, a table that shrinks back
+//! after a key flood, reset of a whole limit, the
 //! migration (versioned, idempotent, by hand for a DBA, in another schema, unlogged),
 //! no deadlock between decisions taking shared counters in opposite orders, and
 //! survival of a database restart.
@@ -7,12 +8,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_engine::{Check, DecisionRequest, Limit, LimitSpec, Store, decide};
+use sluice_engine::calendar::{month_start, next_month_start};
+use sluice_engine::{Algorithm, Check, DecisionRequest, Limit, LimitSpec, Store, decide};
 use sluice_store_postgres::{
     PostgresStore, PostgresStoreConfig, PostgresStoreError, SCHEMA_VERSION, SchemaStatus,
     migration_sql,
 };
+use sluice_testkit::semantics::month_boundary_instants;
 use sluice_testkit::servers::PostgresServer;
+use sluice_testkit::system_now;
 
 fn limit(name: &str, rates: &[&str]) -> Arc<Limit> {
     let rates = rates.iter().map(|r| r.parse().expect("rate")).collect();
@@ -114,6 +118,64 @@ async fn state_is_compact_and_expires_when_it_stops_mattering() {
         (23_000_000..=24_000_000).contains(&fields[3]),
         "expires in {} µs",
         fields[3]
+    );
+}
+
+/// `sluice_month_start` agrees with the engine's calendar around every month start from
+/// 1969 to 2200, in sessions whose time zone is 14 hours ahead of UTC and 9 behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_functions_calendar_months_agree_with_the_engine_in_any_time_zone() {
+    let (server, _store) = setup().await;
+    let (client, connection) = tokio_postgres::connect(&server.url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    let instants = month_boundary_instants();
+    for zone in ["Pacific/Kiritimati", "America/Anchorage"] {
+        client
+            .batch_execute(&format!("SET TimeZone = '{zone}'"))
+            .await
+            .expect("set the time zone");
+        let rows = client
+            .query(
+                "SELECT public.sluice_month_start(x.t, 0), public.sluice_month_start(x.t, 1) \
+                 FROM unnest($1::bigint[]) WITH ORDINALITY AS x(t, o) ORDER BY x.o",
+                &[&instants],
+            )
+            .await
+            .expect("the function runs");
+        assert_eq!(rows.len(), instants.len(), "{zone}");
+        for (t, row) in instants.iter().zip(&rows) {
+            assert_eq!(
+                (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+                (month_start(*t), next_month_start(*t)),
+                "the month holding {t} µs, in {zone}"
+            );
+        }
+    }
+}
+
+/// A calendar-month row starts at this month's start and expires at the next one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calendar_month_counter_lives_until_the_next_month_start() {
+    let (server, store) = setup().await;
+    let mut spec = LimitSpec::new(vec!["3/month".parse().expect("rate")]);
+    spec.algorithm = Algorithm::FixedWindow;
+    let l = Arc::new(Limit::new("budget", spec).expect("limit"));
+    let before = system_now();
+    decide(&*store, &request(&[(&l, "key:1", 2)]))
+        .await
+        .expect("decide");
+    if next_month_start(system_now()) != next_month_start(before) {
+        return; // decided at a month start: either month may hold it
+    }
+    assert_eq!(
+        sql(
+            &server,
+            "SELECT a || ':' || b || ':' || c || ':' || expires_at FROM public.sluice_counters \
+             WHERE key = 'sluice:budget:f1mo:key:1'"
+        ),
+        format!("{}:2:0:{}", month_start(before), next_month_start(before))
     );
 }
 

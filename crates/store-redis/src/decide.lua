@@ -11,7 +11,7 @@
 --   all in one cluster slot; with a hold, then the hold's key (see settle.lua).
 -- ARGV[1]: '1' for dry_run; ARGV[2]: the number of windows n; then 7 values per window:
 --   slot (1-based index into KEYS), algorithm ('g', 'f', 's', 'c'), capacity (gcra
---   burst, concurrency slots, otherwise the quota), period (µs), gcra interval (µs),
+--   burst, concurrency slots, otherwise the quota), period (µs; -1: a UTC calendar month, fixed windows only), gcra interval (µs),
 --   cost (already capped at capacity + 1, which decides the same), flags
 --   (1: charge_denied, 2: shadow).
 --   With a hold, 3 more: its id (a concurrency set's member), its digest, its ttl (µs).
@@ -81,7 +81,7 @@ local function evaluate(w, st, cost)
     local spent = cur.count + cost
     local allowed = cost == 0 or spent <= w.cap
     local retry
-    if allowed then retry = 0 elseif cost > w.cap then retry = -1 else retry = cur.start + w.period - now end
+    if allowed then retry = 0 elseif cost > w.cap then retry = -1 else retry = window_end(w.period, cur.start) - now end
     return allowed, retry, cur, { start = cur.start, count = spent }
   elseif w.alg == 'c' then
     local held = cur.open + cost
@@ -138,7 +138,7 @@ local function reset_after(w, st)
     return 0
   end
   if st.count > 0 then
-    if w.alg == 'f' then return st.start + w.period - now end
+    if w.alg == 'f' then return window_end(w.period, st.start) - now end
     return st.start + 2 * w.period - now
   end
   if w.alg == 's' and st.prev > 0 then return st.start + w.period - now end

@@ -14,8 +14,8 @@
 //! # Keys and state
 //! A counter lives at `{prefix}{{limit}:{key}}:{window}`, e.g.
 //! `sluice:{chat:user:42}:g60` for the 60-second gcra window of limit `chat` on key
-//! `user:42` (the braces are a Redis Cluster hash tag: every window of one check lives
-//! in one slot). Its value is a short string: gcra `"tat"`, fixed window `"start:count"`, sliding window
+//! `user:42`, `...:f1mo` for a calendar-month window (the braces are a Redis Cluster
+//! hash tag: every window of one check lives in one slot). Its value is a short string: gcra `"tat"`, fixed window `"start:count"`, sliding window
 //! `"start:count:previous"` (microseconds and units of cost). Every write sets an
 //! absolute expiry (`PXAT`) at the moment the state becomes indistinguishable from no
 //! state (the engine's `expires_at`, rounded up to the millisecond), so a flood of
@@ -81,7 +81,7 @@ use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
 use sluice_engine::{
     Algorithm, Check, DecisionRequest, Hold, Limit, LimitWindow, MAX_DEBT_MICROS, Micros, Outcomes,
-    SettleStatus, Settlement, Store, StoreError, StoreFuture, StoreStats, WindowOutcome,
+    Rate, SettleStatus, Settlement, Store, StoreError, StoreFuture, StoreStats, WindowOutcome,
 };
 
 mod connection;
@@ -98,6 +98,10 @@ const DECIDE_LUA: &str = concat!(include_str!("state.lua"), include_str!("decide
 /// [`slots`]), settles a reservation (`Store::settle`), and releases one another slot
 /// denied.
 const SETTLE_LUA: &str = concat!(include_str!("state.lua"), include_str!("settle.lua"));
+
+/// The period sent for a calendar-month window (`N/month`): the scripts find the
+/// month's bounds on the server's clock (`window_start` and `window_end` in `state.lua`).
+const CALENDAR_MONTH: i64 = -1;
 
 /// How many keys one `SCAN` step asks for and one `UNLINK` removes.
 const SCAN_BATCH: usize = 500;
@@ -371,7 +375,7 @@ impl RedisStore {
             let (check, lw) = windows[index];
             let window = &lw.window;
             let capacity = window.capacity();
-            let period = window.rate().period_micros();
+            let period = script_period(window.rate());
             let limit = check.limit();
             let flags = u8::from(limit.charge_denied()) | (u8::from(limit.shadow()) << 1);
             invocation
@@ -379,7 +383,7 @@ impl RedisStore {
                 .arg(algorithm_tag(window.algorithm()))
                 .arg(capacity)
                 .arg(period)
-                .arg(period / window.rate().quota() as i64)
+                .arg(window.rate().period_micros() / window.rate().quota() as i64)
                 .arg(check.cost().min(capacity + 1))
                 .arg(flags);
         }
@@ -462,13 +466,13 @@ impl RedisStore {
         for &(k, amount) in &listed {
             let (index, key_index) = part.windows[k];
             let window = &windows[index].1.window;
-            let period = window.rate().period_micros();
+            let period = script_period(window.rate());
             invocation
                 .arg(key_index)
                 .arg(algorithm_tag(window.algorithm()))
                 .arg(window.capacity())
                 .arg(period)
-                .arg(period / window.rate().quota() as i64)
+                .arg(window.rate().period_micros() / window.rate().quota() as i64)
                 .arg(amount);
         }
         // Not repeated: a refund or a settlement without a hold that ran twice would move
@@ -838,6 +842,15 @@ fn amounts(settlement: &Settlement) -> Vec<i64> {
         .zip(&settlement.windows)
         .map(|(amount, &moved)| if moved { amount } else { 0 })
         .collect()
+}
+
+/// The period the scripts take: microseconds, or [`CALENDAR_MONTH`].
+fn script_period(rate: Rate) -> i64 {
+    if rate.is_calendar_month() {
+        CALENDAR_MONTH
+    } else {
+        rate.period_micros()
+    }
 }
 
 fn algorithm_tag(algorithm: Algorithm) -> &'static str {

@@ -1,17 +1,20 @@
 //! Redis-specific behaviour: one round trip per decision (and per reservation and
-//! settlement), compact state with exact expiry, reservations' holds and concurrency
-//! sets, reset of a whole limit, survival of a server restart, and reservations split
-//! over the slots of a Redis Cluster.
+//! settlement), compact state with exact expiry, the scripts' calendar months,
+//! reservations' holds and concurrency sets, reset of a whole limit, survival of a
+//! server restart, and reservations split over the slots of a Redis Cluster.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_engine::calendar::{month_start, next_month_start};
 use sluice_engine::{
-    Check, Decision, DecisionRequest, Hold, HoldId, Limit, LimitSpec, SettleStatus, Settlement,
-    Store, decide,
+    Algorithm, Check, Decision, DecisionRequest, Hold, HoldId, Limit, LimitSpec, SettleStatus,
+    Settlement, Store, decide,
 };
 use sluice_store_redis::{RedisStore, RedisStoreConfig};
+use sluice_testkit::semantics::month_boundary_instants;
 use sluice_testkit::servers::{RedisCluster, RedisServer};
+use sluice_testkit::system_now;
 
 fn limit(name: &str, rates: &[&str]) -> Arc<Limit> {
     let rates = rates.iter().map(|r| r.parse().expect("rate")).collect();
@@ -136,6 +139,71 @@ async fn state_is_compact_and_expires_when_it_stops_mattering() {
         .await
         .expect("pttl");
     assert!((23_000..=24_001).contains(&ttl), "ttl {ttl} ms");
+}
+
+/// The scripts' calendar (`month_start` in state.lua, on Lua's doubles) agrees with the
+/// engine's around every month start from 1969 to 2200.
+#[tokio::test]
+async fn the_scripts_calendar_months_agree_with_the_engine() {
+    let (_server, _store, mut admin) = setup().await;
+    let probe = redis::Script::new(concat!(
+        include_str!("../src/state.lua"),
+        "\nlocal out = {}\n",
+        "for i = 1, #ARGV do\n",
+        "  local t = tonumber(ARGV[i])\n",
+        "  out[2 * i - 1] = month_start(t, 0)\n",
+        "  out[2 * i] = month_start(t, 1)\n",
+        "end\n",
+        "return out\n",
+    ));
+    let instants = month_boundary_instants();
+    let mut invocation = probe.prepare_invoke();
+    for t in &instants {
+        invocation.arg(*t);
+    }
+    let bounds: Vec<i64> = invocation
+        .invoke_async(&mut admin)
+        .await
+        .expect("the probe runs");
+    assert_eq!(bounds.len(), 2 * instants.len());
+    for (t, bounds) in instants.iter().zip(bounds.chunks_exact(2)) {
+        assert_eq!(
+            (bounds[0], bounds[1]),
+            (month_start(*t), next_month_start(*t)),
+            "the month holding {t} µs"
+        );
+    }
+}
+
+/// A calendar-month counter starts at this month's start and expires at the next one's.
+#[tokio::test]
+async fn a_calendar_month_counter_lives_until_the_next_month_start() {
+    let (_server, store, mut admin) = setup().await;
+    let mut spec = LimitSpec::new(vec!["3/month".parse().expect("rate")]);
+    spec.algorithm = Algorithm::FixedWindow;
+    let l = Arc::new(Limit::new("budget", spec).expect("limit"));
+    let request = DecisionRequest {
+        checks: vec![Check::new(l, "key:1", 2).expect("check")],
+        dry_run: false,
+    };
+    let before = system_now();
+    decide(&store, &request).await.expect("decide");
+    if next_month_start(system_now()) != next_month_start(before) {
+        return; // decided at a month start: either month may hold it
+    }
+    let key = "sluice:{budget:key:1}:f1mo";
+    let value: String = redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut admin)
+        .await
+        .expect("get");
+    assert_eq!(value, format!("{}:2", month_start(before)));
+    let expires_ms: i64 = redis::cmd("PEXPIRETIME")
+        .arg(key)
+        .query_async(&mut admin)
+        .await
+        .expect("pexpiretime");
+    assert_eq!(expires_ms, next_month_start(before) / 1_000);
 }
 
 #[tokio::test]
