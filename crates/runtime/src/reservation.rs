@@ -78,7 +78,7 @@ impl Ticket {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         Ok(Ticket {
-            id: bytes.iter().map(|b| format!("{b:02x}")).collect(),
+            id: hex(&bytes),
             expires_at_ms: now_ms.saturating_add(ttl.as_millis() as u64),
             checks: request
                 .checks
@@ -129,7 +129,7 @@ impl Ticket {
         let digest = Sha256::digest(payload.as_bytes());
         HoldId {
             id: self.id.clone(),
-            digest: digest[..16].iter().map(|b| format!("{b:02x}")).collect(),
+            digest: hex(&digest[..16]),
         }
     }
 
@@ -157,6 +157,17 @@ impl Ticket {
             windows,
         }
     }
+}
+
+/// Lower-case hex, without a `format!` per byte: this runs twice per reservation.
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
 }
 
 #[cfg(test)]
