@@ -263,6 +263,14 @@ pub(crate) fn config(root: &Node, source: &str) -> Result<Config, Fail> {
         config.routes = routes
             .value
             .build(&routes.at, &config.limits, config.proxy.is_some())?;
+        // Metered routes and concurrency limits are decided as reservations, which only
+        // the memory store keeps so far: elsewhere every such call would be a 503.
+        if config.routes.needs_reservations() && config.storage.backend != Backend::Memory {
+            return Err(routes.at.fail(format!(
+                "a route charges `cost: usage` or applies a concurrency limit, which are decided as reservations, and the {} store does not keep reservations yet (the memory store does): use `storage: {{backend: memory}}`, or remove them from the routes",
+                config.storage.backend
+            )));
+        }
     }
     if let Some(section) = file.envoy {
         let built = section.value.build(source)?;

@@ -175,7 +175,9 @@ where
             let decision_request = match shared.policy.decision_request(&incoming, false) {
                 Ok(decision_request) => decision_request,
                 // A path or key the app could read in more than one way is refused
-                // rather than guessed (see `sluice_http::path`).
+                // rather than guessed (see `sluice_http::path`); so, with a 500, is a
+                // route the layer cannot decide (`cost: usage`, concurrency limits:
+                // settled when the answer ends, which only sluice's proxy does).
                 Err(error) => {
                     let mut headers = http::HeaderMap::new();
                     headers.insert(
@@ -185,7 +187,7 @@ where
                     let body =
                         serde_json::json!({"error": error.code(), "message": error.to_string()});
                     return Ok(plain(
-                        StatusCode::BAD_REQUEST,
+                        error.status(),
                         headers,
                         body.to_string().into_bytes(),
                     ));
