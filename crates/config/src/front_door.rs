@@ -468,6 +468,11 @@ impl Routes {
                 }
                 Matcher::Match(section) => Some(section.build()?),
             };
+            if let Some(usage) = route.usage.as_ref().filter(|_| !proxy) {
+                return Err(usage.at.fail(
+                    "usage is read from the upstream's answer, which only the reverse proxy sees (forward-auth and the tower layer decide before the call): add a `proxy:` section, or have the app reserve and settle with /v1/reserve and /v1/settle",
+                ));
+            }
             let mut metered = None;
             let mut route_limits = Vec::with_capacity(route.limits.0.len());
             for limit in route.limits.0 {
@@ -478,11 +483,6 @@ impl Routes {
                 route_limits.push(built);
             }
             let usage = match (route.usage, metered) {
-                (Some(usage), _) if !proxy => {
-                    return Err(usage.at.fail(
-                        "usage is read from the upstream's answer, which only the reverse proxy sees (forward-auth and the tower layer decide before the call): add a `proxy:` section, or have the app reserve and settle with /v1/reserve and /v1/settle",
-                    ));
-                }
                 (Some(usage), None) => {
                     return Err(usage.at.fail(
                         "usage is set but no limit of this route is charged from it: add `cost: usage` to the limits that should be charged what the answer used (e.g. `{limit: tokens_day, key: \"user:{header.x-user-id}\", cost: usage}`), or remove usage",

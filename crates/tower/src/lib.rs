@@ -26,6 +26,10 @@
 //! # }
 //! ```
 //!
+//! Routes charged from the answer (`cost: usage`) or holding a concurrency slot until it
+//! ends are settled by sluice's reverse proxy only: the layer answers them
+//! `500 needs_reverse_proxy` rather than decide half of them.
+//!
 //! The socket peer is read from axum's `ConnectInfo<SocketAddr>` extension (serve with
 //! `into_make_service_with_connect_info`; `MockConnectInfo` in tests), or from a plain `SocketAddr` extension that a
 //! hyper app inserts itself. Without either, `{client_ip}` does not resolve and limits
