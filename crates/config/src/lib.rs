@@ -537,7 +537,8 @@ pub struct HttpConfig {
     /// How long a client may take to send the body of a request to sluice's own JSON
     /// endpoints (`/v1/check`, admin calls) once its head has arrived; then it gets
     /// `408 request_timeout` and the connection is closed. Proxied bodies stream to the
-    /// upstream instead, under `proxy.timeout_ms`. Default 10 s.
+    /// upstream instead, under `proxy.timeout_ms`, except on a metered route (`usage:`),
+    /// whose body is read first, within this, to estimate the call. Default 10 s.
     pub body_read_timeout_ms: u64,
     /// How long a connection with no request in flight stays open waiting for the next
     /// request before it is closed. Default 60 s.
