@@ -11,7 +11,8 @@
 //! - `/v1/none`: a JSON answer without usage;
 //! - `/v1/missing`: `404` (with usage, which must not count: refunded by status);
 //! - `/v1/hang`: a stream that sends one chunk and then a comment every 50 ms for 30 s,
-//!   until the client goes away.
+//!   until the client goes away;
+//! - `/v1/stall`: answers only after 2 s (the JSON answer with usage).
 //!
 //! What sluice spent is read from the quota endpoint (`/_quota`) as a client would.
 
@@ -126,6 +127,16 @@ fn serve(stream: TcpStream, seen: &Mutex<Seen>) {
                 )
                 .as_bytes(),
             ),
+            "/v1/stall" => {
+                thread::sleep(Duration::from_secs(2));
+                writer.write_all(
+                    json(
+                        "200 OK",
+                        format!(r#"{{"choices": [], "usage": {}}}"#, usage_json(input, output)),
+                    )
+                    .as_bytes(),
+                )
+            }
             "/v1/none" => writer.write_all(
                 json(
                     "200 OK",
@@ -388,9 +399,9 @@ fn a_call_in_flight_holds_its_slot_until_its_answer_ends() {
             thread::spawn(move || call(&s, "/v1/sse", "frank", (10, 10), &[("X-Delay-Ms", "1500")]))
         })
         .collect();
-    // Both hold a slot while their streams are open.
+    // Both hold a slot while their streams are open (and both reached the app).
     let deadline = Instant::now() + Duration::from_secs(5);
-    while remaining(&s, "frank").2 != 0 {
+    while remaining(&s, "frank").2 != 0 || s.upstream.requests() != 2 {
         assert!(Instant::now() < deadline, "two calls in flight");
         thread::sleep(Duration::from_millis(20));
     }
@@ -464,6 +475,33 @@ fn a_call_that_never_reached_the_app_is_released() {
     let answer = call(&s, "/v1/json", "hank", (5, 5), &[]);
     assert_eq!(answer.status, 502, "{}", answer.describe());
     assert_eq!(remaining(&s, "hank"), (TOKENS, DOLLARS, 2));
+}
+
+/// sluice's own 504 after the request was sent: the app may be doing the work, so the
+/// estimate stays (not refunded, whatever `refund_on_status` says), and the slot is free.
+#[test]
+fn a_timeout_after_the_request_was_sent_keeps_the_estimate() {
+    let upstream = Upstream::start();
+    let admin_port = free_port();
+    let config = config(&upstream.url(), admin_port, 2).replace(
+        "  refund_on_status: [404]\n",
+        "  refund_on_status: [404, \"5xx\"]\n  timeout_ms: 300\n",
+    );
+    let server = Server::start(&config);
+    let s = Setup {
+        upstream,
+        server,
+        admin_port,
+    };
+    let answer = call(&s, "/v1/stall", "kim", (5, 5), &[]);
+    assert_eq!(answer.status, 504, "{}", answer.describe());
+    assert_eq!(
+        remaining(&s, "kim"),
+        spent(
+            ESTIMATE_IN + ESTIMATE_OUT,
+            ESTIMATE_IN * 3 + ESTIMATE_OUT * 15
+        )
+    );
 }
 
 #[test]
