@@ -1,4 +1,5 @@
-"""Fixtures: the FastAPI app under uvicorn and the real `sluice serve` in front of it."""
+"""Fixtures: the FastAPI apps under uvicorn (the quickstart's app, and a fake LLM API for
+metered routes) and the real `sluice serve` in front of each."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import httpx
 import pytest
 
 from app import StreamControl, make_app
+from llm_app import Ledger, make_llm_app
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -189,3 +191,64 @@ def client_ip() -> str:
 def http() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=10) as client:
         yield client
+
+
+# Metered LLM routes (README, "Metered LLM routes"): tokens and micro-dollars spent per
+# user as the answers report them, and calls in flight. The budgets are large so that
+# random usage never runs them out.
+METERED_CONFIG = """
+limits:
+  tokens_day: {{rate: 100000000/day, algorithm: fixed_window}}
+  dollars_day: {{rate: 1000000000/day, algorithm: fixed_window}}
+  chat_in_flight: {{concurrency: 4}}
+routes:
+  - match: {{path: /v1/chat/completions, methods: [POST]}}
+    usage: {{format: openai}}
+    limits:
+      - {{limit: tokens_day, key: "user:{{header.x-user-id}}", cost: usage}}
+      - {{limit: dollars_day, key: "user:{{header.x-user-id}}", cost: usage, weights: {{input: 3, output: 15}}}}
+      - {{limit: chat_in_flight, key: "user:{{header.x-user-id}}"}}
+  - match: {{path: /v1/messages, methods: [POST]}}
+    usage: {{format: anthropic}}
+    limits:
+      - {{limit: tokens_day, key: "user:{{header.x-user-id}}", cost: usage}}
+      - {{limit: dollars_day, key: "user:{{header.x-user-id}}", cost: usage, weights: {{input: 3, output: 15}}}}
+  - match: {{path: /v2/chat/completions, methods: [POST]}}
+    usage: {{format: openai, default_output_tokens: 300}}
+    limits:
+      - {{limit: tokens_day, key: "user:{{header.x-user-id}}", cost: usage}}
+      - {{limit: dollars_day, key: "user:{{header.x-user-id}}", cost: usage, weights: {{input: 3, output: 15}}}}
+proxy:
+  upstream: {upstream}
+  quota_path: /_sluice/quota
+"""
+
+
+@pytest.fixture(scope="session")
+def ledger() -> Ledger:
+    return Ledger()
+
+
+@pytest.fixture(scope="session")
+def llm_app(ledger: Ledger) -> Iterator[AppServer]:
+    server = AppServer(make_llm_app(ledger))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def metered_proxy(sluice_bin: Path, llm_app: AppServer) -> Iterator[Sluice]:
+    """The session's sluice in front of the fake LLM API."""
+    server = Sluice(sluice_bin, METERED_CONFIG.format(upstream=llm_app.url))
+    yield server
+    server.close()
+
+
+_next_user = [0]
+
+
+@pytest.fixture
+def user() -> str:
+    """A caller of this test's own, so its budgets start full."""
+    _next_user[0] += 1
+    return f"e2e-user-{_next_user[0]}-{os.getpid()}"

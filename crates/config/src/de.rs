@@ -372,14 +372,62 @@ impl<'de> Visitor<'de> for WholeVisitor {
     }
 
     fn visit_str<E: de::Error>(self, text: &str) -> Result<u64, E> {
-        if parse_int(text.trim()).is_some() {
-            return Err(E::custom(format!(
-                "expected a number, found the string `{}`: remove the quotes{}",
-                shorten(text),
-                self.hint
-            )));
+        let error = quoted_number(text, self.hint);
+        Err(error.unwrap_or_else(|| E::invalid_type(Unexpected::Str(text), &self)))
+    }
+}
+
+/// The error for a number written in quotes (`"5"`), which YAML reads as a string.
+fn quoted_number<E: de::Error>(text: &str, hint: &str) -> Option<E> {
+    parse_int(text.trim()).map(|_| {
+        E::custom(format!(
+            "expected a number, found the string `{}`: remove the quotes{hint}",
+            shorten(text)
+        ))
+    })
+}
+
+/// Reads a whole number in `min..=max`, or one keyword (`cost: usage`,
+/// `estimate: request`): `Some(number)`, or `None` for the keyword. `expecting` names
+/// both; `hint` ends every message.
+pub(crate) struct WholeOrWordVisitor {
+    pub min: u64,
+    pub max: u64,
+    pub word: &'static str,
+    pub expecting: &'static str,
+    pub hint: &'static str,
+}
+
+impl<'de> Visitor<'de> for WholeOrWordVisitor {
+    type Value = Option<u64>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{HINT}{}", self.expecting, self.hint)
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<Option<u64>, E> {
+        self.visit_i128(i128::from(value))
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<Option<u64>, E> {
+        self.visit_i128(i128::from(value))
+    }
+
+    fn visit_i128<E: de::Error>(self, value: i128) -> Result<Option<u64>, E> {
+        let whole = WholeVisitor {
+            min: self.min,
+            max: self.max,
+            hint: self.hint,
+        };
+        whole.visit_i128(value).map(Some)
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Option<u64>, E> {
+        if text.trim() == self.word {
+            return Ok(None);
         }
-        Err(E::invalid_type(Unexpected::Str(text), &self))
+        let error = quoted_number(text, self.hint);
+        Err(error.unwrap_or_else(|| E::invalid_type(Unexpected::Str(text), &self)))
     }
 }
 

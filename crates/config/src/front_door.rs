@@ -1,5 +1,9 @@
 //! The HTTP front-door sections, `client_ip`, `responses`, `forward_auth` and `routes`, as
 //! derived types, and their checks building `sluice_http`'s types.
+//!
+//! A route may meter its calls (`usage:` and `cost: usage`, see `sluice_http::metered`)
+//! and apply concurrency limits; both are settled when the answer ends, which only the
+//! reverse proxy sees, so they are refused in a config without `proxy:`.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -12,13 +16,14 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Unexpected, Visitor};
 use sluice_engine::LimitSet;
 use sluice_http::{
-    BodyTemplate, ClientIpConfig, ForwardedHeader, KeyTemplate, PathPattern, ResponseConfig, Route,
-    RouteLimit, RouteMatch, Rules,
+    BodyTemplate, ClientIpConfig, EstimateSource, ForwardedHeader, KeyTemplate, PathPattern,
+    ResponseConfig, Route, RouteCost, RouteLimit, RouteMatch, RouteUsage, Rules,
 };
+use sluice_usage::{CostWeights, EstimateConfig, UsageFormat};
 
 use crate::de::{
-    FromText, HINT, ListKind, ListOf, Located, OneOrMany, Parsed, Place, Whole, WholeVisitor,
-    by_shape,
+    FromText, HINT, ListKind, ListOf, Located, OneOrMany, Parsed, Place, Whole, WholeOrWordVisitor,
+    WholeVisitor, by_shape,
 };
 use crate::error::Fail;
 use crate::tree::shorten;
@@ -76,7 +81,34 @@ pub(crate) struct RouteSection {
     #[serde(rename = "match")]
     matcher: Located<Matcher>,
     limits: ListOf<RouteLimitSection, RouteLimitsList>,
+    /// How the answers report LLM usage, for the route's `cost: usage` limits.
+    usage: Option<Located<UsageSection>>,
 }
+
+/// A route's `usage:`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageSection {
+    /// openai | anthropic | openai_responses | auto (default) | a JSON pointer.
+    format: Option<Parsed<UsageFormat>>,
+    /// `request` (default) or a number of tokens.
+    estimate: Option<EstimateSetting>,
+    /// Output tokens expected when the request sets no maximum (default 1024).
+    default_output_tokens: Option<Whole<1, MAX_TOKENS>>,
+    /// How long the reservation stays open (default: proxy.timeout_ms + 5 minutes).
+    ttl_ms: Option<Whole<1, MAX_RESERVATION_TTL_MS>>,
+    /// The largest request body read to estimate from (default 4 MiB).
+    max_request_bytes: Option<Whole<MIN_REQUEST_BYTES, MAX_REQUEST_BYTES>>,
+}
+
+/// Most tokens an estimate may name.
+const MAX_TOKENS: u64 = 1_000_000_000;
+/// Longest `usage.ttl_ms`: a day, as for `/v1/reserve`.
+const MAX_RESERVATION_TTL_MS: u64 = 86_400_000;
+/// Smallest `usage.max_request_bytes`: a short prompt must fit.
+const MIN_REQUEST_BYTES: u64 = 1024;
+/// Largest `usage.max_request_bytes` (256 MiB): the body is held in memory.
+const MAX_REQUEST_BYTES: u64 = 256 << 20;
 
 pub(crate) struct RouteLimitsList;
 impl ListKind for RouteLimitsList {
@@ -107,7 +139,85 @@ struct MatchSection {
 pub(crate) struct RouteLimitSection {
     limit: Located<String>,
     key: Located<OneOrMany<Located<Parsed<KeyTemplate>>>>,
-    cost: Option<Whole<0, { u64::MAX }>>,
+    /// A whole number, or `usage`.
+    cost: Option<Located<CostSetting>>,
+    /// Only with `cost: usage`: what each kind of token costs in this limit's unit.
+    weights: Option<Located<CostWeights>>,
+}
+
+const COST_HINT: &str =
+    ": a fixed cost per request such as 1, or `usage` to charge what the answer reports it used";
+
+/// A route limit's `cost`: a whole number, or `usage`.
+enum CostSetting {
+    Fixed(u64),
+    Usage,
+}
+
+impl<'de> Deserialize<'de> for CostSetting {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let visitor = WholeOrWordVisitor {
+            min: 0,
+            max: u64::MAX,
+            word: "usage",
+            expecting: "a whole number or `usage`",
+            hint: COST_HINT,
+        };
+        let cost = deserializer.deserialize_any(visitor)?;
+        Ok(cost.map_or(CostSetting::Usage, CostSetting::Fixed))
+    }
+}
+
+/// `usage.estimate`: `request`, or a whole number of tokens.
+enum EstimateSetting {
+    Request,
+    Tokens(u64),
+}
+
+const ESTIMATE_HINT: &str = ": `request` to read max_tokens and the prompt from the request body, or a number of tokens to reserve for every call";
+
+impl<'de> Deserialize<'de> for EstimateSetting {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // At least 1: a reservation of 0 is a read, which a spent budget allows.
+        let visitor = WholeOrWordVisitor {
+            min: 1,
+            max: MAX_TOKENS,
+            word: "request",
+            expecting: "`request` or a number of tokens",
+            hint: ESTIMATE_HINT,
+        };
+        let tokens = deserializer.deserialize_any(visitor)?;
+        Ok(tokens.map_or(EstimateSetting::Request, EstimateSetting::Tokens))
+    }
+}
+
+impl FromText for UsageFormat {
+    fn from_text(text: &str) -> Result<Self, String> {
+        text.trim()
+            .parse()
+            .map_err(|error: sluice_usage::FormatError| error.to_string())
+    }
+}
+
+impl UsageSection {
+    fn build(self) -> RouteUsage {
+        let mut usage = RouteUsage::new(self.format.map_or(UsageFormat::Auto, |f| f.0));
+        let mut config = EstimateConfig::default();
+        if let Some(tokens) = self.default_output_tokens {
+            config.default_output_tokens = tokens.0;
+        }
+        usage.estimate = match self.estimate {
+            None | Some(EstimateSetting::Request) => EstimateSource::Request(config),
+            Some(EstimateSetting::Tokens(tokens)) => EstimateSource::Tokens(tokens),
+        };
+        usage.ttl = self
+            .ttl_ms
+            .map(|ttl| std::time::Duration::from_millis(ttl.0));
+        if let Some(bytes) = self.max_request_bytes {
+            usage.max_request_bytes = usize::try_from(bytes.0).unwrap_or(usize::MAX);
+        }
+        usage
+    }
 }
 
 impl<'de> Deserialize<'de> for Matcher {
@@ -334,13 +444,9 @@ impl ResponsesSection {
 }
 
 impl Routes {
-    /// `sessions`: whether `{session}` can resolve (the reverse proxy issues session cookies).
-    pub(crate) fn build(
-        self,
-        at: &Place,
-        limits: &LimitSet,
-        sessions: bool,
-    ) -> Result<Rules, Fail> {
+    /// `proxy`: whether the reverse proxy runs: it alone issues session cookies (for
+    /// `{session}`) and sees answers (for `usage` and concurrency limits).
+    pub(crate) fn build(self, at: &Place, limits: &LimitSet, proxy: bool) -> Result<Rules, Fail> {
         let mut routes = Vec::with_capacity(self.0.len());
         // The first default route: its index and where it was written.
         let mut default: Option<(usize, usize)> = None;
@@ -362,12 +468,38 @@ impl Routes {
                 }
                 Matcher::Match(section) => Some(section.build()?),
             };
-            let route_limits = route.limits.0.into_iter();
-            let route_limits = route_limits.map(|limit| limit.build(limits, sessions));
+            if let Some(usage) = route.usage.as_ref().filter(|_| !proxy) {
+                return Err(usage.at.fail(
+                    "usage is read from the upstream's answer, which only the reverse proxy sees (forward-auth and the tower layer decide before the call): add a `proxy:` section, or have the app reserve and settle with /v1/reserve and /v1/settle",
+                ));
+            }
+            let mut metered = None;
+            let mut route_limits = Vec::with_capacity(route.limits.0.len());
+            for limit in route.limits.0 {
+                let (built, cost_at) = limit.build(limits, proxy)?;
+                if built.cost.is_metered() && metered.is_none() {
+                    metered = cost_at;
+                }
+                route_limits.push(built);
+            }
+            let usage = match (route.usage, metered) {
+                (Some(usage), None) => {
+                    return Err(usage.at.fail(
+                        "usage is set but no limit of this route is charged from it: add `cost: usage` to the limits that should be charged what the answer used (e.g. `{limit: tokens_day, key: \"user:{header.x-user-id}\", cost: usage}`), or remove usage",
+                    ));
+                }
+                (None, Some(cost_at)) => {
+                    return Err(cost_at.fail(
+                        "cost: usage charges what the answer reports it used, and this route does not say how its answers report it: add `usage: {format: openai}` (or anthropic, openai_responses, auto, a JSON pointer) to the route",
+                    ));
+                }
+                (usage, _) => usage.map(|usage| std::sync::Arc::new(usage.value.build())),
+            };
             routes.push(Route {
                 default: matcher.is_none(),
                 matcher: matcher.unwrap_or_default(),
-                limits: route_limits.collect::<Result<_, _>>()?,
+                limits: route_limits,
+                usage,
             });
         }
         Rules::new(routes).map_err(|error| at.fail(error.to_string()))
@@ -394,10 +526,25 @@ impl MatchSection {
 }
 
 impl RouteLimitSection {
-    fn build(self, limits: &LimitSet, sessions: bool) -> Result<RouteLimit, Fail> {
+    /// The route limit, and where a `cost: usage` was written.
+    fn build(self, limits: &LimitSet, proxy: bool) -> Result<(RouteLimit, Option<Place>), Fail> {
         let Some(limit) = limits.get(&self.limit.value).cloned() else {
             return Err(self.limit.at.fail(unknown_limit(&self.limit.value, limits)));
         };
+        if limit.is_concurrency() {
+            if !proxy {
+                return Err(self.limit.at.fail(format!(
+                    "limit `{}` counts calls in flight, and only the reverse proxy sees when a call ends (forward-auth and the tower layer decide before it): add a `proxy:` section, or have the app hold slots with /v1/reserve and /v1/release",
+                    limit.name()
+                )));
+            }
+            if let Some(cost) = &self.cost {
+                return Err(cost.at.fail(format!(
+                    "cost does not apply to limit `{}`, a concurrency limit: each call holds one slot until its answer ends; remove cost",
+                    limit.name()
+                )));
+            }
+        }
         if self.key.value.0.is_empty() {
             return Err(self.key.at.fail(
                 "key is an empty list: give at least one key template, e.g. \"{client_ip}\"",
@@ -407,15 +554,39 @@ impl RouteLimitSection {
         for key in self.key.value.0 {
             // Only the reverse proxy issues session cookies (it alone writes the response
             // the client sees): without it a limit keyed by {session} would never apply.
-            if key.value.0.uses_session() && !sessions {
+            if key.value.0.uses_session() && !proxy {
                 return Err(key.at.fail(
                     "{session} needs sluice's session cookies, which only the reverse proxy issues: add a `proxy:` section, or key anonymous callers by {client_ip} or a {cookie.NAME} your app sets",
                 ));
             }
             keys.push(key.value.0);
         }
-        let cost = self.cost.map_or(1, |cost| cost.0);
-        Ok(RouteLimit { limit, keys, cost })
+        let (cost, usage_at) = match (self.cost, self.weights) {
+            (
+                Some(Located {
+                    value: CostSetting::Usage,
+                    at,
+                }),
+                weights,
+            ) => {
+                let weights = weights.map_or_else(CostWeights::default, |w| w.value);
+                (RouteCost::Usage(weights), Some(at))
+            }
+            (_, Some(weights)) => {
+                return Err(weights.at.fail(
+                    "weights price the usage an answer reports, so they apply only with `cost: usage`: add it, or remove weights",
+                ));
+            }
+            (
+                Some(Located {
+                    value: CostSetting::Fixed(cost),
+                    ..
+                }),
+                None,
+            ) => (RouteCost::Fixed(cost), None),
+            (None, None) => (RouteCost::Fixed(1), None),
+        };
+        Ok((RouteLimit { limit, keys, cost }, usage_at))
     }
 }
 

@@ -54,7 +54,22 @@
 //!     limits: [{limit: global, key: all}]
 //!   - match: default              # only when no other route matches; at most one
 //!     limits: [{limit: chat_ip, key: "{client_ip}"}]
+//!   - match: {path: /v1/chat/completions, methods: [POST]}   # only with `proxy:`
+//!     usage:                      # how answers report LLM usage, for `cost: usage`
+//!       format: openai            # anthropic | openai_responses | auto (default) | /json/pointer
+//!       estimate: request         # default; or a number of tokens
+//!       default_output_tokens: 1024
+//!       ttl_ms: 600000            # default proxy.timeout_ms + 5 minutes
+//!       max_request_bytes: 4194304
+//!     limits:
+//!       - {limit: tokens_day, key: "user:{header.x-user-id}", cost: usage}
+//!       - {limit: dollars_day, key: "user:{header.x-user-id}", cost: usage, weights: {input: 3, output: 15}}
+//!       - {limit: in_flight, key: "user:{header.x-user-id}"}  # a concurrency limit: one slot per call
 //! ```
+//!
+//! `usage` and concurrency limits on routes are settled when the answer ends, which only
+//! the reverse proxy sees: they need `proxy:` (and a store that keeps reservations, for
+//! now the memory store).
 //!
 //! The Envoy rate limit service (`envoy:`, see [`envoy`]) takes envoyproxy/ratelimit's
 //! descriptor documents, inline under `domains:` or from `config_files:`.
@@ -528,7 +543,8 @@ pub struct HttpConfig {
     /// How long a client may take to send the body of a request to sluice's own JSON
     /// endpoints (`/v1/check`, admin calls) once its head has arrived; then it gets
     /// `408 request_timeout` and the connection is closed. Proxied bodies stream to the
-    /// upstream instead, under `proxy.timeout_ms`. Default 10 s.
+    /// upstream instead, under `proxy.timeout_ms`, except on a metered route (`usage:`),
+    /// whose body is read first, within this, to estimate the call. Default 10 s.
     pub body_read_timeout_ms: u64,
     /// How long a connection with no request in flight stays open waiting for the next
     /// request before it is closed. Default 60 s.

@@ -76,6 +76,17 @@ impl Check {
     pub fn cost(&self) -> u64 {
         self.cost
     }
+
+    /// The same check at another cost (its key was checked already): how a front door
+    /// prices a check whose cost it learns after matching, such as a reservation's
+    /// estimate read from the request body.
+    pub fn with_cost(&self, cost: u64) -> Check {
+        Check {
+            limit: Arc::clone(&self.limit),
+            key: self.key.clone(),
+            cost,
+        }
+    }
 }
 
 /// Everything decided together.

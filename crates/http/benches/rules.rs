@@ -9,7 +9,9 @@ use std::sync::Arc;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::HeaderMap;
 use sluice_engine::{Limit, LimitSpec};
-use sluice_http::{KeyTemplate, PathPattern, RequestFacts, Route, RouteLimit, RouteMatch, Rules};
+use sluice_http::{
+    KeyTemplate, PathPattern, RequestFacts, Route, RouteCost, RouteLimit, RouteMatch, Rules,
+};
 
 fn rules(count: usize, regexes: usize) -> Rules {
     let limit =
@@ -27,8 +29,9 @@ fn rules(count: usize, regexes: usize) -> Rules {
                 "user:{header.x-user-id}".parse::<KeyTemplate>().unwrap(),
                 "ip:{client_ip}".parse().unwrap(),
             ],
-            cost: 1,
+            cost: RouteCost::Fixed(1),
         }],
+        usage: None,
     };
     let mut routes = Vec::new();
     for i in 0..count {

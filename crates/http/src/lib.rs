@@ -5,11 +5,14 @@
 //! - [`path`]: the request path as the application will route it, and what is refused.
 //! - [`template`]: key templates (`user:{header.x-user-id}`) and the request facts they read.
 //! - [`rules`]: routes that map a request to the checks of one atomic decision.
+//! - [`metered`]: checks charged from the answer (`cost: usage`, concurrency limits):
+//!   what a request reserves, and what it settles.
 //! - [`policy`]: the bundle of the three that front doors hold.
 //! - [`response`]: deny status, `Retry-After`, body template and rate-limit headers.
 //! - [`session`]: signed session cookies for `{session}` keys.
 
 pub mod client_ip;
+pub mod metered;
 pub mod path;
 pub mod policy;
 pub mod response;
@@ -18,6 +21,7 @@ pub mod session;
 pub mod template;
 
 pub use client_ip::{ClientIpConfig, ClientIpResolver, ForwardedHeader};
+pub use metered::{EstimateSource, RequestPlan, RouteCost, RouteUsage};
 pub use path::{PathError, RequestPath, normalize_path};
 pub use policy::{HttpPolicy, IncomingRequest, RequestError};
 pub use response::{BodyTemplate, Denial, HeaderStyles, ResponseConfig};

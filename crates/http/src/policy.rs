@@ -1,13 +1,21 @@
 //! The bundle every HTTP front door uses: rules, client-IP resolution and responses.
 //! Given what arrived (peer, method, URI, headers, session), it says which checks one
 //! atomic decision makes; given the decision, how to answer.
+//!
+//! [`HttpPolicy::decision_request`] is for front doors that decide before the call and
+//! never see its answer (forward-auth, the tower layer): a route that is charged from
+//! the answer (`cost: usage`) or holds a concurrency slot until the call ends is refused
+//! there ([`RequestError::NeedsAnswer`]) rather than half decided. The reverse proxy,
+//! which sees the answer, uses [`HttpPolicy::plan`].
 
 use std::net::IpAddr;
 
+use http::StatusCode;
 use http::header::HeaderMap;
 use sluice_engine::DecisionRequest;
 
 use crate::client_ip::ClientIpResolver;
+use crate::metered::RequestPlan;
 use crate::path::{PathError, RequestPath};
 use crate::response::ResponseConfig;
 use crate::rules::Rules;
@@ -23,6 +31,19 @@ pub enum RequestError {
     /// A key template reads a name repeated with too many values.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The request matched a route that only a front door seeing the answer can decide:
+    /// a limit charged from the answer's usage, or one counting calls in flight. Not the
+    /// client's mistake but the deployment's: a `500`.
+    #[error(
+        "limit `{limit}` of the route this request matched {}, and this front door never sees the answer; only sluice's reverse proxy (`proxy:`) can decide such routes: send these calls through it, or reserve and settle from the app (POST /v1/reserve, /v1/settle)",
+        if *.metered { "is charged the usage the answer reports (cost: usage)" } else { "counts calls in flight until each one ends (concurrency)" }
+    )]
+    NeedsAnswer {
+        /// The first such limit.
+        limit: String,
+        /// Whether it is metered (`cost: usage`); else it is a concurrency limit.
+        metered: bool,
+    },
 }
 
 impl RequestError {
@@ -31,6 +52,16 @@ impl RequestError {
         match self {
             RequestError::Path(_) => "invalid_path",
             RequestError::Key(_) => "ambiguous_key",
+            RequestError::NeedsAnswer { .. } => "needs_reverse_proxy",
+        }
+    }
+
+    /// The answer's status: `400` for what the client sent, `500` for a route this
+    /// front door cannot decide.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RequestError::Path(_) | RequestError::Key(_) => StatusCode::BAD_REQUEST,
+            RequestError::NeedsAnswer { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -66,16 +97,38 @@ pub struct IncomingRequest<'a> {
 impl HttpPolicy {
     /// The decision request for `incoming`: every limit of every matching route whose
     /// key resolves. Empty when no route applies. A path or key that applications
-    /// could read in more than one way is an error, never a guess.
+    /// could read in more than one way is an error, never a guess; so is a route that
+    /// needs the answer ([`RequestError::NeedsAnswer`]; see the module doc).
     pub fn decision_request(
         &self,
         incoming: &IncomingRequest<'_>,
         dry_run: bool,
     ) -> Result<DecisionRequest, RequestError> {
+        let plan = self.plan(incoming, dry_run)?;
+        if let Some((limit, metered)) = plan.needing_answer() {
+            return Err(RequestError::NeedsAnswer {
+                limit: limit.to_string(),
+                metered,
+            });
+        }
+        Ok(plan.request)
+    }
+
+    /// What `incoming` makes of the routes: its checks, how each is priced (fixed, or
+    /// from the answer's usage) and the usage settings that meter it. For a front door
+    /// that sees the answer and settles what the call cost (the reverse proxy).
+    pub fn plan(
+        &self,
+        incoming: &IncomingRequest<'_>,
+        dry_run: bool,
+    ) -> Result<RequestPlan, RequestError> {
         if self.rules.is_empty() {
-            return Ok(DecisionRequest {
-                checks: Vec::new(),
-                dry_run,
+            return Ok(RequestPlan {
+                request: DecisionRequest {
+                    checks: Vec::new(),
+                    dry_run,
+                },
+                ..RequestPlan::default()
             });
         }
         let (path, query) = match incoming.path_and_query.split_once('?') {
@@ -102,7 +155,7 @@ impl HttpPolicy {
             session: incoming.session,
             claims: claims.as_ref(),
         };
-        Ok(self.rules.decision_request(&facts, dry_run)?)
+        Ok(self.rules.plan(&facts, dry_run)?)
     }
 }
 

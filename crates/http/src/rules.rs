@@ -15,6 +15,9 @@
 //! reading of the path is charged. `HEAD` matches routes for `GET`, which frameworks
 //! serve with the `GET` handler.
 //!
+//! A check's cost is fixed (`cost: N`) or metered (`cost: usage`, read from the answer:
+//! see [`crate::metered`]); [`Rules::plan`] says which, with the route's usage settings.
+//!
 //! Matching cost does not grow with the number of exact and prefix routes: exact paths
 //! are one hash lookup, prefixes one lookup per segment of the request path. Regex
 //! routes are matched together in one pass of a `RegexSet`.
@@ -27,6 +30,7 @@ use http::header::HeaderName;
 use regex::{RegexSet, RegexSetBuilder};
 use sluice_engine::{Check, DecisionRequest, Limit};
 
+use crate::metered::{RequestPlan, RouteCost, RouteUsage};
 use crate::template::{KeyError, KeyTemplate, RequestFacts};
 
 /// How a route matches the path.
@@ -49,6 +53,11 @@ pub enum RuleError {
     /// A regex that does not compile.
     #[error("path regex {0:?} is invalid: {1}")]
     BadRegex(String, String),
+    /// A `cost: usage` limit on a route without `usage` settings.
+    #[error(
+        "limit `{0}` is charged the usage its answer reports (cost: usage), but its route has no `usage:` settings saying how answers report it: add e.g. `usage: {{format: openai}}` to the route"
+    )]
+    MeteredWithoutUsage(String),
 }
 
 impl std::str::FromStr for PathPattern {
@@ -92,8 +101,9 @@ pub struct RouteLimit {
     pub limit: Arc<Limit>,
     /// Templates tried in order; the first that resolves is the key. None resolving skips the limit.
     pub keys: Vec<KeyTemplate>,
-    /// The cost of one request (default 1).
-    pub cost: u64,
+    /// What one request costs: fixed (default 1; always 1 for a concurrency limit), or
+    /// the usage its answer reports.
+    pub cost: RouteCost,
 }
 
 /// A route.
@@ -105,6 +115,8 @@ pub struct Route {
     pub default: bool,
     /// The limits it applies.
     pub limits: Vec<RouteLimit>,
+    /// How its answers report usage, for its `cost: usage` limits (`usage:`).
+    pub usage: Option<Arc<RouteUsage>>,
 }
 
 /// All routes, indexed for matching.
@@ -128,6 +140,13 @@ impl Rules {
         let mut patterns = Vec::new();
         let mut regex_routes = Vec::new();
         for (i, route) in routes.iter().enumerate() {
+            if route.usage.is_none()
+                && let Some(metered) = route.limits.iter().find(|l| l.cost.is_metered())
+            {
+                return Err(RuleError::MeteredWithoutUsage(
+                    metered.limit.name().to_string(),
+                ));
+            }
             if route.default {
                 rules.default = Some(i);
                 continue;
@@ -269,11 +288,36 @@ impl Rules {
         }
     }
 
+    /// Whether some route holds reservations: a `cost: usage` limit or a concurrency
+    /// limit, which only a front door that sees the answer can decide.
+    pub fn needs_reservations(&self) -> bool {
+        self.routes
+            .iter()
+            .flat_map(|r| &r.limits)
+            .any(|l| l.cost.is_metered() || l.limit.is_concurrency())
+    }
+
     /// The checks a request makes: every limit of every matching route whose key
     /// resolves, each (limit, key) once; a key template that reads a repeated name
-    /// gives a check per value (see [`KeyTemplate::render`]).
+    /// gives a check per value (see [`KeyTemplate::render`]). Metered checks are at
+    /// cost 0 here: see [`Rules::plan`].
     pub fn checks(&self, facts: &RequestFacts<'_>) -> Result<Vec<Check>, KeyError> {
-        let mut checks: Vec<Check> = Vec::new();
+        Ok(self.plan(facts, false)?.request.checks)
+    }
+
+    /// What a request makes of the routes: its checks (as [`Rules::checks`]), how each
+    /// is priced, and the usage settings of the first matching route whose metered
+    /// check applies (when several such routes match, the first one's settings meter
+    /// the request).
+    pub fn plan(&self, facts: &RequestFacts<'_>, dry_run: bool) -> Result<RequestPlan, KeyError> {
+        let mut plan = RequestPlan {
+            request: DecisionRequest {
+                checks: Vec::new(),
+                dry_run,
+            },
+            costs: Vec::new(),
+            usage: None,
+        };
         for route in self.matching(facts) {
             for rl in &route.limits {
                 let mut keys = None;
@@ -284,30 +328,41 @@ impl Rules {
                     }
                 }
                 for key in keys.into_iter().flatten() {
+                    let checks = &mut plan.request.checks;
                     let seen = checks
                         .iter()
                         .any(|c| Arc::ptr_eq(c.limit(), &rl.limit) && c.key() == key);
-                    if !seen {
-                        // Keys were bounded by `render`, so this cannot fail; skip if it ever did.
-                        if let Ok(check) = Check::new(Arc::clone(&rl.limit), key, rl.cost) {
-                            checks.push(check);
+                    if seen {
+                        continue;
+                    }
+                    // A metered check is priced once the estimate is known; a concurrency
+                    // limit's check holds one slot, whatever the route says.
+                    let cost = match rl.cost {
+                        RouteCost::Usage(_) => 0,
+                        RouteCost::Fixed(_) if rl.limit.is_concurrency() => 1,
+                        RouteCost::Fixed(cost) => cost,
+                    };
+                    // Keys were bounded by `render`, so this cannot fail; skip if it ever did.
+                    if let Ok(check) = Check::new(Arc::clone(&rl.limit), key, cost) {
+                        checks.push(check);
+                        plan.costs.push(rl.cost);
+                        if rl.cost.is_metered() && plan.usage.is_none() {
+                            plan.usage.clone_from(&route.usage);
                         }
                     }
                 }
             }
         }
-        Ok(checks)
+        Ok(plan)
     }
 
-    /// The decision request for a request: [`Rules::checks`] as one atomic decision.
+    /// The decision request for a request: [`Rules::checks`] as one atomic decision
+    /// (metered checks at cost 0: see [`Rules::plan`]).
     pub fn decision_request(
         &self,
         facts: &RequestFacts<'_>,
         dry_run: bool,
     ) -> Result<DecisionRequest, KeyError> {
-        Ok(DecisionRequest {
-            checks: self.checks(facts)?,
-            dry_run,
-        })
+        Ok(self.plan(facts, dry_run)?.request)
     }
 }

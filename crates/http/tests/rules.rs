@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue, Method};
 use sluice_engine::{Limit, LimitSpec};
-use sluice_http::{KeyTemplate, PathPattern, RequestFacts, Route, RouteLimit, RouteMatch, Rules};
+use sluice_http::{
+    KeyTemplate, PathPattern, RequestFacts, Route, RouteCost, RouteLimit, RouteMatch, Rules,
+};
 
 fn limit(name: &str) -> Arc<Limit> {
     Arc::new(Limit::new(name, LimitSpec::new(vec!["5/minute".parse().unwrap()])).unwrap())
@@ -29,9 +31,10 @@ fn route(path: Option<&str>, methods: &[&str], limits: &[(&Arc<Limit>, &[&str])]
                     .iter()
                     .map(|k| k.parse::<KeyTemplate>().unwrap())
                     .collect(),
-                cost: 1,
+                cost: RouteCost::Fixed(1),
             })
             .collect(),
+        usage: None,
     }
 }
 

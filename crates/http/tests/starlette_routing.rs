@@ -14,7 +14,8 @@ use http::HeaderMap;
 use proptest::prelude::*;
 use sluice_engine::{Limit, LimitSpec};
 use sluice_http::{
-    KeyTemplate, PathPattern, RequestFacts, RequestPath, Route, RouteLimit, RouteMatch, Rules,
+    KeyTemplate, PathPattern, RequestFacts, RequestPath, Route, RouteCost, RouteLimit, RouteMatch,
+    Rules,
 };
 use std::sync::Arc;
 
@@ -34,8 +35,9 @@ fn route(path: Option<&str>, name: &str) -> Route {
                 .expect("limit"),
             ),
             keys: vec!["k".parse::<KeyTemplate>().expect("template")],
-            cost: 1,
+            cost: RouteCost::Fixed(1),
         }],
+        usage: None,
     }
 }
 

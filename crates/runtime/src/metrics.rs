@@ -21,6 +21,11 @@ struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
     backend: &'static str,
 }
@@ -60,6 +65,7 @@ pub struct Metrics {
     /// Cost charged past an estimate by settlements and charges for work done: the debt
     /// booked over limits, in units of cost.
     pub settled_over_estimate: Counter,
+    proxy_settlements: Family<OutcomeLabels, Counter>,
     keys: Family<BackendLabels, Gauge>,
     evictions: Family<BackendLabels, Counter>,
 }
@@ -119,6 +125,12 @@ impl Metrics {
             "Cost charged beyond reservations' estimates (and for work already done), past the limit if need be",
             settled_over_estimate.clone(),
         );
+        let proxy_settlements = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "proxy_settlements",
+            "Proxied calls decided as reservations (metered routes, concurrency limits), by how they were settled: usage (the answer reported it), usage_so_far (cut short), estimate (no usage known), fixed (nothing metered), released (refunded, or never reached the upstream), expired (settled after the reservation's ttl: the estimate stays), failed (the store could not settle)",
+            proxy_settlements.clone(),
+        );
         let keys = Family::<BackendLabels, Gauge>::default();
         registry.register("store_keys", "Counters the store holds", keys.clone());
         let evictions = Family::<BackendLabels, Counter>::default();
@@ -138,6 +150,7 @@ impl Metrics {
             upstream_failures,
             settlements,
             settled_over_estimate,
+            proxy_settlements,
             keys,
             evictions,
         };
@@ -193,6 +206,13 @@ impl Metrics {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .register(name, help, metric);
+    }
+
+    /// Counts one proxied reservation settled with `outcome` (see the series' help).
+    pub fn proxy_settled(&self, outcome: &'static str) {
+        self.proxy_settlements
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     /// Records one store call's duration.

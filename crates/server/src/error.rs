@@ -102,8 +102,9 @@ impl IntoResponse for ApiError {
 
 impl From<sluice_http::RequestError> for ApiError {
     /// A request sluice refuses to guess about (an ambiguous path or key): a 400 that
-    /// says what to send instead.
+    /// says what to send instead; a route this front door cannot decide: a 500 that says
+    /// which limit and why.
     fn from(error: sluice_http::RequestError) -> Self {
-        ApiError::bad_request(error.code(), error.to_string())
+        ApiError::new(error.status(), error.code(), error.to_string())
     }
 }

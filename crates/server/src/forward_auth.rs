@@ -91,8 +91,12 @@ pub async fn forward_auth(
             .map_err(|error| {
                 // Refused, not guessed. The proxy must relay it: nginx passes only
                 // 401 and 403 through, so the configured deny status is used if set.
+                // A route forward-auth cannot decide (it needs the answer) is the
+                // deployment's mistake, not the client's: it stays a 500.
                 let mut answer = ApiError::from(error);
-                if let Some(status) = live.forward_auth_deny_status {
+                if let Some(status) = live.forward_auth_deny_status
+                    && answer.status.is_client_error()
+                {
                     answer.status = status;
                 }
                 answer

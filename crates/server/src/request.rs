@@ -1,5 +1,5 @@
 //! Reading what a client sent to sluice's own JSON endpoints (`/v1/check`, the admin
-//! calls): the body within its size cap, costs, limit names and keys. Each mistake is a
+//! calls; the bounded body readers also serve the proxy's metered routes): the body within its size cap, costs, limit names and keys. Each mistake is a
 //! 400 whose `error` code names its kind and whose `message` names the field and the fix.
 
 use std::sync::Arc;
@@ -16,10 +16,10 @@ use crate::error::ApiError;
 
 /// How much of a rejected body is read and discarded before answering, so a client
 /// that is still writing sees the 400 instead of a reset connection.
-const DRAIN_LIMIT: usize = 4 * 1024 * 1024;
+pub(crate) const DRAIN_LIMIT: usize = 4 * 1024 * 1024;
 
 /// Reads and discards up to `limit` more bytes; true when the body ended.
-async fn drain(mut body: Body, limit: usize) -> bool {
+pub(crate) async fn drain(mut body: Body, limit: usize) -> bool {
     use http_body_util::BodyExt;
     let mut seen = 0;
     while let Some(frame) = body.frame().await {
@@ -38,7 +38,7 @@ async fn drain(mut body: Body, limit: usize) -> bool {
 
 /// Collects at most `max` bytes; on overflow, drains a bounded amount more and says
 /// whether the body was read to its end.
-async fn collect_limited(mut body: Body, max: usize) -> Result<Vec<u8>, bool> {
+pub(crate) async fn collect_limited(mut body: Body, max: usize) -> Result<Vec<u8>, bool> {
     use http_body_util::BodyExt;
     let mut bytes = Vec::new();
     while let Some(frame) = body.frame().await {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Server, free_port, http_request};
+use common::{Server, free_port, http_request, read_request};
 
 /// An upstream on a free port, one thread per connection:
 /// - `/ws`: answers `101` and then echoes every byte upper-cased until the client closes;
@@ -50,32 +50,9 @@ impl Upstream {
 fn serve_connection(stream: TcpStream, counter: &AtomicUsize) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
     let mut writer = stream;
-    loop {
-        let mut head = Vec::new();
-        loop {
-            let mut line = String::new();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            if line == "\r\n" {
-                break;
-            }
-            head.push(line.trim_end().to_string());
-        }
+    while let Some(request) = read_request(&mut reader) {
         counter.fetch_add(1, Ordering::SeqCst);
-        let length = head
-            .iter()
-            .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length:")
-                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-            })
-            .unwrap_or(0);
-        let mut body = vec![0; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
+        let (head, body) = (request.head, request.body);
         let target = head[0].split(' ').nth(1).unwrap_or("/").to_string();
         if target == "/ws" {
             let _ = writer.write_all(

@@ -1,13 +1,14 @@
 //! HTTP for black-box tests: [`agent`] and [`call`] (ureq) for ordinary requests, and a
 //! raw-socket client ([`http_request`], [`raw_http`]) for requests a client crate would
 //! normalise or refuse: request targets such as `/chat%2Fmessage` sent byte for byte,
-//! raw UTF-8 header values, half-sent heads.
+//! raw UTF-8 header values, half-sent heads. [`read_request`] is the other side: what
+//! a test's own upstream reads off a connection.
 //!
 //! A transport error or a 5xx answer panics: sluice never answers 5xx, so a test that
 //! sees one has found a bug, whatever it meant to check.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -330,6 +331,63 @@ fn parse_http_response(buf: &[u8], head_only: bool) -> Option<HttpResp> {
         status,
         headers,
         body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// One request as a test's upstream read it.
+#[derive(Debug, Clone)]
+pub struct ReceivedRequest {
+    /// The request line and header lines, as sent (without line ends).
+    pub head: Vec<String>,
+    /// The request target, e.g. `/v1/chat?x=1`.
+    pub target: String,
+    /// Header names lower-cased, values trimmed, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body, `Content-Length` bytes of it.
+    pub body: Vec<u8>,
+}
+
+impl ReceivedRequest {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads the next request off a connection (for an upstream a test writes itself);
+/// `None` when the peer closed or sent something unreadable.
+pub fn read_request(reader: &mut impl BufRead) -> Option<ReceivedRequest> {
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        head.push(line.trim_end().to_string());
+    }
+    let target = head.first()?.split(' ').nth(1).unwrap_or("/").to_string();
+    let headers: Vec<(String, String)> = head[1..]
+        .iter()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let length = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .map_or(0, |(_, v)| v.parse().unwrap_or(0));
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(ReceivedRequest {
+        head,
+        target,
+        headers,
+        body,
     })
 }
 

@@ -26,6 +26,10 @@
 //! # }
 //! ```
 //!
+//! Routes charged from the answer (`cost: usage`) or holding a concurrency slot until it
+//! ends are settled by sluice's reverse proxy only: the layer answers them
+//! `500 needs_reverse_proxy` rather than decide half of them.
+//!
 //! The socket peer is read from axum's `ConnectInfo<SocketAddr>` extension (serve with
 //! `into_make_service_with_connect_info`; `MockConnectInfo` in tests), or from a plain `SocketAddr` extension that a
 //! hyper app inserts itself. Without either, `{client_ip}` does not resolve and limits
@@ -176,7 +180,9 @@ where
             let decision_request = match shared.policy.decision_request(&incoming, false) {
                 Ok(decision_request) => decision_request,
                 // A path or key the app could read in more than one way is refused
-                // rather than guessed (see `sluice_http::path`).
+                // rather than guessed (see `sluice_http::path`); so, with a 500, is a
+                // route the layer cannot decide (`cost: usage`, concurrency limits:
+                // settled when the answer ends, which only sluice's proxy does).
                 Err(error) => {
                     let mut headers = http::HeaderMap::new();
                     headers.insert(
@@ -186,7 +192,7 @@ where
                     let body =
                         serde_json::json!({"error": error.code(), "message": error.to_string()});
                     return Ok(plain(
-                        StatusCode::BAD_REQUEST,
+                        error.status(),
                         headers,
                         body.to_string().into_bytes(),
                     ));

@@ -210,6 +210,16 @@ fn upstream_failure(
     response
 }
 
+/// Whether `response` was written by sluice in place of the upstream's (a 502/504), and
+/// if so whether the request may have reached the upstream: `Some(false)` means the
+/// call never ran.
+pub(super) fn answered_by_sluice(response: &Response) -> Option<bool> {
+    response
+        .extensions()
+        .get::<AnsweredBySluice>()
+        .map(|answer| answer.request_sent)
+}
+
 /// Whether the cost of a request answered by `response` is given back: its status is
 /// in `refund_on_status`, and the upstream answered it (or never got the request).
 /// sluice's own 504 after the request was sent is not refunded: the upstream may be

@@ -34,11 +34,15 @@
 //! - **Paths** that applications could read in more than one way (`%2F`, `\`, `;`,
 //!   `%00`, dot segments) are refused with `400 invalid_path` and never forwarded (see
 //!   [`sluice_http::path`]).
+//! - **Metered routes** (`cost: usage`: an LLM call charged what its answer reports it
+//!   used) and **concurrency limits** are decided as reservations and settled when the
+//!   answer ends: see [`metered`].
 //! - **Quota** (`proxy.quota_path`): see [`quota`].
 //!
 //! [`forward`] talks to the upstream; this module decides and answers.
 
 mod forward;
+mod metered;
 mod quota;
 
 use std::net::SocketAddr;
@@ -88,6 +92,24 @@ fn set_session_cookie(live: &Live, session: &Option<Session>, tls: bool, headers
     }
 }
 
+/// The answer to a denied request, never forwarded; `body_read`: the request has no
+/// body left unread (else the connection is closed after the answer).
+fn denied(
+    live: &Live,
+    request: &sluice_engine::DecisionRequest,
+    decision: &sluice_engine::Decision,
+    body_read: bool,
+) -> Response {
+    let denial = live.policy.responses.denial(request, decision);
+    let mut response = (denial.status, denial.headers, denial.body).into_response();
+    if !body_read {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
 /// The fallback of the main router while proxying: the quota endpoint, or a decided and
 /// forwarded request. A new session's cookie is set on whatever the answer is.
 pub async fn proxy(
@@ -110,7 +132,7 @@ pub async fn proxy(
 
 /// The answer to one proxied request: refused, denied, or the upstream's.
 async fn answer(
-    app: &AppState,
+    app: &Arc<AppState>,
     live: &Live,
     peer: std::net::IpAddr,
     session: &Option<Session>,
@@ -134,7 +156,7 @@ async fn answer(
     }
     // A body sluice does not read leaves the connection unusable after an early answer.
     let body_read = !has_body(request.headers());
-    let decision_request = {
+    let plan = {
         let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
         let incoming = IncomingRequest {
             peer: Some(peer),
@@ -144,9 +166,13 @@ async fn answer(
             session: session.as_ref().map(|s| s.id.as_str()),
         };
         live.policy
-            .decision_request(&incoming, false)
+            .plan(&incoming, false)
             .map_err(|error| ApiError::from(error).closing_unless(body_read))?
     };
+    if plan.needs_reservation() {
+        return metered::answer(app, live, proxy, peer, request, plan, body_read).await;
+    }
+    let decision_request = plan.request;
     let decision = if decision_request.checks.is_empty() {
         None
     } else {
@@ -158,14 +184,7 @@ async fn answer(
     };
 
     if let Some(decision) = decision.as_ref().filter(|d| !d.allowed) {
-        let denial = live.policy.responses.denial(&decision_request, decision);
-        let mut response = (denial.status, denial.headers, denial.body).into_response();
-        if !body_read {
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        return Ok(response);
+        return Ok(denied(live, &decision_request, decision, body_read));
     }
 
     let mut response = forward(app, proxy, live, peer, request).await;

@@ -1,5 +1,8 @@
 //! The quota endpoint (`proxy.quota_path`): a caller reads its own remaining quota for
 //! a request, keyed exactly as that request would be, without charging anything.
+//! Metered limits (`cost: usage`) are shown like the others, with `metered: true` and no
+//! `cost` (a call spends what its answer reports); a concurrency limit's quota is its
+//! slots, `remaining` the free ones, and it has no window (`window_seconds: 0`).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -28,7 +31,9 @@ struct QuotaWindow<'a> {
     rate: &'a str,
     quota: u64,
     remaining: u64,
-    cost: u64,
+    /// `None` for a metered check: its cost is known only from the answer.
+    cost: Option<u64>,
+    metered: bool,
     window_seconds: u64,
     reset_after_seconds: u64,
     reset_at: String,
@@ -43,7 +48,8 @@ fn quota_error(message: String) -> Response {
 /// request to `path` (method default `GET`), one entry per window of every limit that
 /// would apply to it, keyed exactly as that request would be (same IP, headers, cookies
 /// and session). Nothing is charged: the windows are read with cost 0 as a dry run. Each
-/// entry's `cost` is what one such request spends. Bad queries are `400 invalid_query`.
+/// entry's `cost` is what one such request spends (`null` for a metered limit, whose
+/// calls spend what their answers report). Bad queries are `400 invalid_query`.
 pub(super) async fn quota(
     app: &AppState,
     live: &Live,
@@ -106,13 +112,20 @@ pub(super) async fn quota(
         headers,
         session: session.as_ref().map(|s| s.id.as_str()),
     };
-    let priced = match live.policy.decision_request(&incoming, true) {
-        Ok(priced) => priced,
+    let plan = match live.policy.plan(&incoming, true) {
+        Ok(plan) => plan,
         Err(error) => return quota_error(format!("`path`: {error}")),
     };
-    let costs: Vec<u64> = priced.checks.iter().map(Check::cost).collect();
+    let costs: Vec<Option<u64>> = plan
+        .request
+        .checks
+        .iter()
+        .zip(&plan.costs)
+        .map(|(check, cost)| (!cost.is_metered()).then(|| check.cost()))
+        .collect();
     let read = DecisionRequest {
-        checks: priced
+        checks: plan
+            .request
             .checks
             .iter()
             .filter_map(|c| Check::new(Arc::clone(c.limit()), c.key(), 0).ok())
@@ -142,13 +155,20 @@ pub(super) async fn quota(
             let check = &read.checks[result.check];
             let window = &check.limit().windows()[result.window];
             let reset_after_seconds = sluice_engine::seconds_ceil(result.reset_after);
+            let cost = costs.get(result.check).copied().unwrap_or(Some(1));
             QuotaWindow {
                 limit: check.limit().name(),
                 rate: &window.rate_text,
                 quota: result.limit_value,
                 remaining: result.remaining,
-                cost: costs.get(result.check).copied().unwrap_or(1),
-                window_seconds: window.window.rate().period_secs(),
+                cost,
+                metered: cost.is_none(),
+                // Slots in flight come back when calls end, not with a window.
+                window_seconds: if check.limit().is_concurrency() {
+                    0
+                } else {
+                    window.window.rate().period_secs()
+                },
                 reset_after_seconds,
                 reset_at: humantime::format_rfc3339_seconds(
                     now + Duration::from_secs(reset_after_seconds),
