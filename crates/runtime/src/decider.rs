@@ -132,9 +132,23 @@ impl Decider {
                 request.window_count()
             ))));
         }
-        let decision = Decision::from_outcomes(request, &outcomes.windows, outcomes.degraded);
+        let mut decision = Decision::from_outcomes(request, &outcomes.windows, outcomes.degraded);
         if request.dry_run {
             return Ok((decision, None));
+        }
+        if decision.allowed {
+            // The store counted this reservation's slot but not when it comes back: at
+            // the latest when the reservation expires, sooner if another one does.
+            let ttl = hold.ttl;
+            for result in &mut decision.results {
+                let check = &request.checks[result.check];
+                if check.limit().is_concurrency() && result.allowed {
+                    result.reset_after = match result.reset_after {
+                        0 => ttl,
+                        other => other.min(ttl),
+                    };
+                }
+            }
         }
         self.record(request, &decision);
         let held = decision.allowed.then_some((ticket, token));

@@ -123,6 +123,11 @@ fn calls_in_flight_are_capped_and_come_back_when_settled() {
     let a = reserve(&s, body.clone());
     let b = reserve(&s, body.clone());
     assert!(allowed(&a) && allowed(&b));
+    let reset = u(&results(&a)[0], "reset_after_ms");
+    assert!(
+        (59_000..=60_000).contains(&reset),
+        "a held slot comes back at the latest when its reservation expires: {reset} ms"
+    );
     let c = reserve(&s, body.clone());
     assert!(!allowed(&c), "a third call in flight is denied");
     assert!(
