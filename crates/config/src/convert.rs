@@ -33,6 +33,7 @@ struct File {
     proxy: Option<proxy::ProxySection>,
     sessions: Option<Located<proxy::SessionsSection>>,
     jwt: Option<Located<crate::identity::JwtSection>>,
+    plan_from: Option<Located<Parsed<sluice_http::KeyTemplate>>>,
 }
 
 /// `admin:`
@@ -117,6 +118,8 @@ struct LimitSection {
     shadow: Option<bool>,
     /// Calls in flight per key, held by reservations (`/v1/reserve`, the proxy).
     concurrency: Option<Located<Whole<1, 1_000_000_000>>>,
+    /// Other rates for callers on other plans: plan name → rate settings.
+    plans: Option<Located<Limits>>,
 }
 
 /// `storage.cluster`: `true`/`false`, or a list of Redis Cluster node URLs.
@@ -272,6 +275,15 @@ pub(crate) fn config(root: &Node, source: &str) -> Result<Config, Fail> {
                 "a key template reads {jwt.CLAIM}, but no `jwt:` section says how to verify tokens: add `jwt:` with `algorithms` and a key (secret, public_keys, jwks_file or jwks_url); sluice never reads an unverified token",
             ));
         }
+    }
+    if let Some(plan_from) = file.plan_from {
+        let template = plan_from.value.0;
+        if template.uses_jwt() && config.identity.is_none() {
+            return Err(plan_from.at.fail(
+                "plan_from reads {jwt.CLAIM}, but no `jwt:` section says how to verify tokens: add `jwt:`; a plan from an unverified token would let anyone pick theirs",
+            ));
+        }
+        config.plan_from = Some(template);
     }
     if let Some(section) = file.envoy {
         let built = section.value.build(source)?;
@@ -551,10 +563,33 @@ impl Limits {
         let limits = self
             .0
             .iter()
-            .map(|(name, limit)| build_limit(name, limit.as_ref()))
+            .map(|(name, limit)| build_limit_with_plans(name, limit.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
         LimitSet::new(limits).map_err(|error| at.fail(error.to_string()))
     }
+}
+
+/// A limit and its `plans:`, each plan built as a limit of its own and named after it.
+fn build_limit_with_plans(
+    name: &Located<String>,
+    limit: Option<&LimitSection>,
+) -> Result<Limit, Fail> {
+    let built = build_limit(name, limit)?;
+    let Some(plans) = limit.and_then(|l| l.plans.as_ref()) else {
+        return Ok(built);
+    };
+    let mut named = Vec::with_capacity(plans.value.0.len());
+    for (plan, section) in &plans.value.0 {
+        if section.as_ref().is_some_and(|s| s.plans.is_some()) {
+            return Err(plan.at.fail(
+                "a plan cannot have plans of its own: list every plan under the limit's `plans:`",
+            ));
+        }
+        named.push((plan.value.clone(), build_limit(plan, section.as_ref())?));
+    }
+    built
+        .with_plans(named)
+        .map_err(|error| plans.at.fail(error.to_string()))
 }
 
 /// One limit, with the engine's errors placed at the field they are about.
@@ -620,7 +655,9 @@ fn build_limit(name: &Located<String>, limit: Option<&LimitSection>) -> Result<L
             LimitError::BadName(_)
             | LimitError::DuplicateName(_)
             | LimitError::BadConcurrency(_)
-            | LimitError::ConcurrencyWithRates => None,
+            | LimitError::ConcurrencyWithRates
+            | LimitError::BadPlanName(_)
+            | LimitError::DuplicatePlan(_) => None,
         };
         at.unwrap_or(&name.at).fail(error.to_string())
     })

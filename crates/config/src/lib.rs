@@ -19,7 +19,7 @@
 //!    are created (`SLUICE_RESPONSES__DENY_STATUS=403`,
 //!    `SLUICE_CLIENT_IP__TRUSTED_PROXIES='[10.0.0.0/8]'`). Only names whose first segment is
 //!    a top-level key (`listen`, `admin`, `storage`, `limits`, `http`, `client_ip`,
-//!    `responses`, `forward_auth`, `routes`, `envoy`, `proxy`, `sessions`, `jwt`) are overrides; other `SLUICE_*` variables
+//!    `responses`, `forward_auth`, `routes`, `envoy`, `proxy`, `sessions`, `jwt`, `plan_from`) are overrides; other `SLUICE_*` variables
 //!    (`SLUICE_LOG`, `SLUICE_LOG_FORMAT`, `SLUICE_CONFIG`, `SLUICE_ADMIN_TOKEN`,
 //!    `SLUICE_IP_HASH_SECRET`) are ignored. A value that
 //!    starts with `[`, `{` or a quote is read as YAML; any other is taken literally as one
@@ -134,6 +134,9 @@ pub struct Config {
     pub sessions: SessionsConfig,
     /// How a caller's bearer token is verified, for `{jwt.CLAIM}` keys (`jwt:`).
     pub identity: Option<std::sync::Arc<sluice_identity::JwtVerifier>>,
+    /// Which plan an HTTP request is on (`plan_from:`, e.g. `{jwt.plan}`): limits with
+    /// `plans:` apply that plan's rates to it.
+    pub plan_from: Option<sluice_http::KeyTemplate>,
 }
 
 impl Config {
@@ -181,6 +184,7 @@ impl Default for Config {
             proxy: None,
             sessions: SessionsConfig::default(),
             identity: None,
+            plan_from: None,
         }
     }
 }
@@ -202,6 +206,7 @@ impl fmt::Debug for Config {
             proxy,
             sessions,
             identity,
+            plan_from,
         } = self;
         f.debug_struct("Config")
             .field("listen", listen)
@@ -217,6 +222,7 @@ impl fmt::Debug for Config {
             .field("proxy", proxy)
             .field("sessions", sessions)
             .field("identity", identity)
+            .field("plan_from", plan_from)
             .finish()
     }
 }

@@ -30,6 +30,7 @@ pub(crate) const TOP_LEVEL: &[&str] = &[
     "proxy",
     "sessions",
     "jwt",
+    "plan_from",
 ];
 
 /// The config path `name` addresses, if it is an override at all.

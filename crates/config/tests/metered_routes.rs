@@ -45,6 +45,7 @@ fn plan(config: &Config) -> RequestPlan {
         client_ip: None,
         session: None,
         claims: None,
+        plan: None,
     };
     config.routes.plan(&facts, false).expect("plan")
 }

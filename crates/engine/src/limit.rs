@@ -47,6 +47,12 @@ pub enum LimitError {
         "a limit counts either calls in flight (concurrency) or a rate, not both; put them in separate limits"
     )]
     ConcurrencyWithRates,
+    /// A plan name with characters that do not belong in one.
+    #[error("plan name {0:?} is invalid: use 1 to 32 letters, digits, '_', '-' or '.'")]
+    BadPlanName(String),
+    /// A plan given twice for one limit.
+    #[error("plan {0:?} is given twice for this limit")]
+    DuplicatePlan(String),
     /// gcra's interval would be below a microsecond.
     #[error(
         "rate {0} is too fine for gcra (more than one request per microsecond); use fixed_window or sliding_window"
@@ -118,6 +124,10 @@ pub struct Limit {
     windows: Vec<LimitWindow>,
     charge_denied: bool,
     shadow: bool,
+    /// The plan this limit is the rates of (`None`: the default plan).
+    plan: Option<Arc<str>>,
+    /// The limit's other plans, by name: the same limit (name, counters) at other rates.
+    plans: Vec<Arc<Limit>>,
 }
 
 impl Limit {
@@ -144,6 +154,8 @@ impl Limit {
                 }],
                 charge_denied: false,
                 shadow: spec.shadow,
+                plan: None,
+                plans: Vec::new(),
             });
         }
         if spec.rates.is_empty() {
@@ -177,7 +189,63 @@ impl Limit {
             windows,
             charge_denied: spec.charge_denied,
             shadow: spec.shadow,
+            plan: None,
+            plans: Vec::new(),
         })
+    }
+
+    /// This limit with other plans: `plans` are the same limit at other rates, each
+    /// named (`pro`, `enterprise`). A plan keeps the limit's name, so a key that changes
+    /// plan keeps what it spent in every window whose algorithm and period stay the same.
+    pub fn with_plans(
+        mut self,
+        plans: impl IntoIterator<Item = (String, Limit)>,
+    ) -> Result<Self, LimitError> {
+        for (plan, mut limit) in plans {
+            let valid = !plan.is_empty()
+                && plan.len() <= 32
+                && plan
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            if !valid {
+                return Err(LimitError::BadPlanName(plan));
+            }
+            if self
+                .plans
+                .iter()
+                .any(|p| p.plan.as_deref() == Some(plan.as_str()))
+            {
+                return Err(LimitError::DuplicatePlan(plan));
+            }
+            limit.name = self.name.clone();
+            limit.plan = Some(plan.into());
+            limit.plans = Vec::new();
+            self.plans.push(Arc::new(limit));
+        }
+        Ok(self)
+    }
+
+    /// The plan these rates belong to; `None` for the default plan.
+    pub fn plan(&self) -> Option<&str> {
+        self.plan.as_deref()
+    }
+
+    /// The limit's other plans (not the default one).
+    pub fn plans(&self) -> &[Arc<Limit>] {
+        &self.plans
+    }
+
+    /// The limit as it applies to a caller on `plan`: that plan's rates when the limit
+    /// has such a plan, the default ones otherwise (no plan, or one it does not know).
+    pub fn for_plan<'a>(self: &'a Arc<Self>, plan: Option<&str>) -> &'a Arc<Limit> {
+        match plan {
+            Some(plan) => self
+                .plans
+                .iter()
+                .find(|p| p.plan.as_deref() == Some(plan))
+                .unwrap_or(self),
+            None => self,
+        }
     }
 
     /// The limit's name.

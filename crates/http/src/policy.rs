@@ -77,6 +77,8 @@ pub struct HttpPolicy {
     pub responses: ResponseConfig,
     /// Who the caller is, from a bearer token it verifies (`jwt:`), for `{jwt.CLAIM}`.
     pub identity: Option<std::sync::Arc<sluice_identity::JwtVerifier>>,
+    /// Which plan a request is on (`plan_from:`): its first rendered value.
+    pub plan_from: Option<crate::template::KeyTemplate>,
 }
 
 /// One incoming HTTP request, as a front door sees it.
@@ -141,8 +143,10 @@ impl HttpPolicy {
                 .key(self.client_ip.resolve(peer, incoming.headers))
         });
         // Verified only when a template reads a claim: signatures cost microseconds.
+        let reads_claims =
+            self.rules.uses_jwt() || self.plan_from.as_ref().is_some_and(|t| t.uses_jwt());
         let claims = match &self.identity {
-            Some(identity) if self.rules.uses_jwt() => identity.claims(incoming.headers),
+            Some(identity) if reads_claims => identity.claims(incoming.headers),
             _ => None,
         };
         let facts = RequestFacts {
@@ -154,6 +158,18 @@ impl HttpPolicy {
             client_ip: client_key.as_deref(),
             session: incoming.session,
             claims: claims.as_ref(),
+            plan: None,
+        };
+        // The plan is read like a key; a template that does not resolve is the default plan.
+        let plan = match &self.plan_from {
+            Some(template) => template
+                .render(&facts)?
+                .and_then(|values| values.into_iter().next()),
+            None => None,
+        };
+        let facts = RequestFacts {
+            plan: plan.as_deref(),
+            ..facts
         };
         Ok(self.rules.plan(&facts, dry_run)?)
     }

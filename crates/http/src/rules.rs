@@ -320,6 +320,8 @@ impl Rules {
         };
         for route in self.matching(facts) {
             for rl in &route.limits {
+                // The caller's plan picks the limit's rates (the default plan otherwise).
+                let limit = rl.limit.for_plan(facts.plan);
                 let mut keys = None;
                 for template in &rl.keys {
                     keys = template.render(facts)?;
@@ -331,7 +333,7 @@ impl Rules {
                     let checks = &mut plan.request.checks;
                     let seen = checks
                         .iter()
-                        .any(|c| Arc::ptr_eq(c.limit(), &rl.limit) && c.key() == key);
+                        .any(|c| Arc::ptr_eq(c.limit(), limit) && c.key() == key);
                     if seen {
                         continue;
                     }
@@ -339,11 +341,11 @@ impl Rules {
                     // limit's check holds one slot, whatever the route says.
                     let cost = match rl.cost {
                         RouteCost::Usage(_) => 0,
-                        RouteCost::Fixed(_) if rl.limit.is_concurrency() => 1,
+                        RouteCost::Fixed(_) if limit.is_concurrency() => 1,
                         RouteCost::Fixed(cost) => cost,
                     };
                     // Keys were bounded by `render`, so this cannot fail; skip if it ever did.
-                    if let Ok(check) = Check::new(Arc::clone(&rl.limit), key, cost) {
+                    if let Ok(check) = Check::new(Arc::clone(limit), key, cost) {
                         checks.push(check);
                         plan.costs.push(rl.cost);
                         if rl.cost.is_metered() && plan.usage.is_none() {

@@ -36,6 +36,8 @@ pub struct RequestFacts<'a> {
     /// The claims of the request's bearer token, when one verified (never unverified
     /// claims: `{jwt.CLAIM}` does not resolve without them).
     pub claims: Option<&'a sluice_identity::Claims>,
+    /// The caller's plan (`plan_from`), which picks the rates of limits with `plans:`.
+    pub plan: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -346,6 +348,7 @@ mod tests {
             client_ip: Some("203.0.113.7"),
             session: None,
             claims: None,
+            plan: None,
         }
     }
 

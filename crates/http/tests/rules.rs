@@ -48,6 +48,7 @@ fn checks(rules: &Rules, method: &str, path: &str, headers: &HeaderMap) -> Vec<(
         client_ip: Some("203.0.113.7"),
         session: None,
         claims: None,
+        plan: None,
     };
     rules
         .checks(&facts)

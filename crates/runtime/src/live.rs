@@ -78,6 +78,7 @@ impl Live {
                 client_ip: ClientIpResolver::new(config.client_ip.clone()),
                 responses: config.responses.clone(),
                 identity: config.identity.clone(),
+                plan_from: config.plan_from.clone(),
             },
             admin_token: config.admin.token.clone(),
             forward_auth_deny_status: config.forward_auth.deny_status,

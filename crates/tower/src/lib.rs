@@ -93,6 +93,7 @@ impl RateLimitLayer {
                 client_ip: sluice_http::ClientIpResolver::new(config.client_ip.clone()),
                 responses: config.responses.clone(),
                 identity: config.identity.clone(),
+                plan_from: config.plan_from.clone(),
             },
             store,
         )
