@@ -3,11 +3,19 @@
 //!
 //! `schema.sql` is a versioned, idempotent migration ([`SCHEMA_VERSION`]): a table
 //! `sluice_counters (key, a, b, c, expires_at)` (one row per counter, the engine's
-//! state in three integers, microseconds and units of cost), the functions
-//! `sluice_decide`, `sluice_reset` and `sluice_sweep`, and a record of applied versions.
+//! state in three integers, microseconds and units of cost), the reservation tables
+//! `sluice_holds (id, digest, expires_at, settled)` and `sluice_slots (key, hold,
+//! expires_at)` (one row per concurrency slot an open reservation holds), the functions
+//! `sluice_decide`, `sluice_refund`, `sluice_reserve`, `sluice_settle`, `sluice_reset`
+//! and `sluice_sweep`, and a record of applied versions.
 //! [`PostgresStore::prepare`] applies it (or, with `migrate: false`, only checks it is
 //! there); [`migration_sql`] is the same script for a DBA. `unlogged: true` makes the
-//! counter table `UNLOGGED`: no WAL, faster, and emptied by PostgreSQL after a crash.
+//! three tables `UNLOGGED`: no WAL, faster, and emptied by PostgreSQL after a crash.
+//!
+//! A new version adds to the one script, which runs whole over a database of any earlier
+//! version: tables and indexes `IF NOT EXISTS`, functions `CREATE OR REPLACE` with the
+//! signatures they had, so instances of the previous version keep deciding while the
+//! others upgrade.
 
 use std::sync::atomic::Ordering;
 
@@ -18,7 +26,7 @@ use crate::error::describe;
 use crate::{MAINTENANCE_TIMEOUT_MS, PostgresStore, PostgresStoreError};
 
 /// The schema version this build installs and expects.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The migration script, with placeholders for the schema and the table's persistence.
 const SCHEMA_SQL: &str = include_str!("schema.sql");
@@ -75,6 +83,10 @@ pub(crate) struct Statements {
     pub(crate) sweep: String,
     /// Gives back what a decision charged.
     pub(crate) refund: String,
+    /// Decides and, when allowed, records a hold and its concurrency slots.
+    pub(crate) reserve: String,
+    /// Settles a hold, or books work already done.
+    pub(crate) settle: String,
     /// Whether the version table and the decision function exist.
     installed: String,
     version: String,
@@ -87,12 +99,24 @@ impl Statements {
             decide: format!("SELECT {s}.sluice_decide($1::text[], $2::bigint[], $3::boolean)"),
             reset: format!("SELECT {s}.sluice_reset($1::text[])"),
             refund: format!("SELECT {s}.sluice_refund($1::text[], $2::bigint[])"),
+            reserve: format!(
+                "SELECT {s}.sluice_reserve($1::text[], $2::bigint[], $3::boolean, $4::text, $5::text, $6::bigint)"
+            ),
+            settle: format!(
+                "SELECT {s}.sluice_settle($1::text[], $2::bigint[], $3::text[], $4::text, $5::text)"
+            ),
+            // A concurrency window's slots go too (its reservations stay open, holding
+            // none); one with live slots counts as one counter, as in sluice_reset.
             reset_range: format!(
-                "WITH gone AS (DELETE FROM {s}.sluice_counters AS t \
+                "WITH now_us AS (SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint AS t), \
+                 gone AS (DELETE FROM {s}.sluice_counters AS t \
                  WHERE t.key >= $1::text COLLATE \"C\" AND t.key < $2::text COLLATE \"C\" \
-                 RETURNING t.expires_at) \
-                 SELECT count(*) FROM gone \
-                 WHERE gone.expires_at > (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint"
+                 RETURNING t.expires_at), \
+                 freed AS (DELETE FROM {s}.sluice_slots AS t \
+                 WHERE t.key >= $1::text COLLATE \"C\" AND t.key < $2::text COLLATE \"C\" \
+                 RETURNING t.key, t.expires_at) \
+                 SELECT (SELECT count(*) FROM gone, now_us WHERE gone.expires_at > now_us.t) \
+                 + (SELECT count(DISTINCT freed.key) FROM freed, now_us WHERE freed.expires_at > now_us.t)"
             ),
             sweep: format!("SELECT {s}.sluice_sweep($1::integer, $2::bigint, $3::bigint)"),
             installed: format!(
@@ -254,12 +278,14 @@ mod tests {
     #[test]
     fn the_script_names_the_schema_and_persistence() {
         let logged = migration_sql("rate", false).expect("script");
-        assert!(logged.starts_with("-- sluice schema version 2"));
+        assert!(logged.starts_with(&format!("-- sluice schema version {SCHEMA_VERSION};")));
+        assert!(logged.contains("CREATE TABLE IF NOT EXISTS \"rate\".sluice_slots"));
         assert!(logged.contains("CREATE TABLE IF NOT EXISTS \"rate\".sluice_counters"));
         assert!(logged.contains("SET LOGGED"));
         assert!(!logged.contains('@'), "every placeholder is filled");
         let unlogged = migration_sql("rate", true).expect("script");
         assert!(unlogged.contains("CREATE UNLOGGED TABLE IF NOT EXISTS \"rate\".sluice_counters"));
+        assert!(unlogged.contains("CREATE UNLOGGED TABLE IF NOT EXISTS \"rate\".sluice_holds"));
         assert!(migration_sql("Rate", false).is_err());
     }
 }
