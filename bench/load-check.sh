@@ -5,6 +5,8 @@
 #   bench/load-check.sh                      # build release, start sluice, run both variants
 #   bench/load-check.sh --variant 1          # only one check per request
 #   bench/load-check.sh --variant 2          # only two checks per request
+#   bench/load-check.sh --variant "1 reserve"  # one check per request, then reserve +
+#                                            # settle pairs (bench/reserve.lua), same server
 #   bench/load-check.sh --target http://host:port   # no build/start: load an existing server
 #                                                  # (it must define limits `api` and `api_ip`)
 # Environment:
@@ -45,7 +47,7 @@ STORAGE="${STORAGE:-memory}"
 target=""
 variants="1 2"
 
-usage() { sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -222,13 +224,17 @@ fi
 
 # Sanity: one request of each variant must be a 200 before loading.
 for v in $variants; do
+    path=/v1/check
     if [[ "$v" == 2 ]]; then
         body='{"checks":[{"limit":"api","key":"k0"},{"limit":"api_ip","key":"ip0"}]}'
+    elif [[ "$v" == reserve ]]; then
+        body='{"checks":[{"limit":"api","key":"k0"}],"dry_run":true}'
+        path=/v1/reserve
     else
         body='{"checks":[{"limit":"api","key":"k0"}]}'
     fi
     code="$(curl -sS -o "$scratch/probe.json" -w '%{http_code}' -H 'Content-Type: application/json' \
-        -d "$body" "$base/v1/check")"
+        -d "$body" "$base$path")"
     if [[ "$code" != 200 ]]; then
         echo "probe of variant $v answered $code: $(cat "$scratch/probe.json")" >&2
         exit 1
@@ -254,14 +260,23 @@ for v in $variants; do
     fi
     degraded_before="$(metric sluice_degraded_decisions_total)"
     errors_before="$(metric sluice_store_errors_total)"
-    echo "==> wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $v check(s)/request, $KEYS keys -> $base/v1/check" >&2
-    "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$here/check.lua" \
-        "$base/v1/check" -- "checks=$v" "keys=$KEYS" | tee "$out"
+    if [[ "$v" == reserve ]]; then
+        echo "==> wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, reserve + settle pairs, $KEYS keys -> $base" >&2
+        "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$here/reserve.lua" \
+            "$base" -- "keys=$KEYS" | tee "$out"
+    else
+        echo "==> wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $v check(s)/request, $KEYS keys -> $base/v1/check" >&2
+        "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$here/check.lua" \
+            "$base/v1/check" -- "checks=$v" "keys=$KEYS" | tee "$out"
+    fi
     rps="$(awk '/^Requests\/sec:/ {print $2}' "$out")"
     p50="$(awk '/Latency Distribution/ {d=1} d && $1=="50%" {print $2; exit}' "$out")"
     p99="$(awk '/Latency Distribution/ {d=1} d && $1=="99%" {print $2; exit}' "$out")"
     non200="$(awk -F': ' '/^non-200 responses:/ {print $2}' "$out")"
     line="checks/request=$v  req/s=${rps:-?}  p50=${p50:-?}  p99=${p99:-?}  non-200=${non200:-?}"
+    if [[ "$v" == reserve ]]; then
+        line+="  pairs/s=$(awk '/^pairs\/sec:/ {print $2}' "$out")"
+    fi
     if [[ -n "$redis_pid" ]]; then
         requests="$(awk '/requests in/ {print $1; exit}' "$out")"
         evalsha="$("$REDIS_CLI" -p "$redis_port" INFO commandstats | tr -d '\r' |

@@ -54,6 +54,11 @@ envoy:
               rate_limit: {unit: day, requests_per_unit: 2}
         - key: to_number
           rate_limit: {unit: day, requests_per_unit: 100}
+        # Tokens reported when a stream ends (apply_on_stream_done): work already done.
+        - key: tokens
+          rate_limit: {unit: hour, requests_per_unit: 1000, debt: true}
+        - key: tokens_dropped
+          rate_limit: {unit: hour, requests_per_unit: 1000}
 """
 
 
@@ -139,6 +144,71 @@ def test_quota_mode_allows_over_the_limit_and_does_not_block_others(start_sluice
         assert answer.statuses[0].code == OK
         assert answer.statuses[0].current_limit.requests_per_unit == 1
         assert answer.statuses[1].code == OK
+
+
+def test_dynamic_metadata_carries_quota_mode_violations_and_descriptor_metadata(start_sluice):
+    # envoyproxy/ratelimit with RESPONSE_DYNAMIC_METADATA=true: the answer's
+    # dynamic_metadata names the domain and descriptors, the quota-mode descriptors
+    # that went over (still OK), and the metadata of the descriptors within limits.
+    from google.protobuf.json_format import MessageToDict
+
+    sluice = start_sluice(EDGE.replace("  domains:", "  response_dynamic_metadata: true\n  domains:", 1))
+    user = uid()
+    first = sluice.call("edge", [("quota", user)], [("loose", user)])
+    meta = MessageToDict(first.dynamic_metadata)
+    assert meta["domain"] == "edge"
+    assert meta["descriptors"] == [
+        {"entries": [f"quota={user}"]},
+        {"entries": [f"loose={user}"]},
+    ]
+    assert meta["quotaModeEnabled"] is True
+    assert "quotaModeViolations" not in meta
+    assert meta["metadata"] == {"name": "service_1"}
+
+    second = sluice.call("edge", [("loose", user)], [("quota", user)], hits_addend=2)
+    assert second.overall_code == OK, "quota mode still allows"
+    meta = MessageToDict(second.dynamic_metadata)
+    assert meta["quotaModeViolations"] == [1]
+    assert meta["hitsAddend"] == 2
+    assert "metadata" not in meta, "metadata only for descriptors within their limits"
+
+    # Off by default, as in envoyproxy/ratelimit.
+    plain = start_sluice(EDGE).call("edge", [("quota", user)])
+    assert not plain.HasField("dynamic_metadata")
+
+
+def test_tokens_reported_when_a_stream_ends_are_booked_past_the_limit(start_sluice):
+    # Envoy's AI gateway asks with hits_addend 0 before the call, then reports the
+    # tokens with hits_addend when the stream ends. A `debt` rule books them even past
+    # the limit, so the next call waits; a plain rule would drop the overage.
+    sluice = start_sluice(EDGE)
+    user = uid()
+
+    def hits(key, tokens):
+        own = ratelimit_pb2.RateLimitDescriptor(
+            entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key=key, value=user)],
+            hits_addend=wrappers_pb2.UInt64Value(value=tokens),
+        )
+        return sluice.call("edge", own)
+
+    def before_call(key):
+        return hits(key, 0)
+
+    def stream_done(key, tokens):
+        return hits(key, tokens)
+
+    for key in ("tokens", "tokens_dropped"):
+        assert before_call(key).overall_code == OK
+        assert stream_done(key, 700).statuses[0].limit_remaining == 300
+        assert before_call(key).overall_code == OK
+        stream_done(key, 900)
+
+    owed = before_call("tokens")
+    assert owed.overall_code == OVER_LIMIT, "600 tokens over: the next call waits"
+    assert owed.statuses[0].limit_remaining == 0
+    dropped = before_call("tokens_dropped")
+    assert dropped.overall_code == OK, "a plain rule refused the 900 and dropped them"
+    assert dropped.statuses[0].limit_remaining == 300
 
 
 def test_hits_addend_is_the_cost(start_sluice):

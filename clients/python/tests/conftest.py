@@ -30,6 +30,8 @@ limits:
   api_key: {{rate: 2/minute}}
   two_rates: {{rate: [2/minute, 100/hour]}}
   shadowed: {{rate: 1/minute, shadow: true}}
+  tokens: {{rate: 1000/day}}
+  in_flight: {{concurrency: 2}}
 """
 
 

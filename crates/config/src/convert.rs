@@ -32,6 +32,7 @@ struct File {
     envoy: Option<Located<envoy::EnvoySection>>,
     proxy: Option<proxy::ProxySection>,
     sessions: Option<Located<proxy::SessionsSection>>,
+    jwt: Option<Located<crate::identity::JwtSection>>,
 }
 
 /// `admin:`
@@ -258,11 +259,19 @@ pub(crate) fn config(root: &Node, source: &str) -> Result<Config, Fail> {
         }
         config.sessions = sessions.value.build()?;
     }
+    if let Some(jwt) = file.jwt {
+        config.identity = Some(jwt.value.build(&jwt.at, source)?);
+    }
     // After `limits` and `proxy`: routes name limits, and `{session}` needs the proxy.
     if let Some(routes) = file.routes {
         config.routes = routes
             .value
             .build(&routes.at, &config.limits, config.proxy.is_some())?;
+        if config.routes.uses_jwt() && config.identity.is_none() {
+            return Err(routes.at.fail(
+                "a key template reads {jwt.CLAIM}, but no `jwt:` section says how to verify tokens: add `jwt:` with `algorithms` and a key (secret, public_keys, jwks_file or jwks_url); sluice never reads an unverified token",
+            ));
+        }
     }
     if let Some(section) = file.envoy {
         let built = section.value.build(source)?;
@@ -598,7 +607,9 @@ fn build_limit(name: &Located<String>, limit: Option<&LimitSection>) -> Result<L
                 .rev()
                 .find(|r| r.value.0 == *second)
                 .map(|r| &r.at),
-            LimitError::RateTooFine(rate) => {
+            // At the rate: it is what asks for a fixed window, whether or not the
+            // algorithm was written.
+            LimitError::RateTooFine(rate) | LimitError::CalendarMonthNeedsFixedWindow(rate, _) => {
                 rates.iter().find(|r| r.value.0 == *rate).map(|r| &r.at)
             }
             LimitError::NoRates => Some(&rate.at),

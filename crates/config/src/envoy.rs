@@ -5,6 +5,8 @@
 //! envoy:
 //!   listen: 127.0.0.1:8081          # default; loopback unless configured
 //!   response_headers: false         # true: X-RateLimit-Limit/-Remaining/-Reset to add
+//!   response_dynamic_metadata: false  # true: ratelimit's RESPONSE_DYNAMIC_METADATA
+//!   merge_domains: false            # true: ratelimit's MERGE_DOMAIN_CONFIG
 //!   domains:                        # each entry is one envoyproxy/ratelimit document
 //!     - domain: edge
 //!       descriptors:
@@ -15,9 +17,11 @@
 //!
 //! A document is `domain` plus nested `descriptors`, each with `key`, an optional `value`
 //! (each `*` in it matches any run of characters: `foo*`, `/api*v1`, `svc*ep*rpc`), an optional `rate_limit` (`unit`,
-//! `requests_per_unit`, `unlimited`, `name`, `replaces`), `metadata` (any mapping) and
+//! `requests_per_unit`, `unit_multiplier`, `unlimited`, `name`, `replaces`), `metadata` (any mapping) and
 //! the switches `shadow_mode`, `quota_mode`, `share_threshold`, `detailed_metric` and
-//! `value_to_metric`. Every rule becomes a fixed
+//! `value_to_metric`. Two sluice extensions, which envoyproxy/ratelimit would reject:
+//! `rate_limit.algorithm` and `rate_limit.debt: true` (hits are work already done,
+//! such as the tokens of a finished stream: booked past the limit). Every rule becomes a fixed
 //! window [`Limit`] named after its descriptor path. Files named in `config_files` are
 //! read as they are (no `${VAR}` interpolation), relative to the sluice config file's
 //! directory; their errors name their own file, line and column.
@@ -48,6 +52,10 @@ pub struct EnvoyConfig {
     /// answer's `response_headers_to_add` (like envoyproxy/ratelimit's
     /// `LIMIT_RESPONSE_HEADERS_ENABLED`). Default false.
     pub response_headers: bool,
+    /// Return `dynamic_metadata` in every answer (envoyproxy/ratelimit's
+    /// `RESPONSE_DYNAMIC_METADATA`): the domain, the descriptors, the hits, quota mode's
+    /// violations and the `metadata` of the descriptors within their limits. Default false.
+    pub response_dynamic_metadata: bool,
     /// The files named in `config_files`, as resolved (for watching them).
     pub config_files: Vec<PathBuf>,
     /// Every domain's descriptor tree.
@@ -264,6 +272,15 @@ pub struct Rule {
     /// `quota_mode`: decide and count, and answer OK when over the limit too (a soft
     /// quota, as envoyproxy/ratelimit's quota mode allows the request).
     pub quota_mode: bool,
+    /// `rate_limit.debt` (a sluice extension): hits are work already done, such as the
+    /// tokens Envoy reports when a stream ends (`apply_on_stream_done`): every hit is
+    /// booked, past the limit if need be, and a descriptor is over the limit while
+    /// nothing is left (so a call that sends `hits_addend: 0` first is refused while the
+    /// key is in debt).
+    pub debt: bool,
+    /// Its descriptor's `metadata`, returned in the answer's dynamic metadata while the
+    /// descriptor is within its limit (`response_dynamic_metadata`).
+    pub metadata: Option<Metadata>,
 }
 
 /// What a rule does.
@@ -275,11 +292,15 @@ pub enum RuleKind {
     BlockAll {
         /// The unit of the window reported.
         unit: Unit,
+        /// `unit_multiplier`: the window is this many units long.
+        multiplier: u64,
     },
     /// A counted fixed window.
     Limited {
-        /// The window length.
+        /// The window's unit.
         unit: Unit,
+        /// `unit_multiplier`: the window is this many units long (default 1).
+        multiplier: u64,
         /// Requests allowed per window.
         requests_per_unit: u32,
         /// The sluice limit that counts it.
@@ -382,6 +403,10 @@ pub(crate) struct EnvoySection {
     /// Relative to the sluice config file's directory.
     config_files: Option<OneOrMany<Located<String>>>,
     response_headers: Option<bool>,
+    /// envoyproxy/ratelimit's `MERGE_DOMAIN_CONFIG`: documents naming one domain merge.
+    merge_domains: Option<bool>,
+    /// envoyproxy/ratelimit's `RESPONSE_DYNAMIC_METADATA`.
+    response_dynamic_metadata: Option<bool>,
 }
 
 struct DocumentList;
@@ -440,6 +465,10 @@ struct RatelimitRule {
     /// A sluice extension (envoyproxy/ratelimit rejects it): the rule's algorithm,
     /// `fixed_window` (ratelimit's, the default), `sliding_window` or `gcra`.
     algorithm: Option<Located<Parsed<Algorithm>>>,
+    /// A sluice extension: hits are booked past the limit (see [`Rule::debt`]).
+    debt: Option<Located<bool>>,
+    /// envoyproxy/ratelimit's `unit_multiplier`: a window of this many units.
+    unit_multiplier: Option<Located<Whole<1, 1_000_000>>>,
 }
 
 struct ReplacesList;
@@ -452,6 +481,41 @@ impl ListKind for ReplacesList {
 #[serde(deny_unknown_fields)]
 struct RatelimitReplaces {
     name: Option<String>,
+}
+
+/// Adds `more`'s descriptors to `level` (`merge_domains`); a key and value both define
+/// is refused, described for the message.
+fn merge_level(level: &mut Level, more: Level) -> Result<(), String> {
+    for (key, found) in more.by_key {
+        let entry = level.by_key.entry(key.clone()).or_default();
+        if let Some(any) = found.any {
+            if entry.any.is_some() {
+                return Err(format!("with key `{}` and no value", shorten(&key)));
+            }
+            entry.any = Some(any);
+        }
+        for (value, descriptor) in found.exact {
+            if entry.exact.contains_key(&value) {
+                return Err(format!(
+                    "`{}` with value `{}`",
+                    shorten(&key),
+                    shorten(&value)
+                ));
+            }
+            entry.exact.insert(value, descriptor);
+        }
+        for (pattern, descriptor) in found.patterns {
+            if entry.patterns.iter().any(|(p, _)| p == &pattern) {
+                return Err(format!(
+                    "`{}` with value `{}`",
+                    shorten(&key),
+                    shorten(pattern.as_str())
+                ));
+            }
+            entry.patterns.push((pattern, descriptor));
+        }
+    }
+    Ok(())
 }
 
 impl FromText for Unit {
@@ -467,7 +531,10 @@ impl EnvoySection {
     /// The section's config. `source` is the main config file's name, which relative
     /// `config_files` are resolved against.
     pub(crate) fn build(self, source: &str) -> Result<EnvoyConfig, Fail> {
-        let mut builder = Builder::default();
+        let mut builder = Builder {
+            merge_domains: self.merge_domains.unwrap_or(false),
+            ..Builder::default()
+        };
         for document in self.domains.map_or(Vec::new(), |domains| domains.0) {
             builder.document(document, None)?;
         }
@@ -488,6 +555,7 @@ impl EnvoySection {
                 .listen
                 .map_or(EnvoyConfig::DEFAULT_LISTEN, |listen| listen.0),
             response_headers: self.response_headers.unwrap_or(false),
+            response_dynamic_metadata: self.response_dynamic_metadata.unwrap_or(false),
             config_files,
             domains: Arc::new(builder.domains),
         })
@@ -501,6 +569,8 @@ struct Builder {
     /// Where each domain was first defined: file (None: the main one) and line.
     defined_at: HashMap<String, (Option<String>, usize)>,
     names: HashSet<String>,
+    /// `merge_domains`: a second document of a domain adds its descriptors.
+    merge_domains: bool,
 }
 
 impl Builder {
@@ -556,23 +626,37 @@ impl Builder {
                 "the domain is empty: name it as Envoy's rate limit filter does (its `domain:`)",
             ));
         }
-        if let Some((first_file, first_line)) = self.defined_at.get(&domain) {
-            let place = match first_file {
+        let first = self
+            .defined_at
+            .get(&domain)
+            .map(|(first_file, first_line)| match first_file {
                 Some(first) => format!("{first}:{first_line}"),
                 None => format!("line {first_line} of the sluice config"),
-            };
+            });
+        if let (Some(place), false) = (&first, self.merge_domains) {
             return Err(domain_at.fail(format!(
-                "domain `{}` is already defined ({place}): merge the two documents' descriptors into one",
+                "domain `{}` is already defined ({place}): merge the two documents' descriptors into one, or set `envoy.merge_domains: true` (envoyproxy/ratelimit's MERGE_DOMAIN_CONFIG)",
                 shorten(&domain)
             )));
         }
         self.defined_at
-            .insert(domain.clone(), (file.map(str::to_string), domain_at.line()));
+            .entry(domain.clone())
+            .or_insert((file.map(str::to_string), domain_at.line()));
         let level = match document.descriptors {
             Some(descriptors) => self.level(descriptors, &domain)?,
             None => Level::default(),
         };
-        self.domains.by_name.insert(domain, level);
+        match (self.domains.by_name.get_mut(&domain), first) {
+            (Some(existing), Some(place)) => merge_level(existing, level).map_err(|duplicate| {
+                domain_at.fail(format!(
+                    "domain `{}` already has a top-level descriptor {duplicate} ({place}): with merge_domains, each top-level descriptor is written in one document only",
+                    shorten(&domain)
+                ))
+            })?,
+            _ => {
+                self.domains.by_name.insert(domain, level);
+            }
+        }
         Ok(())
     }
 
@@ -656,8 +740,13 @@ impl Builder {
             }
             _ => false,
         };
+        let metadata = item.metadata.map(|metadata| metadata.value);
         let rule = match item.rate_limit {
-            Some(rule) => Some(Arc::new(self.rule(rule, &own_path, shadow, quota_mode)?)),
+            Some(rule) => {
+                let mut rule = self.rule(rule, &own_path, shadow, quota_mode)?;
+                rule.metadata = metadata.clone();
+                Some(Arc::new(rule))
+            }
             None => None,
         };
         let children = match item.descriptors {
@@ -669,7 +758,7 @@ impl Builder {
             children,
             share_threshold,
             value: value.clone(),
-            metadata: item.metadata.map(|metadata| metadata.value),
+            metadata,
         };
         Ok((key, value, descriptor))
     }
@@ -706,10 +795,12 @@ impl Builder {
             let unit = rule.unit.as_ref().map(|unit| &unit.at);
             let counted = unit
                 .or(rule.requests_per_unit.as_ref().map(|r| &r.at))
-                .or(rule.algorithm.as_ref().map(|a| &a.at));
+                .or(rule.algorithm.as_ref().map(|a| &a.at))
+                .or(rule.debt.as_ref().map(|d| &d.at))
+                .or(rule.unit_multiplier.as_ref().map(|m| &m.at));
             if let Some(at) = counted {
                 return Err(at.fail(
-                    "an unlimited rule has no unit, requests_per_unit or algorithm: remove them, or remove `unlimited: true`",
+                    "an unlimited rule has no unit, requests_per_unit, unit_multiplier, algorithm or debt: remove them, or remove `unlimited: true`",
                 ));
             }
             RuleKind::Unlimited
@@ -723,9 +814,19 @@ impl Builder {
                     "missing `requests_per_unit`: how many requests each unit allows (0 blocks every request)",
                 ));
             };
-            match Rate::new(requests.value.0, unit.seconds()) {
+            let multiplier = rule.unit_multiplier.as_ref().map_or(1, |m| m.value.0);
+            let period = unit.seconds().saturating_mul(multiplier);
+            if period > sluice_engine::rate::MAX_PERIOD_SECS {
+                let at = rule.unit_multiplier.as_ref().map_or(&at, |m| &m.at);
+                return Err(at.fail(format!(
+                    "a window of {multiplier} {} is longer than sluice's longest window (366 days): use a smaller unit_multiplier",
+                    unit.as_str()
+                )));
+            }
+            match Rate::new(requests.value.0, period) {
                 Ok(rate) => RuleKind::Limited {
                     unit,
+                    multiplier,
                     requests_per_unit: u32::try_from(requests.value.0).unwrap_or(u32::MAX),
                     // A quota-mode rule never denies: the engine's shadow switch counts it
                     // and reports allowed, so it also never stops the other counters.
@@ -738,7 +839,7 @@ impl Builder {
                     )?,
                 },
                 // Only 0 gets here: the range was checked when it was read.
-                Err(_) => RuleKind::BlockAll { unit },
+                Err(_) => RuleKind::BlockAll { unit, multiplier },
             }
         };
         Ok(Rule {
@@ -748,6 +849,8 @@ impl Builder {
             replaces,
             shadow,
             quota_mode,
+            debt: rule.debt.is_some_and(|d| d.value),
+            metadata: None,
         })
     }
 
@@ -856,7 +959,10 @@ mod tests {
         let rule = level.by_key["k"].exact["bad"].rule.as_ref().unwrap();
         assert!(matches!(
             rule.kind,
-            RuleKind::BlockAll { unit: Unit::Second }
+            RuleKind::BlockAll {
+                unit: Unit::Second,
+                multiplier: 1
+            }
         ));
         assert!(config.domains.limits().is_empty());
     }

@@ -19,7 +19,7 @@
 //!    are created (`SLUICE_RESPONSES__DENY_STATUS=403`,
 //!    `SLUICE_CLIENT_IP__TRUSTED_PROXIES='[10.0.0.0/8]'`). Only names whose first segment is
 //!    a top-level key (`listen`, `admin`, `storage`, `limits`, `http`, `client_ip`,
-//!    `responses`, `forward_auth`, `routes`, `envoy`, `proxy`, `sessions`) are overrides; other `SLUICE_*` variables
+//!    `responses`, `forward_auth`, `routes`, `envoy`, `proxy`, `sessions`, `jwt`) are overrides; other `SLUICE_*` variables
 //!    (`SLUICE_LOG`, `SLUICE_LOG_FORMAT`, `SLUICE_CONFIG`, `SLUICE_ADMIN_TOKEN`,
 //!    `SLUICE_IP_HASH_SECRET`) are ignored. A value that
 //!    starts with `[`, `{` or a quote is read as YAML; any other is taken literally as one
@@ -71,6 +71,7 @@ mod de;
 pub mod envoy;
 mod error;
 mod front_door;
+mod identity;
 mod overrides;
 mod proxy;
 mod tree;
@@ -116,6 +117,8 @@ pub struct Config {
     pub proxy: Option<ProxyConfig>,
     /// Session cookies for `{session}` keys (`sessions:`, only with `proxy`).
     pub sessions: SessionsConfig,
+    /// How a caller's bearer token is verified, for `{jwt.CLAIM}` keys (`jwt:`).
+    pub identity: Option<std::sync::Arc<sluice_identity::JwtVerifier>>,
 }
 
 impl Config {
@@ -162,6 +165,7 @@ impl Default for Config {
             envoy: None,
             proxy: None,
             sessions: SessionsConfig::default(),
+            identity: None,
         }
     }
 }
@@ -182,6 +186,7 @@ impl fmt::Debug for Config {
             envoy,
             proxy,
             sessions,
+            identity,
         } = self;
         f.debug_struct("Config")
             .field("listen", listen)
@@ -196,6 +201,7 @@ impl fmt::Debug for Config {
             .field("envoy", envoy)
             .field("proxy", proxy)
             .field("sessions", sessions)
+            .field("identity", identity)
             .finish()
     }
 }

@@ -29,6 +29,7 @@ pub(crate) const TOP_LEVEL: &[&str] = &[
     "envoy",
     "proxy",
     "sessions",
+    "jwt",
 ];
 
 /// The config path `name` addresses, if it is an override at all.

@@ -62,6 +62,7 @@ fn a_document_becomes_rules_and_limits() {
         unit,
         requests_per_unit,
         limit,
+        ..
     } = &rule.kind
     else {
         panic!("{:?}", rule.kind)

@@ -117,6 +117,7 @@ fn facts<'a>(method: &'a str, path: &'a str, headers: &'a HeaderMap) -> RequestF
         headers,
         client_ip: Some("198.51.100.7"),
         session: None,
+        claims: None,
     }
 }
 

@@ -336,6 +336,40 @@ fn engine_errors_found_after_parsing_are_placed_at_their_field() {
 }
 
 #[test]
+fn a_calendar_month_rate_needs_the_fixed_window() {
+    // gcra by default: the error is at the rate, and says what to write.
+    let error = err("limits:\n  budget:\n    rate: 100/month\n");
+    assert_at(
+        &error,
+        3,
+        11,
+        "limits.budget.rate",
+        "rate 100/month counts UTC calendar months, which only algorithm fixed_window can do, not gcra; set algorithm: fixed_window",
+    );
+    let error = err("limits:\n  budget: {rate: [10/day, 100/mo], algorithm: sliding_window}\n");
+    assert_at(
+        &error,
+        2,
+        27,
+        "limits.budget.rate[1]",
+        "not sliding_window; set algorithm: fixed_window",
+    );
+    let error = err("limits:\n  budget: {rate: 100/3months, algorithm: fixed_window}\n");
+    assert_at(
+        &error,
+        2,
+        18,
+        "limits.budget.rate",
+        "calendar months take no multiplier; write N/month",
+    );
+
+    let config = ok("limits:\n  budget: {rate: [100/months, 10/day], algorithm: fixed_window}\n");
+    assert_eq!(rates(&config, "budget"), ["100/month", "10/day"]);
+    let budget = config.limits.get("budget").expect("budget");
+    assert_eq!(&*budget.windows()[0].counter, "budget:f1mo");
+}
+
+#[test]
 fn a_limit_without_a_rate_is_an_error() {
     let error = err("limits: {x: {}}\n");
     assert_at(&error, 1, 10, "limits.x", "missing field `rate`");
@@ -906,4 +940,30 @@ fn redis_backend_errors_name_the_line() {
     assert_at(&error, 4, 12, "storage.cluster", "true, false or a list");
     let error = err("storage:\n  backend: redis\n  url: redis://h\n  path: /tmp/x\n");
     assert_at(&error, 4, 9, "storage.path", "only applies to backend disk");
+}
+
+/// Every example config in the repository loads (with the secrets it names set).
+#[test]
+fn every_example_config_loads() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut seen = 0;
+    let mut dirs = vec![root];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("examples") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "yaml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read");
+            let env = |name: &str| (name == "JWT_SECRET").then(|| "x".repeat(32));
+            sluice_config::load_str(&text, &path.to_string_lossy(), &env, &[])
+                .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 3, "the examples were found ({seen})");
 }

@@ -11,7 +11,9 @@
 //!   Exact; the truncation of `T` to whole microseconds makes the rate at most
 //!   one microsecond per cell faster than written.
 //! - **fixed_window**: windows aligned to the Unix epoch in UTC (`50/day` resets
-//!   at 00:00 UTC); a counter per window.
+//!   at 00:00 UTC); a counter per window. A calendar-month rate (`100/month`) has
+//!   one window per UTC calendar month, from 00:00 UTC on the 1st to the next 1st
+//!   ([`crate::calendar`]); it is the only algorithm that takes one.
 //! - **sliding_window**: the count over the last period, estimated from the
 //!   current fixed window plus the previous one weighted by how much of it still
 //!   overlaps: `used = ceil(previous * (P - elapsed) / P) + current`. Rounding the
@@ -161,6 +163,11 @@ pub struct Evaluation {
 impl Window {
     /// A window; `burst` is only meaningful for gcra (default: the rate's quota).
     pub fn new(algorithm: Algorithm, rate: Rate, burst: Option<u64>) -> Result<Self, LimitError> {
+        // gcra's interval and the sliding window's weighting need one fixed period
+        // length; a calendar month has none.
+        if rate.is_calendar_month() && algorithm != Algorithm::FixedWindow {
+            return Err(LimitError::CalendarMonthNeedsFixedWindow(rate, algorithm));
+        }
         if burst.is_some() && algorithm != Algorithm::Gcra {
             return Err(LimitError::BurstNeedsGcra(algorithm));
         }
@@ -227,7 +234,19 @@ impl Window {
     }
 
     fn window_start(&self, now: Micros) -> Micros {
+        if self.rate.is_calendar_month() {
+            return crate::calendar::month_start(now);
+        }
         now - now.rem_euclid(self.rate.period_micros())
+    }
+
+    /// Where the fixed window starting at `start` ends (the next one's start): months
+    /// differ in length, so a calendar month's end comes from the calendar.
+    fn window_end(&self, start: Micros) -> Micros {
+        if self.rate.is_calendar_month() {
+            return crate::calendar::next_month_start(start);
+        }
+        start + self.rate.period_micros()
     }
 
     /// Decides a request of `cost` at `now` against `state` (`None`: never seen or expired).
@@ -267,7 +286,7 @@ impl Window {
                 } else if cost > quota {
                     None
                 } else {
-                    Some(start + self.rate.period_micros() - now)
+                    Some(self.window_end(start) - now)
                 };
                 let charged = State::Fixed {
                     start,
@@ -499,7 +518,7 @@ impl Window {
         let period = self.rate.period_micros();
         match self.normalize(Some(*state), now) {
             State::Gcra { tat } => (tat - now).max(0),
-            State::Fixed { start, count } if count > 0 => start + period - now,
+            State::Fixed { start, count } if count > 0 => self.window_end(start) - now,
             State::Sliding { start, count, .. } if count > 0 => start + 2 * period - now,
             State::Sliding {
                 start, previous, ..
@@ -514,7 +533,7 @@ impl Window {
         let period = self.rate.period_micros();
         match *state {
             State::Gcra { tat } => tat,
-            State::Fixed { start, .. } => start + period,
+            State::Fixed { start, .. } => self.window_end(start),
             State::Sliding { start, count, .. } if count > 0 => start + 2 * period,
             State::Sliding { start, .. } => start + period,
             State::Concurrency { free_at, .. } => free_at,

@@ -8,7 +8,8 @@
 //! the reference tests drive, so every in-process backend shares one algorithm.
 //!
 //! Module map:
-//! - [`rate`]: `5/minute`, `100/10s` and friends.
+//! - [`rate`]: `5/minute`, `100/10s` and friends, and `100/month`.
+//! - [`calendar`]: UTC calendar months, for `N/month` fixed windows.
 //! - [`algorithm`]: gcra, sliding window and fixed window over one window's [`State`].
 //! - [`limit`]: named limits with one or more windows, and the set of them.
 //! - [`decision`]: checks, atomic decisions over many windows, results.
@@ -17,6 +18,7 @@
 //! - [`clock`]: the time source for in-process stores.
 
 pub mod algorithm;
+pub mod calendar;
 pub mod clock;
 pub mod decision;
 pub mod limit;
@@ -31,6 +33,6 @@ pub use decision::{
     WindowOutcomes, WindowResult, apply, decide, refund,
 };
 pub use limit::{Limit, LimitError, LimitSet, LimitSpec, LimitWindow};
-pub use rate::{Rate, RateError};
+pub use rate::{Period, Rate, RateError};
 pub use reservation::{Hold, HoldId, SettleStatus, Settlement, settle};
 pub use store::{Outcomes, Store, StoreError, StoreFuture, StoreStats};

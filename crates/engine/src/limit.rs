@@ -52,6 +52,11 @@ pub enum LimitError {
         "rate {0} is too fine for gcra (more than one request per microsecond); use fixed_window or sliding_window"
     )]
     RateTooFine(Rate),
+    /// A calendar-month rate with an algorithm that needs a fixed period.
+    #[error(
+        "rate {0} counts UTC calendar months, which only algorithm fixed_window can do, not {1}; set algorithm: fixed_window"
+    )]
+    CalendarMonthNeedsFixedWindow(Rate, Algorithm),
 }
 
 /// A limit as configured, before it is named and validated.
@@ -98,7 +103,8 @@ impl LimitSpec {
 pub struct LimitWindow {
     /// The algorithm and rate.
     pub window: Window,
-    /// `"<limit>:<algorithm tag><period seconds>"`, e.g. `chat_user:g60`. Stable across
+    /// `"<limit>:<algorithm tag><period tag>"`, e.g. `chat_user:g60` (seconds) or
+    /// `budget:f1mo` (a calendar month; see [`Rate::period_tag`]). Stable across
     /// reloads while the limit's name, algorithm and period stay the same, so counters survive.
     pub counter: Arc<str>,
     /// The rate as shown to users, e.g. `5/minute`.
@@ -149,7 +155,7 @@ impl Limit {
         for (i, a) in spec.rates.iter().enumerate() {
             if let Some(b) = spec.rates[i + 1..]
                 .iter()
-                .find(|b| b.period_secs() == a.period_secs())
+                .find(|b| b.period() == a.period())
             {
                 return Err(LimitError::SamePeriod(*a, *b));
             }
@@ -161,8 +167,7 @@ impl Limit {
                 let window = Window::new(spec.algorithm, *rate, spec.burst)?;
                 Ok(LimitWindow {
                     window,
-                    counter: format!("{name}:{}{}", spec.algorithm.tag(), rate.period_secs())
-                        .into(),
+                    counter: format!("{name}:{}{}", spec.algorithm.tag(), rate.period_tag()).into(),
                     rate_text: rate.to_string().into(),
                 })
             })

@@ -4,6 +4,11 @@
 //! plurals). A multiplier sits between the slash and the unit: `100/10s` is a
 //! hundred every ten seconds. Periods are whole seconds, so windows align to
 //! the Unix epoch exactly.
+//!
+//! `month` (also `months`, `mo`) is the UTC calendar month: `N/month` resets at
+//! 00:00 UTC on the 1st, like a billing period, however long the month is. It takes no
+//! multiplier (no `N/3months`), and only the fixed window can count it (see
+//! [`crate::calendar`] and `Window::new`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -15,11 +20,25 @@ pub const MAX_PERIOD_SECS: u64 = 366 * 86_400;
 /// microseconds and inside the 53-bit integers that store scripts (Lua) compute with.
 pub const MAX_QUOTA: u64 = 1_000_000_000;
 
-/// A quota of `quota` per `period_secs` seconds.
+/// The nominal length of a calendar month in seconds: the mean Gregorian month
+/// (365.2425 days / 12). Only for what reports a window's length as a number
+/// ([`Rate::period_secs`]); calendar-month windows end at month starts.
+pub const MEAN_MONTH_SECS: u64 = 2_629_746;
+
+/// A quota of `quota` per period.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Rate {
     quota: u64,
-    period_secs: u64,
+    period: Period,
+}
+
+/// How long a rate's windows are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Period {
+    /// A whole number of seconds, windows aligned to the Unix epoch.
+    Seconds(u64),
+    /// The UTC calendar month: from 00:00 UTC on the 1st to 00:00 UTC on the next 1st.
+    CalendarMonth,
 }
 
 /// Why a rate string was rejected; the message says how to write it instead.
@@ -33,12 +52,17 @@ pub enum RateError {
     BadQuota(String),
     /// The unit is not one of the known ones.
     #[error(
-        "rate {0:?}: unknown unit; use second, minute, hour or day (or s, m, h, d), optionally with a multiplier as in 100/10s"
+        "rate {0:?}: unknown unit; use second, minute, hour, day or month (or s, m, h, d, mo), optionally with a multiplier as in 100/10s"
     )]
     BadUnit(String),
     /// The multiplier is zero or the period is too long.
     #[error("rate {0:?}: the period must be from 1 second to 366 days")]
     BadPeriod(String),
+    /// A multiplier on the calendar-month unit.
+    #[error(
+        "rate {0:?}: calendar months take no multiplier; write N/month (one window per UTC calendar month)"
+    )]
+    MonthMultiplier(String),
 }
 
 impl Rate {
@@ -51,7 +75,21 @@ impl Rate {
         if period_secs == 0 || period_secs > MAX_PERIOD_SECS {
             return Err(RateError::BadPeriod(text()));
         }
-        Ok(Rate { quota, period_secs })
+        Ok(Rate {
+            quota,
+            period: Period::Seconds(period_secs),
+        })
+    }
+
+    /// A rate of `quota` per UTC calendar month (`N/month`); the quota must be in range.
+    pub fn per_calendar_month(quota: u64) -> Result<Self, RateError> {
+        if quota == 0 || quota > MAX_QUOTA {
+            return Err(RateError::BadQuota(format!("{quota}/month")));
+        }
+        Ok(Rate {
+            quota,
+            period: Period::CalendarMonth,
+        })
     }
 
     /// How many units of cost the window admits.
@@ -59,15 +97,41 @@ impl Rate {
         self.quota
     }
 
-    /// The window length in seconds.
-    pub fn period_secs(&self) -> u64 {
-        self.period_secs
+    /// How long the windows are.
+    pub fn period(&self) -> Period {
+        self.period
     }
 
-    /// The window length in microseconds.
+    /// Whether the windows are UTC calendar months (`N/month`).
+    pub fn is_calendar_month(&self) -> bool {
+        self.period == Period::CalendarMonth
+    }
+
+    /// The window length in seconds; for a calendar month, the nominal
+    /// [`MEAN_MONTH_SECS`] (what `/v1/limits` and the `RateLimit-Policy` header report).
+    pub fn period_secs(&self) -> u64 {
+        match self.period {
+            Period::Seconds(secs) => secs,
+            Period::CalendarMonth => MEAN_MONTH_SECS,
+        }
+    }
+
+    /// The window length in microseconds; for a calendar month, the nominal
+    /// [`MEAN_MONTH_SECS`]: window arithmetic must use the month's real bounds instead
+    /// (see [`crate::calendar`]).
     pub fn period_micros(&self) -> i64 {
         // Bounded by MAX_PERIOD_SECS, far inside i64.
-        (self.period_secs * 1_000_000) as i64
+        (self.period_secs() * 1_000_000) as i64
+    }
+
+    /// The period as counter names write it: the seconds (`60`), or `1mo` for a calendar
+    /// month. Never the same for two periods, and never changed for existing ones, so
+    /// counters survive upgrades.
+    pub fn period_tag(&self) -> String {
+        match self.period {
+            Period::Seconds(secs) => secs.to_string(),
+            Period::CalendarMonth => "1mo".to_string(),
+        }
     }
 }
 
@@ -94,6 +158,13 @@ impl FromStr for Rate {
                 .map_err(|_| RateError::BadPeriod(text.to_string()))?
         };
         let unit_secs = match unit.trim() {
+            "mo" | "month" | "months" => {
+                if multiplier != 1 {
+                    return Err(RateError::MonthMultiplier(text.to_string()));
+                }
+                return Rate::per_calendar_month(quota)
+                    .map_err(|_| RateError::BadQuota(text.to_string()));
+            }
             "s" | "sec" | "secs" | "second" | "seconds" => 1,
             "m" | "min" | "mins" | "minute" | "minutes" => 60,
             "h" | "hr" | "hrs" | "hour" | "hours" => 3_600,
@@ -110,11 +181,15 @@ impl FromStr for Rate {
     }
 }
 
-/// Canonical form: `5/minute` for a single unit, `100/10s` for a multiple.
+/// Canonical form: `5/minute` for a single unit, `100/10s` for a multiple, `100/month`.
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let q = self.quota;
-        match self.period_secs {
+        let secs = match self.period {
+            Period::Seconds(secs) => secs,
+            Period::CalendarMonth => return write!(f, "{q}/month"),
+        };
+        match secs {
             1 => write!(f, "{q}/second"),
             60 => write!(f, "{q}/minute"),
             3_600 => write!(f, "{q}/hour"),
@@ -188,6 +263,43 @@ mod tests {
             Err(RateError::BadPeriod(_))
         ));
         let message = "5/minit".parse::<Rate>().unwrap_err().to_string();
-        assert!(message.contains("second, minute, hour or day"), "{message}");
+        assert!(
+            message.contains("second, minute, hour, day or month"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn calendar_months_parse_display_and_tag_apart_from_seconds() {
+        for text in ["100/month", "100/months", "100/mo", " 100 / 1month "] {
+            let r = rate(text);
+            assert_eq!(r, Rate::per_calendar_month(100).unwrap(), "{text}");
+            assert!(r.is_calendar_month());
+            assert_eq!(r.to_string(), "100/month");
+            assert_eq!(r.period_tag(), "1mo");
+        }
+        // `m` stays the minute.
+        assert!(!rate("5/m").is_calendar_month());
+        // A month is not 30 or 31 days, nor the nominal mean month in seconds.
+        let month = rate("1/month");
+        for other in ["1/30d", "1/31d", &format!("1/{MEAN_MONTH_SECS}s")] {
+            assert_ne!(month.period(), rate(other).period(), "{other}");
+            assert_ne!(month.period_tag(), rate(other).period_tag(), "{other}");
+        }
+        assert_eq!(month.period_secs(), MEAN_MONTH_SECS);
+        assert_eq!(rate("5/minute").period_tag(), "60");
+        for text in ["5/2months", "5/0mo", "5/12mo"] {
+            let error = text.parse::<Rate>().unwrap_err();
+            assert!(matches!(error, RateError::MonthMultiplier(_)), "{text}");
+            assert!(error.to_string().contains("write N/month"), "{error}");
+        }
+        assert!(matches!(
+            "0/month".parse::<Rate>(),
+            Err(RateError::BadQuota(_))
+        ));
+        assert!(matches!(
+            "1000000001/month".parse::<Rate>(),
+            Err(RateError::BadQuota(_))
+        ));
     }
 }

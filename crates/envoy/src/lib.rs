@@ -5,6 +5,7 @@
 //!
 //! - [`proto`]: the Rust types generated from the vendored, trimmed Envoy protos.
 //! - [`matcher`]: which configured rule a request descriptor hits, and the counter key.
+//! - [`metadata`]: the answer's `dynamic_metadata`, shaped as envoyproxy/ratelimit's.
 //! - [`service`]: one call end to end: match every descriptor, decide them all in one
 //!   atomic [`sluice_engine::DecisionRequest`], answer per-descriptor statuses.
 //! - [`router`]: the service as a router, served by `sluice_runtime::serve_per_thread`
@@ -20,6 +21,7 @@
 //! every matched counter on every call unless `STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT`).
 
 pub mod matcher;
+pub mod metadata;
 pub mod service;
 
 use std::sync::Arc;

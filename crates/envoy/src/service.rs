@@ -12,7 +12,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use sluice_config::envoy::{Rule, RuleKind, Unit};
-use sluice_engine::{Algorithm, Check, DecisionRequest, Limit, LimitSpec, Rate, WindowResult};
+use sluice_engine::{
+    Algorithm, Check, DecisionRequest, Limit, LimitSpec, Rate, Settlement, WindowResult,
+};
 use sluice_runtime::AppState;
 use tonic::{Request, Response, Status};
 
@@ -86,14 +88,19 @@ enum Plan {
     /// `requests_per_unit: 0`: over the limit without asking the store.
     Blocked {
         limit: RateLimit,
-        unit: Unit,
+        /// The window's length in seconds.
+        period: u64,
         shadow: bool,
     },
     /// Decided by the store: the check's index in the decision request.
     Counted {
         check: usize,
         limit: RateLimit,
-        unit: Unit,
+        /// The window's length in seconds.
+        period: u64,
+        /// A `debt` rule: its hits were booked before the decision, which only reads
+        /// it; it is over the limit while nothing is left.
+        debt: bool,
     },
 }
 
@@ -183,13 +190,21 @@ impl RateLimitService {
             .collect();
 
         let mut checks = Vec::new();
+        let mut debts = Vec::new();
         let mut plans = Vec::with_capacity(found.len());
+        // The rule each descriptor is decided by, for the dynamic metadata.
+        let mut rules: Vec<Option<&Rule>> = Vec::with_capacity(found.len());
         for (descriptor, found) in request.descriptors.iter().zip(found) {
             let cost = cost_of(request, descriptor);
+            let rule = match &found {
+                Found::Rule(hit) if !is_replaced(hit.rule, &replaced) => Some(hit.rule),
+                _ => None,
+            };
+            rules.push(rule);
             let plan = match found {
                 Found::None => Plan::NoLimit,
                 Found::Rule(hit) if is_replaced(hit.rule, &replaced) => Plan::NoLimit,
-                Found::Rule(hit) => plan_rule(hit, cost, &mut checks)?,
+                Found::Rule(hit) => plan_rule(hit, cost, &mut checks, &mut debts)?,
                 Found::Override {
                     unit,
                     requests_per_unit,
@@ -199,6 +214,9 @@ impl RateLimitService {
             plans.push(plan);
         }
 
+        if !debts.is_empty() {
+            self.book(debts).await?;
+        }
         let results = if checks.is_empty() {
             Vec::new()
         } else {
@@ -218,11 +236,14 @@ impl RateLimitService {
         };
 
         let now = now_micros();
-        let statuses: Vec<DescriptorStatus> = plans
+        let (statuses, went_over): (Vec<DescriptorStatus>, Vec<bool>) = plans
             .into_iter()
             .map(|plan| status(plan, &results, now))
-            .collect();
+            .unzip();
         let over = statuses.iter().any(|s| s.code == Code::OverLimit as i32);
+        let dynamic_metadata = envoy
+            .filter(|envoy| envoy.response_dynamic_metadata)
+            .map(|_| crate::metadata::answer_metadata(request, &rules, &went_over));
         let response_headers_to_add = if envoy.is_some_and(|envoy| envoy.response_headers) {
             headers(&statuses)
         } else {
@@ -234,7 +255,35 @@ impl RateLimitService {
             response_headers_to_add,
             request_headers_to_add: Vec::new(),
             raw_body: Vec::new(),
+            dynamic_metadata,
         })
+    }
+}
+
+impl RateLimitService {
+    /// Books the hits of `debt` rules (work already done) past their limits.
+    async fn book(&self, debts: Vec<(Check, u64)>) -> Result<(), Status> {
+        let (checks, actual): (Vec<Check>, Vec<u64>) = debts.into_iter().unzip();
+        let request = DecisionRequest {
+            checks,
+            dry_run: false,
+        };
+        let settlement = Settlement {
+            hold: None,
+            windows: vec![true; request.window_count()],
+            request,
+            actual,
+        };
+        self.state
+            .decider
+            .settle(&settlement)
+            .await
+            .map(|_| ())
+            .map_err(|_| {
+                Status::unavailable(
+                    "the rate limit store is unavailable: the hits of a debt rule were not booked",
+                )
+            })
     }
 }
 
@@ -286,28 +335,41 @@ fn reported(rule_name: Option<&str>, requests_per_unit: u32, unit: Unit) -> Rate
     }
 }
 
-fn plan_rule(hit: Hit<'_>, cost: u64, checks: &mut Vec<Check>) -> Result<Plan, Status> {
+fn plan_rule(
+    hit: Hit<'_>,
+    cost: u64,
+    checks: &mut Vec<Check>,
+    debts: &mut Vec<(Check, u64)>,
+) -> Result<Plan, Status> {
     let rule = hit.rule;
     Ok(match &rule.kind {
         RuleKind::Unlimited => Plan::Unlimited,
-        RuleKind::BlockAll { unit } => Plan::Blocked {
+        RuleKind::BlockAll { unit, multiplier } => Plan::Blocked {
             limit: reported(rule.name.as_deref(), 0, *unit),
-            unit: *unit,
+            period: unit.seconds().saturating_mul(*multiplier),
             // A quota-mode rule answers OK over the limit, like a shadow one.
             shadow: rule.shadow || rule.quota_mode,
         },
         RuleKind::Limited {
             unit,
+            multiplier,
             requests_per_unit,
             limit,
         } => {
-            let check = Check::new(Arc::clone(limit), hit.key, cost)
+            // A debt rule's hits are booked unconditionally before the decision, which
+            // then only reads the counter (cost 0) to report it.
+            let decided = if rule.debt { 0 } else { cost };
+            let check = Check::new(Arc::clone(limit), hit.key, decided)
                 .map_err(|error| Status::internal(format!("descriptor key: {error}")))?;
+            if rule.debt && cost > 0 {
+                debts.push((check.clone(), cost));
+            }
             checks.push(check);
             Plan::Counted {
                 check: checks.len() - 1,
                 limit: reported(rule.name.as_deref(), *requests_per_unit, *unit),
-                unit: *unit,
+                period: unit.seconds().saturating_mul(*multiplier),
+                debt: rule.debt && !rule.shadow && !rule.quota_mode,
             }
         }
     })
@@ -360,7 +422,7 @@ fn plan_override(
     if requests_per_unit == 0 {
         return Ok(Plan::Blocked {
             limit,
-            unit,
+            period: unit.seconds(),
             shadow: false,
         });
     }
@@ -377,48 +439,68 @@ fn plan_override(
     Ok(Plan::Counted {
         check: checks.len() - 1,
         limit,
-        unit,
+        period: unit.seconds(),
+        debt: false,
     })
 }
 
 /// One descriptor's status from its plan and the decision's per-window results (each
 /// rule's limit has exactly one window, so check `i` is result `i`).
-fn status(plan: Plan, results: &[WindowResult], now: i64) -> DescriptorStatus {
+/// Also says whether the descriptor went over its limit, whatever its status says (a
+/// shadow or quota-mode rule reports OK over its limit).
+fn status(plan: Plan, results: &[WindowResult], now: i64) -> (DescriptorStatus, bool) {
     match plan {
-        Plan::NoLimit => DescriptorStatus {
-            code: Code::Ok as i32,
-            current_limit: None,
-            limit_remaining: 0,
-            duration_until_reset: None,
-        },
-        Plan::Unlimited => DescriptorStatus {
-            code: Code::Ok as i32,
-            current_limit: None,
-            limit_remaining: u32::MAX,
-            duration_until_reset: None,
-        },
+        Plan::NoLimit => (
+            DescriptorStatus {
+                code: Code::Ok as i32,
+                current_limit: None,
+                limit_remaining: 0,
+                duration_until_reset: None,
+            },
+            false,
+        ),
+        Plan::Unlimited => (
+            DescriptorStatus {
+                code: Code::Ok as i32,
+                current_limit: None,
+                limit_remaining: u32::MAX,
+                duration_until_reset: None,
+            },
+            false,
+        ),
         Plan::Blocked {
             limit,
-            unit,
+            period,
             shadow,
-        } => DescriptorStatus {
-            // A shadow rule reports OK whatever it decided, as envoyproxy/ratelimit does.
-            code: if shadow { Code::Ok } else { Code::OverLimit } as i32,
-            current_limit: Some(limit),
-            limit_remaining: 0,
-            duration_until_reset: Some(until_window_end(unit, now)),
-        },
-        Plan::Counted { check, limit, unit } => {
+        } => (
+            DescriptorStatus {
+                // A shadow rule reports OK whatever it decided, as envoyproxy/ratelimit does.
+                code: if shadow { Code::Ok } else { Code::OverLimit } as i32,
+                current_limit: Some(limit),
+                limit_remaining: 0,
+                duration_until_reset: Some(until_window_end(period, now)),
+            },
+            true,
+        ),
+        Plan::Counted {
+            check,
+            limit,
+            period,
+            debt,
+        } => {
             let Some(result) = results.iter().find(|r| r.check == check) else {
                 // The engine answers every window; an answer without it is not a decision.
-                return DescriptorStatus {
+                let unknown = DescriptorStatus {
                     code: Code::Unknown as i32,
                     current_limit: Some(limit),
                     limit_remaining: 0,
                     duration_until_reset: None,
                 };
+                return (unknown, false);
             };
+            let went_over = !result.allowed || (debt && result.remaining == 0);
             let (code, remaining) = match (result.allowed, result.shadow) {
+                (true, _) if debt && result.remaining == 0 => (Code::OverLimit, 0),
                 (true, _) => (
                     Code::Ok,
                     u32::try_from(result.remaining).unwrap_or(u32::MAX),
@@ -429,14 +511,15 @@ fn status(plan: Plan, results: &[WindowResult], now: i64) -> DescriptorStatus {
             let reset = if result.reset_after > 0 {
                 duration(result.reset_after)
             } else {
-                until_window_end(unit, now)
+                until_window_end(period, now)
             };
-            DescriptorStatus {
+            let status = DescriptorStatus {
                 code: code as i32,
                 current_limit: Some(limit),
                 limit_remaining: remaining,
                 duration_until_reset: Some(reset),
-            }
+            };
+            (status, went_over)
         }
     }
 }
@@ -498,8 +581,10 @@ fn now_micros() -> i64 {
 }
 
 /// Time until the current epoch-aligned window of `unit` ends.
-fn until_window_end(unit: Unit, now: i64) -> prost_types::Duration {
-    let period = i64::try_from(unit.seconds()).unwrap_or(i64::MAX) * 1_000_000;
+fn until_window_end(period_secs: u64, now: i64) -> prost_types::Duration {
+    let period = i64::try_from(period_secs.max(1))
+        .unwrap_or(i64::MAX / 1_000_000)
+        .saturating_mul(1_000_000);
     duration(period - now.rem_euclid(period))
 }
 

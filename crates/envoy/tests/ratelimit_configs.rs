@@ -10,9 +10,14 @@ use sluice_envoy::matcher::find;
 
 /// The files in `ratelimit_configs/` named, as `envoy.config_files` would load them.
 fn load(files: &[&str]) -> Result<EnvoyConfig, String> {
+    load_with(files, "")
+}
+
+/// Like [`load`], with more `envoy:` settings (`extra`, one `key: value` line).
+fn load_with(files: &[&str], extra: &str) -> Result<EnvoyConfig, String> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ratelimit_configs");
     let list = files.join(", ");
-    let text = format!("envoy:\n  config_files: [{list}]\n");
+    let text = format!("envoy:\n  config_files: [{list}]\n  {extra}\n");
     let source = dir.join("sluice.yaml");
     sluice_config::load_str(&text, &source.to_string_lossy(), &|_| None, &[])
         .map_err(|error| error.to_string())
@@ -149,4 +154,57 @@ fn quota_mode_is_a_rule_that_counts_but_never_denies() {
     assert!(limit.shadow());
     let hard = find(top, &[("hard_limit", "a")]).unwrap().rule;
     assert!(!hard.quota_mode);
+}
+
+/// ratelimit's `TestDomainMerge` and `TestDuplicateKeyDomainMerge`: with
+/// `MERGE_DOMAIN_CONFIG` (sluice: `merge_domains: true`) two files of one domain add up;
+/// a top-level descriptor written twice is still refused; without it, a second document
+/// of a domain is refused, saying how to merge.
+#[test]
+fn documents_of_one_domain_merge_when_asked() {
+    let files = ["merge_domain_key1.yaml", "merge_domain_key2.yaml"];
+    let merged = load_with(&files, "merge_domains: true").unwrap();
+    assert_eq!(hit(&merged, &[("key1", "value1")]).unwrap().0, 10);
+    assert_eq!(hit(&merged, &[("key2", "value2")]).unwrap().0, 20);
+    assert!(hit(&merged, &[("key1", "other")]).is_none());
+
+    let twice = load_with(
+        &["merge_domain_key1.yaml", "merge_domain_key1.yaml"],
+        "merge_domains: true",
+    )
+    .unwrap_err();
+    assert!(
+        twice.contains("merge_domain_key1.yaml") && twice.contains("`key1` with value `value1`"),
+        "{twice}"
+    );
+
+    let unmerged = load(&files).unwrap_err();
+    assert!(
+        unmerged.contains("already defined") && unmerged.contains("merge_domains: true"),
+        "{unmerged}"
+    );
+}
+
+/// ratelimit's `unit_multiplier`: `20/minute` with multiplier 5 is 20 every five
+/// minutes, its own counter; 0 is refused with the file and line.
+#[test]
+fn unit_multiplier_stretches_the_window_and_zero_is_refused() {
+    let config = load(&["unit_multiplier.yaml"]).unwrap();
+    let top = config.domains.get("test-domain").unwrap();
+    let five = find(top, &[("key1", "x")]).unwrap().rule;
+    let one = find(top, &[("key2", "x")]).unwrap().rule;
+    let window = |rule: &sluice_config::envoy::Rule| match &rule.kind {
+        sluice_config::envoy::RuleKind::Limited { limit, .. } => {
+            limit.windows()[0].window.rate().period_secs()
+        }
+        other => panic!("a counted rule, not {other:?}"),
+    };
+    assert_eq!((five.kind.requests_per_unit(), window(five)), (20, 300));
+    assert_eq!((one.kind.requests_per_unit(), window(one)), (25, 60));
+
+    let zero = load(&["zero_unit_multiplier.yaml"]).unwrap_err();
+    assert!(
+        zero.contains("zero_unit_multiplier.yaml:") && zero.contains("unit_multiplier"),
+        "{zero}"
+    );
 }

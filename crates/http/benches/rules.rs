@@ -59,6 +59,7 @@ fn bench(c: &mut Criterion) {
                 headers: &headers,
                 client_ip: Some("203.0.113.7"),
                 session: None,
+                claims: None,
             };
             let id = BenchmarkId::new(
                 name,

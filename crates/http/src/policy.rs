@@ -44,6 +44,8 @@ pub struct HttpPolicy {
     pub client_ip: ClientIpResolver,
     /// How denials and rate-limit state are answered.
     pub responses: ResponseConfig,
+    /// Who the caller is, from a bearer token it verifies (`jwt:`), for `{jwt.CLAIM}`.
+    pub identity: Option<std::sync::Arc<sluice_identity::JwtVerifier>>,
 }
 
 /// One incoming HTTP request, as a front door sees it.
@@ -85,6 +87,11 @@ impl HttpPolicy {
             self.client_ip
                 .key(self.client_ip.resolve(peer, incoming.headers))
         });
+        // Verified only when a template reads a claim: signatures cost microseconds.
+        let claims = match &self.identity {
+            Some(identity) if self.rules.uses_jwt() => identity.claims(incoming.headers),
+            _ => None,
+        };
         let facts = RequestFacts {
             method: incoming.method,
             path: &path.canonical,
@@ -93,6 +100,7 @@ impl HttpPolicy {
             headers: incoming.headers,
             client_ip: client_key.as_deref(),
             session: incoming.session,
+            claims: claims.as_ref(),
         };
         Ok(self.rules.decision_request(&facts, dry_run)?)
     }

@@ -13,7 +13,7 @@
 
 use http::StatusCode;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use sluice_engine::{Decision, DecisionRequest, Micros, WindowResult, seconds_ceil};
+use sluice_engine::{Decision, DecisionRequest, Micros, Period, WindowResult, seconds_ceil};
 
 /// Which rate-limit header families to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,11 +170,11 @@ fn policy_name(request: &DecisionRequest, result: &WindowResult) -> String {
     if limit.windows().len() == 1 {
         limit.name().to_string()
     } else {
-        format!(
-            "{}-{}s",
-            limit.name(),
-            limit.windows()[result.window].window.rate().period_secs()
-        )
+        match limit.windows()[result.window].window.rate().period() {
+            Period::Seconds(secs) => format!("{}-{secs}s", limit.name()),
+            // The nominal month in seconds would read as a 30.4-day window.
+            Period::CalendarMonth => format!("{}-1mo", limit.name()),
+        }
     }
 }
 

@@ -118,6 +118,7 @@ pub struct Rules {
     pathless: Vec<usize>,
     default: Option<usize>,
     uses_session: bool,
+    uses_jwt: bool,
 }
 
 impl Rules {
@@ -163,6 +164,11 @@ impl Rules {
             .flat_map(|r| &r.limits)
             .flat_map(|l| &l.keys)
             .any(KeyTemplate::uses_session);
+        rules.uses_jwt = routes
+            .iter()
+            .flat_map(|r| &r.limits)
+            .flat_map(|l| &l.keys)
+            .any(KeyTemplate::uses_jwt);
         rules.routes = routes;
         Ok(rules)
     }
@@ -180,6 +186,12 @@ impl Rules {
     /// Whether any key template reads `{session}`.
     pub fn uses_session(&self) -> bool {
         self.uses_session
+    }
+
+    /// Whether any key template reads a verified token's claim (`{jwt.CLAIM}`), so a
+    /// front door verifies the token only when it is read.
+    pub fn uses_jwt(&self) -> bool {
+        self.uses_jwt
     }
 
     /// The routes that apply to a request, in configuration order.

@@ -1,6 +1,7 @@
 //! Key templates such as `user:{header.x-user-id}`, and the request facts they read.
 //!
 //! Placeholders: `{client_ip}`, `{header.NAME}`, `{cookie.NAME}`, `{query.NAME}`,
+//! `{jwt.CLAIM}` (a claim of the request's verified bearer token, see `sluice_identity`),
 //! `{session}`, `{method}`, `{path}`. `{{` and `}}` are literal braces. A template
 //! renders only when every placeholder resolves to a non-empty value; a route lists
 //! templates in order and uses the first that renders.
@@ -32,6 +33,9 @@ pub struct RequestFacts<'a> {
     pub client_ip: Option<&'a str>,
     /// The session id, when the front door has one.
     pub session: Option<&'a str>,
+    /// The claims of the request's bearer token, when one verified (never unverified
+    /// claims: `{jwt.CLAIM}` does not resolve without them).
+    pub claims: Option<&'a sluice_identity::Claims>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +48,7 @@ enum Part {
     Session,
     Method,
     Path,
+    Jwt(String),
 }
 
 /// A parsed key template.
@@ -63,7 +68,7 @@ pub enum TemplateError {
     Unbalanced(String),
     /// A placeholder that does not exist.
     #[error(
-        "unknown placeholder {{{0}}}: use client_ip, header.NAME, cookie.NAME, query.NAME, session, method or path"
+        "unknown placeholder {{{0}}}: use client_ip, header.NAME, cookie.NAME, query.NAME, jwt.CLAIM, session, method or path"
     )]
     Unknown(String),
     /// `header.`, `cookie.` or `query.` without a name, or a header name that is not valid.
@@ -139,6 +144,13 @@ fn placeholder(name: &str) -> Result<Part, TemplateError> {
             Ok(Part::Cookie(cookie.to_string()))
         };
     }
+    if let Some(claim) = named("jwt.") {
+        return if claim.is_empty() {
+            Err(bad())
+        } else {
+            Ok(Part::Jwt(claim.to_string()))
+        };
+    }
     if let Some(query) = named("query.") {
         return if query.is_empty() {
             Err(bad())
@@ -167,6 +179,11 @@ impl KeyTemplate {
         self.parts.contains(&Part::Session)
     }
 
+    /// Whether the template reads a claim of a verified token (`{jwt.CLAIM}`).
+    pub fn uses_jwt(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, Part::Jwt(_)))
+    }
+
     /// The keys for this request, or `None` when a placeholder does not resolve.
     ///
     /// A name the request carries more than once (`?api_key=a&api_key=b`, a cookie
@@ -188,6 +205,11 @@ impl KeyTemplate {
                 Part::Method => one(Some(facts.method)),
                 Part::Path => vec![facts.path.to_ascii_lowercase().into()],
                 Part::Session => one(facts.session),
+                Part::Jwt(claim) => facts
+                    .claims
+                    .and_then(|claims| sluice_identity::claim_text(claims, claim))
+                    .map(|text| vec![text.into()])
+                    .unwrap_or_default(),
                 Part::Header(name) => header_values(facts.headers, name),
                 Part::Cookie(name) => cookie_values(facts.headers, name),
                 Part::Query(name) => facts
@@ -323,6 +345,7 @@ mod tests {
             headers,
             client_ip: Some("203.0.113.7"),
             session: None,
+            claims: None,
         }
     }
 

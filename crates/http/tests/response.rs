@@ -159,3 +159,32 @@ fn shadow_windows_are_reported_but_do_not_deny() {
         "legacy headers describe enforced limits"
     );
 }
+
+/// A calendar-month window is named `-1mo` in a multi-window limit's policy, with the
+/// nominal mean month as its window, and its reset counts down to the next month start.
+#[test]
+fn a_calendar_month_window_is_named_by_its_month() {
+    let mut spec = LimitSpec::new(vec![
+        "1000/month".parse().unwrap(),
+        "100/day".parse().unwrap(),
+    ]);
+    spec.algorithm = sluice_engine::Algorithm::FixedWindow;
+    let budget = Arc::new(Limit::new("budget", spec).unwrap());
+    let (request, decision) = decided(
+        &[(&budget, "key:1")],
+        &[
+            outcome(true, 10, 86_400_000, Some(0)),
+            outcome(true, 90, 3_600_000, Some(0)),
+        ],
+    );
+    let mut headers = http::HeaderMap::new();
+    ResponseConfig::default().add_rate_limit_headers(&request, &decision, &mut headers);
+    assert_eq!(
+        header(&headers, "ratelimit-policy"),
+        Some(r#""budget-1mo";q=1000;w=2629746, "budget-86400s";q=100;w=86400"#)
+    );
+    assert_eq!(
+        header(&headers, "ratelimit"),
+        Some(r#""budget-1mo";r=10;t=86400, "budget-86400s";r=90;t=3600"#)
+    );
+}

@@ -44,6 +44,7 @@ fn checks(rules: &Rules, method: &str, path: &str, headers: &HeaderMap) -> Vec<(
         headers,
         client_ip: Some("203.0.113.7"),
         session: None,
+        claims: None,
     };
     rules
         .checks(&facts)

@@ -114,6 +114,7 @@ proptest! {
                     headers: &headers,
                     client_ip: None,
                     session: None,
+                    claims: None,
                 };
                 let charged: Vec<&str> = rules
                     .matching(&facts)

@@ -11,12 +11,27 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use sluice_engine::{Check, Decision, DecisionRequest, Store, StoreError};
+use sluice_engine::{
+    Check, Decision, DecisionRequest, Hold, HoldId, SettleStatus, Settlement, Store, StoreError,
+};
+
+use crate::reservation::{Ticket, TicketError};
 
 use crate::metrics::Metrics;
 
 /// The shortest time between two denial lines of one limit.
 pub const DENIAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why a reservation could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ReserveError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No ticket could be made.
+    #[error(transparent)]
+    Ticket(#[from] TicketError),
+}
 
 /// Decides requests against a store and records metrics.
 #[derive(Clone)]
@@ -90,6 +105,78 @@ impl Decider {
             }
         }
         result
+    }
+
+    /// Reserves `request` for `ttl`: decides it like [`Decider::decide`], and when it is
+    /// allowed (and not a dry run) the store holds the reservation; the answer then
+    /// carries its ticket and token.
+    pub async fn reserve(
+        &self,
+        request: &DecisionRequest,
+        ttl: Duration,
+    ) -> Result<(Decision, Option<(Ticket, String)>), ReserveError> {
+        let ticket = Ticket::new(request, ttl)?;
+        let (token, id) = ticket.encode();
+        let hold = Hold {
+            id,
+            ttl: ttl.as_micros().min(i64::MAX as u128) as i64,
+        };
+        let started = Instant::now();
+        let result = self.store.reserve(request, &hold).await;
+        self.metrics.observe_store(started.elapsed());
+        let outcomes = result.inspect_err(|error| self.store_failed(error))?;
+        if outcomes.windows.len() != request.window_count() {
+            return Err(ReserveError::Store(StoreError::Protocol(format!(
+                "store answered {} windows for {} asked",
+                outcomes.windows.len(),
+                request.window_count()
+            ))));
+        }
+        let decision = Decision::from_outcomes(request, &outcomes.windows, outcomes.degraded);
+        if request.dry_run {
+            return Ok((decision, None));
+        }
+        self.record(request, &decision);
+        let held = decision.allowed.then_some((ticket, token));
+        Ok((decision, held))
+    }
+
+    /// Settles a reservation (or, with no hold, books a charge for work already done).
+    pub async fn settle(&self, settlement: &Settlement) -> Result<SettleStatus, StoreError> {
+        let started = Instant::now();
+        let result = self.store.settle(settlement).await;
+        self.metrics.observe_store(started.elapsed());
+        let status = result.inspect_err(|error| self.store_failed(error))?;
+        if status == SettleStatus::Settled {
+            if settlement.hold.is_some() {
+                self.metrics.settlements.inc();
+            }
+            let over: i128 = (0..settlement.request.checks.len())
+                .map(|i| settlement.delta(i).max(0))
+                .sum();
+            if over > 0 {
+                self.metrics
+                    .settled_over_estimate
+                    .inc_by(over.min(u64::MAX as i128) as u64);
+            }
+        }
+        Ok(status)
+    }
+
+    /// Settles the reservation `hold` of `ticket` at `actual` (one cost per check).
+    pub async fn settle_ticket(
+        &self,
+        ticket: &Ticket,
+        hold: HoldId,
+        limits: &sluice_engine::LimitSet,
+        actual: &[u64],
+    ) -> Result<SettleStatus, StoreError> {
+        self.settle(&ticket.settlement(hold, limits, actual)).await
+    }
+
+    fn store_failed(&self, error: &StoreError) {
+        self.metrics.store_errors.inc();
+        tracing::warn!(%error, backend = self.store.backend(), "store call failed");
     }
 
     /// Gives back what `decision` charged for `request` (the proxy's `refund_on_status`).

@@ -7,18 +7,21 @@
 //! - [`decider`]: the one path from a decision request to a decision; it records
 //!   metrics and the (rate-limited) denial log.
 //! - [`metrics`]: the Prometheus registry; front doors register their own series.
+//! - [`reservation`]: the tickets of reservations: the token a client settles with.
 //! - [`serve`]: the per-thread serving loop with header-read and idle timeouts, a
 //!   connection cap and a shutdown deadline, for HTTP/1 and HTTP/2 (gRPC) alike.
 
 pub mod decider;
 pub mod live;
 pub mod metrics;
+pub mod reservation;
 pub mod serve;
 pub mod state;
 
-pub use decider::Decider;
+pub use decider::{Decider, ReserveError};
 pub use live::{Live, LiveConfig, ReloadError};
 pub use metrics::Metrics;
+pub use reservation::{Ticket, TicketError};
 pub use serve::{ConnectionSlot, Limits, Protocol, bind_listeners, serve, serve_per_thread};
 pub use state::AppState;
 

@@ -77,6 +77,7 @@ impl Live {
                 rules: config.routes.clone(),
                 client_ip: ClientIpResolver::new(config.client_ip.clone()),
                 responses: config.responses.clone(),
+                identity: config.identity.clone(),
             },
             admin_token: config.admin.token.clone(),
             forward_auth_deny_status: config.forward_auth.deny_status,

@@ -55,6 +55,11 @@ pub struct Metrics {
     pub refunds: Counter,
     /// Proxied requests the upstream did not answer in time or at all (502/504).
     pub upstream_failures: Counter,
+    /// Reservations settled (released ones included).
+    pub settlements: Counter,
+    /// Cost charged past an estimate by settlements and charges for work done: the debt
+    /// booked over limits, in units of cost.
+    pub settled_over_estimate: Counter,
     keys: Family<BackendLabels, Gauge>,
     evictions: Family<BackendLabels, Counter>,
 }
@@ -102,6 +107,18 @@ impl Metrics {
             "Proxied requests the upstream could not be reached for or did not answer in time",
             upstream_failures.clone(),
         );
+        let settlements = Counter::default();
+        registry.register(
+            "settlements",
+            "Reservations settled or released",
+            settlements.clone(),
+        );
+        let settled_over_estimate = Counter::default();
+        registry.register(
+            "settled_over_estimate",
+            "Cost charged beyond reservations' estimates (and for work already done), past the limit if need be",
+            settled_over_estimate.clone(),
+        );
         let keys = Family::<BackendLabels, Gauge>::default();
         registry.register("store_keys", "Counters the store holds", keys.clone());
         let evictions = Family::<BackendLabels, Counter>::default();
@@ -119,6 +136,8 @@ impl Metrics {
             store_latency,
             refunds,
             upstream_failures,
+            settlements,
+            settled_over_estimate,
             keys,
             evictions,
         };

@@ -50,6 +50,9 @@ pub fn router(state: Arc<AppState>, admin_separate: bool) -> Router {
 fn own_routes(admin_separate: bool) -> Router<Arc<AppState>> {
     let mut routes = Router::new()
         .route("/v1/check", post(crate::check::check))
+        .route("/v1/reserve", post(crate::reserve::reserve))
+        .route("/v1/settle", post(crate::reserve::settle))
+        .route("/v1/release", post(crate::reserve::release))
         .route(
             crate::forward_auth::PATH,
             any(crate::forward_auth::forward_auth),

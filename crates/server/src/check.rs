@@ -26,24 +26,31 @@ pub const CHECK_SHAPE: &str =
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CheckBody {
-    checks: Vec<CheckItem>,
+pub(crate) struct CheckBody {
+    pub(crate) checks: Vec<CheckItem>,
     #[serde(default)]
-    cost: Option<Value>,
+    pub(crate) cost: Option<Value>,
     #[serde(default)]
-    dry_run: bool,
+    pub(crate) dry_run: bool,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CheckItem {
+pub(crate) struct CheckItem {
     limit: String,
     key: Value,
     #[serde(default)]
     cost: Option<Value>,
 }
 
-fn build_request(limits: &LimitSet, body: CheckBody) -> Result<DecisionRequest, ApiError> {
+/// Builds the decision request of a `/v1/check` or `/v1/reserve` body. Concurrency
+/// limits hold their slots until a reservation ends, so only a reservation may name
+/// them; in a reservation each holds one slot, whatever the cost.
+pub(crate) fn build_request(
+    limits: &LimitSet,
+    body: CheckBody,
+    reserving: bool,
+) -> Result<DecisionRequest, ApiError> {
     if body.checks.is_empty() {
         return Err(ApiError::bad_request(
             "invalid_request",
@@ -68,10 +75,23 @@ fn build_request(limits: &LimitSet, body: CheckBody) -> Result<DecisionRequest, 
             // Field names are only formatted when a check is rejected.
             let field = |name: &str| format!("checks[{i}].{name}");
             let limit = find_limit(limits, &item.limit, &field("limit"))?;
-            let cost = match &item.cost {
+            let mut cost = match &item.cost {
                 None => default_cost,
                 cost => parse_cost(cost.as_ref(), default_cost, &field("cost"))?,
             };
+            if limit.is_concurrency() {
+                if !reserving {
+                    return Err(ApiError::bad_request(
+                        "concurrency_needs_reserve",
+                        format!(
+                            "{}: limit {:?} counts calls in flight, which only a reservation can hold; call POST /v1/reserve and settle or release it when the call ends",
+                            field("limit"),
+                            limit.name()
+                        ),
+                    ));
+                }
+                cost = 1;
+            }
             let key = parse_key(item.key, &field("key"))?;
             make_check(Arc::clone(limit), key, cost, &field("key"))
         })
@@ -90,7 +110,7 @@ pub async fn check(
 ) -> Result<Response, ApiError> {
     let live = app.live();
     let body: CheckBody = read_json(&headers, body, &live, CHECK_SHAPE).await?;
-    let request = build_request(&live.limits, body)?;
+    let request = build_request(&live.limits, body, false)?;
     let decision = app
         .decider
         .decide(&request)

@@ -5,6 +5,7 @@
 //!
 //! - [`app`]: the routers of the main and admin listeners, and the small endpoints.
 //! - [`check`]: `POST /v1/check`.
+//! - [`reserve`]: `POST /v1/reserve`, `/v1/settle`, `/v1/release`: estimates charged before a call, settled after.
 //! - [`answer`]: the decision API's JSON answer (also the admin state read's).
 //! - [`forward_auth`]: `/v1/forward-auth` for nginx, Traefik and Envoy.
 //! - [`proxy`]: the reverse proxy and its quota endpoint.
@@ -20,6 +21,7 @@ pub mod error;
 pub mod forward_auth;
 pub mod proxy;
 pub mod request;
+pub mod reserve;
 
 pub use app::{admin_router, router};
 pub use error::ApiError;

@@ -22,3 +22,8 @@ fn gcra_admits_exactly_the_quota_across_three_instances() {
 fn sliding_window_admits_exactly_the_quota_across_three_instances() {
     exactly_the_quota_across_instances::<RedisServer>(&common::bin(), "sliding_window");
 }
+
+#[test]
+fn calls_in_flight_never_exceed_the_slots_across_three_instances() {
+    sluice_testkit::shared::calls_in_flight_across_instances::<RedisServer>(&common::bin());
+}

@@ -4,9 +4,18 @@
 //! names never contain a zero byte, so the first one splits the two.
 //!
 //! Value, little-endian: a format byte (1), `expires_at` (i64 µs since the epoch),
-//! a state tag (`g`, `f`, `s`, `c`) and the state's fields as i64/u64.
+//! a state tag (`g`, `f`, `s`, `c`) and the state's fields as i64/u64. Two
+//! variable-length values share the layout's first nine bytes (so the compaction
+//! filter reads every expiry alike): a concurrency window's holders, tag `C` then
+//! 24 bytes per holder (id as u128, expiry as i64); and a reservation's hold record
+//! under [`HOLDS`], tag `h`, a settled byte and the digest.
 
 use sluice_engine::{Micros, State};
+use sluice_store_memory::Holder;
+
+/// The counter name hold records are kept under (`~` never appears in a limit name):
+/// key `~hold\0<id in hex>`.
+pub(crate) const HOLDS: &str = "~hold";
 
 /// The value format written by this version.
 const FORMAT: u8 = 1;
@@ -122,6 +131,70 @@ pub(crate) fn decode(raw: &[u8]) -> Option<(State, Micros)> {
     Some((state, expires_at))
 }
 
+/// Encodes a concurrency window's holders, expiring with the last of them.
+pub(crate) fn holders_value(holders: &[Holder], expires_at: Micros) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10 + 24 * holders.len());
+    out.push(FORMAT);
+    out.extend_from_slice(&expires_at.to_le_bytes());
+    out.push(b'C');
+    for (id, at) in holders {
+        out.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(&at.to_le_bytes());
+    }
+    out
+}
+
+/// Encodes a reservation's hold record.
+pub(crate) fn hold_value(digest: &str, expires_at: Micros, settled: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(11 + digest.len());
+    out.push(FORMAT);
+    out.extend_from_slice(&expires_at.to_le_bytes());
+    out.push(b'h');
+    out.push(u8::from(settled));
+    out.extend_from_slice(digest.as_bytes());
+    out
+}
+
+/// What a stored value holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Stored {
+    /// A counter's state.
+    Counter(State),
+    /// A concurrency window's holders.
+    Holders(Vec<Holder>),
+    /// A reservation's hold: its digest and whether it was settled.
+    Hold { digest: String, settled: bool },
+}
+
+/// Decodes any value this version writes, with its expiry.
+pub(crate) fn decode_any(raw: &[u8]) -> Option<(Stored, Micros)> {
+    match raw.get(9)? {
+        b'C' => {
+            let expires_at = expires_at(raw)?;
+            let rest = &raw[10..];
+            if !rest.len().is_multiple_of(24) {
+                return None;
+            }
+            let holders = rest
+                .chunks_exact(24)
+                .map(|h| {
+                    let id = u128::from_le_bytes(h[..16].try_into().ok()?);
+                    let at = i64::from_le_bytes(h[16..].try_into().ok()?);
+                    Some((id, at))
+                })
+                .collect::<Option<Vec<_>>>()?;
+            Some((Stored::Holders(holders), expires_at))
+        }
+        b'h' => {
+            let expires_at = expires_at(raw)?;
+            let settled = *raw.get(10)? == 1;
+            let digest = std::str::from_utf8(raw.get(11..)?).ok()?.to_string();
+            Some((Stored::Hold { digest, settled }, expires_at))
+        }
+        _ => decode(raw).map(|(state, at)| (Stored::Counter(state), at)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,6 +224,26 @@ mod tests {
             None,
             "truncated"
         );
+    }
+
+    #[test]
+    fn holders_and_holds_round_trip() {
+        let holders = vec![(u128::MAX - 3, 17), (5, 1_800_000_000_000_000)];
+        let raw = holders_value(&holders, 99);
+        assert_eq!(decode_any(&raw), Some((Stored::Holders(holders), 99)));
+        assert_eq!(expires_at(&raw), Some(99));
+        let raw = hold_value("abc123", 7, true);
+        assert_eq!(
+            decode_any(&raw),
+            Some((
+                Stored::Hold {
+                    digest: "abc123".into(),
+                    settled: true
+                },
+                7
+            ))
+        );
+        assert_eq!(decode_any(&holders_value(&[], 1)[..9]), None, "truncated");
     }
 
     #[test]

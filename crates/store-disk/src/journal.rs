@@ -15,8 +15,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
 use fjall::{Database, Keyspace, PersistMode};
-use sluice_engine::StoreError;
-use sluice_store_memory::Change;
+use sluice_engine::{State, StoreError};
+use sluice_store_memory::{Change, HoldChange};
 use tokio::sync::watch;
 
 use crate::codec;
@@ -24,6 +24,8 @@ use crate::codec;
 /// One write to the keyspace.
 enum Op {
     Put(Vec<u8>, codec::Value),
+    /// A variable-length value: a concurrency window's holders, a hold record.
+    PutBytes(Vec<u8>, Vec<u8>),
     Remove(Vec<u8>),
 }
 
@@ -94,6 +96,32 @@ impl Journal {
                 codec::value(&c.state, c.expires_at),
             )
         }))
+    }
+
+    /// Queues a reservation's or settlement's changes (counters, concurrency holders and
+    /// the hold record); returns the sequence number to wait for.
+    pub(crate) fn put_reservation(
+        &self,
+        changes: &[Change<'_>],
+        hold: Option<HoldChange<'_>>,
+    ) -> u64 {
+        let counters = changes.iter().map(|c| match c.state {
+            State::Concurrency { .. } => Op::PutBytes(
+                codec::key(c.counter, c.key),
+                codec::holders_value(c.holders, c.expires_at),
+            ),
+            _ => Op::Put(
+                codec::key(c.counter, c.key),
+                codec::value(&c.state, c.expires_at),
+            ),
+        });
+        let hold = hold.map(|h| {
+            Op::PutBytes(
+                codec::key(codec::HOLDS, &format!("{:032x}", h.id)),
+                codec::hold_value(h.digest, h.expires_at, h.settled),
+            )
+        });
+        self.queue(counters.chain(hold))
     }
 
     /// Queues the removal of `counter` on `key`; returns the sequence number to wait for.
@@ -174,6 +202,10 @@ impl Shared {
                     Op::Put(key, value) => {
                         unrotated += (key.len() + value.as_bytes().len()) as u64;
                         batch.insert(keyspace, key, value.as_bytes())
+                    }
+                    Op::PutBytes(key, value) => {
+                        unrotated += (key.len() + value.len()) as u64;
+                        batch.insert(keyspace, key, value)
                     }
                     Op::Remove(key) => {
                         unrotated += key.len() as u64;

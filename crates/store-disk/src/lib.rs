@@ -22,6 +22,11 @@
 //!   tombstone, and a maintenance thread runs a full compaction when the tables have
 //!   doubled since the last one, so a key flood leaves a bounded data directory.
 //!
+//! - **Reservations.** Hold records (under the reserved counter name `~hold`) and
+//!   concurrency windows' holders are journaled with the counters a reservation or
+//!   settlement changes, in the same batch, and read back at start: a reservation
+//!   made before a restart is settled after it, and its slot stays held.
+//!
 //! Memory is bounded by `max_keys` as for the memory store. A counter evicted from
 //! memory under pressure keeps its last state on disk until it expires; it is read back
 //! only on the next start.
@@ -42,8 +47,8 @@ use fjall::compaction::filter::{
 };
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use sluice_engine::{
-    Clock, DecisionRequest, Limit, Outcomes, Store, StoreError, StoreFuture, StoreStats,
-    SystemClock,
+    Clock, DecisionRequest, Hold, Limit, Outcomes, SettleStatus, Settlement, Store, StoreError,
+    StoreFuture, StoreStats, SystemClock,
 };
 use sluice_store_memory::MemoryStore;
 pub use sluice_store_memory::MemoryStoreConfig;
@@ -323,8 +328,8 @@ fn load(keyspace: &Keyspace, memory: &MemoryStore, now: i64) -> Result<LoadRepor
     let mut names: HashMap<Box<str>, Arc<str>> = HashMap::new();
     for item in keyspace.iter() {
         let (raw_key, raw_value) = item.into_inner()?;
-        let (Some((counter, key)), Some((state, expires_at))) =
-            (codec::split_key(&raw_key), codec::decode(&raw_value))
+        let (Some((counter, key)), Some((stored, expires_at))) =
+            (codec::split_key(&raw_key), codec::decode_any(&raw_value))
         else {
             report.unreadable += 1;
             continue;
@@ -341,7 +346,17 @@ fn load(keyspace: &Keyspace, memory: &MemoryStore, now: i64) -> Result<LoadRepor
                 name
             }
         };
-        memory.restore(&name, key, state, expires_at);
+        match stored {
+            codec::Stored::Counter(state) => memory.restore(&name, key, state, expires_at),
+            codec::Stored::Holders(holders) => memory.restore_holders(&name, key, &holders),
+            codec::Stored::Hold { digest, settled } => {
+                let Some(id) = sluice_store_memory::parse_hold_id(key) else {
+                    report.unreadable += 1;
+                    continue;
+                };
+                memory.restore_hold(id, &digest, expires_at, settled);
+            }
+        }
         report.restored += 1;
     }
     Ok(report)
@@ -428,6 +443,46 @@ impl Store for DiskStore {
         match seq {
             None => Box::pin(std::future::ready(Ok(()))),
             Some(seq) => Box::pin(async move { self.journal.committed(seq).await }),
+        }
+    }
+
+    fn reserve<'a>(
+        &'a self,
+        request: &'a DecisionRequest,
+        hold: &'a Hold,
+    ) -> StoreFuture<'a, Outcomes> {
+        if let Some(error) = self.failed() {
+            return Box::pin(std::future::ready(Err(error)));
+        }
+        let mut seq = None;
+        let outcomes = self
+            .memory
+            .reserve_sync_with(request, hold, |changes, hold| {
+                seq = Some(self.journal.put_reservation(changes, hold));
+            });
+        match seq {
+            None => Box::pin(std::future::ready(Ok(outcomes))),
+            Some(seq) => Box::pin(async move {
+                self.journal.committed(seq).await?;
+                Ok(outcomes)
+            }),
+        }
+    }
+
+    fn settle<'a>(&'a self, settlement: &'a Settlement) -> StoreFuture<'a, SettleStatus> {
+        if let Some(error) = self.failed() {
+            return Box::pin(std::future::ready(Err(error)));
+        }
+        let mut seq = None;
+        let status = self.memory.settle_sync_with(settlement, |changes, hold| {
+            seq = Some(self.journal.put_reservation(changes, hold));
+        });
+        match seq {
+            None => Box::pin(std::future::ready(Ok(status))),
+            Some(seq) => Box::pin(async move {
+                self.journal.committed(seq).await?;
+                Ok(status)
+            }),
         }
     }
 

@@ -111,3 +111,70 @@ async fn concurrent_charges_persist_in_decision_order() {
     };
     assert_eq!(spent, 2 * 2_000);
 }
+
+/// A reservation made before a restart is settled after it, once; its concurrency slot
+/// stays held across the restart and comes back when it is settled.
+#[tokio::test]
+async fn reservations_and_their_slots_survive_reopen() {
+    use sluice_engine::{Decision, Hold, HoldId, SettleStatus, Settlement, Store};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clock = Arc::new(ManualClock::new(START));
+    let tokens = limit("tokens", &["100/hour"], Algorithm::FixedWindow);
+    let in_flight = Arc::new(Limit::new("in_flight", LimitSpec::concurrency(1)).expect("limit"));
+    let request = DecisionRequest {
+        checks: vec![
+            Check::new(Arc::clone(&tokens), "u", 40).expect("check"),
+            Check::new(Arc::clone(&in_flight), "u", 1).expect("check"),
+        ],
+        dry_run: false,
+    };
+    let hold = Hold {
+        id: HoldId {
+            id: format!("{:032x}", 0xfeed_u128),
+            digest: "d1".into(),
+        },
+        ttl: 600_000_000,
+    };
+    {
+        let store = open(dir.path(), &clock);
+        let outcomes = store.reserve(&request, &hold).await.expect("reserve");
+        let decision = Decision::from_outcomes(&request, &outcomes.windows, false);
+        assert!(decision.allowed);
+    }
+    clock.advance(Duration::from_secs(1));
+    let store = open(dir.path(), &clock);
+    assert_eq!(store.load_report().unreadable, 0);
+    let second = Hold {
+        id: HoldId {
+            id: format!("{:032x}", 0xbeef_u128),
+            digest: "d2".into(),
+        },
+        ..hold.clone()
+    };
+    let blocked = store.reserve(&request, &second).await.expect("reserve");
+    assert!(!blocked.windows[1].allowed, "the slot is still held");
+    let settlement = Settlement {
+        hold: Some(hold.id.clone()),
+        request: request.clone(),
+        actual: vec![10, 1],
+        windows: vec![true, true],
+    };
+    assert_eq!(
+        store.settle(&settlement).await.expect("settle"),
+        SettleStatus::Settled
+    );
+    assert_eq!(
+        charge(&store, &tokens, "u", 0).await,
+        vec![90],
+        "settled at 10"
+    );
+    drop(store);
+    let store = open(dir.path(), &clock);
+    assert_eq!(
+        store.settle(&settlement).await.expect("settle"),
+        SettleStatus::AlreadySettled,
+        "settled before the restart"
+    );
+    let again = store.reserve(&request, &second).await.expect("reserve");
+    assert!(again.windows[1].allowed, "the settled slot came back");
+}

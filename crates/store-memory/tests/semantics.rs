@@ -50,6 +50,15 @@ impl Harness for MemoryHarness {
         self.store.sweep();
         self.store.len() as u64
     }
+
+    fn now(&self) -> i64 {
+        self.clock.now()
+    }
+
+    async fn jump_to(&self, at: i64) -> bool {
+        self.clock.set(at);
+        true
+    }
 }
 
 semantic_suite!(async { MemoryHarness::new() });

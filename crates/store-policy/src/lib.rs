@@ -24,7 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_engine::{
-    DecisionRequest, Limit, Outcomes, Store, StoreError, StoreFuture, StoreStats, WindowOutcome,
+    DecisionRequest, Hold, Limit, Outcomes, SettleStatus, Settlement, Store, StoreError,
+    StoreFuture, StoreStats, WindowOutcome,
 };
 use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
 
@@ -241,6 +242,74 @@ impl Store for PolicyStore {
                 self.failed(epoch, error);
             }
             result
+        })
+    }
+
+    /// As [`PolicyStore::decide`]: while the store is down the policy decides, and
+    /// with `local` the in-process store also records the hold, so the reservation can
+    /// still be settled (by this instance) once the store is back.
+    fn reserve<'a>(
+        &'a self,
+        request: &'a DecisionRequest,
+        hold: &'a Hold,
+    ) -> StoreFuture<'a, Outcomes> {
+        Box::pin(async move {
+            let epoch = self.epoch.load(Ordering::Acquire);
+            let fallback = || match self.config.policy {
+                FailurePolicy::Local => Outcomes {
+                    degraded: true,
+                    ..self.local.reserve_sync(request, hold)
+                },
+                _ => self.fallback(request),
+            };
+            if is_down_epoch(epoch) && !self.may_probe() {
+                return Ok(fallback());
+            }
+            match self.bounded(self.primary.reserve(request, hold)).await {
+                Ok(outcomes) => {
+                    self.succeeded(epoch);
+                    Ok(outcomes)
+                }
+                Err(error @ (StoreError::Unavailable(_) | StoreError::Timeout(_))) => {
+                    self.failed(epoch, &error);
+                    Ok(fallback())
+                }
+                Err(error) => Err(error),
+            }
+        })
+    }
+
+    /// Settlements go to the shared store, bounded and never retried; a reservation the
+    /// shared store does not know may have been made by the `local` policy while it was
+    /// down, so the in-process store is asked next. While the store is down only those
+    /// can be settled.
+    fn settle<'a>(&'a self, settlement: &'a Settlement) -> StoreFuture<'a, SettleStatus> {
+        Box::pin(async move {
+            let local = self.config.policy == FailurePolicy::Local;
+            let epoch = self.epoch.load(Ordering::Acquire);
+            if is_down_epoch(epoch) {
+                if local && settlement.hold.is_some() {
+                    let status = self.local.settle_sync(settlement);
+                    if status != SettleStatus::Unknown {
+                        return Ok(status);
+                    }
+                }
+                return Err(StoreError::Unavailable(format!(
+                    "the {} store is down; settlement not applied",
+                    self.primary.backend()
+                )));
+            }
+            let result = self.bounded(self.primary.settle(settlement)).await;
+            match result {
+                Ok(SettleStatus::Unknown) if local && settlement.hold.is_some() => {
+                    Ok(self.local.settle_sync(settlement))
+                }
+                Err(error @ (StoreError::Unavailable(_) | StoreError::Timeout(_))) => {
+                    self.failed(epoch, &error);
+                    Err(error)
+                }
+                other => other,
+            }
         })
     }
 

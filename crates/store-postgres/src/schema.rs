@@ -6,8 +6,9 @@
 //! state in three integers, microseconds and units of cost), the reservation tables
 //! `sluice_holds (id, digest, expires_at, settled)` and `sluice_slots (key, hold,
 //! expires_at)` (one row per concurrency slot an open reservation holds), the functions
-//! `sluice_decide`, `sluice_refund`, `sluice_reserve`, `sluice_settle`, `sluice_reset`
-//! and `sluice_sweep`, and a record of applied versions.
+//! `sluice_decide`, `sluice_refund`, `sluice_reserve`, `sluice_settle`, `sluice_move`,
+//! `sluice_reset`, `sluice_sweep` and `sluice_month_start` (the bounds of calendar-month
+//! windows), and a record of applied versions.
 //! [`PostgresStore::prepare`] applies it (or, with `migrate: false`, only checks it is
 //! there); [`migration_sql`] is the same script for a DBA. `unlogged: true` makes the
 //! three tables `UNLOGGED`: no WAL, faster, and emptied by PostgreSQL after a crash.
@@ -280,6 +281,7 @@ mod tests {
         let logged = migration_sql("rate", false).expect("script");
         assert!(logged.starts_with(&format!("-- sluice schema version {SCHEMA_VERSION};")));
         assert!(logged.contains("CREATE TABLE IF NOT EXISTS \"rate\".sluice_slots"));
+        assert!(logged.contains("CREATE OR REPLACE FUNCTION \"rate\".sluice_month_start"));
         assert!(logged.contains("CREATE TABLE IF NOT EXISTS \"rate\".sluice_counters"));
         assert!(logged.contains("SET LOGGED"));
         assert!(!logged.contains('@'), "every placeholder is filled");

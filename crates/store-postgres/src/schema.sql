@@ -1,6 +1,7 @@
 -- sluice schema version 3 for PostgreSQL 13+: the counter table, the decision and refund
--- functions, the reset and sweep functions, and reservations (holds, concurrency slots,
--- sluice_reserve, sluice_settle). Version 1 had no refund, version 2 no reservations.
+-- functions, the reset and sweep functions, calendar-month windows (sluice_month_start)
+-- and reservations (holds, concurrency slots, sluice_reserve, sluice_settle). Version 1
+-- had no refund; version 2 neither calendar months nor reservations.
 -- Every statement is idempotent, so the whole script may run again at any time, and
 -- over a database of any earlier version (`sluice serve` runs it at start unless
 -- `migrate: false`; `sluice migrate --print` prints it for a DBA). Functions keep
@@ -106,6 +107,19 @@ CREATE TABLE IF NOT EXISTS @schema@.sluice_sweeper (
 );
 INSERT INTO @schema@.sluice_sweeper (id, swept_at) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
 
+-- The start of the UTC calendar month holding p_us (µs since the epoch), moved on by
+-- p_months months: the bounds of N/month windows (period -1 in sluice_reserve and
+-- sluice_move; crates/engine/src/calendar.rs). Computed on timestamp without time
+-- zone, which counts from 1970-01-01 00:00 with no zone at all, so the session's
+-- TimeZone plays no part; the microseconds stay exact (below 2^53) through the interval.
+CREATE OR REPLACE FUNCTION @schema@.sluice_month_start(p_us bigint, p_months integer)
+RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $sluice$
+    SELECT (EXTRACT(EPOCH FROM pg_catalog.date_trunc('month', TIMESTAMP '1970-01-01' + p_us * INTERVAL '1 microsecond')
+                               + p_months * INTERVAL '1 month') * 1000000)::bigint
+$sluice$;
+
 -- Decides every window of one request atomically and, for a reservation
 -- (Store::reserve) that is allowed, records its hold and gives it one slot of every
 -- concurrency window it charged, in the same transaction.
@@ -113,8 +127,9 @@ INSERT INTO @schema@.sluice_sweeper (id, swept_at) VALUES (1, 0) ON CONFLICT (id
 --   p_args: 7 values per window, in the request's window order: slot (1-based index
 --     into p_keys), algorithm (0 gcra, 1 fixed window, 2 sliding window, 3
 --     concurrency), capacity (gcra burst, otherwise the quota or the slots), period
---     (µs), gcra interval (µs), cost (capped at capacity + 1, which decides the same),
---     flags (1: charge_denied, 2: shadow).
+--     (µs; -1: a UTC calendar month, fixed windows only), gcra interval (µs), cost
+--     (capped at capacity + 1, which decides the same), flags (1: charge_denied, 2:
+--     shadow).
 --   p_read_only: a dry run (or, for a decision, only costs of 0): no locks, nothing
 --     written.
 --   p_hold, p_digest, p_ttl: the reservation's id, digest and time to live (µs); a
@@ -153,8 +168,8 @@ DECLARE
     alg bigint; cap bigint; period bigint; ivl bigint; cost bigint; flags bigint;
     ca bigint; cb bigint; cc bigint;          -- the state now, without this request
     ga bigint; gb bigint; gc bigint;          -- the state if it is charged
-    ws bigint; tau bigint; used bigint; lft bigint; weighted bigint; elapsed bigint;
-    room bigint; divisor bigint;
+    ws bigint; we bigint; tau bigint; used bigint; lft bigint; weighted bigint;
+    elapsed bigint; room bigint; divisor bigint;
     allowed boolean; retry bigint; charged boolean;
     decision_allowed boolean := true;
     hold_expires bigint;
@@ -249,17 +264,23 @@ BEGIN
                 END IF;
                 gb := cb; gc := 0;
             ELSE
-                ws := now_us - now_us % period;
+                IF period < 0 THEN ws := @schema@.sluice_month_start(now_us, 0);
+                ELSE ws := now_us - now_us % period;
+                END IF;
                 IF alg = 1 THEN
                     -- fixed window; a state from a later window (a decision whose clock
-                    -- read later) is the current one.
+                    -- read later) is the current one. It ends at `we`: months differ in
+                    -- length.
                     IF wp[s] AND wa[s] >= ws THEN ca := wa[s]; cb := wb[s]; ELSE ca := ws; cb := 0; END IF;
                     cc := 0;
+                    IF period < 0 THEN we := @schema@.sluice_month_start(ca, 1);
+                    ELSE we := ca + period;
+                    END IF;
                     gb := cb + cost;
                     allowed := cost = 0 OR gb <= cap;
                     IF allowed THEN retry := 0;
                     ELSIF cost > cap THEN retry := -1;
-                    ELSE retry := ca + period - now_us;
+                    ELSE retry := we - now_us;
                     END IF;
                     ga := ca; gc := 0;
                 ELSE
@@ -322,7 +343,7 @@ BEGIN
                 res[i * 4 + 3] := CASE WHEN ca > 0 THEN cb - now_us ELSE 0 END;
             ELSIF alg = 1 THEN
                 res[i * 4 + 2] := GREATEST(cap - cb, 0);
-                res[i * 4 + 3] := CASE WHEN cb > 0 THEN ca + period - now_us ELSE 0 END;
+                res[i * 4 + 3] := CASE WHEN cb > 0 THEN we - now_us ELSE 0 END;
             ELSE
                 res[i * 4 + 2] := GREATEST(cap - used, 0);
                 res[i * 4 + 3] := CASE WHEN cb > 0 THEN ca + 2 * period - now_us
@@ -341,6 +362,7 @@ BEGIN
             changed := changed || s;
             -- Kept exactly as long as it matters (the engine's expires_at).
             ea := ea || CASE WHEN sa[s] = 0 THEN wa[s]
+                             WHEN sp[s] < 0 THEN @schema@.sluice_month_start(wa[s], 1)
                              WHEN sa[s] = 1 OR wb[s] = 0 THEN wa[s] + sp[s]
                              ELSE wa[s] + 2 * sp[s] END;
         END IF;
@@ -475,9 +497,10 @@ $sluice$;
 -- sluice_reserve, stays a bigint).
 --   p_keys: the distinct counters moved; p_args: 6 values per window: slot (1-based
 --   index into p_keys), algorithm (0 gcra, 1 fixed, 2 sliding; 3 concurrency is
---   skipped: its slots are not moved this way), capacity, period (µs), gcra interval
---   (µs), amount; p_sign: 1 (amounts are signed changes) or -1 (amounts are refunds:
---   minus each, negative ones counting as 0). Returns the number of counters written.
+--   skipped: its slots are not moved this way), capacity, period (µs; -1: a UTC
+--   calendar month, fixed windows only), gcra interval (µs), amount; p_sign: 1
+--   (amounts are signed changes) or -1 (amounts are refunds: minus each, negative ones
+--   counting as 0). Returns the number of counters written.
 CREATE OR REPLACE FUNCTION @schema@.sluice_move(p_keys text[], p_args bigint[], p_sign integer)
 RETURNS bigint
 LANGUAGE plpgsql
@@ -520,6 +543,11 @@ BEGIN
         IF p_sign < 0 THEN delta := -GREATEST(p_args[o + 6], 0); ELSE delta := p_args[o + 6]; END IF;
         sa[s] := alg; sp[s] := period;
         CONTINUE WHEN delta = 0 OR alg = 3;
+        -- A fixed or sliding window's current start; a calendar month's for period -1.
+        IF alg = 0 THEN ws := 0;
+        ELSIF period < 0 THEN ws := @schema@.sluice_month_start(now_us, 0);
+        ELSE ws := now_us - (now_us % period);
+        END IF;
         IF delta < 0 THEN
             CONTINUE WHEN NOT wp[s];
             cost := -delta;
@@ -530,7 +558,6 @@ BEGIN
                     wa[s] := cb; wb[s] := 0; wc[s] := 0; dirty[s] := true;
                 END IF;
             ELSE
-                ws := now_us - (now_us % period);
                 IF wa[s] >= ws THEN
                     ca := wa[s]; cb := wb[s]; cc := wc[s];
                 ELSIF alg = 2 AND wa[s] = ws - period THEN
@@ -560,7 +587,6 @@ BEGIN
                 wa[s] := ca; wb[s] := 0; wc[s] := 0;
             ELSE
                 -- As in sluice_reserve, a later window's state is the current one.
-                ws := now_us - (now_us % period);
                 IF wp[s] AND wa[s] >= ws THEN
                     ca := wa[s]; cb := LEAST(wb[s], max_count); cc := wc[s];
                 ELSIF alg = 2 AND wp[s] AND wa[s] = ws - period THEN
@@ -580,6 +606,7 @@ BEGIN
         INSERT INTO @schema@.sluice_counters AS t (key, a, b, c, expires_at)
              VALUES (p_keys[s], wa[s], wb[s], wc[s],
                      CASE WHEN sa[s] = 0 THEN wa[s]
+                          WHEN sp[s] < 0 THEN @schema@.sluice_month_start(wa[s], 1)
                           WHEN sa[s] = 1 OR wb[s] = 0 THEN wa[s] + sp[s]
                           ELSE wa[s] + 2 * sp[s] END)
         ON CONFLICT (key) DO UPDATE
@@ -655,5 +682,5 @@ INSERT INTO @schema@.sluice_migrations (version, description)
      VALUES (2, 'sluice_refund')
 ON CONFLICT (version) DO NOTHING;
 INSERT INTO @schema@.sluice_migrations (version, description)
-     VALUES (3, 'reservations: sluice_holds, sluice_slots, sluice_reserve and sluice_settle')
+     VALUES (3, 'calendar-month windows (sluice_month_start, period -1); reservations: sluice_holds, sluice_slots, sluice_reserve, sluice_settle and sluice_move')
 ON CONFLICT (version) DO NOTHING;

@@ -36,8 +36,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use sluice_engine::{
-    Algorithm, DecisionRequest, Hold, Limit, Micros, Outcomes, SettleStatus, Settlement, Store,
-    StoreError, StoreFuture, StoreStats, WindowOutcome, WindowOutcomes,
+    Algorithm, DecisionRequest, Hold, Limit, Micros, Outcomes, Rate, SettleStatus, Settlement,
+    Store, StoreError, StoreFuture, StoreStats, Window, WindowOutcome, WindowOutcomes,
 };
 use tokio_postgres::NoTls;
 
@@ -222,24 +222,14 @@ impl PostgresStore {
                 keys.len() as i64
             });
             let window = &lw.window;
-            let capacity = window.capacity();
-            let period = window.rate().period_micros();
-            let algorithm = algorithm_code(window.algorithm());
-            let interval = period / window.rate().quota() as i64;
             let limit = check.limit();
             let flags = i64::from(limit.charge_denied()) | (i64::from(limit.shadow()) << 1);
             // Capacities are at most 10^9: far inside i64.
-            let cost = check.cost().min(capacity + 1) as i64;
+            let cost = check.cost().min(window.capacity() + 1) as i64;
             charges |= cost > 0;
-            args.extend_from_slice(&[
-                slot,
-                algorithm,
-                capacity as i64,
-                period,
-                interval,
-                cost,
-                flags,
-            ]);
+            args.push(slot);
+            args.extend_from_slice(&window_args(window));
+            args.extend_from_slice(&[cost, flags]);
         }
         (keys, args, charges)
     }
@@ -340,15 +330,9 @@ impl PostgresStore {
                 keys.push(self.key(&lw.counter, check.key()));
                 keys.len() as i64
             });
-            let period = window.rate().period_micros();
-            args.extend_from_slice(&[
-                slot,
-                algorithm_code(window.algorithm()),
-                window.capacity() as i64,
-                period,
-                period / window.rate().quota() as i64,
-                delta,
-            ]);
+            args.push(slot);
+            args.extend_from_slice(&window_args(window));
+            args.push(delta);
         }
         if hold.is_none() && keys.is_empty() {
             // Work already done that moves nothing: booked, with nothing to write.
@@ -392,17 +376,10 @@ impl PostgresStore {
                 keys.len() as i64
             });
             let window = &lw.window;
-            let capacity = window.capacity();
-            let period = window.rate().period_micros();
-            args.extend_from_slice(&[
-                slot,
-                algorithm_code(window.algorithm()),
-                capacity as i64,
-                period,
-                period / window.rate().quota() as i64,
-                // More than the capacity was never charged in one decision.
-                check.cost().min(capacity) as i64,
-            ]);
+            args.push(slot);
+            args.extend_from_slice(&window_args(window));
+            // More than the capacity was never charged in one decision.
+            args.push(check.cost().min(window.capacity()) as i64);
         }
         if keys.is_empty() {
             return Ok(());
@@ -507,6 +484,33 @@ fn parse_reply(reply: &[i64], count: usize) -> Result<Outcomes, StoreError> {
         windows,
         degraded: false,
     })
+}
+
+/// The period sent for a calendar-month window (`N/month`): the functions find the
+/// month's bounds on the database's clock (`sluice_month_start`, schema version 3).
+const CALENDAR_MONTH: i64 = -1;
+
+/// The period every function taking windows (`sluice_decide`, `sluice_reserve`,
+/// `sluice_refund`, `sluice_settle`) is sent: microseconds, or [`CALENDAR_MONTH`].
+fn function_period(rate: Rate) -> i64 {
+    if rate.is_calendar_month() {
+        CALENDAR_MONTH
+    } else {
+        rate.period_micros()
+    }
+}
+
+/// A window as every function taking windows is told of it, after its slot: algorithm,
+/// capacity (at most 10^9: far inside i64), period ([`function_period`]) and gcra
+/// interval (µs).
+fn window_args(window: &Window) -> [i64; 4] {
+    let rate = window.rate();
+    [
+        algorithm_code(window.algorithm()),
+        window.capacity() as i64,
+        function_period(rate),
+        rate.period_micros() / rate.quota() as i64,
+    ]
 }
 
 /// The algorithm as `sluice_decide` and `sluice_refund` number it.

@@ -1,5 +1,6 @@
 //! PostgreSQL-specific behaviour: one statement per decision, reservation and
-//! settlement, compact rows with exact expiry, a table that shrinks back after a key
+//! settlement, compact rows with exact expiry, calendar months whatever the session's
+//! time zone (and settled into the month's row), a table that shrinks back after a key
 //! flood (holds and slots too), reset of a whole limit, the migration (versioned,
 //! idempotent, by hand for a DBA, in another schema, unlogged, and over a database of
 //! the previous version), no deadlock between decisions, reservations and settlements
@@ -8,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_engine::calendar::{month_start, next_month_start};
 use sluice_engine::{
     Algorithm, Check, DecisionRequest, Hold, HoldId, Limit, LimitSpec, SettleStatus, Settlement,
     Store, decide,
@@ -16,7 +18,9 @@ use sluice_store_postgres::{
     PostgresStore, PostgresStoreConfig, PostgresStoreError, SCHEMA_VERSION, SchemaStatus,
     migration_sql,
 };
+use sluice_testkit::semantics::month_boundary_instants;
 use sluice_testkit::servers::PostgresServer;
+use sluice_testkit::system_now;
 
 fn limit(name: &str, rates: &[&str]) -> Arc<Limit> {
     let rates = rates.iter().map(|r| r.parse().expect("rate")).collect();
@@ -202,6 +206,126 @@ async fn state_is_compact_and_expires_when_it_stops_mattering() {
         (23_000_000..=24_000_000).contains(&fields[3]),
         "expires in {} µs",
         fields[3]
+    );
+}
+
+/// `sluice_month_start` agrees with the engine's calendar around every month start from
+/// 1969 to 2200, in sessions whose time zone is 14 hours ahead of UTC and 9 behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_functions_calendar_months_agree_with_the_engine_in_any_time_zone() {
+    let (server, _store) = setup().await;
+    let (client, connection) = tokio_postgres::connect(&server.url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    let instants = month_boundary_instants();
+    for zone in ["Pacific/Kiritimati", "America/Anchorage"] {
+        client
+            .batch_execute(&format!("SET TimeZone = '{zone}'"))
+            .await
+            .expect("set the time zone");
+        let rows = client
+            .query(
+                "SELECT public.sluice_month_start(x.t, 0), public.sluice_month_start(x.t, 1) \
+                 FROM unnest($1::bigint[]) WITH ORDINALITY AS x(t, o) ORDER BY x.o",
+                &[&instants],
+            )
+            .await
+            .expect("the function runs");
+        assert_eq!(rows.len(), instants.len(), "{zone}");
+        for (t, row) in instants.iter().zip(&rows) {
+            assert_eq!(
+                (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+                (month_start(*t), next_month_start(*t)),
+                "the month holding {t} µs, in {zone}"
+            );
+        }
+    }
+}
+
+/// A calendar-month row starts at this month's start and expires at the next one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calendar_month_counter_lives_until_the_next_month_start() {
+    let (server, store) = setup().await;
+    let l = fixed("budget", "3/month");
+    let before = system_now();
+    decide(&*store, &request(&[(&l, "key:1", 2)]))
+        .await
+        .expect("decide");
+    if next_month_start(system_now()) != next_month_start(before) {
+        return; // decided at a month start: either month may hold it
+    }
+    assert_eq!(
+        sql(
+            &server,
+            "SELECT a || ':' || b || ':' || c || ':' || expires_at FROM public.sluice_counters \
+             WHERE key = 'sluice:budget:f1mo:key:1'"
+        ),
+        format!("{}:2:0:{}", month_start(before), next_month_start(before))
+    );
+}
+
+/// A calendar-month window reserved and settled stays in this month's row: a settlement
+/// above the estimate (debt, `Window::force`) and one below it (a refund) move this
+/// month's count, the row still expires at the next month start, and the debt denies
+/// until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calendar_month_reservation_settles_into_the_months_row() {
+    let (server, store) = setup().await;
+    let budget = fixed("budget", "5/month");
+    let month_row = || {
+        sql(
+            &server,
+            "SELECT a || ':' || b || ':' || c || ':' || expires_at FROM public.sluice_counters \
+             WHERE key = 'sluice:budget:f1mo:user:1'",
+        )
+    };
+    let before = system_now();
+    let (start, next) = (month_start(before), next_month_start(before));
+    let estimate = request(&[(&budget, "user:1", 2)]);
+    let h = hold(1, HOUR);
+    let reserved = store.reserve(&estimate, &h).await.expect("reserve");
+    assert!(reserved.windows[0].allowed);
+    assert_eq!(reserved.windows[0].remaining, 3);
+    // It cost 8: 6 more, 3 past the quota.
+    assert_eq!(
+        settle(&store, &h, &estimate, &[8]).await,
+        SettleStatus::Settled
+    );
+    let in_debt = month_row();
+    let denied = decide(&*store, &request(&[(&budget, "user:1", 1)]))
+        .await
+        .expect("decide");
+    let after = system_now();
+    if next_month_start(after) != next {
+        return; // ran across a month start: either month may hold the row
+    }
+    assert_eq!(
+        in_debt,
+        format!("{start}:8:0:{next}"),
+        "in debt, this month"
+    );
+    assert!(!denied.allowed, "in debt until the next month");
+    let retry = denied.retry_after.expect("a retry time");
+    assert!(
+        (next - after - 1_000_000..=next - before + 1_000_000).contains(&retry),
+        "retry in {retry} µs, until the next month start"
+    );
+    // Work booked without a hold at 0 for an estimate of 6: 6 given back.
+    let refund = Settlement {
+        hold: None,
+        request: request(&[(&budget, "user:1", 6)]),
+        actual: vec![0],
+        windows: vec![true],
+    };
+    assert_eq!(
+        store.settle(&refund).await.expect("settle"),
+        SettleStatus::Settled
+    );
+    assert_eq!(
+        month_row(),
+        format!("{start}:2:0:{next}"),
+        "refunded, this month"
     );
 }
 
@@ -579,6 +703,14 @@ async fn a_database_of_the_previous_version_is_upgraded_in_place() {
         sql(&server, v2_decision).starts_with("{0,2,"),
         "3 more do not fit"
     );
+
+    // Calendar months work on the upgraded schema (sluice_month_start is new).
+    let budget = fixed("budget", "3/month");
+    let month = decide(&store, &request(&[(&budget, "user:1", 2)]))
+        .await
+        .expect("a month window");
+    assert!(month.allowed);
+    assert_eq!(month.results[0].remaining, 1);
 
     // Reservations work on the upgraded schema.
     let c = in_flight("c", 1);

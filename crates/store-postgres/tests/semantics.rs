@@ -66,6 +66,16 @@ impl Harness for PostgresHarness {
         Duration::from_millis(300)
     }
 
+    /// The server runs on this machine, on its clock.
+    fn now(&self) -> i64 {
+        sluice_testkit::system_now()
+    }
+
+    /// A real server's clock cannot be set.
+    async fn jump_to(&self, _at: i64) -> bool {
+        false
+    }
+
     /// Rows whose state still matters on the database's clock (the sweep deletes the
     /// others a little later; `sweep.rs` tests that it does).
     async fn live_counters(&self) -> u64 {

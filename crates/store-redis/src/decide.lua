@@ -1,20 +1,26 @@
 -- sluice: decide every window of one request atomically, on the Redis server's clock
--- (`now`, with idiv, window_start, parse, encode and expires_at, comes from state.lua).
+-- (`now`, the state helpers, normalize and a concurrency window's holders come from
+-- state.lua); with a hold, reserve (Store::reserve): the same decision, and when it is
+-- allowed the hold is recorded and takes a slot of every concurrency window it charged.
 -- Mirrors crates/engine/src/algorithm.rs (Window::evaluate, remaining, reset_after,
--- expires_at) and crates/engine/src/decision.rs (apply: two passes). Times are
--- microseconds since the Unix epoch; Lua numbers are doubles, exact below 2^53.
+-- expires_at), crates/engine/src/decision.rs (apply: two passes) and the memory store's
+-- reserve (crates/store-memory/src/lib.rs). Times are microseconds since the Unix
+-- epoch; Lua numbers are doubles, exact below 2^53.
 --
 -- KEYS: the distinct counters of the request (prefix .. '{' .. limit .. ':' .. key .. '}:' .. window),
---   all in one cluster slot.
+--   all in one cluster slot; with a hold, then the hold's key (see settle.lua).
 -- ARGV[1]: '1' for dry_run; ARGV[2]: the number of windows n; then 7 values per window:
---   slot (1-based index into KEYS), algorithm ('g', 'f', 's'), capacity (gcra burst,
---   otherwise the quota), period (µs), gcra interval (µs), cost (already capped at
---   capacity + 1, which decides the same), flags (1: charge_denied, 2: shadow).
+--   slot (1-based index into KEYS), algorithm ('g', 'f', 's', 'c'), capacity (gcra
+--   burst, concurrency slots, otherwise the quota), period (µs; -1: a UTC calendar month, fixed windows only), gcra interval (µs),
+--   cost (already capped at capacity + 1, which decides the same), flags
+--   (1: charge_denied, 2: shadow).
+--   With a hold, 3 more: its id (a concurrency set's member), its digest, its ttl (µs).
 -- Returns 4 integers per window: allowed (1/0), remaining, reset_after (µs),
 --   retry_after (µs; -1: never).
 
 local dry_run = ARGV[1] == '1'
 local n = tonumber(ARGV[2])
+local hold_id = ARGV[3 + 7 * n]
 local TWO53 = 9007199254740992
 
 -- floor(a * b / d) and (a * b) mod d for non-negative integers, exact even when the
@@ -49,24 +55,6 @@ local function muldiv(a, b, d)
 end
 
 
-local function normalize(w, st)
-  if w.alg == 'g' then
-    if st and st.tat > now then return { tat = st.tat } end
-    return { tat = now }
-  end
-  local start = window_start(w.period)
-  if w.alg == 'f' then
-    -- A state from a later window (a decision whose clock read later) is current.
-    if st and st.start >= start then return { start = st.start, count = st.count } end
-    return { start = start, count = 0 }
-  end
-  if st then
-    if st.start >= start then return { start = st.start, count = st.count, prev = st.prev } end
-    if st.start == start - w.period then return { start = start, count = 0, prev = st.count } end
-  end
-  return { start = start, count = 0, prev = 0 }
-end
-
 local function sliding_used(w, st)
   local left = w.period - (now - st.start)
   if left < 0 then left = 0 elseif left > w.period then left = w.period end
@@ -93,8 +81,15 @@ local function evaluate(w, st, cost)
     local spent = cur.count + cost
     local allowed = cost == 0 or spent <= w.cap
     local retry
-    if allowed then retry = 0 elseif cost > w.cap then retry = -1 else retry = cur.start + w.period - now end
+    if allowed then retry = 0 elseif cost > w.cap then retry = -1 else retry = window_end(w.period, cur.start) - now end
     return allowed, retry, cur, { start = cur.start, count = spent }
+  elseif w.alg == 'c' then
+    local held = cur.open + cost
+    local allowed = cost == 0 or held <= w.cap
+    local retry
+    -- A slot may come back sooner (a settle); this is when one must.
+    if allowed then retry = 0 elseif cost > w.cap then retry = -1 else retry = cur.free_at - now end
+    return allowed, retry, cur, { open = held, free_at = cur.free_at }
   end
   local quota, period = w.cap, w.period
   local used = sliding_used(w, cur)
@@ -123,6 +118,10 @@ local function remaining(w, st)
     if left < 0 then return 0 end
     return idiv(left, w.interval)
   end
+  if w.alg == 'c' then
+    if st.open >= w.cap then return 0 end
+    return w.cap - st.open
+  end
   local used = st.count
   if w.alg == 's' then used = sliding_used(w, st) end
   if used >= w.cap then return 0 end
@@ -134,8 +133,12 @@ local function reset_after(w, st)
     if st.tat > now then return st.tat - now end
     return 0
   end
+  if w.alg == 'c' then
+    if st.open > 0 then return st.free_at - now end
+    return 0
+  end
   if st.count > 0 then
-    if w.alg == 'f' then return st.start + w.period - now end
+    if w.alg == 'f' then return window_end(w.period, st.start) - now end
     return st.start + 2 * w.period - now
   end
   if w.alg == 's' and st.prev > 0 then return st.start + w.period - now end
@@ -147,16 +150,18 @@ local loaded = {}
 local slot_alg = {}
 for i = 1, n do
   local b = 2 + (i - 1) * 7
+  local w = window_args(b)
+  w.cost = tonumber(ARGV[b + 6])
   local flags = tonumber(ARGV[b + 7])
-  local w = {
-    slot = tonumber(ARGV[b + 1]), alg = ARGV[b + 2], cap = tonumber(ARGV[b + 3]),
-    period = tonumber(ARGV[b + 4]), interval = tonumber(ARGV[b + 5]), cost = tonumber(ARGV[b + 6]),
-    charge_denied = flags % 2 == 1, shadow = flags >= 2,
-  }
+  w.charge_denied, w.shadow = flags % 2 == 1, flags >= 2
   windows[i] = w
   if slot_alg[w.slot] == nil then
     slot_alg[w.slot] = w.alg
-    loaded[w.slot] = parse(w.alg, redis.call('GET', KEYS[w.slot])) or false
+    if w.alg == 'c' then
+      loaded[w.slot] = holders(KEYS[w.slot])
+    else
+      loaded[w.slot] = parse(w.alg, redis.call('GET', KEYS[w.slot])) or false
+    end
   end
 end
 
@@ -193,14 +198,27 @@ if not decision_allowed then
   end
 end
 
+-- An allowed reservation holds until it is settled or expires.
+local holding = hold_id and decision_allowed and not dry_run
+local hold_expires = 0
+if holding then
+  hold_expires = now + tonumber(ARGV[5 + 7 * n])
+  redis.call('SET', KEYS[#KEYS], 'open:' .. ARGV[4 + 7 * n], 'PXAT', int(idiv(hold_expires + 999, 1000)))
+end
+
 if not dry_run then
   for i = 1, n do
     local w = windows[i]
     local st = working[w.slot]
     if st and st ~= loaded[w.slot] then
-      -- Keep the state exactly as long as it matters (PXAT on the same clock as TIME).
-      local ms = idiv(expires_at(w, st) + 999, 1000)
-      redis.call('SET', KEYS[w.slot], encode(w.alg, st), 'PXAT', string.format('%d', ms))
+      if w.alg ~= 'c' then
+        write(KEYS[w.slot], w, st)
+      elseif holding then
+        -- A slot is taken by a reservation only; a plain decision just reads the window.
+        redis.call('ZREMRANGEBYSCORE', KEYS[w.slot], '-inf', int(now))
+        redis.call('ZADD', KEYS[w.slot], int(hold_expires), hold_id)
+        expire_holders(KEYS[w.slot])
+      end
       loaded[w.slot] = st
     end
   end

@@ -14,33 +14,65 @@
 //! # Keys and state
 //! A counter lives at `{prefix}{{limit}:{key}}:{window}`, e.g.
 //! `sluice:{chat:user:42}:g60` for the 60-second gcra window of limit `chat` on key
-//! `user:42` (the braces are a Redis Cluster hash tag: every window of one check lives
-//! in one slot). Its value is a short string: gcra `"tat"`, fixed window `"start:count"`, sliding window
+//! `user:42`, `...:f1mo` for a calendar-month window (the braces are a Redis Cluster
+//! hash tag: every window of one check lives in one slot). Its value is a short string: gcra `"tat"`, fixed window `"start:count"`, sliding window
 //! `"start:count:previous"` (microseconds and units of cost). Every write sets an
 //! absolute expiry (`PXAT`) at the moment the state becomes indistinguishable from no
 //! state (the engine's `expires_at`, rounded up to the millisecond), so a flood of
 //! one-off keys leaves nothing behind once its windows have passed.
+//!
+//! A concurrency window (`concurrency: N`, window tag `c`, e.g. `sluice:{llm:user:42}:c`)
+//! is a sorted set of the reservations holding its slots: member the reservation's id,
+//! score its expiry (µs). Its state is counted from it (`open`: members scored after
+//! now; `free_at`: the smallest such score); the set expires (`PEXPIREAT`) with its last
+//! holder. A reservation's hold lives at `{prefix}{{limit}:{key}}:r:{id}`, in the slot of
+//! the request's first check (in a cluster: of each part's first check, one copy per
+//! part), with value `open:{digest}` until it is settled and `settled:{digest}` after,
+//! expiring (`PXAT`) when the reservation does. `reset` and `reset_limit` remove
+//! counters, concurrency sets included, and leave holds (as the memory store does).
 //!
 //! # Numbers
 //! Lua numbers are doubles: times (about 2^50 µs today) and counts stay exact below
 //! 2^53, and the two products that can exceed it (a sliding window's weighted count and
 //! its retry time, quota × period) are computed exactly by long multiplication. Costs
 //! are capped at a window's capacity + 1 before they are sent, which decides the same.
+//! Debt stays exact too: a forced gcra TAT goes at most [`MAX_DEBT_MICROS`] (2^50 µs)
+//! past now, as in the engine, and a forced count at most 2^50 (the engine's saturates
+//! at 2^64; both deny until the window has passed). A settlement's moves and a hold's
+//! ttl are capped at 2^50 before they are sent.
 //!
-//! # Refunds
-//! `refund` runs a second small script (`refund.lua`, the engine's `Window::refund`) on
+//! # Refunds and reservations
+//! `refund` runs a second small script (`settle.lua`, the engine's `Window::refund`) on
 //! the charged windows: one round trip, never repeated.
+//!
+//! `reserve` is a decision by the same script (`decide.lua`) with a hold: when the
+//! decision is allowed (and not a dry run), the script also records the hold and adds
+//! it to every concurrency window it charged. A plain decision only reads concurrency
+//! windows. One round trip. `settle` is one run of `settle.lua`: with a hold, it checks
+//! the hold is open with the same digest (else it answers `Unknown`, or
+//! `AlreadySettled`, and moves nothing), marks it settled (keeping its expiry), moves
+//! every window the reservation charged by `actual - estimate` (`Window::refund` when
+//! less, `Window::force` when more) and takes the reservation out of every concurrency
+//! window; without a hold, it moves the windows unconditionally. One round trip (none
+//! for a settlement without a hold that moves nothing). Neither is ever repeated after
+//! a possible send.
 //!
 //! # Connection
 //! One multiplexed connection serves every decision (see [`connection`]); it
-//! reconnects by itself. A call that charges is never repeated after a dropped
-//! connection or a timeout (it may have run); dry runs, resets and pings are retried
-//! once. `timeout` bounds every command and every connection attempt.
+//! reconnects by itself. A call that charges (a decision, a reservation, a refund, a
+//! settlement) is never repeated after a dropped connection or a timeout (it may have
+//! run); dry runs, resets and pings are retried once. `timeout` bounds every command and
+//! every connection attempt.
 //!
 //! # Redis Cluster
 //! With `cluster`, a decision whose checks live in several slots runs one script per
 //! slot, concurrently, and a decision denied by one slot gives back what the others
-//! charged (`refund.lua`): see [`slots`] for how and what it costs.
+//! charged (`settle.lua`): see [`slots`] for how and what it costs. A reservation
+//! records its hold in every slot that allowed, and a denied one releases those copies
+//! and their concurrency slots with the give-back; a settlement runs one script per
+//! slot, each checking its own copy. Across slots, neither is atomic: a settlement may
+//! land in one slot and fail in another (the error is returned; settling again settles
+//! only what is still open).
 
 use std::time::Duration;
 
@@ -48,8 +80,8 @@ use redis::aio::ConnectionManagerConfig;
 use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
 use sluice_engine::{
-    Algorithm, Check, DecisionRequest, Limit, LimitWindow, Outcomes, Store, StoreError,
-    StoreFuture, StoreStats, WindowOutcome,
+    Algorithm, Check, DecisionRequest, Hold, Limit, LimitWindow, MAX_DEBT_MICROS, Micros, Outcomes,
+    Rate, SettleStatus, Settlement, Store, StoreError, StoreFuture, StoreStats, WindowOutcome,
 };
 
 mod connection;
@@ -61,9 +93,15 @@ use slots::{Part, PartReply};
 /// The decision script; see the module doc.
 const DECIDE_LUA: &str = concat!(include_str!("state.lua"), include_str!("decide.lua"));
 
-/// The refund script: gives back what a decision charged (`Store::refund`, and a
-/// cluster decision that another slot denied; see [`slots`]).
-const REFUND_LUA: &str = concat!(include_str!("state.lua"), include_str!("refund.lua"));
+/// The settle script: moves counters by signed amounts. It gives back what a decision
+/// charged (`Store::refund`, and a cluster decision that another slot denied; see
+/// [`slots`]), settles a reservation (`Store::settle`), and releases one another slot
+/// denied.
+const SETTLE_LUA: &str = concat!(include_str!("state.lua"), include_str!("settle.lua"));
+
+/// The period sent for a calendar-month window (`N/month`): the scripts find the
+/// month's bounds on the server's clock (`window_start` and `window_end` in `state.lua`).
+const CALENDAR_MONTH: i64 = -1;
 
 /// How many keys one `SCAN` step asks for and one `UNLINK` removes.
 const SCAN_BATCH: usize = 500;
@@ -138,7 +176,7 @@ pub enum RedisStoreError {
 pub struct RedisStore {
     connections: Connections,
     decide_script: redis::Script,
-    refund_script: redis::Script,
+    settle_script: redis::Script,
     prefix: String,
     address: String,
 }
@@ -208,7 +246,7 @@ impl RedisStore {
         Ok(RedisStore {
             connections,
             decide_script: redis::Script::new(DECIDE_LUA),
-            refund_script: redis::Script::new(REFUND_LUA),
+            settle_script: redis::Script::new(SETTLE_LUA),
             prefix: config.prefix,
             address,
         })
@@ -237,15 +275,41 @@ impl RedisStore {
             .counter
             .rsplit_once(':')
             .unwrap_or((&window.counter, ""));
-        let mut k = String::with_capacity(self.prefix.len() + window.counter.len() + key.len() + 4);
+        self.tagged(limit, key, tag)
+    }
+
+    /// The Redis key of a reservation's hold, in the slot of `check`'s counters:
+    /// `{prefix}{{limit}:{key}}:r:{id}` (no window tag has a `:`, so it is no counter's).
+    fn hold_key(&self, check: &Check, id: &str) -> String {
+        let mut tail = String::with_capacity(id.len() + 2);
+        tail.push_str("r:");
+        tail.push_str(id);
+        self.tagged(check.limit().name(), check.key(), &tail)
+    }
+
+    /// `{prefix}{{limit}:{key}}:{tail}`: the braces are the Redis Cluster hash tag.
+    fn tagged(&self, limit: &str, key: &str, tail: &str) -> String {
+        let mut k =
+            String::with_capacity(self.prefix.len() + limit.len() + key.len() + tail.len() + 4);
         k.push_str(&self.prefix);
         k.push('{');
         k.push_str(limit);
         k.push(':');
         k.push_str(key);
         k.push_str("}:");
-        k.push_str(tag);
+        k.push_str(tail);
         k
+    }
+
+    /// The request's windows grouped into script calls: one part on a single server, one
+    /// per slot in a cluster (see [`slots`]).
+    fn parts(&self, windows: &[(&Check, &LimitWindow)]) -> Vec<Part> {
+        let cluster = self.is_cluster();
+        slots::split(
+            windows,
+            |lw, key| self.key(lw, key),
+            |key| cluster.then(|| Slot::for_key(key)),
+        )
     }
 
     /// Runs `op` on the shared connection, once more if the first attempt found the
@@ -289,16 +353,21 @@ impl RedisStore {
         }
     }
 
-    /// Runs the decision script for one part of a decision.
+    /// Runs the decision script for one part of a decision; with `hold` (a reservation,
+    /// not a dry run), the part records its copy of the hold when it allows.
     async fn decide_part(
         &self,
         windows: &[(&Check, &LimitWindow)],
         part: &Part,
         dry_run: bool,
+        hold: Option<&HoldArgs<'_>>,
     ) -> Result<PartReply, StoreError> {
         let mut invocation = self.decide_script.prepare_invoke();
         for key in &part.keys {
             invocation.key(key);
+        }
+        if let Some(hold) = hold {
+            invocation.key(self.part_hold_key(windows, part, hold));
         }
         invocation.arg(if dry_run { "1" } else { "0" });
         invocation.arg(part.windows.len());
@@ -306,7 +375,7 @@ impl RedisStore {
             let (check, lw) = windows[index];
             let window = &lw.window;
             let capacity = window.capacity();
-            let period = window.rate().period_micros();
+            let period = script_period(window.rate());
             let limit = check.limit();
             let flags = u8::from(limit.charge_denied()) | (u8::from(limit.shadow()) << 1);
             invocation
@@ -314,9 +383,12 @@ impl RedisStore {
                 .arg(algorithm_tag(window.algorithm()))
                 .arg(capacity)
                 .arg(period)
-                .arg(period / window.rate().quota() as i64)
+                .arg(window.rate().period_micros() / window.rate().quota() as i64)
                 .arg(check.cost().min(capacity + 1))
                 .arg(flags);
+        }
+        if let Some(hold) = hold {
+            invocation.arg(&hold.id).arg(hold.digest).arg(hold.ttl);
         }
         let run = |mut connection: Connection| {
             let invocation = &invocation;
@@ -331,53 +403,134 @@ impl RedisStore {
         parse_reply(&reply, part.windows.len())
     }
 
-    /// Gives back the listed windows of one part (indexes into `part.windows`).
-    async fn refund_part(
+    /// The key of `part`'s copy of a hold: in the slot of the part's first check.
+    fn part_hold_key(
+        &self,
+        windows: &[(&Check, &LimitWindow)],
+        part: &Part,
+        hold: &HoldArgs<'_>,
+    ) -> String {
+        // A part has at least one window (`slots::split` makes none empty).
+        let first = part.windows.first().map_or(0, |&(index, _)| index);
+        self.hold_key(windows[first].0, &hold.id)
+    }
+
+    /// Runs the settle script for one part: moves the listed windows (indexes into
+    /// `part.windows`, with signed amounts) and, with a hold, checks or forgets the
+    /// part's copy of it and frees its slot in every concurrency window of the part.
+    async fn settle_part(
+        &self,
+        windows: &[(&Check, &LimitWindow)],
+        part: &Part,
+        moves: &[(usize, i64)],
+        hold: HoldMode<'_, '_>,
+    ) -> Result<SettleStatus, StoreError> {
+        let (mode, held) = match hold {
+            HoldMode::Unconditional => ("", None),
+            HoldMode::Settle(hold) => ("settle", Some(hold)),
+            HoldMode::Release(hold) => ("release", Some(hold)),
+        };
+        let is_concurrency =
+            |k: usize| windows[part.windows[k].0].1.window.algorithm() == Algorithm::Concurrency;
+        // Rate windows move by their amount; concurrency windows only give a hold's slot
+        // back (the engine never charges or refunds them).
+        let mut listed: Vec<(usize, i64)> = moves
+            .iter()
+            .copied()
+            .filter(|&(k, amount)| amount != 0 && !is_concurrency(k))
+            .collect();
+        if held.is_some() {
+            listed.extend(
+                (0..part.windows.len())
+                    .filter(|&k| is_concurrency(k))
+                    .map(|k| (k, 0)),
+            );
+        }
+        let mut invocation = self.settle_script.prepare_invoke();
+        for key in &part.keys {
+            invocation.key(key);
+        }
+        match held {
+            Some(hold) => {
+                invocation
+                    .key(self.part_hold_key(windows, part, hold))
+                    .arg(mode)
+                    .arg(&hold.id)
+                    .arg(hold.digest);
+            }
+            None => {
+                invocation.arg(mode).arg("").arg("");
+            }
+        }
+        invocation.arg(listed.len());
+        for &(k, amount) in &listed {
+            let (index, key_index) = part.windows[k];
+            let window = &windows[index].1.window;
+            let period = script_period(window.rate());
+            invocation
+                .arg(key_index)
+                .arg(algorithm_tag(window.algorithm()))
+                .arg(window.capacity())
+                .arg(period)
+                .arg(window.rate().period_micros() / window.rate().quota() as i64)
+                .arg(amount);
+        }
+        // Not repeated: a refund or a settlement without a hold that ran twice would move
+        // twice.
+        let status: i64 = self
+            .once(|mut connection| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async(&mut connection).await }
+            })
+            .await?;
+        match status {
+            1 => Ok(SettleStatus::Settled),
+            2 => Ok(SettleStatus::AlreadySettled),
+            3 => Ok(SettleStatus::Unknown),
+            other => Err(StoreError::Protocol(format!(
+                "the settle script answered {other}"
+            ))),
+        }
+    }
+
+    /// Gives back the listed windows of one part (indexes into `part.windows`) what
+    /// their check cost, and releases a reservation's hold in that part.
+    async fn give_back(
         &self,
         windows: &[(&Check, &LimitWindow)],
         part: &Part,
         which: &[usize],
+        hold: Option<&HoldArgs<'_>>,
     ) -> Result<(), StoreError> {
-        let mut invocation = self.refund_script.prepare_invoke();
-        for key in &part.keys {
-            invocation.key(key);
-        }
-        invocation.arg(which.len());
-        for &k in which {
-            let (index, key_index) = part.windows[k];
-            let (check, lw) = windows[index];
-            let window = &lw.window;
-            let capacity = window.capacity();
-            let period = window.rate().period_micros();
-            invocation
-                .arg(key_index)
-                .arg(algorithm_tag(window.algorithm()))
-                .arg(capacity)
-                .arg(period)
-                .arg(period / window.rate().quota() as i64)
+        let moves: Vec<(usize, i64)> = which
+            .iter()
+            .map(|&k| {
+                let (check, lw) = windows[part.windows[k].0];
                 // More than the capacity was never charged in one decision.
-                .arg(check.cost().min(capacity));
-        }
-        // Not repeated: a refund that ran twice would give back twice.
-        self.once(|mut connection| {
-            let invocation = &invocation;
-            async move { invocation.invoke_async::<i64>(&mut connection).await }
-        })
-        .await
-        .map(|_| ())
+                (k, -(check.cost().min(lw.window.capacity()) as i64))
+            })
+            .collect();
+        let hold = hold.map_or(HoldMode::Unconditional, HoldMode::Release);
+        self.settle_part(windows, part, &moves, hold)
+            .await
+            .map(|_| ())
     }
 
-    async fn decide_inner(&self, request: &DecisionRequest) -> Result<Outcomes, StoreError> {
+    /// Decides `request`; with `hold`, reserves it (see [`Store::reserve`]).
+    async fn decide_inner(
+        &self,
+        request: &DecisionRequest,
+        hold: Option<&HoldArgs<'_>>,
+    ) -> Result<Outcomes, StoreError> {
         let windows: Vec<(&Check, &LimitWindow)> = request.windows().collect();
-        let cluster = self.is_cluster();
-        let parts = slots::split(
-            &windows,
-            |lw, key| self.key(lw, key),
-            |key| cluster.then(|| Slot::for_key(key)),
-        );
+        let parts = self.parts(&windows);
+        // A dry run holds nothing.
+        let hold = hold.filter(|_| !request.dry_run);
         if let [part] = parts.as_slice() {
             // One script decides everything: its answer is the decision.
-            let reply = self.decide_part(&windows, part, request.dry_run).await?;
+            let reply = self
+                .decide_part(&windows, part, request.dry_run, hold)
+                .await?;
             return Ok(Outcomes {
                 windows: reply.outcomes.into_iter().collect(),
                 degraded: false,
@@ -386,13 +539,13 @@ impl RedisStore {
         let answers = futures_util::future::join_all(
             parts
                 .iter()
-                .map(|part| self.decide_part(&windows, part, request.dry_run)),
+                .map(|part| self.decide_part(&windows, part, request.dry_run, hold)),
         )
         .await;
         if answers.iter().any(Result::is_err) {
             // The decision goes to the on_error policy: what the other parts charged
-            // must not stay behind.
-            self.give_back_everything(&windows, &parts, &answers, request.dry_run)
+            // (and held) must not stay behind.
+            self.give_back_everything(&windows, &parts, &answers, request.dry_run, hold)
                 .await;
             let error = answers.into_iter().find_map(Result::err);
             return Err(error.unwrap_or(StoreError::Protocol(
@@ -404,12 +557,15 @@ impl RedisStore {
         let given_back = futures_util::future::join_all(
             refunds
                 .iter()
-                .map(|refund| self.refund_part(&windows, &parts[refund.part], &refund.windows)),
+                // Without a hold, a part with nothing to give back has nothing to do.
+                .filter(|refund| hold.is_some() || !refund.windows.is_empty())
+                .map(|refund| self.give_back(&windows, &parts[refund.part], &refund.windows, hold)),
         )
         .await;
         for error in given_back.into_iter().filter_map(Result::err) {
-            // The decision stands (denied); the reservation stays until its window ends.
-            tracing::warn!(%error, "a denied cluster decision could not give back a reservation; it expires with its window");
+            // The decision stands (denied); the charge stays until its window ends, a
+            // hold and its slots until the hold expires.
+            tracing::warn!(%error, "a denied cluster decision could not give back its charge; it expires with its window");
         }
         Ok(Outcomes {
             windows: outcomes,
@@ -417,13 +573,15 @@ impl RedisStore {
         })
     }
 
-    /// After a failed part: gives back every charge the other parts made.
+    /// After a failed part: gives back every charge the other parts made, and releases
+    /// the hold where they recorded it.
     async fn give_back_everything(
         &self,
         windows: &[(&Check, &LimitWindow)],
         parts: &[Part],
         answers: &[Result<PartReply, StoreError>],
         dry_run: bool,
+        hold: Option<&HoldArgs<'_>>,
     ) {
         if dry_run {
             return;
@@ -431,10 +589,11 @@ impl RedisStore {
         for (part, answer) in parts.iter().zip(answers) {
             let Ok(reply) = answer else { continue };
             let charged = slots::charged(windows, part, reply);
-            if !charged.is_empty()
-                && let Err(error) = self.refund_part(windows, part, &charged).await
+            let held = hold.filter(|_| slots::part_allows(windows, part, reply));
+            if (!charged.is_empty() || held.is_some())
+                && let Err(error) = self.give_back(windows, part, &charged, held).await
             {
-                tracing::warn!(%error, "a failed cluster decision could not give back a reservation; it expires with its window");
+                tracing::warn!(%error, "a failed cluster decision could not give back its charge; it expires with its window");
             }
         }
     }
@@ -445,12 +604,7 @@ impl RedisStore {
         charged: &[bool],
     ) -> Result<(), StoreError> {
         let windows: Vec<(&Check, &LimitWindow)> = request.windows().collect();
-        let cluster = self.is_cluster();
-        let parts = slots::split(
-            &windows,
-            |lw, key| self.key(lw, key),
-            |key| cluster.then(|| Slot::for_key(key)),
-        );
+        let parts = self.parts(&windows);
         // One script per part (one part on a single server), each giving back its
         // charged windows.
         let windows = &windows;
@@ -463,10 +617,62 @@ impl RedisStore {
                 .map(|(k, _)| k)
                 .collect();
             (!which.is_empty())
-                .then_some(async move { self.refund_part(windows, part, &which).await })
+                .then_some(async move { self.give_back(windows, part, &which, None).await })
         }))
         .await;
         results.into_iter().collect()
+    }
+
+    async fn settle_inner(&self, settlement: &Settlement) -> Result<SettleStatus, StoreError> {
+        if !settlement.is_well_formed() {
+            return Ok(SettleStatus::Unknown);
+        }
+        let hold = match &settlement.hold {
+            None => None,
+            Some(hold) => match HoldArgs::new(&hold.id, &hold.digest, 0) {
+                Some(args) => Some(args),
+                // Not an id a reservation of this store could have.
+                None => return Ok(SettleStatus::Unknown),
+            },
+        };
+        let windows: Vec<(&Check, &LimitWindow)> = settlement.request.windows().collect();
+        let amounts = amounts(settlement);
+        let parts = self.parts(&windows);
+        let (windows, hold) = (&windows, &hold);
+        // One script per part: each checks its own copy of the hold. Without a hold, only
+        // parts with something to move.
+        let statuses = futures_util::future::join_all(parts.iter().filter_map(|part| {
+            let moves: Vec<(usize, i64)> = part
+                .windows
+                .iter()
+                .enumerate()
+                .map(|(k, &(index, _))| (k, amounts[index]))
+                .filter(|&(_, amount)| amount != 0)
+                .collect();
+            let mode = hold
+                .as_ref()
+                .map_or(HoldMode::Unconditional, HoldMode::Settle);
+            (hold.is_some() || !moves.is_empty())
+                .then_some(async move { self.settle_part(windows, part, &moves, mode).await })
+        }))
+        .await;
+        let mut answer = if hold.is_some() {
+            SettleStatus::Unknown
+        } else {
+            SettleStatus::Settled
+        };
+        for status in statuses {
+            // Across slots: settled if any part settled now, else settled before if any
+            // part was.
+            answer = match (answer, status?) {
+                (SettleStatus::Settled, _) | (_, SettleStatus::Settled) => SettleStatus::Settled,
+                (SettleStatus::AlreadySettled, _) | (_, SettleStatus::AlreadySettled) => {
+                    SettleStatus::AlreadySettled
+                }
+                _ => SettleStatus::Unknown,
+            };
+        }
+        Ok(answer)
     }
 
     async fn unlink(&self, keys: Vec<String>) -> Result<u64, StoreError> {
@@ -568,7 +774,10 @@ impl RedisStore {
         for node in self.primaries().await? {
             let mut cursor: u64 = 0;
             loop {
-                let (next, keys) = self.scan_step(&node, cursor, &pattern).await?;
+                let (next, mut keys) = self.scan_step(&node, cursor, &pattern).await?;
+                // Holds are not counters: they stay, so open reservations still settle
+                // (as in the memory store).
+                keys.retain(|key| !is_hold_key(key));
                 removed += self.unlink(keys).await?;
                 if next == 0 {
                     break;
@@ -577,6 +786,70 @@ impl RedisStore {
             }
         }
         Ok(removed)
+    }
+}
+
+/// A reservation's hold as the scripts take it.
+struct HoldArgs<'a> {
+    /// The id in lower case: a concurrency set's member and the end of the hold's key.
+    id: String,
+    /// What the hold's key holds (after `open:` or `settled:`).
+    digest: &'a str,
+    /// How long it stays open (µs), at most [`MAX_DEBT_MICROS`] so its expiry stays
+    /// exact in Lua.
+    ttl: Micros,
+}
+
+impl<'a> HoldArgs<'a> {
+    /// `None` for an id no reservation can have (ids are 32 hex digits), as the memory
+    /// store reads them.
+    fn new(id: &str, digest: &'a str, ttl: Micros) -> Option<Self> {
+        (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| HoldArgs {
+            id: id.to_ascii_lowercase(),
+            digest,
+            ttl: ttl.clamp(1, MAX_DEBT_MICROS),
+        })
+    }
+}
+
+/// What a settle-script call does with a reservation's hold.
+#[derive(Clone, Copy)]
+enum HoldMode<'h, 'a> {
+    /// No hold: the counters move unconditionally (a refund, a charge for work done).
+    Unconditional,
+    /// Only if the part's copy of the hold is open with this digest; then it is settled.
+    Settle(&'h HoldArgs<'a>),
+    /// The reservation was denied by another slot: the part's copy and slots go.
+    Release(&'h HoldArgs<'a>),
+}
+
+/// How far each window of `settlement` moves, in [`DecisionRequest::windows`] order:
+/// its check's `actual - estimate` when the reservation charged it, else 0; capped at
+/// [`MAX_DEBT_MICROS`] either way (the scripts' TATs and counts never go further, so
+/// the cap changes what a move leaves only for a sliding window owing more than 2^50
+/// over its two windows together).
+fn amounts(settlement: &Settlement) -> Vec<i64> {
+    let cap = i128::from(MAX_DEBT_MICROS);
+    settlement
+        .request
+        .checks
+        .iter()
+        .enumerate()
+        .flat_map(|(index, check)| {
+            let amount = settlement.delta(index).clamp(-cap, cap) as i64;
+            check.limit().windows().iter().map(move |_| amount)
+        })
+        .zip(&settlement.windows)
+        .map(|(amount, &moved)| if moved { amount } else { 0 })
+        .collect()
+}
+
+/// The period the scripts take: microseconds, or [`CALENDAR_MONTH`].
+fn script_period(rate: Rate) -> i64 {
+    if rate.is_calendar_month() {
+        CALENDAR_MONTH
+    } else {
+        rate.period_micros()
     }
 }
 
@@ -607,6 +880,13 @@ fn parse_reply(reply: &[i64], count: usize) -> Result<PartReply, StoreError> {
         })
         .collect();
     Ok(PartReply { outcomes })
+}
+
+/// Whether a key of this store is a reservation's hold (`…}:r:{id}`) rather than a
+/// counter (`…}:{window}`: window tags have no `:`, ids no `}`).
+fn is_hold_key(key: &str) -> bool {
+    key.rsplit_once("}:")
+        .is_some_and(|(_, tail)| tail.starts_with("r:"))
 }
 
 /// Escapes Redis glob characters so a prefix or counter matches only itself.
@@ -655,7 +935,7 @@ fn store_error(address: &str, error: redis::RedisError) -> StoreError {
 
 impl Store for RedisStore {
     fn decide<'a>(&'a self, request: &'a DecisionRequest) -> StoreFuture<'a, Outcomes> {
-        Box::pin(self.decide_inner(request))
+        Box::pin(self.decide_inner(request, None))
     }
 
     fn reset<'a>(&'a self, limit: &'a Limit, key: &'a str) -> StoreFuture<'a, ()> {
@@ -675,6 +955,23 @@ impl Store for RedisStore {
         charged: &'a [bool],
     ) -> StoreFuture<'a, ()> {
         Box::pin(self.refund_inner(request, charged))
+    }
+
+    fn reserve<'a>(
+        &'a self,
+        request: &'a DecisionRequest,
+        hold: &'a Hold,
+    ) -> StoreFuture<'a, Outcomes> {
+        Box::pin(async move {
+            // An id no settlement could name: decide without holding anything, as the
+            // memory store does.
+            let args = HoldArgs::new(&hold.id.id, &hold.id.digest, hold.ttl);
+            self.decide_inner(request, args.as_ref()).await
+        })
+    }
+
+    fn settle<'a>(&'a self, settlement: &'a Settlement) -> StoreFuture<'a, SettleStatus> {
+        Box::pin(self.settle_inner(settlement))
     }
 
     fn ping(&self) -> StoreFuture<'_, ()> {
@@ -704,6 +1001,20 @@ mod tests {
     #[test]
     fn glob_characters_are_escaped() {
         assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+
+    #[test]
+    fn hold_keys_are_told_from_counters_whatever_the_key() {
+        assert!(is_hold_key(
+            "sluice:{chat:user:1}:r:0123456789abcdef0123456789abcdef"
+        ));
+        assert!(is_hold_key("sluice:{chat:a}:r:b}:r:00ff"));
+        assert!(!is_hold_key("sluice:{chat:user:1}:g60"));
+        assert!(
+            !is_hold_key("sluice:{chat:}:r:x}:c"),
+            "a key that looks like a hold"
+        );
+        assert!(!is_hold_key("sluice:{chat:user:1}:c"));
     }
 
     #[test]

@@ -10,10 +10,18 @@
 //! decision is allowed and every charge stands: exactly what one script would have
 //! done. When some part denies, the parts that allowed have charged windows that a
 //! denied decision must not charge; [`combine`] lists them and the store gives them
-//! back with `refund.lua` (reserve, then refund: the same script as `Store::refund`). Until the refund lands (one more
-//! round trip to those nodes) a concurrent decision may see the reservation and be
-//! denied where it would have fit: an over-count for a few hundred microseconds,
-//! never an under-count, so a limit is never exceeded.
+//! back with `settle.lua` (charge, then refund: the same script as `Store::refund`).
+//! Until the refund lands (one more round trip to those nodes) a concurrent decision
+//! may see the charge and be denied where it would have fit: an over-count for a few
+//! hundred microseconds, never an under-count, so a limit is never exceeded.
+//!
+//! A `Store::reserve` splits the same way. Every part that allows records its own copy
+//! of the hold (a key in its slot) and takes its slots of concurrency windows, so each
+//! part's settlement can check its own copy; when the reservation is denied, the parts
+//! that allowed release their copy and slots in the same call that gives back their
+//! charges. A settlement runs one script per part: across slots it is not atomic (a
+//! part may settle while another part's node is down), and each part settles at most
+//! once.
 
 use sluice_engine::{Check, LimitWindow, WindowOutcome, WindowOutcomes};
 
@@ -34,7 +42,9 @@ pub(crate) struct PartReply {
     pub outcomes: Vec<WindowOutcome>,
 }
 
-/// The windows of one part to give back, as indexes into the part's windows.
+/// What one part that allowed must give back when the decision is denied: the windows
+/// it charged (as indexes into the part's windows; possibly none), and, for a
+/// reservation, the hold it recorded and the slots it took.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Refund {
     /// Which part.
@@ -82,8 +92,13 @@ fn allows<'a>(windows: impl Iterator<Item = (&'a WindowOutcome, &'a Check)>) -> 
         .all(|(outcome, check)| outcome.allowed || check.limit().shadow())
 }
 
-/// Whether one part's own script allowed (and so charged every window that allowed).
-fn part_allows(windows: &[(&Check, &LimitWindow)], part: &Part, reply: &PartReply) -> bool {
+/// Whether one part's own script allowed (and so charged every window that allowed, and
+/// recorded a reservation's hold).
+pub(crate) fn part_allows(
+    windows: &[(&Check, &LimitWindow)],
+    part: &Part,
+    reply: &PartReply,
+) -> bool {
     allows(
         reply
             .outcomes
@@ -115,9 +130,10 @@ pub(crate) fn charged(
 }
 
 /// Puts the parts' outcomes back in request order and lists what must be given back:
-/// when the decision is denied, every window that a part which allowed has charged and
-/// that a denied decision does not charge (all but `charge_denied` ones). Those
-/// windows' `remaining` is reported as it will be after the refund.
+/// when the decision is denied, one [`Refund`] per part which allowed, with every window
+/// it charged that a denied decision does not charge (all but `charge_denied` ones;
+/// possibly none, yet a reservation's hold must still be released). Those windows'
+/// `remaining` is reported as it will be after the refund.
 pub(crate) fn combine(
     windows: &[(&Check, &LimitWindow)],
     parts: &[Part],
@@ -169,12 +185,10 @@ pub(crate) fn combine(
             let outcome = &mut outcomes[index];
             outcome.remaining = (outcome.remaining + check.cost()).min(lw.window.capacity());
         }
-        if !give_back.is_empty() {
-            refunds.push(Refund {
-                part: p,
-                windows: give_back,
-            });
-        }
+        refunds.push(Refund {
+            part: p,
+            windows: give_back,
+        });
     }
     (outcomes, refunds)
 }
@@ -272,6 +286,28 @@ mod tests {
 
         let (_, none) = combine(&windows, &parts, &replies, true);
         assert!(none.is_empty(), "a dry run charged nothing");
+        // A part that allowed with nothing to give back is still listed: a reservation
+        // releases its hold there.
+        let sticky_only = split(
+            &windows[1..],
+            |lw, key| format!("{}:{key}", lw.counter),
+            |key| u16::from(key.ends_with("ip")),
+        );
+        let replies = vec![
+            PartReply {
+                outcomes: vec![outcome(true)],
+            },
+            PartReply {
+                outcomes: vec![outcome(false)],
+            },
+        ];
+        assert_eq!(
+            combine(&windows[1..], &sticky_only, &replies, false).1,
+            vec![Refund {
+                part: 0,
+                windows: vec![]
+            }]
+        );
         let all_allow = vec![
             PartReply {
                 outcomes: vec![outcome(true), outcome(true)],

@@ -1,16 +1,67 @@
-//! Redis-specific behaviour: one round trip per decision, compact state with exact
-//! expiry, reset of a whole limit, and survival of a server restart.
+//! Redis-specific behaviour: one round trip per decision (and per reservation and
+//! settlement), compact state with exact expiry, the scripts' calendar months,
+//! reservations' holds and concurrency sets, reset of a whole limit, survival of a
+//! server restart, and reservations split over the slots of a Redis Cluster.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_engine::{Check, DecisionRequest, Limit, LimitSpec, Store, decide};
+use sluice_engine::calendar::{month_start, next_month_start};
+use sluice_engine::{
+    Algorithm, Check, Decision, DecisionRequest, Hold, HoldId, Limit, LimitSpec, SettleStatus,
+    Settlement, Store, decide,
+};
 use sluice_store_redis::{RedisStore, RedisStoreConfig};
+use sluice_testkit::semantics::month_boundary_instants;
 use sluice_testkit::servers::{RedisCluster, RedisServer};
+use sluice_testkit::system_now;
 
 fn limit(name: &str, rates: &[&str]) -> Arc<Limit> {
     let rates = rates.iter().map(|r| r.parse().expect("rate")).collect();
     Arc::new(Limit::new(name, LimitSpec::new(rates)).expect("limit"))
+}
+
+fn in_flight(name: &str, slots: u64) -> Arc<Limit> {
+    Arc::new(Limit::new(name, LimitSpec::concurrency(slots)).expect("limit"))
+}
+
+fn request(checks: &[(&Arc<Limit>, &str, u64)]) -> DecisionRequest {
+    DecisionRequest {
+        checks: checks
+            .iter()
+            .map(|(l, k, c)| Check::new(Arc::clone(l), *k, *c).expect("check"))
+            .collect(),
+        dry_run: false,
+    }
+}
+
+/// Hold number `n`, open for a minute.
+fn hold(n: u32) -> Hold {
+    Hold {
+        id: HoldId {
+            id: format!("{n:032x}"),
+            digest: format!("digest-{n}"),
+        },
+        ttl: 60_000_000,
+    }
+}
+
+/// Reserves `request` under `hold`: the decision and the settlement that settles it at `actual`.
+async fn reserve(
+    store: &RedisStore,
+    request: &DecisionRequest,
+    hold: &Hold,
+    actual: &[u64],
+) -> (Decision, Settlement) {
+    let outcomes = store.reserve(request, hold).await.expect("reserve");
+    let decision = Decision::from_outcomes(request, &outcomes.windows, outcomes.degraded);
+    let settlement = Settlement {
+        hold: Some(hold.id.clone()),
+        request: request.clone(),
+        actual: actual.to_vec(),
+        windows: decision.results.iter().map(|r| r.allowed).collect(),
+    };
+    (decision, settlement)
 }
 
 async fn setup() -> (RedisServer, RedisStore, redis::aio::MultiplexedConnection) {
@@ -88,6 +139,71 @@ async fn state_is_compact_and_expires_when_it_stops_mattering() {
         .await
         .expect("pttl");
     assert!((23_000..=24_001).contains(&ttl), "ttl {ttl} ms");
+}
+
+/// The scripts' calendar (`month_start` in state.lua, on Lua's doubles) agrees with the
+/// engine's around every month start from 1969 to 2200.
+#[tokio::test]
+async fn the_scripts_calendar_months_agree_with_the_engine() {
+    let (_server, _store, mut admin) = setup().await;
+    let probe = redis::Script::new(concat!(
+        include_str!("../src/state.lua"),
+        "\nlocal out = {}\n",
+        "for i = 1, #ARGV do\n",
+        "  local t = tonumber(ARGV[i])\n",
+        "  out[2 * i - 1] = month_start(t, 0)\n",
+        "  out[2 * i] = month_start(t, 1)\n",
+        "end\n",
+        "return out\n",
+    ));
+    let instants = month_boundary_instants();
+    let mut invocation = probe.prepare_invoke();
+    for t in &instants {
+        invocation.arg(*t);
+    }
+    let bounds: Vec<i64> = invocation
+        .invoke_async(&mut admin)
+        .await
+        .expect("the probe runs");
+    assert_eq!(bounds.len(), 2 * instants.len());
+    for (t, bounds) in instants.iter().zip(bounds.chunks_exact(2)) {
+        assert_eq!(
+            (bounds[0], bounds[1]),
+            (month_start(*t), next_month_start(*t)),
+            "the month holding {t} µs"
+        );
+    }
+}
+
+/// A calendar-month counter starts at this month's start and expires at the next one's.
+#[tokio::test]
+async fn a_calendar_month_counter_lives_until_the_next_month_start() {
+    let (_server, store, mut admin) = setup().await;
+    let mut spec = LimitSpec::new(vec!["3/month".parse().expect("rate")]);
+    spec.algorithm = Algorithm::FixedWindow;
+    let l = Arc::new(Limit::new("budget", spec).expect("limit"));
+    let request = DecisionRequest {
+        checks: vec![Check::new(l, "key:1", 2).expect("check")],
+        dry_run: false,
+    };
+    let before = system_now();
+    decide(&store, &request).await.expect("decide");
+    if next_month_start(system_now()) != next_month_start(before) {
+        return; // decided at a month start: either month may hold it
+    }
+    let key = "sluice:{budget:key:1}:f1mo";
+    let value: String = redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut admin)
+        .await
+        .expect("get");
+    assert_eq!(value, format!("{}:2", month_start(before)));
+    let expires_ms: i64 = redis::cmd("PEXPIRETIME")
+        .arg(key)
+        .query_async(&mut admin)
+        .await
+        .expect("pexpiretime");
+    assert_eq!(expires_ms, next_month_start(before) / 1_000);
 }
 
 #[tokio::test]
@@ -184,4 +300,163 @@ async fn in_a_cluster_reset_limit_finds_the_keys_on_every_node() {
         4,
         "b's counters stay"
     );
+}
+
+#[tokio::test]
+async fn a_reservation_and_its_settlement_are_one_script_call_each() {
+    let (_server, store, mut admin) = setup().await;
+    let chat = limit("chat", &["5/minute"]);
+    let calls = in_flight("calls", 2);
+    let both = request(&[(&chat, "user:1", 2), (&calls, "user:1", 1)]);
+    // The first reservation and settlement load their scripts.
+    let (_, first) = reserve(&store, &both, &hold(1), &[2, 1]).await;
+    assert_eq!(
+        store.settle(&first).await.expect("settle"),
+        SettleStatus::Settled
+    );
+
+    let before = command_calls(&mut admin, "evalsha").await;
+    let (decision, settlement) = reserve(&store, &both, &hold(2), &[1, 1]).await;
+    assert!(decision.allowed);
+    assert_eq!(command_calls(&mut admin, "evalsha").await - before, 1);
+    assert_eq!(
+        store.settle(&settlement).await.expect("settle"),
+        SettleStatus::Settled
+    );
+    assert_eq!(command_calls(&mut admin, "evalsha").await - before, 2);
+}
+
+/// One command on the admin connection.
+async fn query<T: redis::FromRedisValue>(
+    admin: &mut redis::aio::MultiplexedConnection,
+    args: &[&str],
+) -> T {
+    let mut command = redis::Cmd::new();
+    for arg in args {
+        command.arg(*arg);
+    }
+    command
+        .query_async(admin)
+        .await
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+#[tokio::test]
+async fn a_hold_is_a_key_beside_its_counters_and_slots_are_a_sorted_set_of_holders() {
+    let (_server, store, mut admin) = setup().await;
+    let chat = limit("chat", &["5/minute"]);
+    let calls = in_flight("calls", 2);
+    let both = request(&[(&chat, "user:1", 2), (&calls, "user:1", 1)]);
+    let h = hold(3);
+    let (decision, settlement) = reserve(&store, &both, &h, &[1, 1]).await;
+    assert!(decision.allowed);
+
+    let hold_key = format!("sluice:{{chat:user:1}}:r:{}", h.id.id);
+    let slots_key = "sluice:{calls:user:1}:c";
+    let value: String = query(&mut admin, &["GET", &hold_key]).await;
+    assert_eq!(value, "open:digest-3");
+    let ttl: i64 = query(&mut admin, &["PTTL", &hold_key]).await;
+    assert!((59_000..=60_001).contains(&ttl), "hold ttl {ttl} ms");
+    let holders: Vec<String> = query(&mut admin, &["ZRANGE", slots_key, "0", "-1"]).await;
+    assert_eq!(holders, vec![h.id.id.clone()]);
+    let ttl: i64 = query(&mut admin, &["PTTL", slots_key]).await;
+    assert!((59_000..=60_001).contains(&ttl), "slots ttl {ttl} ms");
+
+    // A plain decision reads a concurrency window and holds nothing.
+    let read = decide(&store, &request(&[(&calls, "user:1", 1)]))
+        .await
+        .expect("decide");
+    assert!(read.allowed);
+    assert_eq!(read.results[0].remaining, 0, "one slot held, one asked for");
+    let count: u64 = query(&mut admin, &["ZCARD", slots_key]).await;
+    assert_eq!(count, 1);
+
+    assert_eq!(
+        store.settle(&settlement).await.expect("settle"),
+        SettleStatus::Settled
+    );
+    let value: String = query(&mut admin, &["GET", &hold_key]).await;
+    assert_eq!(value, "settled:digest-3");
+    let ttl: i64 = query(&mut admin, &["PTTL", &hold_key]).await;
+    assert!(
+        (58_000..=60_001).contains(&ttl),
+        "a settled hold keeps its expiry: {ttl} ms"
+    );
+    let exists: u64 = query(&mut admin, &["EXISTS", slots_key]).await;
+    assert_eq!(exists, 0, "the last holder gone, the set is gone");
+}
+
+/// Keys holding reservations' holds, on every node.
+fn hold_keys(cluster: &RedisCluster) -> usize {
+    cluster
+        .nodes()
+        .iter()
+        .map(|node| {
+            node.query::<Vec<String>>(&["KEYS", "*:r:*"])
+                .expect("KEYS")
+                .len()
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn in_a_cluster_a_reservation_holds_in_every_slot_and_a_denied_one_in_none() {
+    let cluster = RedisCluster::start(3).expect("a 3-master Redis Cluster");
+    let store = RedisStore::connect(RedisStoreConfig::cluster(cluster.urls()))
+        .await
+        .expect("connect");
+    let calls = in_flight("calls", 1);
+    let chat = limit("chat", &["1/hour"]);
+    let slot = |key: String| -> i64 {
+        cluster.nodes()[0]
+            .query(&["CLUSTER", "KEYSLOT", &key])
+            .expect("CLUSTER KEYSLOT")
+    };
+    assert_ne!(
+        slot(store.key(&calls.windows()[0], "a")),
+        slot(store.key(&chat.windows()[0], "b")),
+        "the two checks must live in different slots for this test to mean anything"
+    );
+    let both = request(&[(&calls, "a", 1), (&chat, "b", 1)]);
+
+    // Allowed: each slot keeps its copy of the hold; settling settles both, once.
+    let (decision, settlement) = reserve(&store, &both, &hold(1), &[1, 0]).await;
+    assert!(decision.allowed);
+    assert_eq!(hold_keys(&cluster), 2);
+    assert_eq!(
+        store.settle(&settlement).await.expect("settle"),
+        SettleStatus::Settled
+    );
+    assert_eq!(
+        store.settle(&settlement).await.expect("settle"),
+        SettleStatus::AlreadySettled
+    );
+    let left = decide(&store, &request(&[(&chat, "b", 0), (&calls, "a", 0)]))
+        .await
+        .expect("read");
+    assert_eq!(left.results[0].remaining, 1, "released: the rate is back");
+    assert_eq!(left.results[1].remaining, 1, "and the slot");
+
+    // Denied by the rate's slot: the concurrency slot's part gives back its slot and
+    // forgets its hold.
+    assert!(
+        decide(&store, &request(&[(&chat, "b", 1)]))
+            .await
+            .expect("spend the rate")
+            .allowed
+    );
+    let (denied, settlement) = reserve(&store, &both, &hold(2), &[0, 0]).await;
+    assert!(!denied.allowed);
+    assert!(
+        denied.results[0].allowed,
+        "the slot alone would have fitted"
+    );
+    assert_eq!(denied.results[0].remaining, 1, "reported as given back");
+    assert_eq!(hold_keys(&cluster), 2, "only the first reservation's");
+    assert_eq!(
+        store.settle(&settlement).await.expect("settle"),
+        SettleStatus::Unknown
+    );
+    let (alone, _) = reserve(&store, &request(&[(&calls, "a", 1)]), &hold(3), &[1]).await;
+    assert!(alone.allowed, "the denied reservation holds no slot");
 }

@@ -95,6 +95,16 @@ impl Harness for RedisHarness {
         Duration::from_millis(300)
     }
 
+    /// The server runs on this machine, on its clock.
+    fn now(&self) -> i64 {
+        sluice_testkit::system_now()
+    }
+
+    /// A real server's clock cannot be set.
+    async fn jump_to(&self, _at: i64) -> bool {
+        false
+    }
+
     async fn live_counters(&self) -> u64 {
         let mut count = 0;
         for url in self.deployment.node_urls() {

@@ -23,9 +23,9 @@ pub mod shared;
 pub mod sluice;
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sluice_engine::Store;
+use sluice_engine::{Micros, Store};
 
 /// What the semantic suite needs from a backend under test.
 pub trait Harness: Send + Sync {
@@ -45,6 +45,25 @@ pub trait Harness: Send + Sync {
 
     /// How many counters this test's store holds after dropping expired ones.
     fn live_counters(&self) -> impl Future<Output = u64> + Send;
+
+    /// The store's clock as the test can read it: the manual clock, or this machine's
+    /// system time for a server running on it (which reads the same clock, a little
+    /// later: see [`Harness::slack`]). Microseconds since the Unix epoch.
+    fn now(&self) -> Micros;
+
+    /// Sets the store's clock to `at` (never earlier than [`Harness::now`]) when the
+    /// harness controls it, and says whether it did: a manual clock can, a real
+    /// server's cannot. For cases that need a date a real clock is not at, such as a
+    /// calendar month's last microsecond.
+    fn jump_to(&self, at: Micros) -> impl Future<Output = bool> + Send;
+}
+
+/// This machine's clock in microseconds since the Unix epoch: the clock a Redis or
+/// PostgreSQL server started by the tests reads (a little later than the test does).
+pub fn system_now() -> Micros {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_micros() as Micros)
 }
 
 /// Runs every test of [`semantics`] against a backend: `semantic_suite!(async { MyHarness::new().await })`.
@@ -74,7 +93,8 @@ macro_rules! semantic_suite {
             concurrent_decisions_admit_exactly_the_quota,
             concurrent_denials_leave_no_charge_on_the_other_check,
             refund_gives_back_what_was_charged,
-            refund_never_fills_beyond_the_quota
+            refund_never_fills_beyond_the_quota,
+            calendar_month_windows_end_at_the_next_utc_month_start
         );
         $crate::semantic_suite!(@reservations $make;
             settle_less_refunds_the_difference,

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_engine::calendar::{days_from_civil, next_month_start};
 use sluice_engine::{
     Algorithm, Check, Decision, DecisionRequest, Limit, LimitSpec, Micros, decide,
 };
@@ -691,4 +692,126 @@ pub async fn refund_never_fills_beyond_the_quota<H: Harness>(h: &H) {
         before,
         "a refund of an absent counter stores nothing"
     );
+}
+
+/// 00:00 UTC on `y-m-d`, in microseconds.
+fn utc_midnight(y: i64, m: u32, d: u32) -> Micros {
+    days_from_civil(y, m, d) * 86_400 * 1_000_000
+}
+
+/// `N/month` fixed windows count one UTC calendar month: a denial waits until 00:00 UTC
+/// on the next 1st, whatever the month's length, and refunds, reads and a day window
+/// beside it work as for any fixed window. On the real clock the month is the current
+/// one; where the harness sets the clock, also the last microsecond of December and
+/// February 29.
+pub async fn calendar_month_windows_end_at_the_next_utc_month_start<H: Harness>(h: &H) {
+    let l = with_algorithm("budget", "3/month", Algorithm::FixedWindow);
+    let before = h.now();
+    for expected in [2, 1, 0] {
+        let d = one(h, &l, "k", 1).await;
+        assert!(d.allowed);
+        assert_eq!(d.results[0].limit_value, 3);
+        assert_eq!(d.results[0].remaining, expected);
+    }
+    let d = one(h, &l, "k", 1).await;
+    let after = h.now();
+    assert!(!d.allowed, "the fourth in a month is denied");
+    let next = next_month_start(before);
+    // A test that ran across a month start has no one month to compare with.
+    if next_month_start(after) == next {
+        // Decided on the store's clock somewhere between `before` and `after` (plus the
+        // slack of a server's clock): the wait ends at the next month start.
+        let spread = after - before + slack(h);
+        let retry = d.retry_after.expect("a retry time");
+        assert_about(retry, next - before, spread, "retry until the next month");
+        assert_about(
+            d.results[0].reset_after,
+            next - before,
+            spread,
+            "reset at the next month",
+        );
+    }
+    let too_much = one(h, &l, "other", 4).await;
+    assert!(!too_much.allowed);
+    assert_eq!(
+        too_much.retry_after, None,
+        "more than a month's quota: never"
+    );
+    assert_eq!(remaining(h, &l, "other").await, 3, "and nothing charged");
+
+    // Refunds give back into the month; a day window beside it is a counter of its own.
+    refund(h, &[(&l, "refunded", 2)]).await;
+    assert_eq!(remaining(h, &l, "refunded").await, 3);
+    let layered = limit("layered_budget", &["3/month", "2/day"], |s| {
+        s.algorithm = Algorithm::FixedWindow;
+    });
+    one(h, &layered, "k", 2).await;
+    let d = one(h, &layered, "k", 1).await;
+    assert!(!d.allowed, "the day window is spent");
+    assert!(!d.results[1].allowed && d.results[0].allowed);
+    assert_eq!(
+        (d.results[0].remaining, d.results[1].remaining),
+        (1, 0),
+        "the month window counts apart from the day window"
+    );
+
+    // December's last millisecond, then January of the next year.
+    let new_year = utc_midnight(2026, 1, 1);
+    if !h.jump_to(new_year - 1_000).await {
+        return;
+    }
+    one(h, &l, "dec", 3).await;
+    let d = one(h, &l, "dec", 1).await;
+    assert!(!d.allowed);
+    assert_eq!(d.retry_after, Some(1_000), "one millisecond to January");
+    assert_eq!(d.results[0].reset_after, 1_000);
+    assert!(h.jump_to(new_year).await);
+    let d = one(h, &l, "dec", 1).await;
+    assert!(d.allowed, "January is a new window");
+    assert_eq!(d.results[0].remaining, 2);
+    assert_eq!(
+        d.results[0].reset_after,
+        utc_midnight(2026, 2, 1) - new_year
+    );
+
+    // February 2028 has 29 days: the leap day still counts February's spending.
+    let leap_day = utc_midnight(2028, 2, 29);
+    let march = utc_midnight(2028, 3, 1);
+    assert!(h.jump_to(utc_midnight(2028, 2, 1)).await);
+    one(h, &l, "leap", 3).await;
+    assert!(h.jump_to(leap_day).await);
+    let d = one(h, &l, "leap", 1).await;
+    assert!(!d.allowed);
+    assert_eq!(
+        d.retry_after,
+        Some(march - leap_day),
+        "a whole leap day to go"
+    );
+    assert!(h.jump_to(march - 1).await);
+    assert!(!one(h, &l, "leap", 1).await.allowed, "still February");
+    assert_eq!(h.live_counters().await, 1, "older months' counters expired");
+    assert!(h.jump_to(march).await);
+    assert_eq!(
+        h.live_counters().await,
+        0,
+        "February's counter expires with it"
+    );
+    let d = one(h, &l, "leap", 1).await;
+    assert!(d.allowed, "March is a new window");
+    assert_eq!(d.results[0].remaining, 2);
+}
+
+/// Instants around every UTC month start from December 1969 to December 2200 (the last
+/// microsecond before, the first, the one after, and mid-month): where a store's own
+/// calendar (a Redis script's, a SQL function's) is compared with the engine's
+/// [`sluice_engine::calendar`], through leap years and the 2100 and 2200 non-leap ones.
+pub fn month_boundary_instants() -> Vec<Micros> {
+    let mut instants = Vec::new();
+    let mut start = utc_midnight(1969, 12, 1);
+    while start < utc_midnight(2201, 1, 1) {
+        let next = next_month_start(start);
+        instants.extend([start - 1, start, start + 1, start + (next - start) / 2]);
+        start = next;
+    }
+    instants
 }

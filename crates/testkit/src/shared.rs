@@ -8,6 +8,9 @@
 //! - [`outage_under_load_degrades_and_sharing_resumes`]: the store goes down while load
 //!   runs; no 5xx, decisions go on degraded (and are counted), `/readyz` follows the
 //!   store's state, shared counting resumes by itself and each change is logged once.
+//! - [`calls_in_flight_across_instances`]: three instances and 64 clients never run more
+//!   calls at once than a `concurrency` limit allows; a crashed client's slots come back
+//!   when its reservations expire.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -514,4 +517,138 @@ pub fn outage_under_load_degrades_and_sharing_resumes<S: SharedStore>(bin: &Bina
              default log:\n{log}"
         );
     }
+}
+
+/// Slots of the concurrency limit [`calls_in_flight_across_instances`] runs under.
+const SLOTS: u64 = 4;
+
+/// One POST of `body` to `path` on `server`: the status and the JSON answer.
+fn post(agent: &ureq::Agent, server: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let r = agent
+        .post(server.url(path))
+        .header("content-type", "application/json")
+        .send(body.to_string().as_bytes());
+    let mut r = r.unwrap_or_else(|e| panic!("POST {path} to port {}: {e}", server.port));
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().expect("read body");
+    let value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    (status, value)
+}
+
+/// Three instances of `bin` share a fresh `S` under `concurrency: 4`; 64 client threads
+/// spread over them reserve a slot (on one instance), run a call that an "upstream"
+/// counter measures (a few milliseconds), and settle (on another instance). The
+/// upstream never sees more than 4 calls at once, and does see 4 at some point. Then a
+/// client that crashes while holding every slot: its slots come back when its
+/// reservations expire, not before.
+pub fn calls_in_flight_across_instances<S: SharedStore>(bin: &Binary) {
+    let store = S::start();
+    let prefix = format!("inflight-{}:", now_ms());
+    let config = format!(
+        "{}limits:\n  in_flight: {{concurrency: {SLOTS}}}\n",
+        store.storage(&format!(
+            "prefix: '{prefix}', timeout_ms: 10000{}",
+            S::RACE_SETTINGS
+        ))
+    );
+    let instances: Vec<Server> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..INSTANCES)
+            .map(|_| scope.spawn(|| Server::start_with_bin(bin, &config, &ServeOpts::default())))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("sluice serve starts"))
+            .collect()
+    });
+    let running = AtomicUsize::new(0);
+    let most = AtomicUsize::new(0);
+    let completed = AtomicUsize::new(0);
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let reserve_body =
+        json!({"checks": [{"limit": "in_flight", "key": "shared"}], "ttl_ms": 30000});
+    std::thread::scope(|scope| {
+        for client in 0..CLIENTS {
+            let (instances, running, most, completed) = (&instances, &running, &most, &completed);
+            let reserve_body = &reserve_body;
+            scope.spawn(move || {
+                let agent = agent();
+                let mut turn = client;
+                while Instant::now() < deadline {
+                    turn += 1;
+                    let here = &instances[turn % INSTANCES];
+                    let (status, answer) = post(&agent, here, "/v1/reserve", reserve_body);
+                    assert_eq!(status, 200, "reserve: {answer}");
+                    assert_eq!(
+                        answer["degraded"],
+                        false,
+                        "decided by {}: {answer}",
+                        S::NAME
+                    );
+                    let Some(token) = answer["reservation"].as_str() else {
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    };
+                    // The upstream: how many calls run at once.
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(5));
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    completed.fetch_add(1, Ordering::SeqCst);
+                    let there = &instances[(turn + 1) % INSTANCES];
+                    let (status, settled) = post(
+                        &agent,
+                        there,
+                        "/v1/settle",
+                        &json!({"reservation": token, "cost": 1}),
+                    );
+                    assert_eq!(status, 200, "settle on another instance: {settled}");
+                }
+            });
+        }
+    });
+    let most = most.load(Ordering::SeqCst) as u64;
+    assert!(
+        most <= SLOTS,
+        "{}: the upstream saw {most} calls at once under concurrency {SLOTS}",
+        S::NAME
+    );
+    assert_eq!(
+        most,
+        SLOTS,
+        "{}: every slot was used at some point",
+        S::NAME
+    );
+    assert!(
+        completed.load(Ordering::SeqCst) > 20,
+        "{}: calls went through",
+        S::NAME
+    );
+
+    // A crashed client: it holds every slot and never settles; the slots come back when
+    // its reservations expire.
+    let agent = agent();
+    let short = json!({"checks": [{"limit": "in_flight", "key": "crash"}], "ttl_ms": 1500});
+    for instance in instances.iter().cycle().take(SLOTS as usize) {
+        let (_, answer) = post(&agent, instance, "/v1/reserve", &short);
+        assert!(answer["reservation"].is_string(), "a slot: {answer}");
+    }
+    let reserved_at = Instant::now();
+    let (_, blocked) = post(&agent, &instances[0], "/v1/reserve", &short);
+    assert_eq!(blocked["allowed"], false, "every slot is held: {blocked}");
+    let retry = blocked["retry_after_ms"].as_u64().unwrap_or(0);
+    assert!(
+        (1..=1500).contains(&retry),
+        "{}: retry_after_ms {retry} says when the first slot expires",
+        S::NAME
+    );
+    while reserved_at.elapsed() < Duration::from_millis(1700) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, back) = post(&agent, &instances[1], "/v1/reserve", &short);
+    assert_eq!(
+        back["allowed"],
+        true,
+        "{}: the crashed client's slots expired: {back}",
+        S::NAME
+    );
 }

@@ -88,6 +88,7 @@ impl RateLimitLayer {
                 rules: config.routes.clone(),
                 client_ip: sluice_http::ClientIpResolver::new(config.client_ip.clone()),
                 responses: config.responses.clone(),
+                identity: config.identity.clone(),
             },
             store,
         )

@@ -1,4 +1,5 @@
-"""Requests, decisions and errors of sluice's decision API (`POST /v1/check`)."""
+"""Requests, decisions and errors of sluice's decision API (`POST /v1/check`,
+`/v1/reserve`, `/v1/settle`, `/v1/release`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 __all__ = [
     "Check",
     "Decision",
+    "ReservationDenied",
+    "ReservationNotFound",
+    "Settlement",
     "SluiceError",
     "SluiceRequestError",
     "SluiceUnavailable",
@@ -131,6 +135,38 @@ def retry_after_seconds(retry_after_ms: Optional[int]) -> Optional[int]:
     return max(1, math.ceil(max(retry_after_ms, 0) / 1000))
 
 
+@dataclass(frozen=True)
+class Settlement:
+    """sluice's answer to ``/v1/settle`` or ``/v1/release``.
+
+    When sluice was not asked, nothing moved: ``settled`` is false and ``costs``
+    is empty. ``unavailable`` then says why: true when sluice could not be reached
+    now, or was not reached when the reservation was made (allowed by
+    ``on_error="allow"``, holding nothing); false for a reservation with no checks.
+    A reservation sluice holds that is never settled counts at its estimate once it
+    expires.
+    """
+
+    #: sluice applied the settlement now or before.
+    settled: bool
+    #: The reservation had been settled or released before: nothing moved this time.
+    already_settled: bool
+    #: The reservation's id (not its token): safe to log.
+    reservation_id: str
+    #: The actual cost of each check, as sent (all 0 for a release).
+    costs: List[int]
+    unavailable: bool = False
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Settlement:
+        return cls(
+            settled=bool(data["settled"]),
+            already_settled=bool(data.get("already_settled", False)),
+            reservation_id=str(data.get("reservation_id", "")),
+            costs=[int(c) for c in data.get("costs", [])],
+        )
+
+
 _RATE = re.compile(r"^\s*\d+\s*/\s*(\d*)\s*([A-Za-z]+)\s*$")
 _UNITS = {
     "s": 1,
@@ -192,6 +228,49 @@ class SluiceUnavailable(SluiceError):
         self.status = status
 
 
+class ReservationNotFound(SluiceRequestError):
+    """``404 unknown_reservation``: sluice holds no open reservation for this token.
+
+    It expired (a reservation never settled counts at its estimate once its ``ttl``
+    has passed: reserve with a longer ``ttl`` for calls that take longer), was made
+    against another store, or the token was changed. ``message`` says which.
+    """
+
+
+class ReservationDenied(SluiceError):
+    """A reservation that was not allowed was entered with ``with`` / ``async with``
+    (or settled, or released: a denied reservation holds nothing).
+
+    ``reservation`` is the denied reservation; ``retry_after_ms`` and
+    ``retry_after_seconds`` say when the same reservation would be allowed
+    (``None`` when it can never fit, or when sluice was unavailable and the client
+    failed closed: then ``unavailable`` is true).
+    """
+
+    def __init__(self, reservation: Any, message: Optional[str] = None) -> None:
+        decision: Decision = reservation.decision
+        window = decision.denied_by
+        if message is None:
+            if decision.unavailable:
+                message = "sluice is unavailable and on_error='deny': the reservation is denied"
+            elif decision.retry_after_ms is None:
+                limit = window.limit if window is not None else "the limit"
+                message = f"the reservation's cost is more than {limit} can ever allow"
+            else:
+                limit = window.limit if window is not None else "a limit"
+                message = (
+                    f"reservation denied by {limit}; retry in "
+                    f"{decision.retry_after_seconds} s ({decision.retry_after_ms} ms)"
+                )
+        super().__init__(message)
+        self.reservation = reservation
+        self.decision = decision
+        self.retry_after_ms: Optional[int] = decision.retry_after_ms
+        self.retry_after_seconds: Optional[int] = retry_after_seconds(decision.retry_after_ms)
+        self.unavailable = decision.unavailable
+        self.limit: Optional[str] = window.limit if window is not None else None
+
+
 def allowed_without_checks() -> Decision:
     """What a decision with no checks (every key skipped) looks like."""
     return Decision(allowed=True, retry_after_ms=0, degraded=False, results=[])
@@ -206,3 +285,10 @@ def checks_to_json(
     if dry_run:
         body["dry_run"] = True
     return body
+
+
+def estimates(checks: Sequence[Check], cost: Optional[int]) -> List[int]:
+    """What each check of a reservation charges, as sluice resolves it: its own
+    ``cost``, else the top-level ``cost``, else 1."""
+    default = 1 if cost is None else cost
+    return [default if c.cost is None else c.cost for c in checks]

@@ -8,6 +8,9 @@ does not import this module.
 - :meth:`Limiter.hit` charges from inside an endpoint, for the staged pattern:
   the per-IP layer before an API key is validated, the per-key layer only once the
   key is known to be real.
+- :meth:`Limiter.reserve` reserves an estimate inside an endpoint for a call whose
+  cost is known only after it (``async with limiter.reserve(...) as r: ...;
+  await r.settle(actual)``); :meth:`Limiter.reservation` does it in a dependency.
 - A denial raises :class:`RateLimited` (an ``HTTPException``); after
   :func:`install` (or :meth:`Limiter.install`) it is answered ``429`` with
   ``Retry-After`` and sluice's own denial body.
@@ -23,6 +26,7 @@ import math
 import os
 from typing import (
     Any,
+    AsyncIterator,
     Awaitable,
     Callable,
     Dict,
@@ -43,11 +47,13 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess
         "sluice_client.fastapi needs FastAPI: pip install 'sluice-client[fastapi]'"
     ) from exc
 
-from ._client import DEFAULT_BASE_URL, AsyncSluiceClient, SluiceClient
-from ._models import Check, Decision, allowed_without_checks, period_seconds
+from ._client import DEFAULT_BASE_URL, TTL, AsyncSluiceClient, SluiceClient
+from ._models import Check, Decision, Settlement, allowed_without_checks, period_seconds
+from ._reservation import AsyncReservation, PendingReservation
 
 __all__ = [
     "ClientIP",
+    "CostFunc",
     "KeyFunc",
     "Limiter",
     "RateLimited",
@@ -65,6 +71,9 @@ KeyFunc = Callable[[Request], Union[Optional[str], Awaitable[Optional[str]]]]
 LimitSpec = Union[Tuple[str, KeyFunc], Tuple[str, KeyFunc, int]]
 AnyClient = Union[SluiceClient, AsyncSluiceClient]
 Dependency = Callable[[Request, Response], Awaitable[Decision]]
+#: Maps a request to a reservation's estimate. May be async.
+CostFunc = Callable[[Request], Union[int, Awaitable[int]]]
+ReservationDependency = Callable[[Request, Response], AsyncIterator[AsyncReservation]]
 
 MAX_KEY_BYTES = 512
 
@@ -232,6 +241,54 @@ class Limiter:
             headers.update(rate_limit_headers(decision))
         raise RateLimited(decision, body, self.deny_status, headers)
 
+    def reserve(
+        self,
+        checks: Sequence[Check],
+        cost: Optional[int] = None,
+        *,
+        ttl: Optional[TTL] = None,
+        response: Optional[Response] = None,
+    ) -> PendingReservation:
+        """Reserves an estimate from inside an endpoint, for a call whose cost is
+        known only after it::
+
+            async with limiter.reserve([Check("tokens_day", f"user:{user}")], cost=estimate) as r:
+                completion = await llm.chat.completions.create(...)
+                await r.settle(completion.usage.total_tokens)
+
+        A denial raises :class:`RateLimited` (429 with ``Retry-After``; 503 while
+        sluice is unavailable with ``on_error="deny"``), as :meth:`hit` does. The
+        :class:`~sluice_client.AsyncReservation` releases on an exception in the
+        block and settles at the estimate (with a warning) when left unsettled.
+        Keys over 512 bytes are hashed; no checks at all is allowed and holds
+        nothing. Pass the endpoint's ``response`` to get the rate-limit headers."""
+        checks = [Check(c.limit, safe_key(c.key), c.cost) for c in checks]
+        client = self.client
+
+        async def make() -> AsyncReservation:
+            if not checks:
+                reservation = AsyncReservation(
+                    _settler(client), allowed_without_checks(), None, None, [], []
+                )
+            elif isinstance(client, AsyncSluiceClient):
+                reservation = await client.reserve(checks, cost, ttl=ttl)
+            else:
+                held = await run_in_threadpool(client.reserve, checks, cost, ttl=ttl)
+                reservation = AsyncReservation(
+                    _ThreadedSettler(client),
+                    held.decision,
+                    held.token,
+                    held.expires_at_ms,
+                    held.checks,
+                    held.estimates,
+                )
+            self.raise_for(reservation.decision, checks)
+            if response is not None and self.headers:
+                _merge_headers(response, rate_limit_headers(reservation.decision))
+            return reservation
+
+        return PendingReservation(make)
+
     # -- dependencies -------------------------------------------------------------
 
     def limit(self, limit: str, key: KeyFunc, cost: int = 1) -> Dependency:
@@ -261,6 +318,85 @@ class Limiter:
         dependency.__name__ = f"sluice_limit_{names}"
         dependency.__qualname__ = dependency.__name__
         return dependency
+
+    def reservation(
+        self,
+        specs: Iterable[LimitSpec],
+        *,
+        cost: Union[int, CostFunc, None] = None,
+        ttl: Optional[TTL] = None,
+    ) -> ReservationDependency:
+        """A dependency that reserves before the endpoint and finishes the
+        reservation after it: ``r: AsyncReservation = Depends(limiter.reservation(
+        [("tokens_day", user_key)], cost=estimate_from_request))``; the endpoint
+        calls ``await r.settle(actual)``.
+
+        ``cost`` is the estimate of checks given as ``(limit, key)`` (a number, or a
+        function of the request, may be async); ``(limit, key, cost)`` fixes a
+        check's own. Denials raise :class:`RateLimited` as :meth:`reserve`. When the
+        endpoint raises, the reservation is released; when it returns without
+        settling, it is settled at the estimate with a warning. (Before FastAPI
+        0.106 an ``HTTPException`` from the endpoint was answered before the
+        dependency saw it, so it was settled at the estimate rather than released.)"""
+        resolved: List[Tuple[str, KeyFunc, Optional[int]]] = []
+        for spec in specs:
+            if len(spec) == 2:
+                resolved.append((spec[0], spec[1], None))
+            else:
+                resolved.append((spec[0], spec[1], spec[2]))
+        names = "_".join(name for name, _, _ in resolved)
+
+        async def dependency(request: Request, response: Response) -> AsyncIterator[AsyncReservation]:
+            checks: List[Check] = []
+            for name, key_func, own_cost in resolved:
+                key = await _call_key(key_func, request)
+                if key is not None:
+                    checks.append(Check(name, key, own_cost))
+            estimate = await _call_cost(cost, request)
+            async with self.reserve(checks, estimate, ttl=ttl, response=response) as held:
+                yield held
+
+        dependency.__name__ = f"sluice_reservation_{names}"
+        dependency.__qualname__ = dependency.__name__
+        return dependency
+
+
+class _ThreadedSettler:
+    """Settles through a sync :class:`~sluice_client.SluiceClient` in the thread pool,
+    so an :class:`~sluice_client.AsyncReservation` can be awaited in an endpoint."""
+
+    def __init__(self, client: SluiceClient) -> None:
+        self._client = client
+
+    async def settle(
+        self,
+        reservation: str,
+        cost: Optional[int] = None,
+        *,
+        costs: Optional[Sequence[int]] = None,
+    ) -> Settlement:
+        return await run_in_threadpool(self._client.settle, reservation, cost, costs=costs)
+
+    async def release(self, reservation: str) -> Settlement:
+        return await run_in_threadpool(self._client.release, reservation)
+
+
+def _settler(client: AnyClient) -> Union[AsyncSluiceClient, _ThreadedSettler]:
+    return client if isinstance(client, AsyncSluiceClient) else _ThreadedSettler(client)
+
+
+async def _call_cost(cost: Union[int, CostFunc, None], request: Request) -> Optional[int]:
+    if cost is None or isinstance(cost, int):
+        return cost
+    value = cost(request)
+    if inspect.isawaitable(value):
+        value = await value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"cost function {getattr(cost, '__name__', cost)!r} returned "
+            f"{type(value).__name__}; it must return an int"
+        )
+    return value
 
 
 _default: Optional[Limiter] = None

@@ -1,0 +1,462 @@
+//! Who is calling: the claims of a bearer JWT that sluice verifies itself, for key
+//! templates such as `user:{jwt.sub}` (docs/design/http.md, "Verified identity").
+//!
+//! A header a client sets (`x-user-id`) is whatever the client says: keyed on it, any
+//! client can spend another user's quota or rotate ids to get a fresh one. A token
+//! signed by the application's identity provider cannot be forged, so its claims are
+//! safe to key on, once verified:
+//!
+//! - **Keys**: an HMAC `secret` (HS256/384/512), public keys in PEM files (RS*, PS*,
+//!   ES256/384, EdDSA), a JWKS file, or a JWKS URL fetched in the background (with a
+//!   timeout and a size cap) and refreshed; keys are chosen by the token's `kid`, else
+//!   every key of the algorithm's family is tried.
+//! - **Algorithms** are configured, never taken from the token: a token whose `alg` is
+//!   not in the list (`none` never is) does not verify, and a key is only ever used
+//!   with its own family, so an HMAC token "signed" with an RSA public key (the HS/RS
+//!   confusion) does not verify either.
+//! - **Claims**: `exp` is required; `nbf`, `iss` and `aud` are checked when configured,
+//!   with a small clock `leeway`.
+//!
+//! A token that is absent, malformed, forged, expired or for another audience gives no
+//! claims: the template does not render, and the route falls back to its next key
+//! template, as it does for a missing header. Nothing unverified is ever returned.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{DecodingKey, Validation, decode, decode_header};
+use serde_json::{Map, Value};
+
+pub use jsonwebtoken::Algorithm;
+
+/// A verified token's claims.
+pub type Claims = Map<String, Value>;
+
+/// The longest token read: bigger ones are refused unread.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// The largest JWKS document accepted from a URL.
+pub const MAX_JWKS_BYTES: u64 = 1024 * 1024;
+
+/// Where the token is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `Authorization: Bearer <token>` (the scheme in any case).
+    Bearer,
+    /// A cookie of this name.
+    Cookie(String),
+}
+
+/// Settings of a [`JwtVerifier`] (`jwt:` in the config).
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    /// The algorithms accepted; at least one.
+    pub algorithms: Vec<Algorithm>,
+    /// The HMAC secret, for HS256/384/512. Never logged.
+    pub secret: Option<String>,
+    /// PEM files with public keys (RSA, EC or Ed25519).
+    pub public_keys: Vec<PathBuf>,
+    /// A JWKS document on disk.
+    pub jwks_file: Option<PathBuf>,
+    /// A JWKS URL (`https://.../.well-known/jwks.json`), fetched in the background.
+    pub jwks_url: Option<String>,
+    /// How often the JWKS URL is fetched again.
+    pub jwks_refresh: Duration,
+    /// How long one fetch of the JWKS URL may take.
+    pub jwks_timeout: Duration,
+    /// Accepted `iss` values; empty: not checked.
+    pub issuers: Vec<String>,
+    /// Accepted `aud` values; empty: not checked.
+    pub audiences: Vec<String>,
+    /// Clock leeway for `exp` and `nbf`.
+    pub leeway: Duration,
+    /// Where the token is.
+    pub source: TokenSource,
+}
+
+impl JwtConfig {
+    /// Settings for `algorithms` with no keys yet, the bearer header, a 30 s leeway, a
+    /// JWKS refresh every 5 minutes and a 2 s fetch timeout.
+    pub fn new(algorithms: Vec<Algorithm>) -> Self {
+        JwtConfig {
+            algorithms,
+            secret: None,
+            public_keys: Vec::new(),
+            jwks_file: None,
+            jwks_url: None,
+            jwks_refresh: Duration::from_secs(300),
+            jwks_timeout: Duration::from_secs(2),
+            issuers: Vec::new(),
+            audiences: Vec::new(),
+            leeway: Duration::from_secs(30),
+            source: TokenSource::Bearer,
+        }
+    }
+}
+
+/// Why a verifier could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// No algorithm, or `none`.
+    #[error(
+        "jwt.algorithms is empty: list the algorithms your identity provider signs with, e.g. [RS256]"
+    )]
+    NoAlgorithms,
+    /// No key for the algorithms.
+    #[error(
+        "jwt: no key for {0}: give jwt.secret (HS*), jwt.public_keys (PEM files), jwt.jwks_file or jwt.jwks_url"
+    )]
+    NoKeys(String),
+    /// A key file could not be read or parsed.
+    #[error("jwt: cannot use the key in {path}: {why}")]
+    BadKey {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        why: String,
+    },
+    /// A JWKS document could not be read or parsed.
+    #[error("jwt: cannot use the JWKS in {source_name}: {why}")]
+    BadJwks {
+        /// The file or URL.
+        source_name: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// The secret is too short to be a secret.
+    #[error("jwt.secret is {0} bytes: use at least 32 random bytes for HMAC keys")]
+    ShortSecret(usize),
+}
+
+/// One key with the algorithm family it may verify.
+#[derive(Clone)]
+struct Key {
+    kid: Option<String>,
+    family: Family,
+    key: DecodingKey,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Hmac,
+    Rsa,
+    Ec,
+    Ed,
+}
+
+fn family(algorithm: Algorithm) -> Family {
+    match algorithm {
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => Family::Hmac,
+        Algorithm::RS256
+        | Algorithm::RS384
+        | Algorithm::RS512
+        | Algorithm::PS256
+        | Algorithm::PS384
+        | Algorithm::PS512 => Family::Rsa,
+        Algorithm::ES256 | Algorithm::ES384 => Family::Ec,
+        Algorithm::EdDSA => Family::Ed,
+    }
+}
+
+/// Verifies tokens; cheap to share behind an `Arc`.
+pub struct JwtVerifier {
+    algorithms: Vec<Algorithm>,
+    source: TokenSource,
+    /// One validation per configured algorithm: jsonwebtoken checks that every algorithm
+    /// of a validation belongs to the key's family, so each family gets its own.
+    validations: Vec<(Algorithm, Validation)>,
+    fixed: Vec<Key>,
+    fetched: Arc<ArcSwap<Vec<Key>>>,
+    // Dropping the sender stops the JWKS refresher.
+    _stop_refresher: Option<mpsc::Sender<()>>,
+}
+
+impl std::fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtVerifier")
+            .field("algorithms", &self.algorithms)
+            .field("source", &self.source)
+            .field("keys", &self.fixed.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl JwtVerifier {
+    /// Loads the keys; with a JWKS URL, starts fetching it in the background (tokens
+    /// signed by its keys verify once it has answered: a provider that is down at
+    /// start delays them, it does not stop sluice).
+    pub fn new(config: &JwtConfig) -> Result<Self, IdentityError> {
+        if config.algorithms.is_empty() {
+            return Err(IdentityError::NoAlgorithms);
+        }
+        let mut fixed = Vec::new();
+        if let Some(secret) = &config.secret {
+            if secret.len() < 32 {
+                return Err(IdentityError::ShortSecret(secret.len()));
+            }
+            fixed.push(Key {
+                kid: None,
+                family: Family::Hmac,
+                key: DecodingKey::from_secret(secret.as_bytes()),
+            });
+        }
+        for path in &config.public_keys {
+            fixed.push(pem_key(path)?);
+        }
+        if let Some(path) = &config.jwks_file {
+            let text = std::fs::read_to_string(path).map_err(|e| IdentityError::BadJwks {
+                source_name: path.display().to_string(),
+                why: e.to_string(),
+            })?;
+            fixed.extend(jwks_keys(&text, &path.display().to_string())?);
+        }
+        let fetched = Arc::new(ArcSwap::from_pointee(Vec::new()));
+        let has_url = config.jwks_url.is_some();
+        for algorithm in &config.algorithms {
+            let family = family(*algorithm);
+            if !has_url && !fixed.iter().any(|k| k.family == family) {
+                return Err(IdentityError::NoKeys(format!("{algorithm:?}")));
+            }
+        }
+        let stop = config.jwks_url.as_ref().map(|url| {
+            let (stop, stopped) = mpsc::channel();
+            let weak = Arc::downgrade(&fetched);
+            let (url, refresh, timeout) = (url.clone(), config.jwks_refresh, config.jwks_timeout);
+            // If the thread cannot start, tokens signed by the URL's keys never verify:
+            // closed, as a provider that is down.
+            let _ = std::thread::Builder::new()
+                .name("sluice-jwks".into())
+                .spawn(move || refresh_jwks(&url, weak, &stopped, refresh, timeout));
+            stop
+        });
+        let validations = config
+            .algorithms
+            .iter()
+            .map(|&algorithm| {
+                let mut validation = Validation::new(algorithm);
+                validation.leeway = config.leeway.as_secs();
+                validation.validate_nbf = true;
+                validation.set_required_spec_claims(&["exp"]);
+                if config.issuers.is_empty() {
+                    validation.iss = None;
+                } else {
+                    validation.set_issuer(&config.issuers);
+                }
+                if config.audiences.is_empty() {
+                    validation.validate_aud = false;
+                } else {
+                    validation.set_audience(&config.audiences);
+                }
+                (algorithm, validation)
+            })
+            .collect();
+        Ok(JwtVerifier {
+            algorithms: config.algorithms.clone(),
+            source: config.source.clone(),
+            validations,
+            fixed,
+            fetched,
+            _stop_refresher: stop,
+        })
+    }
+
+    /// Where the token is read from.
+    pub fn source(&self) -> &TokenSource {
+        &self.source
+    }
+
+    /// The claims of `token` when it verifies; `None` otherwise.
+    pub fn verify(&self, token: &str) -> Option<Claims> {
+        if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
+            return None;
+        }
+        let header = decode_header(token).ok()?;
+        // The token's `alg` only picks among the configured algorithms; `decode` checks
+        // it again against that algorithm's validation.
+        let (_, validation) = self.validations.iter().find(|(a, _)| *a == header.alg)?;
+        let family = family(header.alg);
+        let fetched = self.fetched.load();
+        let candidates = self
+            .fixed
+            .iter()
+            .chain(fetched.iter())
+            .filter(|k| k.family == family)
+            .filter(|k| match (&header.kid, &k.kid) {
+                (Some(wanted), Some(kid)) => wanted == kid,
+                _ => true,
+            });
+        for key in candidates {
+            if let Ok(data) = decode::<Claims>(token, &key.key, validation) {
+                return Some(data.claims);
+            }
+        }
+        None
+    }
+
+    /// The token of a request: the bearer credential of its one `Authorization`
+    /// header, or its one cookie of the configured name. Repeated headers or cookies
+    /// give none (an application could read either).
+    pub fn token_in<'h>(&self, headers: &'h http::HeaderMap) -> Option<&'h str> {
+        match &self.source {
+            TokenSource::Bearer => {
+                let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+                let value = values.next()?.to_str().ok()?;
+                if values.next().is_some() {
+                    return None;
+                }
+                let (scheme, token) = value.trim().split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then(|| token.trim())
+                    .filter(|t| !t.is_empty())
+            }
+            TokenSource::Cookie(name) => {
+                let mut found = None;
+                for header in headers.get_all(http::header::COOKIE) {
+                    let Ok(text) = header.to_str() else { continue };
+                    for pair in text.split(';') {
+                        let Some((key, value)) = pair.trim().split_once('=') else {
+                            continue;
+                        };
+                        if key == name {
+                            if found.is_some() {
+                                return None;
+                            }
+                            found = Some(value.trim());
+                        }
+                    }
+                }
+                found.filter(|t| !t.is_empty())
+            }
+        }
+    }
+
+    /// The verified claims of a request's token, if any.
+    pub fn claims(&self, headers: &http::HeaderMap) -> Option<Claims> {
+        self.verify(self.token_in(headers)?)
+    }
+}
+
+/// A claim as a key part: strings as they are, numbers and booleans as written; other
+/// values (objects, arrays, null, empty strings) do not resolve.
+pub fn claim_text(claims: &Claims, name: &str) -> Option<String> {
+    match claims.get(name)? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Reads one kind of PEM public key.
+type PemParser = fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>;
+
+fn pem_key(path: &PathBuf) -> Result<Key, IdentityError> {
+    let bad = |why: String| IdentityError::BadKey {
+        path: path.clone(),
+        why,
+    };
+    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let text = String::from_utf8_lossy(&pem);
+    let attempts: [(Family, PemParser); 3] = [
+        (Family::Rsa, DecodingKey::from_rsa_pem),
+        (Family::Ec, DecodingKey::from_ec_pem),
+        (Family::Ed, DecodingKey::from_ed_pem),
+    ];
+    if text.contains("PRIVATE KEY") {
+        return Err(bad(
+            "it holds a private key: give the public key only (openssl pkey -pubout)".into(),
+        ));
+    }
+    for (family, parse) in attempts {
+        if let Ok(key) = parse(&pem) {
+            return Ok(Key {
+                kid: None,
+                family,
+                key,
+            });
+        }
+    }
+    Err(bad(
+        "not a PEM public key (RSA, EC P-256/P-384 or Ed25519)".into()
+    ))
+}
+
+fn jwks_keys(text: &str, source_name: &str) -> Result<Vec<Key>, IdentityError> {
+    let set: JwkSet = serde_json::from_str(text).map_err(|e| IdentityError::BadJwks {
+        source_name: source_name.to_string(),
+        why: e.to_string(),
+    })?;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        use jsonwebtoken::jwk::AlgorithmParameters;
+        let family = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => Family::Rsa,
+            AlgorithmParameters::EllipticCurve(_) => Family::Ec,
+            AlgorithmParameters::OctetKeyPair(_) => Family::Ed,
+            // Symmetric keys do not belong in a published key set.
+            AlgorithmParameters::OctetKey(_) => continue,
+        };
+        if let Ok(key) = DecodingKey::from_jwk(jwk) {
+            keys.push(Key {
+                kid: jwk.common.key_id.clone(),
+                family,
+                key,
+            });
+        }
+    }
+    Ok(keys)
+}
+
+/// Fetches the JWKS URL now and every `refresh` until the verifier is dropped; a fetch
+/// that fails keeps the keys already known.
+fn refresh_jwks(
+    url: &str,
+    keys: Weak<ArcSwap<Vec<Key>>>,
+    stop: &mpsc::Receiver<()>,
+    refresh: Duration,
+    timeout: Duration,
+) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .build()
+        .into();
+    // Until the first success, try again sooner than the refresh interval.
+    let mut wait = Duration::ZERO;
+    loop {
+        match stop.recv_timeout(wait) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        let Some(keys) = keys.upgrade() else { return };
+        match fetch(&agent, url) {
+            Ok(fresh) => {
+                keys.store(Arc::new(fresh));
+                wait = refresh.max(Duration::from_secs(1));
+            }
+            Err(why) => {
+                tracing::warn!(%why, "jwt: the JWKS URL could not be read; keeping the keys known so far");
+                wait = if keys.load().is_empty() {
+                    Duration::from_secs(5).min(refresh)
+                } else {
+                    refresh.max(Duration::from_secs(1))
+                };
+            }
+        }
+    }
+}
+
+fn fetch(agent: &ureq::Agent, url: &str) -> Result<Vec<Key>, String> {
+    let mut response = agent.get(url).call().map_err(|e| e.to_string())?;
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(MAX_JWKS_BYTES)
+        .read_to_string()
+        .map_err(|e| e.to_string())?;
+    jwks_keys(&text, url).map_err(|e| e.to_string())
+}

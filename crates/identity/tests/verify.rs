@@ -1,0 +1,395 @@
+//! What a token must be to be believed: signed with a configured key, by a configured
+//! algorithm, unexpired, for the configured issuer and audience. Every way of getting
+//! that wrong gives no claims. Keys are made by `openssl` for each run.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use serde_json::{Value, json};
+use sluice_identity::{JwtConfig, JwtVerifier, TokenSource, claim_text};
+
+const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+fn claims(extra: Value) -> Value {
+    let mut c = json!({"sub": "user-42", "plan": "pro", "org": 7, "exp": now() + 600,
+                       "iss": "https://id.example", "aud": "api"});
+    if let (Some(c), Value::Object(extra)) = (c.as_object_mut(), extra) {
+        c.extend(extra);
+    }
+    c
+}
+
+fn openssl(args: &[&str]) {
+    let status = Command::new("openssl")
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl runs");
+    assert!(status.success(), "openssl {args:?}");
+}
+
+/// A private key and its public PEM, of `kind`: rsa, ec or ed25519.
+fn keypair(dir: &Path, kind: &str) -> (PathBuf, PathBuf) {
+    let private = dir.join(format!("{kind}.key"));
+    let public = dir.join(format!("{kind}.pub"));
+    let p = private.to_str().expect("path");
+    match kind {
+        "rsa" => openssl(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            p,
+        ]),
+        "ec" => openssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            p,
+        ]),
+        _ => openssl(&["genpkey", "-algorithm", "ED25519", "-out", p]),
+    }
+    openssl(&[
+        "pkey",
+        "-in",
+        p,
+        "-pubout",
+        "-out",
+        public.to_str().expect("path"),
+    ]);
+    if kind == "ec" {
+        // jsonwebtoken signs ES256 with a PKCS#8 key.
+        let pk8 = dir.join("ec.pk8");
+        openssl(&[
+            "pkcs8",
+            "-topk8",
+            "-nocrypt",
+            "-in",
+            p,
+            "-out",
+            pk8.to_str().expect("path"),
+        ]);
+        return (pk8, public);
+    }
+    (private, public)
+}
+
+fn sign(alg: Algorithm, key: &EncodingKey, kid: Option<&str>, claims: &Value) -> String {
+    let mut header = Header::new(alg);
+    header.kid = kid.map(str::to_string);
+    encode(&header, claims, key).expect("sign")
+}
+
+fn strict(algorithms: Vec<Algorithm>) -> JwtConfig {
+    let mut config = JwtConfig::new(algorithms);
+    config.issuers = vec!["https://id.example".into()];
+    config.audiences = vec!["api".into()];
+    config.leeway = Duration::from_secs(5);
+    config
+}
+
+#[test]
+fn hs256_tokens_verify_and_every_forgery_does_not() {
+    let mut config = strict(vec![Algorithm::HS256]);
+    config.secret = Some(SECRET.into());
+    let verifier = JwtVerifier::new(&config).expect("verifier");
+    let key = EncodingKey::from_secret(SECRET.as_bytes());
+
+    let good = verifier.verify(&sign(Algorithm::HS256, &key, None, &claims(json!({}))));
+    let good = good.expect("a valid token verifies");
+    assert_eq!(claim_text(&good, "sub").as_deref(), Some("user-42"));
+    assert_eq!(claim_text(&good, "org").as_deref(), Some("7"));
+    assert_eq!(claim_text(&good, "missing"), None);
+
+    let other = EncodingKey::from_secret(b"another-secret-of-at-least-32-bytes!!");
+    let forged = sign(Algorithm::HS256, &other, None, &claims(json!({})));
+    assert!(verifier.verify(&forged).is_none(), "wrong key");
+
+    let expired = claims(json!({"exp": now() - 60}));
+    assert!(
+        verifier
+            .verify(&sign(Algorithm::HS256, &key, None, &expired))
+            .is_none()
+    );
+    let no_exp = {
+        let mut c = claims(json!({}));
+        c.as_object_mut().expect("object").remove("exp");
+        c
+    };
+    assert!(
+        verifier
+            .verify(&sign(Algorithm::HS256, &key, None, &no_exp))
+            .is_none(),
+        "exp is required"
+    );
+    let early = claims(json!({"nbf": now() + 600}));
+    assert!(
+        verifier
+            .verify(&sign(Algorithm::HS256, &key, None, &early))
+            .is_none(),
+        "not yet valid"
+    );
+    let wrong_aud = claims(json!({"aud": "billing"}));
+    assert!(
+        verifier
+            .verify(&sign(Algorithm::HS256, &key, None, &wrong_aud))
+            .is_none()
+    );
+    let wrong_iss = claims(json!({"iss": "https://evil.example"}));
+    assert!(
+        verifier
+            .verify(&sign(Algorithm::HS256, &key, None, &wrong_iss))
+            .is_none()
+    );
+    let hs512 = sign(Algorithm::HS512, &key, None, &claims(json!({})));
+    assert!(
+        verifier.verify(&hs512).is_none(),
+        "an algorithm not configured"
+    );
+
+    // alg: none, with the payload of a valid token and no signature.
+    let valid = sign(
+        Algorithm::HS256,
+        &key,
+        None,
+        &claims(json!({"sub": "admin"})),
+    );
+    let payload = valid.split('.').nth(1).expect("payload");
+    for header in ["eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0", "eyJhbGciOiJOb25lIn0"] {
+        for tail in ["", "."] {
+            let none = format!("{header}.{payload}{tail}");
+            assert!(verifier.verify(&none).is_none(), "alg none: {none}");
+        }
+    }
+    // Garbage of every shape.
+    for junk in ["", "a", "a.b", "a.b.c", "...", &"x".repeat(20_000)] {
+        assert!(verifier.verify(junk).is_none(), "{junk:.20}");
+    }
+}
+
+#[test]
+fn public_keys_verify_their_own_family_only() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (rsa_private, rsa_public) = keypair(dir.path(), "rsa");
+    let (ec_private, ec_public) = keypair(dir.path(), "ec");
+    let (ed_private, ed_public) = keypair(dir.path(), "ed25519");
+    let mut config = strict(vec![Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA]);
+    config.public_keys = vec![rsa_public.clone(), ec_public, ed_public];
+    let verifier = JwtVerifier::new(&config).expect("verifier");
+
+    let rsa = EncodingKey::from_rsa_pem(&std::fs::read(&rsa_private).expect("key")).expect("rsa");
+    let ec = EncodingKey::from_ec_pem(&std::fs::read(&ec_private).expect("key")).expect("ec");
+    let ed = EncodingKey::from_ed_pem(&std::fs::read(&ed_private).expect("key")).expect("ed");
+    for (alg, key) in [
+        (Algorithm::RS256, &rsa),
+        (Algorithm::ES256, &ec),
+        (Algorithm::EdDSA, &ed),
+    ] {
+        let token = sign(alg, key, None, &claims(json!({})));
+        assert!(verifier.verify(&token).is_some(), "{alg:?} verifies");
+    }
+
+    // The HS/RS confusion: an HMAC token keyed with the RSA public key's bytes.
+    let public_bytes = std::fs::read(&rsa_public).expect("public key");
+    let confused = sign(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(&public_bytes),
+        None,
+        &claims(json!({"sub": "admin"})),
+    );
+    assert!(
+        verifier.verify(&confused).is_none(),
+        "HS256 is not configured"
+    );
+    // Even when HS256 is configured beside RS256, the public key never keys HMAC.
+    let mut both = config.clone();
+    both.algorithms.push(Algorithm::HS256);
+    both.secret = Some(SECRET.into());
+    let both = JwtVerifier::new(&both).expect("verifier");
+    assert!(both.verify(&confused).is_none(), "HS/RS confusion");
+
+    // A private key is refused where a public one belongs.
+    let mut private = strict(vec![Algorithm::RS256]);
+    private.public_keys = vec![rsa_private];
+    let error = JwtVerifier::new(&private)
+        .expect_err("private key")
+        .to_string();
+    assert!(error.contains("private key"), "{error}");
+}
+
+#[test]
+fn configuration_mistakes_are_refused_with_a_reason() {
+    assert!(JwtVerifier::new(&JwtConfig::new(vec![])).is_err());
+    let no_key = JwtVerifier::new(&JwtConfig::new(vec![Algorithm::RS256]))
+        .expect_err("no key")
+        .to_string();
+    assert!(
+        no_key.contains("RS256") && no_key.contains("public_keys"),
+        "{no_key}"
+    );
+    let mut short = JwtConfig::new(vec![Algorithm::HS256]);
+    short.secret = Some("short".into());
+    let error = JwtVerifier::new(&short).expect_err("short").to_string();
+    assert!(error.contains("32"), "{error}");
+}
+
+#[test]
+fn the_token_comes_from_one_bearer_header_or_one_cookie() {
+    let mut config = JwtConfig::new(vec![Algorithm::HS256]);
+    config.secret = Some(SECRET.into());
+    let bearer = JwtVerifier::new(&config).expect("verifier");
+    let token = sign(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+        None,
+        &claims(json!({})),
+    );
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        "authorization",
+        format!("bEaReR {token}").parse().expect("value"),
+    );
+    assert!(bearer.claims(&headers).is_some());
+    headers.append("authorization", "Bearer other".parse().expect("value"));
+    assert!(
+        bearer.claims(&headers).is_none(),
+        "two Authorization headers: neither"
+    );
+    let mut basic = http::HeaderMap::new();
+    basic.insert(
+        "authorization",
+        format!("Basic {token}").parse().expect("value"),
+    );
+    assert!(bearer.claims(&basic).is_none());
+
+    config.source = TokenSource::Cookie("id".into());
+    let cookie = JwtVerifier::new(&config).expect("verifier");
+    let mut headers = http::HeaderMap::new();
+    headers.insert("cookie", format!("a=1; id={token}").parse().expect("value"));
+    assert!(cookie.claims(&headers).is_some());
+    headers.append("cookie", "id=again".parse().expect("value"));
+    assert!(
+        cookie.claims(&headers).is_none(),
+        "two cookies of the name: neither"
+    );
+}
+
+/// base64url of big-endian bytes given in hex.
+fn b64url_hex(hex: &str) -> String {
+    use base64::Engine;
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+        .collect();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A JWKS with the RSA public key of `private` under `kid`.
+fn rsa_jwks(private: &Path, kid: &str) -> String {
+    let out = Command::new("openssl")
+        .args([
+            "rsa",
+            "-in",
+            private.to_str().expect("path"),
+            "-noout",
+            "-modulus",
+        ])
+        .output()
+        .expect("openssl");
+    let text = String::from_utf8(out.stdout).expect("utf8");
+    let modulus = text.trim().trim_start_matches("Modulus=");
+    json!({"keys": [{"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256",
+                      "n": b64url_hex(modulus), "e": "AQAB"}]})
+    .to_string()
+}
+
+/// Serves `body` for every request, after `delay`, on a free port.
+fn serve(body: String, delay: Duration) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/jwks.json", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf);
+                std::thread::sleep(delay);
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    url
+}
+
+#[test]
+fn jwks_keys_are_chosen_by_kid_from_a_file_and_from_a_url() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (private, _) = keypair(dir.path(), "rsa");
+    let signing = EncodingKey::from_rsa_pem(&std::fs::read(&private).expect("key")).expect("rsa");
+    let token = sign(Algorithm::RS256, &signing, Some("k1"), &claims(json!({})));
+    let wrong_kid = sign(Algorithm::RS256, &signing, Some("k2"), &claims(json!({})));
+
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, rsa_jwks(&private, "k1")).expect("write");
+    let mut config = strict(vec![Algorithm::RS256]);
+    config.jwks_file = Some(file);
+    let verifier = JwtVerifier::new(&config).expect("verifier");
+    assert!(verifier.verify(&token).is_some());
+    assert!(verifier.verify(&wrong_kid).is_none(), "no key has that kid");
+
+    let mut config = strict(vec![Algorithm::RS256]);
+    config.jwks_url = Some(serve(rsa_jwks(&private, "k1"), Duration::ZERO));
+    let verifier = JwtVerifier::new(&config).expect("verifier");
+    let started = Instant::now();
+    while verifier.verify(&token).is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the JWKS URL was fetched"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A provider that does not answer: nothing verifies, and nothing waits on it.
+    let mut config = strict(vec![Algorithm::RS256]);
+    config.jwks_url = Some(serve(rsa_jwks(&private, "k1"), Duration::from_secs(30)));
+    config.jwks_timeout = Duration::from_millis(200);
+    let verifier = JwtVerifier::new(&config).expect("verifier");
+    let started = Instant::now();
+    assert!(verifier.verify(&token).is_none());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        verifier.verify(&token).is_none(),
+        "a slow JWKS never vouches"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "verify never waits for the URL"
+    );
+    // A provider that is down.
+    let mut config = strict(vec![Algorithm::RS256]);
+    config.jwks_url = Some("http://127.0.0.1:1/jwks.json".into());
+    let verifier = JwtVerifier::new(&config).expect("verifier");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(verifier.verify(&token).is_none());
+}
