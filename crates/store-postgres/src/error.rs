@@ -2,8 +2,9 @@
 //! opened or prepared; and [`Failure`], why one call failed and whether it may be tried
 //! again.
 //!
-//! A charging decision is never sent twice when it may have run (a dropped connection
-//! or a timeout): the failure goes to the `on_error` policy. An error answered by the
+//! A call that charges (a decision, a refund, a reservation, a settlement) is never sent
+//! twice when it may have run (a dropped connection or a timeout): the failure goes to
+//! the caller (for decisions, the `on_error` policy). An error answered by the
 //! server proves the statement rolled back, so those that a second attempt can cure
 //! (the schema dropped, a replanned statement, a restart in progress) are retried once.
 

@@ -3,14 +3,20 @@
 //!
 //! `schema.sql` is a versioned, idempotent migration ([`SCHEMA_VERSION`]): a table
 //! `sluice_counters (key, a, b, c, expires_at)` (one row per counter, the engine's
-//! state in three integers, microseconds and units of cost), the functions
-//! `sluice_decide`, `sluice_refund`, `sluice_reset`, `sluice_sweep` and
-//! `sluice_month_start` (calendar-month windows), and a record of applied versions. A
-//! version adds to the script and records itself; a database at an older version gets
-//! the whole (idempotent) script again.
+//! state in three integers, microseconds and units of cost), the reservation tables
+//! `sluice_holds (id, digest, expires_at, settled)` and `sluice_slots (key, hold,
+//! expires_at)` (one row per concurrency slot an open reservation holds), the functions
+//! `sluice_decide`, `sluice_refund`, `sluice_reserve`, `sluice_settle`, `sluice_move`,
+//! `sluice_reset`, `sluice_sweep` and `sluice_month_start` (the bounds of calendar-month
+//! windows), and a record of applied versions.
 //! [`PostgresStore::prepare`] applies it (or, with `migrate: false`, only checks it is
 //! there); [`migration_sql`] is the same script for a DBA. `unlogged: true` makes the
-//! counter table `UNLOGGED`: no WAL, faster, and emptied by PostgreSQL after a crash.
+//! three tables `UNLOGGED`: no WAL, faster, and emptied by PostgreSQL after a crash.
+//!
+//! A new version adds to the one script, which runs whole over a database of any earlier
+//! version: tables and indexes `IF NOT EXISTS`, functions `CREATE OR REPLACE` with the
+//! signatures they had, so instances of the previous version keep deciding while the
+//! others upgrade.
 
 use std::sync::atomic::Ordering;
 
@@ -78,6 +84,10 @@ pub(crate) struct Statements {
     pub(crate) sweep: String,
     /// Gives back what a decision charged.
     pub(crate) refund: String,
+    /// Decides and, when allowed, records a hold and its concurrency slots.
+    pub(crate) reserve: String,
+    /// Settles a hold, or books work already done.
+    pub(crate) settle: String,
     /// Whether the version table and the decision function exist.
     installed: String,
     version: String,
@@ -90,12 +100,24 @@ impl Statements {
             decide: format!("SELECT {s}.sluice_decide($1::text[], $2::bigint[], $3::boolean)"),
             reset: format!("SELECT {s}.sluice_reset($1::text[])"),
             refund: format!("SELECT {s}.sluice_refund($1::text[], $2::bigint[])"),
+            reserve: format!(
+                "SELECT {s}.sluice_reserve($1::text[], $2::bigint[], $3::boolean, $4::text, $5::text, $6::bigint)"
+            ),
+            settle: format!(
+                "SELECT {s}.sluice_settle($1::text[], $2::bigint[], $3::text[], $4::text, $5::text)"
+            ),
+            // A concurrency window's slots go too (its reservations stay open, holding
+            // none); one with live slots counts as one counter, as in sluice_reset.
             reset_range: format!(
-                "WITH gone AS (DELETE FROM {s}.sluice_counters AS t \
+                "WITH now_us AS (SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint AS t), \
+                 gone AS (DELETE FROM {s}.sluice_counters AS t \
                  WHERE t.key >= $1::text COLLATE \"C\" AND t.key < $2::text COLLATE \"C\" \
-                 RETURNING t.expires_at) \
-                 SELECT count(*) FROM gone \
-                 WHERE gone.expires_at > (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint"
+                 RETURNING t.expires_at), \
+                 freed AS (DELETE FROM {s}.sluice_slots AS t \
+                 WHERE t.key >= $1::text COLLATE \"C\" AND t.key < $2::text COLLATE \"C\" \
+                 RETURNING t.key, t.expires_at) \
+                 SELECT (SELECT count(*) FROM gone, now_us WHERE gone.expires_at > now_us.t) \
+                 + (SELECT count(DISTINCT freed.key) FROM freed, now_us WHERE freed.expires_at > now_us.t)"
             ),
             sweep: format!("SELECT {s}.sluice_sweep($1::integer, $2::bigint, $3::bigint)"),
             installed: format!(
@@ -257,12 +279,15 @@ mod tests {
     #[test]
     fn the_script_names_the_schema_and_persistence() {
         let logged = migration_sql("rate", false).expect("script");
-        assert!(logged.starts_with("-- sluice schema version 3"));
+        assert!(logged.starts_with(&format!("-- sluice schema version {SCHEMA_VERSION};")));
+        assert!(logged.contains("CREATE TABLE IF NOT EXISTS \"rate\".sluice_slots"));
+        assert!(logged.contains("CREATE OR REPLACE FUNCTION \"rate\".sluice_month_start"));
         assert!(logged.contains("CREATE TABLE IF NOT EXISTS \"rate\".sluice_counters"));
         assert!(logged.contains("SET LOGGED"));
         assert!(!logged.contains('@'), "every placeholder is filled");
         let unlogged = migration_sql("rate", true).expect("script");
         assert!(unlogged.contains("CREATE UNLOGGED TABLE IF NOT EXISTS \"rate\".sluice_counters"));
+        assert!(unlogged.contains("CREATE UNLOGGED TABLE IF NOT EXISTS \"rate\".sluice_holds"));
         assert!(migration_sql("Rate", false).is_err());
     }
 }

@@ -1,13 +1,18 @@
 -- sluice schema version 3 for PostgreSQL 13+: the counter table, the decision and refund
--- functions, the reset and sweep functions (version 1 had no refund; version 2 no
--- calendar-month windows). Every statement is idempotent, so the whole script may
--- run again at any time (`sluice serve` runs it at start unless `migrate: false`;
--- `sluice migrate --print` prints it for a DBA).
+-- functions, the reset and sweep functions, calendar-month windows (sluice_month_start)
+-- and reservations (holds, concurrency slots, sluice_reserve, sluice_settle). Version 1
+-- had no refund; version 2 neither calendar months nor reservations.
+-- Every statement is idempotent, so the whole script may run again at any time, and
+-- over a database of any earlier version (`sluice serve` runs it at start unless
+-- `migrate: false`; `sluice migrate --print` prints it for a DBA). Functions keep
+-- their signatures from one version to the next, so instances of the previous version
+-- go on deciding during a rolling upgrade.
 --
--- sluice_decide mirrors crates/engine/src/algorithm.rs (Window::evaluate, remaining,
+-- sluice_reserve mirrors crates/engine/src/algorithm.rs (Window::evaluate, remaining,
 -- reset_after, expires_at) and crates/engine/src/decision.rs (apply: two passes), as
--- crates/store-redis/src/decide.lua does. Times are microseconds since the Unix epoch
--- on the database's clock.
+-- crates/store-redis/src/decide.lua does; sluice_settle mirrors
+-- crates/engine/src/reservation.rs (settle: Window::refund and Window::force). Times
+-- are microseconds since the Unix epoch on the database's clock.
 
 -- One migration at a time, whatever the number of instances starting together.
 SELECT pg_catalog.pg_advisory_xact_lock(7526466502114635777);
@@ -40,14 +45,58 @@ CREATE @unlogged@ TABLE IF NOT EXISTS @schema@.sluice_counters (
     expires_at bigint NOT NULL
 ) WITH (fillfactor = 80);
 
--- `storage.unlogged` can change between runs: bring the table to it (a rewrite, under
--- an exclusive lock, so only when it differs).
+-- One row per reservation allowed (Store::reserve), until it expires: `id` is the
+-- caller's 32 hex digits, `digest` what a settlement must repeat, `settled` whether it
+-- was settled (or released) already. Rows are kept until they expire, so a second
+-- settlement is told so; the sweep deletes them afterwards (hence the expires_at
+-- index: rows are written twice at most, and `settled` is not indexed, so the one
+-- update stays HOT).
+CREATE @unlogged@ TABLE IF NOT EXISTS @schema@.sluice_holds (
+    id         text COLLATE "C" PRIMARY KEY,
+    digest     text COLLATE "C" NOT NULL,
+    expires_at bigint NOT NULL,
+    settled    boolean NOT NULL
+);
+
+-- One row per slot of a concurrency window (`concurrency: N`) an open reservation
+-- holds: the window's state is counted from the live rows of its key (open = how many,
+-- free_at = the earliest expiry), under the key's advisory lock. A settlement deletes
+-- its reservation's rows by (key, hold); the sweep deletes expired ones.
+CREATE @unlogged@ TABLE IF NOT EXISTS @schema@.sluice_slots (
+    key        text COLLATE "C" NOT NULL,
+    hold       text COLLATE "C" NOT NULL,
+    expires_at bigint NOT NULL,
+    PRIMARY KEY (key, hold)
+);
+
+-- The sweep's indexes, created only when missing: CREATE INDEX IF NOT EXISTS locks the
+-- table (SHARE) even when the index is there, which would stop every reservation until
+-- this migration commits, and deadlock with a sweep that holds one table and waits for
+-- the other (instances starting together run this script one after the other, while
+-- the first is already serving).
 DO $sluice$
 BEGIN
-    IF (SELECT relpersistence FROM pg_catalog.pg_class
-         WHERE oid = '@schema@.sluice_counters'::regclass) <> '@persistence@' THEN
-        ALTER TABLE @schema@.sluice_counters SET @logged@;
+    IF pg_catalog.to_regclass('@schema@.sluice_holds_expires_at') IS NULL THEN
+        CREATE INDEX sluice_holds_expires_at ON @schema@.sluice_holds (expires_at);
     END IF;
+    IF pg_catalog.to_regclass('@schema@.sluice_slots_expires_at') IS NULL THEN
+        CREATE INDEX sluice_slots_expires_at ON @schema@.sluice_slots (expires_at);
+    END IF;
+END
+$sluice$;
+
+-- `storage.unlogged` can change between runs: bring the tables to it (a rewrite, under
+-- an exclusive lock, so only when it differs).
+DO $sluice$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['sluice_counters', 'sluice_holds', 'sluice_slots'] LOOP
+        IF (SELECT relpersistence FROM pg_catalog.pg_class
+             WHERE oid = pg_catalog.format('%I.%I', '@schema_name@', t)::regclass) <> '@persistence@' THEN
+            EXECUTE pg_catalog.format('ALTER TABLE %I.%I SET @logged@', '@schema_name@', t);
+        END IF;
+    END LOOP;
 END
 $sluice$;
 
@@ -59,8 +108,8 @@ CREATE TABLE IF NOT EXISTS @schema@.sluice_sweeper (
 INSERT INTO @schema@.sluice_sweeper (id, swept_at) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
 
 -- The start of the UTC calendar month holding p_us (µs since the epoch), moved on by
--- p_months months: the bounds of N/month windows (period -1 in sluice_decide and
--- sluice_refund; crates/engine/src/calendar.rs). Computed on timestamp without time
+-- p_months months: the bounds of N/month windows (period -1 in sluice_reserve and
+-- sluice_move; crates/engine/src/calendar.rs). Computed on timestamp without time
 -- zone, which counts from 1970-01-01 00:00 with no zone at all, so the session's
 -- TimeZone plays no part; the microseconds stay exact (below 2^53) through the interval.
 CREATE OR REPLACE FUNCTION @schema@.sluice_month_start(p_us bigint, p_months integer)
@@ -71,14 +120,20 @@ AS $sluice$
                                + p_months * INTERVAL '1 month') * 1000000)::bigint
 $sluice$;
 
--- Decides every window of one request atomically.
+-- Decides every window of one request atomically and, for a reservation
+-- (Store::reserve) that is allowed, records its hold and gives it one slot of every
+-- concurrency window it charged, in the same transaction.
 --   p_keys: the request's distinct counters (prefix || counter || ':' || key).
 --   p_args: 7 values per window, in the request's window order: slot (1-based index
---     into p_keys), algorithm (0 gcra, 1 fixed window, 2 sliding window), capacity (gcra
---     burst, otherwise the quota), period (µs; -1: a UTC calendar month, fixed windows
---     only), gcra interval (µs), cost (capped at capacity + 1, which decides the same),
---     flags (1: charge_denied, 2: shadow).
---   p_read_only: a dry run (or only costs of 0): no locks, nothing written.
+--     into p_keys), algorithm (0 gcra, 1 fixed window, 2 sliding window, 3
+--     concurrency), capacity (gcra burst, otherwise the quota or the slots), period
+--     (µs; -1: a UTC calendar month, fixed windows only), gcra interval (µs), cost
+--     (capped at capacity + 1, which decides the same), flags (1: charge_denied, 2:
+--     shadow).
+--   p_read_only: a dry run (or, for a decision, only costs of 0): no locks, nothing
+--     written.
+--   p_hold, p_digest, p_ttl: the reservation's id, digest and time to live (µs); a
+--     NULL p_hold is a plain decision (sluice_decide).
 -- Returns 4 values per window: allowed (1/0), remaining, reset_after (µs), retry_after
 -- (µs; -1: never).
 --
@@ -86,8 +141,13 @@ $sluice$;
 -- 64-bit hash of its key, taken in ascending hash order, so two decisions sharing
 -- counters serialise and never deadlock. Advisory locks cost no write, where row
 -- locks (SELECT ... FOR UPDATE) would write each row twice, and they also cover
--- counters that do not exist yet. The clock is read after the locks are held.
-CREATE OR REPLACE FUNCTION @schema@.sluice_decide(p_keys text[], p_args bigint[], p_read_only boolean)
+-- counters that do not exist yet. The clock is read after the locks are held. A
+-- concurrency window's key is locked like any counter's, so the reservations of one
+-- key count its slots one after the other and never admit more than its capacity; the
+-- hold and slot rows are new rows (their ids are random), so no other lock is waited
+-- for while the advisory locks are held.
+CREATE OR REPLACE FUNCTION @schema@.sluice_reserve(p_keys text[], p_args bigint[], p_read_only boolean,
+                                                   p_hold text, p_digest text, p_ttl bigint)
 RETURNS bigint[]
 LANGUAGE plpgsql
 AS $sluice$
@@ -112,8 +172,17 @@ DECLARE
     elapsed bigint; room bigint; divisor bigint;
     allowed boolean; retry bigint; charged boolean;
     decision_allowed boolean := true;
+    hold_expires bigint;
 BEGIN
     IF slots = 0 OR n = 0 THEN
+        -- A reservation of nothing is allowed, and may still be settled (for more).
+        IF p_hold IS NOT NULL AND NOT p_read_only THEN
+            INSERT INTO @schema@.sluice_holds AS t (id, digest, expires_at, settled)
+                 VALUES (p_hold, p_digest,
+                         (EXTRACT(EPOCH FROM pg_catalog.clock_timestamp()) * 1000000)::bigint
+                           + GREATEST(p_ttl, 1), false)
+            ON CONFLICT (id) DO NOTHING;
+        END IF;
         RETURN '{}';
     END IF;
     IF NOT p_read_only THEN
@@ -142,6 +211,17 @@ BEGIN
             lp[s] := true; la[s] := r.a; lb[s] := r.b; lc[s] := r.c;
         END LOOP;
     END IF;
+    -- A concurrency window's state is counted from its live slots: (open, free_at).
+    FOR i IN 0 .. n - 1 LOOP
+        CONTINUE WHEN p_args[i * 7 + 2] <> 3;
+        s := p_args[i * 7 + 1];
+        CONTINUE WHEN sa[s] = 3;
+        sa[s] := 3;
+        SELECT pg_catalog.count(*), pg_catalog.min(t.expires_at) INTO ca, cb
+          FROM @schema@.sluice_slots AS t
+         WHERE t.key = p_keys[s] AND t.expires_at > now_us;
+        lp[s] := true; la[s] := ca; lb[s] := coalesce(cb, now_us); lc[s] := 0;
+    END LOOP;
     res := pg_catalog.array_fill(0::bigint, ARRAY[n * 4]);
 
     -- Pass 1: every window as if the decision were allowed, so repeated counters see
@@ -169,6 +249,20 @@ BEGIN
                 END IF;
                 -- charge_denied locks out for at most one more bucket after the last attempt.
                 ga := LEAST(ga, GREATEST(now_us + 2 * tau, ca)); gb := 0; gc := 0;
+            ELSIF alg = 3 THEN
+                -- concurrency: slots in flight (a) against the capacity; b: when the
+                -- first of them expires, the longest a denied call must wait.
+                IF wp[s] AND wa[s] > 0 THEN ca := wa[s]; cb := GREATEST(wb[s], now_us);
+                ELSE ca := 0; cb := now_us;
+                END IF;
+                cc := 0;
+                ga := ca + cost;
+                allowed := cost = 0 OR ga <= cap;
+                IF allowed THEN retry := 0;
+                ELSIF cost > cap THEN retry := -1;
+                ELSE retry := cb - now_us;
+                END IF;
+                gb := cb; gc := 0;
             ELSE
                 IF period < 0 THEN ws := @schema@.sluice_month_start(now_us, 0);
                 ELSE ws := now_us - now_us % period;
@@ -244,6 +338,9 @@ BEGIN
             IF alg = 0 THEN
                 res[i * 4 + 2] := GREATEST(now_us + tau - ca, 0) / ivl;
                 res[i * 4 + 3] := GREATEST(ca - now_us, 0);
+            ELSIF alg = 3 THEN
+                res[i * 4 + 2] := GREATEST(cap - ca, 0);
+                res[i * 4 + 3] := CASE WHEN ca > 0 THEN cb - now_us ELSE 0 END;
             ELSIF alg = 1 THEN
                 res[i * 4 + 2] := GREATEST(cap - cb, 0);
                 res[i * 4 + 3] := CASE WHEN cb > 0 THEN we - now_us ELSE 0 END;
@@ -260,7 +357,8 @@ BEGIN
         RETURN res;
     END IF;
     FOR s IN 1 .. slots LOOP
-        IF wp[s] AND (NOT lp[s] OR wa[s] <> la[s] OR wb[s] <> lb[s] OR wc[s] <> lc[s]) THEN
+        -- A concurrency window is not a row of sluice_counters: its slots are below.
+        IF sa[s] <> 3 AND wp[s] AND (NOT lp[s] OR wa[s] <> la[s] OR wb[s] <> lb[s] OR wc[s] <> lc[s]) THEN
             changed := changed || s;
             -- Kept exactly as long as it matters (the engine's expires_at).
             ea := ea || CASE WHEN sa[s] = 0 THEN wa[s]
@@ -282,35 +380,74 @@ BEGIN
         ON CONFLICT (key) DO UPDATE
            SET a = excluded.a, b = excluded.b, c = excluded.c, expires_at = excluded.expires_at;
     END IF;
+    -- An allowed reservation: its hold, and a slot of every concurrency window it
+    -- charged (one per window, whatever the cost, as the memory store counts them). An
+    -- id already recorded is kept as it was: ids are 128 random bits, so a repeat is a
+    -- caller's mistake, and waiting for that row's lock here could deadlock with its
+    -- settlement.
+    IF p_hold IS NOT NULL AND decision_allowed THEN
+        hold_expires := now_us + GREATEST(p_ttl, 1);
+        INSERT INTO @schema@.sluice_holds AS t (id, digest, expires_at, settled)
+             VALUES (p_hold, p_digest, hold_expires, false)
+        ON CONFLICT (id) DO NOTHING;
+        FOR s IN 1 .. slots LOOP
+            CONTINUE WHEN sa[s] <> 3 OR wa[s] = la[s];
+            INSERT INTO @schema@.sluice_slots AS t (key, hold, expires_at)
+                 VALUES (p_keys[s], p_hold, hold_expires)
+            ON CONFLICT (key, hold) DO NOTHING;
+        END LOOP;
+    END IF;
     RETURN res;
 END
 $sluice$;
 
--- Forgets counters, under the same locks as decisions so a reset is never undone by a
--- decision that read the counter before it. Returns how many live counters went.
+-- Decides every window of one request atomically: sluice_reserve without a hold (see
+-- there for the arguments and the answer). A SQL function of one SELECT, so the
+-- planner inlines it into the caller's statement; version 2 instances call it during a
+-- rolling upgrade.
+CREATE OR REPLACE FUNCTION @schema@.sluice_decide(p_keys text[], p_args bigint[], p_read_only boolean)
+RETURNS bigint[]
+LANGUAGE sql
+AS $sluice$
+SELECT @schema@.sluice_reserve(p_keys, p_args, p_read_only, NULL::text, NULL::text, 0::bigint)
+$sluice$;
+
+-- Forgets counters (and the slots of concurrency windows: their reservations stay
+-- open, but hold no slot any more), under the same locks as decisions so a reset is
+-- never undone by a decision that read the counter before it. Returns how many live
+-- counters went (a concurrency window with live slots counts once).
 CREATE OR REPLACE FUNCTION @schema@.sluice_reset(p_keys text[])
 RETURNS bigint
 LANGUAGE plpgsql
 AS $sluice$
 DECLARE
+    now_us bigint;
     removed bigint;
+    released bigint;
 BEGIN
     PERFORM pg_catalog.pg_advisory_xact_lock(q.h)
        FROM (SELECT DISTINCT pg_catalog.hashtextextended(k, 1936487781) AS h
                FROM pg_catalog.unnest(p_keys) AS k ORDER BY 1) AS q;
+    now_us := (EXTRACT(EPOCH FROM pg_catalog.clock_timestamp()) * 1000000)::bigint;
     WITH gone AS (
         DELETE FROM @schema@.sluice_counters AS t WHERE t.key = ANY (p_keys) RETURNING t.expires_at
     )
-    SELECT pg_catalog.count(*) INTO removed FROM gone
-     WHERE gone.expires_at > (EXTRACT(EPOCH FROM pg_catalog.clock_timestamp()) * 1000000)::bigint;
-    RETURN removed;
+    SELECT pg_catalog.count(*) INTO removed FROM gone WHERE gone.expires_at > now_us;
+    WITH gone AS (
+        DELETE FROM @schema@.sluice_slots AS t WHERE t.key = ANY (p_keys) RETURNING t.key, t.expires_at
+    )
+    SELECT pg_catalog.count(DISTINCT gone.key) INTO released FROM gone WHERE gone.expires_at > now_us;
+    RETURN removed + released;
 END
 $sluice$;
 
--- Deletes up to p_batch counters that expired more than p_grace_us ago; returns how
--- many, or -1 when another instance swept less than p_every_us ago (p_every_us = 0:
--- sweep regardless, to go on after a full batch). Rows a decision holds are skipped,
--- so a sweep never waits for a decision nor makes one wait long.
+-- Deletes up to p_batch counters, up to p_batch slots and up to p_batch holds that
+-- expired more than p_grace_us ago; returns how many rows went (p_batch or more: call
+-- again), or -1 when another instance swept less than p_every_us ago (p_every_us = 0:
+-- sweep regardless, to go on after a full batch).
+-- Rows a decision or a settlement holds are skipped, so a sweep never waits for one
+-- nor makes one wait long. Expired slots and holds count for nothing already (every
+-- reader compares expires_at with its clock): the sweep only reclaims their space.
 CREATE OR REPLACE FUNCTION @schema@.sluice_sweep(p_batch integer, p_grace_us bigint, p_every_us bigint)
 RETURNS bigint
 LANGUAGE plpgsql
@@ -318,6 +455,7 @@ AS $sluice$
 DECLARE
     now_us bigint := (EXTRACT(EPOCH FROM pg_catalog.clock_timestamp()) * 1000000)::bigint;
     deleted bigint;
+    more bigint;
 BEGIN
     IF p_every_us > 0 THEN
         PERFORM 1 FROM @schema@.sluice_sweeper
@@ -333,31 +471,51 @@ BEGIN
                       WHERE d.expires_at < now_us - p_grace_us
                       LIMIT p_batch FOR UPDATE SKIP LOCKED);
     GET DIAGNOSTICS deleted = ROW_COUNT;
-    RETURN deleted;
+    DELETE FROM @schema@.sluice_slots AS t
+     WHERE (t.key, t.hold) IN (SELECT d.key, d.hold FROM @schema@.sluice_slots AS d
+                                WHERE d.expires_at < now_us - p_grace_us
+                                LIMIT p_batch FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS more = ROW_COUNT;
+    deleted := deleted + more;
+    DELETE FROM @schema@.sluice_holds AS t
+     WHERE t.id IN (SELECT d.id FROM @schema@.sluice_holds AS d
+                     WHERE d.expires_at < now_us - p_grace_us
+                     LIMIT p_batch FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS more = ROW_COUNT;
+    RETURN deleted + more;
 END
 $sluice$;
 
--- Gives back what an earlier decision charged (Store::refund; the engine's
--- Window::refund): gcra moves the tat back by cost intervals, never before now; a fixed
--- window's current count goes down; a sliding window's current count, then its previous
--- one. Never below an empty counter; an absent or expired counter is left alone.
---   p_keys: the distinct counters refunded; p_args: 6 values per window: slot (1-based
---   index into p_keys), algorithm (0 gcra, 1 fixed, 2 sliding), capacity, period (µs;
---   -1: a UTC calendar month), gcra interval (µs), cost. Under the same locks as
---   decisions. Returns the number of counters written.
-CREATE OR REPLACE FUNCTION @schema@.sluice_refund(p_keys text[], p_args bigint[])
+-- Moves counters by signed amounts, under the same advisory locks as decisions: the
+-- engine's Window::refund when negative and Window::force when positive, as
+-- Store::refund and Store::settle need them. A refund: gcra moves the tat back by cost
+-- intervals, never before now; a fixed window's current count goes down; a sliding
+-- window's current count, then its previous one; never below an empty counter, and an
+-- absent or expired counter is left alone. A forced charge brings the state to now and
+-- charges it whatever the limit says: a gcra tat up to 2^50 µs ahead of now (the
+-- engine's MAX_DEBT_MICROS), window counts up to 2^61 (so that every sum of two, in
+-- sluice_reserve, stays a bigint).
+--   p_keys: the distinct counters moved; p_args: 6 values per window: slot (1-based
+--   index into p_keys), algorithm (0 gcra, 1 fixed, 2 sliding; 3 concurrency is
+--   skipped: its slots are not moved this way), capacity, period (µs; -1: a UTC
+--   calendar month, fixed windows only), gcra interval (µs), amount; p_sign: 1
+--   (amounts are signed changes) or -1 (amounts are refunds: minus each, negative ones
+--   counting as 0). Returns the number of counters written.
+CREATE OR REPLACE FUNCTION @schema@.sluice_move(p_keys text[], p_args bigint[], p_sign integer)
 RETURNS bigint
 LANGUAGE plpgsql
 AS $sluice$
 DECLARE
     n integer := coalesce(pg_catalog.array_length(p_args, 1), 0) / 6;
     slots integer := coalesce(pg_catalog.array_length(p_keys, 1), 0);
+    max_debt constant bigint := 1125899906842624;
+    max_count constant bigint := 2305843009213693952;
     now_us bigint;
     wp boolean[]; wa bigint[]; wb bigint[]; wc bigint[]; sa bigint[]; sp bigint[];
     dirty boolean[];
     r record;
     i integer; o integer; s integer;
-    alg bigint; period bigint; ivl bigint; cost bigint;
+    alg bigint; period bigint; ivl bigint; delta bigint; cost bigint;
     ws bigint; ca bigint; cb bigint; cc bigint; take bigint;
     written bigint := 0;
 BEGIN
@@ -380,49 +538,140 @@ BEGIN
     FOR i IN 1 .. n LOOP
         o := (i - 1) * 6;
         s := p_args[o + 1]::integer; alg := p_args[o + 2];
-        period := p_args[o + 4]; ivl := p_args[o + 5]; cost := p_args[o + 6];
+        period := p_args[o + 4]; ivl := GREATEST(p_args[o + 5], 1);
+        -- A refund never charges, whatever it is given.
+        IF p_sign < 0 THEN delta := -GREATEST(p_args[o + 6], 0); ELSE delta := p_args[o + 6]; END IF;
         sa[s] := alg; sp[s] := period;
-        CONTINUE WHEN NOT wp[s] OR cost <= 0;
-        IF alg = 0 THEN
-            ca := GREATEST(wa[s], now_us);
-            cb := GREATEST(ca - cost * ivl, now_us);
-            IF cb <> ca THEN
-                wa[s] := cb; wb[s] := 0; wc[s] := 0; dirty[s] := true;
+        CONTINUE WHEN delta = 0 OR alg = 3;
+        -- A fixed or sliding window's current start; a calendar month's for period -1.
+        IF alg = 0 THEN ws := 0;
+        ELSIF period < 0 THEN ws := @schema@.sluice_month_start(now_us, 0);
+        ELSE ws := now_us - (now_us % period);
+        END IF;
+        IF delta < 0 THEN
+            CONTINUE WHEN NOT wp[s];
+            cost := -delta;
+            IF alg = 0 THEN
+                ca := GREATEST(wa[s], now_us);
+                cb := GREATEST(ca - LEAST(cost, 9223372036854775807 / ivl) * ivl, now_us);
+                IF cb <> ca THEN
+                    wa[s] := cb; wb[s] := 0; wc[s] := 0; dirty[s] := true;
+                END IF;
+            ELSE
+                IF wa[s] >= ws THEN
+                    ca := wa[s]; cb := wb[s]; cc := wc[s];
+                ELSIF alg = 2 AND wa[s] = ws - period THEN
+                    ca := ws; cb := 0; cc := wb[s];
+                ELSE
+                    CONTINUE;
+                END IF;
+                -- The current window's count first, then (sliding) the previous one's.
+                take := LEAST(cb, cost);
+                cb := cb - take;
+                IF alg = 2 THEN
+                    cc := cc - LEAST(cc, cost - take);
+                END IF;
+                IF ca <> wa[s] OR cb <> wb[s] OR cc <> wc[s] THEN
+                    wa[s] := ca; wb[s] := cb; wc[s] := cc; dirty[s] := true;
+                END IF;
             END IF;
         ELSE
-            IF period < 0 THEN ws := @schema@.sluice_month_start(now_us, 0);
-            ELSE ws := now_us - (now_us % period);
-            END IF;
-            IF wa[s] >= ws THEN
-                ca := wa[s]; cb := wb[s]; cc := wc[s];
-            ELSIF alg = 2 AND wa[s] = ws - period THEN
-                ca := ws; cb := 0; cc := wb[s];
+            cost := LEAST(delta, max_count);
+            IF alg = 0 THEN
+                IF wp[s] AND wa[s] > now_us THEN ca := wa[s]; ELSE ca := now_us; END IF;
+                IF cost > max_debt / ivl THEN
+                    ca := now_us + max_debt;
+                ELSE
+                    ca := LEAST(ca + cost * ivl, now_us + max_debt);
+                END IF;
+                wa[s] := ca; wb[s] := 0; wc[s] := 0;
             ELSE
-                CONTINUE;
+                -- As in sluice_reserve, a later window's state is the current one.
+                IF wp[s] AND wa[s] >= ws THEN
+                    ca := wa[s]; cb := LEAST(wb[s], max_count); cc := wc[s];
+                ELSIF alg = 2 AND wp[s] AND wa[s] = ws - period THEN
+                    ca := ws; cb := 0; cc := wb[s];
+                ELSE
+                    ca := ws; cb := 0; cc := 0;
+                END IF;
+                IF alg = 1 THEN cc := 0; END IF;
+                cb := CASE WHEN cost >= max_count - cb THEN max_count ELSE cb + cost END;
+                wa[s] := ca; wb[s] := cb; wc[s] := cc;
             END IF;
-            -- The current window's count first, then (sliding) the previous one's.
-            take := LEAST(cb, cost);
-            cb := cb - take;
-            IF alg = 2 THEN
-                cc := cc - LEAST(cc, cost - take);
-            END IF;
-            IF ca <> wa[s] OR cb <> wb[s] OR cc <> wc[s] THEN
-                wa[s] := ca; wb[s] := cb; wc[s] := cc; dirty[s] := true;
-            END IF;
+            wp[s] := true; dirty[s] := true;
         END IF;
     END LOOP;
     FOR s IN 1 .. slots LOOP
         CONTINUE WHEN NOT dirty[s];
-        UPDATE @schema@.sluice_counters AS t
-           SET a = wa[s], b = wb[s], c = wc[s],
-               expires_at = CASE WHEN sa[s] = 0 THEN wa[s]
-                                 WHEN sp[s] < 0 THEN @schema@.sluice_month_start(wa[s], 1)
-                                 WHEN sa[s] = 1 OR wb[s] = 0 THEN wa[s] + sp[s]
-                                 ELSE wa[s] + 2 * sp[s] END
-         WHERE t.key = p_keys[s];
+        INSERT INTO @schema@.sluice_counters AS t (key, a, b, c, expires_at)
+             VALUES (p_keys[s], wa[s], wb[s], wc[s],
+                     CASE WHEN sa[s] = 0 THEN wa[s]
+                          WHEN sp[s] < 0 THEN @schema@.sluice_month_start(wa[s], 1)
+                          WHEN sa[s] = 1 OR wb[s] = 0 THEN wa[s] + sp[s]
+                          ELSE wa[s] + 2 * sp[s] END)
+        ON CONFLICT (key) DO UPDATE
+           SET a = excluded.a, b = excluded.b, c = excluded.c, expires_at = excluded.expires_at;
         written := written + 1;
     END LOOP;
     RETURN written;
+END
+$sluice$;
+
+-- Gives back what an earlier decision charged (Store::refund): sluice_move by minus
+-- each cost (p_args as there, the amount being the cost). Returns the number of
+-- counters written.
+CREATE OR REPLACE FUNCTION @schema@.sluice_refund(p_keys text[], p_args bigint[])
+RETURNS bigint
+LANGUAGE sql
+AS $sluice$
+SELECT @schema@.sluice_move(p_keys, p_args, -1)
+$sluice$;
+
+-- Settles a reservation (Store::settle; the engine's reservation::settle): moves every
+-- charged window by its check's actual - estimate with sluice_move (a refund when
+-- negative, a forced charge into debt when positive).
+--   p_keys, p_args: as sluice_move's, the amount being the signed change.
+--   p_slot_keys: the request's concurrency windows, whose slot the hold gives back.
+--   p_hold, p_digest: the reservation; a NULL p_hold books the change unconditionally
+--     (work already done, no reservation to check).
+-- Returns 0: settled now; 1: settled before (nothing changed); 2: no open hold has this
+-- id and digest (never made, expired, or forged; nothing changed).
+--
+-- The hold's row is locked first (FOR UPDATE: two settlements of one hold queue, and
+-- the second finds it settled), then the counters' advisory locks in ascending hash
+-- order as decisions take them. A reservation never waits for a hold's row while it
+-- holds advisory locks (it only inserts new ones), so the two never wait on each other
+-- in a cycle. Slots are deleted without their key's lock: a reservation counting them
+-- meanwhile sees them until this commits, an over-count never an under-count.
+CREATE OR REPLACE FUNCTION @schema@.sluice_settle(p_keys text[], p_args bigint[], p_slot_keys text[],
+                                                  p_hold text, p_digest text)
+RETURNS integer
+LANGUAGE plpgsql
+AS $sluice$
+DECLARE
+    now_us bigint;
+    held record;
+BEGIN
+    IF p_hold IS NOT NULL THEN
+        SELECT t.digest, t.expires_at, t.settled INTO held
+          FROM @schema@.sluice_holds AS t WHERE t.id = p_hold FOR UPDATE;
+        IF NOT FOUND THEN
+            RETURN 2;
+        END IF;
+        now_us := (EXTRACT(EPOCH FROM pg_catalog.clock_timestamp()) * 1000000)::bigint;
+        IF held.expires_at <= now_us OR held.digest <> p_digest THEN
+            RETURN 2;
+        END IF;
+        IF held.settled THEN
+            RETURN 1;
+        END IF;
+        UPDATE @schema@.sluice_holds AS t SET settled = true WHERE t.id = p_hold;
+        IF coalesce(pg_catalog.cardinality(p_slot_keys), 0) > 0 THEN
+            DELETE FROM @schema@.sluice_slots AS t WHERE t.key = ANY (p_slot_keys) AND t.hold = p_hold;
+        END IF;
+    END IF;
+    PERFORM @schema@.sluice_move(p_keys, p_args, 1);
+    RETURN 0;
 END
 $sluice$;
 
@@ -433,5 +682,5 @@ INSERT INTO @schema@.sluice_migrations (version, description)
      VALUES (2, 'sluice_refund')
 ON CONFLICT (version) DO NOTHING;
 INSERT INTO @schema@.sluice_migrations (version, description)
-     VALUES (3, 'calendar-month windows: sluice_month_start; period -1 in sluice_decide and sluice_refund')
+     VALUES (3, 'calendar-month windows (sluice_month_start, period -1); reservations: sluice_holds, sluice_slots, sluice_reserve, sluice_settle and sluice_move')
 ON CONFLICT (version) DO NOTHING;

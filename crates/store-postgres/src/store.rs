@@ -1,5 +1,5 @@
 //! The store itself: [`PostgresStore`], its connections, and the [`Store`] calls
-//! (decide, refund, reset, ping) as statements.
+//! (decide, refund, reserve, settle, reset, ping) as statements.
 //!
 //! # One round trip per decision
 //! A decision, whatever its number of checks and windows, is one call of the plpgsql
@@ -12,6 +12,19 @@
 //! shared counters serialise without deadlocks; dry runs (and requests whose every cost
 //! is 0) take no lock and write nothing.
 //!
+//! # One round trip per reservation and per settlement
+//! A reservation is one call of `sluice_reserve`, the same function with a hold:
+//! `sluice_decide` is `sluice_reserve` without one. When the decision is allowed it
+//! records the hold (`sluice_holds`, expiring `ttl` after the database's clock) and
+//! one row in `sluice_slots` per concurrency window it charged; a concurrency window's
+//! state is counted from its key's live slots under the key's advisory lock, so
+//! concurrent reservations of one key never hold more slots than it has. A settlement
+//! is one call of `sluice_settle`: it locks the hold's row, answers `Unknown` or
+//! `AlreadySettled` without changing anything, or marks it settled, deletes its slots
+//! and moves every charged window by `actual - estimate` (a refund, or a forced charge
+//! into debt) under the counters' advisory locks. Neither is ever sent twice when it
+//! may have run.
+//!
 //! # Connections
 //! A deadpool pool of `pool_size` connections, created on first use, recycled after a
 //! check that the connection is still open (no extra round trip). What a session is set
@@ -23,8 +36,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use sluice_engine::{
-    Algorithm, DecisionRequest, Limit, Outcomes, Rate, Store, StoreError, StoreFuture, StoreStats,
-    WindowOutcome, WindowOutcomes,
+    Algorithm, DecisionRequest, Hold, Limit, Micros, Outcomes, Rate, SettleStatus, Settlement,
+    Store, StoreError, StoreFuture, StoreStats, Window, WindowOutcome, WindowOutcomes,
 };
 use tokio_postgres::NoTls;
 
@@ -103,17 +116,7 @@ impl PostgresStore {
         k.push_str(&self.prefix);
         k.push_str(counter);
         k.push(':');
-        // PostgreSQL text cannot hold a zero byte: such a key would be refused, so it
-        // is written as hex behind a \x01 mark (as is any key starting with the mark,
-        // so no two keys share a row).
-        if key.contains('\0') || key.starts_with('\u{1}') {
-            k.push('\u{1}');
-            for byte in key.bytes() {
-                let _ = write!(k, "{byte:02x}");
-            }
-        } else {
-            k.push_str(key);
-        }
+        push_text(&mut k, key);
         k
     }
 
@@ -205,7 +208,9 @@ impl PostgresStore {
         failure
     }
 
-    async fn decide_inner(&self, request: &DecisionRequest) -> Result<Outcomes, StoreError> {
+    /// The arguments of `sluice_decide` and `sluice_reserve` for `request`: its distinct
+    /// counters, seven integers per window, and whether any window costs something.
+    fn decision_args(&self, request: &DecisionRequest) -> (Vec<String>, Vec<i64>, bool) {
         let count = request.window_count();
         let mut keys: Vec<String> = Vec::with_capacity(count);
         let mut slots: HashMap<(&str, &str), i64> = HashMap::with_capacity(count);
@@ -217,25 +222,20 @@ impl PostgresStore {
                 keys.len() as i64
             });
             let window = &lw.window;
-            let capacity = window.capacity();
-            let period = function_period(window.rate());
-            let algorithm = algorithm_code(window.algorithm());
-            let interval = window.rate().period_micros() / window.rate().quota() as i64;
             let limit = check.limit();
             let flags = i64::from(limit.charge_denied()) | (i64::from(limit.shadow()) << 1);
             // Capacities are at most 10^9: far inside i64.
-            let cost = check.cost().min(capacity + 1) as i64;
+            let cost = check.cost().min(window.capacity() + 1) as i64;
             charges |= cost > 0;
-            args.extend_from_slice(&[
-                slot,
-                algorithm,
-                capacity as i64,
-                period,
-                interval,
-                cost,
-                flags,
-            ]);
+            args.push(slot);
+            args.extend_from_slice(&window_args(window));
+            args.extend_from_slice(&[cost, flags]);
         }
+        (keys, args, charges)
+    }
+
+    async fn decide_inner(&self, request: &DecisionRequest) -> Result<Outcomes, StoreError> {
+        let (keys, args, charges) = self.decision_args(request);
         // A dry run, or a request of reads only, charges nothing: it may be repeated.
         let read_only = request.dry_run || !charges;
         let row = self
@@ -245,10 +245,117 @@ impl PostgresStore {
                 read_only,
             )
             .await?;
-        let reply: Vec<i64> = row
+        outcomes_of(&row, "sluice_decide", request.window_count())
+    }
+
+    async fn reserve_inner(
+        &self,
+        request: &DecisionRequest,
+        hold: &Hold,
+    ) -> Result<Outcomes, StoreError> {
+        let Some(id) = hold_id(&hold.id.id) else {
+            // Not an id any settlement could name: decided without holding anything,
+            // as the memory store does.
+            return self.decide_inner(request).await;
+        };
+        let mut digest = String::with_capacity(hold.id.digest.len());
+        push_text(&mut digest, &hold.id.digest);
+        let ttl: i64 = hold.ttl.clamp(1, MAX_HOLD_TTL);
+        let (keys, args, _) = self.decision_args(request);
+        // Even a reservation of costs 0 records its hold (it may be settled for more), so
+        // only a dry run writes nothing; only a dry run may be repeated.
+        let read_only = request.dry_run;
+        let row = self
+            .query(
+                &self.statements.reserve,
+                &[&keys, &args, &read_only, &id, &digest, &ttl],
+                read_only,
+            )
+            .await?;
+        outcomes_of(&row, "sluice_reserve", request.window_count())
+    }
+
+    async fn settle_inner(&self, settlement: &Settlement) -> Result<SettleStatus, StoreError> {
+        if !settlement.is_well_formed() {
+            return Ok(SettleStatus::Unknown);
+        }
+        let hold = match &settlement.hold {
+            None => None,
+            Some(hold) => {
+                let Some(id) = hold_id(&hold.id) else {
+                    return Ok(SettleStatus::Unknown);
+                };
+                let mut digest = String::with_capacity(hold.digest.len());
+                push_text(&mut digest, &hold.digest);
+                Some((id, digest))
+            }
+        };
+        let request = &settlement.request;
+        let mut keys: Vec<String> = Vec::new();
+        let mut slots: HashMap<(&str, &str), i64> = HashMap::new();
+        let mut args: Vec<i64> = Vec::new();
+        // The concurrency windows whose slot the hold gives back: every one of the
+        // request, charged or not (a slot is only ever the hold's own).
+        let mut slot_keys: Vec<String> = Vec::new();
+        // One flag per window, in `DecisionRequest::windows` order (checked above).
+        let mut charged = settlement.windows.iter();
+        let windows = request
+            .checks
+            .iter()
+            .enumerate()
+            .flat_map(|(index, check)| {
+                check
+                    .limit()
+                    .windows()
+                    .iter()
+                    .map(move |lw| (index, check, lw))
+            });
+        for (index, check, lw) in windows {
+            let moved = charged.next().copied().unwrap_or(false);
+            let window = &lw.window;
+            if window.algorithm() == Algorithm::Concurrency {
+                let key = self.key(&lw.counter, check.key());
+                if hold.is_some() && !slot_keys.contains(&key) {
+                    slot_keys.push(key);
+                }
+                continue;
+            }
+            // Clamped so that the function's sums stay inside bigint; far beyond any
+            // capacity (at most 10^9), so it decides the same.
+            let delta = settlement.delta(index).clamp(-MAX_DELTA, MAX_DELTA) as i64;
+            if !moved || delta == 0 {
+                continue;
+            }
+            let slot = *slots.entry((&lw.counter, check.key())).or_insert_with(|| {
+                keys.push(self.key(&lw.counter, check.key()));
+                keys.len() as i64
+            });
+            args.push(slot);
+            args.extend_from_slice(&window_args(window));
+            args.push(delta);
+        }
+        if hold.is_none() && keys.is_empty() {
+            // Work already done that moves nothing: booked, with nothing to write.
+            return Ok(SettleStatus::Settled);
+        }
+        let (id, digest) = match &hold {
+            Some((id, digest)) => (Some(id.as_str()), Some(digest.as_str())),
+            None => (None, None),
+        };
+        // Never repeated when it may have run: without a hold it would book twice, and
+        // with one the second answer would be "already settled" for a settlement that
+        // has just been applied.
+        let row = self
+            .query(
+                &self.statements.settle,
+                &[&keys, &args, &slot_keys, &id, &digest],
+                false,
+            )
+            .await?;
+        let status: i32 = row
             .try_get(0)
-            .map_err(|e| StoreError::Protocol(format!("sluice_decide answered: {e}")))?;
-        parse_reply(&reply, count)
+            .map_err(|e| StoreError::Protocol(format!("sluice_settle answered: {e}")))?;
+        settle_status(status)
     }
 
     async fn refund_inner(
@@ -269,17 +376,10 @@ impl PostgresStore {
                 keys.len() as i64
             });
             let window = &lw.window;
-            let capacity = window.capacity();
-            let period = function_period(window.rate());
-            args.extend_from_slice(&[
-                slot,
-                algorithm_code(window.algorithm()),
-                capacity as i64,
-                period,
-                window.rate().period_micros() / window.rate().quota() as i64,
-                // More than the capacity was never charged in one decision.
-                check.cost().min(capacity) as i64,
-            ]);
+            args.push(slot);
+            args.extend_from_slice(&window_args(window));
+            // More than the capacity was never charged in one decision.
+            args.push(check.cost().min(window.capacity()) as i64);
         }
         if keys.is_empty() {
             return Ok(());
@@ -310,6 +410,59 @@ impl PostgresStore {
     }
 }
 
+/// The longest a hold is kept, so that `now + ttl` stays inside bigint: about 36,000
+/// years, in practice for ever.
+const MAX_HOLD_TTL: Micros = 1 << 60;
+
+/// The largest change a settlement passes for one window: 2^62, far beyond any
+/// capacity, and small enough that `sluice_settle` computes with it in bigint.
+const MAX_DELTA: i128 = 1 << 62;
+
+/// Appends `text` as PostgreSQL text can hold it. Text cannot hold a zero byte, so a
+/// string containing one is written as hex behind a \x01 mark (as is any string that
+/// starts with the mark, so no two strings are written alike).
+fn push_text(out: &mut String, text: &str) {
+    if text.contains('\0') || text.starts_with('\u{1}') {
+        out.push('\u{1}');
+        for byte in text.bytes() {
+            let _ = write!(out, "{byte:02x}");
+        }
+    } else {
+        out.push_str(text);
+    }
+}
+
+/// A reservation id as the store records it: 32 hex digits, in lower case (ids that
+/// differ only in case name the same reservation, as in the memory store), or `None`
+/// for anything else.
+fn hold_id(id: &str) -> Option<String> {
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_ascii_lowercase())
+}
+
+/// What `sluice_settle` answered.
+fn settle_status(code: i32) -> Result<SettleStatus, StoreError> {
+    match code {
+        0 => Ok(SettleStatus::Settled),
+        1 => Ok(SettleStatus::AlreadySettled),
+        2 => Ok(SettleStatus::Unknown),
+        other => Err(StoreError::Protocol(format!(
+            "sluice_settle answered {other}, not a settlement status"
+        ))),
+    }
+}
+
+/// The outcomes `function` (`sluice_decide`, `sluice_reserve`) answered in `row`.
+fn outcomes_of(
+    row: &tokio_postgres::Row,
+    function: &str,
+    count: usize,
+) -> Result<Outcomes, StoreError> {
+    let reply: Vec<i64> = row
+        .try_get(0)
+        .map_err(|e| StoreError::Protocol(format!("{function} answered: {e}")))?;
+    parse_reply(&reply, count)
+}
+
 /// Turns the function's flat reply into outcomes.
 fn parse_reply(reply: &[i64], count: usize) -> Result<Outcomes, StoreError> {
     if reply.len() != count * 4 {
@@ -337,13 +490,27 @@ fn parse_reply(reply: &[i64], count: usize) -> Result<Outcomes, StoreError> {
 /// month's bounds on the database's clock (`sluice_month_start`, schema version 3).
 const CALENDAR_MONTH: i64 = -1;
 
-/// The period `sluice_decide` and `sluice_refund` take: microseconds, or [`CALENDAR_MONTH`].
+/// The period every function taking windows (`sluice_decide`, `sluice_reserve`,
+/// `sluice_refund`, `sluice_settle`) is sent: microseconds, or [`CALENDAR_MONTH`].
 fn function_period(rate: Rate) -> i64 {
     if rate.is_calendar_month() {
         CALENDAR_MONTH
     } else {
         rate.period_micros()
     }
+}
+
+/// A window as every function taking windows is told of it, after its slot: algorithm,
+/// capacity (at most 10^9: far inside i64), period ([`function_period`]) and gcra
+/// interval (µs).
+fn window_args(window: &Window) -> [i64; 4] {
+    let rate = window.rate();
+    [
+        algorithm_code(window.algorithm()),
+        window.capacity() as i64,
+        function_period(rate),
+        rate.period_micros() / rate.quota() as i64,
+    ]
 }
 
 /// The algorithm as `sluice_decide` and `sluice_refund` number it.
@@ -387,6 +554,18 @@ impl Store for PostgresStore {
         Box::pin(self.refund_inner(request, charged))
     }
 
+    fn reserve<'a>(
+        &'a self,
+        request: &'a DecisionRequest,
+        hold: &'a Hold,
+    ) -> StoreFuture<'a, Outcomes> {
+        Box::pin(self.reserve_inner(request, hold))
+    }
+
+    fn settle<'a>(&'a self, settlement: &'a Settlement) -> StoreFuture<'a, SettleStatus> {
+        Box::pin(self.settle_inner(settlement))
+    }
+
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move { self.query("SELECT 1", &[], true).await.map(|_| ()) })
     }
@@ -415,5 +594,33 @@ mod tests {
         let ok = parse_reply(&[1, 4, 10, 0, 0, 0, 5, -1], 2).expect("two windows");
         assert_eq!(ok.windows[1].retry_after, None);
         assert!(ok.windows[0].allowed && !ok.windows[1].allowed);
+    }
+
+    #[test]
+    fn hold_ids_are_32_hex_digits_in_lower_case() {
+        let upper = "0123456789ABCDEF0123456789abcdef";
+        assert_eq!(
+            hold_id(upper).as_deref(),
+            Some("0123456789abcdef0123456789abcdef")
+        );
+        assert_eq!(hold_id("0123"), None);
+        assert_eq!(hold_id("0123456789abcdef0123456789abcdeg"), None);
+        assert!(matches!(settle_status(3), Err(StoreError::Protocol(_))));
+    }
+
+    #[test]
+    fn text_with_a_zero_byte_is_written_as_hex() {
+        let mut plain = String::new();
+        push_text(&mut plain, "abc");
+        assert_eq!(plain, "abc");
+        let mut zero = String::new();
+        push_text(&mut zero, "a\0");
+        assert_eq!(zero, "\u{1}6100");
+        let mut marked = String::new();
+        push_text(&mut marked, "\u{1}");
+        assert_eq!(
+            marked, "\u{1}01",
+            "a string that starts with the mark is escaped too"
+        );
     }
 }

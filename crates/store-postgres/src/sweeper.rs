@@ -1,10 +1,12 @@
-//! Expiry: deleting counters whose state no longer matters.
+//! Expiry: deleting counters, holds and slots whose state no longer matters.
 //!
-//! Every row carries the moment its state stops mattering (the engine's `expires_at`).
-//! A background task ([`PostgresStore::start_sweeper`]) deletes expired rows in batches;
-//! instances sharing a table take turns (at most one sweep per interval across them;
-//! `sluice_sweep` records the last one in the table `sluice_sweeper`), and a sweep skips
-//! rows a decision holds, so it never waits for one.
+//! Every row carries the moment its state stops mattering (a counter's is the engine's
+//! `expires_at`; a reservation's hold and concurrency slots expire with its ttl).
+//! A background task ([`PostgresStore::start_sweeper`]) deletes expired rows in batches
+//! (each up to 10,000 rows of each table); instances sharing a table take turns (at most
+//! one sweep per interval across them; `sluice_sweep` records the last one in the table
+//! `sluice_sweeper`), and a sweep skips rows a decision or settlement holds, so it never
+//! waits for one.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -13,7 +15,8 @@ use sluice_engine::StoreError;
 
 use crate::PostgresStore;
 
-/// Rows one sweep statement deletes at most (each batch is its own transaction).
+/// Rows of each table one sweep statement deletes at most (each batch is its own
+/// transaction).
 const SWEEP_BATCH: i32 = 10_000;
 
 /// Batches one sweep runs at most before waiting for the next interval.
@@ -25,7 +28,8 @@ const SWEEP_MAX_BATCHES: usize = 100;
 const SWEEP_GRACE: Duration = Duration::from_secs(1);
 
 impl PostgresStore {
-    /// Deletes expired counters now, batch after batch; returns how many rows went, or
+    /// Deletes expired counters, holds and slots now, batch after batch; returns how many
+    /// rows went, or
     /// `None` when another instance swept less than `every` ago (`every` zero: sweep
     /// regardless).
     pub async fn sweep(&self, every: Duration) -> Result<Option<u64>, StoreError> {

@@ -1,15 +1,19 @@
-//! PostgreSQL-specific behaviour: one statement per decision, compact rows with exact
-//! expiry, calendar months whatever the session's time zone, a table that shrinks back
-//! after a key flood, reset of a whole limit, the
-//! migration (versioned, idempotent, by hand for a DBA, in another schema, unlogged),
-//! no deadlock between decisions taking shared counters in opposite orders, and
-//! survival of a database restart.
+//! PostgreSQL-specific behaviour: one statement per decision, reservation and
+//! settlement, compact rows with exact expiry, calendar months whatever the session's
+//! time zone (and settled into the month's row), a table that shrinks back after a key
+//! flood (holds and slots too), reset of a whole limit, the migration (versioned,
+//! idempotent, by hand for a DBA, in another schema, unlogged, and over a database of
+//! the previous version), no deadlock between decisions, reservations and settlements
+//! taking shared counters in opposite orders, and survival of a database restart.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_engine::calendar::{month_start, next_month_start};
-use sluice_engine::{Algorithm, Check, DecisionRequest, Limit, LimitSpec, Store, decide};
+use sluice_engine::{
+    Algorithm, Check, DecisionRequest, Hold, HoldId, Limit, LimitSpec, SettleStatus, Settlement,
+    Store, decide,
+};
 use sluice_store_postgres::{
     PostgresStore, PostgresStoreConfig, PostgresStoreError, SCHEMA_VERSION, SchemaStatus,
     migration_sql,
@@ -21,6 +25,43 @@ use sluice_testkit::system_now;
 fn limit(name: &str, rates: &[&str]) -> Arc<Limit> {
     let rates = rates.iter().map(|r| r.parse().expect("rate")).collect();
     Arc::new(Limit::new(name, LimitSpec::new(rates)).expect("limit"))
+}
+
+fn fixed(name: &str, rate: &str) -> Arc<Limit> {
+    let mut spec = LimitSpec::new(vec![rate.parse().expect("rate")]);
+    spec.algorithm = Algorithm::FixedWindow;
+    Arc::new(Limit::new(name, spec).expect("limit"))
+}
+
+fn in_flight(name: &str, slots: u64) -> Arc<Limit> {
+    Arc::new(Limit::new(name, LimitSpec::concurrency(slots)).expect("limit"))
+}
+
+/// A hold with the `n`th id of this test.
+fn hold(n: u64, ttl: Duration) -> Hold {
+    Hold {
+        id: HoldId {
+            id: format!("{n:032x}"),
+            digest: format!("digest-{n}"),
+        },
+        ttl: ttl.as_micros() as i64,
+    }
+}
+
+/// Settles the reservation `hold` of `request` at `actual`, every window charged.
+async fn settle(
+    store: &PostgresStore,
+    hold: &Hold,
+    request: &DecisionRequest,
+    actual: &[u64],
+) -> SettleStatus {
+    let settlement = Settlement {
+        hold: Some(hold.id.clone()),
+        request: request.clone(),
+        actual: actual.to_vec(),
+        windows: vec![true; request.window_count()],
+    };
+    store.settle(&settlement).await.expect("settle")
 }
 
 fn request(checks: &[(&Arc<Limit>, &str, u64)]) -> DecisionRequest {
@@ -63,14 +104,31 @@ fn rows(server: &PostgresServer) -> u64 {
         .expect("count")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_decision_is_one_statement_whatever_its_checks() {
+/// A server that counts statements (pg_stat_statements), with a migrated store.
+async fn setup_counting_statements() -> (PostgresServer, Arc<PostgresStore>) {
     let (server, store) = setup_with(&[
         "shared_preload_libraries=pg_stat_statements",
         "pg_stat_statements.track=all",
     ])
     .await;
     sql(&server, "CREATE EXTENSION pg_stat_statements");
+    (server, store)
+}
+
+/// How many statements clients sent since `pg_stat_statements_reset()`, and their text.
+fn top_level_statements(server: &PostgresServer) -> (u64, String) {
+    let top_level = sql(
+        server,
+        "SELECT coalesce(sum(calls), 0) || '|' || string_agg(query, ' ; ') FROM pg_stat_statements \
+         WHERE toplevel AND query NOT LIKE '%pg_stat_statements%'",
+    );
+    let (calls, queries) = top_level.split_once('|').expect("two fields");
+    (calls.parse().expect("a count"), queries.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_is_one_statement_whatever_its_checks() {
+    let (server, store) = setup_counting_statements().await;
     let a = limit("a", &["5/minute", "100/hour"]);
     let b = limit("b", &["10/second"]);
     let req = request(&[(&a, "user:1", 1), (&b, "ip:1", 1), (&a, "user:1", 1)]);
@@ -81,18 +139,48 @@ async fn a_decision_is_one_statement_whatever_its_checks() {
     for _ in 0..10 {
         decide(&*store, &req).await.expect("decide");
     }
-    let top_level = sql(
-        &server,
-        "SELECT coalesce(sum(calls), 0) || '|' || string_agg(query, ' ; ') FROM pg_stat_statements \
-         WHERE toplevel AND query NOT LIKE '%pg_stat_statements%'",
-    );
-    let (calls, queries) = top_level.split_once('|').expect("two fields");
+    let (calls, queries) = top_level_statements(&server);
     assert_eq!(
-        calls, "10",
+        calls, 10,
         "one statement per decision, and nothing else: {queries}"
     );
     assert!(queries.contains("sluice_decide"), "{queries}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_and_a_settlement_are_one_statement_each() {
+    let (server, store) = setup_counting_statements().await;
+    let a = limit("a", &["50/minute", "100/hour"]);
+    let c = in_flight("c", 3);
+    let req = request(&[(&a, "user:1", 2), (&c, "user:1", 1)]);
+    // The first calls prepare the statements.
+    store.reserve(&req, &hold(1, HOUR)).await.expect("reserve");
+    assert_eq!(
+        settle(&store, &hold(1, HOUR), &req, &[1, 1]).await,
+        SettleStatus::Settled
+    );
+    sql(&server, "SELECT pg_stat_statements_reset()");
+    for n in 2..7 {
+        let h = hold(n, HOUR);
+        let outcomes = store.reserve(&req, &h).await.expect("reserve");
+        assert!(outcomes.windows.iter().all(|w| w.allowed));
+        assert_eq!(
+            settle(&store, &h, &req, &[3, 1]).await,
+            SettleStatus::Settled
+        );
+    }
+    let (calls, queries) = top_level_statements(&server);
+    assert_eq!(
+        calls, 10,
+        "one statement per call, and nothing else: {queries}"
+    );
+    assert!(
+        queries.contains("sluice_reserve") && queries.contains("sluice_settle"),
+        "{queries}"
+    );
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_is_compact_and_expires_when_it_stops_mattering() {
@@ -159,9 +247,7 @@ async fn the_functions_calendar_months_agree_with_the_engine_in_any_time_zone() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_calendar_month_counter_lives_until_the_next_month_start() {
     let (server, store) = setup().await;
-    let mut spec = LimitSpec::new(vec!["3/month".parse().expect("rate")]);
-    spec.algorithm = Algorithm::FixedWindow;
-    let l = Arc::new(Limit::new("budget", spec).expect("limit"));
+    let l = fixed("budget", "3/month");
     let before = system_now();
     decide(&*store, &request(&[(&l, "key:1", 2)]))
         .await
@@ -176,6 +262,70 @@ async fn a_calendar_month_counter_lives_until_the_next_month_start() {
              WHERE key = 'sluice:budget:f1mo:key:1'"
         ),
         format!("{}:2:0:{}", month_start(before), next_month_start(before))
+    );
+}
+
+/// A calendar-month window reserved and settled stays in this month's row: a settlement
+/// above the estimate (debt, `Window::force`) and one below it (a refund) move this
+/// month's count, the row still expires at the next month start, and the debt denies
+/// until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calendar_month_reservation_settles_into_the_months_row() {
+    let (server, store) = setup().await;
+    let budget = fixed("budget", "5/month");
+    let month_row = || {
+        sql(
+            &server,
+            "SELECT a || ':' || b || ':' || c || ':' || expires_at FROM public.sluice_counters \
+             WHERE key = 'sluice:budget:f1mo:user:1'",
+        )
+    };
+    let before = system_now();
+    let (start, next) = (month_start(before), next_month_start(before));
+    let estimate = request(&[(&budget, "user:1", 2)]);
+    let h = hold(1, HOUR);
+    let reserved = store.reserve(&estimate, &h).await.expect("reserve");
+    assert!(reserved.windows[0].allowed);
+    assert_eq!(reserved.windows[0].remaining, 3);
+    // It cost 8: 6 more, 3 past the quota.
+    assert_eq!(
+        settle(&store, &h, &estimate, &[8]).await,
+        SettleStatus::Settled
+    );
+    let in_debt = month_row();
+    let denied = decide(&*store, &request(&[(&budget, "user:1", 1)]))
+        .await
+        .expect("decide");
+    let after = system_now();
+    if next_month_start(after) != next {
+        return; // ran across a month start: either month may hold the row
+    }
+    assert_eq!(
+        in_debt,
+        format!("{start}:8:0:{next}"),
+        "in debt, this month"
+    );
+    assert!(!denied.allowed, "in debt until the next month");
+    let retry = denied.retry_after.expect("a retry time");
+    assert!(
+        (next - after - 1_000_000..=next - before + 1_000_000).contains(&retry),
+        "retry in {retry} µs, until the next month start"
+    );
+    // Work booked without a hold at 0 for an estimate of 6: 6 given back.
+    let refund = Settlement {
+        hold: None,
+        request: request(&[(&budget, "user:1", 6)]),
+        actual: vec![0],
+        windows: vec![true],
+    };
+    assert_eq!(
+        store.settle(&refund).await.expect("settle"),
+        SettleStatus::Settled
+    );
+    assert_eq!(
+        month_row(),
+        format!("{start}:2:0:{next}"),
+        "refunded, this month"
     );
 }
 
@@ -207,6 +357,93 @@ async fn a_key_flood_is_swept_and_the_table_shrinks_back() {
         }
         assert_eq!(left, 0, "round {round}: every expired row was swept");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_holds_and_slots_are_swept() {
+    let (server, store) = setup().await;
+    let c = in_flight("c", 1000);
+    let count = |table: &str| -> u64 {
+        sql(&server, &format!("SELECT count(*) FROM public.{table}"))
+            .parse()
+            .expect("count")
+    };
+    for n in 0..120 {
+        let key = format!("k{}", n % 40);
+        let h = hold(n, Duration::from_millis(200));
+        store
+            .reserve(&request(&[(&c, key.as_str(), 1)]), &h)
+            .await
+            .expect("reserve");
+    }
+    let long = hold(1000, HOUR);
+    store
+        .reserve(&request(&[(&c, "k0", 1)]), &long)
+        .await
+        .expect("reserve");
+    assert_eq!((count("sluice_holds"), count("sluice_slots")), (121, 121));
+    // Expired, and past the sweep's one-second grace.
+    tokio::time::sleep(Duration::from_millis(1_400)).await;
+    store.sweep(Duration::ZERO).await.expect("sweep");
+    assert_eq!(
+        (count("sluice_holds"), count("sluice_slots")),
+        (1, 1),
+        "only the open reservation is left"
+    );
+    // The open one still counts and still settles.
+    let read = decide(&*store, &request(&[(&c, "k0", 0)]))
+        .await
+        .expect("read");
+    assert_eq!(read.results[0].remaining, 999);
+    assert_eq!(
+        settle(&store, &long, &request(&[(&c, "k0", 1)]), &[1]).await,
+        SettleStatus::Settled
+    );
+    assert_eq!(
+        count("sluice_slots"),
+        0,
+        "a settlement frees its slot at once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_frees_the_slots_of_a_concurrency_limit() {
+    let (_server, store) = setup().await;
+    let c = in_flight("c", 1);
+    let one = |key: &'static str| request(&[(&c, key, 1)]);
+    for (n, key) in [(1, "a"), (2, "b")] {
+        let outcomes = store
+            .reserve(&one(key), &hold(n, HOUR))
+            .await
+            .expect("reserve");
+        assert!(outcomes.windows[0].allowed);
+    }
+    let full = store
+        .reserve(&one("a"), &hold(3, HOUR))
+        .await
+        .expect("reserve");
+    assert!(!full.windows[0].allowed, "the one slot is held");
+    store.reset(&c, "a").await.expect("reset");
+    let again = store
+        .reserve(&one("a"), &hold(4, HOUR))
+        .await
+        .expect("reserve");
+    assert!(again.windows[0].allowed, "reset frees the key's slot");
+    assert_eq!(
+        store.reset_limit(&c).await.expect("reset limit"),
+        2,
+        "both keys held a slot"
+    );
+    let after = store
+        .reserve(&one("b"), &hold(5, HOUR))
+        .await
+        .expect("reserve");
+    assert!(after.windows[0].allowed);
+    // The reservation whose slot went can still be settled, once.
+    assert_eq!(
+        settle(&store, &hold(2, HOUR), &one("b"), &[1]).await,
+        SettleStatus::Settled
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -302,6 +539,205 @@ async fn decisions_taking_shared_counters_in_opposite_orders_never_deadlock() {
     assert_eq!(spent, 16 * 100 * 2, "every charge landed once");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reservations_and_settlements_on_shared_counters_never_deadlock() {
+    let (server, store) = setup().await;
+    let day = fixed("day", "1000000/day");
+    let c = in_flight("c", 1000);
+    let tasks: Vec<_> = (0..8u64)
+        .map(|t| {
+            let store = Arc::clone(&store);
+            let (day, c) = (Arc::clone(&day), Arc::clone(&c));
+            tokio::spawn(async move {
+                for i in 0..30u64 {
+                    let (x, y) = (format!("k{}", i % 3), format!("k{}", (i + 1) % 3));
+                    let (first, second) = if t % 2 == 0 { (x, y) } else { (y, x) };
+                    let req = request(&[
+                        (&day, first.as_str(), 3),
+                        (&c, "shared", 1),
+                        (&day, second.as_str(), 3),
+                    ]);
+                    let h = hold(t * 1000 + i, HOUR);
+                    let outcomes = store
+                        .reserve(&req, &h)
+                        .await
+                        .expect("no deadlock, no error");
+                    assert!(outcomes.windows.iter().all(|w| w.allowed));
+                    // Estimates of 3, actual 1 and 5: 6 charged per call in the end.
+                    let status = settle(&store, &h, &req, &[1, 1, 5]).await;
+                    assert_eq!(status, SettleStatus::Settled);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task");
+    }
+    let read = decide(
+        &*store,
+        &request(&[
+            (&day, "k0", 0),
+            (&day, "k1", 0),
+            (&day, "k2", 0),
+            (&c, "shared", 0),
+        ]),
+    )
+    .await
+    .expect("read");
+    let spent: u64 = read.results[..3]
+        .iter()
+        .map(|r| 1_000_000 - r.remaining)
+        .sum();
+    assert_eq!(spent, 8 * 30 * 6, "every settlement landed once");
+    assert_eq!(read.results[3].remaining, 1000, "every slot came back");
+    // A deadlock is retried once (it proves a rollback), so the answers alone could
+    // hide one: the server's log does not.
+    assert!(
+        !server.log().contains("deadlock detected"),
+        "{}",
+        server.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_running_again_does_not_wait_for_reservations_in_flight() {
+    let (server, store) = setup().await;
+    // Another connection in the middle of writing every table (decisions,
+    // reservations, settlements, a sweep holding its turn): ROW EXCLUSIVE on each, and
+    // the sweeper's row, until it ends.
+    let (client, connection) = tokio_postgres::connect(&server.url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let connection = tokio::spawn(connection);
+    client
+        .batch_execute(
+            "BEGIN; LOCK TABLE public.sluice_counters, public.sluice_holds, \
+             public.sluice_slots IN ROW EXCLUSIVE MODE; \
+             SELECT * FROM public.sluice_sweeper FOR UPDATE",
+        )
+        .await
+        .expect("lock");
+    // As if this instance had found the previous version (instances starting together
+    // each find it, and run the script one after the other): the whole script runs
+    // again over the installed tables.
+    sql(
+        &server,
+        &format!("DELETE FROM public.sluice_migrations WHERE version = {SCHEMA_VERSION}"),
+    );
+    let again = PostgresStore::new(config(&server)).expect("config");
+    let migrated = tokio::time::timeout(Duration::from_secs(5), again.prepare())
+        .await
+        .expect("the migration waits for no table lock")
+        .expect("migrate");
+    assert_eq!(
+        migrated,
+        SchemaStatus::Migrated {
+            from: SCHEMA_VERSION - 1
+        }
+    );
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+    drop(client);
+    let _ = connection.await;
+    let c = in_flight("c", 1);
+    let outcomes = store
+        .reserve(&request(&[(&c, "k", 1)]), &hold(1, HOUR))
+        .await
+        .expect("reserve");
+    assert!(outcomes.windows[0].allowed);
+}
+
+/// Every version up to this build's is recorded as applied in `schema`.
+fn assert_every_version_recorded(server: &PostgresServer, schema: &str) {
+    let recorded = sql(
+        server,
+        &format!(
+            "SELECT string_agg(version::text, ',' ORDER BY version) FROM {schema}.sluice_migrations"
+        ),
+    );
+    let every: Vec<String> = (1..=SCHEMA_VERSION).map(|v| v.to_string()).collect();
+    assert_eq!(
+        recorded,
+        every.join(","),
+        "every version up to ours is recorded"
+    );
+}
+
+/// Applies the version 2 script (kept verbatim in `tests/fixtures`) to `schema`, as a
+/// sluice of that version would have installed it.
+fn install_version_2(server: &PostgresServer, schema: &str) {
+    let script = include_str!("fixtures/schema-v2.sql")
+        .replace("@schema_name@", schema)
+        .replace("@schema@", &format!("\"{schema}\""))
+        .replace("CREATE @unlogged@ TABLE", "CREATE TABLE")
+        .replace("@persistence@", "p")
+        .replace("@logged@", "LOGGED");
+    sql(server, &format!("BEGIN;\n{script}\nCOMMIT;"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_of_the_previous_version_is_upgraded_in_place() {
+    let server = PostgresServer::start().expect("PostgreSQL");
+    install_version_2(&server, "public");
+    // A version 2 instance decides: 3 of chat's 5/minute spent for user:1.
+    let v2_decision = "SELECT public.sluice_decide(ARRAY['sluice:chat:g60:user:1'], \
+                       ARRAY[1, 0, 5, 60000000, 12000000, 3, 0]::bigint[], false)";
+    assert!(
+        sql(&server, v2_decision).starts_with("{1,2,"),
+        "allowed, 2 left"
+    );
+
+    let store = PostgresStore::new(config(&server)).expect("config");
+    assert_eq!(
+        store.prepare().await.expect("upgrade"),
+        SchemaStatus::Migrated { from: 2 }
+    );
+    assert_every_version_recorded(&server, "public");
+    let chat = limit("chat", &["5/minute"]);
+    let read = decide(&store, &request(&[(&chat, "user:1", 0)]))
+        .await
+        .expect("read");
+    assert_eq!(read.results[0].remaining, 2, "the counter was kept");
+    // A version 2 instance still decides through the same function during a rolling
+    // upgrade, on the same counters.
+    assert!(
+        sql(&server, v2_decision).starts_with("{0,2,"),
+        "3 more do not fit"
+    );
+
+    // Calendar months work on the upgraded schema (sluice_month_start is new).
+    let budget = fixed("budget", "3/month");
+    let month = decide(&store, &request(&[(&budget, "user:1", 2)]))
+        .await
+        .expect("a month window");
+    assert!(month.allowed);
+    assert_eq!(month.results[0].remaining, 1);
+
+    // Reservations work on the upgraded schema.
+    let c = in_flight("c", 1);
+    let req = request(&[(&chat, "user:2", 4), (&c, "user:2", 1)]);
+    let h = hold(1, HOUR);
+    let outcomes = store.reserve(&req, &h).await.expect("reserve");
+    assert!(outcomes.windows.iter().all(|w| w.allowed));
+    assert_eq!(
+        settle(&store, &h, &req, &[1, 1]).await,
+        SettleStatus::Settled
+    );
+    let read = decide(&store, &request(&[(&chat, "user:2", 0), (&c, "user:2", 0)]))
+        .await
+        .expect("read");
+    assert_eq!(
+        (read.results[0].remaining, read.results[1].remaining),
+        (4, 1)
+    );
+
+    // And a second start finds it up to date.
+    let again = PostgresStore::new(config(&server)).expect("config");
+    assert_eq!(
+        again.prepare().await.expect("check"),
+        SchemaStatus::UpToDate
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_migration_is_versioned_idempotent_and_can_be_applied_by_hand() {
     let server = PostgresServer::start().expect("PostgreSQL");
@@ -356,17 +792,7 @@ async fn the_migration_is_versioned_idempotent_and_can_be_applied_by_hand() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    assert_eq!(
-        sql(
-            &server,
-            "SELECT string_agg(version::text, ',' ORDER BY version) FROM rl.sluice_migrations"
-        ),
-        (1..=SCHEMA_VERSION)
-            .map(|v| v.to_string())
-            .collect::<Vec<_>>()
-            .join(","),
-        "every version up to ours is recorded"
-    );
+    assert_every_version_recorded(&server, "rl");
     assert_eq!(
         store.prepare().await.expect("now installed"),
         SchemaStatus::UpToDate
