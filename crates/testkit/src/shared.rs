@@ -591,7 +591,7 @@ pub fn calls_in_flight_across_instances<S: SharedStore>(bin: &Binary) {
                     // The upstream: how many calls run at once.
                     let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                     most.fetch_max(now, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_millis(5));
+                    std::thread::sleep(Duration::from_millis(30));
                     running.fetch_sub(1, Ordering::SeqCst);
                     completed.fetch_add(1, Ordering::SeqCst);
                     let there = &instances[(turn + 1) % INSTANCES];
