@@ -585,6 +585,17 @@ fn build_limit_with_plans(
                 "a plan cannot have plans of its own: list every plan under the limit's `plans:`",
             ));
         }
+        let valid = !plan.value.is_empty()
+            && plan.value.len() <= 32
+            && plan
+                .value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !valid {
+            return Err(plan
+                .at
+                .fail(LimitError::BadPlanName(plan.value.clone()).to_string()));
+        }
         named.push((plan.value.clone(), build_limit(plan, section.as_ref())?));
     }
     built

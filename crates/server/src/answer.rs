@@ -28,6 +28,9 @@ pub struct ResultBody<'a> {
     reset_after_ms: u64,
     retry_after_ms: Option<u64>,
     shadow: bool,
+    /// The plan whose rates decided, when not the default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plan: Option<&'a str>,
 }
 
 /// One JSON result per window of `decision`, in order.
@@ -48,6 +51,7 @@ pub fn result_bodies<'a>(request: &'a DecisionRequest, decision: &Decision) -> V
                 reset_after_ms: millis_ceil(r.reset_after),
                 retry_after_ms: r.retry_after.map(millis_ceil),
                 shadow: r.shadow,
+                plan: check.limit().plan(),
             }
         })
         .collect()

@@ -109,6 +109,17 @@ struct LimitInfo<'a> {
     windows: Vec<WindowInfo<'a>>,
     charge_denied: bool,
     shadow: bool,
+    /// Other plans' rates (`plans:`), besides the default ones above.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    plans: Vec<PlanInfo<'a>>,
+}
+
+/// One plan of a limit, as `/v1/limits` lists it.
+#[derive(Serialize)]
+struct PlanInfo<'a> {
+    plan: &'a str,
+    algorithm: &'a str,
+    rates: Vec<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -138,6 +149,15 @@ async fn limits(State(app): State<Arc<AppState>>) -> Response {
                 .collect(),
             charge_denied: l.charge_denied(),
             shadow: l.shadow(),
+            plans: l
+                .plans()
+                .iter()
+                .map(|p| PlanInfo {
+                    plan: p.plan().unwrap_or_default(),
+                    algorithm: p.algorithm().as_str(),
+                    rates: p.windows().iter().map(|w| &*w.rate_text).collect(),
+                })
+                .collect(),
         })
         .collect();
     json_response(StatusCode::OK, &json!({ "limits": limits }))

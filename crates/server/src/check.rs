@@ -21,8 +21,7 @@ use sluice_runtime::AppState;
 pub use sluice_runtime::MAX_CHECKS;
 
 /// The request shape `POST /v1/check` expects, quoted in its errors.
-pub const CHECK_SHAPE: &str =
-    r#"{"checks": [{"limit": "<name>", "key": "<key>", "cost": 1}], "cost": 1, "dry_run": false}"#;
+pub const CHECK_SHAPE: &str = r#"{"checks": [{"limit": "<name>", "key": "<key>", "cost": 1}], "cost": 1, "dry_run": false, "plan": "<optional plan>"}"#;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +31,9 @@ pub(crate) struct CheckBody {
     pub(crate) cost: Option<Value>,
     #[serde(default)]
     pub(crate) dry_run: bool,
+    /// The caller's plan: limits with that plan decide at its rates.
+    #[serde(default)]
+    pub(crate) plan: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -67,6 +69,27 @@ pub(crate) fn build_request(
         ));
     }
     let default_cost = parse_cost(body.cost.as_ref(), 1, "cost")?;
+    if let Some(plan) = &body.plan {
+        let known: std::collections::BTreeSet<&str> = limits
+            .iter()
+            .flat_map(|l| l.plans().iter().filter_map(|p| p.plan()))
+            .collect();
+        if !known.contains(plan.as_str()) {
+            let listed: Vec<&str> = known.into_iter().collect();
+            return Err(ApiError::bad_request(
+                "unknown_plan",
+                format!(
+                    "plan {plan:?} is not configured on any limit; configured plans: {} (omit plan for the default rates)",
+                    if listed.is_empty() {
+                        "none".to_string()
+                    } else {
+                        listed.join(", ")
+                    }
+                ),
+            ));
+        }
+    }
+    let plan = body.plan.as_deref();
     let checks = body
         .checks
         .into_iter()
@@ -74,7 +97,7 @@ pub(crate) fn build_request(
         .map(|(i, item)| {
             // Field names are only formatted when a check is rejected.
             let field = |name: &str| format!("checks[{i}].{name}");
-            let limit = find_limit(limits, &item.limit, &field("limit"))?;
+            let limit = find_limit(limits, &item.limit, &field("limit"))?.for_plan(plan);
             let mut cost = match &item.cost {
                 None => default_cost,
                 cost => parse_cost(cost.as_ref(), default_cost, &field("cost"))?,

@@ -46,6 +46,8 @@ struct ReserveBody {
     dry_run: bool,
     #[serde(default)]
     ttl_ms: Option<Value>,
+    #[serde(default)]
+    plan: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -75,6 +77,7 @@ pub async fn reserve(
             checks: body.checks,
             cost: body.cost,
             dry_run: body.dry_run,
+            plan: body.plan,
         },
         true,
     )?;

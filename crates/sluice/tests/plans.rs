@@ -1,0 +1,161 @@
+//! Plans: a limit's rates differ per plan (`plans:`), and a request's plan comes from a
+//! verified token (`plan_from: "{jwt.plan}"`) or, on the decision API, from the caller.
+//! Black-box, against the real binary.
+
+mod common;
+
+use common::*;
+use jsonwebtoken::{EncodingKey, Header, encode};
+use serde_json::{Value, json};
+
+const SECRET: &str = "plans-test-secret-of-at-least-32-bytes";
+
+const CONFIG: &str = r#"
+jwt:
+  algorithms: [HS256]
+  secret: plans-test-secret-of-at-least-32-bytes
+plan_from: "{jwt.plan}"
+limits:
+  api:
+    rate: 2/minute
+    plans:
+      pro: {rate: 5/minute}
+      enterprise: {rate: 1000/hour, algorithm: fixed_window}
+routes:
+  - match: {path: /api}
+    limits:
+      - {limit: api, key: ["user:{jwt.sub}", "ip:{client_ip}"]}
+"#;
+
+fn token(sub: &str, plan: Option<&str>, secret: &str) -> String {
+    let exp = now_ms() / 1000 + 600;
+    let mut claims = json!({"sub": sub, "exp": exp});
+    if let Some(plan) = plan {
+        claims["plan"] = plan.into();
+    }
+    encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign")
+}
+
+/// Forward-auth answers for `n` requests to /api with `token`: the statuses.
+fn statuses(s: &Server, token: &str, n: usize) -> Vec<u16> {
+    let bearer = format!("Bearer {token}");
+    (0..n)
+        .map(|_| {
+            s.request(
+                "GET",
+                "/v1/forward-auth",
+                &[
+                    ("X-Original-Method", "GET"),
+                    ("X-Original-URI", "/api"),
+                    ("Authorization", &bearer),
+                ],
+            )
+            .status
+        })
+        .collect()
+}
+
+#[test]
+fn a_verified_plan_claim_picks_the_rates() {
+    let s = Server::start(CONFIG);
+    let allowed = |v: &[u16]| v.iter().filter(|&&c| c == 200).count();
+    assert_eq!(
+        allowed(&statuses(&s, &token("free-user", None, SECRET), 7)),
+        2,
+        "default plan"
+    );
+    assert_eq!(
+        allowed(&statuses(&s, &token("pro-user", Some("pro"), SECRET), 7)),
+        5,
+        "pro"
+    );
+    assert_eq!(
+        allowed(&statuses(
+            &s,
+            &token("odd-user", Some("platinum"), SECRET),
+            7
+        )),
+        2,
+        "a plan no limit has: the default rates"
+    );
+    // A forged token naming a generous plan is not believed: the request is keyed by
+    // address at the default rates.
+    let forged = token(
+        "mallory",
+        Some("enterprise"),
+        "not-the-secret-but-at-least-32-bytes",
+    );
+    assert_eq!(allowed(&statuses(&s, &forged, 7)), 2, "forged plan ignored");
+}
+
+#[test]
+fn the_decision_api_takes_a_plan_and_shows_it() {
+    let s = Server::start(CONFIG);
+    let check = |plan: Option<&str>| {
+        let mut body = json!({"checks": [{"limit": "api", "key": "k"}]});
+        if let Some(plan) = plan {
+            body["plan"] = plan.into();
+        }
+        s.post_json("/v1/check", &body)
+    };
+    let pro = check(Some("pro"));
+    assert_eq!(pro.status, 200, "{}", pro.body);
+    let pro = pro.json();
+    let result = &results(&pro)[0];
+    assert_eq!(
+        (u(result, "limit_value"), result["plan"].as_str()),
+        (5, Some("pro"))
+    );
+    let default = check(None).json();
+    assert_eq!(u(&results(&default)[0], "limit_value"), 2);
+    assert!(results(&default)[0].get("plan").is_none());
+
+    let unknown = check(Some("platinum"));
+    assert_eq!(unknown.status, 400, "{}", unknown.body);
+    let error: Value = unknown.json();
+    assert_eq!(error["error"], "unknown_plan");
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.contains("enterprise, pro"), "{message}");
+
+    let limits = s.get("/v1/limits").json();
+    let plans = &limits["limits"][0]["plans"];
+    assert_eq!(plans[0]["plan"], "pro");
+    assert_eq!(plans[1]["rates"][0], "1000/hour");
+}
+
+#[test]
+fn plan_mistakes_are_config_errors_with_their_place() {
+    let dir = scratch_dir("plans");
+    let cases = [
+        (
+            "limits:\n  api:\n    rate: 2/minute\n    plans:\n      pro: {rate: 5/minute, plans: {x: {rate: 1/second}}}\n",
+            "plans of its own",
+        ),
+        (
+            "limits:\n  api:\n    rate: 2/minute\n    plans:\n      \"p r o\": {rate: 5/minute}\n",
+            "plan name",
+        ),
+        (
+            "limits:\n  api:\n    rate: 2/minute\n    plans:\n      pro: {rate: 5/fortnight}\n",
+            "unknown unit",
+        ),
+        (
+            "plan_from: \"{jwt.plan}\"\nlimits:\n  api: {rate: 2/minute}\n",
+            "no `jwt:` section",
+        ),
+    ];
+    for (i, (text, expected)) in cases.iter().enumerate() {
+        let path = write_file(&dir, &format!("bad{i}.yaml"), text);
+        let (status, _, stderr) = run_cli(&["check-config", path.to_str().expect("path")]);
+        assert!(!status.success(), "{text}");
+        assert!(
+            stderr.contains(&format!("bad{i}.yaml:")) && stderr.contains(expected),
+            "{expected}: {stderr}"
+        );
+    }
+}
