@@ -163,6 +163,22 @@ impl Config {
                 ),
                 SluiceEndpoints::Admin => {}
             }
+            if let Some(plan_from) = self.plan_from.as_ref().filter(|t| t.reads_client_input()) {
+                warnings.push(format!(
+                    "plan_from: {plan_from} reads a header, cookie or query parameter, which the proxied clients write themselves: any of them can name the plan with the highest rates; read the plan from a verified token ({{jwt.plan}}) instead"
+                ));
+            }
+        }
+        if let Some(url) = self.identity.as_ref().and_then(|i| i.jwks_url()) {
+            let host = url
+                .strip_prefix("http://")
+                .map(|rest| rest.split(['/', ':']).next().unwrap_or(""));
+            if let Some(host) = host.filter(|h| !matches!(*h, "127.0.0.1" | "localhost" | "[::1]"))
+            {
+                warnings.push(format!(
+                    "jwt.jwks_url fetches the signing keys over plain http from {host}: anyone on the path can swap them and sign tokens for any user; use https"
+                ));
+            }
         }
         warnings
     }

@@ -967,3 +967,28 @@ fn every_example_config_loads() {
     }
     assert!(seen >= 3, "the examples were found ({seen})");
 }
+
+/// Settings that let a client pick its own plan, or an attacker on the path swap the
+/// token keys, load with a warning that says so and what to use instead.
+#[test]
+fn unsafe_identity_settings_load_with_a_warning() {
+    let text = "jwt:\n  algorithms: [RS256]\n  jwks_url: http://id.example.com/jwks.json\n\
+                plan_from: \"{header.x-plan}\"\nlimits:\n  a: {rate: 1/second}\n\
+                proxy:\n  upstream: http://127.0.0.1:9000\nadmin:\n  listen: 127.0.0.1:8089\n";
+    let config = load_str(text, "w.yaml", &|_| None, &[]).expect("loads");
+    let warnings = config.warnings().join("\n");
+    assert!(
+        warnings.contains("plan_from") && warnings.contains("{jwt.plan}"),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("plain http") && warnings.contains("https"),
+        "{warnings}"
+    );
+
+    let safe = text
+        .replace("http://id.example.com", "https://id.example.com")
+        .replace("{header.x-plan}", "{jwt.plan}");
+    let config = load_str(&safe, "w.yaml", &|_| None, &[]).expect("loads");
+    assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+}

@@ -181,6 +181,14 @@ impl KeyTemplate {
         self.parts.contains(&Part::Session)
     }
 
+    /// Whether the template reads what a client writes as it likes: a header, a cookie
+    /// or a query parameter.
+    pub fn reads_client_input(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|p| matches!(p, Part::Header(_) | Part::Cookie(_) | Part::Query(_)))
+    }
+
     /// Whether the template reads a claim of a verified token (`{jwt.CLAIM}`).
     pub fn uses_jwt(&self) -> bool {
         self.parts.iter().any(|p| matches!(p, Part::Jwt(_)))

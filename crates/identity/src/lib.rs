@@ -166,6 +166,7 @@ fn family(algorithm: Algorithm) -> Family {
 pub struct JwtVerifier {
     algorithms: Vec<Algorithm>,
     source: TokenSource,
+    jwks_url: Option<String>,
     /// One validation per configured algorithm: jsonwebtoken checks that every algorithm
     /// of a validation belongs to the key's family, so each family gets its own.
     validations: Vec<(Algorithm, Validation)>,
@@ -257,6 +258,7 @@ impl JwtVerifier {
         Ok(JwtVerifier {
             algorithms: config.algorithms.clone(),
             source: config.source.clone(),
+            jwks_url: config.jwks_url.clone(),
             validations,
             fixed,
             fetched,
@@ -267,6 +269,11 @@ impl JwtVerifier {
     /// Where the token is read from.
     pub fn source(&self) -> &TokenSource {
         &self.source
+    }
+
+    /// The JWKS URL the keys are fetched from, if any.
+    pub fn jwks_url(&self) -> Option<&str> {
+        self.jwks_url.as_deref()
     }
 
     /// The claims of `token` when it verifies; `None` otherwise.
