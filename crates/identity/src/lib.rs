@@ -428,8 +428,14 @@ fn refresh_jwks(
     refresh: Duration,
     timeout: Duration,
 ) {
+    // The system's trust store (with the platform's verifier), so a provider behind a
+    // company CA verifies as the rest of the machine sees it.
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::PlatformVerifier)
+        .build();
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
+        .tls_config(tls)
         .build()
         .into();
     // Until the first success, try again sooner than the refresh interval.
