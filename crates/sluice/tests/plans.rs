@@ -159,3 +159,27 @@ fn plan_mistakes_are_config_errors_with_their_place() {
         );
     }
 }
+
+/// The proxy's quota endpoint shows the caller's plan and that plan's quota.
+#[test]
+fn the_quota_endpoint_shows_the_callers_plan() {
+    let config =
+        format!("{CONFIG}proxy:\n  upstream: http://127.0.0.1:9\n  quota_path: /_sluice/quota\n");
+    let s = Server::start(&config);
+    let quota = |token: &str| {
+        let bearer = format!("Bearer {token}");
+        let r = s.request(
+            "GET",
+            "/_sluice/quota?path=/api",
+            &[("Authorization", bearer.as_str())],
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        serde_json::from_str::<Value>(&r.body).expect("JSON")
+    };
+    let pro = quota(&token("pro-user", Some("pro"), SECRET));
+    assert_eq!(pro["limits"][0]["plan"], "pro");
+    assert_eq!(pro["limits"][0]["quota"], 5);
+    let free = quota(&token("free-user", None, SECRET));
+    assert!(free["limits"][0].get("plan").is_none(), "{free}");
+    assert_eq!(free["limits"][0]["quota"], 2);
+}

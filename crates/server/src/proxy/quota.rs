@@ -38,6 +38,9 @@ struct QuotaWindow<'a> {
     reset_after_seconds: u64,
     reset_at: String,
     shadow: bool,
+    /// The plan whose rates apply to the caller, when not the default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plan: Option<&'a str>,
 }
 
 fn quota_error(message: String) -> Response {
@@ -175,6 +178,7 @@ pub(super) async fn quota(
                 )
                 .to_string(),
                 shadow: result.shadow,
+                plan: check.limit().plan(),
             }
         })
         .collect();
