@@ -4,6 +4,9 @@
 --       -- [checks=1|2] [keys=10000] [limit=api] [limit2=api_ip] [ips=256]
 --
 -- checks=1: {"checks":[{"limit":"api","key":"k<N>"}]}
+-- peer=throttlecrab: the same load in throttlecrab-server's API (POST /throttle):
+--   {"key":"k<N>","max_burst":100,"count_per_period":100,"period":1,"quantity":1}
+--   (GCRA, 100 per second per key: the benchmark's `api: {rate: 100/second}`)
 -- checks=2: {"checks":[{"limit":"api","key":"k<N>"},{"limit":"api_ip","key":"ip<M>"}]}
 --
 -- Bodies are precomputed in init(); each thread starts at a different offset.
@@ -45,9 +48,13 @@ function init(args)
    local limit = opt(args, "limit", "api")
    local limit2 = opt(args, "limit2", "api_ip")
    local ips = tonumber(opt(args, "ips", "256"))
+   local peer = opt(args, "peer", "")
    for n = 0, keys - 1 do
       local body
-      if checks == 2 then
+      if peer == "throttlecrab" then
+         body = string.format(
+            '{"key":"k%d","max_burst":100,"count_per_period":100,"period":1,"quantity":1}', n)
+      elseif checks == 2 then
          body = string.format(
             '{"checks":[{"limit":"%s","key":"k%d"},{"limit":"%s","key":"ip%d"}]}',
             limit, n, limit2, n % ips)

@@ -27,7 +27,8 @@
 # Each run prints req/s, p50 and p99 latency, the status-code histogram and the
 # number of non-200 answers; full wrk output goes to bench/results/. With
 # STORAGE=redis it also prints, per run, the EVALSHA calls Redis counted
-# (INFO commandstats, reset before the run) divided by the requests wrk completed,
+# (INFO commandstats, reset before the run) divided by the requests wrk completed, every
+# command Redis ran (the scripts' TIME, GET, SET... included) per request,
 # and the degraded decisions and store errors from /metrics (a run with any degraded
 # decision did not measure Redis and fails). With STORAGE=postgres it prints the calls of
 # sluice_decide (pg_stat_statements, reset before the run) per request, every statement
@@ -281,11 +282,16 @@ for v in $variants; do
         requests="$(awk '/requests in/ {print $1; exit}' "$out")"
         evalsha="$("$REDIS_CLI" -p "$redis_port" INFO commandstats | tr -d '\r' |
             awk -F'[:,=]' '$1 == "cmdstat_evalsha" {print $3}')"
+        # Every command Redis ran (the scripts' own TIME/GET/SET included), but this
+        # script's CONFIG and INFO.
+        commands="$("$REDIS_CLI" -p "$redis_port" INFO commandstats | tr -d '\r' |
+            awk -F'[:,=]' '$1 ~ /^cmdstat_/ && $1 !~ /^cmdstat_(config|info)/ {s += $3} END {print s + 0}')"
         "$REDIS_CLI" -p "$redis_port" INFO commandstats | tr -d '\r' | grep '^cmdstat_' >>"$out"
         degraded=$(( $(metric sluice_degraded_decisions_total) - degraded_before ))
         errors=$(( $(metric sluice_store_errors_total) - errors_before ))
         per="$(awk -v e="${evalsha:-0}" -v r="${requests:-0}" 'BEGIN { if (r > 0) printf "%.3f", e / r; else print "?" }')"
-        line+="  evalsha=${evalsha:-0}  requests=${requests:-?}  evalsha/request=$per  degraded=$degraded  store-errors=$errors"
+        commands_per="$(awk -v e="${commands:-0}" -v r="${requests:-0}" 'BEGIN { if (r > 0) printf "%.3f", e / r; else print "?" }')"
+        line+="  evalsha=${evalsha:-0}  requests=${requests:-?}  evalsha/request=$per  commands/request=$commands_per  degraded=$degraded  store-errors=$errors"
         if [[ "$degraded" != 0 ]]; then line+="  (DEGRADED: not all decided by Redis)"; fi
     fi
     if [[ -n "$pg_port" ]]; then

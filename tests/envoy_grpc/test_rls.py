@@ -358,3 +358,33 @@ def test_descriptors_and_entries_per_call_are_capped(start_sluice):
     assert "descriptor 1 has 1000 entries; at most 32" in error.value.details()
     # The service still answers.
     assert sluice.call("edge", [("loose", value)]).overall_code == OK
+
+
+def test_top_keys_count_envoy_descriptors(start_sluice):
+    # Top keys (issue 18) are recorded where every front door decides: the Envoy
+    # service's descriptors show up in GET /v1/admin/top like HTTP keys.
+    import json
+    import urllib.request
+
+    token = "envoy-test-admin-token-0123"
+    sluice = start_sluice(f"admin: {{token: {token}}}\n" + EDGE)
+    busy, quiet = f"10.{uid()}", f"10.{uid()}"
+    for _ in range(5):
+        sluice.call("edge", [("remote_address", busy)])
+    sluice.call("edge", [("remote_address", quiet)])
+
+    def top(by: str) -> list:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{sluice.http_port}/v1/admin/top"
+            f"?limit=envoy.edge.remote_address&by={by}",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            (limit,) = json.loads(response.read())["limits"]
+        return [(k["key"], k["count"]) for k in limit["keys"]]
+
+    spend = top("spend")
+    assert busy in spend[0][0] and spend[0][1] == 3, spend
+    assert quiet in spend[1][0] and spend[1][1] == 1, spend
+    denials = top("denials")
+    assert len(denials) == 1 and busy in denials[0][0] and denials[0][1] == 2, denials

@@ -13,7 +13,9 @@ use sluice_store_rules::{after_scheme, postgres};
 use crate::de::{FromText, Located, OneOrMany, Parsed, Place, Whole, from_node};
 use crate::error::Fail;
 use crate::tree::{Node, shorten};
-use crate::{AdminConfig, Backend, Config, HttpConfig, OnError, Secret, StorageConfig};
+use crate::{
+    AdminConfig, Backend, Config, HttpConfig, OnError, Secret, StatsConfig, StorageConfig,
+};
 use crate::{envoy, front_door, proxy};
 
 /// The whole file. Every section is optional; null is the same as absent.
@@ -34,6 +36,35 @@ struct File {
     sessions: Option<Located<proxy::SessionsSection>>,
     jwt: Option<Located<crate::identity::JwtSection>>,
     plan_from: Option<Located<Parsed<sluice_http::KeyTemplate>>>,
+    stats: Option<StatsSection>,
+}
+
+/// `stats:`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsSection {
+    top_keys: Option<bool>,
+    top_keys_capacity: Option<
+        Located<Whole<{ StatsConfig::MIN_CAPACITY as u64 }, { StatsConfig::MAX_CAPACITY as u64 }>>,
+    >,
+}
+
+impl StatsSection {
+    fn build(self) -> Result<StatsConfig, Fail> {
+        let mut stats = StatsConfig::default();
+        if let Some(on) = self.top_keys {
+            stats.top_keys = on;
+        }
+        if let Some(Located { value, at }) = self.top_keys_capacity {
+            if !stats.top_keys {
+                return Err(at.fail(
+                    "stats.top_keys_capacity is set but stats.top_keys is false: remove one of them",
+                ));
+            }
+            stats.top_keys_capacity = value.0 as usize;
+        }
+        Ok(stats)
+    }
 }
 
 /// `admin:`
@@ -58,6 +89,8 @@ struct StorageSection {
     url: Option<Located<String>>,
     timeout_ms: Option<Located<Whole<1, { Backend::MAX_TIMEOUT_MS }>>>,
     cluster: Option<Located<Cluster>>,
+    tls: Option<Located<crate::redis::TlsSection>>,
+    sentinel: Option<Located<crate::redis::SentinelSection>>,
     schema: Option<Located<String>>,
     pool_size: Option<Located<Whole<1, { Backend::MAX_POOL_SIZE as u64 }>>>,
     migrate: Option<Located<bool>>,
@@ -233,13 +266,16 @@ pub(crate) fn config(root: &Node, source: &str) -> Result<Config, Fail> {
         config.admin = admin.build()?;
     }
     if let Some(storage) = file.storage {
-        config.storage = storage.build()?;
+        config.storage = storage.build(source)?;
     }
     if let Some(limits) = &file.limits {
         config.limits = limits.value.build(&limits.at)?;
     }
     if let Some(http) = file.http {
         config.http = http.build();
+    }
+    if let Some(stats) = file.stats {
+        config.stats = stats.build()?;
     }
     if let Some(client_ip) = file.client_ip {
         config.client_ip = client_ip.build()?;
@@ -334,7 +370,7 @@ impl AdminSection {
 }
 
 impl StorageSection {
-    fn build(mut self) -> Result<StorageConfig, Fail> {
+    fn build(mut self, source: &str) -> Result<StorageConfig, Fail> {
         let mut storage = StorageConfig::default();
         let backend = self.backend.take().map(|b| (b.value.0, b.at));
         let spelled = match backend
@@ -357,6 +393,8 @@ impl StorageSection {
                 "redis or postgres",
             ),
             ("cluster", self.cluster.as_ref().map(|f| &f.at), "redis"),
+            ("tls", self.tls.as_ref().map(|f| &f.at), "redis"),
+            ("sentinel", self.sentinel.as_ref().map(|f| &f.at), "redis"),
             ("schema", self.schema.as_ref().map(|f| &f.at), "postgres"),
             (
                 "pool_size",
@@ -403,7 +441,7 @@ impl StorageSection {
                 storage.sync = self.sync.take().is_some_and(|sync| sync.value);
                 Backend::Disk
             }
-            Some((name, at)) => self.shared(name, &at)?,
+            Some((name, at)) => self.shared(name, &at, source)?,
         };
         if let Some(max_keys) = self.max_keys {
             storage.max_keys = usize::try_from(max_keys.0).unwrap_or(usize::MAX);
@@ -421,8 +459,24 @@ impl StorageSection {
     }
 
     /// Backends redis and postgres: `url` (or Redis's `cluster` list) is required.
-    fn shared(&mut self, name: BackendName, backend_at: &Place) -> Result<Backend, Fail> {
+    fn shared(
+        &mut self,
+        name: BackendName,
+        backend_at: &Place,
+        source: &str,
+    ) -> Result<Backend, Fail> {
         let redis = name == BackendName::Redis;
+        let sentinel = match self.sentinel.take() {
+            Some(Located { value, at }) => {
+                if let Some(cluster) = &self.cluster {
+                    return Err(cluster.at.fail(
+                        "storage.cluster and storage.sentinel exclude each other: a Redis Cluster fails over by itself; keep one",
+                    ));
+                }
+                Some((value.build(&at)?, at))
+            }
+            None => None,
+        };
         let (mut cluster, mut seeds) = (false, Vec::new());
         if let Some(Located { value, at }) = self.cluster.take() {
             (cluster, seeds) = match value {
@@ -441,6 +495,8 @@ impl StorageSection {
         let url = match self.url.take() {
             Some(url) => store_url(&url, redis)?,
             None if !seeds.is_empty() => seeds.remove(0),
+            // The sentinels say where the primary is; a url would only add credentials.
+            None if sentinel.is_some() => Secret::new(""),
             None => {
                 let (name, example, cluster_hint) = if redis {
                     (
@@ -462,11 +518,33 @@ impl StorageSection {
             .take()
             .map_or(Backend::DEFAULT_TIMEOUT_MS, |timeout| timeout.value.0);
         if redis {
+            let tls = match self.tls.take() {
+                Some(Located { value, at }) => {
+                    // Certificates on a plain URL would silently not be used.
+                    let plain = |url: &Secret| !url.expose().starts_with("rediss://");
+                    let all_plain = match &sentinel {
+                        Some((sentinel, _)) => {
+                            (url.expose().is_empty() || plain(&url))
+                                && sentinel.nodes.iter().all(plain)
+                        }
+                        None => plain(&url) || seeds.iter().any(plain),
+                    };
+                    if all_plain {
+                        return Err(at.fail(
+                            "storage.tls is set but storage.url is not rediss://: write rediss://host:port so the connection is encrypted (a redis:// URL would talk in the clear and ignore these certificates)",
+                        ));
+                    }
+                    Some(value.build(&at, source)?)
+                }
+                None => None,
+            };
             return Ok(Backend::Redis {
                 url,
                 timeout_ms,
                 cluster,
                 cluster_seeds: seeds,
+                tls,
+                sentinel: sentinel.map(|(sentinel, _)| sentinel),
             });
         }
         let mut schema = Backend::DEFAULT_SCHEMA.to_string();
@@ -502,7 +580,7 @@ const POSTGRES_URL_EXAMPLE: &str = "postgres://sluice:${SLUICE_PG_PASSWORD}@127.
 
 /// A Redis or PostgreSQL URL, kept secret: the value may hold a password, so it never
 /// goes into a message.
-fn store_url(url: &Located<String>, redis: bool) -> Result<Secret, Fail> {
+pub(crate) fn store_url(url: &Located<String>, redis: bool) -> Result<Secret, Fail> {
     let (schemes, kind, example): (&[&str], &str, String) = if redis {
         (
             sluice_store_rules::redis::URL_SCHEMES,

@@ -52,6 +52,8 @@ pub(crate) struct ClientIpSection {
 #[serde(deny_unknown_fields)]
 pub(crate) struct ResponsesSection {
     deny_status: Option<DenyStatus>,
+    /// The status of a request a block entry refuses (default 403).
+    block_status: Option<DenyStatus>,
     /// `ietf`, `legacy`, both or none.
     headers: Option<OneOrMany<Parsed<HeaderStyle>>>,
     body: Option<Parsed<BodyTemplate>>,
@@ -428,6 +430,9 @@ impl ResponsesSection {
         let mut config = ResponseConfig::default();
         if let Some(status) = self.deny_status {
             config.deny_status = status.0;
+        }
+        if let Some(status) = self.block_status {
+            config.block_status = status.0;
         }
         if let Some(styles) = self.headers {
             config.headers.ietf = styles.0.iter().any(|s| s.0 == HeaderStyle::Ietf);

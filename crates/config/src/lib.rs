@@ -41,6 +41,7 @@
 //!   hash_secret: ${SLUICE_IP_HASH_SECRET}
 //! responses:
 //!   deny_status: 429              # 400 to 599
+//!   block_status: 403             # a request a block entry refuses (admin API), 400 to 599
 //!   headers: [ietf, legacy]       # any subset; [] sends none
 //!   body: '{"error": "rate_limited", "limit": "{limit}", "retry_after_seconds": {retry_after_seconds}}'
 //!   content_type: application/json
@@ -89,6 +90,7 @@ mod front_door;
 mod identity;
 mod overrides;
 mod proxy;
+mod redis;
 mod tree;
 
 use std::fmt;
@@ -137,6 +139,39 @@ pub struct Config {
     /// Which plan an HTTP request is on (`plan_from:`, e.g. `{jwt.plan}`): limits with
     /// `plans:` apply that plan's rates to it.
     pub plan_from: Option<sluice_http::KeyTemplate>,
+    /// What sluice keeps about who is spending (`stats:`). Default: top keys on, 100
+    /// counters per sketch.
+    pub stats: StatsConfig,
+}
+
+/// What sluice keeps about who is spending (`stats:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatsConfig {
+    /// `stats.top_keys`: track each limit's heaviest keys by spend and by denials
+    /// (`GET /v1/admin/top`, the dashboard). Default `true`.
+    pub top_keys: bool,
+    /// `stats.top_keys_capacity`: counters per sketch, `k`; reported counts are at most
+    /// `N / k` above the truth. Default 100.
+    pub top_keys_capacity: usize,
+}
+
+impl StatsConfig {
+    /// The default `stats.top_keys_capacity`.
+    pub const DEFAULT_CAPACITY: usize = 100;
+    /// The smallest `stats.top_keys_capacity`.
+    pub const MIN_CAPACITY: usize = 10;
+    /// The largest `stats.top_keys_capacity`: memory is `36 × k` keys per limit per
+    /// shard (one shard per core, at most 8).
+    pub const MAX_CAPACITY: usize = 10_000;
+}
+
+impl Default for StatsConfig {
+    fn default() -> Self {
+        StatsConfig {
+            top_keys: true,
+            top_keys_capacity: Self::DEFAULT_CAPACITY,
+        }
+    }
 }
 
 impl Config {
@@ -201,6 +236,7 @@ impl Default for Config {
             sessions: SessionsConfig::default(),
             identity: None,
             plan_from: None,
+            stats: StatsConfig::default(),
         }
     }
 }
@@ -223,6 +259,7 @@ impl fmt::Debug for Config {
             sessions,
             identity,
             plan_from,
+            stats,
         } = self;
         f.debug_struct("Config")
             .field("listen", listen)
@@ -239,6 +276,7 @@ impl fmt::Debug for Config {
             .field("sessions", sessions)
             .field("identity", identity)
             .field("plan_from", plan_from)
+            .field("stats", stats)
             .finish()
     }
 }
@@ -482,8 +520,9 @@ pub enum Backend {
     /// Shared by every instance pointing at one Redis (config value `redis`); keys start
     /// with `storage.prefix`.
     Redis {
-        /// `storage.url`, required: `redis://[user:password@]host:port[/db]`. May carry a
-        /// password, so it never shows in `Debug` output.
+        /// `storage.url`, required (but with `sentinel`, where it is optional and empty
+        /// when absent): `redis://[user:password@]host:port[/db]` or `rediss://`. May
+        /// carry a password, so it never shows in `Debug` output.
         url: Secret,
         /// `storage.timeout_ms`: the longest one store call may take before `on_error`
         /// applies (1 to 60000). Default 200.
@@ -494,6 +533,12 @@ pub enum Backend {
         /// More Redis Cluster nodes to learn the cluster's layout from, when
         /// `storage.cluster` is a list (its first entry is `url` when `url` is absent).
         cluster_seeds: Vec<Secret>,
+        /// `storage.tls`: certificates for `rediss://` (a private CA, a client
+        /// certificate); the URL must then be `rediss://`.
+        tls: Option<RedisTls>,
+        /// `storage.sentinel`: find the primary through Redis Sentinel. `url` (optional
+        /// then, empty when absent) gives the primary's user, password, database and TLS.
+        sentinel: Option<RedisSentinel>,
     },
     /// Shared by every instance pointing at one PostgreSQL database (config value
     /// `postgres`); keys start with `storage.prefix`.
@@ -544,6 +589,25 @@ impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// `storage.tls`: PEM text read from the files the config names, each checked.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RedisTls {
+    /// `ca_file`: the CAs that may sign the server's certificate, instead of the
+    /// system's.
+    pub ca: Option<String>,
+    /// `cert_file` and `key_file`: a client certificate (chain) and its private key.
+    pub client: Option<(String, Secret)>,
+}
+
+/// `storage.sentinel`: which service the sentinels watch, and where they are.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RedisSentinel {
+    /// `master`: the service's name (`sentinel monitor <name> ...`).
+    pub master: String,
+    /// `nodes`: the sentinels' URLs (may hold passwords).
+    pub nodes: Vec<Secret>,
 }
 
 /// What to do when the store fails or times out (`storage.on_error`): the failure

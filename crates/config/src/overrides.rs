@@ -31,6 +31,7 @@ pub(crate) const TOP_LEVEL: &[&str] = &[
     "sessions",
     "jwt",
     "plan_from",
+    "stats",
 ];
 
 /// The config path `name` addresses, if it is an override at all.

@@ -42,6 +42,7 @@ client_ip:
   hash_secret: ${SLUICE_IP_HASH_SECRET}
 responses:
   deny_status: 503
+  block_status: 451
   headers: [ietf]
   body: '{"error": "rate_limited", "limit": "{limit}", "retry_after_ms": {retry_after_ms}}'
   content_type: application/problem+json
@@ -181,6 +182,10 @@ fn the_full_example_loads_client_ip_responses_and_forward_auth() {
         StatusCode::SERVICE_UNAVAILABLE
     );
     assert_eq!(
+        config.responses.block_status,
+        StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS
+    );
+    assert_eq!(
         config.responses.headers,
         HeaderStyles {
             ietf: true,
@@ -288,6 +293,7 @@ fn absent_http_sections_take_their_defaults() {
         assert_eq!(config.client_ip.ipv6_prefix, 64);
         assert!(config.client_ip.hash_secret.is_none());
         assert_eq!(config.responses.deny_status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(config.responses.block_status, StatusCode::FORBIDDEN);
         assert_eq!(config.responses.headers, HeaderStyles::default());
         assert_eq!(config.responses.body, BodyTemplate::default());
         assert_eq!(config.responses.content_type, "application/json");
@@ -839,7 +845,7 @@ fn other_response_values_are_checked() {
         2,
         3,
         "responses.status",
-        "unknown field `status`, expected one of `deny_status`, `headers`, `body`, `content_type`",
+        "unknown field `status`, expected one of `deny_status`, `block_status`, `headers`, `body`, `content_type`",
     );
     let error = err("forward_auth:\n  status: 403\n");
     assert_at(

@@ -667,7 +667,7 @@ fn an_override_naming_an_unknown_field_names_the_variable() {
     assert_eq!(error.line, None);
     assert_eq!(
         error.to_string(),
-        "SLUICE_STORAGE__MAX_KEY (overrides storage.max_key): unknown field `max_key`, expected one of `backend`, `max_keys`, `on_error`, `prefix`, `sweep_interval_ms`, `path`, `sync`, `url`, `timeout_ms`, `cluster`, `schema`, `pool_size`, `migrate`, `unlogged`"
+        "SLUICE_STORAGE__MAX_KEY (overrides storage.max_key): unknown field `max_key`, expected one of `backend`, `max_keys`, `on_error`, `prefix`, `sweep_interval_ms`, `path`, `sync`, `url`, `timeout_ms`, `cluster`, `tls`, `sentinel`, `schema`, `pool_size`, `migrate`, `unlogged`"
     );
     let error = err_with("", &[], &[("SLUICE_LIMITS__CHAT_USER__RAT", "5/minute")]);
     assert!(
@@ -991,4 +991,43 @@ fn unsafe_identity_settings_load_with_a_warning() {
         .replace("{header.x-plan}", "{jwt.plan}");
     let config = load_str(&safe, "w.yaml", &|_| None, &[]).expect("loads");
     assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+}
+
+#[test]
+fn redis_sentinel_and_tls_settings_are_read_and_checked_at_their_place() {
+    let config = ok(
+        "storage:\n  backend: redis\n  sentinel: {master: mymaster, nodes: [redis://s1:26379, redis://s2:26379]}\n",
+    );
+    let Backend::Redis {
+        url,
+        sentinel: Some(sentinel),
+        tls: None,
+        cluster: false,
+        ..
+    } = &config.storage.backend
+    else {
+        panic!("redis through sentinel: {:?}", config.storage.backend);
+    };
+    assert_eq!(url.expose(), "", "the url is optional with sentinel");
+    assert_eq!(sentinel.master, "mymaster");
+    assert_eq!(
+        sentinel
+            .nodes
+            .iter()
+            .map(|n| n.expose())
+            .collect::<Vec<_>>(),
+        ["redis://s1:26379", "redis://s2:26379"]
+    );
+    let error = err("storage:\n  backend: redis\n  sentinel: {nodes: [redis://s1:26379]}\n");
+    assert_at(&error, 3, 13, "storage.sentinel", "needs `master`");
+    let error = err("storage:\n  backend: redis\n  url: redis://h\n  tls: {ca_file: x.pem}\n");
+    assert_at(&error, 4, 8, "storage.tls", "not rediss://");
+    let error = err("storage:\n  backend: redis\n  url: rediss://h\n  tls: {}\n");
+    assert_at(&error, 4, 8, "storage.tls", "names no file");
+    let error = err(
+        "storage:\n  backend: redis\n  url: rediss://h\n  tls: {ca_file: /nonexistent/ca.pem}\n",
+    );
+    assert_at(&error, 4, 18, "storage.tls.ca_file", "cannot read");
+    let error = err("storage:\n  backend: postgres\n  url: postgres://h\n  tls: {ca_file: x}\n");
+    assert_at(&error, 4, 8, "storage.tls", "only applies to backend redis");
 }

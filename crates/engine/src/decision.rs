@@ -276,9 +276,35 @@ pub struct Decision {
     pub degraded: bool,
     /// One result per window, in [`DecisionRequest::windows`] order.
     pub results: Vec<WindowResult>,
+    /// Set when an operator's block or allow entry decided the request instead of its
+    /// limits (then `results` is empty).
+    pub listed: Option<Listed>,
+}
+
+/// A block or allow entry that decided a request (see `sluice-access`). Says nothing
+/// of what matched: the entry may name the client's address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Blocked, or allowed past every limit.
+    pub blocked: bool,
+    /// The operator's reason, when given.
+    pub reason: Option<String>,
+    /// When the entry expires, in milliseconds since the Unix epoch.
+    pub expires_at_ms: Option<u64>,
 }
 
 impl Decision {
+    /// The decision of a block or allow entry: no window was consulted.
+    pub fn listed(listed: Listed) -> Self {
+        Decision {
+            allowed: !listed.blocked,
+            retry_after: if listed.blocked { None } else { Some(0) },
+            degraded: false,
+            results: Vec::new(),
+            listed: Some(listed),
+        }
+    }
+
     /// Assembles a decision from a store's per-window outcomes.
     pub fn from_outcomes(
         request: &DecisionRequest,
@@ -317,6 +343,7 @@ impl Decision {
             retry_after,
             degraded,
             results,
+            listed: None,
         }
     }
 }

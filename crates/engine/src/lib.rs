@@ -23,16 +23,18 @@ pub mod clock;
 pub mod decision;
 pub mod limit;
 pub mod rate;
+pub mod records;
 pub mod reservation;
 pub mod store;
 
 pub use algorithm::{Algorithm, Evaluation, MAX_DEBT_MICROS, State, Window};
 pub use clock::{Clock, ManualClock, Micros, SystemClock, millis_ceil, seconds_ceil};
 pub use decision::{
-    Check, CheckError, Decision, DecisionRequest, MAX_KEY_BYTES, Slot, WindowOutcome,
+    Check, CheckError, Decision, DecisionRequest, Listed, MAX_KEY_BYTES, Slot, WindowOutcome,
     WindowOutcomes, WindowResult, apply, decide, refund,
 };
-pub use limit::{Limit, LimitError, LimitSet, LimitSpec, LimitWindow};
+pub use limit::{Limit, LimitError, LimitSet, LimitSpec, LimitWindow, OVERRIDE_PLAN};
 pub use rate::{Period, Rate, RateError};
+pub use records::{Record, Records};
 pub use reservation::{Hold, HoldId, SettleStatus, Settlement, settle};
 pub use store::{Outcomes, Store, StoreError, StoreFuture, StoreStats};

@@ -48,7 +48,9 @@ pub enum LimitError {
     )]
     ConcurrencyWithRates,
     /// A plan name with characters that do not belong in one.
-    #[error("plan name {0:?} is invalid: use 1 to 32 letters, digits, '_', '-' or '.'")]
+    #[error(
+        "plan name {0:?} is invalid: use 1 to 32 letters, digits, '_', '-' or '.' (\"override\" is taken: it names a rate set for one subject at run time)"
+    )]
     BadPlanName(String),
     /// A plan given twice for one limit.
     #[error("plan {0:?} is given twice for this limit")]
@@ -116,6 +118,10 @@ pub struct LimitWindow {
     /// The rate as shown to users, e.g. `5/minute`.
     pub rate_text: Arc<str>,
 }
+
+/// The plan name of a rate override made at run time ([`Limit::with_override`]); no
+/// configured plan may be called this.
+pub const OVERRIDE_PLAN: &str = "override";
 
 /// A named, validated limit.
 #[derive(Debug, Clone)]
@@ -203,6 +209,7 @@ impl Limit {
     ) -> Result<Self, LimitError> {
         for (plan, mut limit) in plans {
             let valid = !plan.is_empty()
+                && plan != OVERRIDE_PLAN
                 && plan.len() <= 32
                 && plan
                     .bytes()
@@ -223,6 +230,23 @@ impl Limit {
             self.plans.push(Arc::new(limit));
         }
         Ok(self)
+    }
+
+    /// This limit at `rates` for one subject (a rate override set at run time): the same
+    /// name, algorithm and flags, so a key keeps what it spent in every window whose
+    /// period stays the same, and its plan reads [`OVERRIDE_PLAN`]. Concurrency limits
+    /// have no rates to override.
+    pub fn with_override(&self, rates: Vec<Rate>) -> Result<Limit, LimitError> {
+        if self.is_concurrency() {
+            return Err(LimitError::ConcurrencyWithRates);
+        }
+        let mut spec = LimitSpec::new(rates);
+        spec.algorithm = self.algorithm();
+        spec.charge_denied = self.charge_denied;
+        spec.shadow = self.shadow;
+        let mut limit = Limit::new(&self.name, spec)?;
+        limit.plan = Some(OVERRIDE_PLAN.into());
+        Ok(limit)
     }
 
     /// The plan these rates belong to; `None` for the default plan.

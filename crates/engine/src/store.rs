@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::decision::{DecisionRequest, WindowOutcomes};
 use crate::limit::Limit;
+use crate::records::{Record, Records};
 use crate::reservation::{Hold, SettleStatus, Settlement};
 
 /// A boxed future as the [`Store`] methods return it; boxed so stores can be chosen at run time.
@@ -116,6 +117,41 @@ pub trait Store: Send + Sync {
                 "reservations not supported by this store ({backend})"
             )))
         })
+    }
+
+    /// Every record with their version (see [`records`](crate::records)). Stores
+    /// without records answer an error saying so.
+    fn records(&self) -> StoreFuture<'_, Records> {
+        Box::pin(std::future::ready(Err(self.no_records())))
+    }
+
+    /// The records' version alone: what instances poll to learn of a change, one round
+    /// trip.
+    fn records_version(&self) -> StoreFuture<'_, u64> {
+        Box::pin(std::future::ready(Err(self.no_records())))
+    }
+
+    /// Writes `record` (replacing one with its id) and moves the version; answers the
+    /// new version. Durable, where counters are, once it answers.
+    fn put_record<'a>(&'a self, record: &'a Record) -> StoreFuture<'a, u64> {
+        let _ = record;
+        Box::pin(std::future::ready(Err(self.no_records())))
+    }
+
+    /// Removes the record `id`, moving the version when there was one; answers whether
+    /// there was.
+    fn remove_record<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
+        let _ = id;
+        Box::pin(std::future::ready(Err(self.no_records())))
+    }
+
+    /// The error of a store without records.
+    #[doc(hidden)]
+    fn no_records(&self) -> StoreError {
+        StoreError::Protocol(format!(
+            "runtime assignments and block lists are not supported by this store ({})",
+            self.backend()
+        ))
     }
 
     /// Succeeds when the store can serve decisions: one round trip to the store.

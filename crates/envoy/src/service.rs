@@ -217,15 +217,20 @@ impl RateLimitService {
         if !debts.is_empty() {
             self.book(debts).await?;
         }
+        // A block entry (admin API) refuses the whole call, whatever its descriptors say.
+        let mut blocked = None;
         let results = if checks.is_empty() {
             Vec::new()
         } else {
-            let decision = DecisionRequest {
+            let mut decision = DecisionRequest {
                 checks,
                 dry_run: false,
             };
-            match self.state.decider.decide(&decision).await {
-                Ok(decision) => decision.results,
+            match self.state.decider.decide(&mut decision).await {
+                Ok(decision) => {
+                    blocked = decision.listed.filter(|listed| listed.blocked);
+                    decision.results
+                }
                 // The decider logged it; Envoy's failure_mode_deny decides what happens.
                 Err(_) => {
                     return Err(Status::unavailable(
@@ -236,10 +241,23 @@ impl RateLimitService {
         };
 
         let now = now_micros();
-        let (statuses, went_over): (Vec<DescriptorStatus>, Vec<bool>) = plans
+        let (mut statuses, went_over): (Vec<DescriptorStatus>, Vec<bool>) = plans
             .into_iter()
             .map(|plan| status(plan, &results, now))
             .unzip();
+        let mut raw_body = Vec::new();
+        if let Some(listed) = &blocked {
+            for status in &mut statuses {
+                status.code = Code::OverLimit as i32;
+            }
+            raw_body = serde_json::json!({
+                "error": "blocked",
+                "message": "this client is blocked by the operator",
+                "reason": listed.reason,
+            })
+            .to_string()
+            .into_bytes();
+        }
         let over = statuses.iter().any(|s| s.code == Code::OverLimit as i32);
         let dynamic_metadata = envoy
             .filter(|envoy| envoy.response_dynamic_metadata)
@@ -254,7 +272,7 @@ impl RateLimitService {
             statuses,
             response_headers_to_add,
             request_headers_to_add: Vec::new(),
-            raw_body: Vec::new(),
+            raw_body,
             dynamic_metadata,
         })
     }

@@ -13,7 +13,9 @@
 
 use http::StatusCode;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use sluice_engine::{Decision, DecisionRequest, Micros, Period, WindowResult, seconds_ceil};
+use sluice_engine::{
+    Decision, DecisionRequest, Listed, Micros, Period, WindowResult, seconds_ceil,
+};
 
 /// Which rate-limit header families to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +121,8 @@ impl Default for BodyTemplate {
 pub struct ResponseConfig {
     /// Status of a denied answer (default 429).
     pub deny_status: StatusCode,
+    /// Status of a request a block entry refuses (default 403).
+    pub block_status: StatusCode,
     /// Header families on every answer.
     pub headers: HeaderStyles,
     /// The denied body.
@@ -131,6 +135,7 @@ impl Default for ResponseConfig {
     fn default() -> Self {
         ResponseConfig {
             deny_status: StatusCode::TOO_MANY_REQUESTS,
+            block_status: StatusCode::FORBIDDEN,
             headers: HeaderStyles::default(),
             body: BodyTemplate::default(),
             content_type: HeaderValue::from_static("application/json"),
@@ -201,6 +206,11 @@ impl ResponseConfig {
                     result.limit_value,
                     window.window.rate().period_secs()
                 ));
+                // The plan that applied, when not the default one: an extension
+                // parameter, which the draft lets clients ignore.
+                if let Some(plan) = request.checks[result.check].limit().plan() {
+                    policy.push_str(&format!(";plan=\"{plan}\""));
+                }
                 state.push_str(&format!(
                     "{separator}\"{name}\";r={};t={}",
                     result.remaining,
@@ -242,6 +252,28 @@ impl ResponseConfig {
         self.denial_with_status(request, decision, self.deny_status)
     }
 
+    /// The answer to a request a block entry refused: `block_status` and a JSON body
+    /// with the operator's reason; no rate-limit headers, no `Retry-After` (waiting
+    /// does not help) and nothing of what matched (it may be the client's address).
+    pub fn blocked(&self, listed: &Listed) -> Denial {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let body = serde_json::json!({
+            "error": "blocked",
+            "message": "This client is blocked by the operator of this service.",
+            "reason": listed.reason,
+            "expires_at_ms": listed.expires_at_ms,
+        });
+        Denial {
+            status: self.block_status,
+            headers,
+            body: body.to_string().into_bytes(),
+        }
+    }
+
     /// The answer to a denied request with `status` (a front door's own deny status);
     /// the body's `{status}` says the same.
     pub fn denial_with_status(
@@ -250,6 +282,9 @@ impl ResponseConfig {
         decision: &Decision,
         status: StatusCode,
     ) -> Denial {
+        if let Some(listed) = decision.listed.as_ref().filter(|l| l.blocked) {
+            return self.blocked(listed);
+        }
         let mut headers = HeaderMap::new();
         let retry = retry_after_seconds(decision);
         if let Some(seconds) = retry {

@@ -113,6 +113,7 @@ fn header_styles_and_a_custom_body() {
     );
     let config = ResponseConfig {
         deny_status: StatusCode::FORBIDDEN,
+        block_status: StatusCode::FORBIDDEN,
         headers: HeaderStyles {
             ietf: false,
             legacy: true,

@@ -6,6 +6,12 @@
 //! The next line logged for a limit is preceded by one saying how many of its denials
 //! were not logged since its last line; every denial is counted in
 //! `sluice_decisions_total` either way.
+//!
+//! Every recorded check also feeds its limit's [`sluice_topkeys::Timeline`] (checks and
+//! denials per minute) and, with `stats.top_keys`, its [`sluice_topkeys::TopKeys`]: the
+//! key as the store saw it (so already hashed with `client_ip.hash`), the cost charged
+//! as spend, and whether it was denied. Recording it here is what makes every front door
+//! (decision API, reservations, forward-auth, proxy, Envoy) feed them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +21,10 @@ use sluice_engine::{
     Check, Decision, DecisionRequest, Hold, HoldId, SettleStatus, Settlement, Store, StoreError,
 };
 
+use crate::access::{Access, now_ms};
 use crate::reservation::{Ticket, TicketError};
+use sluice_access::Screen;
+use std::net::IpAddr;
 
 use crate::metrics::Metrics;
 
@@ -38,6 +47,8 @@ pub enum ReserveError {
 pub struct Decider {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    /// The runtime entries: plans, overrides, block and allow lists.
+    access: Arc<Access>,
     /// The zero of [`DenialLog`]'s clock.
     started: Instant,
 }
@@ -75,12 +86,19 @@ impl DenialLog {
 
 impl Decider {
     /// A decider over `store` reporting to `metrics`.
-    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, access: Arc<Access>) -> Self {
         Decider {
             store,
             metrics,
+            access,
             started: Instant::now(),
         }
+    }
+
+    /// Seconds on the clock top keys and timelines are recorded by (since the decider
+    /// was made): what their queries take as "now".
+    pub fn clock_secs(&self) -> u64 {
+        self.started.elapsed().as_secs()
     }
 
     /// The store decisions go to.
@@ -88,21 +106,36 @@ impl Decider {
         &self.store
     }
 
-    /// Decides `request`, recording latency, errors and outcomes.
-    pub async fn decide(&self, request: &DecisionRequest) -> Result<Decision, StoreError> {
+    /// Decides `request` (see [`Decider::decide_from`]) for a client whose address is
+    /// not known here.
+    pub async fn decide(&self, request: &mut DecisionRequest) -> Result<Decision, StoreError> {
+        self.decide_from(request, None).await
+    }
+
+    /// Decides `request` from `client`, recording latency, errors and outcomes. The
+    /// runtime entries come first: a block or allow entry decides without the limits;
+    /// otherwise plan assignments and rate overrides may change the request's limits,
+    /// which is why it is taken mutably (answer with the request as it is afterwards).
+    pub async fn decide_from(
+        &self,
+        request: &mut DecisionRequest,
+        client: Option<IpAddr>,
+    ) -> Result<Decision, StoreError> {
+        if let Some(decision) = self.screen(request, client) {
+            return Ok(decision);
+        }
+        if request.checks.is_empty() {
+            // Nothing to decide: screened for the lists only (a request no route limits).
+            return Ok(Decision::from_outcomes(request, &[], false));
+        }
+        let request = &*request;
         let started = Instant::now();
         let result = sluice_engine::decide(&*self.store, request).await;
         self.metrics.observe_store(started.elapsed());
         match &result {
-            Ok(decision) => {
-                if !request.dry_run {
-                    self.record(request, decision);
-                }
-            }
-            Err(error) => {
-                self.metrics.store_errors.inc();
-                tracing::warn!(%error, backend = self.store.backend(), "store call failed");
-            }
+            Ok(decision) if !request.dry_run => self.record(request, decision, started),
+            Ok(_) => {}
+            Err(error) => self.store_failed(error),
         }
         result
     }
@@ -112,9 +145,30 @@ impl Decider {
     /// carries its ticket and token.
     pub async fn reserve(
         &self,
-        request: &DecisionRequest,
+        request: &mut DecisionRequest,
         ttl: Duration,
     ) -> Result<(Decision, Option<(Ticket, String)>), ReserveError> {
+        self.reserve_from(request, ttl, None).await
+    }
+
+    /// [`Decider::reserve`] for a client at `client`, after the runtime entries (see
+    /// [`Decider::decide_from`]). An allow-listed reservation holds nothing: its ticket
+    /// has no checks, and settling it moves nothing.
+    pub async fn reserve_from(
+        &self,
+        request: &mut DecisionRequest,
+        ttl: Duration,
+        client: Option<IpAddr>,
+    ) -> Result<(Decision, Option<(Ticket, String)>), ReserveError> {
+        if let Some(decision) = self.screen(request, client) {
+            if !decision.allowed || request.dry_run {
+                return Ok((decision, None));
+            }
+            let ticket = Ticket::new(&DecisionRequest::default(), ttl)?;
+            let (token, _) = ticket.encode();
+            return Ok((decision, Some((ticket, token))));
+        }
+        let request = &*request;
         let ticket = Ticket::new(request, ttl)?;
         let (token, id) = ticket.encode();
         let hold = Hold {
@@ -150,7 +204,7 @@ impl Decider {
                 }
             }
         }
-        self.record(request, &decision);
+        self.record(request, &decision, started);
         let held = decision.allowed.then_some((ticket, token));
         Ok((decision, held))
     }
@@ -185,7 +239,44 @@ impl Decider {
         limits: &sluice_engine::LimitSet,
         actual: &[u64],
     ) -> Result<SettleStatus, StoreError> {
-        self.settle(&ticket.settlement(hold, limits, actual)).await
+        if ticket.checks.is_empty() {
+            // An allow-listed reservation: nothing was held, nothing moves.
+            return Ok(SettleStatus::Settled);
+        }
+        let directory = self.access.directory();
+        self.settle(&ticket.settlement(hold, limits, &directory, actual))
+            .await
+    }
+
+    /// What the runtime entries make of `request`: a decision when a block or allow
+    /// entry decides it; otherwise `None`, with plans and overrides applied in place.
+    fn screen(&self, request: &mut DecisionRequest, client: Option<IpAddr>) -> Option<Decision> {
+        let directory = self.access.current();
+        if directory.is_empty() {
+            return None;
+        }
+        let now = now_ms();
+        match directory.screen(request, client, now) {
+            Screen::Blocked(listed) => {
+                if !request.dry_run {
+                    self.metrics.blocked.inc();
+                }
+                Some(Decision::listed(listed))
+            }
+            Screen::Allowed(listed) => {
+                let decision = Decision::listed(listed);
+                if !request.dry_run {
+                    self.metrics.allow_listed.inc();
+                    // Counted as allowed decisions of their limits, as if decided.
+                    self.record(request, &decision, Instant::now());
+                }
+                Some(decision)
+            }
+            Screen::Limits => {
+                directory.assign(request, now);
+                None
+            }
+        }
     }
 
     fn store_failed(&self, error: &StoreError) {
@@ -215,11 +306,13 @@ impl Decider {
         }
     }
 
-    fn record(&self, request: &DecisionRequest, decision: &Decision) {
+    /// Counts `decision` (asked for at `asked`, a clock reading the caller already had).
+    fn record(&self, request: &DecisionRequest, decision: &Decision, asked: Instant) {
         if decision.degraded {
             self.metrics.degraded.inc();
         }
         let counters = self.metrics.limit_counters();
+        let now_secs = asked.saturating_duration_since(self.started).as_secs();
         for (index, check) in request.checks.iter().enumerate() {
             let denied = decision
                 .results
@@ -233,6 +326,15 @@ impl Decider {
                 (true, false) => counter.denied.inc(),
                 (true, true) => counter.shadow_denied.inc(),
             };
+            counter.timeline.record(denied, now_secs);
+            if let Some(top) = &counter.top {
+                let spend = if charged(check, index, decision) {
+                    check.cost()
+                } else {
+                    0
+                };
+                top.record(check.key(), spend, denied, now_secs);
+            }
             if denied {
                 self.log_denial(check, decision, index, &counter.denial_log);
             }
@@ -277,6 +379,20 @@ impl Decider {
             );
         }
     }
+}
+
+/// Whether `decision` charged check `index`'s cost: the rule of
+/// [`Decision::charged_windows`] (a window that allowed in an allowed decision, or a
+/// `charge_denied` window whose cost could fit), for any of the check's windows. A
+/// reservation's check counts its reserved cost here; what settling adds or gives back
+/// later is not counted as spend.
+fn charged(check: &Check, index: usize, decision: &Decision) -> bool {
+    check.cost() > 0
+        && decision.results.iter().any(|r| {
+            r.check == index
+                && ((decision.allowed && r.allowed)
+                    || (check.limit().charge_denied() && !r.allowed && r.retry_after.is_some()))
+        })
 }
 
 /// The first 16 hex digits of SHA-256 of a key: enough to follow one caller through the

@@ -4,6 +4,8 @@
 //!
 //! - [`state`]: [`AppState`], handed to every handler.
 //! - [`live`]: the reloadable configuration snapshot ([`Live`]) and the reload.
+//! - [`access`]: the runtime entries (plans, overrides, block and allow lists) this
+//!   instance enforces, polled from the store.
 //! - [`decider`]: the one path from a decision request to a decision; it records
 //!   metrics and the (rate-limited) denial log.
 //! - [`metrics`]: the Prometheus registry; front doors register their own series.
@@ -11,6 +13,7 @@
 //! - [`serve`]: the per-thread serving loop with header-read and idle timeouts, a
 //!   connection cap and a shutdown deadline, for HTTP/1 and HTTP/2 (gRPC) alike.
 
+pub mod access;
 pub mod decider;
 pub mod live;
 pub mod metrics;

@@ -116,6 +116,9 @@ struct StartupSettings {
     /// router is built from these once.
     proxy_routing: Option<SluiceEndpoints>,
     proxy_connect_timeout_ms: Option<u64>,
+    /// Whether top keys are tracked, and in how many counters: the sketches are made
+    /// once.
+    stats: sluice_config::StatsConfig,
 }
 
 impl StartupSettings {
@@ -137,6 +140,7 @@ impl StartupSettings {
             envoy_listen: config.envoy.as_ref().map(|envoy| envoy.listen),
             proxy_routing: config.proxy.as_ref().map(|p| p.sluice_endpoints.clone()),
             proxy_connect_timeout_ms: config.proxy.as_ref().map(|p| p.connect_timeout_ms),
+            stats: config.stats,
         }
     }
 
@@ -173,6 +177,9 @@ impl StartupSettings {
             && self.proxy_connect_timeout_ms != new.proxy_connect_timeout_ms
         {
             fields.push("proxy.connect_timeout_ms");
+        }
+        if self.stats != new.stats {
+            fields.push("stats");
         }
         fields
     }

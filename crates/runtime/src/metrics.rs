@@ -42,6 +42,12 @@ pub struct LimitCounters {
     /// How this limit's denials are logged: one line per interval (see
     /// [`crate::decider::DenialLog`]).
     pub denial_log: Arc<crate::decider::DenialLog>,
+    /// This limit's heaviest keys by spend and by denials (`stats.top_keys`); `None`
+    /// when top keys are off. Kept across reloads while the limit keeps its name.
+    pub top: Option<Arc<sluice_topkeys::TopKeys>>,
+    /// This limit's checks and denials per minute over the last hour (the dashboard's
+    /// charts). Kept across reloads while the limit keeps its name.
+    pub timeline: Arc<sluice_topkeys::Timeline>,
 }
 
 /// Every metric sluice exports.
@@ -66,13 +72,25 @@ pub struct Metrics {
     /// booked over limits, in units of cost.
     pub settled_over_estimate: Counter,
     proxy_settlements: Family<OutcomeLabels, Counter>,
+    /// Requests a block entry refused.
+    pub blocked: Counter,
+    /// Requests an allow entry let past every limit.
+    pub allow_listed: Counter,
+    /// Failed reads of the runtime entries (the last ones read stay in force).
+    pub access_refresh_errors: Counter,
     keys: Family<BackendLabels, Gauge>,
     evictions: Family<BackendLabels, Counter>,
+    /// Counters per top-keys sketch, or `None` when top keys are off.
+    top_keys: Option<usize>,
 }
 
 impl Metrics {
-    /// A registry with every metric, and counters for each of `limits`.
-    pub fn new<'a>(limits: impl IntoIterator<Item = &'a Arc<Limit>>) -> Self {
+    /// A registry with every metric, and counters for each of `limits`; with
+    /// `top_keys` (counters per sketch), each limit also tracks its heaviest keys.
+    pub fn new<'a>(
+        limits: impl IntoIterator<Item = &'a Arc<Limit>>,
+        top_keys: Option<usize>,
+    ) -> Self {
         let mut registry = Registry::with_prefix("sluice");
         let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
@@ -119,6 +137,24 @@ impl Metrics {
             "Reservations settled or released",
             settlements.clone(),
         );
+        let blocked = Counter::default();
+        registry.register(
+            "blocked_requests",
+            "Requests refused by a block entry (admin API), before any limit",
+            blocked.clone(),
+        );
+        let allow_listed = Counter::default();
+        registry.register(
+            "allow_listed_requests",
+            "Requests an allow entry (admin API) let past every limit",
+            allow_listed.clone(),
+        );
+        let access_refresh_errors = Counter::default();
+        registry.register(
+            "access_refresh_errors",
+            "Failed reads of runtime plan assignments, overrides and block lists from the store; the last ones read stay in force",
+            access_refresh_errors.clone(),
+        );
         let settled_over_estimate = Counter::default();
         registry.register(
             "settled_over_estimate",
@@ -151,8 +187,12 @@ impl Metrics {
             settlements,
             settled_over_estimate,
             proxy_settlements,
+            blocked,
+            allow_listed,
+            access_refresh_errors,
             keys,
             evictions,
+            top_keys,
         };
         metrics.track_limits(limits);
         metrics
@@ -160,6 +200,7 @@ impl Metrics {
 
     /// Creates counters for `limits` (after a reload, new limits get theirs; old series stay).
     pub fn track_limits<'a>(&self, limits: impl IntoIterator<Item = &'a Arc<Limit>>) {
+        let old = self.limit_counters();
         let map = limits
             .into_iter()
             .map(|limit| {
@@ -176,6 +217,16 @@ impl Metrics {
                     denied: handle("denied"),
                     shadow_denied: handle("shadow_denied"),
                     denial_log: Arc::default(),
+                    top: match old.get(limit.name()) {
+                        Some(old) => old.top.clone(),
+                        None => self
+                            .top_keys
+                            .map(|capacity| Arc::new(sluice_topkeys::TopKeys::new(capacity))),
+                    },
+                    timeline: old
+                        .get(limit.name())
+                        .map(|old| Arc::clone(&old.timeline))
+                        .unwrap_or_default(),
                 };
                 (limit.name().to_string(), counters)
             })
@@ -183,6 +234,11 @@ impl Metrics {
         if let Ok(mut per_limit) = self.per_limit.write() {
             *per_limit = Arc::new(map);
         }
+    }
+
+    /// Counters per top-keys sketch, or `None` when top keys are off.
+    pub fn top_keys_capacity(&self) -> Option<usize> {
+        self.top_keys
     }
 
     /// The counters of every tracked limit.

@@ -35,6 +35,10 @@ pub struct TicketCheck {
     /// The estimate charged.
     #[serde(rename = "e")]
     pub estimate: u64,
+    /// The plan whose rates were charged (a configured plan, or `override` for a rate
+    /// set at run time), so the settlement moves the same windows.
+    #[serde(rename = "p", default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
 }
 
 /// A reservation as its holder knows it.
@@ -87,6 +91,7 @@ impl Ticket {
                     limit: c.limit().name().to_string(),
                     key: c.key().to_string(),
                     estimate: c.cost(),
+                    plan: c.limit().plan().map(str::to_string),
                 })
                 .collect(),
         })
@@ -134,17 +139,31 @@ impl Ticket {
     }
 
     /// The settlement of this ticket at `actual` (one cost per check), against the
-    /// limits configured now. A check whose limit has since been removed from the
-    /// config is left out (its counters are no longer decided on), as is one whose
-    /// key is no longer valid; its concurrency slot, if any, expires with the hold.
-    pub fn settlement(&self, hold: HoldId, limits: &LimitSet, actual: &[u64]) -> Settlement {
+    /// limits configured now, at the plan each check was reserved on (a rate override
+    /// from `directory`, while it lasts). A check whose limit has since been removed
+    /// from the config is left out (its counters are no longer decided on), as is one
+    /// whose key is no longer valid; its concurrency slot, if any, expires with the hold.
+    pub fn settlement(
+        &self,
+        hold: HoldId,
+        limits: &LimitSet,
+        directory: &sluice_access::Directory,
+        actual: &[u64],
+    ) -> Settlement {
+        let now = crate::access::now_ms();
         let mut request = DecisionRequest::default();
         let mut costs = Vec::with_capacity(self.checks.len());
         for (check, &actual) in self.checks.iter().zip(actual) {
-            let Some(limit) = limits.get(&check.limit) else {
+            let Some(base) = limits.get(&check.limit) else {
                 continue;
             };
-            if let Ok(check) = Check::new(Arc::clone(limit), check.key.as_str(), check.estimate) {
+            let limit = match check.plan.as_deref() {
+                Some(sluice_engine::OVERRIDE_PLAN) => directory
+                    .override_of(&check.limit, &check.key, now)
+                    .unwrap_or_else(|| Arc::clone(base)),
+                plan => Arc::clone(base.for_plan(plan)),
+            };
+            if let Ok(check) = Check::new(limit, check.key.as_str(), check.estimate) {
                 request.checks.push(check);
                 costs.push(actual);
             }

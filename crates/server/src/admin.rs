@@ -227,3 +227,144 @@ pub async fn reload(
         )),
     }
 }
+
+/// The query parameters `GET /v1/admin/top` takes, quoted in its errors.
+pub const TOP_SHAPE: &str =
+    "/v1/admin/top?limit=<name>&by=spend|denials&window=minute|hour&n=<1..100>";
+
+/// The most keys one `GET /v1/admin/top` lists per limit.
+pub const MAX_TOP_N: usize = 100;
+
+/// `GET /v1/admin/top`'s parameters, read and checked.
+pub struct TopQuery {
+    /// One limit, or every limit.
+    pub limit: Option<String>,
+    /// What keys are ranked by.
+    pub by: sluice_topkeys::By,
+    /// Over which window.
+    pub window: sluice_topkeys::Window,
+    /// How many keys per limit.
+    pub n: usize,
+}
+
+impl TopQuery {
+    /// Reads `limit`, `by` (default `spend`), `window` (default `minute`) and `n`
+    /// (default 10); anything else is refused.
+    pub fn parse(query: &HashMap<String, String>) -> Result<Self, ApiError> {
+        let invalid = |message: String| {
+            ApiError::bad_request("invalid_request", format!("{message}; call {TOP_SHAPE}"))
+        };
+        if let Some(other) = query
+            .keys()
+            .find(|k| !["limit", "by", "window", "n"].contains(&k.as_str()))
+        {
+            let other: String = other.chars().take(40).collect();
+            return Err(invalid(format!("unknown query parameter {other:?}")));
+        }
+        let by = match query.get("by") {
+            None => sluice_topkeys::By::Spend,
+            Some(by) => by.parse().map_err(|e| invalid(format!("by: {e}")))?,
+        };
+        let window = match query.get("window") {
+            None => sluice_topkeys::Window::Minute,
+            Some(window) => window
+                .parse()
+                .map_err(|e| invalid(format!("window: {e}")))?,
+        };
+        let n = match query.get("n") {
+            None => 10,
+            Some(n) => match n.parse::<usize>() {
+                Ok(n) if (1..=MAX_TOP_N).contains(&n) => n,
+                _ => {
+                    let n: String = n.chars().take(40).collect();
+                    return Err(invalid(format!(
+                        "n: {n:?} is not a whole number from 1 to {MAX_TOP_N}"
+                    )));
+                }
+            },
+        };
+        Ok(TopQuery {
+            limit: query.get("limit").cloned(),
+            by,
+            window,
+            n,
+        })
+    }
+}
+
+/// One limit's heaviest keys as JSON.
+pub fn top_body(limit: &str, top: &sluice_topkeys::Top) -> Value {
+    json!({
+        "limit": limit,
+        "total": top.total,
+        "error_bound": top.error_bound,
+        "keys": top.keys.iter().map(|e| json!({
+            "key": e.key,
+            "count": e.count,
+            "error": e.error,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The refusal when `stats.top_keys` is off.
+pub fn top_keys_disabled() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "top_keys_disabled",
+        "top keys are not tracked: stats.top_keys is false in the config (it takes a restart to turn on)",
+    )
+}
+
+/// `GET /v1/admin/top?limit=L&by=spend|denials&window=minute|hour&n=10`: the heaviest
+/// keys of one limit (or of every limit), by cost charged or by denials.
+pub async fn top(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    authorize(&app.live(), &headers)?;
+    let query = TopQuery::parse(&query)?;
+    let Some(capacity) = app.metrics.top_keys_capacity() else {
+        return Err(top_keys_disabled());
+    };
+    let counters = app.metrics.limit_counters();
+    let mut names: Vec<&String> = match &query.limit {
+        Some(name) => match counters.get_key_value(name) {
+            Some((name, _)) => vec![name],
+            None => {
+                let mut known: Vec<&str> = counters.keys().map(String::as_str).collect();
+                known.sort_unstable();
+                let name: String = name.chars().take(80).collect();
+                return Err(ApiError::bad_request(
+                    "unknown_limit",
+                    format!(
+                        "limit: no limit named {name:?} is configured; configured limits: {}",
+                        known.join(", ")
+                    ),
+                ));
+            }
+        },
+        None => counters.keys().collect(),
+    };
+    names.sort_unstable();
+    let now = app.decider.clock_secs();
+    let limits: Vec<Value> = names
+        .into_iter()
+        .filter_map(|name| {
+            let top = counters.get(name)?.top.as_ref()?;
+            Some(top_body(
+                name,
+                &top.top(query.window, query.by, query.n, now),
+            ))
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "window": query.window.as_str(),
+            "by": query.by.as_str(),
+            "capacity": capacity,
+            "limits": limits,
+        }),
+    ))
+}

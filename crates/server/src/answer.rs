@@ -13,7 +13,27 @@ struct DecisionBody<'a> {
     allowed: bool,
     retry_after_ms: Option<u64>,
     degraded: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listed: Option<ListedBody<'a>>,
     results: Vec<ResultBody<'a>>,
+}
+
+/// A block or allow entry that decided the request, as the decision API shows it.
+#[derive(Serialize)]
+pub struct ListedBody<'a> {
+    /// `block` or `allow`.
+    list: &'static str,
+    reason: Option<&'a str>,
+    expires_at_ms: Option<u64>,
+}
+
+/// What the decision API says of a block or allow entry that decided `decision`.
+pub fn listed_body(decision: &Decision) -> Option<ListedBody<'_>> {
+    decision.listed.as_ref().map(|listed| ListedBody {
+        list: if listed.blocked { "block" } else { "allow" },
+        reason: listed.reason.as_deref(),
+        expires_at_ms: listed.expires_at_ms,
+    })
 }
 
 /// One window's result as `/v1/check` shows it.
@@ -67,6 +87,7 @@ pub fn decision_json(request: &DecisionRequest, decision: &Decision) -> Response
             allowed: decision.allowed,
             retry_after_ms: decision.retry_after.map(millis_ceil),
             degraded: decision.degraded,
+            listed: listed_body(decision),
             results,
         },
     )

@@ -99,10 +99,21 @@ fn admin_routes() -> Router<Arc<AppState>> {
         .route("/v1/admin/reload", post(admin::reload))
         .route("/v1/admin/reset-limit", post(admin::reset_limit))
         .route("/v1/admin/state", get(admin::state))
+        .route(
+            "/v1/admin/entries",
+            get(crate::entries::list).post(crate::entries::add),
+        )
+        .route("/v1/admin/entries/remove", post(crate::entries::remove))
+        .route("/v1/admin/top", get(admin::top))
+        .route(crate::dashboard::PAGE_PATH, get(crate::dashboard::page))
+        .route(crate::dashboard::DATA_PATH, get(crate::dashboard::data))
+        .route(crate::dashboard::SCRIPT_PATH, get(crate::dashboard::script))
+        .route(crate::dashboard::STYLE_PATH, get(crate::dashboard::style))
 }
 
+/// One limit as `/v1/limits` and the dashboard list it.
 #[derive(Serialize)]
-struct LimitInfo<'a> {
+pub(crate) struct LimitInfo<'a> {
     name: &'a str,
     algorithm: &'static str,
     rates: Vec<&'a str>,
@@ -129,12 +140,10 @@ struct WindowInfo<'a> {
     period_seconds: u64,
 }
 
-async fn limits(State(app): State<Arc<AppState>>) -> Response {
-    let live = app.live();
-    let limits: Vec<LimitInfo<'_>> = live
-        .limits
-        .iter()
-        .map(|l| LimitInfo {
+impl<'a> LimitInfo<'a> {
+    /// `limit`'s rates, windows and plans.
+    pub(crate) fn of(l: &'a sluice_engine::Limit) -> Self {
+        LimitInfo {
             name: l.name(),
             algorithm: l.algorithm().as_str(),
             rates: l.windows().iter().map(|w| &*w.rate_text).collect(),
@@ -158,8 +167,13 @@ async fn limits(State(app): State<Arc<AppState>>) -> Response {
                     rates: p.windows().iter().map(|w| &*w.rate_text).collect(),
                 })
                 .collect(),
-        })
-        .collect();
+        }
+    }
+}
+
+async fn limits(State(app): State<Arc<AppState>>) -> Response {
+    let live = app.live();
+    let limits: Vec<LimitInfo<'_>> = live.limits.iter().map(|l| LimitInfo::of(l)).collect();
     json_response(StatusCode::OK, &json!({ "limits": limits }))
 }
 
@@ -237,7 +251,7 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-const ENDPOINTS: &str = "POST /v1/check, ANY /v1/forward-auth, GET /v1/limits, GET /v1/stats, GET /healthz, GET /readyz, GET /metrics, and admin calls (POST /v1/reset, GET /v1/status, POST /v1/admin/reload, POST /v1/admin/reset-limit, GET /v1/admin/state)";
+const ENDPOINTS: &str = "POST /v1/check, ANY /v1/forward-auth, GET /v1/limits, GET /v1/stats, GET /healthz, GET /readyz, GET /metrics, and admin calls (POST /v1/reset, GET /v1/status, POST /v1/admin/reload, POST /v1/admin/reset-limit, GET /v1/admin/state, GET /v1/admin/top, GET /v1/admin/dashboard)";
 
 async fn not_found(method: Method, uri: Uri) -> Response {
     ApiError::new(

@@ -133,10 +133,10 @@ pub async fn check(
 ) -> Result<Response, ApiError> {
     let live = app.live();
     let body: CheckBody = read_json(&headers, body, &live, CHECK_SHAPE).await?;
-    let request = build_request(&live.limits, body, false)?;
+    let mut request = build_request(&live.limits, body, false)?;
     let decision = app
         .decider
-        .decide(&request)
+        .decide(&mut request)
         .await
         .map_err(|_| ApiError::store_unavailable("the decision"))?;
     Ok(decision_json(&request, &decision))

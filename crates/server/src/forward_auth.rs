@@ -112,12 +112,11 @@ pub async fn forward_auth(
             }
         }
     }
-    if request.checks.is_empty() {
-        return Ok(StatusCode::OK.into_response());
-    }
+    // Screened even when no route limits it: a blocked address is blocked everywhere.
+    let client = live.policy.client_ip.resolve(peer.ip(), &headers);
     let decision = app
         .decider
-        .decide(&request)
+        .decide_from(&mut request, Some(client))
         .await
         .map_err(|_| ApiError::store_unavailable("the decision"))?;
     let responses = &live.policy.responses;

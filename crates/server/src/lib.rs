@@ -10,6 +10,7 @@
 //! - [`forward_auth`]: `/v1/forward-auth` for nginx, Traefik and Envoy.
 //! - [`proxy`]: the reverse proxy and its quota endpoint.
 //! - [`admin`]: calls behind the bearer token.
+//! - [`dashboard`]: the admin dashboard page (embedded HTML, JS, CSS) and its data.
 //! - [`request`]: reading JSON bodies, costs, limit names and keys.
 //! - [`error`]: the `{"error": ..., "message": ...}` answers.
 
@@ -17,6 +18,8 @@ pub mod admin;
 pub mod answer;
 pub mod app;
 pub mod check;
+pub mod dashboard;
+pub mod entries;
 pub mod error;
 pub mod forward_auth;
 pub mod proxy;

@@ -59,6 +59,8 @@ struct ReserveAnswer<'a> {
     reservation: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     expires_at_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listed: Option<crate::answer::ListedBody<'a>>,
     results: Vec<crate::answer::ResultBody<'a>>,
 }
 
@@ -71,7 +73,7 @@ pub async fn reserve(
     let live = app.live();
     let body: ReserveBody = read_json(&headers, body, &live, RESERVE_SHAPE).await?;
     let ttl = parse_ttl(body.ttl_ms.as_ref())?;
-    let request = build_request(
+    let mut request = build_request(
         &live.limits,
         CheckBody {
             checks: body.checks,
@@ -83,7 +85,7 @@ pub async fn reserve(
     )?;
     let (decision, held) =
         app.decider
-            .reserve(&request, ttl)
+            .reserve(&mut request, ttl)
             .await
             .map_err(|error| match error {
                 ReserveError::Store(_) => ApiError::store_unavailable("the reservation"),
@@ -105,6 +107,7 @@ pub async fn reserve(
             degraded: decision.degraded,
             reservation,
             expires_at_ms,
+            listed: crate::answer::listed_body(&decision),
             results: result_bodies(&request, &decision),
         },
     ))

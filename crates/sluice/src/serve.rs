@@ -118,6 +118,10 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
     }
     watch_config_file(Arc::clone(&state), path);
     tokio::spawn(reload_on_sighup(Arc::clone(&state)));
+    // Runtime entries (blocks, plans, overrides) are read before the first request, so a
+    // restart never lets a blocked client through; then polled.
+    state.refresh_access().await;
+    tokio::spawn(Arc::clone(&state).poll_access());
     let router = sluice_server::router(Arc::clone(&state), admin_listen.is_some());
     let http_limits = limits();
     let mut server = tokio::task::spawn_blocking(move || {

@@ -9,7 +9,7 @@ use sluice_store_disk::{DiskStore, DiskStoreConfig};
 use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
 use sluice_store_policy::{PolicyConfig, PolicyStore};
 use sluice_store_postgres::{PostgresStore, PostgresStoreConfig, PostgresStoreError};
-use sluice_store_redis::{RedisStore, RedisStoreConfig};
+use sluice_store_redis::{RedisStore, RedisStoreConfig, SentinelSettings, TlsSettings};
 
 /// The store `config.storage` names, ready to decide (a shared store that is down at
 /// start is opened lazily: `on_error` decides until it answers).
@@ -24,6 +24,8 @@ pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>
             timeout_ms,
             cluster,
             cluster_seeds,
+            tls,
+            sentinel,
         } => {
             let mut redis = RedisStoreConfig::new(url.expose());
             redis.cluster = *cluster;
@@ -31,6 +33,20 @@ pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>
                 .iter()
                 .map(|s| s.expose().to_string())
                 .collect();
+            redis.tls = tls.as_ref().map(|tls| TlsSettings {
+                ca: tls.ca.as_ref().map(|pem| pem.as_bytes().to_vec()),
+                client: tls.client.as_ref().map(|(cert, key)| {
+                    (cert.as_bytes().to_vec(), key.expose().as_bytes().to_vec())
+                }),
+            });
+            redis.sentinel = sentinel.as_ref().map(|sentinel| SentinelSettings {
+                master: sentinel.master.clone(),
+                nodes: sentinel
+                    .nodes
+                    .iter()
+                    .map(|node| node.expose().to_string())
+                    .collect(),
+            });
             redis.prefix = config.storage.prefix.clone();
             redis.timeout = Duration::from_millis(*timeout_ms);
             // A Redis that is down at start does not stop sluice (a crash loop helps no
@@ -46,6 +62,9 @@ pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>
                     );
                     store
                 }
+                // A certificate that fails or credentials refused are settings to fix:
+                // deciding by on_error would hide them.
+                Err(error) if error.is_misconfiguration() => return Err(error.into()),
                 Err(error) => {
                     tracing::error!(%error, on_error = %config.storage.on_error, "cannot reach Redis at start; deciding by on_error until it answers");
                     RedisStore::lazy(redis)?

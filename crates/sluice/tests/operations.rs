@@ -31,6 +31,19 @@ fn admin_endpoints() -> Vec<(&'static str, &'static str, Option<Value>)> {
         ("GET", "/v1/admin/state?limit=five&key=k", None),
         ("POST", "/v1/admin/reload", None),
         ("GET", "/v1/status", None),
+        ("GET", "/v1/admin/top?limit=five", None),
+        ("GET", "/v1/admin/dashboard/data", None),
+        ("GET", "/v1/admin/entries", None),
+        (
+            "POST",
+            "/v1/admin/entries",
+            Some(json!({"kind": "block", "subject": "k"})),
+        ),
+        (
+            "POST",
+            "/v1/admin/entries/remove",
+            Some(json!({"kind": "block", "subject": "k"})),
+        ),
     ]
 }
 

@@ -29,3 +29,10 @@ fn sliding_window_admits_exactly_the_quota_across_three_instances() {
 fn calls_in_flight_never_exceed_the_slots_across_three_instances() {
     sluice_testkit::shared::calls_in_flight_across_instances::<PostgresServer>(&common::bin());
 }
+
+#[test]
+fn runtime_entries_reach_every_instance_within_a_second() {
+    sluice_testkit::shared::entries_reach_every_instance_within_a_second::<PostgresServer>(
+        &common::bin(),
+    );
+}

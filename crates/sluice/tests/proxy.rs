@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Server, free_port, http_request, read_request};
+use common::{ADMIN_TOKEN, Server, free_port, http_request, read_request};
 
 /// An upstream on a free port, one thread per connection:
 /// - `/ws`: answers `101` and then echoes every byte upper-cased until the client closes;
@@ -553,4 +553,65 @@ fn an_upgraded_connection_counts_under_the_connection_cap() {
     let mut answer = String::new();
     other.read_to_string(&mut answer).expect("answer");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// Top keys (issue 18) count proxied requests, and the dashboard works under a
+/// `sluice_endpoints` prefix: its script and data are fetched by relative paths.
+#[test]
+fn proxied_requests_feed_top_keys_and_the_dashboard_works_under_a_prefix() {
+    let upstream = Upstream::start();
+    let server = Server::start(&format!(
+        "admin: {{token: {ADMIN_TOKEN}}}\n{}",
+        proxy_config(&upstream.url(), "  sluice_endpoints: /_sluice\n")
+    ));
+    let codes: Vec<u16> = (0..3)
+        .map(|_| {
+            http_request(server.port, "GET", "/limited", &[], b"")
+                .expect("proxied")
+                .status
+        })
+        .collect();
+    assert_eq!(codes, [200, 200, 429]);
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let top = |by: &str| {
+        let r = http_request(
+            server.port,
+            "GET",
+            &format!("/_sluice/v1/admin/top?limit=per_ip&by={by}"),
+            &[("Authorization", &auth)],
+            b"",
+        )
+        .expect("answer");
+        assert_eq!(r.status, 200, "{}", r.describe());
+        r.json()["limits"][0]["keys"].clone()
+    };
+    let spend = top("spend");
+    assert_eq!(spend[0]["key"], "127.0.0.1", "{spend}");
+    assert_eq!(spend[0]["count"], 2);
+    assert_eq!(top("denials")[0]["count"], 1);
+    // The page refers to its script and data relatively: both resolve under the prefix.
+    let page =
+        http_request(server.port, "GET", "/_sluice/v1/admin/dashboard", &[], b"").expect("answer");
+    assert_eq!(page.status, 200, "{}", page.describe());
+    assert!(page.body.contains(r#"src="dashboard/app.js""#));
+    let script = http_request(
+        server.port,
+        "GET",
+        "/_sluice/v1/admin/dashboard/app.js",
+        &[],
+        b"",
+    )
+    .expect("answer");
+    assert_eq!(script.status, 200);
+    assert!(script.body.contains("fetch('dashboard/data'"));
+    let data = http_request(
+        server.port,
+        "GET",
+        "/_sluice/v1/admin/dashboard/data",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .expect("answer");
+    assert_eq!(data.status, 200, "{}", data.describe());
+    assert_eq!(data.json()["limits"][0]["top_denied"]["total"], 1);
 }

@@ -1,6 +1,7 @@
 //! The Redis store's promise, black-box: several `sluice serve` processes pointing at
-//! one Redis enforce one limit together, exactly, for each algorithm, with one EVALSHA
-//! per decision and every counter under the configured prefix. The race itself is
+//! one Redis enforce one limit together, exactly, for each algorithm, with at most one
+//! EVALSHA per decision (concurrent decisions share calls) and every counter under the
+//! configured prefix. The race itself is
 //! `sluice_testkit::shared::exactly_the_quota_across_instances`, shared with PostgreSQL.
 
 mod common;
@@ -26,4 +27,11 @@ fn sliding_window_admits_exactly_the_quota_across_three_instances() {
 #[test]
 fn calls_in_flight_never_exceed_the_slots_across_three_instances() {
     sluice_testkit::shared::calls_in_flight_across_instances::<RedisServer>(&common::bin());
+}
+
+#[test]
+fn runtime_entries_reach_every_instance_within_a_second() {
+    sluice_testkit::shared::entries_reach_every_instance_within_a_second::<RedisServer>(
+        &common::bin(),
+    );
 }

@@ -47,8 +47,8 @@ use fjall::compaction::filter::{
 };
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use sluice_engine::{
-    Clock, DecisionRequest, Hold, Limit, Outcomes, SettleStatus, Settlement, Store, StoreError,
-    StoreFuture, StoreStats, SystemClock,
+    Clock, DecisionRequest, Hold, Limit, Outcomes, Record, Records, SettleStatus, Settlement,
+    Store, StoreError, StoreFuture, StoreStats, SystemClock,
 };
 use sluice_store_memory::MemoryStore;
 pub use sluice_store_memory::MemoryStoreConfig;
@@ -57,6 +57,9 @@ use crate::journal::Journal;
 
 /// The keyspace (fjall's name for a table) the counters live in.
 const KEYSPACE: &str = "counters";
+
+/// The keyspace runtime records live in.
+const RECORDS_KEYSPACE: &str = "records";
 
 /// Sealed journal files kept at most before fjall flushes the keyspaces that pin them
 /// (fjall's smallest setting). The active journal is sealed at 64 MB.
@@ -154,6 +157,9 @@ pub struct DiskStore {
     journal: Journal,
     db: Database,
     keyspace: Keyspace,
+    /// Runtime records (see [`sluice_engine::records`]), apart from the counters: they
+    /// never expire by themselves, and are few.
+    records: Keyspace,
     path: PathBuf,
     loaded: LoadReport,
     stop_maintenance: Mutex<Option<mpsc::Sender<()>>>,
@@ -199,7 +205,21 @@ impl DiskStore {
             })
             .map_err(open_error)?;
 
+        let records = db
+            .keyspace(RECORDS_KEYSPACE, KeyspaceCreateOptions::default)
+            .map_err(open_error)?;
+
         let memory = MemoryStore::with_clock(config.memory, Arc::clone(&clock));
+        for item in records.iter() {
+            let (id, body) = item.into_inner().map_err(|source| DiskStoreError::Load {
+                path: path.clone(),
+                source,
+            })?;
+            memory.put_record_sync(&Record {
+                id: String::from_utf8_lossy(&id).into_owned(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
         let loaded =
             load(&keyspace, &memory, clock.now()).map_err(|source| DiskStoreError::Load {
                 path: path.clone(),
@@ -242,6 +262,7 @@ impl DiskStore {
             journal,
             db,
             keyspace,
+            records,
             path,
             loaded,
             stop_maintenance: Mutex::new(Some(stop)),
@@ -289,6 +310,17 @@ impl DiskStore {
     /// Bytes the store's tables and journals take on disk.
     pub fn disk_space(&self) -> u64 {
         self.db.disk_space().unwrap_or(0)
+    }
+
+    /// Writes a record change through to disk, synced: admin calls are rare, and an
+    /// acknowledged block must survive a power loss.
+    fn write_record(
+        &self,
+        change: impl FnOnce(&Keyspace) -> Result<(), fjall::Error>,
+    ) -> Result<(), StoreError> {
+        change(&self.records)
+            .and_then(|()| self.db.persist(PersistMode::SyncAll))
+            .map_err(|e| StoreError::Unavailable(format!("disk record write failed: {e}")))
     }
 
     fn failed(&self) -> Option<StoreError> {
@@ -503,6 +535,30 @@ impl Store for DiskStore {
             seq = self.journal.remove(counter, key);
         });
         Box::pin(async move { self.journal.committed(seq).await })
+    }
+
+    fn records(&self) -> StoreFuture<'_, Records> {
+        Box::pin(std::future::ready(Ok(self.memory.records_sync())))
+    }
+
+    fn records_version(&self) -> StoreFuture<'_, u64> {
+        Box::pin(std::future::ready(Ok(self.memory.records_sync().version)))
+    }
+
+    // Written through (synced) before memory, so what was acknowledged is on disk. A
+    // blocking write on the caller's thread: admin calls are rare.
+    fn put_record<'a>(&'a self, record: &'a Record) -> StoreFuture<'a, u64> {
+        let written = self
+            .write_record(|records| records.insert(record.id.as_bytes(), record.body.as_bytes()))
+            .map(|()| self.memory.put_record_sync(record));
+        Box::pin(std::future::ready(written))
+    }
+
+    fn remove_record<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
+        let written = self
+            .write_record(|records| records.remove(id.as_bytes()))
+            .map(|()| self.memory.remove_record_sync(id));
+        Box::pin(std::future::ready(written))
     }
 
     fn ping(&self) -> StoreFuture<'_, ()> {

@@ -1,4 +1,5 @@
-//! Counters survive closing and reopening the store; expired ones do not come back.
+//! Counters, reservations and runtime records survive closing and reopening the store;
+//! expired counters do not come back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -177,4 +178,60 @@ async fn reservations_and_their_slots_survive_reopen() {
     );
     let again = store.reserve(&request, &second).await.expect("reserve");
     assert!(again.windows[1].allowed, "the settled slot came back");
+}
+
+/// Runtime records (plan assignments, block entries) survive a restart, removals too.
+#[tokio::test]
+async fn records_survive_reopen() {
+    use sluice_engine::{Record, Store};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clock = Arc::new(ManualClock::new(START));
+    let record = |id: &str, body: &str| Record {
+        id: id.to_string(),
+        body: body.to_string(),
+    };
+    {
+        let store = open(dir.path(), &clock);
+        store
+            .put_record(&record("plan/customer:42", "{\"plan\":\"pro\"}"))
+            .await
+            .expect("put");
+        store
+            .put_record(&record("block/user:7", "{\"reason\":\"abuse\"}"))
+            .await
+            .expect("put");
+        store
+            .put_record(&record("allow/ip:10.0.0.1", "{}"))
+            .await
+            .expect("put");
+        assert!(
+            store
+                .remove_record("allow/ip:10.0.0.1")
+                .await
+                .expect("remove")
+        );
+    }
+    let store = open(dir.path(), &clock);
+    let mut read: Vec<(String, String)> = store
+        .records()
+        .await
+        .expect("records")
+        .records
+        .into_iter()
+        .map(|r| (r.id, r.body))
+        .collect();
+    read.sort();
+    assert_eq!(
+        read,
+        [
+            (
+                "block/user:7".to_string(),
+                "{\"reason\":\"abuse\"}".to_string()
+            ),
+            (
+                "plan/customer:42".to_string(),
+                "{\"plan\":\"pro\"}".to_string()
+            ),
+        ]
+    );
 }

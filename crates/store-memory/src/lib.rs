@@ -32,9 +32,9 @@ use std::time::Duration;
 use compact_str::CompactString;
 use hashbrown::{DefaultHashBuilder, HashTable};
 use sluice_engine::{
-    Algorithm, Clock, DecisionRequest, Hold, Limit, Micros, Outcomes, SettleStatus, Settlement,
-    Slot, State, Store, StoreFuture, StoreStats, SystemClock, Window, WindowOutcomes, apply,
-    refund, settle,
+    Algorithm, Clock, DecisionRequest, Hold, Limit, Micros, Outcomes, Record, Records,
+    SettleStatus, Settlement, Slot, State, Store, StoreFuture, StoreStats, SystemClock, Window,
+    WindowOutcomes, apply, refund, settle,
 };
 use smallvec::SmallVec;
 use std::hash::BuildHasher;
@@ -127,6 +127,15 @@ struct Inner {
     clock: Arc<dyn Clock>,
     shard_capacity: usize,
     evictions: AtomicU64,
+    /// Runtime records (see [`sluice_engine::records`]): few, written by admin calls.
+    records: Mutex<RecordMap>,
+}
+
+/// The records and their version.
+#[derive(Default)]
+struct RecordMap {
+    version: u64,
+    map: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Default)]
@@ -178,6 +187,7 @@ impl MemoryStore {
             clock,
             shard_capacity: (max_keys / shard_count).max(1),
             evictions: AtomicU64::new(0),
+            records: Mutex::new(RecordMap::default()),
         });
         let (stop, stopped) = mpsc::channel();
         let weak = Arc::downgrade(&inner);
@@ -191,6 +201,47 @@ impl MemoryStore {
             inner,
             _stop_sweeper: stop,
         }
+    }
+
+    /// Every record and their version, now.
+    pub fn records_sync(&self) -> Records {
+        let records = self.records_lock();
+        Records {
+            version: records.version,
+            records: records
+                .map
+                .iter()
+                .map(|(id, body)| Record {
+                    id: id.clone(),
+                    body: body.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Writes `record`; answers the new version.
+    pub fn put_record_sync(&self, record: &Record) -> u64 {
+        let mut records = self.records_lock();
+        records.map.insert(record.id.clone(), record.body.clone());
+        records.version += 1;
+        records.version
+    }
+
+    /// Removes the record `id`; answers whether there was one.
+    pub fn remove_record_sync(&self, id: &str) -> bool {
+        let mut records = self.records_lock();
+        let removed = records.map.remove(id).is_some();
+        if removed {
+            records.version += 1;
+        }
+        removed
+    }
+
+    fn records_lock(&self) -> MutexGuard<'_, RecordMap> {
+        self.inner
+            .records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Decides `request` now, synchronously: the whole of this store's work.
@@ -998,6 +1049,22 @@ impl Store for MemoryStore {
 
     fn settle<'a>(&'a self, settlement: &'a Settlement) -> StoreFuture<'a, SettleStatus> {
         Box::pin(std::future::ready(Ok(self.settle_sync(settlement))))
+    }
+
+    fn records(&self) -> StoreFuture<'_, Records> {
+        Box::pin(std::future::ready(Ok(self.records_sync())))
+    }
+
+    fn records_version(&self) -> StoreFuture<'_, u64> {
+        Box::pin(std::future::ready(Ok(self.records_lock().version)))
+    }
+
+    fn put_record<'a>(&'a self, record: &'a Record) -> StoreFuture<'a, u64> {
+        Box::pin(std::future::ready(Ok(self.put_record_sync(record))))
+    }
+
+    fn remove_record<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(std::future::ready(Ok(self.remove_record_sync(id))))
     }
 
     fn ping(&self) -> StoreFuture<'_, ()> {

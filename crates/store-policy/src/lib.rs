@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_engine::{
-    DecisionRequest, Hold, Limit, Outcomes, SettleStatus, Settlement, Store, StoreError,
-    StoreFuture, StoreStats, WindowOutcome,
+    DecisionRequest, Hold, Limit, Outcomes, Record, Records, SettleStatus, Settlement, Store,
+    StoreError, StoreFuture, StoreStats, WindowOutcome,
 };
 use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
 
@@ -332,6 +332,24 @@ impl Store for PolicyStore {
                 Err(_) => Err(StoreError::Timeout(timeout)),
             }
         })
+    }
+
+    // Records are the shared store's alone: while it is down they cannot be read or
+    // changed (the caller keeps what it last read), and no local copy could be shared.
+    fn records(&self) -> StoreFuture<'_, Records> {
+        Box::pin(self.bounded(self.primary.records()))
+    }
+
+    fn records_version(&self) -> StoreFuture<'_, u64> {
+        Box::pin(self.bounded(self.primary.records_version()))
+    }
+
+    fn put_record<'a>(&'a self, record: &'a Record) -> StoreFuture<'a, u64> {
+        Box::pin(self.bounded(self.primary.put_record(record)))
+    }
+
+    fn remove_record<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(self.bounded(self.primary.remove_record(id)))
     }
 
     fn ping(&self) -> StoreFuture<'_, ()> {

@@ -27,7 +27,7 @@ use crate::error::describe;
 use crate::{MAINTENANCE_TIMEOUT_MS, PostgresStore, PostgresStoreError};
 
 /// The schema version this build installs and expects.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// The migration script, with placeholders for the schema and the table's persistence.
 const SCHEMA_SQL: &str = include_str!("schema.sql");
@@ -88,6 +88,14 @@ pub(crate) struct Statements {
     pub(crate) reserve: String,
     /// Settles a hold, or books work already done.
     pub(crate) settle: String,
+    /// The runtime records of one prefix, and their version (`$1`: the prefix).
+    pub(crate) records: String,
+    /// The records' version alone.
+    pub(crate) records_version: String,
+    /// Writes a record (`$1` prefixed id, `$2` body, `$3` prefix); answers the version.
+    pub(crate) put_record: String,
+    /// Removes a record (`$1` prefixed id, `$2` prefix); answers how many went.
+    pub(crate) remove_record: String,
     /// Whether the version table and the decision function exist.
     installed: String,
     version: String,
@@ -120,6 +128,30 @@ impl Statements {
                  + (SELECT count(DISTINCT freed.key) FROM freed, now_us WHERE freed.expires_at > now_us.t)"
             ),
             sweep: format!("SELECT {s}.sluice_sweep($1::integer, $2::bigint, $3::bigint)"),
+            // One statement (one snapshot) reads the version and the rows together.
+            records: format!(
+                "SELECT coalesce((SELECT v.version FROM {s}.sluice_records_version AS v WHERE v.prefix = $1::text), 0), \
+                 array(SELECT substr(r.id, length($1::text) + 1) FROM {s}.sluice_records AS r \
+                 WHERE starts_with(r.id, $1::text) ORDER BY r.id), \
+                 array(SELECT r.body FROM {s}.sluice_records AS r \
+                 WHERE starts_with(r.id, $1::text) ORDER BY r.id)"
+            ),
+            records_version: format!(
+                "SELECT coalesce((SELECT v.version FROM {s}.sluice_records_version AS v WHERE v.prefix = $1::text), 0)"
+            ),
+            put_record: format!(
+                "WITH written AS (INSERT INTO {s}.sluice_records AS r (id, body) VALUES ($1::text, $2::text) \
+                 ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body) \
+                 INSERT INTO {s}.sluice_records_version AS v (prefix, version) VALUES ($3::text, 1) \
+                 ON CONFLICT (prefix) DO UPDATE SET version = v.version + 1 RETURNING v.version"
+            ),
+            remove_record: format!(
+                "WITH gone AS (DELETE FROM {s}.sluice_records AS r WHERE r.id = $1::text RETURNING 1), \
+                 moved AS (INSERT INTO {s}.sluice_records_version AS v (prefix, version) \
+                 SELECT $2::text, 1 WHERE EXISTS (SELECT 1 FROM gone) \
+                 ON CONFLICT (prefix) DO UPDATE SET version = v.version + 1 RETURNING 1) \
+                 SELECT (SELECT count(*) FROM gone) + 0 * (SELECT count(*) FROM moved)"
+            ),
             installed: format!(
                 "SELECT to_regclass('{s}.sluice_migrations') IS NOT NULL \
                  AND to_regprocedure('{s}.sluice_decide(text[], bigint[], boolean)') IS NOT NULL"

@@ -100,6 +100,19 @@ BEGIN
 END
 $sluice$;
 
+-- Runtime records (plan assignments, rate overrides, block and allow entries), written
+-- by admin calls and read by every instance when their prefix's version moves. Always
+-- logged, whatever `storage.unlogged` says: they are settings, not counters. `id` is
+-- the deployment's key prefix followed by the record's id.
+CREATE TABLE IF NOT EXISTS @schema@.sluice_records (
+    id   text COLLATE "C" PRIMARY KEY,
+    body text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS @schema@.sluice_records_version (
+    prefix  text COLLATE "C" PRIMARY KEY,
+    version bigint NOT NULL
+);
+
 -- When the table was last swept, so instances sharing it take turns.
 CREATE TABLE IF NOT EXISTS @schema@.sluice_sweeper (
     id       integer PRIMARY KEY CHECK (id = 1),
@@ -683,4 +696,7 @@ INSERT INTO @schema@.sluice_migrations (version, description)
 ON CONFLICT (version) DO NOTHING;
 INSERT INTO @schema@.sluice_migrations (version, description)
      VALUES (3, 'calendar-month windows (sluice_month_start, period -1); reservations: sluice_holds, sluice_slots, sluice_reserve, sluice_settle and sluice_move')
+ON CONFLICT (version) DO NOTHING;
+INSERT INTO @schema@.sluice_migrations (version, description)
+     VALUES (4, 'runtime records: sluice_records, sluice_records_version')
 ON CONFLICT (version) DO NOTHING;

@@ -36,8 +36,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use sluice_engine::{
-    Algorithm, DecisionRequest, Hold, Limit, Micros, Outcomes, Rate, SettleStatus, Settlement,
-    Store, StoreError, StoreFuture, StoreStats, Window, WindowOutcome, WindowOutcomes,
+    Algorithm, DecisionRequest, Hold, Limit, Micros, Outcomes, Rate, Record, Records, SettleStatus,
+    Settlement, Store, StoreError, StoreFuture, StoreStats, Window, WindowOutcome, WindowOutcomes,
 };
 use tokio_postgres::NoTls;
 
@@ -566,6 +566,59 @@ impl Store for PostgresStore {
         Box::pin(self.settle_inner(settlement))
     }
 
+    fn records(&self) -> StoreFuture<'_, Records> {
+        Box::pin(async move {
+            let row = self
+                .query(&self.statements.records, &[&self.prefix], true)
+                .await?;
+            let version: i64 = column(&row, 0)?;
+            let ids: Vec<String> = column(&row, 1)?;
+            let bodies: Vec<String> = column(&row, 2)?;
+            Ok(Records {
+                version: version as u64,
+                records: ids
+                    .into_iter()
+                    .zip(bodies)
+                    .map(|(id, body)| Record { id, body })
+                    .collect(),
+            })
+        })
+    }
+
+    fn records_version(&self) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            let row = self
+                .query(&self.statements.records_version, &[&self.prefix], true)
+                .await?;
+            Ok(column::<i64>(&row, 0)? as u64)
+        })
+    }
+
+    // Repeating a write is harmless (the same record again, the version moved again).
+    fn put_record<'a>(&'a self, record: &'a Record) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let id = format!("{}{}", self.prefix, record.id);
+            let row = self
+                .query(
+                    &self.statements.put_record,
+                    &[&id, &record.body, &self.prefix],
+                    true,
+                )
+                .await?;
+            Ok(column::<i64>(&row, 0)? as u64)
+        })
+    }
+
+    fn remove_record<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let id = format!("{}{id}", self.prefix);
+            let row = self
+                .query(&self.statements.remove_record, &[&id, &self.prefix], true)
+                .await?;
+            Ok(column::<i64>(&row, 0)? > 0)
+        })
+    }
+
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move { self.query("SELECT 1", &[], true).await.map(|_| ()) })
     }
@@ -579,6 +632,16 @@ impl Store for PostgresStore {
     fn backend(&self) -> &'static str {
         "postgres"
     }
+}
+
+/// Column `index` of `row`, or a protocol error when it is not a `T` (a schema this
+/// build does not know).
+fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    index: usize,
+) -> Result<T, StoreError> {
+    row.try_get(index)
+        .map_err(|e| StoreError::Protocol(format!("unexpected column {index}: {e}")))
 }
 
 #[cfg(test)]

@@ -150,7 +150,7 @@ local loaded = {}
 local slot_alg = {}
 for i = 1, n do
   local b = 2 + (i - 1) * 7
-  local w = window_args(b)
+  local w = window_args(ARGV, b)
   w.cost = tonumber(ARGV[b + 6])
   local flags = tonumber(ARGV[b + 7])
   w.charge_denied, w.shadow = flags % 2 == 1, flags >= 2

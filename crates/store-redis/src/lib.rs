@@ -1,7 +1,7 @@
 //! The Redis counter store: counters shared by every sluice instance that points at
 //! one Redis.
 //!
-//! # One round trip per decision
+//! # One round trip per decision, or less
 //! A decision, whatever its number of checks and windows, is one `EVALSHA` of one Lua
 //! script (`decide.lua`, loaded once per connection by [`redis::Script`], which loads it
 //! again by itself when the server answers `NOSCRIPT`, e.g. after a restart). The
@@ -10,6 +10,11 @@
 //! its two-pass atomic rule (`sluice_engine::apply`): two checks on one counter see
 //! each other, and a denied decision charges only `charge_denied` windows whose cost
 //! could fit. Redis runs a script alone, so concurrent decisions never interleave.
+//!
+//! Concurrent decisions share round trips (single server and Sentinel, see [`batch`]):
+//! one arriving while two calls are in flight waits, and everything that waited goes
+//! in one `EVALSHA` of a batch script that runs `decide.lua` for each request in turn;
+//! a decision alone goes at once.
 //!
 //! # Keys and state
 //! A counter lives at `{prefix}{{limit}:{key}}:{window}`, e.g.
@@ -64,6 +69,10 @@
 //! run); dry runs, resets and pings are retried once. `timeout` bounds every command and
 //! every connection attempt.
 //!
+//! With `sentinel`, the primary is the server Redis Sentinel names, asked again after a
+//! command fails as a failover makes it fail (see [`connection`]). `rediss://` URLs use
+//! TLS (rustls), with the certificates of [`TlsSettings`] when given.
+//!
 //! # Redis Cluster
 //! With `cluster`, a decision whose checks live in several slots runs one script per
 //! slot, concurrently, and a decision denied by one slot gives back what the others
@@ -81,10 +90,13 @@ use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
 use sluice_engine::{
     Algorithm, Check, DecisionRequest, Hold, Limit, LimitWindow, MAX_DEBT_MICROS, Micros, Outcomes,
-    Rate, SettleStatus, Settlement, Store, StoreError, StoreFuture, StoreStats, WindowOutcome,
+    Rate, Record, Records, SettleStatus, Settlement, Store, StoreError, StoreFuture, StoreStats,
+    WindowOutcome,
 };
 
+mod batch;
 mod connection;
+mod records;
 mod slots;
 
 use connection::{Connection, Connections};
@@ -99,6 +111,16 @@ const DECIDE_LUA: &str = concat!(include_str!("state.lua"), include_str!("decide
 /// denied.
 const SETTLE_LUA: &str = concat!(include_str!("state.lua"), include_str!("settle.lua"));
 
+/// The batch script: `decide.lua` as a function of its KEYS and ARGV, run once per
+/// request of a batch (see [`batch`]).
+const BATCH_LUA: &str = concat!(
+    include_str!("state.lua"),
+    "local function decide_one(KEYS, ARGV)\n",
+    include_str!("decide.lua"),
+    "\nend\n",
+    include_str!("batch.lua")
+);
+
 /// The period sent for a calendar-month window (`N/month`): the scripts find the
 /// month's bounds on the server's clock (`window_start` and `window_end` in `state.lua`).
 const CALENDAR_MONTH: i64 = -1;
@@ -106,21 +128,82 @@ const CALENDAR_MONTH: i64 = -1;
 /// How many keys one `SCAN` step asks for and one `UNLINK` removes.
 const SCAN_BATCH: usize = 500;
 
+/// Every command the store sends and its scripts run, as Redis ACL rules: a
+/// least-privilege user is
+/// `ACL SETUSER sluice on >PASSWORD resetkeys ~sluice:* resetchannels -@all` followed by
+/// these (`~` + the configured prefix + `*`). `ping` (readiness), `evalsha` and
+/// `script|load` (the scripts), `scan` and `unlink` (resets), `time` and the key
+/// commands the scripts call, `role` (a primary found through Sentinel is checked with
+/// it), `cluster|slots` and `cluster|nodes` (a Redis Cluster's layout, and the primaries
+/// a limit's reset scans). README's Redis section prints the whole line; a test runs the
+/// semantic suite as such a user.
+pub const ACL_COMMANDS: &str = "+ping +evalsha +script|load +scan +unlink +time +get +set +del +pexpireat +zadd +zcount +zrange +zrangebyscore +zrem +zremrangebyscore +hset +hdel +hgetall +incr +role +cluster|slots +cluster|nodes";
+
 /// Settings of a [`RedisStore`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisStoreConfig {
-    /// `redis://[user:password@]host:port[/db]` (or `rediss://` where TLS is built in).
-    /// With `cluster`, one node of the cluster.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS. With `cluster`,
+    /// one node of the cluster. With `sentinel`, the credentials, database and TLS of the
+    /// primary (its host is the service's name and is not dialled); may be empty there.
     pub url: String,
     /// The URLs name nodes of a Redis Cluster: `url` and `cluster_seeds` are where the
     /// client first learns the cluster's layout. Default false.
     pub cluster: bool,
     /// More cluster nodes to learn the layout from, when `url`'s node is down.
     pub cluster_seeds: Vec<String>,
+    /// Find the primary through Redis Sentinel, and follow it across failovers.
+    pub sentinel: Option<SentinelSettings>,
+    /// Certificates for `rediss://` connections; without, the system's trusted CAs and no
+    /// client certificate.
+    pub tls: Option<TlsSettings>,
     /// Prepended to every key, so deployments can share one Redis. Default `sluice:`.
     pub prefix: String,
     /// How long one command (or one connection attempt) may take. Default 200 ms.
     pub timeout: Duration,
+}
+
+/// Where Redis Sentinel is and which service it watches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentinelSettings {
+    /// The service's name, as `sentinel monitor <name> ...` gives it.
+    pub master: String,
+    /// The sentinels' URLs (`redis://[user:password@]host:26379`, or `rediss://`), at
+    /// least one.
+    pub nodes: Vec<String>,
+}
+
+/// PEM text for TLS connections. Never shown by `Debug` (the key is a secret).
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct TlsSettings {
+    /// The CAs that may sign the server's certificate, instead of the system's.
+    pub ca: Option<Vec<u8>>,
+    /// A client certificate (chain) and its private key, for servers that ask for one
+    /// (`tls-auth-clients yes`).
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("ca", &self.ca.as_ref().map(|_| "[pem]"))
+            .field("client", &self.client.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+impl TlsSettings {
+    fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: self
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: self.ca.clone(),
+        }
+    }
 }
 
 impl RedisStoreConfig {
@@ -130,6 +213,8 @@ impl RedisStoreConfig {
             url: url.into(),
             cluster: false,
             cluster_seeds: Vec::new(),
+            sentinel: None,
+            tls: None,
             prefix: "sluice:".to_string(),
             timeout: Duration::from_millis(200),
         }
@@ -149,6 +234,20 @@ impl RedisStoreConfig {
             ..RedisStoreConfig::new(url)
         }
     }
+
+    /// Settings for the primary of service `master`, found through these sentinels.
+    pub fn sentinel(
+        master: impl Into<String>,
+        nodes: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        RedisStoreConfig {
+            sentinel: Some(SentinelSettings {
+                master: master.into(),
+                nodes: nodes.into_iter().map(Into::into).collect(),
+            }),
+            ..RedisStoreConfig::new("")
+        }
+    }
 }
 
 /// Why a [`RedisStore`] could not be opened.
@@ -162,6 +261,9 @@ pub enum RedisStoreError {
         /// What the client said.
         source: redis::RedisError,
     },
+    /// The TLS settings cannot be used (unreadable PEM, TLS settings on a plain URL).
+    #[error("storage.tls: {0}")]
+    BadTls(String),
     /// Redis did not answer.
     #[error("cannot reach Redis at {address}: {source}")]
     Unreachable {
@@ -170,11 +272,76 @@ pub enum RedisStoreError {
         /// What the client said.
         source: redis::RedisError,
     },
+    /// The TLS handshake failed: the server's certificate is not signed by a trusted CA
+    /// or not for this host, or the server refused sluice's client certificate.
+    #[error(
+        "TLS with Redis at {address} failed: {reason}. Check storage.tls.ca_file (the CA that signed the server's certificate), that the URL's host is a name or IP the certificate holds, and storage.tls.cert_file/key_file when the server asks for a client certificate"
+    )]
+    Tls {
+        /// host:port.
+        address: String,
+        /// What the TLS layer said.
+        reason: String,
+    },
+    /// Redis answered but refused sluice's user, password or commands.
+    #[error(
+        "Redis at {address} refused sluice: {source}. Check the user and password in storage.url, and that the user may run the commands in README's ACL line"
+    )]
+    Refused {
+        /// host:port.
+        address: String,
+        /// What the server said.
+        source: redis::RedisError,
+    },
+}
+
+impl RedisStoreError {
+    /// Whether the error is a setting to fix rather than a server that is down: a bad URL
+    /// or TLS setting, a certificate that fails, credentials or permissions refused.
+    /// Starting anyway would decide by `on_error` until someone notices.
+    pub fn is_misconfiguration(&self) -> bool {
+        !matches!(self, RedisStoreError::Unreachable { .. })
+    }
+
+    /// An error of the first command, sorted into what it says.
+    fn at_start(address: &str, source: redis::RedisError) -> Self {
+        let address = address.to_string();
+        if let Some(reason) = tls_failure(&source) {
+            return RedisStoreError::Tls { address, reason };
+        }
+        let refused = source.kind() == redis::ErrorKind::AuthenticationFailed
+            || source
+                .code()
+                .is_some_and(|code| matches!(code, "NOPERM" | "NOAUTH" | "WRONGPASS"));
+        if refused {
+            RedisStoreError::Refused { address, source }
+        } else {
+            RedisStoreError::Unreachable { address, source }
+        }
+    }
+}
+
+/// The TLS layer's complaint in `error`, if the handshake is what failed.
+fn tls_failure(error: &redis::RedisError) -> Option<String> {
+    // rustls's error reaches here inside an io::Error inside the client's error; its
+    // words are the most stable handle on it.
+    let text = error.to_string();
+    let marks = [
+        "invalid peer certificate",
+        "received fatal alert",
+        "InvalidCertificate",
+        "peer is incompatible",
+        "corrupt message",
+        "invalid dnsname",
+    ];
+    marks.iter().any(|mark| text.contains(mark)).then_some(text)
 }
 
 /// A [`Store`] on one Redis server or a Redis Cluster. Cheap to share behind an `Arc`.
 pub struct RedisStore {
     connections: Connections,
+    /// Shares round trips between concurrent decisions; not in a cluster.
+    batcher: Option<std::sync::Arc<batch::Batcher>>,
     decide_script: redis::Script,
     settle_script: redis::Script,
     prefix: String,
@@ -189,10 +356,7 @@ impl RedisStore {
         redis::cmd("PING")
             .query_async::<()>(&mut connection)
             .await
-            .map_err(|source| RedisStoreError::Unreachable {
-                address: store.address.clone(),
-                source,
-            })?;
+            .map_err(|source| RedisStoreError::at_start(&store.address, source))?;
         Ok(store)
     }
 
@@ -200,51 +364,29 @@ impl RedisStore {
     /// server that should start even while Redis is down. Must be called inside a
     /// Tokio runtime.
     pub fn lazy(config: RedisStoreConfig) -> Result<Self, RedisStoreError> {
-        let bad_url = |url: &str| {
-            let url = url.to_string();
-            move |source| RedisStoreError::BadUrl { url, source }
-        };
-        let client = redis::Client::open(config.url.as_str()).map_err(bad_url(&config.url))?;
-        let address = client.get_connection_info().addr().to_string();
-        let connections = if config.cluster {
-            let mut nodes = vec![client.get_connection_info().clone()];
-            for seed in &config.cluster_seeds {
-                let info = redis::Client::open(seed.as_str()).map_err(bad_url(seed))?;
-                nodes.push(info.get_connection_info().clone());
-            }
-            let cluster = ClusterClientBuilder::new(nodes)
-                .connection_timeout(config.timeout)
-                .response_timeout(config.timeout)
-                // A slot move is followed at once; a dead node is the policy's business.
-                .retries(1)
-                .build()
-                .map_err(bad_url(&config.url))?;
-            Connections::Cluster(
-                cluster.get_pending_async_connection_with_config(
-                    ClusterConfig::new()
-                        .set_connection_timeout(config.timeout)
-                        .set_response_timeout(config.timeout),
-                ),
-            )
+        if config.tls.is_some() || config.url.starts_with("rediss://") {
+            // rustls needs a process-wide crypto provider; ring is the one ureq already
+            // brings (an error only says one is installed).
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let (connections, address) = if let Some(sentinel) = &config.sentinel {
+            sentinel_connections(&config, sentinel)?
+        } else if config.cluster {
+            cluster_connections(&config)?
         } else {
-            let manager = ConnectionManagerConfig::new()
-                .set_response_timeout(Some(config.timeout))
-                .set_connection_timeout(Some(config.timeout))
-                // Reconnect attempts stay short so a decision never waits long on a dead
-                // server.
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_millis(100));
-            Connections::Single(
-                redis::aio::ConnectionManager::new_lazy_with_config(client, manager).map_err(
-                    |source| RedisStoreError::Unreachable {
-                        address: address.clone(),
-                        source,
-                    },
-                )?,
-            )
+            single_connection(&config)?
         };
+        let batcher = (!connections.is_cluster()).then(|| {
+            std::sync::Arc::new(batch::Batcher::new(
+                connections.clone(),
+                redis::Script::new(DECIDE_LUA),
+                redis::Script::new(BATCH_LUA),
+                address.clone(),
+            ))
+        });
         Ok(RedisStore {
             connections,
+            batcher,
             decide_script: redis::Script::new(DECIDE_LUA),
             settle_script: redis::Script::new(SETTLE_LUA),
             prefix: config.prefix,
@@ -362,43 +504,60 @@ impl RedisStore {
         dry_run: bool,
         hold: Option<&HoldArgs<'_>>,
     ) -> Result<PartReply, StoreError> {
-        let mut invocation = self.decide_script.prepare_invoke();
-        for key in &part.keys {
-            invocation.key(key);
-        }
+        let mut keys = part.keys.clone();
         if let Some(hold) = hold {
-            invocation.key(self.part_hold_key(windows, part, hold));
+            keys.push(self.part_hold_key(windows, part, hold));
         }
-        invocation.arg(if dry_run { "1" } else { "0" });
-        invocation.arg(part.windows.len());
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(2 + 7 * part.windows.len() + 3);
+        fn push<T: redis::ToRedisArgs>(args: &mut Vec<Vec<u8>>, value: T) {
+            args.extend(value.to_redis_args());
+        }
+        push(&mut args, if dry_run { "1" } else { "0" });
+        push(&mut args, part.windows.len());
         for &(index, key_index) in &part.windows {
             let (check, lw) = windows[index];
             let window = &lw.window;
             let capacity = window.capacity();
-            let period = script_period(window.rate());
             let limit = check.limit();
             let flags = u8::from(limit.charge_denied()) | (u8::from(limit.shadow()) << 1);
-            invocation
-                .arg(key_index)
-                .arg(algorithm_tag(window.algorithm()))
-                .arg(capacity)
-                .arg(period)
-                .arg(window.rate().period_micros() / window.rate().quota() as i64)
-                .arg(check.cost().min(capacity + 1))
-                .arg(flags);
+            push(&mut args, key_index);
+            push(&mut args, algorithm_tag(window.algorithm()));
+            push(&mut args, capacity);
+            push(&mut args, script_period(window.rate()));
+            push(
+                &mut args,
+                window.rate().period_micros() / window.rate().quota() as i64,
+            );
+            push(&mut args, check.cost().min(capacity + 1));
+            push(&mut args, flags);
         }
         if let Some(hold) = hold {
-            invocation.arg(&hold.id).arg(hold.digest).arg(hold.ttl);
+            push(&mut args, &hold.id);
+            push(&mut args, hold.digest);
+            push(&mut args, hold.ttl);
         }
-        let run = |mut connection: Connection| {
-            let invocation = &invocation;
-            async move { invocation.invoke_async(&mut connection).await }
-        };
-        // A dry run charges nothing, so it may be repeated; a real decision may not.
-        let reply: Vec<i64> = if dry_run {
-            self.with_retry(run).await?
-        } else {
-            self.once(run).await?
+        let reply: Vec<i64> = match (&self.batcher, dry_run, hold) {
+            // The hot path: a plain decision may share its round trip with others.
+            (Some(batcher), false, None) => batcher.decide(batch::Call { keys, args }).await?,
+            _ => {
+                let mut invocation = self.decide_script.prepare_invoke();
+                for key in &keys {
+                    invocation.key(key);
+                }
+                for arg in &args {
+                    invocation.arg(arg.as_slice());
+                }
+                let run = |mut connection: Connection| {
+                    let invocation = &invocation;
+                    async move { invocation.invoke_async(&mut connection).await }
+                };
+                // A dry run charges nothing, so it may be repeated; a real decision may not.
+                if dry_run {
+                    self.with_retry(run).await?
+                } else {
+                    self.once(run).await?
+                }
+            }
         };
         parse_reply(&reply, part.windows.len())
     }
@@ -789,6 +948,174 @@ impl RedisStore {
     }
 }
 
+fn bad_url(url: &str) -> impl FnOnce(redis::RedisError) -> RedisStoreError {
+    let url = url.to_string();
+    move |source| RedisStoreError::BadUrl { url, source }
+}
+
+/// `url` as the client reads it, with `tls`'s certificates when it is a `rediss://` URL.
+/// TLS settings on a plain URL are refused: they would silently not be used.
+fn client_info(url: &str, tls: Option<&TlsSettings>) -> Result<redis::Client, RedisStoreError> {
+    let client = redis::Client::open(url).map_err(bad_url(url))?;
+    let Some(tls) = tls else {
+        return Ok(client);
+    };
+    if !matches!(
+        client.get_connection_info().addr(),
+        redis::ConnectionAddr::TcpTls { .. }
+    ) {
+        return Err(RedisStoreError::BadTls(
+            "certificates are set but the URL is not rediss://: write rediss:// so they are used (a redis:// URL would talk in the clear)".into(),
+        ));
+    }
+    redis::Client::build_with_tls(url, tls.certificates())
+        .map_err(|error| RedisStoreError::BadTls(error.to_string()))
+}
+
+/// One server: one multiplexed connection, reconnected by itself.
+fn single_connection(config: &RedisStoreConfig) -> Result<(Connections, String), RedisStoreError> {
+    let client = client_info(&config.url, config.tls.as_ref())?;
+    let address = client.get_connection_info().addr().to_string();
+    let manager = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(config.timeout))
+        .set_connection_timeout(Some(config.timeout))
+        // Reconnect attempts stay short so a decision never waits long on a dead
+        // server.
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(100));
+    let manager =
+        redis::aio::ConnectionManager::new_lazy_with_config(client, manager).map_err(|source| {
+            RedisStoreError::Unreachable {
+                address: address.clone(),
+                source,
+            }
+        })?;
+    Ok((Connections::Single(manager), address))
+}
+
+/// A Redis Cluster, learnt from `url` and the seeds.
+fn cluster_connections(
+    config: &RedisStoreConfig,
+) -> Result<(Connections, String), RedisStoreError> {
+    let client = redis::Client::open(config.url.as_str()).map_err(bad_url(&config.url))?;
+    let address = client.get_connection_info().addr().to_string();
+    let mut nodes = vec![client.get_connection_info().clone()];
+    for seed in &config.cluster_seeds {
+        let info = redis::Client::open(seed.as_str()).map_err(bad_url(seed))?;
+        nodes.push(info.get_connection_info().clone());
+    }
+    let tls = nodes
+        .iter()
+        .any(|node| matches!(node.addr(), redis::ConnectionAddr::TcpTls { .. }));
+    let mut builder = ClusterClientBuilder::new(nodes)
+        .connection_timeout(config.timeout)
+        .response_timeout(config.timeout)
+        // A slot move is followed at once; a dead node is the policy's business.
+        .retries(1);
+    if let Some(certificates) = &config.tls {
+        if !tls {
+            return Err(RedisStoreError::BadTls(
+                "certificates are set but the cluster's URLs are not rediss://: write rediss:// so they are used".into(),
+            ));
+        }
+        builder = builder.certs(certificates.certificates());
+    }
+    let cluster = builder.build().map_err(bad_url(&config.url))?;
+    let connection = cluster.get_pending_async_connection_with_config(
+        ClusterConfig::new()
+            .set_connection_timeout(config.timeout)
+            .set_response_timeout(config.timeout),
+    );
+    Ok((Connections::Cluster(connection), address))
+}
+
+/// The primary the sentinels name for `sentinel.master`.
+fn sentinel_connections(
+    config: &RedisStoreConfig,
+    sentinel: &SentinelSettings,
+) -> Result<(Connections, String), RedisStoreError> {
+    use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
+    let mut addresses = Vec::with_capacity(sentinel.nodes.len());
+    let mut sentinel_auth = None;
+    for node in &sentinel.nodes {
+        let client = redis::Client::open(node.as_str()).map_err(bad_url(node))?;
+        let info = client.get_connection_info();
+        if sentinel_auth.is_none() {
+            sentinel_auth = Some((
+                info.redis_settings().username().map(str::to_string),
+                info.redis_settings().password().map(str::to_string),
+            ));
+        }
+        addresses.push(info.addr().clone());
+    }
+    let address = format!(
+        "sentinel {} ({})",
+        sentinel.master,
+        addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let sentinels_tls = addresses
+        .iter()
+        .any(|a| matches!(a, redis::ConnectionAddr::TcpTls { .. }));
+    let mut builder = SentinelClientBuilder::new(
+        addresses,
+        sentinel.master.clone(),
+        SentinelServerType::Master,
+    )
+    .map_err(|source| RedisStoreError::BadUrl {
+        url: sentinel.master.clone(),
+        source,
+    })?;
+    if let Some((username, password)) = sentinel_auth {
+        if let Some(username) = username {
+            builder = builder.set_client_to_sentinel_username(username);
+        }
+        if let Some(password) = password {
+            builder = builder.set_client_to_sentinel_password(password);
+        }
+    }
+    let mut db = 0;
+    if !config.url.is_empty() {
+        // The primary's credentials, database and TLS; its host is the service's name.
+        let primary = redis::Client::open(config.url.as_str()).map_err(bad_url(&config.url))?;
+        let info = primary.get_connection_info();
+        let settings = info.redis_settings();
+        db = settings.db();
+        builder = builder.set_client_to_redis_db(db);
+        if let Some(username) = settings.username() {
+            builder = builder.set_client_to_redis_username(username);
+        }
+        if let Some(password) = settings.password() {
+            builder = builder.set_client_to_redis_password(password);
+        }
+        if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+            builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+            if let Some(tls) = &config.tls {
+                builder = builder.set_client_to_redis_certificates(tls.certificates());
+            }
+        } else if config.tls.is_some() {
+            return Err(RedisStoreError::BadTls(
+                "certificates are set but storage.url is not rediss://: write rediss:// so the primary is reached over TLS".into(),
+            ));
+        }
+    }
+    if sentinels_tls && let Some(tls) = &config.tls {
+        builder = builder.set_client_to_sentinel_certificates(tls.certificates());
+    }
+    let client = builder.build().map_err(|source| RedisStoreError::BadUrl {
+        url: sentinel.nodes.join(","),
+        source,
+    })?;
+    let connection_config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(config.timeout))
+        .set_response_timeout(Some(config.timeout));
+    let primary = connection::SentinelPrimary::new(client, connection_config, db);
+    Ok((Connections::Sentinel(std::sync::Arc::new(primary)), address))
+}
+
 /// A reservation's hold as the scripts take it.
 struct HoldArgs<'a> {
     /// The id in lower case: a concurrency set's member and the end of the hold's key.
@@ -908,7 +1235,7 @@ fn retryable(error: &redis::RedisError) -> bool {
 
 /// Only failures of the server as a whole are `Unavailable` (and may switch every
 /// client to the `on_error` policy); an error about one request fails that request.
-fn store_error(address: &str, error: redis::RedisError) -> StoreError {
+pub(crate) fn store_error(address: &str, error: redis::RedisError) -> StoreError {
     use redis::{ErrorKind, ServerErrorKind};
     let server_down = matches!(
         error.kind(),
@@ -919,6 +1246,10 @@ fn store_error(address: &str, error: redis::RedisError) -> StoreError {
                 | ServerErrorKind::MasterDown
                 | ServerErrorKind::ReadOnly
         )
+            // No primary to talk to (yet): the sentinels name none that answers as one,
+            // as during a failover, or the cluster client has no node for the slot.
+            | ErrorKind::MasterNameNotFoundBySentinel
+            | ErrorKind::ClusterConnectionNotFound
     );
     if error.is_timeout() {
         StoreError::Unavailable(format!("Redis at {address} timed out: {error}"))
@@ -972,6 +1303,22 @@ impl Store for RedisStore {
 
     fn settle<'a>(&'a self, settlement: &'a Settlement) -> StoreFuture<'a, SettleStatus> {
         Box::pin(self.settle_inner(settlement))
+    }
+
+    fn records(&self) -> StoreFuture<'_, Records> {
+        Box::pin(self.records_inner())
+    }
+
+    fn records_version(&self) -> StoreFuture<'_, u64> {
+        Box::pin(self.records_version_inner())
+    }
+
+    fn put_record<'a>(&'a self, record: &'a Record) -> StoreFuture<'a, u64> {
+        Box::pin(self.put_record_inner(record))
+    }
+
+    fn remove_record<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(self.remove_record_inner(id))
     }
 
     fn ping(&self) -> StoreFuture<'_, ()> {

@@ -92,7 +92,7 @@ local algs = {}
 local windows = {}
 for i = 1, n do
   local b = 4 + (i - 1) * 6
-  local w = window_args(b)
+  local w = window_args(ARGV, b)
   w.amount = tonumber(ARGV[b + 6])
   windows[i] = w
   if algs[w.slot] == nil then

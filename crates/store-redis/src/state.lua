@@ -79,12 +79,13 @@ local function int(x)
   return string.format('%d', x)
 end
 
--- The five values every script takes first for a window, from ARGV[b + 1]: slot
--- (1-based index into KEYS), algorithm, capacity, period (µs), gcra interval (µs).
-local function window_args(b)
+-- The five values every script takes first for a window, from argv[b + 1] (the
+-- script's ARGV, or one request's part of it in a batch): slot (1-based index into
+-- KEYS), algorithm, capacity, period (µs), gcra interval (µs).
+local function window_args(argv, b)
   return {
-    slot = tonumber(ARGV[b + 1]), alg = ARGV[b + 2], cap = tonumber(ARGV[b + 3]),
-    period = tonumber(ARGV[b + 4]), interval = tonumber(ARGV[b + 5]),
+    slot = tonumber(argv[b + 1]), alg = argv[b + 2], cap = tonumber(argv[b + 3]),
+    period = tonumber(argv[b + 4]), interval = tonumber(argv[b + 5]),
   }
 end
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use sluice_engine::calendar::{month_start, next_month_start};
 use sluice_engine::{
     Algorithm, Check, Decision, DecisionRequest, Hold, HoldId, Limit, LimitSpec, SettleStatus,
-    Settlement, Store, decide,
+    Settlement, Store, StoreError, decide,
 };
 use sluice_store_redis::{RedisStore, RedisStoreConfig};
 use sluice_testkit::semantics::month_boundary_instants;
@@ -459,4 +459,73 @@ async fn in_a_cluster_a_reservation_holds_in_every_slot_and_a_denied_one_in_none
     );
     let (alone, _) = reserve(&store, &request(&[(&calls, "a", 1)]), &hold(3), &[1]).await;
     assert!(alone.allowed, "the denied reservation holds no slot");
+}
+
+/// Under concurrency, decisions share script calls (fewer `EVALSHA`s than decisions),
+/// and each is still decided as if alone: exactly the quota is admitted and every
+/// admitted decision saw a different `remaining`, in order. A decision that fails inside
+/// a shared call (its counter holds another type) fails alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_decisions_share_round_trips_and_each_is_decided_alone() {
+    let (_server, store, mut admin) = setup().await;
+    let store = Arc::new(store);
+    let hot = limit("hot", &["300/day"]);
+    let broken = limit("broken", &["300/day"]);
+    // Not a counter: GET on it fails with WRONGTYPE inside the script.
+    let _: i64 = redis::cmd("HSET")
+        .arg("sluice:{broken:k}:g86400")
+        .arg("f")
+        .arg("v")
+        .query_async(&mut admin)
+        .await
+        .expect("HSET");
+    decide(&*store, &request(&[(&hot, "warm-up", 1)]))
+        .await
+        .expect("loads the script");
+    let before = command_calls(&mut admin, "evalsha").await;
+    let tasks: Vec<_> = (0..64)
+        .map(|task| {
+            let (store, hot, broken) = (Arc::clone(&store), Arc::clone(&hot), Arc::clone(&broken));
+            tokio::spawn(async move {
+                let mut remaining = Vec::new();
+                let mut failed = 0;
+                for _ in 0..10 {
+                    if task % 16 == 0 {
+                        match decide(&*store, &request(&[(&broken, "k", 1)])).await {
+                            Err(StoreError::Protocol(_)) => failed += 1,
+                            other => panic!("a broken counter fails alone: {other:?}"),
+                        }
+                    } else {
+                        let d = decide(&*store, &request(&[(&hot, "k", 1)]))
+                            .await
+                            .expect("decide");
+                        if d.allowed {
+                            remaining.push(d.results[0].remaining);
+                        }
+                    }
+                }
+                (remaining, failed)
+            })
+        })
+        .collect();
+    let mut remaining = Vec::new();
+    let mut failed = 0;
+    for task in tasks {
+        let (r, f) = task.await.expect("task");
+        remaining.extend(r);
+        failed += f;
+    }
+    let calls = command_calls(&mut admin, "evalsha").await - before;
+    remaining.sort_unstable();
+    assert_eq!(
+        remaining,
+        (0..300).collect::<Vec<u64>>(),
+        "exactly the quota, each admitted decision one step further"
+    );
+    assert_eq!(failed, 40, "the 40 decisions on the broken counter failed");
+    assert!(
+        calls < 640 * 3 / 4,
+        "640 concurrent decisions shared calls: {calls} EVALSHAs"
+    );
+    eprintln!("640 concurrent decisions in {calls} EVALSHA calls");
 }

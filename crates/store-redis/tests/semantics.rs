@@ -4,13 +4,15 @@
 //! is the machine's clock, so the harness aligns to period boundaries with the system
 //! time. In the cluster, the checks of one decision land in different slots (their
 //! keys hash differently), so the suite's atomicity cases run through the
-//! reserve-then-refund path.
+//! reserve-then-refund path. The suite runs a second time on each as a least-privilege
+//! ACL user allowed only [`ACL_COMMANDS`] on the suite's keys, so the ACL line README
+//! gives is exactly enough.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sluice_engine::Store;
-use sluice_store_redis::{RedisStore, RedisStoreConfig};
+use sluice_store_redis::{ACL_COMMANDS, RedisStore, RedisStoreConfig};
 use sluice_testkit::servers::{RedisCluster, RedisServer};
 use sluice_testkit::{Harness, semantic_suite};
 
@@ -59,10 +61,38 @@ impl RedisHarness {
         Self::on(Deployment::Cluster(cluster)).await
     }
 
+    /// One server, the store connecting as a user allowed only [`ACL_COMMANDS`].
+    async fn single_as_acl_user() -> Self {
+        let server = RedisServer::start().expect("redis-server starts (scripts/test installs it)");
+        create_acl_user(&server);
+        Self::on_as(Deployment::Single(server), Some(ACL_USER)).await
+    }
+
+    /// A cluster, every node with the same least-privilege user.
+    async fn cluster_as_acl_user() -> Self {
+        let cluster = RedisCluster::start(3).expect("a 3-master Redis Cluster starts");
+        for node in cluster.nodes() {
+            create_acl_user(node);
+        }
+        Self::on_as(Deployment::Cluster(cluster), Some(ACL_USER)).await
+    }
+
     async fn on(deployment: Deployment) -> Self {
+        Self::on_as(deployment, None).await
+    }
+
+    async fn on_as(deployment: Deployment, user: Option<(&str, &str)>) -> Self {
+        let as_user = |url: String| match user {
+            None => url,
+            Some((name, password)) => {
+                url.replace("redis://", &format!("redis://{name}:{password}@"))
+            }
+        };
         let mut config = match &deployment {
-            Deployment::Single(server) => RedisStoreConfig::new(server.url()),
-            Deployment::Cluster(cluster) => RedisStoreConfig::cluster(cluster.urls()),
+            Deployment::Single(server) => RedisStoreConfig::new(as_user(server.url())),
+            Deployment::Cluster(cluster) => {
+                RedisStoreConfig::cluster(cluster.urls().into_iter().map(as_user))
+            }
         };
         config.prefix = PREFIX.to_string();
         config.timeout = Duration::from_secs(5);
@@ -142,6 +172,17 @@ async fn live_keys_on(url: &str) -> u64 {
     }
 }
 
+/// The least-privilege user's name and password.
+const ACL_USER: (&str, &str) = ("sluice", "sluice-test-password");
+
+/// README's least-privilege user, for the suite's prefix.
+fn create_acl_user(server: &RedisServer) {
+    let (name, password) = ACL_USER;
+    server
+        .create_acl_user(name, password, &format!("{PREFIX}*"), ACL_COMMANDS)
+        .expect("ACL SETUSER");
+}
+
 mod single_server {
     use super::*;
     semantic_suite!(RedisHarness::single());
@@ -150,4 +191,14 @@ mod single_server {
 mod cluster {
     use super::*;
     semantic_suite!(RedisHarness::cluster());
+}
+
+mod single_server_as_acl_user {
+    use super::*;
+    semantic_suite!(RedisHarness::single_as_acl_user());
+}
+
+mod cluster_as_acl_user {
+    use super::*;
+    semantic_suite!(RedisHarness::cluster_as_acl_user());
 }

@@ -4,8 +4,11 @@
 //!   once. A backend runs it with [`semantic_suite!`] and a [`Harness`] that hands out a
 //!   fresh store and a way to let time pass.
 //! - [`reservations`]: the same for reservations (reserve, settle, debt, concurrency).
-//! - [`servers`]: real servers (`redis-server`, PostgreSQL) on free loopback ports, cleaned
+//! - [`servers`]: real servers (`redis-server`, also TLS-only with `openssl`-made
+//!   certificates; PostgreSQL) on free loopback ports, cleaned
 //!   up on drop.
+//! - [`sentinel`]: a primary, a replica and three `redis-sentinel`s that fail over in
+//!   seconds.
 //! - [`sluice`]: the real `sluice` binary, black-box: `sluice serve` on a free port with a
 //!   config the test writes ([`sluice::Server`]), and the CLI's other commands.
 //! - [`http`]: requests to it, through ureq or byte for byte over a raw socket.
@@ -16,8 +19,10 @@
 pub mod http;
 pub mod metrics;
 mod postgres;
+pub mod records;
 pub mod reservations;
 pub mod semantics;
+pub mod sentinel;
 pub mod servers;
 pub mod shared;
 pub mod sluice;
@@ -106,6 +111,18 @@ macro_rules! semantic_suite {
             concurrency_slots_are_held_until_settled_or_expired,
             concurrent_reservations_never_exceed_the_slots
         );
+        $crate::semantic_suite!(@records $make;
+            records_are_written_read_back_and_removed
+        );
+    };
+    (@records $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let harness = $make.await;
+                $crate::records::$case(&harness).await;
+            }
+        )*
     };
     (@reservations $make:expr; $($case:ident),* $(,)?) => {
         $(

@@ -5,7 +5,9 @@
 //! it and removes the directory when dropped. Tests of the store-failure policy can
 //! [`RedisServer::stop`] it and [`RedisServer::restart`] it on the same port.
 //! [`RedisCluster`] starts several of them with cluster mode on and joins them into one
-//! Redis Cluster with `redis-cli --cluster create`.
+//! Redis Cluster with `redis-cli --cluster create`. [`RedisServer::start_tls`] and
+//! [`RedisCluster::start_tls`] speak only TLS, with [`TestCertificates`] that `openssl`
+//! makes for the test; [`RedisServer::cli`] talks to them through `redis-cli --tls`.
 //! [`PostgresServer`] (in `postgres.rs`) does the same for a PostgreSQL cluster.
 //! Tests look at what a store wrote through [`RedisServer::query`] (the `redis` crate's
 //! sync client) and [`PostgresServer::psql`].
@@ -100,6 +102,138 @@ pub fn redis_answers(port: u16) -> bool {
         .is_ok_and(|answer| answer == "PONG")
 }
 
+/// Certificates made by `openssl` for a test: a CA, a server certificate it signed
+/// (for the names given), a client certificate it signed, and a second CA that signed
+/// nothing here (the "wrong CA"). PEM files in a temporary directory, removed on drop.
+pub struct TestCertificates {
+    dir: tempfile::TempDir,
+}
+
+impl TestCertificates {
+    /// Makes them; `server_names` is the server certificate's subjectAltName, e.g.
+    /// `IP:127.0.0.1` or `DNS:redis.example`.
+    pub fn generate(server_names: &str) -> Result<Self, ServerError> {
+        let openssl =
+            find_binary("openssl").map_err(|_| ServerError::NotInstalled("openssl", "openssl"))?;
+        let dir = tempfile::Builder::new()
+            .prefix("sluice-certs-")
+            .tempdir()
+            .map_err(io("creating a temp dir for certificates"))?;
+        let run = |args: &[&str]| -> Result<(), ServerError> {
+            let output = Command::new(&openssl)
+                .args(args)
+                .current_dir(dir.path())
+                .stdin(Stdio::null())
+                .output()
+                .map_err(io("running openssl"))?;
+            if output.status.success() {
+                Ok(())
+            } else {
+                Err(ServerError::Command {
+                    command: format!("openssl {}", args.join(" ")),
+                    output: String::from_utf8_lossy(&output.stderr).into_owned(),
+                })
+            }
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for ca in ["ca", "other-ca"] {
+            let (key, cert, subject) = (
+                format!("{ca}.key"),
+                format!("{ca}.pem"),
+                format!("/CN=sluice test {ca}"),
+            );
+            let mut args = vec!["req", "-x509"];
+            args.extend(ec);
+            args.extend([
+                "-keyout", &key, "-out", &cert, "-days", "2", "-subj", &subject,
+            ]);
+            run(&args)?;
+        }
+        let server_ext = format!("subjectAltName={server_names}");
+        for (name, subject, ext) in [
+            ("server", "/CN=redis", server_ext.as_str()),
+            ("client", "/CN=sluice", "extendedKeyUsage=clientAuth"),
+        ] {
+            let (key, csr, cert) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+            );
+            let mut args = vec!["req"];
+            args.extend(ec);
+            args.extend(["-keyout", &key, "-out", &csr, "-subj", subject]);
+            run(&args)?;
+            let ext_file = dir.path().join(format!("{name}.ext"));
+            std::fs::write(&ext_file, format!("{ext}\n"))
+                .map_err(io("writing an openssl extension file"))?;
+            let ext_file = ext_file.display().to_string();
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &cert,
+                "-days",
+                "2",
+                "-extfile",
+                &ext_file,
+            ])?;
+        }
+        Ok(TestCertificates { dir })
+    }
+
+    /// A file of the set: `ca.pem`, `other-ca.pem`, `server.pem`, `server.key`,
+    /// `client.pem`, `client.key`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// How a [`RedisServer`] takes connections.
+#[derive(Clone)]
+enum Transport {
+    Plain,
+    /// TLS only (`--port 0`), with these files.
+    Tls(Box<TlsFiles>),
+}
+
+/// The files a TLS [`RedisServer`] and its `redis-cli` use.
+#[derive(Clone)]
+struct TlsFiles {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    /// The server demands a client certificate.
+    clients: bool,
+}
+
+impl Transport {
+    fn tls(certificates: &TestCertificates, clients: bool) -> Self {
+        Transport::Tls(Box::new(TlsFiles {
+            ca: certificates.path("ca.pem"),
+            cert: certificates.path("server.pem"),
+            key: certificates.path("server.key"),
+            client_cert: certificates.path("client.pem"),
+            client_key: certificates.path("client.key"),
+            clients,
+        }))
+    }
+}
+
 /// A `redis-server` of its own, killed and cleaned up on drop.
 pub struct RedisServer {
     binary: PathBuf,
@@ -107,6 +241,7 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     extra: Vec<String>,
     child: Option<Child>,
+    transport: Transport,
 }
 
 impl RedisServer {
@@ -118,6 +253,20 @@ impl RedisServer {
     /// Like [`RedisServer::start`], with extra command-line arguments
     /// (e.g. `["--cluster-enabled", "yes"]`).
     pub fn start_with(extra: &[&str]) -> Result<Self, ServerError> {
+        Self::start_on(extra, Transport::Plain)
+    }
+
+    /// A server that speaks only TLS (`--port 0 --tls-port P`), with the server
+    /// certificate of `certificates`; with `client_certificates`, it also demands a
+    /// client certificate signed by their CA (`--tls-auth-clients yes`).
+    pub fn start_tls(
+        certificates: &TestCertificates,
+        client_certificates: bool,
+    ) -> Result<Self, ServerError> {
+        Self::start_on(&[], Transport::tls(certificates, client_certificates))
+    }
+
+    fn start_on(extra: &[&str], transport: Transport) -> Result<Self, ServerError> {
         let binary = find_binary("redis-server")
             .map_err(|_| ServerError::NotInstalled("redis-server", "redis-server"))?;
         // A port found free may be taken before the server binds it: try a few.
@@ -132,6 +281,7 @@ impl RedisServer {
                     .map_err(io("creating a temp dir for redis-server"))?,
                 extra: extra.iter().map(|s| s.to_string()).collect(),
                 child: None,
+                transport: transport.clone(),
             };
             match server.launch() {
                 Ok(()) => return Ok(server),
@@ -142,9 +292,33 @@ impl RedisServer {
     }
 
     fn launch(&mut self) -> Result<(), ServerError> {
+        let mut ports: Vec<String> = vec!["--port".into()];
+        match &self.transport {
+            Transport::Plain => ports.push(self.port.to_string()),
+            Transport::Tls(files) => {
+                let TlsFiles {
+                    ca,
+                    cert,
+                    key,
+                    clients,
+                    ..
+                } = files.as_ref();
+                ports.extend(["0".into(), "--tls-port".into(), self.port.to_string()]);
+                for (flag, file) in [
+                    ("--tls-cert-file", cert),
+                    ("--tls-key-file", key),
+                    ("--tls-ca-cert-file", ca),
+                ] {
+                    ports.extend([flag.to_string(), file.display().to_string()]);
+                }
+                ports.extend([
+                    "--tls-auth-clients".into(),
+                    if *clients { "yes" } else { "no" }.into(),
+                ]);
+            }
+        }
         let child = Command::new(&self.binary)
-            .arg("--port")
-            .arg(self.port.to_string())
+            .args(&ports)
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -157,7 +331,7 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + READY_TIMEOUT;
         while Instant::now() < deadline {
-            if redis_answers(self.port) {
+            if self.answers() {
                 return Ok(());
             }
             if let Some(child) = self.child.as_mut()
@@ -178,14 +352,62 @@ impl RedisServer {
         ))
     }
 
+    /// Whether it answers `PING` (over TLS with the client certificate, for a TLS server).
+    pub fn answers(&self) -> bool {
+        match self.transport {
+            Transport::Plain => redis_answers(self.port),
+            Transport::Tls(_) => self.cli(&["PING"]).is_ok_and(|answer| answer == "PONG"),
+        }
+    }
+
+    /// Runs `redis-cli` against it (with `--tls`, the test CA and the client certificate
+    /// for a TLS server) and returns what it printed, trimmed. For a TLS server, where
+    /// [`RedisServer::query`] cannot go.
+    pub fn cli(&self, args: &[&str]) -> Result<String, ServerError> {
+        let cli = find_binary("redis-cli")?;
+        let mut command = Command::new(cli);
+        command.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
+        if let Transport::Tls(files) = &self.transport {
+            let TlsFiles {
+                ca,
+                client_cert,
+                client_key,
+                ..
+            } = files.as_ref();
+            command
+                .arg("--tls")
+                .arg("--cacert")
+                .arg(ca)
+                .arg("--cert")
+                .arg(client_cert)
+                .arg("--key")
+                .arg(client_key);
+        }
+        let output = command
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io("running redis-cli"))?;
+        if !output.status.success() {
+            return Err(ServerError::Command {
+                command: format!("redis-cli {}", args.join(" ")),
+                output: String::from_utf8_lossy(&output.stderr).into_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+    }
+
     /// The port it listens on (loopback).
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// `redis://127.0.0.1:PORT/`.
+    /// `redis://127.0.0.1:PORT/`, or `rediss://` for a TLS server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match self.transport {
+            Transport::Plain => format!("redis://127.0.0.1:{}/", self.port),
+            Transport::Tls(_) => format!("rediss://127.0.0.1:{}/", self.port),
+        }
     }
 
     /// Its working directory.
@@ -212,6 +434,32 @@ impl RedisServer {
             command.arg(*arg);
         }
         command.query(&mut connection).map_err(failed)
+    }
+
+    /// Creates ACL user `name` as README's line does: `ACL SETUSER name on >password
+    /// resetkeys ~keys resetchannels -@all commands` (`keys` e.g. `sluice:*`, `commands`
+    /// ACL rules such as `+ping +evalsha`).
+    pub fn create_acl_user(
+        &self,
+        name: &str,
+        password: &str,
+        keys: &str,
+        commands: &str,
+    ) -> Result<(), ServerError> {
+        let (password, keys) = (format!(">{password}"), format!("~{keys}"));
+        let mut args = vec![
+            "ACL",
+            "SETUSER",
+            name,
+            "on",
+            &password,
+            "resetkeys",
+            &keys,
+            "resetchannels",
+            "-@all",
+        ];
+        args.extend(commands.split(' '));
+        self.query::<String>(&args).map(|_| ())
     }
 
     /// `INFO commandstats` as (command, field) → value, e.g. `("evalsha", "calls") → 300`:
@@ -268,40 +516,50 @@ impl RedisCluster {
     /// Starts `masters` nodes (at least 3, as `redis-cli --cluster create` demands),
     /// joins them and waits until every node reports `cluster_state:ok`.
     pub fn start(masters: usize) -> Result<Self, ServerError> {
-        let cli = find_binary("redis-cli")?;
+        Self::start_on(masters, None)
+    }
+
+    /// Like [`RedisCluster::start`], every node speaking only TLS (clients and the
+    /// cluster bus alike: `--tls-cluster yes`) with `certificates`' server certificate.
+    pub fn start_tls(masters: usize, certificates: &TestCertificates) -> Result<Self, ServerError> {
+        Self::start_on(masters, Some(certificates))
+    }
+
+    fn start_on(
+        masters: usize,
+        certificates: Option<&TestCertificates>,
+    ) -> Result<Self, ServerError> {
         let mut nodes = Vec::with_capacity(masters);
+        let mut extra = vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
+        if certificates.is_some() {
+            extra.extend(["--tls-cluster", "yes", "--tls-replication", "yes"]);
+        }
         for _ in 0..masters {
-            nodes.push(RedisServer::start_with(&[
-                "--cluster-enabled",
-                "yes",
-                "--cluster-node-timeout",
-                "2000",
-            ])?);
+            nodes.push(match certificates {
+                None => RedisServer::start_with(&extra)?,
+                Some(certificates) => {
+                    RedisServer::start_on(&extra, Transport::tls(certificates, false))?
+                }
+            });
         }
         let addresses: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port()))
             .collect();
-        let output = Command::new(&cli)
-            .args(["--cluster", "create"])
-            .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(io("running redis-cli --cluster create"))?;
-        if !output.status.success() {
-            return Err(ServerError::Io {
-                what: format!(
-                    "redis-cli --cluster create {}: {}",
-                    addresses.join(" "),
-                    String::from_utf8_lossy(&output.stdout)
-                ),
-                source: std::io::Error::other("cluster creation failed"),
-            });
-        }
+        let mut create = vec!["--cluster".to_string(), "create".to_string()];
+        create.extend(addresses.iter().cloned());
+        create.extend(["--cluster-replicas", "0", "--cluster-yes"].map(String::from));
+        let create: Vec<&str> = create.iter().map(String::as_str).collect();
+        nodes[0].cli(&create).map_err(|error| ServerError::Io {
+            what: format!(
+                "redis-cli --cluster create {}: {error}",
+                addresses.join(" ")
+            ),
+            source: std::io::Error::other("cluster creation failed"),
+        })?;
         let cluster = RedisCluster { nodes };
         let deadline = Instant::now() + READY_TIMEOUT;
-        while !cluster.is_ok(&cli) {
+        while !cluster.is_ok() {
             if Instant::now() > deadline {
                 return Err(ServerError::NotReady(
                     format!("Redis Cluster {}", addresses.join(" ")),
@@ -313,13 +571,10 @@ impl RedisCluster {
         Ok(cluster)
     }
 
-    fn is_ok(&self, cli: &Path) -> bool {
+    fn is_ok(&self) -> bool {
         self.nodes.iter().all(|node| {
-            Command::new(cli)
-                .args(["-p", &node.port().to_string(), "CLUSTER", "INFO"])
-                .stdin(Stdio::null())
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+            node.cli(&["CLUSTER", "INFO"])
+                .is_ok_and(|info| info.contains("cluster_state:ok"))
         })
     }
 

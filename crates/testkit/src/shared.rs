@@ -3,8 +3,8 @@
 //! written once here, as generic test bodies a test file calls per backend:
 //!
 //! - [`exactly_the_quota_across_instances`]: three `sluice serve` processes on one store
-//!   admit exactly one limit's quota together, race after race, one round trip per
-//!   decision, every counter under the configured prefix.
+//!   admit exactly one limit's quota together, race after race, at most one round trip
+//!   per decision, every counter under the configured prefix.
 //! - [`outage_under_load_degrades_and_sharing_resumes`]: the store goes down while load
 //!   runs; no 5xx, decisions go on degraded (and are counted), `/readyz` follows the
 //!   store's state, shared counting resumes by itself and each change is logged once.
@@ -53,8 +53,10 @@ pub trait SharedStore: Sized {
     /// Forgets the commands or statements counted so far.
     fn reset_counts(&self);
 
-    /// How many decisions the store ran since [`SharedStore::reset_counts`], asserting
-    /// that each was one round trip and that nothing else but upkeep ran.
+    /// How many round trips the store's decisions took since
+    /// [`SharedStore::reset_counts`] (one per decision, or fewer where concurrent
+    /// decisions share one), asserting that nothing else but upkeep ran (sweeps, and
+    /// polls of the runtime entries' version).
     fn decision_round_trips(&self) -> u64;
 
     /// The names of every counter the store holds.
@@ -102,8 +104,9 @@ impl SharedStore for RedisServer {
             .expect("CONFIG RESETSTAT");
     }
 
-    /// One successful EVALSHA per decision (a NOSCRIPT answer, before the script is
-    /// loaded, counts as a failed call and is followed by the script itself).
+    /// Successful EVALSHAs: one per decision, or one per batch of concurrent ones (a
+    /// NOSCRIPT answer, before the script is loaded, counts as a failed call and is
+    /// followed by the script itself).
     fn decision_round_trips(&self) -> u64 {
         let stats = self.command_stats().expect("INFO commandstats");
         let stat = |field: &str| {
@@ -184,8 +187,10 @@ impl SharedStore for PostgresServer {
             if query.contains("sluice_decide") {
                 decide_calls += calls;
             } else {
+                // Upkeep: sweeps, and every instance polling the runtime entries' version.
                 assert!(
                     query.contains("sluice_sweep")
+                        || query.contains("sluice_records_version")
                         || query.contains("statement_timeout")
                         || query.starts_with("START TRANSACTION")
                         || query.starts_with("COMMIT"),
@@ -380,11 +385,12 @@ pub fn exactly_the_quota_across_instances<S: SharedStore>(bin: &Binary, algorith
         counted += 1;
     }
 
-    // One round trip per decision (read before the queries below, which may count).
-    assert_eq!(
-        store.decision_round_trips(),
-        decisions,
-        "{} decision round trips vs decisions",
+    // At most one round trip per decision (read before the queries below, which may
+    // count): concurrent decisions may share one (Redis batches them).
+    let round_trips = store.decision_round_trips();
+    assert!(
+        (1..=decisions).contains(&round_trips),
+        "{} decision round trips for {decisions} decisions",
         S::NAME
     );
     // Every counter lives under the configured prefix: one per key.
@@ -433,25 +439,7 @@ pub fn outage_under_load_degrades_and_sharing_resumes<S: SharedStore>(bin: &Bina
     }
     std::thread::sleep(Duration::from_millis(1_000));
 
-    let stop = AtomicBool::new(false);
-    let degraded = AtomicUsize::new(0);
-    let statuses: Mutex<BTreeMap<u16, usize>> = Mutex::new(BTreeMap::new());
-    let (went_unready, came_back) = std::thread::scope(|scope| {
-        for t in 0..6 {
-            let (s, stop, degraded, statuses) = (&s, &stop, &degraded, &statuses);
-            scope.spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let r = s.post_json(
-                        "/v1/check",
-                        &json!({"checks": [{"limit": "api", "key": format!("k{t}")}]}),
-                    );
-                    *statuses.lock().unwrap().entry(r.status).or_default() += 1;
-                    if r.status == 200 && r.json()["degraded"] == true {
-                        degraded.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            });
-        }
+    let ((went_unready, came_back), load) = under_load(&s, "api", 6, || {
         std::thread::sleep(Duration::from_millis(800));
         store.stop();
         let went_unready = readyz_becomes(&s, 503, Duration::from_secs(3));
@@ -459,10 +447,9 @@ pub fn outage_under_load_degrades_and_sharing_resumes<S: SharedStore>(bin: &Bina
         let restarted = store.restart();
         let came_back = restarted.is_ok() && readyz_becomes(&s, 200, Duration::from_secs(5));
         std::thread::sleep(Duration::from_millis(1_000));
-        // The load threads stop whatever happened above, so a failure cannot hang the test.
-        stop.store(true, Ordering::Relaxed);
         (went_unready, came_back)
     });
+    let (statuses, degraded) = (load.statuses, load.degraded);
     assert!(
         went_unready,
         "/readyz answered 503 while {} was down",
@@ -473,14 +460,13 @@ pub fn outage_under_load_degrades_and_sharing_resumes<S: SharedStore>(bin: &Bina
         "/readyz answered 200 again after the restart\n{}",
         s.stderr()
     );
-    let statuses = statuses.into_inner().unwrap();
     assert_eq!(
         statuses.keys().copied().collect::<Vec<_>>(),
         vec![200],
         "only 200s, never a 5xx: {statuses:?}"
     );
     assert!(
-        degraded.load(Ordering::Relaxed) > 0,
+        degraded > 0,
         "decisions while {} was down were degraded",
         S::NAME
     );
@@ -651,4 +637,200 @@ pub fn calls_in_flight_across_instances<S: SharedStore>(bin: &Binary) {
         "{}: the crashed client's slots expired: {back}",
         S::NAME
     );
+}
+
+/// The admin token of [`entries_reach_every_instance_within_a_second`]'s instances.
+const ENTRIES_TOKEN: &str = "entries-admin-token-0123456789abcdef";
+
+fn entry(server: &Server, path: &str, body: &Value) -> Value {
+    let r = server.call("POST", path, Some(ENTRIES_TOKEN), Some(body));
+    assert_eq!(r.status, 200, "{path} {body}: {}", r.body);
+    serde_json::from_str(&r.body).expect("JSON answer")
+}
+
+/// A dry-run check of `api` for `key` on `server`: nothing is spent.
+fn peek(server: &Server, key: &str) -> Value {
+    server.check(json!({"checks": [{"limit": "api", "key": key}], "dry_run": true}))
+}
+
+/// How long until `server` shows what `seen` looks for, polling; panics after 3 s.
+fn until(server: &Server, what: &str, seen: impl Fn(&Server) -> bool) -> Duration {
+    let started = Instant::now();
+    while !seen(server) {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{what}: not seen on port {} after 3 s",
+            server.port
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    started.elapsed()
+}
+
+/// Runtime entries made through one instance are enforced by the two others within a
+/// second: a plan assignment, a rate override (which keeps what was spent), a subject
+/// block and an address block; a removal too. A new instance enforces them from its
+/// first request, and where the store keeps its data over a restart, so do they.
+pub fn entries_reach_every_instance_within_a_second<S: SharedStore>(bin: &Binary) {
+    let mut store = S::start();
+    let prefix = format!("entries-{}:", now_ms());
+    let config = format!(
+        "admin: {{token: {ENTRIES_TOKEN}}}\n{}limits:\n  api:\n    rate: 3/day\n    algorithm: fixed_window\n    plans: {{pro: {{rate: 100/day}}}}\n",
+        store.storage(&format!("prefix: '{prefix}', timeout_ms: 2000"))
+    );
+    let start = || Server::start_with_bin(bin, &config, &ServeOpts::default());
+    let (a, b, c) = (start(), start(), start());
+    let mut slowest = Duration::ZERO;
+    let mut seen_on_others = |what: &str, seen: &dyn Fn(&Server) -> bool| {
+        for other in [&b, &c] {
+            slowest = slowest.max(until(other, what, seen));
+        }
+    };
+
+    entry(
+        &a,
+        "/v1/admin/entries",
+        &json!({"kind": "plan", "subject": "customer:42", "plan": "pro"}),
+    );
+    seen_on_others("plan pro", &|s| {
+        peek(s, "customer:42")["results"][0]["plan"] == "pro"
+    });
+
+    // What was spent stays spent: 3 of 3, then an override to 5/day leaves 2 (a fixed
+    // window counts requests; gcra's state is time, see README).
+    for _ in 0..3 {
+        assert_eq!(a.hit("api", "customer:45", None)["allowed"], true);
+    }
+    assert_eq!(a.hit("api", "customer:45", None)["allowed"], false);
+    entry(
+        &a,
+        "/v1/admin/entries",
+        &json!({"kind": "rate", "subject": "customer:45", "limit": "api", "rate": "5/day"}),
+    );
+    seen_on_others("override", &|s| {
+        peek(s, "customer:45")["results"][0]["plan"] == "override"
+    });
+    let after = b.hit("api", "customer:45", None);
+    assert_eq!(after["allowed"], true, "{after}");
+    assert_eq!(after["results"][0]["limit_value"], 5);
+    assert_eq!(
+        after["results"][0]["remaining"], 1,
+        "3 spent before, 1 now: {after}"
+    );
+
+    entry(
+        &a,
+        "/v1/admin/entries",
+        &json!({"kind": "block", "subject": "user:7", "reason": "abuse"}),
+    );
+    seen_on_others("subject block", &|s| {
+        peek(s, "user:7")["listed"]["list"] == "block"
+    });
+    let blocked = c.hit("api", "user:7", None);
+    assert_eq!(blocked["allowed"], false);
+    assert_eq!(blocked["listed"]["reason"], "abuse");
+
+    // An address block refuses forward-auth even where no route limits the request.
+    assert_eq!(c.request("GET", "/v1/forward-auth", &[]).status, 200);
+    entry(
+        &a,
+        "/v1/admin/entries",
+        &json!({"kind": "block", "ip": "127.0.0.1"}),
+    );
+    seen_on_others("address block", &|s| {
+        s.request("GET", "/v1/forward-auth", &[]).status == 403
+    });
+    entry(
+        &a,
+        "/v1/admin/entries/remove",
+        &json!({"kind": "block", "ip": "127.0.0.1"}),
+    );
+    seen_on_others("address unblocked", &|s| {
+        s.request("GET", "/v1/forward-auth", &[]).status == 200
+    });
+    eprintln!(
+        "{}: slowest propagation to another instance: {slowest:?}",
+        S::NAME
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "{}: an entry took {slowest:?} to reach another instance",
+        S::NAME
+    );
+
+    // A new instance enforces them from its first request.
+    drop(b);
+    let d = start();
+    assert_eq!(peek(&d, "customer:42")["results"][0]["plan"], "pro");
+    assert_eq!(peek(&d, "user:7")["listed"]["list"], "block");
+    drop(d);
+
+    if S::KEEPS_COUNTERS_OVER_RESTART {
+        store.stop();
+        store.restart().expect("the store restarts");
+        let e = start();
+        assert_eq!(peek(&e, "customer:42")["results"][0]["plan"], "pro");
+        assert_eq!(peek(&e, "user:7")["listed"]["list"], "block");
+    }
+    drop((a, c));
+}
+
+// ---- load ------------------------------------------------------------------------
+
+/// What the load of [`under_load`] saw.
+pub struct Load {
+    /// How many answers had each HTTP status.
+    pub statuses: BTreeMap<u16, usize>,
+    /// How many 200s were decided degraded (by `on_error`).
+    pub degraded: usize,
+}
+
+/// Runs `during` while `threads` threads send decisions to `s` (one check of `limit`,
+/// key `k<thread>`) without pause; stops them when `during` returns, whatever it did,
+/// and returns its result with what the load saw.
+pub fn under_load<T>(
+    s: &Server,
+    limit: &str,
+    threads: usize,
+    during: impl FnOnce() -> T,
+) -> (T, Load) {
+    let stop = AtomicBool::new(false);
+    let degraded = AtomicUsize::new(0);
+    let statuses: Mutex<BTreeMap<u16, usize>> = Mutex::new(BTreeMap::new());
+    let result = std::thread::scope(|scope| {
+        for t in 0..threads {
+            let (stop, degraded, statuses) = (&stop, &degraded, &statuses);
+            scope.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = s.post_json(
+                        "/v1/check",
+                        &json!({"checks": [{"limit": limit, "key": format!("k{t}")}]}),
+                    );
+                    if let Ok(mut map) = statuses.lock() {
+                        *map.entry(r.status).or_default() += 1;
+                    }
+                    if r.status == 200 && r.json()["degraded"] == true {
+                        degraded.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        // The load threads stop whatever happened, so a failure cannot hang the test.
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = StopOnDrop(&stop);
+        during()
+    });
+    let statuses = statuses.into_inner().unwrap_or_else(|e| e.into_inner());
+    (
+        result,
+        Load {
+            statuses,
+            degraded: degraded.load(Ordering::Relaxed),
+        },
+    )
 }

@@ -47,6 +47,27 @@ impl Binary {
         Server::start_with_bin(self, rest, &ServeOpts::default())
     }
 
+    /// Runs `sluice serve` with `rest` after a `listen:` line and expects it to stop
+    /// with a failure within ten seconds (a setting it refuses at start); returns its
+    /// stderr. Panics if it keeps running or succeeds.
+    pub fn serve_refuses(&self, rest: &str) -> String {
+        let dir = scratch_dir("serve-refuses");
+        let path = dir.join("sluice.yaml");
+        fs::write(&path, format!("listen: 127.0.0.1:{}\n{rest}", free_port())).expect("config");
+        let (status, _out, err) = self
+            .run_cli_timeout(
+                &["serve", "--config", &path.display().to_string()],
+                Duration::from_secs(10),
+            )
+            .unwrap_or_else(|| panic!("sluice serve kept running with:\n{rest}"));
+        assert!(
+            !status.success(),
+            "sluice serve must not start:\n{rest}\n{err}"
+        );
+        let _ = fs::remove_dir_all(&dir);
+        err
+    }
+
     /// Runs `sluice <args>` to completion (10 s timeout) and returns status, stdout, stderr.
     pub fn run_cli(&self, args: &[&str]) -> (ExitStatus, String, String) {
         self.run_cli_timeout(args, Duration::from_secs(10))
@@ -113,6 +134,21 @@ impl Binary {
         let err = fs::read_to_string(&err_path).unwrap_or_default();
         let _ = fs::remove_dir_all(&dir);
         status.map(|s| (s, out, err))
+    }
+}
+
+/// Sends the decision `checks` (a JSON list) `quota + 1` times to `s`: the first `quota`
+/// must be allowed and the last denied, each decided by the store (not degraded).
+pub fn admits_exactly(s: &Server, checks: &Value, quota: usize) {
+    for i in 0..=quota {
+        let d = s.check(serde_json::json!({ "checks": checks }));
+        assert_eq!(
+            d["degraded"],
+            false,
+            "decided by the store: {d}\n{}",
+            s.stderr()
+        );
+        assert_eq!(d["allowed"], i < quota, "request {i} of {}: {d}", quota + 1);
     }
 }
 

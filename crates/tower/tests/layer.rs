@@ -331,3 +331,53 @@ async fn ambiguous_paths_are_refused_and_other_spellings_charged() {
     }
     assert_eq!(calls.load(Ordering::SeqCst), before, "no handler ran");
 }
+
+/// Inside an app, the plan can come from a header the app's own auth middleware sets
+/// (here, the test plays that middleware): the pro plan's rates apply, and the headers
+/// name it.
+#[tokio::test]
+async fn a_plan_set_by_the_apps_auth_layer_picks_the_rates() {
+    const PLANS: &str = r#"
+plan_from: "{header.x-plan}"
+limits:
+  api:
+    rate: 2/minute
+    plans: {pro: {rate: 5/minute}}
+routes:
+  - match: {path: /anon}
+    limits:
+      - {limit: api, key: "user:{header.x-user-id}"}
+"#;
+    let config = sluice_config::load_str(PLANS, "test.yaml", &|_| None, &[]).expect("config");
+    let layer = RateLimitLayer::from_config(&config, memory());
+    let app = app(layer, Arc::new(AtomicUsize::new(0)), "203.0.113.7:5000");
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let (status, headers, _) = send(
+            &app,
+            "GET",
+            "/anon",
+            &[("x-user-id", "9"), ("x-plan", "pro")],
+        )
+        .await;
+        statuses.push(status.as_u16());
+        if status == StatusCode::OK {
+            let policy = headers["ratelimit-policy"].to_str().unwrap();
+            assert!(policy.contains("q=5;w=60;plan=\"pro\""), "{policy}");
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
+    let free: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(
+                send(&app, "GET", "/anon", &[("x-user-id", "10")])
+                    .await
+                    .0
+                    .as_u16(),
+            );
+        }
+        v
+    };
+    assert_eq!(free, [200, 200, 429], "no plan header: the default rates");
+}

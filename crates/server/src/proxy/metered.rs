@@ -152,23 +152,24 @@ pub(super) async fn answer(
         }
         Some(usage) => usage.estimate(None).0,
     };
-    let priced = plan.priced(&estimate);
+    let mut priced = plan.priced(&estimate);
     let ttl = reservation_ttl(proxy, usage.as_deref());
-    let (decision, held) =
-        app.decider
-            .reserve(&priced, ttl)
-            .await
-            .map_err(|error| match error {
-                ReserveError::Store(_) => {
-                    ApiError::store_unavailable("the reservation").closing_unless(body_read)
-                }
-                ReserveError::Ticket(error) => ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "reservation_failed",
-                    error.to_string(),
-                )
-                .closing_unless(body_read),
-            })?;
+    let client = live.policy.client_ip.resolve(peer, request.headers());
+    let (decision, held) = app
+        .decider
+        .reserve_from(&mut priced, ttl, Some(client))
+        .await
+        .map_err(|error| match error {
+            ReserveError::Store(_) => {
+                ApiError::store_unavailable("the reservation").closing_unless(body_read)
+            }
+            ReserveError::Ticket(error) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "reservation_failed",
+                error.to_string(),
+            )
+            .closing_unless(body_read),
+        })?;
     if !decision.allowed {
         return Ok(super::denied(live, &priced, &decision, body_read));
     }

@@ -172,16 +172,16 @@ async fn answer(
     if plan.needs_reservation() {
         return metered::answer(app, live, proxy, peer, request, plan, body_read).await;
     }
-    let decision_request = plan.request;
-    let decision = if decision_request.checks.is_empty() {
-        None
-    } else {
-        let decision =
-            app.decider.decide(&decision_request).await.map_err(|_| {
-                ApiError::store_unavailable("the decision").closing_unless(body_read)
-            })?;
-        Some(decision)
-    };
+    let mut decision_request = plan.request;
+    // Screened even when no route limits it: a blocked address never reaches the upstream.
+    let client = live.policy.client_ip.resolve(peer, request.headers());
+    let decision = app
+        .decider
+        .decide_from(&mut decision_request, Some(client))
+        .await
+        .map_err(|_| ApiError::store_unavailable("the decision").closing_unless(body_read))?;
+    let decision =
+        (!decision_request.checks.is_empty() || decision.listed.is_some()).then_some(decision);
 
     if let Some(decision) = decision.as_ref().filter(|d| !d.allowed) {
         return Ok(denied(live, &decision_request, decision, body_read));

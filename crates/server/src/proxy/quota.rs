@@ -126,7 +126,7 @@ pub(super) async fn quota(
         .zip(&plan.costs)
         .map(|(check, cost)| (!cost.is_metered()).then(|| check.cost()))
         .collect();
-    let read = DecisionRequest {
+    let mut read = DecisionRequest {
         checks: plan
             .request
             .checks
@@ -141,9 +141,10 @@ pub(super) async fn quota(
             retry_after: Some(0),
             degraded: false,
             results: Vec::new(),
+            listed: None,
         }
     } else {
-        match app.decider.decide(&read).await {
+        match app.decider.decide(&mut read).await {
             Ok(decision) => decision,
             Err(_) => {
                 return ApiError::store_unavailable("reading the quota").into_response();
