@@ -9,10 +9,13 @@
 //! spent in every window whose algorithm and period stay the same.
 //!
 //! [`Entry`] is what an operator writes and what is stored; [`Directory`] is the
-//! indexed snapshot decisions read.
+//! indexed snapshot decisions read; [`Access`] holds the directory an instance
+//! enforces and refreshes it from the store.
 
 mod directory;
+mod enforced;
 mod entry;
 
 pub use directory::{Directory, Screen};
+pub use enforced::{Access, POLL_INTERVAL, now_ms};
 pub use entry::{Entry, EntryError, Kind, MAX_REASON_CHARS, Rates, canonical, parse_net};

@@ -5,7 +5,8 @@
 //! - [`state`]: [`AppState`], handed to every handler.
 //! - [`live`]: the reloadable configuration snapshot ([`Live`]) and the reload.
 //! - [`access`]: the runtime entries (plans, overrides, block and allow lists) this
-//!   instance enforces, polled from the store.
+//!   instance enforces, polled from the store (`sluice_access::Access`, which the tower
+//!   layer uses too).
 //! - [`decider`]: the one path from a decision request to a decision; it records
 //!   metrics and the (rate-limited) denial log.
 //! - [`metrics`]: the Prometheus registry; front doors register their own series.
@@ -13,7 +14,11 @@
 //! - [`serve`]: the per-thread serving loop with header-read and idle timeouts, a
 //!   connection cap and a shutdown deadline, for HTTP/1 and HTTP/2 (gRPC) alike.
 
-pub mod access;
+/// The runtime entries this instance enforces: [`sluice_access::Access`], shared with
+/// the tower layer.
+pub mod access {
+    pub use sluice_access::{Access, POLL_INTERVAL, now_ms};
+}
 pub mod decider;
 pub mod live;
 pub mod metrics;

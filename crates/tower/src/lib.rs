@@ -26,6 +26,14 @@
 //! # }
 //! ```
 //!
+//! Runtime entries (plan assignments, rate overrides, block and allow lists; see the
+//! README's "Plans, overrides and block lists at run time") apply here too when the
+//! layer is built with [`RateLimitLayer::from_config`] or given the limits with
+//! [`RateLimitLayer::with_entries`]: they are read from the store the layer decides
+//! with, so on a shared store an entry written through any sluice server's admin API
+//! is enforced by the app within [`sluice_access::POLL_INTERVAL`] plus one round trip.
+//! The first request reads them before it is decided; later ones never wait for a read.
+//!
 //! Routes charged from the answer (`cost: usage`) or holding a concurrency slot until it
 //! ends are settled by sluice's reverse proxy only: the layer answers them
 //! `500 needs_reverse_proxy` rather than decide half of them.
@@ -57,12 +65,14 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use axum::extract::connect_info::MockConnectInfo;
 use axum::extract::{ConnectInfo, OriginalUri};
 use http::{HeaderValue, Request, Response, StatusCode};
-use sluice_engine::Store;
+use sluice_access::{Access, POLL_INTERVAL, Screen, now_ms};
+use sluice_engine::{LimitSet, Store};
 use sluice_http::{HttpPolicy, IncomingRequest};
 use tower::{Layer, Service};
 
@@ -75,17 +85,59 @@ pub struct RateLimitLayer {
 struct Shared {
     policy: HttpPolicy,
     store: Arc<dyn Store>,
+    entries: Option<Entries>,
+}
+
+/// The runtime entries the layer enforces, and when they were last polled.
+struct Entries {
+    access: Access,
+    /// The configured limits: overrides and plans are built against them.
+    limits: LimitSet,
+    /// Milliseconds since the Unix epoch when the last poll started; one request in
+    /// each [`POLL_INTERVAL`] starts the next.
+    polled_at_ms: AtomicU64,
 }
 
 impl RateLimitLayer {
-    /// A layer deciding with `store` by `policy`.
+    /// A layer deciding with `store` by `policy`, without runtime entries (see
+    /// [`RateLimitLayer::with_entries`]).
     pub fn new(policy: HttpPolicy, store: Arc<dyn Store>) -> Self {
         RateLimitLayer {
-            shared: Arc::new(Shared { policy, store }),
+            shared: Arc::new(Shared {
+                policy,
+                store,
+                entries: None,
+            }),
         }
     }
 
-    /// A layer with the routes, client-IP settings and answers of a loaded sluice config.
+    /// This layer, also enforcing the runtime entries kept in its store, against the
+    /// configured `limits` (the ones the policy's routes use; an override or plan
+    /// naming another limit is skipped).
+    pub fn with_entries(self, limits: LimitSet) -> Self {
+        let shared = match Arc::try_unwrap(self.shared) {
+            Ok(shared) => shared,
+            // Still shared with services made from it: they keep what they had.
+            Err(shared) => Shared {
+                policy: shared.policy.clone(),
+                store: Arc::clone(&shared.store),
+                entries: None,
+            },
+        };
+        RateLimitLayer {
+            shared: Arc::new(Shared {
+                entries: Some(Entries {
+                    access: Access::new(&limits),
+                    limits,
+                    polled_at_ms: AtomicU64::new(0),
+                }),
+                ..shared
+            }),
+        }
+    }
+
+    /// A layer with the routes, client-IP settings and answers of a loaded sluice
+    /// config, enforcing the runtime entries kept in `store`.
     pub fn from_config(config: &sluice_config::Config, store: Arc<dyn Store>) -> Self {
         Self::new(
             HttpPolicy {
@@ -97,6 +149,48 @@ impl RateLimitLayer {
             },
             store,
         )
+        .with_entries(config.limits.clone())
+    }
+}
+
+impl Shared {
+    /// Starts a poll of the entries when the last one is [`POLL_INTERVAL`] old: in the
+    /// background, or in line while none has been read yet, so the first request is
+    /// decided with them.
+    async fn poll_entries(self: &Arc<Self>) {
+        let Some(entries) = &self.entries else {
+            return;
+        };
+        let now = now_ms();
+        let last = entries.polled_at_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < POLL_INTERVAL.as_millis() as u64
+            || entries
+                .polled_at_ms
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        if !entries.access.has_read() {
+            self.refresh_entries().await;
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let shared = Arc::clone(self);
+                runtime.spawn(async move { shared.refresh_entries().await });
+            }
+            Err(_) => self.refresh_entries().await,
+        }
+    }
+
+    async fn refresh_entries(&self) {
+        if let Some(entries) = &self.entries
+            && let Err(error) = entries.access.refresh(&*self.store, &entries.limits).await
+        {
+            // The entries last read stay in force.
+            tracing::warn!(%error, "reading sluice's runtime entries failed; the ones last read stay in force");
+        }
     }
 }
 
@@ -178,7 +272,10 @@ where
                 headers: request.headers(),
                 session: None,
             };
-            let decision_request = match shared.policy.decision_request(&incoming, false) {
+            let client = incoming
+                .peer
+                .map(|peer| shared.policy.client_ip.resolve(peer, request.headers()));
+            let mut decision_request = match shared.policy.decision_request(&incoming, false) {
                 Ok(decision_request) => decision_request,
                 // A path or key the app could read in more than one way is refused
                 // rather than guessed (see `sluice_http::path`); so, with a 500, is a
@@ -199,6 +296,25 @@ where
                     ));
                 }
             };
+            let responses = &shared.policy.responses;
+            if let Some(entries) = &shared.entries {
+                shared.poll_entries().await;
+                let directory = entries.access.current();
+                if !directory.is_empty() {
+                    let now = now_ms();
+                    // A blocked address is blocked on every path, limited or not.
+                    match directory.screen(&decision_request, client, now) {
+                        Screen::Blocked(listed) => {
+                            let blocked = responses.blocked(&listed);
+                            return Ok(plain(blocked.status, blocked.headers, blocked.body));
+                        }
+                        Screen::Allowed(_) => return inner.call(request).await,
+                        Screen::Limits => {
+                            directory.assign(&mut decision_request, now);
+                        }
+                    }
+                }
+            }
             if decision_request.checks.is_empty() {
                 return inner.call(request).await;
             }
@@ -219,7 +335,6 @@ where
                     ));
                 }
             };
-            let responses = &shared.policy.responses;
             if !decision.allowed {
                 let denial = responses.denial(&decision_request, &decision);
                 return Ok(plain(denial.status, denial.headers, denial.body));

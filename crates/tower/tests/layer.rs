@@ -332,12 +332,8 @@ async fn ambiguous_paths_are_refused_and_other_spellings_charged() {
     assert_eq!(calls.load(Ordering::SeqCst), before, "no handler ran");
 }
 
-/// Inside an app, the plan can come from a header the app's own auth middleware sets
-/// (here, the test plays that middleware): the pro plan's rates apply, and the headers
-/// name it.
-#[tokio::test]
-async fn a_plan_set_by_the_apps_auth_layer_picks_the_rates() {
-    const PLANS: &str = r#"
+/// `api` at 2/minute, 5/minute on the `pro` plan, keyed by `x-user-id`.
+const PLANS: &str = r#"
 plan_from: "{header.x-plan}"
 limits:
   api:
@@ -348,24 +344,31 @@ routes:
     limits:
       - {limit: api, key: "user:{header.x-user-id}"}
 "#;
-    let config = sluice_config::load_str(PLANS, "test.yaml", &|_| None, &[]).expect("config");
-    let layer = RateLimitLayer::from_config(&config, memory());
-    let app = app(layer, Arc::new(AtomicUsize::new(0)), "203.0.113.7:5000");
+
+/// The statuses of six `GET /anon` with `headers`; every allowed one must name the
+/// `pro` plan's rates in `RateLimit-Policy`.
+async fn six_on_pro(app: &Router, headers: &[(&str, &str)]) -> Vec<u16> {
     let mut statuses = Vec::new();
     for _ in 0..6 {
-        let (status, headers, _) = send(
-            &app,
-            "GET",
-            "/anon",
-            &[("x-user-id", "9"), ("x-plan", "pro")],
-        )
-        .await;
+        let (status, headers, _) = send(app, "GET", "/anon", headers).await;
         statuses.push(status.as_u16());
         if status == StatusCode::OK {
             let policy = headers["ratelimit-policy"].to_str().unwrap();
             assert!(policy.contains("q=5;w=60;plan=\"pro\""), "{policy}");
         }
     }
+    statuses
+}
+
+/// Inside an app, the plan can come from a header the app's own auth middleware sets
+/// (here, the test plays that middleware): the pro plan's rates apply, and the headers
+/// name it.
+#[tokio::test]
+async fn a_plan_set_by_the_apps_auth_layer_picks_the_rates() {
+    let config = sluice_config::load_str(PLANS, "test.yaml", &|_| None, &[]).expect("config");
+    let layer = RateLimitLayer::from_config(&config, memory());
+    let app = app(layer, Arc::new(AtomicUsize::new(0)), "203.0.113.7:5000");
+    let statuses = six_on_pro(&app, &[("x-user-id", "9"), ("x-plan", "pro")]).await;
     assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
     let free: Vec<u16> = {
         let mut v = Vec::new();
@@ -380,4 +383,111 @@ routes:
         v
     };
     assert_eq!(free, [200, 200, 429], "no plan header: the default rates");
+}
+
+/// Writes a runtime entry into `store` as `sluice admin` would (checked, then stored).
+async fn put_entry(
+    store: &Arc<dyn Store>,
+    limits: &sluice_engine::LimitSet,
+    entry: serde_json::Value,
+) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let entry: sluice_access::Entry = serde_json::from_value(entry).unwrap();
+    let entry = entry.checked(limits, now).expect("a valid entry");
+    let record = sluice_engine::Record {
+        id: entry.id(),
+        body: entry.body(),
+    };
+    store.put_record(&record).await.expect("stored");
+}
+
+#[tokio::test]
+async fn runtime_entries_in_the_store_block_and_re_plan_inside_the_app() {
+    let config = sluice_config::load_str(PLANS, "test.yaml", &|_| None, &[]).expect("config");
+    let store = memory();
+    // Written before the app's first request, as a sluice server's admin API would.
+    put_entry(
+        &store,
+        &config.limits,
+        serde_json::json!({"kind": "block", "subject": "user:7", "reason": "abuse"}),
+    )
+    .await;
+    put_entry(
+        &store,
+        &config.limits,
+        serde_json::json!({"kind": "plan", "subject": "user:8", "plan": "pro"}),
+    )
+    .await;
+    put_entry(
+        &store,
+        &config.limits,
+        serde_json::json!({"kind": "block", "ip": "203.0.113.0/24", "reason": "scraper"}),
+    )
+    .await;
+    let layer = RateLimitLayer::from_config(&config, Arc::clone(&store));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let blocked_net = app(layer.clone(), Arc::clone(&calls), "203.0.113.7:5000");
+    let elsewhere = app(layer, Arc::clone(&calls), "198.51.100.1:5000");
+
+    // The first request is decided with the entries: a blocked address is refused on
+    // every path, a limited one or not, and the app never sees it.
+    let (status, headers, body) = send(&blocked_net, "GET", "/health", &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(headers["content-type"], "application/json");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "blocked");
+    assert_eq!(body["reason"], "scraper");
+    let (status, _, body) = send(&elsewhere, "GET", "/anon", &[("x-user-id", "7")]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("abuse"), "{body}");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "blocked requests never reach the app"
+    );
+
+    // A subject on a plan gets the plan's rates, and the headers say so.
+    let statuses = six_on_pro(&elsewhere, &[("x-user-id", "8")]).await;
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
+    let mut others = Vec::new();
+    for _ in 0..3 {
+        others.push(
+            send(&elsewhere, "GET", "/anon", &[("x-user-id", "9")])
+                .await
+                .0
+                .as_u16(),
+        );
+    }
+    assert_eq!(others, [200, 200, 429], "no entry: the default rates");
+
+    // A change in the store is enforced without a restart, within a poll.
+    let unblock = sluice_access::Entry {
+        kind: sluice_access::Kind::Block,
+        subject: Some("user:7".into()),
+        ip: None,
+        plan: None,
+        limit: None,
+        rate: None,
+        expires_at_ms: None,
+        ttl_ms: None,
+        reason: None,
+        created_at_ms: 0,
+    };
+    assert!(store.remove_record(&unblock.id()).await.unwrap());
+    let started = std::time::Instant::now();
+    loop {
+        let (status, _, _) = send(&elsewhere, "GET", "/anon", &[("x-user-id", "7")]).await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "the removed block still applies after 2 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

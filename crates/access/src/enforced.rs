@@ -1,6 +1,6 @@
-//! The runtime entries (plan assignments, rate overrides, block and allow lists; see
-//! `sluice_access`) as this instance enforces them: the directory every decision reads,
-//! refreshed from the store's records when their version moves.
+//! The runtime entries as one instance enforces them: the directory every decision
+//! reads, refreshed from the store's records when their version moves. The sluice
+//! server and the tower layer both hold one.
 //!
 //! Every instance polls the version every [`POLL_INTERVAL`] (one cheap store call), so
 //! a change made through any instance is enforced by all of them within that interval
@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use sluice_access::Directory;
 use sluice_engine::{LimitSet, Records, Store, StoreError};
+
+use crate::Directory;
 
 /// How often every instance asks the store whether the entries changed.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -33,6 +34,12 @@ impl Access {
             directory: ArcSwap::from_pointee(Directory::build(&Records::default(), limits)),
             read: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the store's records were read at least once (a new instance reads them
+    /// before it answers its first request).
+    pub fn has_read(&self) -> bool {
+        self.read.load(Ordering::Acquire)
     }
 
     /// The directory now.
