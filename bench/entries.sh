@@ -12,8 +12,10 @@
 # Two `sluice serve` processes on the memory store with the same config; one gets
 # ENTRIES plan assignments through POST /v1/admin/entries (1000 per call), so every key
 # wrk sends (k0..k9999) is assigned to `pro`, and its RSS growth over the load divided by
-# ENTRIES is the memory per entry. Then wrk loads each in turn, ROUNDS times.
+# ENTRIES is the memory per entry. Then wrk loads each in turn, ROUNDS times, the order
+# flipping every round.
 set -euo pipefail
+command -v wrk >/dev/null || { echo "needs wrk: apt-get install -y wrk" >&2; exit 1; }
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
@@ -78,7 +80,13 @@ run() { # name -> req/s
 }
 
 for round in $(seq "$ROUNDS"); do
-    none="$(run none)"
-    loaded="$(run loaded)"
+    # The order flips every round, so neither server always runs in the later minute.
+    if (( round % 2 )); then
+        none="$(run none)"
+        loaded="$(run loaded)"
+    else
+        loaded="$(run loaded)"
+        none="$(run none)"
+    fi
     echo "round $round: none $none req/s, $ENTRIES entries $loaded req/s, ratio $(python3 -c "print(f'{$loaded/$none:.3f}')")"
 done

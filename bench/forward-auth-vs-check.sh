@@ -5,6 +5,7 @@
 #
 # Usage: bench/forward-auth-vs-check.sh [ROUNDS]   (default 3; DURATION=8 s per run)
 set -euo pipefail
+command -v wrk >/dev/null || { echo "needs wrk: apt-get install -y wrk" >&2; exit 1; }
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 rounds="${1:-3}"
 DURATION="${DURATION:-8}"

@@ -35,6 +35,7 @@
 # pg_stat_statements saw per request (with PG_TRACK=all, the ones inside the function
 # too), and the same degraded / store-error deltas.
 set -euo pipefail
+command -v wrk >/dev/null || { echo "needs wrk: apt-get install -y wrk" >&2; exit 1; }
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"

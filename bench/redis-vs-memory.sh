@@ -11,6 +11,7 @@
 # Redis EVALSHA and all Redis commands per request) and wrk's output are kept in
 # bench/results/.
 set -euo pipefail
+command -v wrk >/dev/null || { echo "needs wrk: apt-get install -y wrk" >&2; exit 1; }
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 rounds="${1:-3}"

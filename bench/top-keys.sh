@@ -24,6 +24,7 @@
 #                              section (a build from before top keys existed: what the
 #                              per-minute timeline, on in both others, costs), each round
 set -euo pipefail
+command -v wrk >/dev/null || { echo "needs wrk: apt-get install -y wrk" >&2; exit 1; }
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 rounds="${1:-4}"
 DURATION="${DURATION:-8}"
