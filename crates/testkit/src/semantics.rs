@@ -532,13 +532,25 @@ pub async fn expired_counters_leave_nothing_behind<H: Harness>(h: &H) {
         with_algorithm("f", "2/second", Algorithm::FixedWindow),
         with_algorithm("s", "2/second", Algorithm::SlidingWindow),
     ];
+    let started = std::time::Instant::now();
     for i in 0..20 {
         let key = format!("flood:{i}");
         for l in &limits {
             one(h, l, &key, 1).await;
         }
     }
-    assert_eq!(h.live_counters().await, 60);
+    let live = h.live_counters().await;
+    // On a real server's clock a gcra state here lives 500 ms: the count is exact only
+    // when the writes took less (a loaded machine may take longer; then some are
+    // already gone, which is what this case goes on to check anyway).
+    if started.elapsed() < Duration::from_millis(400) {
+        assert_eq!(live, 60, "every counter written is held");
+    } else {
+        assert!(
+            (1..=60).contains(&live),
+            "counters written are held until they expire: {live}"
+        );
+    }
     h.advance(Duration::from_millis(2_100)).await;
     assert_eq!(h.live_counters().await, 0, "every counter expired");
 }
