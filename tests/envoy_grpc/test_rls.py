@@ -388,3 +388,53 @@ def test_top_keys_count_envoy_descriptors(start_sluice):
     assert quiet in spend[1][0] and spend[1][1] == 1, spend
     denials = top("denials")
     assert len(denials) == 1 and busy in denials[0][0] and denials[0][1] == 2, denials
+
+
+def test_block_and_allow_entries_match_descriptor_entries_and_the_remote_address(start_sluice):
+    # Runtime entries (issue 20) on the Envoy service: a subject is a descriptor entry
+    # written `key=value`, and an address entry matches Envoy's `remote_address`.
+    import json
+    import urllib.request
+
+    token = "envoy-test-admin-token-0123"
+    sluice = start_sluice(f"admin: {{token: {token}}}\n" + EDGE)
+
+    def entry(body: dict) -> None:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{sluice.http_port}/v1/admin/entries",
+            data=json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+
+    abuser, vip, other = uid(), uid(), uid()
+    entry({"kind": "block", "subject": f"user_id={abuser}", "reason": "abuse"})
+    entry({"kind": "allow", "subject": f"user_id={vip}"})
+    entry({"kind": "block", "ip": "198.51.100.0/24", "reason": "scraper"})
+    time.sleep(0.2)  # the instance that wrote them refreshes at once; be generous
+
+    # A blocked subject: OVER_LIMIT with the JSON body, even on a descriptor no rule
+    # counts (user_id is not in the domain).
+    blocked = sluice.call("edge", [("user_id", abuser)], [("loose", uid())])
+    assert blocked.overall_code == OVER_LIMIT
+    assert all(s.code == OVER_LIMIT for s in blocked.statuses)
+    assert json.loads(blocked.raw_body)["reason"] == "abuse"
+
+    # A blocked address range, through the remote_address descriptor.
+    by_address = sluice.call("edge", [("remote_address", "198.51.100.9")])
+    assert by_address.overall_code == OVER_LIMIT
+    assert json.loads(by_address.raw_body)["reason"] == "scraper"
+
+    # An allowed subject goes past every rule, even the one allowing 1 a minute.
+    tight = uid()
+    for _ in range(3):
+        passed = sluice.call("edge", [("user_id", vip)], [("tight", tight)])
+        assert passed.overall_code == OK
+        assert [s.code for s in passed.statuses] == [OK, OK]
+
+    # Everyone else is decided by the rules.
+    first = sluice.call("edge", [("user_id", other)], [("tight", tight + "x")])
+    second = sluice.call("edge", [("user_id", other)], [("tight", tight + "x")])
+    assert first.overall_code == OK and not first.raw_body
+    assert second.overall_code == OVER_LIMIT and not second.raw_body

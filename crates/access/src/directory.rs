@@ -193,6 +193,19 @@ impl Directory {
     /// `now_ms`: an address entry or a subject entry for any check's key. A block wins
     /// over an allow, whichever matched first.
     pub fn screen(&self, request: &DecisionRequest, client: Option<IpAddr>, now_ms: u64) -> Screen {
+        self.screen_with(request, client, &[], now_ms)
+    }
+
+    /// [`Directory::screen`], with `subjects` also looked up as subject entries besides
+    /// the checks' keys: the Envoy service names each descriptor entry `key=value`, so
+    /// `sluice admin block --subject user_id=42` blocks any call that carries it.
+    pub fn screen_with(
+        &self,
+        request: &DecisionRequest,
+        client: Option<IpAddr>,
+        subjects: &[String],
+        now_ms: u64,
+    ) -> Screen {
         if self.blocked.is_empty() && self.allowed.is_empty() && self.nets.is_empty() {
             return Screen::Limits;
         }
@@ -207,13 +220,14 @@ impl Directory {
                 }
             }
         }
-        for check in &request.checks {
-            if let Some(live) = self.blocked.get(check.key())
+        let keys = request.checks.iter().map(|check| check.key());
+        for subject in keys.chain(subjects.iter().map(String::as_str)) {
+            if let Some(live) = self.blocked.get(subject)
                 && live.entry.is_live(now_ms)
             {
                 return Screen::Blocked(listed(&live.entry));
             }
-            if let Some(live) = self.allowed.get(check.key())
+            if let Some(live) = self.allowed.get(subject)
                 && live.entry.is_live(now_ms)
             {
                 allowed.get_or_insert_with(|| listed(&live.entry));

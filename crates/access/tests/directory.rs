@@ -95,6 +95,22 @@ fn blocks_win_over_allows_and_cidrs_match_their_addresses() {
     ));
     let vip = request(&limits, &[("api", "user:vip")]);
     assert!(matches!(dir.screen(&vip, None, NOW), Screen::Allowed(_)));
+    // Extra subjects (the Envoy service's `key=value` descriptor entries) are looked up
+    // like checks' keys, even in a request with no checks.
+    let none = DecisionRequest::default();
+    let subjects = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert!(matches!(
+        dir.screen_with(&none, None, &subjects(&["path=/x", "user:7"]), NOW),
+        Screen::Blocked(_)
+    ));
+    assert!(matches!(
+        dir.screen_with(&none, None, &subjects(&["user:vip"]), NOW),
+        Screen::Allowed(_)
+    ));
+    assert_eq!(
+        dir.screen_with(&none, None, &subjects(&["user:8"]), NOW),
+        Screen::Limits
+    );
 }
 
 #[test]

@@ -217,18 +217,36 @@ impl RateLimitService {
         if !debts.is_empty() {
             self.book(debts).await?;
         }
-        // A block entry (admin API) refuses the whole call, whatever its descriptors say.
+        // A block entry (admin API) refuses the whole call, whatever its descriptors say;
+        // an allow entry lets it past every rule. Both also match a descriptor entry
+        // (`user_id=42`) and the `remote_address` Envoy sends, on any call.
+        let listing = self.state.decider.has_entries();
+        let (subjects, client) = if listing {
+            listing_subjects(request)
+        } else {
+            (Vec::new(), None)
+        };
         let mut blocked = None;
-        let results = if checks.is_empty() {
+        let mut allow_listed = false;
+        let results = if checks.is_empty() && !listing {
             Vec::new()
         } else {
             let mut decision = DecisionRequest {
                 checks,
                 dry_run: false,
             };
-            match self.state.decider.decide(&mut decision).await {
+            match self
+                .state
+                .decider
+                .decide_listing(&mut decision, client, &subjects)
+                .await
+            {
                 Ok(decision) => {
-                    blocked = decision.listed.filter(|listed| listed.blocked);
+                    match decision.listed {
+                        Some(listed) if listed.blocked => blocked = Some(listed),
+                        Some(_) => allow_listed = true,
+                        None => {}
+                    }
                     decision.results
                 }
                 // The decider logged it; Envoy's failure_mode_deny decides what happens.
@@ -243,6 +261,8 @@ impl RateLimitService {
         let now = now_micros();
         let (mut statuses, went_over): (Vec<DescriptorStatus>, Vec<bool>) = plans
             .into_iter()
+            // Allow-listed: past every rule, as on the HTTP front doors.
+            .map(|plan| if allow_listed { Plan::NoLimit } else { plan })
             .map(|plan| status(plan, &results, now))
             .unzip();
         let mut raw_body = Vec::new();
@@ -391,6 +411,21 @@ fn plan_rule(
             }
         }
     })
+}
+
+/// What the runtime entries may name in `request`: every descriptor entry as the
+/// subject `key=value`, and the address in a `remote_address` entry (Envoy's own
+/// action for the downstream address) as the client.
+fn listing_subjects(request: &RateLimitRequest) -> (Vec<String>, Option<std::net::IpAddr>) {
+    let mut subjects = Vec::new();
+    let mut client = None;
+    for entry in request.descriptors.iter().flat_map(|d| &d.entries) {
+        if client.is_none() && entry.key == "remote_address" {
+            client = entry.value.parse().ok();
+        }
+        subjects.push(format!("{}={}", entry.key, entry.value));
+    }
+    (subjects, client)
 }
 
 /// Envoy's `limit` override on a descriptor of a known domain: the rate it carries,

@@ -101,6 +101,12 @@ impl Decider {
         self.started.elapsed().as_secs()
     }
 
+    /// Whether any runtime entry is in force: a front door that must prepare extra
+    /// subjects for the lists (the Envoy service) skips that when none is.
+    pub fn has_entries(&self) -> bool {
+        !self.access.current().is_empty()
+    }
+
     /// The store decisions go to.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
@@ -121,7 +127,18 @@ impl Decider {
         request: &mut DecisionRequest,
         client: Option<IpAddr>,
     ) -> Result<Decision, StoreError> {
-        if let Some(decision) = self.screen(request, client) {
+        self.decide_listing(request, client, &[]).await
+    }
+
+    /// [`Decider::decide_from`], with `subjects` also screened as subject entries (see
+    /// `sluice_access::Directory::screen_with`): the Envoy service's descriptor entries.
+    pub async fn decide_listing(
+        &self,
+        request: &mut DecisionRequest,
+        client: Option<IpAddr>,
+        subjects: &[String],
+    ) -> Result<Decision, StoreError> {
+        if let Some(decision) = self.screen(request, client, subjects) {
             return Ok(decision);
         }
         if request.checks.is_empty() {
@@ -160,7 +177,7 @@ impl Decider {
         ttl: Duration,
         client: Option<IpAddr>,
     ) -> Result<(Decision, Option<(Ticket, String)>), ReserveError> {
-        if let Some(decision) = self.screen(request, client) {
+        if let Some(decision) = self.screen(request, client, &[]) {
             if !decision.allowed || request.dry_run {
                 return Ok((decision, None));
             }
@@ -250,13 +267,18 @@ impl Decider {
 
     /// What the runtime entries make of `request`: a decision when a block or allow
     /// entry decides it; otherwise `None`, with plans and overrides applied in place.
-    fn screen(&self, request: &mut DecisionRequest, client: Option<IpAddr>) -> Option<Decision> {
+    fn screen(
+        &self,
+        request: &mut DecisionRequest,
+        client: Option<IpAddr>,
+        subjects: &[String],
+    ) -> Option<Decision> {
         let directory = self.access.current();
         if directory.is_empty() {
             return None;
         }
         let now = now_ms();
-        match directory.screen(request, client, now) {
+        match directory.screen_with(request, client, subjects, now) {
             Screen::Blocked(listed) => {
                 if !request.dry_run {
                     self.metrics.blocked.inc();
