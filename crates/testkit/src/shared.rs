@@ -524,9 +524,9 @@ fn post(agent: &ureq::Agent, server: &Server, path: &str, body: &Value) -> (u16,
 /// Three instances of `bin` share a fresh `S` under `concurrency: 4`; 64 client threads
 /// spread over them reserve a slot (on one instance), run a call that an "upstream"
 /// counter measures (a few milliseconds), and settle (on another instance). The
-/// upstream never sees more than 4 calls at once, and does see 4 at some point. Then a
-/// client that crashes while holding every slot: its slots come back when its
-/// reservations expire, not before.
+/// upstream never sees more than 4 calls at once (and more than one). Then a client that
+/// crashes while holding every slot (4 reservations granted, a fifth refused): its slots
+/// come back when its reservations expire, not before.
 pub fn calls_in_flight_across_instances<S: SharedStore>(bin: &Binary) {
     let store = S::start();
     let prefix = format!("inflight-{}:", now_ms());
@@ -598,10 +598,11 @@ pub fn calls_in_flight_across_instances<S: SharedStore>(bin: &Binary) {
         "{}: the upstream saw {most} calls at once under concurrency {SLOTS}",
         S::NAME
     );
-    assert_eq!(
-        most,
-        SLOTS,
-        "{}: every slot was used at some point",
+    // That all 4 slots can be held at once is checked exactly below (the crashed
+    // client); under this load a busy machine may not line 4 calls up at once.
+    assert!(
+        most >= 2,
+        "{}: calls ran concurrently (at most {most} at once)",
         S::NAME
     );
     assert!(
