@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use sluice_engine::{Check, DecisionRequest, Limit, LimitSet, Listed, Record, Records};
+use sluice_engine::{DecisionRequest, Limit, LimitSet, Listed, Record, Records};
 
 use crate::entry::{Entry, Kind, canonical, override_rates, parse_net};
 
@@ -278,10 +278,8 @@ impl Directory {
             } else {
                 None
             };
-            if let Some(limit) = limit
-                && let Ok(new) = Check::new(limit, key, check.cost())
-            {
-                *check = new;
+            if let Some(limit) = limit {
+                check.set_limit(limit);
                 changed = true;
             }
         }

@@ -87,6 +87,12 @@ impl Check {
             cost,
         }
     }
+
+    /// Puts this check on other rates (a plan or an override of the same limit), in
+    /// place: its key was checked already and stays, as does its cost.
+    pub fn set_limit(&mut self, limit: Arc<Limit>) {
+        self.limit = limit;
+    }
 }
 
 /// Everything decided together.

@@ -115,6 +115,10 @@ pub struct RequestPlan {
     /// The `usage:` settings of the first matching route that has a metered check here;
     /// `None` when no check is metered.
     pub usage: Option<Arc<RouteUsage>>,
+    /// The client's address as the policy resolved it (behind trusted proxies, the
+    /// forwarded one), when the socket peer is known: for the runtime entries' address
+    /// lists, so a front door does not resolve it a second time.
+    pub client: Option<std::net::IpAddr>,
 }
 
 impl RequestPlan {
@@ -222,6 +226,7 @@ mod tests {
                 RouteCost::Fixed(1),
             ],
             usage: Some(Arc::new(RouteUsage::new(UsageFormat::OpenAi))),
+            client: None,
         }
     }
 

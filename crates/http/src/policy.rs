@@ -106,6 +106,18 @@ impl HttpPolicy {
         incoming: &IncomingRequest<'_>,
         dry_run: bool,
     ) -> Result<DecisionRequest, RequestError> {
+        self.screened_request(incoming, dry_run)
+            .map(|(request, _)| request)
+    }
+
+    /// [`HttpPolicy::decision_request`] and the client's address as resolved for it
+    /// (see [`RequestPlan::client`]), for a front door that screens the runtime
+    /// entries' address lists.
+    pub fn screened_request(
+        &self,
+        incoming: &IncomingRequest<'_>,
+        dry_run: bool,
+    ) -> Result<(DecisionRequest, Option<IpAddr>), RequestError> {
         let plan = self.plan(incoming, dry_run)?;
         if let Some((limit, metered)) = plan.needing_answer() {
             return Err(RequestError::NeedsAnswer {
@@ -113,7 +125,7 @@ impl HttpPolicy {
                 metered,
             });
         }
-        Ok(plan.request)
+        Ok((plan.request, plan.client))
     }
 
     /// What `incoming` makes of the routes: its checks, how each is priced (fixed, or
@@ -124,12 +136,17 @@ impl HttpPolicy {
         incoming: &IncomingRequest<'_>,
         dry_run: bool,
     ) -> Result<RequestPlan, RequestError> {
+        // Resolved once, for `{client_ip}` keys and for the front door's address lists.
+        let client = incoming
+            .peer
+            .map(|peer| self.client_ip.resolve(peer, incoming.headers));
         if self.rules.is_empty() {
             return Ok(RequestPlan {
                 request: DecisionRequest {
                     checks: Vec::new(),
                     dry_run,
                 },
+                client,
                 ..RequestPlan::default()
             });
         }
@@ -138,10 +155,7 @@ impl HttpPolicy {
             None => (incoming.path_and_query, None),
         };
         let path = RequestPath::parse(path)?;
-        let client_key = incoming.peer.map(|peer| {
-            self.client_ip
-                .key(self.client_ip.resolve(peer, incoming.headers))
-        });
+        let client_key = client.map(|client| self.client_ip.key(client));
         // Verified only when a template reads a claim: signatures cost microseconds.
         let reads_claims =
             self.rules.uses_jwt() || self.plan_from.as_ref().is_some_and(|t| t.uses_jwt());
@@ -171,7 +185,9 @@ impl HttpPolicy {
             plan: plan.as_deref(),
             ..facts
         };
-        Ok(self.rules.plan(&facts, dry_run)?)
+        let mut plan = self.rules.plan(&facts, dry_run)?;
+        plan.client = client;
+        Ok(plan)
     }
 }
 

@@ -317,6 +317,8 @@ impl Rules {
             },
             costs: Vec::new(),
             usage: None,
+            // `HttpPolicy::plan` resolved it (the facts hold only its key).
+            client: None,
         };
         for route in self.matching(facts) {
             for rl in &route.limits {

@@ -77,6 +77,7 @@ pub async fn forward_auth(
     // a spoofed header can add a charge, never remove the real route's.
     let live = app.live();
     let mut request = DecisionRequest::default();
+    let mut client = None;
     for (original_method, path_and_query) in originals(&method, &uri, &headers) {
         let incoming = IncomingRequest {
             peer: Some(peer.ip()),
@@ -85,24 +86,25 @@ pub async fn forward_auth(
             headers: &headers,
             session: None,
         };
-        let checks = live
-            .policy
-            .decision_request(&incoming, false)
-            .map_err(|error| {
-                // Refused, not guessed. The proxy must relay it: nginx passes only
-                // 401 and 403 through, so the configured deny status is used if set.
-                // A route forward-auth cannot decide (it needs the answer) is the
-                // deployment's mistake, not the client's: it stays a 500.
-                let mut answer = ApiError::from(error);
-                if let Some(status) = live.forward_auth_deny_status
-                    && answer.status.is_client_error()
-                {
-                    answer.status = status;
-                }
-                answer
-            })?
-            .checks;
-        for check in checks {
+        let (checks, resolved) =
+            live.policy
+                .screened_request(&incoming, false)
+                .map_err(|error| {
+                    // Refused, not guessed. The proxy must relay it: nginx passes only
+                    // 401 and 403 through, so the configured deny status is used if set.
+                    // A route forward-auth cannot decide (it needs the answer) is the
+                    // deployment's mistake, not the client's: it stays a 500.
+                    let mut answer = ApiError::from(error);
+                    if let Some(status) = live.forward_auth_deny_status
+                        && answer.status.is_client_error()
+                    {
+                        answer.status = status;
+                    }
+                    answer
+                })?;
+        // The same headers and peer every time: the same address.
+        client = resolved;
+        for check in checks.checks {
             let seen = request
                 .checks
                 .iter()
@@ -113,10 +115,9 @@ pub async fn forward_auth(
         }
     }
     // Screened even when no route limits it: a blocked address is blocked everywhere.
-    let client = live.policy.client_ip.resolve(peer.ip(), &headers);
     let decision = app
         .decider
-        .decide_from(&mut request, Some(client))
+        .decide_from(&mut request, client)
         .await
         .map_err(|_| ApiError::store_unavailable("the decision"))?;
     let responses = &live.policy.responses;

@@ -272,11 +272,11 @@ where
                 headers: request.headers(),
                 session: None,
             };
-            let client = incoming
-                .peer
-                .map(|peer| shared.policy.client_ip.resolve(peer, request.headers()));
-            let mut decision_request = match shared.policy.decision_request(&incoming, false) {
-                Ok(decision_request) => decision_request,
+            let (mut decision_request, client) = match shared
+                .policy
+                .screened_request(&incoming, false)
+            {
+                Ok(screened) => screened,
                 // A path or key the app could read in more than one way is refused
                 // rather than guessed (see `sluice_http::path`); so, with a 500, is a
                 // route the layer cannot decide (`cost: usage`, concurrency limits:

@@ -154,10 +154,9 @@ pub(super) async fn answer(
     };
     let mut priced = plan.priced(&estimate);
     let ttl = reservation_ttl(proxy, usage.as_deref());
-    let client = live.policy.client_ip.resolve(peer, request.headers());
     let (decision, held) = app
         .decider
-        .reserve_from(&mut priced, ttl, Some(client))
+        .reserve_from(&mut priced, ttl, plan.client)
         .await
         .map_err(|error| match error {
             ReserveError::Store(_) => {

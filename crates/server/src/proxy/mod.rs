@@ -172,12 +172,12 @@ async fn answer(
     if plan.needs_reservation() {
         return metered::answer(app, live, proxy, peer, request, plan, body_read).await;
     }
-    let mut decision_request = plan.request;
     // Screened even when no route limits it: a blocked address never reaches the upstream.
-    let client = live.policy.client_ip.resolve(peer, request.headers());
+    let client = plan.client;
+    let mut decision_request = plan.request;
     let decision = app
         .decider
-        .decide_from(&mut decision_request, Some(client))
+        .decide_from(&mut decision_request, client)
         .await
         .map_err(|_| ApiError::store_unavailable("the decision").closing_unless(body_read))?;
     let decision =
