@@ -1,7 +1,8 @@
 //! The in-process counter store: sluice's embedded default and the fallback the
 //! store-failure policy `local` decides with.
 //!
-//! Counters live in a fixed number of shards, each a `Mutex` around a hash table.
+//! Counters live in a fixed number of shards, each a `Mutex` around a [`table`]: packed
+//! entries in chunks, found through a hash index of their positions.
 //! A decision locks the shards of all its counters in ascending index order (so two
 //! decisions can never wait on each other in a cycle), reads the states, runs
 //! [`sluice_engine::apply`] and writes back what changed: atomic across every window
@@ -29,8 +30,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
-use compact_str::CompactString;
-use hashbrown::{DefaultHashBuilder, HashTable};
+use hashbrown::DefaultHashBuilder;
 use sluice_engine::{
     Algorithm, Clock, DecisionRequest, Hold, Limit, Micros, Outcomes, Record, Records,
     SettleStatus, Settlement, Slot, State, Store, StoreFuture, StoreStats, SystemClock, Window,
@@ -38,6 +38,10 @@ use sluice_engine::{
 };
 use smallvec::SmallVec;
 use std::hash::BuildHasher;
+
+mod table;
+
+use table::{Entry, Table};
 
 /// Entries per shard below which more shards would only cost memory.
 const ENTRIES_PER_SHARD: usize = 1024;
@@ -138,21 +142,8 @@ struct RecordMap {
     map: std::collections::BTreeMap<String, String>,
 }
 
-#[derive(Default)]
 struct Shard {
-    table: HashTable<Entry>,
-}
-
-struct Entry {
-    hash: u64,
-    counter: Arc<str>,
-    key: CompactString,
-    state: State,
-    expires_at: Micros,
-    /// A concurrency window's holders. Boxed on purpose: the many rate windows pay 8
-    /// bytes for it rather than a `Vec`'s 24.
-    #[allow(clippy::box_collection)]
-    holders: Option<Box<Vec<Holder>>>,
+    table: Table,
 }
 
 /// Where one counter lives.
@@ -176,14 +167,19 @@ impl MemoryStore {
         let shard_count = (max_keys / ENTRIES_PER_SHARD)
             .next_power_of_two()
             .clamp(1, MAX_SHARDS);
+        let hasher = DefaultHashBuilder::default();
         let inner = Arc::new(Inner {
             shards: (0..shard_count)
-                .map(|_| Mutex::new(Shard::default()))
+                .map(|_| {
+                    Mutex::new(Shard {
+                        table: Table::new(hasher.clone()),
+                    })
+                })
                 .collect(),
             holds: (0..shard_count)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
-            hasher: DefaultHashBuilder::default(),
+            hasher,
             clock,
             shard_capacity: (max_keys / shard_count).max(1),
             evictions: AtomicU64::new(0),
@@ -409,11 +405,8 @@ impl MemoryStore {
         self.restore(counter, key, state, expires_at);
         let hash = self.inner.hasher.hash_one((&**counter, key));
         let mut shard = self.inner.lock(self.inner.shard_of(hash));
-        if let Some(entry) = shard
-            .table
-            .find_mut(hash, |e| e.matches(hash, counter, key))
-        {
-            entry.holders = Some(Box::new(live));
+        if shard.table.find(hash, counter, key).is_some() {
+            *shard.table.holders_mut(hash, counter, key) = live;
         }
     }
 
@@ -459,10 +452,10 @@ impl MemoryStore {
         let counters: SmallVec<[&str; 4]> = limit.windows().iter().map(|w| &*w.counter).collect();
         let mut count = 0;
         for shard in self.inner.shards.iter() {
-            self.inner.lock_shard(shard).table.retain(|e| {
-                let drop = counters.contains(&&*e.counter);
+            self.inner.lock_shard(shard).table.retain(|name, e| {
+                let drop = counters.contains(&&**name);
                 if drop {
-                    removed(&e.counter, &e.key);
+                    removed(name, e.key());
                     count += 1;
                 }
                 !drop
@@ -477,12 +470,7 @@ impl MemoryStore {
         for lw in limit.windows() {
             let hash = self.inner.hasher.hash_one((&*lw.counter, key));
             let mut shard = self.inner.lock(self.inner.shard_of(hash));
-            if let Ok(entry) = shard
-                .table
-                .find_entry(hash, |e| e.matches(hash, &lw.counter, key))
-            {
-                entry.remove();
-            }
+            shard.table.remove(hash, &lw.counter, key);
             removed(&lw.counter);
         }
     }
@@ -497,11 +485,8 @@ impl MemoryStore {
         }
         let hash = self.inner.hasher.hash_one((&**counter, key));
         let mut shard = self.inner.lock(self.inner.shard_of(hash));
-        if let Some(entry) = shard
-            .table
-            .find_mut(hash, |e| e.matches(hash, counter, key))
-        {
-            entry.state = state;
+        if let Some(entry) = shard.table.find_mut(hash, counter, key) {
+            entry.set_state(state);
             entry.expires_at = expires_at;
             return;
         }
@@ -535,12 +520,6 @@ impl MemoryStore {
     /// Whether no counters are held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-impl Entry {
-    fn matches(&self, hash: u64, counter: &str, key: &str) -> bool {
-        self.hash == hash && &*self.counter == counter && &*self.key == key
     }
 }
 
@@ -607,15 +586,12 @@ impl Inner {
         // lock later would judge a newer window's state by an older window.
         let now = self.clock.now();
         let mut slots = [Slot::default()];
-        match shard
-            .table
-            .find_mut(hash, |e| e.matches(hash, &lw.counter, key))
-        {
+        match shard.table.find_mut(hash, &lw.counter, key) {
             Some(entry) => {
-                slots[0].state = (entry.expires_at > now).then_some(entry.state);
+                slots[0].state = (entry.expires_at > now).then(|| entry.state());
                 let (outcomes, _) = op(request, &[0], &mut slots, now);
                 if let (true, Some(state)) = (slots[0].dirty, slots[0].state) {
-                    entry.state = state;
+                    entry.set_state(state);
                     entry.expires_at = lw.window.expires_at(&state);
                     changed(&[Change {
                         counter: &lw.counter,
@@ -695,17 +671,18 @@ impl Inner {
         let mut slots: SmallVec<[Slot; 8]> = counters
             .iter()
             .map(|c| {
-                let entry = guards[guard_index(c.shard)]
-                    .table
-                    .find(c.hash, |e| e.matches(c.hash, c.counter, c.key))
+                let table = &guards[guard_index(c.shard)].table;
+                let entry = table
+                    .find(c.hash, c.counter, c.key)
                     .filter(|e| e.expires_at > now);
                 let state = if c.window.algorithm() == Algorithm::Concurrency {
-                    Some(concurrency_state(
-                        entry.and_then(|e| e.holders.as_deref()).map_or(&[], |h| h),
-                        now,
-                    ))
+                    let holders = match entry {
+                        Some(_) => table.holders(c.hash, c.counter, c.key),
+                        None => &[],
+                    };
+                    Some(concurrency_state(holders, now))
                 } else {
-                    entry.map(|e| e.state)
+                    entry.map(Entry::state)
                 };
                 Slot {
                     state,
@@ -819,7 +796,9 @@ impl Inner {
     fn sweep(&self) {
         for shard in self.shards.iter() {
             let now = self.clock.now();
-            self.lock_shard(shard).table.retain(|e| e.expires_at > now);
+            self.lock_shard(shard)
+                .table
+                .retain(|_, e| e.expires_at > now);
         }
         for holds in self.holds.iter() {
             let now = self.clock.now();
@@ -842,12 +821,9 @@ impl Shard {
         capacity: usize,
         keep: &[u64],
     ) -> u64 {
-        match self
-            .table
-            .find_mut(at.hash, |e| e.matches(at.hash, at.counter, at.key))
-        {
+        match self.table.find_mut(at.hash, at.counter, at.key) {
             Some(entry) => {
-                entry.state = state;
+                entry.set_state(state);
                 entry.expires_at = at.window.expires_at(&state);
                 0
             }
@@ -868,31 +844,28 @@ impl Shard {
         keep: &[u64],
     ) -> (State, Option<Vec<Holder>>, u64) {
         let mut evicted = 0;
-        if self
-            .table
-            .find(at.hash, |e| e.matches(at.hash, at.counter, at.key))
-            .is_none()
-        {
+        if self.table.find(at.hash, at.counter, at.key).is_none() {
             if add.is_none() {
                 return (concurrency_state(&[], now), None, 0);
             }
             let state = concurrency_state(&[], now);
             evicted = self.insert_new(at, state, now, capacity, keep);
         }
-        let Some(entry) = self
-            .table
-            .find_mut(at.hash, |e| e.matches(at.hash, at.counter, at.key))
-        else {
+        if self.table.find(at.hash, at.counter, at.key).is_none() {
             return (concurrency_state(&[], now), None, evicted);
-        };
-        let list = entry.holders.get_or_insert_with(Default::default);
+        }
+        let list = self.table.holders_mut(at.hash, at.counter, at.key);
         list.retain(|&(id, expires_at)| expires_at > now && Some(id) != remove);
         if let Some(holder) = add {
             list.push(holder);
         }
-        entry.state = concurrency_state(list, now);
-        entry.expires_at = holders_expiry(list).unwrap_or(now);
-        (entry.state, Some(list.to_vec()), evicted)
+        let list = list.clone();
+        let state = concurrency_state(&list, now);
+        if let Some(entry) = self.table.find_mut(at.hash, at.counter, at.key) {
+            entry.set_state(state);
+            entry.expires_at = holders_expiry(&list).unwrap_or(now);
+        }
+        (state, Some(list), evicted)
     }
 
     /// Inserts a counter known to be absent, making room first when the shard is full;
@@ -929,37 +902,30 @@ impl Shard {
         } else {
             0
         };
-        self.table.insert_unique(
-            hash,
-            Entry {
-                hash,
-                counter: counter.clone(),
-                key: key.into(),
-                state,
-                expires_at,
-                holders: None,
-            },
-            |e| e.hash,
-        );
+        self.table
+            .insert_unique(hash, counter, key, state, expires_at);
         evicted
     }
 
     /// Drops expired entries; if that is not enough, evicts the sixteenth of the
     /// capacity nearest to expiry, so the next inserts need no scan.
     fn make_room(&mut self, now: Micros, capacity: usize, keep: &[u64]) -> u64 {
-        self.table.retain(|e| e.expires_at > now);
+        self.table.retain(|_, e| e.expires_at > now);
         if self.table.len() < capacity {
             return 0;
         }
         let batch = (capacity / 16).max(1);
-        let mut expiries: Vec<Micros> = self.table.iter().map(|e| e.expires_at).collect();
+        let mut expiries: Vec<Micros> = self.table.iter().map(|(_, e)| e.expires_at).collect();
         let (_, threshold, _) = expiries.select_nth_unstable(batch - 1);
         let threshold = *threshold;
         let mut evicted = 0;
-        self.table.retain(|e| {
+        let hasher = self.table.hasher().clone();
+        self.table.retain(|name, e| {
             // A counter the current decision just wrote is never its own victim (a tiny
             // shard may then hold a few more than its capacity, bounded by one decision).
-            let evict = evicted < batch && e.expires_at <= threshold && !keep.contains(&e.hash);
+            let evict = evicted < batch
+                && e.expires_at <= threshold
+                && !keep.contains(&hasher.hash_one((&**name, e.key())));
             evicted += usize::from(evict);
             !evict
         });
