@@ -5,10 +5,15 @@
 # The rate (10/hour) keeps every key's state alive for the whole run, for every
 # algorithm (at 1000/hour a gcra state expires 3.6 s after its hit and is swept).
 #
+# When throttlecrab-server is installed (cargo install throttlecrab-server), the same
+# keys go to it afterwards through its POST /throttle (GCRA, burst 10, 10 per hour), and
+# its RSS growth is divided by KEYS (it has no count of held keys; at 10 per hour it
+# keeps every key it saw).
+#
 # Usage: bench/memory-per-key.sh
 # Environment:
 #   KEYS=300000  DURATION=12   SLUICE_BIN=path (default: build target/release/sluice)
-#   ALGORITHMS="gcra fixed_window sliding_window"
+#   ALGORITHMS="gcra fixed_window sliding_window"   THROTTLECRAB=throttlecrab-server
 set -euo pipefail
 command -v wrk >/dev/null || { echo "needs wrk: apt-get install -y wrk" >&2; exit 1; }
 
@@ -17,6 +22,7 @@ root="$(cd "$here/.." && pwd)"
 KEYS="${KEYS:-300000}"
 DURATION="${DURATION:-12}"
 ALGORITHMS="${ALGORITHMS:-gcra fixed_window sliding_window}"
+THROTTLECRAB="${THROTTLECRAB:-throttlecrab-server}"
 if [[ -z "${SLUICE_BIN:-}" ]]; then
     (cd "$root" && cargo build --release -q -p sluice)
     SLUICE_BIN="$root/target/release/sluice"
@@ -38,6 +44,8 @@ request = function()
   return wrk.format("POST", nil, {["content-type"] = "application/json"}, body)
 end
 LUA
+sed -e 's|{"checks":\[{"limit":"api","key":"key-%07d"}\]}|{"key":"key-%07d","max_burst":10,"count_per_period":10,"period":3600,"quantity":1}|' \
+    "$scratch/keys.lua" > "$scratch/throttlecrab.lua"
 
 for algorithm in $ALGORITHMS; do
     cat > "$scratch/sluice.yaml" <<YAML
@@ -58,3 +66,21 @@ YAML
     echo "$algorithm: $sent checks, $held keys held, RSS $before kB -> $after kB: $(( (after - before) * 1024 / held )) bytes per held key"
     kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
 done
+
+if command -v "$THROTTLECRAB" > /dev/null 2>&1; then
+    "$THROTTLECRAB" --http --http-port "$port" > "$scratch/throttlecrab.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 100); do
+        curl -sf -o /dev/null -X POST -H 'content-type: application/json' \
+            -d '{"key":"probe","max_burst":1,"count_per_period":1,"period":1}' \
+            "http://127.0.0.1:$port/throttle" && break
+        sleep 0.1
+    done
+    before="$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")"
+    wrk -t2 -c16 -d"${DURATION}s" -s "$scratch/throttlecrab.lua" "http://127.0.0.1:$port/throttle" > "$scratch/wrk.txt"
+    sleep 1.5
+    after="$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")"
+    sent="$(awk '/requests in/ {print $1}' "$scratch/wrk.txt")"
+    echo "throttlecrab-server (gcra): $sent checks, $KEYS keys sent, RSS $before kB -> $after kB: $(( (after - before) * 1024 / KEYS )) bytes per key"
+    kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+fi
