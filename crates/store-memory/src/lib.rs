@@ -1075,6 +1075,7 @@ impl Store for MemoryStore {
         StoreStats {
             keys: self.len() as u64,
             evictions: self.inner.evictions.load(Ordering::Relaxed),
+            local_denials: 0,
         }
     }
 
