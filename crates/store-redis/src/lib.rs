@@ -455,6 +455,12 @@ impl RedisStore {
         &self.prefix
     }
 
+    /// Whether the local deny cache is on: configured, and subscribed to the give-backs
+    /// of every instance (off while the subscription is down).
+    pub fn local_deny_cache_on(&self) -> bool {
+        self.deny_cache.as_ref().is_some_and(|cache| cache.is_up())
+    }
+
     /// Whether the store talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         self.connections.is_cluster()
