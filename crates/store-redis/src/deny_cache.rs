@@ -449,6 +449,9 @@ pub(crate) async fn follow(
     channel: String,
     timeout: Duration,
 ) {
+    // However the task ends (aborted with the store, dropped with its runtime), the
+    // cache must not stay on without a subscription.
+    let _off = Off(&cache);
     let mut next = 0usize;
     let mut delay = Duration::from_millis(50);
     loop {
@@ -467,6 +470,15 @@ pub(crate) async fn follow(
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(MAX_RETRY_DELAY);
+    }
+}
+
+/// Turns the cache off when dropped.
+struct Off<'a>(&'a DenyCache);
+
+impl Drop for Off<'_> {
+    fn drop(&mut self) {
+        self.0.set_up(false);
     }
 }
 
