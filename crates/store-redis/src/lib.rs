@@ -62,6 +62,14 @@
 //! for a settlement without a hold that moves nothing). Neither is ever repeated after
 //! a possible send.
 //!
+//! # Local deny cache
+//! With [`RedisStoreConfig::local_deny_cache`] (the default), a decision Redis denied is
+//! answered again by this process, without a round trip, until the first instant it
+//! could be allowed; every give-back (a refund, a settlement, a reset, on any instance)
+//! is published from its script on `{prefix}deny-cache`, and every instance subscribed
+//! there drops what it names. Off while the subscription is down; never for
+//! `charge_denied` limits or reservations. See [`deny_cache`].
+//!
 //! # Connection
 //! One multiplexed connection serves every decision (see [`connection`]); it
 //! reconnects by itself. A call that charges (a decision, a reservation, a refund, a
