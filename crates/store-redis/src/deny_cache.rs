@@ -29,8 +29,10 @@
 //! early. Each publishes the counters it moved (or, for `reset_limit`, the limit's key
 //! prefix) on the channel [`channel`] names, from inside the script that moves them where
 //! there is one (so the message leaves Redis atomically with the change). Every instance
-//! subscribes (see [`follow`]) and drops the entries naming those counters; the instance
-//! that gave back also drops its own at once.
+//! subscribes (see [`follow`]) and drops the entries those counters denied (a give-back
+//! on a counter whose window allowed cannot end a denial: a global limit refunded on
+//! every call does not empty the cache); the instance that gave back also drops its own
+//! at once.
 //!
 //! **The remaining window.** Between Redis running a give-back and an instance reading
 //! its message (a few hundred microseconds on a LAN), that instance may still answer a
@@ -81,10 +83,11 @@ pub(crate) fn channel(prefix: &str) -> String {
 }
 
 /// A decision as the cache keys it: the bytes every window contributes to the scripts'
-/// arguments, and the distinct counters it reads.
+/// arguments, and each window's counter.
 pub(crate) struct RequestKey {
     pub(crate) bytes: Arc<[u8]>,
-    pub(crate) counters: Vec<String>,
+    /// In [`DecisionRequest::windows`] order.
+    pub(crate) windows: Vec<String>,
 }
 
 impl RequestKey {
@@ -100,13 +103,11 @@ impl RequestKey {
             for field in fields {
                 bytes.extend_from_slice(&field.to_le_bytes());
             }
-            if !counters.contains(&counter) {
-                counters.push(counter);
-            }
+            counters.push(counter);
         }
         RequestKey {
             bytes: bytes.into(),
-            counters,
+            windows: counters,
         }
     }
 }
@@ -117,13 +118,16 @@ struct Entry {
     /// Until when it is denied (exclusive).
     until: Instant,
     outcomes: WindowOutcomes,
+    /// The counters of the windows that denied: only a give-back on one of them can
+    /// make the decision allowed before `until` (a window shares its counter with every
+    /// other check of the request on it).
     counters: Vec<String>,
 }
 
 #[derive(Default)]
 struct Entries {
     map: HashMap<Arc<[u8]>, Entry>,
-    /// Which entries read each counter: what a message drops.
+    /// The entries each counter denies: what a message drops.
     by_counter: HashMap<String, Vec<Arc<[u8]>>>,
     last_sweep: Option<Instant>,
 }
@@ -263,11 +267,17 @@ impl DenyCache {
         if until <= now {
             return;
         }
+        let mut counters: Vec<String> = Vec::with_capacity(1);
+        for (counter, outcome) in key.windows.into_iter().zip(outcomes) {
+            if !outcome.allowed && !counters.contains(&counter) {
+                counters.push(counter);
+            }
+        }
         entries.remove(&key.bytes);
         if entries.map.len() >= MAX_ENTRIES {
             make_room(&mut entries, now);
         }
-        for counter in &key.counters {
+        for counter in &counters {
             entries
                 .by_counter
                 .entry(counter.clone())
@@ -280,13 +290,13 @@ impl DenyCache {
                 sent: ticket.sent,
                 until,
                 outcomes: outcomes.clone(),
-                counters: key.counters,
+                counters,
             },
         );
         self.len.store(entries.map.len(), Ordering::Relaxed);
     }
 
-    /// Drops every entry reading one of `counters`.
+    /// Drops every entry one of `counters` denies.
     pub(crate) fn invalidate<'a>(&self, counters: impl IntoIterator<Item = &'a str>) {
         let mut entries = self.lock();
         self.epoch.fetch_add(1, Ordering::AcqRel);
@@ -300,7 +310,7 @@ impl DenyCache {
         self.len.store(entries.map.len(), Ordering::Relaxed);
     }
 
-    /// Drops every entry reading a counter whose key starts with `prefix`.
+    /// Drops every entry denied by a counter whose key starts with `prefix`.
     pub(crate) fn invalidate_prefix(&self, prefix: &str) {
         let mut entries = self.lock();
         self.epoch.fetch_add(1, Ordering::AcqRel);
