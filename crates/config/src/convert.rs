@@ -551,10 +551,7 @@ impl StorageSection {
                 cluster_seeds: seeds,
                 tls,
                 sentinel: sentinel.map(|(sentinel, _)| sentinel),
-                local_deny_cache: self
-                    .local_deny_cache
-                    .take()
-                    .is_none_or(|on| on.value),
+                local_deny_cache: self.local_deny_cache.take().is_none_or(|on| on.value),
             });
         }
         let mut schema = Backend::DEFAULT_SCHEMA.to_string();

@@ -381,7 +381,10 @@ fn make_room(entries: &mut Entries, now: Instant) {
 /// How long a decision stays denied, if it may be cached: denied, no `charge_denied`
 /// limit, and the earliest retry time of its denying windows (a window that never
 /// admits this cost does not shorten it).
-pub(crate) fn denied_for(request: &DecisionRequest, outcomes: &[WindowOutcome]) -> Option<Duration> {
+pub(crate) fn denied_for(
+    request: &DecisionRequest,
+    outcomes: &[WindowOutcome],
+) -> Option<Duration> {
     if request.checks.iter().any(|c| c.limit().charge_denied()) {
         return None;
     }

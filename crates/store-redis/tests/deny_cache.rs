@@ -35,7 +35,10 @@ async fn store(server: &RedisServer) -> RedisStore {
 async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
-        assert!(start.elapsed() < Duration::from_secs(2), "{what}: not within 2 s");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{what}: not within 2 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -106,7 +109,10 @@ async fn a_denial_is_answered_without_redis_until_it_could_be_allowed() {
         let again = decide(&store, &r).await.expect("cached");
         assert!(!again.allowed);
         let retry_now = again.retry_after.expect("a retry time");
-        assert!(retry_now > 0 && retry_now <= last_retry, "{retry_now} after {last_retry}");
+        assert!(
+            retry_now > 0 && retry_now <= last_retry,
+            "{retry_now} after {last_retry}"
+        );
         last_retry = retry_now;
     }
     assert_eq!(evalsha_calls(&server), calls, "no round trip while denied");
@@ -187,22 +193,57 @@ async fn another_cost_or_other_rates_are_not_answered_from_an_entry() {
         Arc::new(Limit::new("plan", spec).expect("limit"))
     };
     let five = fixed("5/hour");
-    assert!(decide(&store, &request(&five, "k", 4)).await.expect("4").allowed);
+    assert!(
+        decide(&store, &request(&five, "k", 4))
+            .await
+            .expect("4")
+            .allowed
+    );
     // Cost 3 does not fit (1 left) and is cached...
-    assert!(!decide(&store, &request(&five, "k", 3)).await.expect("3").allowed);
-    assert!(!decide(&store, &request(&five, "k", 3)).await.expect("3").allowed);
+    assert!(
+        !decide(&store, &request(&five, "k", 3))
+            .await
+            .expect("3")
+            .allowed
+    );
+    assert!(
+        !decide(&store, &request(&five, "k", 3))
+            .await
+            .expect("3")
+            .allowed
+    );
     assert_eq!(store.stats().local_denials, 1);
     // ...cost 1 fits.
-    assert!(decide(&store, &request(&five, "k", 1)).await.expect("1").allowed);
+    assert!(
+        decide(&store, &request(&five, "k", 1))
+            .await
+            .expect("1")
+            .allowed
+    );
     // Now full: cost 1 denied and cached under 5/hour.
-    assert!(!decide(&store, &request(&five, "k", 1)).await.expect("1").allowed);
-    assert!(!decide(&store, &request(&five, "k", 1)).await.expect("1").allowed);
+    assert!(
+        !decide(&store, &request(&five, "k", 1))
+            .await
+            .expect("1")
+            .allowed
+    );
+    assert!(
+        !decide(&store, &request(&five, "k", 1))
+            .await
+            .expect("1")
+            .allowed
+    );
     assert_eq!(store.stats().local_denials, 2);
     // The same limit and key on other rates (a plan change, an override): the same
     // counter, other arguments, so Redis decides: 10/hour still has room.
     let ten = fixed("10/hour");
     let calls = evalsha_calls(&server);
-    assert!(decide(&store, &request(&ten, "k", 1)).await.expect("ten").allowed);
+    assert!(
+        decide(&store, &request(&ten, "k", 1))
+            .await
+            .expect("ten")
+            .allowed
+    );
     assert_eq!(evalsha_calls(&server), calls + 1);
     assert_eq!(store.stats().local_denials, 2);
 }
