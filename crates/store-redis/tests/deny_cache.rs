@@ -193,46 +193,25 @@ async fn another_cost_or_other_rates_are_not_answered_from_an_entry() {
         Arc::new(Limit::new("plan", spec).expect("limit"))
     };
     let five = fixed("5/hour");
-    assert!(
-        decide(&store, &request(&five, "k", 4))
-            .await
-            .expect("4")
-            .allowed
-    );
+    let allowed = |cost: u64| {
+        let (store, five) = (&store, &five);
+        async move {
+            decide(store, &request(five, "k", cost))
+                .await
+                .expect("decide")
+                .allowed
+        }
+    };
+    assert!(allowed(4).await);
     // Cost 3 does not fit (1 left) and is cached...
-    assert!(
-        !decide(&store, &request(&five, "k", 3))
-            .await
-            .expect("3")
-            .allowed
-    );
-    assert!(
-        !decide(&store, &request(&five, "k", 3))
-            .await
-            .expect("3")
-            .allowed
-    );
+    assert!(!allowed(3).await);
+    assert!(!allowed(3).await);
     assert_eq!(store.stats().local_denials, 1);
     // ...cost 1 fits.
-    assert!(
-        decide(&store, &request(&five, "k", 1))
-            .await
-            .expect("1")
-            .allowed
-    );
+    assert!(allowed(1).await);
     // Now full: cost 1 denied and cached under 5/hour.
-    assert!(
-        !decide(&store, &request(&five, "k", 1))
-            .await
-            .expect("1")
-            .allowed
-    );
-    assert!(
-        !decide(&store, &request(&five, "k", 1))
-            .await
-            .expect("1")
-            .allowed
-    );
+    assert!(!allowed(1).await);
+    assert!(!allowed(1).await);
     assert_eq!(store.stats().local_denials, 2);
     // The same limit and key on other rates (a plan change, an override): the same
     // counter, other arguments, so Redis decides: 10/hour still has room.
