@@ -1,15 +1,17 @@
 //! The local deny cache against a real redis-server: a denial is answered again without
 //! a round trip until it could be allowed; a reset, a reset of the whole limit or a
-//! refund on another instance ends it there; `charge_denied` limits, another cost and
-//! other rates always reach Redis; and while the subscription is down the cache is off
-//! (a server restarted empty is not answered from stale entries).
+//! refund on another instance ends it there (on one server, in a Redis Cluster, and
+//! through Sentinel before and after a failover); `charge_denied` limits, another cost
+//! and other rates always reach Redis; and while the subscription is down the cache is
+//! off (a server restarted empty is not answered from stale entries).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_engine::{Check, Decision, DecisionRequest, Limit, LimitSpec, Store, decide};
 use sluice_store_redis::{RedisStore, RedisStoreConfig};
-use sluice_testkit::servers::RedisServer;
+use sluice_testkit::sentinel::{MASTER_NAME, SentinelGroup};
+use sluice_testkit::servers::{RedisCluster, RedisServer};
 
 fn limit(name: &str, rates: &[&str]) -> Arc<Limit> {
     let rates = rates.iter().map(|r| r.parse().expect("rate")).collect();
@@ -25,9 +27,11 @@ fn request(limit: &Arc<Limit>, key: &str, cost: u64) -> DecisionRequest {
 
 /// A store on `server` whose deny cache is subscribed (waits for it, at most 2 s).
 async fn store(server: &RedisServer) -> RedisStore {
-    let store = RedisStore::connect(RedisStoreConfig::new(server.url()))
-        .await
-        .expect("connect");
+    store_on(RedisStoreConfig::new(server.url())).await
+}
+
+async fn store_on(config: RedisStoreConfig) -> RedisStore {
+    let store = RedisStore::connect(config).await.expect("connect");
     wait_until("the deny cache subscribed", || store.local_deny_cache_on()).await;
     store
 }
@@ -128,29 +132,73 @@ async fn a_denial_is_answered_without_redis_until_it_could_be_allowed() {
 async fn a_reset_or_refund_on_another_instance_ends_the_cached_denial() {
     let server = RedisServer::start().expect("redis-server");
     let (a, b) = (store(&server).await, store(&server).await);
+    give_backs_on_b_end_denials_on_a(&a, &b, "user:7").await;
+}
+
+#[tokio::test]
+async fn in_a_cluster_give_backs_on_any_node_reach_every_instance() {
+    let cluster = RedisCluster::start(3).expect("a 3-master Redis Cluster");
+    let config = || RedisStoreConfig::cluster(cluster.urls());
+    let (a, b) = (store_on(config()).await, store_on(config()).await);
+    // Keys in several slots, so on several nodes: every node hears every PUBLISH.
+    for key in ["user:1", "user:2", "user:3", "user:4"] {
+        give_backs_on_b_end_denials_on_a(&a, &b, key).await;
+    }
+}
+
+#[tokio::test]
+async fn through_sentinel_the_cache_follows_the_primary_across_a_failover() {
+    let mut group = SentinelGroup::start().expect("redis-server and redis-sentinel");
+    let config = || RedisStoreConfig::sentinel(MASTER_NAME, group.sentinel_urls());
+    let (a, b) = (store_on(config()).await, store_on(config()).await);
+    give_backs_on_b_end_denials_on_a(&a, &b, "before").await;
+
+    let old = group.kill_primary().expect("kill the primary");
+    let _group = tokio::task::spawn_blocking(move || {
+        group.wait_for_failover(old).expect("failover");
+        group
+    })
+    .await
+    .expect("failover thread");
+    // Both stores find the new primary when a command fails; their caches subscribe
+    // again there.
+    let probe = request(&limit("probe", &["1000/second"]), "p", 1);
+    for store in [&a, &b] {
+        let start = Instant::now();
+        while decide(store, &probe).await.is_err() || !store.local_deny_cache_on() {
+            assert!(start.elapsed() < Duration::from_secs(10), "the new primary");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    give_backs_on_b_end_denials_on_a(&a, &b, "after").await;
+}
+
+/// A caches a denial of `key`; B resets the key, resets the limit, and refunds: each
+/// time A allows within a second.
+async fn give_backs_on_b_end_denials_on_a(a: &RedisStore, b: &RedisStore, key: &str) {
     let l = limit("hourly", &["1/hour"]);
-    let r = request(&l, "user:7", 1);
+    let r = request(&l, key, 1);
 
     // Reset of the key on B.
-    assert!(decide(&a, &r).await.expect("allowed").allowed);
-    denied_from_cache(&a, &r).await;
-    b.reset(&l, "user:7").await.expect("reset on B");
-    allowed_within_a_second(&a, &r).await;
+    assert!(decide(a, &r).await.expect("allowed").allowed);
+    denied_from_cache(a, &r).await;
+    b.reset(&l, key).await.expect("reset on B");
+    allowed_within_a_second(a, &r).await;
 
     // Reset of the whole limit on B.
-    denied_from_cache(&a, &r).await;
+    denied_from_cache(a, &r).await;
     b.reset_limit(&l).await.expect("reset_limit on B");
-    allowed_within_a_second(&a, &r).await;
+    allowed_within_a_second(a, &r).await;
 
     // A refund on B of what B charged: A had cached the denial.
-    b.reset(&l, "user:7").await.expect("reset");
-    let charged: Decision = decide(&b, &r).await.expect("B charges");
+    b.reset(&l, key).await.expect("reset");
+    let charged: Decision = decide(b, &r).await.expect("B charges");
     assert!(charged.allowed);
-    denied_from_cache(&a, &r).await;
+    denied_from_cache(a, &r).await;
     b.refund(&r, &charged.charged_windows(&r))
         .await
         .expect("refund on B");
-    allowed_within_a_second(&a, &r).await;
+    allowed_within_a_second(a, &r).await;
 }
 
 #[tokio::test]
