@@ -467,6 +467,9 @@ pub(crate) async fn follow(
     let _off = Off(&cache);
     let mut next = 0usize;
     let mut delay = Duration::from_millis(50);
+    // The first failure is worth a warning (a user without `subscribe` or the channel
+    // keeps the cache off for good); later ones are the retries of an outage.
+    let mut warned = false;
     loop {
         let generation = match &source {
             Source::Sentinel(primary) => primary.generation(),
@@ -476,6 +479,10 @@ pub(crate) async fn follow(
             Ok(pubsub) => {
                 delay = Duration::from_millis(50);
                 listen(&cache, &source, generation, pubsub, timeout).await;
+            }
+            Err(error) if !warned => {
+                warned = true;
+                tracing::warn!(%error, %channel, "the local deny cache cannot subscribe to give-backs; it stays off until it can (the Redis user needs +subscribe and the channel: see README's ACL line)");
             }
             Err(error) => {
                 tracing::debug!(%error, "the deny cache cannot subscribe; it stays off");
