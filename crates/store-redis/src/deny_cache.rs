@@ -573,6 +573,101 @@ async fn listen(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_engine::{Check, Limit, LimitSpec};
+
+    fn limit(name: &str) -> Arc<Limit> {
+        let spec = LimitSpec::new(vec!["1/hour".parse().expect("rate")]);
+        Arc::new(Limit::new(name, spec).expect("limit"))
+    }
+
+    /// A request on limits `a` and `b` for `key`, its cache key, and outcomes where `a`
+    /// allowed and `b` denied for a minute.
+    fn denial(key: &str) -> (DecisionRequest, RequestKey, WindowOutcomes) {
+        let request = DecisionRequest {
+            checks: vec![
+                Check::new(limit("a"), key, 1).expect("check"),
+                Check::new(limit("b"), key, 1).expect("check"),
+            ],
+            dry_run: false,
+        };
+        let windows = ["a", "b"].map(|l| (format!("{l}:{key}"), "g", [1, 2, 3, 4, 0]));
+        let outcome = |allowed| WindowOutcome {
+            allowed,
+            remaining: 0,
+            reset_after: 60_000_000,
+            retry_after: Some(if allowed { 0 } else { 60_000_000 }),
+        };
+        let outcomes = [outcome(true), outcome(false)].into_iter().collect();
+        (request, RequestKey::new(windows.into_iter()), outcomes)
+    }
+
+    fn cached(cache: &DenyCache, key: &str) -> bool {
+        let (_, request_key, _) = denial(key);
+        cache.lookup(&request_key.bytes).is_some()
+    }
+
+    fn on() -> DenyCache {
+        let cache = DenyCache::new();
+        cache.set_up(true);
+        cache
+    }
+
+    fn fill(cache: &DenyCache, key: &str) {
+        let ticket = cache.ticket().expect("on");
+        let (request, request_key, outcomes) = denial(key);
+        cache.insert(&request, request_key, &outcomes, ticket);
+    }
+
+    #[test]
+    fn only_a_give_back_on_a_denying_counter_ends_an_entry() {
+        let cache = on();
+        fill(&cache, "k");
+        assert!(cached(&cache, "k"));
+        cache.invalidate(["a:k"]);
+        assert!(
+            cached(&cache, "k"),
+            "a allowed: its give-back changes nothing"
+        );
+        cache.invalidate(["b:k"]);
+        assert!(!cached(&cache, "k"));
+        fill(&cache, "k");
+        cache.apply(Message::prefix_payload("b:").as_bytes());
+        assert!(!cached(&cache, "k"));
+    }
+
+    #[test]
+    fn a_message_during_the_round_trip_keeps_the_answer_out() {
+        let cache = on();
+        let ticket = cache.ticket().expect("on");
+        cache.apply(b"k3:x:y");
+        let (request, request_key, outcomes) = denial("k");
+        cache.insert(&request, request_key, &outcomes, ticket);
+        assert!(!cached(&cache, "k"));
+    }
+
+    #[test]
+    fn off_means_neither_used_nor_filled_and_on_again_starts_empty() {
+        let cache = on();
+        fill(&cache, "k");
+        cache.set_up(false);
+        assert!(cache.ticket().is_none());
+        assert!(!cached(&cache, "k"));
+        cache.set_up(true);
+        assert!(!cached(&cache, "k"));
+        assert!(!cache.has_entries());
+    }
+
+    #[test]
+    fn a_flood_of_distinct_denials_stays_within_the_bound() {
+        let cache = on();
+        for n in 0..MAX_ENTRIES + 500 {
+            fill(&cache, &format!("k{n}"));
+        }
+        let entries = cache.lock();
+        assert_eq!(entries.map.len(), MAX_ENTRIES);
+        let indexed: usize = entries.by_counter.values().map(Vec::len).sum();
+        assert_eq!(indexed, MAX_ENTRIES, "the index holds no evicted entry");
+    }
 
     #[test]
     fn messages_are_read_back() {
