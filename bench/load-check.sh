@@ -17,6 +17,10 @@
 #                    | redis (starts its own redis-server on a free loopback port,
 #                      --save '' --appendonly no, in the scratch dir; stopped at exit)
 #   REDIS_SERVER=redis-server  REDIS_CLI=redis-cli   (STORAGE=redis)
+#   DENY_CACHE=true  (STORAGE=redis) storage.local_deny_cache; false: every decision goes
+#                    to Redis
+#   API_RATE=100/second   the rate of limit `api` (e.g. 10/minute with KEYS=1000: nearly
+#                    every request hits a key already over its limit)
 #                    | postgres (initdb + pg_ctl of its own cluster in the scratch dir, as the
 #                      postgres user when run as root, on a free loopback port; stopped at exit)
 #   PG_BIN=$(pg_config --bindir)   PG_TRACK=top   (STORAGE=postgres; pg_stat_statements.track)
@@ -155,7 +159,7 @@ if [[ -z "$target" ]]; then
                 exit 1
             fi
             echo "==> redis-server (pid $redis_pid) on 127.0.0.1:$redis_port" >&2
-            storage="{backend: redis, url: 'redis://127.0.0.1:$redis_port/', prefix: 'bench:'}"
+            storage="{backend: redis, url: 'redis://127.0.0.1:$redis_port/', prefix: 'bench:', local_deny_cache: ${DENY_CACHE:-true}}"
             ;;
         postgres)
             PG_BIN="${PG_BIN:-$(pg_config --bindir 2>/dev/null || true)}"
@@ -197,7 +201,7 @@ admin: {token: bench-token-0123456789}
 storage: $storage
 limits:
   # one gcra limit per API key; 10k distinct keys
-  api: {rate: 100/second}
+  api: {rate: ${API_RATE:-100/second}}
   # the second check of variant 2: per-"IP", two sliding windows
   api_ip: {rate: [1000/second, 1000000/hour], algorithm: sliding_window}
 EOF
@@ -262,6 +266,7 @@ for v in $variants; do
     fi
     degraded_before="$(metric sluice_degraded_decisions_total)"
     errors_before="$(metric sluice_store_errors_total)"
+    local_before="$(metric sluice_store_local_denials_total)"
     if [[ "$v" == reserve ]]; then
         echo "==> wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, reserve + settle pairs, $KEYS keys -> $base" >&2
         "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$here/reserve.lua" \
@@ -276,6 +281,7 @@ for v in $variants; do
     p99="$(awk '/Latency Distribution/ {d=1} d && $1=="99%" {print $2; exit}' "$out")"
     non200="$(awk -F': ' '/^non-200 responses:/ {print $2}' "$out")"
     line="checks/request=$v  req/s=${rps:-?}  p50=${p50:-?}  p99=${p99:-?}  non-200=${non200:-?}"
+    line+="  $(awk '/^decisions:/ {print $2 " " $3; exit}' "$out")"
     if [[ "$v" == reserve ]]; then
         line+="  pairs/s=$(awk '/^pairs\/sec:/ {print $2}' "$out")"
     fi
@@ -292,7 +298,8 @@ for v in $variants; do
         errors=$(( $(metric sluice_store_errors_total) - errors_before ))
         per="$(awk -v e="${evalsha:-0}" -v r="${requests:-0}" 'BEGIN { if (r > 0) printf "%.3f", e / r; else print "?" }')"
         commands_per="$(awk -v e="${commands:-0}" -v r="${requests:-0}" 'BEGIN { if (r > 0) printf "%.3f", e / r; else print "?" }')"
-        line+="  evalsha=${evalsha:-0}  requests=${requests:-?}  evalsha/request=$per  commands/request=$commands_per  degraded=$degraded  store-errors=$errors"
+        local_denials=$(( $(metric sluice_store_local_denials_total) - local_before ))
+        line+="  evalsha=${evalsha:-0}  requests=${requests:-?}  evalsha/request=$per  commands/request=$commands_per  local-denials=$local_denials  degraded=$degraded  store-errors=$errors"
         if [[ "$degraded" != 0 ]]; then line+="  (DEGRADED: not all decided by Redis)"; fi
     fi
     if [[ -n "$pg_port" ]]; then

@@ -3,7 +3,10 @@
 # same minutes, with the load of bench/load-check.sh (wrk -t2 -c64, 10,000 keys, one
 # check per request, every request allowed).
 #
-# Usage: bench/redis-vs-memory.sh [rounds]      (default 3)
+# Usage: bench/redis-vs-memory.sh [--over-limit] [rounds]      (default 3)
+#   --over-limit: most requests hit a key already over its limit (API_RATE=10/minute,
+#   KEYS=1000 unless set): memory, Redis with storage.local_deny_cache: false and Redis
+#   with the deny cache (the default), interleaved; throttlecrab is skipped.
 # Environment: DURATION=10 (seconds per run), SLUICE_BIN (default: the release build),
 #   THROTTLECRAB=throttlecrab-server (skipped when not installed: cargo install
 #   throttlecrab-server).
@@ -14,6 +17,12 @@ set -euo pipefail
 command -v wrk >/dev/null || { echo "needs wrk: apt-get install -y wrk" >&2; exit 1; }
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
+over_limit=""
+if [[ "${1:-}" == --over-limit ]]; then
+    over_limit=1
+    shift
+    export API_RATE="${API_RATE:-10/minute}" KEYS="${KEYS:-1000}"
+fi
 rounds="${1:-3}"
 export DURATION="${DURATION:-10}"
 THROTTLECRAB="${THROTTLECRAB:-throttlecrab-server}"
@@ -25,6 +34,14 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }
 for round in $(seq 1 "$rounds"); do
+    if [[ -n "$over_limit" ]]; then
+        for run in memory redis:false redis:true; do
+            storage="${run%%:*}" cache="${run#*:}"
+            [[ "$run" == memory ]] && cache=""
+            echo "round $round $storage${cache:+ deny-cache=$cache} (load $(cut -d' ' -f1 /proc/loadavg)): $(STORAGE=$storage DENY_CACHE=${cache:-true} "$here/load-check.sh" --variant 1 2>/dev/null | grep 'checks/request=' | sed 's/^ *//')"
+        done
+        continue
+    fi
     for storage in memory redis; do
         echo "round $round $storage: $(STORAGE=$storage "$here/load-check.sh" --variant 1 2>/dev/null | grep 'checks/request=' | sed 's/^ *//')"
     done

@@ -91,6 +91,7 @@ struct StorageSection {
     cluster: Option<Located<Cluster>>,
     tls: Option<Located<crate::redis::TlsSection>>,
     sentinel: Option<Located<crate::redis::SentinelSection>>,
+    local_deny_cache: Option<Located<bool>>,
     schema: Option<Located<String>>,
     pool_size: Option<Located<Whole<1, { Backend::MAX_POOL_SIZE as u64 }>>>,
     migrate: Option<Located<bool>>,
@@ -395,6 +396,11 @@ impl StorageSection {
             ("cluster", self.cluster.as_ref().map(|f| &f.at), "redis"),
             ("tls", self.tls.as_ref().map(|f| &f.at), "redis"),
             ("sentinel", self.sentinel.as_ref().map(|f| &f.at), "redis"),
+            (
+                "local_deny_cache",
+                self.local_deny_cache.as_ref().map(|f| &f.at),
+                "redis",
+            ),
             ("schema", self.schema.as_ref().map(|f| &f.at), "postgres"),
             (
                 "pool_size",
@@ -545,6 +551,7 @@ impl StorageSection {
                 cluster_seeds: seeds,
                 tls,
                 sentinel: sentinel.map(|(sentinel, _)| sentinel),
+                local_deny_cache: self.local_deny_cache.take().is_none_or(|on| on.value),
             });
         }
         let mut schema = Backend::DEFAULT_SCHEMA.to_string();

@@ -539,6 +539,10 @@ pub enum Backend {
         /// `storage.sentinel`: find the primary through Redis Sentinel. `url` (optional
         /// then, empty when absent) gives the primary's user, password, database and TLS.
         sentinel: Option<RedisSentinel>,
+        /// `storage.local_deny_cache`: answer a decision Redis denied again from this
+        /// process, without a round trip, until it could first be allowed (refunds and
+        /// resets on any instance end it). Default true.
+        local_deny_cache: bool,
     },
     /// Shared by every instance pointing at one PostgreSQL database (config value
     /// `postgres`); keys start with `storage.prefix`.

@@ -667,7 +667,7 @@ fn an_override_naming_an_unknown_field_names_the_variable() {
     assert_eq!(error.line, None);
     assert_eq!(
         error.to_string(),
-        "SLUICE_STORAGE__MAX_KEY (overrides storage.max_key): unknown field `max_key`, expected one of `backend`, `max_keys`, `on_error`, `prefix`, `sweep_interval_ms`, `path`, `sync`, `url`, `timeout_ms`, `cluster`, `tls`, `sentinel`, `schema`, `pool_size`, `migrate`, `unlogged`"
+        "SLUICE_STORAGE__MAX_KEY (overrides storage.max_key): unknown field `max_key`, expected one of `backend`, `max_keys`, `on_error`, `prefix`, `sweep_interval_ms`, `path`, `sync`, `url`, `timeout_ms`, `cluster`, `tls`, `sentinel`, `local_deny_cache`, `schema`, `pool_size`, `migrate`, `unlogged`"
     );
     let error = err_with("", &[], &[("SLUICE_LIMITS__CHAT_USER__RAT", "5/minute")]);
     assert!(
@@ -878,6 +878,21 @@ fn redis_backend_reads_url_timeout_and_cluster() {
     };
     assert_eq!(url.expose(), "redis://10.0.0.1:6379/2");
     assert_eq!((*timeout_ms, *cluster), (200, false));
+    assert!(matches!(
+        config.storage.backend,
+        Backend::Redis {
+            local_deny_cache: true,
+            ..
+        }
+    ));
+    let off = ok("storage:\n  backend: redis\n  url: redis://h\n  local_deny_cache: false\n");
+    assert!(matches!(
+        off.storage.backend,
+        Backend::Redis {
+            local_deny_cache: false,
+            ..
+        }
+    ));
     assert_eq!(config.storage.backend.to_string(), "redis");
     assert!(
         !format!("{:?}", config.storage).contains("10.0.0.1"),
@@ -940,6 +955,16 @@ fn redis_backend_errors_name_the_line() {
     assert_at(&error, 4, 12, "storage.cluster", "true, false or a list");
     let error = err("storage:\n  backend: redis\n  url: redis://h\n  path: /tmp/x\n");
     assert_at(&error, 4, 9, "storage.path", "only applies to backend disk");
+    let error = err("storage:\n  local_deny_cache: false\n");
+    assert_at(
+        &error,
+        2,
+        21,
+        "storage.local_deny_cache",
+        "only applies to backend redis",
+    );
+    let error = err("storage:\n  backend: redis\n  url: redis://h\n  local_deny_cache: maybe\n");
+    assert_at(&error, 4, 21, "storage.local_deny_cache", "");
 }
 
 /// Every example config in the repository loads (with the secrets it names set).

@@ -30,6 +30,9 @@ pub struct StoreStats {
     pub keys: u64,
     /// Counters dropped before they expired because the store was full.
     pub evictions: u64,
+    /// Decisions answered from a local cache of denials, without a round trip to the
+    /// shared store (the Redis store's deny cache).
+    pub local_denials: u64,
 }
 
 /// Why a store could not answer.

@@ -80,6 +80,7 @@ pub struct Metrics {
     pub access_refresh_errors: Counter,
     keys: Family<BackendLabels, Gauge>,
     evictions: Family<BackendLabels, Counter>,
+    local_denials: Family<BackendLabels, Counter>,
     /// Counters per top-keys sketch, or `None` when top keys are off.
     top_keys: Option<usize>,
 }
@@ -175,6 +176,12 @@ impl Metrics {
             "Counters evicted before expiry because the store was full",
             evictions.clone(),
         );
+        let local_denials = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "store_local_denials",
+            "Decisions answered from the store's local deny cache, without a round trip (Redis: a denial replayed until it could be allowed)",
+            local_denials.clone(),
+        );
         let metrics = Metrics {
             registry: std::sync::Mutex::new(registry),
             decisions,
@@ -192,6 +199,7 @@ impl Metrics {
             access_refresh_errors,
             keys,
             evictions,
+            local_denials,
             top_keys,
         };
         metrics.track_limits(limits);
@@ -287,6 +295,8 @@ impl Metrics {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let evictions = self.evictions.get_or_create(&labels);
         evictions.inc_by(stats.evictions.saturating_sub(evictions.get()));
+        let local_denials = self.local_denials.get_or_create(&labels);
+        local_denials.inc_by(stats.local_denials.saturating_sub(local_denials.get()));
         let mut text = String::with_capacity(4096);
         // Writing into a String cannot fail.
         let _ = encode(&mut text, &registry);

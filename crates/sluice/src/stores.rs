@@ -26,6 +26,7 @@ pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>
             cluster_seeds,
             tls,
             sentinel,
+            local_deny_cache,
         } => {
             let mut redis = RedisStoreConfig::new(url.expose());
             redis.cluster = *cluster;
@@ -49,6 +50,7 @@ pub(crate) async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>
             });
             redis.prefix = config.storage.prefix.clone();
             redis.timeout = Duration::from_millis(*timeout_ms);
+            redis.local_deny_cache = *local_deny_cache;
             // A Redis that is down at start does not stop sluice (a crash loop helps no
             // one during a deploy): the on_error policy decides until it answers, and
             // /readyz says it is not reachable.

@@ -17,7 +17,7 @@ const PASSWORD: &str = "pw-for-the-sluice-user";
 /// README's line, with the test's password.
 fn acl_line() -> String {
     format!(
-        "ACL SETUSER sluice on >PASSWORD resetkeys ~sluice:* resetchannels -@all {ACL_COMMANDS}"
+        "ACL SETUSER sluice on >PASSWORD resetkeys ~sluice:* resetchannels &sluice:* -@all {ACL_COMMANDS}"
     )
 }
 

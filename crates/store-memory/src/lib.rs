@@ -1041,6 +1041,7 @@ impl Store for MemoryStore {
         StoreStats {
             keys: self.len() as u64,
             evictions: self.inner.evictions.load(Ordering::Relaxed),
+            local_denials: 0,
         }
     }
 

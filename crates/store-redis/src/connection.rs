@@ -154,6 +154,17 @@ impl SentinelPrimary {
         Ok((generation, connection))
     }
 
+    /// A client for the primary the sentinels name now: where the deny cache subscribes.
+    pub(crate) async fn client(&self) -> RedisResult<redis::Client> {
+        self.sentinels.lock().await.async_get_client().await
+    }
+
+    /// How many connections to a primary have been made: moves when a failure made the
+    /// store ask the sentinels again (the deny cache subscribes again then).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generations.load(Ordering::Relaxed)
+    }
+
     fn read(&self) -> Option<(u64, MultiplexedConnection)> {
         self.current.read().ok().and_then(|current| current.clone())
     }

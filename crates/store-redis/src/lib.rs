@@ -62,6 +62,14 @@
 //! for a settlement without a hold that moves nothing). Neither is ever repeated after
 //! a possible send.
 //!
+//! # Local deny cache
+//! With [`RedisStoreConfig::local_deny_cache`] (the default), a decision Redis denied is
+//! answered again by this process, without a round trip, until the first instant it
+//! could be allowed; every give-back (a refund, a settlement, a reset, on any instance)
+//! is published from its script on `{prefix}deny-cache`, and every instance subscribed
+//! there drops what it names. Off while the subscription is down; never for
+//! `charge_denied` limits or reservations. See [`deny_cache`].
+//!
 //! # Connection
 //! One multiplexed connection serves every decision (see [`connection`]); it
 //! reconnects by itself. A call that charges (a decision, a reservation, a refund, a
@@ -96,10 +104,12 @@ use sluice_engine::{
 
 mod batch;
 mod connection;
+mod deny_cache;
 mod records;
 mod slots;
 
 use connection::{Connection, Connections};
+use deny_cache::{DenyCache, RequestKey};
 use slots::{Part, PartReply};
 
 /// The decision script; see the module doc.
@@ -109,7 +119,14 @@ const DECIDE_LUA: &str = concat!(include_str!("state.lua"), include_str!("decide
 /// charged (`Store::refund`, and a cluster decision that another slot denied; see
 /// [`slots`]), settles a reservation (`Store::settle`), and releases one another slot
 /// denied.
-const SETTLE_LUA: &str = concat!(include_str!("state.lua"), include_str!("settle.lua"));
+const SETTLE_LUA: &str = concat!(
+    include_str!("state.lua"),
+    include_str!("announce.lua"),
+    include_str!("settle.lua")
+);
+
+/// The reset script: removes one check's counters and announces it to the deny caches.
+const RESET_LUA: &str = concat!(include_str!("announce.lua"), include_str!("reset.lua"));
 
 /// The batch script: `decide.lua` as a function of its KEYS and ARGV, run once per
 /// request of a batch (see [`batch`]).
@@ -130,14 +147,17 @@ const SCAN_BATCH: usize = 500;
 
 /// Every command the store sends and its scripts run, as Redis ACL rules: a
 /// least-privilege user is
-/// `ACL SETUSER sluice on >PASSWORD resetkeys ~sluice:* resetchannels -@all` followed by
-/// these (`~` + the configured prefix + `*`). `ping` (readiness), `evalsha` and
+/// `ACL SETUSER sluice on >PASSWORD resetkeys ~sluice:* resetchannels &sluice:* -@all`
+/// followed by these (`~` and `&` + the configured prefix + `*`: the deny cache's channel
+/// is `{prefix}deny-cache`). `ping` (readiness), `evalsha` and
 /// `script|load` (the scripts), `scan` and `unlink` (resets), `time` and the key
 /// commands the scripts call, `role` (a primary found through Sentinel is checked with
 /// it), `cluster|slots` and `cluster|nodes` (a Redis Cluster's layout, and the primaries
 /// a limit's reset scans). README's Redis section prints the whole line; a test runs the
-/// semantic suite as such a user.
-pub const ACL_COMMANDS: &str = "+ping +evalsha +script|load +scan +unlink +time +get +set +del +pexpireat +zadd +zcount +zrange +zrangebyscore +zrem +zremrangebyscore +hset +hdel +hgetall +incr +role +cluster|slots +cluster|nodes";
+/// semantic suite as such a user. `publish` and `subscribe` are the deny cache's (see
+/// [`RedisStoreConfig::local_deny_cache`]); without them, or without the channel, the
+/// cache stays off and everything else works.
+pub const ACL_COMMANDS: &str = "+ping +evalsha +script|load +scan +unlink +time +get +set +del +pexpireat +zadd +zcount +zrange +zrangebyscore +zrem +zremrangebyscore +hset +hdel +hgetall +incr +role +cluster|slots +cluster|nodes +publish +subscribe";
 
 /// Settings of a [`RedisStore`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +180,10 @@ pub struct RedisStoreConfig {
     pub prefix: String,
     /// How long one command (or one connection attempt) may take. Default 200 ms.
     pub timeout: Duration,
+    /// Answer a decision Redis denied again from this process, without a round trip,
+    /// until it could first be allowed; refunds, settlements and resets on any instance
+    /// drop it (see the crate doc, "Local deny cache"). Default true.
+    pub local_deny_cache: bool,
 }
 
 /// Where Redis Sentinel is and which service it watches.
@@ -217,6 +241,7 @@ impl RedisStoreConfig {
             tls: None,
             prefix: "sluice:".to_string(),
             timeout: Duration::from_millis(200),
+            local_deny_cache: true,
         }
     }
 
@@ -344,8 +369,23 @@ pub struct RedisStore {
     batcher: Option<std::sync::Arc<batch::Batcher>>,
     decide_script: redis::Script,
     settle_script: redis::Script,
+    reset_script: redis::Script,
     prefix: String,
     address: String,
+    /// The local deny cache, when configured; on only while subscribed.
+    deny_cache: Option<std::sync::Arc<DenyCache>>,
+    /// Where give-backs are announced (`{prefix}deny-cache`).
+    channel: String,
+    /// The task keeping the deny cache subscribed, stopped with the store.
+    follower: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        if let Some(follower) = &self.follower {
+            follower.abort();
+        }
+    }
 }
 
 impl RedisStore {
@@ -376,6 +416,20 @@ impl RedisStore {
         } else {
             single_connection(&config)?
         };
+        let channel = deny_cache::channel(&config.prefix);
+        let (deny_cache, follower) = if config.local_deny_cache {
+            let cache = std::sync::Arc::new(DenyCache::new());
+            let source = subscription_source(&config, &connections)?;
+            let task = tokio::spawn(deny_cache::follow(
+                std::sync::Arc::clone(&cache),
+                source,
+                channel.clone(),
+                config.timeout,
+            ));
+            (Some(cache), Some(task.abort_handle()))
+        } else {
+            (None, None)
+        };
         let batcher = (!connections.is_cluster()).then(|| {
             std::sync::Arc::new(batch::Batcher::new(
                 connections.clone(),
@@ -389,8 +443,12 @@ impl RedisStore {
             batcher,
             decide_script: redis::Script::new(DECIDE_LUA),
             settle_script: redis::Script::new(SETTLE_LUA),
+            reset_script: redis::Script::new(RESET_LUA),
             prefix: config.prefix,
             address,
+            deny_cache,
+            channel,
+            follower,
         })
     }
 
@@ -403,6 +461,12 @@ impl RedisStore {
     /// The key prefix.
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// Whether the local deny cache is on: configured, and subscribed to the give-backs
+    /// of every instance (off while the subscription is down).
+    pub fn local_deny_cache_on(&self) -> bool {
+        self.deny_cache.as_ref().is_some_and(|cache| cache.is_up())
     }
 
     /// Whether the store talks to a Redis Cluster.
@@ -516,20 +580,14 @@ impl RedisStore {
         push(&mut args, part.windows.len());
         for &(index, key_index) in &part.windows {
             let (check, lw) = windows[index];
-            let window = &lw.window;
-            let capacity = window.capacity();
-            let limit = check.limit();
-            let flags = u8::from(limit.charge_denied()) | (u8::from(limit.shadow()) << 1);
+            let window = WindowArgs::new(check, lw);
             push(&mut args, key_index);
-            push(&mut args, algorithm_tag(window.algorithm()));
-            push(&mut args, capacity);
-            push(&mut args, script_period(window.rate()));
-            push(
-                &mut args,
-                window.rate().period_micros() / window.rate().quota() as i64,
-            );
-            push(&mut args, check.cost().min(capacity + 1));
-            push(&mut args, flags);
+            push(&mut args, window.tag);
+            push(&mut args, window.capacity);
+            push(&mut args, window.period);
+            push(&mut args, window.interval);
+            push(&mut args, window.cost);
+            push(&mut args, window.flags);
         }
         if let Some(hold) = hold {
             push(&mut args, &hold.id);
@@ -634,15 +692,22 @@ impl RedisStore {
                 .arg(window.rate().period_micros() / window.rate().quota() as i64)
                 .arg(amount);
         }
+        invocation.arg(&self.channel);
         // Not repeated: a refund or a settlement without a hold that ran twice would move
         // twice.
-        let status: i64 = self
+        let status = self
             .once(|mut connection| {
                 let invocation = &invocation;
-                async move { invocation.invoke_async(&mut connection).await }
+                async move { invocation.invoke_async::<i64>(&mut connection).await }
             })
-            .await?;
-        match status {
+            .await;
+        // What may admit sooner now leaves this instance's deny cache at once (the script's
+        // message does the same on every instance, this one included); also after a
+        // failure, as the script may have run.
+        if listed.iter().any(|&(_, amount)| amount < 0) || held.is_some() {
+            self.forget(part.keys.iter().map(String::as_str));
+        }
+        match status? {
             1 => Ok(SettleStatus::Settled),
             2 => Ok(SettleStatus::AlreadySettled),
             3 => Ok(SettleStatus::Unknown),
@@ -673,6 +738,62 @@ impl RedisStore {
         self.settle_part(windows, part, &moves, hold)
             .await
             .map(|_| ())
+    }
+
+    /// Decides `request` with the local deny cache: a denial it holds is answered from
+    /// it; a denial Redis answers is put in it (see [`deny_cache`]). Reservations never
+    /// use it.
+    async fn decide_cached(&self, request: &DecisionRequest) -> Result<Outcomes, StoreError> {
+        let Some(cache) = self.deny_cache.as_deref() else {
+            return self.decide_inner(request, None).await;
+        };
+        // Taken before anything is sent: the entry's time counts from here, and a
+        // give-back announced meanwhile keeps the answer out of the cache.
+        let Some(ticket) = cache.ticket() else {
+            return self.decide_inner(request, None).await;
+        };
+        let mut key = None;
+        if cache.has_entries() {
+            let built = self.request_key(request);
+            if let Some(windows) = cache.lookup(&built.bytes) {
+                return Ok(Outcomes {
+                    windows,
+                    degraded: false,
+                });
+            }
+            key = Some(built);
+        }
+        let outcomes = self.decide_inner(request, None).await?;
+        if deny_cache::denied_for(request, &outcomes.windows).is_some() {
+            let key = key.unwrap_or_else(|| self.request_key(request));
+            cache.insert(request, key, &outcomes.windows, ticket);
+        }
+        Ok(outcomes)
+    }
+
+    /// The deny cache's key of `request`: every window's counter and script arguments.
+    fn request_key(&self, request: &DecisionRequest) -> RequestKey {
+        RequestKey::new(request.windows().map(|(check, lw)| {
+            let w = WindowArgs::new(check, lw);
+            (
+                self.key(lw, check.key()),
+                w.tag,
+                [
+                    w.capacity as i64,
+                    w.period,
+                    w.interval,
+                    w.cost as i64,
+                    i64::from(w.flags),
+                ],
+            )
+        }))
+    }
+
+    /// Drops this instance's deny-cache entries reading `counters` (after a give-back).
+    fn forget<'a>(&self, counters: impl IntoIterator<Item = &'a str>) {
+        if let Some(cache) = &self.deny_cache {
+            cache.invalidate(counters);
+        }
     }
 
     /// Decides `request`; with `hold`, reserves it (see [`Store::reserve`]).
@@ -834,6 +955,47 @@ impl RedisStore {
         Ok(answer)
     }
 
+    /// Tells every deny cache (this one at once) that counters under `prefix` are gone.
+    /// A failed announcement is logged: the keys are gone either way.
+    async fn announce_prefix(&self, prefix: &str) {
+        if let Some(cache) = &self.deny_cache {
+            cache.invalidate_prefix(prefix);
+        }
+        let payload = deny_cache::Message::prefix_payload(prefix);
+        let published = self
+            .with_retry(|mut connection| {
+                let payload = &payload;
+                async move {
+                    redis::cmd("PUBLISH")
+                        .arg(&self.channel)
+                        .arg(payload)
+                        .query_async::<i64>(&mut connection)
+                        .await
+                }
+            })
+            .await;
+        if let Err(error) = published {
+            tracing::warn!(%error, "a reset could not be announced to the deny caches of other instances; their entries end with their retry times");
+        }
+    }
+
+    /// Removes one check's counters with the reset script, which announces it to every
+    /// deny cache; forgets them here too.
+    async fn reset_counters(&self, keys: Vec<String>) -> Result<(), StoreError> {
+        let answer = self
+            .with_retry(|mut connection| {
+                let mut invocation = self.reset_script.prepare_invoke();
+                for key in &keys {
+                    invocation.key(key);
+                }
+                invocation.arg(&self.channel);
+                async move { invocation.invoke_async::<i64>(&mut connection).await }
+            })
+            .await;
+        self.forget(keys.iter().map(String::as_str));
+        answer.map(|_| ())
+    }
+
     async fn unlink(&self, keys: Vec<String>) -> Result<u64, StoreError> {
         if keys.is_empty() {
             return Ok(0);
@@ -925,10 +1087,8 @@ impl RedisStore {
 
     async fn reset_limit_inner(&self, limit: &Limit) -> Result<u64, StoreError> {
         // Every key of the limit starts with `{prefix}{{limit}:`.
-        let pattern = format!(
-            "{}*",
-            glob_escape(&format!("{}{{{}:", self.prefix, limit.name()))
-        );
+        let limit_prefix = format!("{}{{{}:", self.prefix, limit.name());
+        let pattern = format!("{}*", glob_escape(&limit_prefix));
         let mut removed = 0;
         for node in self.primaries().await? {
             let mut cursor: u64 = 0;
@@ -937,7 +1097,13 @@ impl RedisStore {
                 // Holds are not counters: they stay, so open reservations still settle
                 // (as in the memory store).
                 keys.retain(|key| !is_hold_key(key));
-                removed += self.unlink(keys).await?;
+                let unlinked = self.unlink(keys).await;
+                if unlinked.as_ref().is_ok_and(|&n| n > 0) || unlinked.is_err() {
+                    // Counters of the limit are gone (or may be): every deny cache forgets
+                    // the limit. A separate command, as these keys span slots in a cluster.
+                    self.announce_prefix(&limit_prefix).await;
+                }
+                removed += unlinked?;
                 if next == 0 {
                     break;
                 }
@@ -1171,6 +1337,60 @@ fn amounts(settlement: &Settlement) -> Vec<i64> {
         .collect()
 }
 
+/// One window's arguments to the decision script (after its key index).
+struct WindowArgs {
+    tag: &'static str,
+    capacity: u64,
+    period: i64,
+    interval: i64,
+    /// Capped at capacity + 1, which decides the same.
+    cost: u64,
+    /// 1: charge_denied, 2: shadow.
+    flags: u8,
+}
+
+impl WindowArgs {
+    fn new(check: &Check, lw: &LimitWindow) -> Self {
+        let window = &lw.window;
+        let capacity = window.capacity();
+        let limit = check.limit();
+        WindowArgs {
+            tag: algorithm_tag(window.algorithm()),
+            capacity,
+            period: script_period(window.rate()),
+            interval: window.rate().period_micros() / window.rate().quota() as i64,
+            cost: check.cost().min(capacity + 1),
+            flags: u8::from(limit.charge_denied()) | (u8::from(limit.shadow()) << 1),
+        }
+    }
+}
+
+/// Where the deny cache subscribes: the server, the cluster's nodes (any one hears every
+/// `PUBLISH`), or the primary Sentinel names.
+fn subscription_source(
+    config: &RedisStoreConfig,
+    connections: &Connections,
+) -> Result<deny_cache::Source, RedisStoreError> {
+    if let Connections::Sentinel(primary) = connections {
+        return Ok(deny_cache::Source::Sentinel(std::sync::Arc::clone(primary)));
+    }
+    let mut urls = vec![config.url.as_str()];
+    if config.cluster {
+        urls.extend(config.cluster_seeds.iter().map(String::as_str));
+    }
+    let clients = urls
+        .into_iter()
+        .map(|url| {
+            if config.tls.is_some() && url.starts_with("rediss://") {
+                client_info(url, config.tls.as_ref())
+            } else {
+                redis::Client::open(url).map_err(bad_url(url))
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(deny_cache::Source::Servers(clients))
+}
+
 /// The period the scripts take: microseconds, or [`CALENDAR_MONTH`].
 fn script_period(rate: Rate) -> i64 {
     if rate.is_calendar_month() {
@@ -1266,13 +1486,16 @@ pub(crate) fn store_error(address: &str, error: redis::RedisError) -> StoreError
 
 impl Store for RedisStore {
     fn decide<'a>(&'a self, request: &'a DecisionRequest) -> StoreFuture<'a, Outcomes> {
-        Box::pin(self.decide_inner(request, None))
+        Box::pin(self.decide_cached(request))
     }
 
     fn reset<'a>(&'a self, limit: &'a Limit, key: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let keys = limit.windows().iter().map(|lw| self.key(lw, key)).collect();
-            self.unlink(keys).await.map(|_| ())
+            let keys: Vec<String> = limit.windows().iter().map(|lw| self.key(lw, key)).collect();
+            if keys.is_empty() {
+                return Ok(());
+            }
+            self.reset_counters(keys).await
         })
     }
 
@@ -1333,7 +1556,10 @@ impl Store for RedisStore {
     /// `keys` is 0: Redis cannot cheaply count only this deployment's keys (`DBSIZE`
     /// counts every key of the database). Redis's `INFO keyspace` has the totals.
     fn stats(&self) -> StoreStats {
-        StoreStats::default()
+        StoreStats {
+            local_denials: self.deny_cache.as_ref().map_or(0, |cache| cache.answered()),
+            ..StoreStats::default()
+        }
     }
 
     fn backend(&self) -> &'static str {

@@ -26,6 +26,8 @@
 --   KEYS), algorithm ('g', 'f', 's', 'c'), capacity, period (µs), gcra interval (µs),
 --   amount (signed, at most MAX_DEBT either way). With a hold, a concurrency window
 --   ('c') gives the hold's slot back (its amount is 0).
+-- ARGV[5 + 6n]: the deny cache's channel: the counters given back (a refund, a slot
+--   freed) are announced on it (announce.lua).
 -- Returns 1 when applied, 2 when the hold was settled before, 3 when no open hold has
 --   this id and digest (nothing moved then).
 
@@ -103,7 +105,10 @@ for i = 1, n do
   end
 end
 
+local channel = ARGV[5 + 6 * n]
 local dirty = {}
+-- Counters that may admit sooner now: what the deny caches must forget.
+local gave = {}
 for i = 1, n do
   local w = windows[i]
   if w.alg == 'c' then
@@ -112,11 +117,13 @@ for i = 1, n do
       redis.call('ZREM', KEYS[w.slot], hold_id)
       expire_holders(KEYS[w.slot])
       dirty[w.slot] = true
+      gave[w.slot] = true
     end
   else
     local after
     if w.amount < 0 then
       after = refund(w, states[w.slot] or nil, -w.amount)
+      if after then gave[w.slot] = true end
     elseif w.amount > 0 then
       after = force(w, states[w.slot] or nil, w.amount)
     end
@@ -131,4 +138,7 @@ for slot, _ in pairs(dirty) do
   local w = algs[slot]
   if w.alg ~= 'c' then write(KEYS[slot], w, states[slot]) end
 end
+local given = {}
+for slot, _ in pairs(gave) do given[#given + 1] = KEYS[slot] end
+announce(channel, given)
 return 1

@@ -437,8 +437,8 @@ impl RedisServer {
     }
 
     /// Creates ACL user `name` as README's line does: `ACL SETUSER name on >password
-    /// resetkeys ~keys resetchannels -@all commands` (`keys` e.g. `sluice:*`, `commands`
-    /// ACL rules such as `+ping +evalsha`).
+    /// resetkeys ~keys resetchannels &keys -@all commands` (`keys` e.g. `sluice:*`, also the
+    /// channels it may use; `commands` ACL rules such as `+ping +evalsha`).
     pub fn create_acl_user(
         &self,
         name: &str,
@@ -446,7 +446,11 @@ impl RedisServer {
         keys: &str,
         commands: &str,
     ) -> Result<(), ServerError> {
-        let (password, keys) = (format!(">{password}"), format!("~{keys}"));
+        let (password, channels, keys) = (
+            format!(">{password}"),
+            format!("&{keys}"),
+            format!("~{keys}"),
+        );
         let mut args = vec![
             "ACL",
             "SETUSER",
@@ -456,6 +460,7 @@ impl RedisServer {
             "resetkeys",
             &keys,
             "resetchannels",
+            &channels,
             "-@all",
         ];
         args.extend(commands.split(' '));
