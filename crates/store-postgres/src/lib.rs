@@ -25,6 +25,7 @@
 //! What settings are valid (schema names, URL schemes) is decided in
 //! `sluice-store-rules`, which the config loader applies too.
 
+mod batch;
 mod config;
 mod error;
 mod schema;
