@@ -12,6 +12,14 @@
 //! shared counters serialise without deadlocks; dry runs (and requests whose every cost
 //! is 0) take no lock and write nothing.
 //!
+//! # Concurrent decisions share a call
+//! Under load, charging decisions that arrive while a few calls are in flight queue and
+//! go together as one `sluice_decide_batch` statement ([`crate::batch`]): one
+//! transaction takes the locks of every counter of the batch in ascending order, then
+//! decides each request in arrival order exactly as `sluice_decide` would alone. Still
+//! one round trip per decision (its batch's), exact across instances, and fewer
+//! transactions, which are what bounded PostgreSQL's rate.
+//!
 //! # One round trip per reservation and per settlement
 //! A reservation is one call of `sluice_reserve`, the same function with a hold:
 //! `sluice_decide` is `sluice_reserve` without one. When the decision is allowed it
