@@ -134,23 +134,28 @@ AS $sluice$
                                + p_months * INTERVAL '1 month') * 1000000)::bigint
 $sluice$;
 
--- The arithmetic of one decision (crates/engine/src/algorithm.rs, and the two passes
--- of crates/engine/src/decision.rs), on counter states held in arrays, with no table
--- read or written and no lock taken: the caller holds the counters' advisory locks,
--- read them, and writes what changed. sluice_reserve runs it once; sluice_decide_batch
--- once per request of a batch, on the states the requests before it left, so each is
--- decided as it would have been alone, one after the other.
---   p_args: 7 values per window as sluice_reserve's; this decision's p_n windows start
---     at window p_first (0-based), their slots index the state arrays.
+-- The arithmetic of decisions (crates/engine/src/algorithm.rs, and the two passes of
+-- crates/engine/src/decision.rs) on counter states held in arrays, with no table read
+-- or written and no lock taken: the caller holds the counters' advisory locks, read
+-- them, and writes what changed. Requests are decided one after the other, each on the
+-- states the ones before it left, so each is decided as it would have been alone.
+-- One call for a whole batch: a CALL costs about as much as deciding one window.
+--   p_args: 7 values per window as sluice_reserve's, request after request; their
+--     slots index the state arrays.
+--   p_windows: each request's window count; negative (minus the count) for a request
+--     refused without deciding it.
+--   p_framed: answer as sluice_decide_batch (per request, its answer's length first; a
+--     refused request -1, 1); else the answer is the one request's outcomes alone.
 --   p_now: the database's clock (µs), read after the locks were taken.
 --   p_present, p_a, p_b, p_c: per slot, whether a state exists, and the state: the
 --     stored one on entry, the one to store on return.
 --   p_alg, p_period: per slot, the algorithm and period of the last window seen on it,
 --     for its expiry; a 3 on entry marks a concurrency window whose slots are counted.
---   p_res: 4 values per window (sluice_reserve's answer); p_allowed: the verdict
---     (pass true).
+--   p_res: the answer: 4 values per window (sluice_reserve's), framed or not;
+--     p_allowed: the last request's verdict.
 -- A procedure, so that its INOUT arrays come back into the caller's variables.
-CREATE OR REPLACE PROCEDURE @schema@.sluice_apply(p_args bigint[], p_first integer, p_n integer, p_now bigint,
+CREATE OR REPLACE PROCEDURE @schema@.sluice_apply(p_args bigint[], p_windows integer[], p_framed boolean,
+                                                  p_now bigint,
                                                   INOUT p_present boolean[], INOUT p_a bigint[],
                                                   INOUT p_b bigint[], INOUT p_c bigint[],
                                                   INOUT p_alg bigint[], INOUT p_period bigint[],
@@ -158,7 +163,11 @@ CREATE OR REPLACE PROCEDURE @schema@.sluice_apply(p_args bigint[], p_first integ
 LANGUAGE plpgsql
 AS $sluice$
 DECLARE
-    n integer := p_n;
+    n integer;
+    q integer;
+    first integer := 0;
+    res bigint[];
+    decision_allowed boolean;
     now_us bigint := p_now;
     wp boolean[]; wa bigint[]; wb bigint[]; wc bigint[];
     pass integer; i integer; o integer; s integer;
@@ -169,136 +178,149 @@ DECLARE
     elapsed bigint; room bigint; divisor bigint;
     allowed boolean; retry bigint; charged boolean;
 BEGIN
-    p_res := pg_catalog.array_fill(0::bigint, ARRAY[n * 4]);
-    -- Pass 1: every window as if the decision were allowed, so repeated counters see
-    -- the charges before them. Pass 2 (only when denied): from the stored states again,
-    -- charging only charge_denied windows whose cost could fit; verdicts stay pass 1's.
-    FOR pass IN 1..2 LOOP
-        EXIT WHEN pass = 2 AND p_allowed;
-        wp := p_present; wa := p_a; wb := p_b; wc := p_c;
-        FOR i IN 0 .. n - 1 LOOP
-            o := (p_first + i) * 7;
-            s := p_args[o + 1]; alg := p_args[o + 2]; cap := p_args[o + 3];
-            period := p_args[o + 4]; ivl := p_args[o + 5]; cost := p_args[o + 6];
-            flags := p_args[o + 7];
-            p_alg[s] := alg; p_period[s] := period;
-            IF alg = 0 THEN
-                -- gcra: the state is the theoretical arrival time.
-                IF wp[s] AND wa[s] > now_us THEN ca := wa[s]; ELSE ca := now_us; END IF;
-                cb := 0; cc := 0;
-                tau := cap * ivl;
-                ga := ca + cost * ivl;
-                allowed := cost = 0 OR ga - now_us <= tau;
-                IF allowed THEN retry := 0;
-                ELSIF cost > cap THEN retry := -1;
-                ELSE retry := ga - tau - now_us;
-                END IF;
-                -- charge_denied locks out for at most one more bucket after the last attempt.
-                ga := LEAST(ga, GREATEST(now_us + 2 * tau, ca)); gb := 0; gc := 0;
-            ELSIF alg = 3 THEN
-                -- concurrency: slots in flight (a) against the capacity; b: when the
-                -- first of them expires, the longest a denied call must wait.
-                IF wp[s] AND wa[s] > 0 THEN ca := wa[s]; cb := GREATEST(wb[s], now_us);
-                ELSE ca := 0; cb := now_us;
-                END IF;
-                cc := 0;
-                ga := ca + cost;
-                allowed := cost = 0 OR ga <= cap;
-                IF allowed THEN retry := 0;
-                ELSIF cost > cap THEN retry := -1;
-                ELSE retry := cb - now_us;
-                END IF;
-                gb := cb; gc := 0;
-            ELSE
-                IF period < 0 THEN ws := @schema@.sluice_month_start(now_us, 0);
-                ELSE ws := now_us - now_us % period;
-                END IF;
-                IF alg = 1 THEN
-                    -- fixed window; a state from a later window (a decision whose clock
-                    -- read later) is the current one. It ends at `we`: months differ in
-                    -- length.
-                    IF wp[s] AND wa[s] >= ws THEN ca := wa[s]; cb := wb[s]; ELSE ca := ws; cb := 0; END IF;
+    IF p_framed THEN p_res := '{}'; END IF;
+    FOR q IN 1 .. coalesce(pg_catalog.array_length(p_windows, 1), 0) LOOP
+        n := p_windows[q];
+        IF n < 0 THEN
+            IF p_framed THEN p_res := p_res || ARRAY[-1, 1]::bigint[]; END IF;
+            first := first - n;
+            CONTINUE;
+        END IF;
+        decision_allowed := true;
+        res := pg_catalog.array_fill(0::bigint, ARRAY[n * 4]);
+        -- Pass 1: every window as if the decision were allowed, so repeated counters see
+        -- the charges before them. Pass 2 (only when denied): from the stored states again,
+        -- charging only charge_denied windows whose cost could fit; verdicts stay pass 1's.
+        FOR pass IN 1..2 LOOP
+            EXIT WHEN pass = 2 AND decision_allowed;
+            wp := p_present; wa := p_a; wb := p_b; wc := p_c;
+            FOR i IN 0 .. n - 1 LOOP
+                o := (first + i) * 7;
+                s := p_args[o + 1]; alg := p_args[o + 2]; cap := p_args[o + 3];
+                period := p_args[o + 4]; ivl := p_args[o + 5]; cost := p_args[o + 6];
+                flags := p_args[o + 7];
+                p_alg[s] := alg; p_period[s] := period;
+                IF alg = 0 THEN
+                    -- gcra: the state is the theoretical arrival time.
+                    IF wp[s] AND wa[s] > now_us THEN ca := wa[s]; ELSE ca := now_us; END IF;
+                    cb := 0; cc := 0;
+                    tau := cap * ivl;
+                    ga := ca + cost * ivl;
+                    allowed := cost = 0 OR ga - now_us <= tau;
+                    IF allowed THEN retry := 0;
+                    ELSIF cost > cap THEN retry := -1;
+                    ELSE retry := ga - tau - now_us;
+                    END IF;
+                    -- charge_denied locks out for at most one more bucket after the last attempt.
+                    ga := LEAST(ga, GREATEST(now_us + 2 * tau, ca)); gb := 0; gc := 0;
+                ELSIF alg = 3 THEN
+                    -- concurrency: slots in flight (a) against the capacity; b: when the
+                    -- first of them expires, the longest a denied call must wait.
+                    IF wp[s] AND wa[s] > 0 THEN ca := wa[s]; cb := GREATEST(wb[s], now_us);
+                    ELSE ca := 0; cb := now_us;
+                    END IF;
                     cc := 0;
-                    IF period < 0 THEN we := @schema@.sluice_month_start(ca, 1);
-                    ELSE we := ca + period;
-                    END IF;
-                    gb := cb + cost;
-                    allowed := cost = 0 OR gb <= cap;
+                    ga := ca + cost;
+                    allowed := cost = 0 OR ga <= cap;
                     IF allowed THEN retry := 0;
                     ELSIF cost > cap THEN retry := -1;
-                    ELSE retry := we - now_us;
+                    ELSE retry := cb - now_us;
                     END IF;
-                    ga := ca; gc := 0;
+                    gb := cb; gc := 0;
                 ELSE
-                    -- sliding window: the previous window's count weighs by its overlap.
-                    IF wp[s] AND wa[s] >= ws THEN ca := wa[s]; cb := wb[s]; cc := wc[s];
-                    ELSIF wp[s] AND wa[s] = ws - period THEN ca := ws; cb := 0; cc := wb[s];
-                    ELSE ca := ws; cb := 0; cc := 0;
+                    IF period < 0 THEN ws := @schema@.sluice_month_start(now_us, 0);
+                    ELSE ws := now_us - now_us % period;
                     END IF;
-                    lft := LEAST(GREATEST(period - (now_us - ca), 0), period);
-                    IF cc = 0 OR lft = 0 THEN weighted := 0;
-                    ELSIF cc <= 4611686018427387903 / lft THEN weighted := (cc * lft + period - 1) / period;
-                    ELSE weighted := pg_catalog.div(cc::numeric * lft + period - 1, period::numeric)::bigint;
-                    END IF;
-                    used := weighted + cb;
-                    allowed := cost = 0 OR used + cost <= cap;
-                    IF allowed THEN retry := 0;
-                    ELSIF cost > cap THEN retry := -1;
+                    IF alg = 1 THEN
+                        -- fixed window; a state from a later window (a decision whose clock
+                        -- read later) is the current one. It ends at `we`: months differ in
+                        -- length.
+                        IF wp[s] AND wa[s] >= ws THEN ca := wa[s]; cb := wb[s]; ELSE ca := ws; cb := 0; END IF;
+                        cc := 0;
+                        IF period < 0 THEN we := @schema@.sluice_month_start(ca, 1);
+                        ELSE we := ca + period;
+                        END IF;
+                        gb := cb + cost;
+                        allowed := cost = 0 OR gb <= cap;
+                        IF allowed THEN retry := 0;
+                        ELSIF cost > cap THEN retry := -1;
+                        ELSE retry := we - now_us;
+                        END IF;
+                        ga := ca; gc := 0;
                     ELSE
-                        IF cb + cost > cap THEN
-                            -- Not in this window: wait until this window's count,
-                            -- weighted as the previous one, leaves room.
-                            room := cap - cost; divisor := cb;
+                        -- sliding window: the previous window's count weighs by its overlap.
+                        IF wp[s] AND wa[s] >= ws THEN ca := wa[s]; cb := wb[s]; cc := wc[s];
+                        ELSIF wp[s] AND wa[s] = ws - period THEN ca := ws; cb := 0; cc := wb[s];
+                        ELSE ca := ws; cb := 0; cc := 0;
+                        END IF;
+                        lft := LEAST(GREATEST(period - (now_us - ca), 0), period);
+                        IF cc = 0 OR lft = 0 THEN weighted := 0;
+                        ELSIF cc <= 4611686018427387903 / lft THEN weighted := (cc * lft + period - 1) / period;
+                        ELSE weighted := pg_catalog.div(cc::numeric * lft + period - 1, period::numeric)::bigint;
+                        END IF;
+                        used := weighted + cb;
+                        allowed := cost = 0 OR used + cost <= cap;
+                        IF allowed THEN retry := 0;
+                        ELSIF cost > cap THEN retry := -1;
                         ELSE
-                            -- In this window, once the previous one has decayed enough.
-                            room := cap - cb - cost; divisor := GREATEST(cc, 1);
+                            IF cb + cost > cap THEN
+                                -- Not in this window: wait until this window's count,
+                                -- weighted as the previous one, leaves room.
+                                room := cap - cost; divisor := cb;
+                            ELSE
+                                -- In this window, once the previous one has decayed enough.
+                                room := cap - cb - cost; divisor := GREATEST(cc, 1);
+                            END IF;
+                            IF room = 0 THEN elapsed := period;
+                            ELSIF room <= 9223372036854775807 / period THEN elapsed := period - room * period / divisor;
+                            ELSE elapsed := period - pg_catalog.div(room::numeric * period, divisor::numeric)::bigint;
+                            END IF;
+                            IF cb + cost > cap THEN
+                                retry := ca + period + GREATEST(elapsed, 0) - now_us;
+                            ELSE
+                                retry := ca + elapsed - now_us;
+                            END IF;
                         END IF;
-                        IF room = 0 THEN elapsed := period;
-                        ELSIF room <= 9223372036854775807 / period THEN elapsed := period - room * period / divisor;
-                        ELSE elapsed := period - pg_catalog.div(room::numeric * period, divisor::numeric)::bigint;
-                        END IF;
-                        IF cb + cost > cap THEN
-                            retry := ca + period + GREATEST(elapsed, 0) - now_us;
-                        ELSE
-                            retry := ca + elapsed - now_us;
-                        END IF;
+                        ga := ca; gb := cb + cost; gc := cc;
                     END IF;
-                    ga := ca; gb := cb + cost; gc := cc;
                 END IF;
-            END IF;
 
-            IF pass = 1 THEN
-                charged := cost > 0 AND (allowed OR (flags % 2 = 1 AND retry >= 0));
-                IF NOT allowed AND flags < 2 THEN p_allowed := false; END IF;
-                p_res[i * 4 + 1] := CASE WHEN allowed THEN 1 ELSE 0 END;
-                p_res[i * 4 + 4] := retry;
-            ELSE
-                charged := cost > 0 AND flags % 2 = 1 AND p_res[i * 4 + 4] >= 0;
-            END IF;
-            IF charged THEN
-                wp[s] := true; wa[s] := ga; wb[s] := gb; wc[s] := gc;
-                ca := ga; cb := gb; cc := gc;
-                IF alg = 2 THEN used := used + cost; END IF;
-            END IF;
-            -- remaining and reset_after of the state after this window (ca, cb, cc).
-            IF alg = 0 THEN
-                p_res[i * 4 + 2] := GREATEST(now_us + tau - ca, 0) / ivl;
-                p_res[i * 4 + 3] := GREATEST(ca - now_us, 0);
-            ELSIF alg = 3 THEN
-                p_res[i * 4 + 2] := GREATEST(cap - ca, 0);
-                p_res[i * 4 + 3] := CASE WHEN ca > 0 THEN cb - now_us ELSE 0 END;
-            ELSIF alg = 1 THEN
-                p_res[i * 4 + 2] := GREATEST(cap - cb, 0);
-                p_res[i * 4 + 3] := CASE WHEN cb > 0 THEN we - now_us ELSE 0 END;
-            ELSE
-                p_res[i * 4 + 2] := GREATEST(cap - used, 0);
-                p_res[i * 4 + 3] := CASE WHEN cb > 0 THEN ca + 2 * period - now_us
-                                       WHEN cc > 0 THEN ca + period - now_us
-                                       ELSE 0 END;
-            END IF;
+                IF pass = 1 THEN
+                    charged := cost > 0 AND (allowed OR (flags % 2 = 1 AND retry >= 0));
+                    IF NOT allowed AND flags < 2 THEN decision_allowed := false; END IF;
+                    res[i * 4 + 1] := CASE WHEN allowed THEN 1 ELSE 0 END;
+                    res[i * 4 + 4] := retry;
+                ELSE
+                    charged := cost > 0 AND flags % 2 = 1 AND res[i * 4 + 4] >= 0;
+                END IF;
+                IF charged THEN
+                    wp[s] := true; wa[s] := ga; wb[s] := gb; wc[s] := gc;
+                    ca := ga; cb := gb; cc := gc;
+                    IF alg = 2 THEN used := used + cost; END IF;
+                END IF;
+                -- remaining and reset_after of the state after this window (ca, cb, cc).
+                IF alg = 0 THEN
+                    res[i * 4 + 2] := GREATEST(now_us + tau - ca, 0) / ivl;
+                    res[i * 4 + 3] := GREATEST(ca - now_us, 0);
+                ELSIF alg = 3 THEN
+                    res[i * 4 + 2] := GREATEST(cap - ca, 0);
+                    res[i * 4 + 3] := CASE WHEN ca > 0 THEN cb - now_us ELSE 0 END;
+                ELSIF alg = 1 THEN
+                    res[i * 4 + 2] := GREATEST(cap - cb, 0);
+                    res[i * 4 + 3] := CASE WHEN cb > 0 THEN we - now_us ELSE 0 END;
+                ELSE
+                    res[i * 4 + 2] := GREATEST(cap - used, 0);
+                    res[i * 4 + 3] := CASE WHEN cb > 0 THEN ca + 2 * period - now_us
+                                           WHEN cc > 0 THEN ca + period - now_us
+                                           ELSE 0 END;
+                END IF;
+            END LOOP;
         END LOOP;
+        p_present := wp; p_a := wa; p_b := wb; p_c := wc;
+        IF p_framed THEN p_res := p_res || (n * 4)::bigint || res; ELSE p_res := res; END IF;
+        p_allowed := decision_allowed;
+        first := first + n;
     END LOOP;
-    p_present := wp; p_a := wa; p_b := wb; p_c := wc;
 END
 $sluice$;
 
@@ -472,7 +494,7 @@ BEGIN
     now_us := (EXTRACT(EPOCH FROM pg_catalog.clock_timestamp()) * 1000000)::bigint;
     CALL @schema@.sluice_load(p_keys, p_args, now_us, lp, la, lb, lc, sa, sp);
     wp := lp; wa := la; wb := lb; wc := lc;
-    CALL @schema@.sluice_apply(p_args, 0, n, now_us, wp, wa, wb, wc, sa, sp, res, decision_allowed);
+    CALL @schema@.sluice_apply(p_args, ARRAY[n], false, now_us, wp, wa, wb, wc, sa, sp, res, decision_allowed);
     IF p_read_only THEN
         RETURN res;
     END IF;
@@ -537,20 +559,18 @@ DECLARE
     lp boolean[]; la bigint[]; lb bigint[]; lc bigint[];
     wp boolean[]; wa bigint[]; wb bigint[]; wc bigint[];
     sa bigint[]; sp bigint[];
-    valid boolean[];
-    res bigint[];
-    answer bigint[] := '{}';
+    windows integer[] := p_windows;
+    answer bigint[];
     allowed boolean;
     q integer; i integer; o integer; first integer; n integer;
 BEGIN
-    IF (SELECT coalesce(sum(w), 0) FROM pg_catalog.unnest(p_windows) AS w) * 7
-       <> coalesce(pg_catalog.array_length(p_args, 1), 0) THEN
-        RAISE EXCEPTION 'sluice_decide_batch: % argument values for % windows',
-            coalesce(pg_catalog.array_length(p_args, 1), 0),
-            (SELECT sum(w) FROM pg_catalog.unnest(p_windows) AS w);
+    -- A malformed batch as a whole (the client's fault, not one request's) fails.
+    SELECT coalesce(sum(w), 0), coalesce(min(w), 0) INTO n, i FROM pg_catalog.unnest(p_windows) AS w;
+    IF n * 7 <> coalesce(pg_catalog.array_length(p_args, 1), 0) OR i < 0 THEN
+        RAISE EXCEPTION 'sluice_decide_batch: % argument values for window counts %',
+            coalesce(pg_catalog.array_length(p_args, 1), 0), p_windows;
     END IF;
     -- What sluice_apply and sluice_load would divide by, index or fail on.
-    valid := pg_catalog.array_fill(true, ARRAY[m]);
     first := 0;
     FOR q IN 1 .. m LOOP
         n := p_windows[q];
@@ -560,7 +580,7 @@ BEGIN
                     AND p_args[o + 3] >= 0 AND p_args[o + 6] >= 0 AND p_args[o + 7] BETWEEN 0 AND 3
                     AND (p_args[o + 4] > 0 OR (p_args[o + 4] = -1 AND p_args[o + 2] = 1))
                     AND (p_args[o + 2] <> 0 OR p_args[o + 5] > 0)) THEN
-                valid[q] := false;
+                windows[q] := -n;
                 -- Its concurrency windows are not counted: sluice_load skips them.
                 p_args[o + 2] := -1;
             END IF;
@@ -573,18 +593,7 @@ BEGIN
     now_us := (EXTRACT(EPOCH FROM pg_catalog.clock_timestamp()) * 1000000)::bigint;
     CALL @schema@.sluice_load(p_keys, p_args, now_us, lp, la, lb, lc, sa, sp);
     wp := lp; wa := la; wb := lb; wc := lc;
-    first := 0;
-    FOR q IN 1 .. m LOOP
-        n := p_windows[q];
-        IF valid[q] THEN
-            allowed := true;
-            CALL @schema@.sluice_apply(p_args, first, n, now_us, wp, wa, wb, wc, sa, sp, res, allowed);
-            answer := answer || (n * 4)::bigint || res;
-        ELSE
-            answer := answer || ARRAY[-1, 1]::bigint[];
-        END IF;
-        first := first + n;
-    END LOOP;
+    CALL @schema@.sluice_apply(p_args, windows, true, now_us, wp, wa, wb, wc, sa, sp, answer, allowed);
     CALL @schema@.sluice_write(p_keys, lp, la, lb, lc, wp, wa, wb, wc, sa, sp);
     RETURN answer;
 END
