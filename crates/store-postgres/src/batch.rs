@@ -1,9 +1,10 @@
-//! Decisions from concurrent requests sharing transactions.
+//! Decisions from concurrent requests sharing transactions (the queue itself is
+//! `sluice-store-batch`'s, as Redis's is).
 //!
-//! A charging decision arriving while fewer than [`MAX_IN_FLIGHT`] calls are in flight
-//! is sent at once, as one `sluice_decide` statement: no added latency when load is
-//! light. One arriving while they are waits in a queue; when a call in flight ends,
-//! everything queued (up to [`MAX_BATCH`] requests) goes as one `sluice_decide_batch`
+//! A charging decision arriving while fewer than [`LIMITS`]' `max_in_flight` calls are
+//! in flight is sent at once, as one `sluice_decide` statement: no added latency when
+//! load is light. One arriving while they are waits in a queue; when a call in flight
+//! ends, everything queued (up to `max_batch` requests) goes as one `sluice_decide_batch`
 //! statement, which takes the advisory locks of every counter of the batch once, in
 //! ascending order, and then decides each request in arrival order exactly as
 //! `sluice_decide` would alone, each seeing the writes of the ones before it. Under
@@ -21,25 +22,24 @@
 //! never queue.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use deadpool_postgres::Pool;
 use sluice_engine::StoreError;
-use tokio::sync::oneshot;
+use sluice_store_batch::{Batch, Limits};
 
-use crate::PostgresStore;
 use crate::error::{Failure, pool_failure, query_failure};
 
 /// How many calls may be in flight (each on its own connection) before decisions
-/// queue. More than Redis's two: a PostgreSQL backend spends a batch's time on one
-/// core, so a few calls in flight keep several backends (and both cores) busy while
-/// the next batch gathers.
-const MAX_IN_FLIGHT: usize = 4;
-
-/// The most requests one batch holds: bounds the statement's arguments and the time a
-/// batch holds its locks; the rest wait for the next call to end.
-const MAX_BATCH: usize = 256;
+/// queue, and how many requests one batch holds at most. More in flight than Redis's
+/// two: a PostgreSQL backend runs one statement on one core, so a few calls in flight
+/// keep several backends busy while the next batch gathers. The batch bound keeps the
+/// statement's arguments, and the time a batch holds its locks, bounded.
+pub(crate) const LIMITS: Limits = Limits {
+    max_in_flight: 4,
+    max_batch: 256,
+};
 
 /// One decision's arguments as `sluice_decide` takes them: its distinct counters, and
 /// seven integers per window whose slots index `keys` (1-based).
@@ -48,21 +48,8 @@ pub(crate) struct Call {
     pub(crate) args: Vec<i64>,
 }
 
-/// A queued decision and where its answer goes.
-struct Queued {
-    call: Call,
-    answer: oneshot::Sender<Result<Vec<i64>, StoreError>>,
-}
-
-#[derive(Default)]
-struct State {
-    in_flight: usize,
-    queue: Vec<Queued>,
-}
-
-/// Queues decisions behind the calls in flight and sends them together.
-pub(crate) struct Batcher {
-    state: Mutex<State>,
+/// Sends queued decisions as one `sluice_decide_batch` statement.
+pub(crate) struct PgBatch {
     pool: Pool,
     /// `sluice_decide_batch`'s statement, schema filled in.
     batch_sql: String,
@@ -72,111 +59,18 @@ pub(crate) struct Batcher {
     ready: Arc<AtomicBool>,
 }
 
-impl Batcher {
+impl PgBatch {
     pub(crate) fn new(
         pool: Pool,
         batch_sql: String,
         address: String,
         ready: Arc<AtomicBool>,
     ) -> Self {
-        Batcher {
-            state: Mutex::new(State::default()),
+        PgBatch {
             pool,
             batch_sql,
             address,
             ready,
-        }
-    }
-
-    /// Decides `call` (never repeated when it may have run): at once when few calls are
-    /// in flight, else with the others waiting, in one batch. The schema is ready.
-    pub(crate) async fn decide(
-        self: &Arc<Self>,
-        store: &PostgresStore,
-        call: Call,
-    ) -> Result<Vec<i64>, StoreError> {
-        let waiting = {
-            let mut state = self.lock();
-            if state.in_flight < MAX_IN_FLIGHT {
-                state.in_flight += 1;
-                Err(call)
-            } else {
-                let (answer, waiting) = oneshot::channel();
-                state.queue.push(Queued { call, answer });
-                Ok(waiting)
-            }
-        };
-        let waiting = match waiting {
-            Ok(waiting) => waiting,
-            Err(call) => {
-                // Ends this call's turn even if the caller drops the future (a timeout).
-                let _turn = Turn(Arc::clone(self));
-                return store.decide_one(&call).await;
-            }
-        };
-        waiting.await.unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(format!(
-                "PostgreSQL at {}: the batch holding this decision was dropped",
-                self.address
-            )))
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // No code panics while holding it; a poisoned lock still holds a valid state.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// After a call in flight ends: the next batch goes (on a task of its own, so the
-    /// caller that made the call is answered now), or one fewer call is in flight.
-    fn call_ended(self: &Arc<Self>) {
-        let batch = {
-            let mut state = self.lock();
-            if state.queue.is_empty() {
-                state.in_flight -= 1;
-                return;
-            }
-            let rest = state.queue.len().saturating_sub(MAX_BATCH);
-            let mut batch = std::mem::take(&mut state.queue);
-            // The newest stay queued, for the next call that ends.
-            state.queue = batch.split_off(batch.len() - rest);
-            batch
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // No runtime (it is shutting down): the queued decisions are answered by the
-            // dropped senders (Unavailable), and no call is in flight any more.
-            self.lock().in_flight -= 1;
-            return;
-        };
-        // Made before the task, so the turn ends even if the task is dropped unrun.
-        let turn = Turn(Arc::clone(self));
-        runtime.spawn(async move {
-            turn.0.run_batch(batch).await;
-            drop(turn);
-        });
-    }
-
-    /// Sends `batch` as one statement and answers each request.
-    async fn run_batch(&self, batch: Vec<Queued>) {
-        let (keys, args, windows) = batch_args(&batch);
-        let answer = match self.attempt(&keys, &args, &windows).await {
-            Err(failure) if failure.may_retry && !failure.schema_gone => {
-                self.attempt(&keys, &args, &windows).await
-            }
-            answer => answer,
-        };
-        match answer {
-            Ok(reply) => {
-                let mut values = reply.into_iter();
-                for queued in batch {
-                    let _ = queued.answer.send(next_reply(&mut values, &self.address));
-                }
-            }
-            Err(failure) => {
-                for queued in batch {
-                    let _ = queued.answer.send(Err(failure.error.clone()));
-                }
-            }
         }
     }
 
@@ -218,24 +112,49 @@ impl Batcher {
     }
 }
 
-/// The end of a call in flight, when dropped.
-struct Turn(Arc<Batcher>);
+impl Batch for PgBatch {
+    type Call = Call;
+    type Reply = Vec<i64>;
 
-impl Drop for Turn {
-    fn drop(&mut self) {
-        self.0.call_ended();
+    /// Sent once, and again only when the server's answer proves the first attempt
+    /// rolled back; a schema found gone is not retried here (installing it needs the
+    /// store): the next decision does it.
+    async fn send(&self, calls: Vec<Call>) -> Vec<Result<Vec<i64>, StoreError>> {
+        let (keys, args, windows) = batch_args(&calls);
+        let answer = match self.attempt(&keys, &args, &windows).await {
+            Err(failure) if failure.may_retry && !failure.schema_gone => {
+                self.attempt(&keys, &args, &windows).await
+            }
+            answer => answer,
+        };
+        match answer {
+            Ok(reply) => {
+                let mut values = reply.into_iter();
+                calls
+                    .iter()
+                    .map(|_| next_reply(&mut values, &self.address))
+                    .collect()
+            }
+            Err(failure) => calls.iter().map(|_| Err(failure.error.clone())).collect(),
+        }
+    }
+
+    fn dropped(&self) -> StoreError {
+        StoreError::Unavailable(format!(
+            "PostgreSQL at {}: the batch holding this decision was dropped",
+            self.address
+        ))
     }
 }
 
 /// `sluice_decide_batch`'s arguments: the batch's distinct counters, every request's
 /// windows with their slots renumbered into them, and each request's window count.
-fn batch_args(batch: &[Queued]) -> (Vec<String>, Vec<i64>, Vec<i32>) {
+fn batch_args(batch: &[Call]) -> (Vec<String>, Vec<i64>, Vec<i32>) {
     let mut keys: Vec<String> = Vec::new();
     let mut index: HashMap<&str, i64> = HashMap::new();
-    let mut args: Vec<i64> = Vec::with_capacity(batch.iter().map(|q| q.call.args.len()).sum());
+    let mut args: Vec<i64> = Vec::with_capacity(batch.iter().map(|call| call.args.len()).sum());
     let mut windows: Vec<i32> = Vec::with_capacity(batch.len());
-    for queued in batch {
-        let call = &queued.call;
+    for call in batch {
         let slots: Vec<i64> = call
             .keys
             .iter()
@@ -265,7 +184,10 @@ fn batch_args(batch: &[Queued]) -> (Vec<String>, Vec<i64>, Vec<i32>) {
 
 /// One request's part of the batch's reply: a count and that many integers, or -1 and
 /// a code.
-fn next_reply(values: &mut impl Iterator<Item = i64>, address: &str) -> Result<Vec<i64>, StoreError> {
+fn next_reply(
+    values: &mut impl Iterator<Item = i64>,
+    address: &str,
+) -> Result<Vec<i64>, StoreError> {
     let malformed = || {
         StoreError::Protocol(format!(
             "PostgreSQL at {address}: a malformed sluice_decide_batch reply"
@@ -287,14 +209,10 @@ fn next_reply(values: &mut impl Iterator<Item = i64>, address: &str) -> Result<V
 mod tests {
     use super::*;
 
-    fn queued(keys: &[&str], args: Vec<i64>) -> Queued {
-        let (answer, _) = oneshot::channel();
-        Queued {
-            call: Call {
-                keys: keys.iter().map(|k| k.to_string()).collect(),
-                args,
-            },
-            answer,
+    fn queued(keys: &[&str], args: Vec<i64>) -> Call {
+        Call {
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            args,
         }
     }
 
@@ -309,7 +227,11 @@ mod tests {
         assert_eq!(keys, ["a", "b", "c"]);
         assert_eq!(windows, [2, 2, 1]);
         let slots: Vec<i64> = args.chunks(7).map(|w| w[0]).collect();
-        assert_eq!(slots, [2, 1, 2, 3, 0], "a slot out of range stays out of range");
+        assert_eq!(
+            slots,
+            [2, 1, 2, 3, 0],
+            "a slot out of range stays out of range"
+        );
     }
 
     #[test]
@@ -320,7 +242,10 @@ mod tests {
             next_reply(&mut values, "db"),
             Err(StoreError::Protocol(_))
         ));
-        assert_eq!(next_reply(&mut values, "db").expect("third"), Vec::<i64>::new());
+        assert_eq!(
+            next_reply(&mut values, "db").expect("third"),
+            Vec::<i64>::new()
+        );
         assert!(next_reply(&mut values, "db").is_err(), "nothing left");
     }
 }

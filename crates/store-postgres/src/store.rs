@@ -48,9 +48,10 @@ use sluice_engine::{
     Algorithm, DecisionRequest, Hold, Limit, Micros, Outcomes, Rate, Record, Records, SettleStatus,
     Settlement, Store, StoreError, StoreFuture, StoreStats, Window, WindowOutcome, WindowOutcomes,
 };
+use sluice_store_batch::Batcher;
 use tokio_postgres::NoTls;
 
-use crate::batch::{Batcher, Call};
+use crate::batch::{Call, LIMITS, PgBatch};
 use crate::config::address_of;
 use crate::error::{Failure, pool_failure, query_failure};
 use crate::schema::Statements;
@@ -69,7 +70,7 @@ pub struct PostgresStore {
     /// batcher, whose batches run on tasks of their own).
     pub(crate) ready: Arc<AtomicBool>,
     /// Concurrent charging decisions share statements.
-    batcher: Arc<Batcher>,
+    batcher: Arc<Batcher<PgBatch>>,
     /// One task at a time checks or installs the schema.
     pub(crate) preparing: tokio::sync::Mutex<()>,
 }
@@ -99,10 +100,13 @@ impl PostgresStore {
         let statements = Statements::new(&config.schema);
         let ready = Arc::new(AtomicBool::new(false));
         let batcher = Arc::new(Batcher::new(
-            pool.clone(),
-            statements.decide_batch.clone(),
-            address.clone(),
-            Arc::clone(&ready),
+            PgBatch::new(
+                pool.clone(),
+                statements.decide_batch.clone(),
+                address.clone(),
+                Arc::clone(&ready),
+            ),
+            LIMITS,
         ));
         Ok(PostgresStore {
             pool,
@@ -269,7 +273,12 @@ impl PostgresStore {
         }
         // Installed before queueing: a batch runs on a task without the store.
         self.ensure_ready().await?;
-        let reply = self.batcher.decide(self, Call { keys, args }).await?;
+        let reply = self
+            .batcher
+            .submit(Call { keys, args }, |call| async move {
+                self.decide_one(&call).await
+            })
+            .await?;
         parse_reply(&reply, request.window_count())
     }
 

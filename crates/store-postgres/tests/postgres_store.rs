@@ -602,7 +602,10 @@ async fn concurrent_decisions_on_one_key_share_calls_and_admit_exactly_the_limit
         "200 decisions in fewer calls, some of them batches: {single} single, {batch} batches"
     );
     assert_eq!(
-        sql(&server, "SELECT b FROM public.sluice_counters WHERE key LIKE '%hot%:k'"),
+        sql(
+            &server,
+            "SELECT b FROM public.sluice_counters WHERE key LIKE '%hot%:k'"
+        ),
         "50",
         "denied decisions charged nothing"
     );
@@ -663,8 +666,15 @@ async fn batched_decisions_over_overlapping_keys_in_any_order_never_deadlock() {
         "every charge landed once"
     );
     let (single, batch) = decide_calls(&server);
-    assert!(batch > 0, "batches formed: {single} single, {batch} batches");
-    assert_eq!(deadlocks(&server).await, before, "PostgreSQL saw no deadlock");
+    assert!(
+        batch > 0,
+        "batches formed: {single} single, {batch} batches"
+    );
+    assert_eq!(
+        deadlocks(&server).await,
+        before,
+        "PostgreSQL saw no deadlock"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -686,7 +696,11 @@ async fn a_batch_answers_each_request_and_a_bad_one_fails_alone() {
         .collect();
     assert_eq!(values.len(), 5 + 2 + 5, "{reply}");
     assert_eq!(&values[..3], &[4, 1, 2], "allowed, 2 left: {reply}");
-    assert_eq!(&values[5..7], &[-1, 1], "the bad request is refused: {reply}");
+    assert_eq!(
+        &values[5..7],
+        &[-1, 1],
+        "the bad request is refused: {reply}"
+    );
     assert_eq!(&values[7..9], &[4, 0], "denied, after the first: {reply}");
 }
 
