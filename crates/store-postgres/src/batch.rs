@@ -31,13 +31,16 @@ use sluice_store_batch::{Batch, Limits};
 
 use crate::error::{Failure, pool_failure, query_failure};
 
-/// How many calls may be in flight (each on its own connection) before decisions
-/// queue, and how many requests one batch holds at most. More in flight than Redis's
-/// two: a PostgreSQL backend runs one statement on one core, so a few calls in flight
-/// keep several backends busy while the next batch gathers. The batch bound keeps the
-/// statement's arguments, and the time a batch holds its locks, bounded.
+/// How many calls may be in flight before decisions queue, and how many requests one
+/// batch holds at most. One in flight, where Redis has two: a batch's cost in
+/// PostgreSQL is mostly per transaction, so the fewer calls, the bigger the batches and
+/// the less CPU per decision (measured with 64 connections on 2 cores: 32 µs of
+/// PostgreSQL CPU per decision with 1 in flight, 43-56 with 2, 53-78 with 4, 210-335
+/// unbatched; BENCHMARKS.md), and more requests per second. Other instances' calls
+/// still run beside this one's. The batch bound keeps the statement's arguments, and
+/// the time a batch holds its locks, bounded.
 pub(crate) const LIMITS: Limits = Limits {
-    max_in_flight: 4,
+    max_in_flight: 1,
     max_batch: 256,
 };
 

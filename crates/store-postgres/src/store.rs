@@ -13,7 +13,7 @@
 //! is 0) take no lock and write nothing.
 //!
 //! # Concurrent decisions share a call
-//! Under load, charging decisions that arrive while a few calls are in flight queue and
+//! Under load, charging decisions that arrive while a call is in flight queue and
 //! go together as one `sluice_decide_batch` statement ([`crate::batch`]): one
 //! transaction takes the locks of every counter of the batch in ascending order, then
 //! decides each request in arrival order exactly as `sluice_decide` would alone. Still
