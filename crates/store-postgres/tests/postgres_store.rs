@@ -569,19 +569,37 @@ fn decide_calls(server: &PostgresServer) -> (u64, u64) {
     )
 }
 
+/// `n` stores (as `n` sluice instances) on the server of `first`, schema prepared.
+async fn instances(
+    server: &PostgresServer,
+    first: &Arc<PostgresStore>,
+    n: usize,
+) -> Vec<Arc<PostgresStore>> {
+    let mut stores = vec![Arc::clone(first)];
+    while stores.len() < n {
+        let store = PostgresStore::new(config(server)).expect("config");
+        store.prepare().await.expect("ready");
+        stores.push(Arc::new(store));
+    }
+    stores
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_decisions_on_one_key_share_calls_and_admit_exactly_the_limit() {
     let (server, store) = setup_counting_statements().await;
     let l = fixed("hot", "50/day");
-    let warm = l.clone();
-    // The first calls prepare the statements.
-    decide(&*store, &request(&[(&warm, "warm-up", 1)]))
-        .await
-        .expect("decide");
+    // Three instances, each batching its own share of the requests.
+    let stores = instances(&server, &store, 3).await;
+    for store in &stores {
+        // The first calls prepare the statements.
+        decide(&**store, &request(&[(&l, "warm-up", 1)]))
+            .await
+            .expect("decide");
+    }
     sql(&server, "SELECT pg_stat_statements_reset()");
     let tasks: Vec<_> = (0..200)
-        .map(|_| {
-            let store = Arc::clone(&store);
+        .map(|t| {
+            let store = Arc::clone(&stores[t % stores.len()]);
             let l = Arc::clone(&l);
             tokio::spawn(async move {
                 decide(&*store, &request(&[(&l, "k", 1)]))
@@ -615,9 +633,14 @@ async fn concurrent_decisions_on_one_key_share_calls_and_admit_exactly_the_limit
 async fn batched_decisions_over_overlapping_keys_in_any_order_never_deadlock() {
     let (server, store) = setup_counting_statements().await;
     let day = fixed("day", "1000000/day");
-    decide(&*store, &request(&[(&day, "warm-up", 0)]))
-        .await
-        .expect("decide");
+    // Four instances: one instance has one call in flight, so only calls of different
+    // instances can wait on each other.
+    let stores = instances(&server, &store, 4).await;
+    for store in &stores {
+        decide(&**store, &request(&[(&day, "warm-up", 1)]))
+            .await
+            .expect("decide");
+    }
     sql(&server, "SELECT pg_stat_statements_reset()");
     let before = deadlocks(&server).await;
     const TASKS: u64 = 64;
@@ -625,7 +648,7 @@ async fn batched_decisions_over_overlapping_keys_in_any_order_never_deadlock() {
     const KEYS: u64 = 12;
     let tasks: Vec<_> = (0..TASKS)
         .map(|t| {
-            let store = Arc::clone(&store);
+            let store = Arc::clone(&stores[t as usize % stores.len()]);
             let day = Arc::clone(&day);
             tokio::spawn(async move {
                 // xorshift: every task its own sequence of key sets and orders.
