@@ -569,34 +569,30 @@ fn decide_calls(server: &PostgresServer) -> (u64, u64) {
     )
 }
 
-/// `n` stores (as `n` sluice instances) on the server of `first`, schema prepared.
-async fn instances(
-    server: &PostgresServer,
-    first: &Arc<PostgresStore>,
-    n: usize,
-) -> Vec<Arc<PostgresStore>> {
-    let mut stores = vec![Arc::clone(first)];
+/// `n` stores (as `n` sluice instances) on a server counting statements, each of which
+/// has decided once on `limit` (preparing its statements), and the counts reset.
+async fn instances(n: usize, limit: &Arc<Limit>) -> (PostgresServer, Vec<Arc<PostgresStore>>) {
+    let (server, first) = setup_counting_statements().await;
+    let mut stores = vec![first];
     while stores.len() < n {
-        let store = PostgresStore::new(config(server)).expect("config");
+        let store = PostgresStore::new(config(&server)).expect("config");
         store.prepare().await.expect("ready");
         stores.push(Arc::new(store));
     }
-    stores
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_decisions_on_one_key_share_calls_and_admit_exactly_the_limit() {
-    let (server, store) = setup_counting_statements().await;
-    let l = fixed("hot", "50/day");
-    // Three instances, each batching its own share of the requests.
-    let stores = instances(&server, &store, 3).await;
     for store in &stores {
-        // The first calls prepare the statements.
-        decide(&**store, &request(&[(&l, "warm-up", 1)]))
+        decide(&**store, &request(&[(limit, "warm-up", 1)]))
             .await
             .expect("decide");
     }
     sql(&server, "SELECT pg_stat_statements_reset()");
+    (server, stores)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_decisions_on_one_key_share_calls_and_admit_exactly_the_limit() {
+    let l = fixed("hot", "50/day");
+    // Three instances, each batching its own share of the requests.
+    let (server, stores) = instances(3, &l).await;
     let tasks: Vec<_> = (0..200)
         .map(|t| {
             let store = Arc::clone(&stores[t % stores.len()]);
@@ -631,17 +627,10 @@ async fn concurrent_decisions_on_one_key_share_calls_and_admit_exactly_the_limit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batched_decisions_over_overlapping_keys_in_any_order_never_deadlock() {
-    let (server, store) = setup_counting_statements().await;
     let day = fixed("day", "1000000/day");
     // Four instances: one instance has one call in flight, so only calls of different
     // instances can wait on each other.
-    let stores = instances(&server, &store, 4).await;
-    for store in &stores {
-        decide(&**store, &request(&[(&day, "warm-up", 1)]))
-            .await
-            .expect("decide");
-    }
-    sql(&server, "SELECT pg_stat_statements_reset()");
+    let (server, stores) = instances(4, &day).await;
     let before = deadlocks(&server).await;
     const TASKS: u64 = 64;
     const ROUNDS: u64 = 20;
