@@ -4,6 +4,9 @@
 //! - **One round trip per decision** ([`store`]): a decision is one call of the plpgsql
 //!   function `sluice_decide`, which runs the engine's arithmetic and atomic rule on the
 //!   database's clock, under advisory locks taken in key order.
+//! - **Batches** ([`batch`]): under load, concurrent charging decisions share one call of
+//!   `sluice_decide_batch`, which locks the whole batch's counters once in key order and
+//!   decides each request in arrival order as `sluice_decide` would alone.
 //! - **Reservations** ([`store`]): `reserve` is one call of `sluice_reserve` (the decision
 //!   plus, when allowed, a hold row and one slot row per concurrency window, whose
 //!   state is counted from its key's live slots under the key's lock); `settle` is one
@@ -25,6 +28,7 @@
 //! What settings are valid (schema names, URL schemes) is decided in
 //! `sluice-store-rules`, which the config loader applies too.
 
+mod batch;
 mod config;
 mod error;
 mod schema;

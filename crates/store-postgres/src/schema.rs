@@ -27,7 +27,7 @@ use crate::error::describe;
 use crate::{MAINTENANCE_TIMEOUT_MS, PostgresStore, PostgresStoreError};
 
 /// The schema version this build installs and expects.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// The migration script, with placeholders for the schema and the table's persistence.
 const SCHEMA_SQL: &str = include_str!("schema.sql");
@@ -79,6 +79,8 @@ fn render_schema(schema: &str, unlogged: bool) -> Result<String, PostgresStoreEr
 /// The statements the store runs, with the schema filled in.
 pub(crate) struct Statements {
     pub(crate) decide: String,
+    /// Decides several requests in one transaction (the batcher's).
+    pub(crate) decide_batch: String,
     pub(crate) reset: String,
     pub(crate) reset_range: String,
     pub(crate) sweep: String,
@@ -106,6 +108,9 @@ impl Statements {
         let s = format!("\"{schema}\"");
         Statements {
             decide: format!("SELECT {s}.sluice_decide($1::text[], $2::bigint[], $3::boolean)"),
+            decide_batch: format!(
+                "SELECT {s}.sluice_decide_batch($1::text[], $2::bigint[], $3::integer[])"
+            ),
             reset: format!("SELECT {s}.sluice_reset($1::text[])"),
             refund: format!("SELECT {s}.sluice_refund($1::text[], $2::bigint[])"),
             reserve: format!(

@@ -1,7 +1,8 @@
--- sluice schema version 3 for PostgreSQL 13+: the counter table, the decision and refund
--- functions, the reset and sweep functions, calendar-month windows (sluice_month_start)
--- and reservations (holds, concurrency slots, sluice_reserve, sluice_settle). Version 1
--- had no refund; version 2 neither calendar months nor reservations.
+-- sluice schema version 5 for PostgreSQL 13+: the counter table, the decision and refund
+-- functions, the reset and sweep functions, calendar-month windows (sluice_month_start),
+-- reservations (holds, concurrency slots, sluice_reserve, sluice_settle), runtime
+-- records, and batched decisions (sluice_decide_batch). Version 1 had no refund;
+-- version 2 neither calendar months nor reservations; version 4 no batches.
 -- Every statement is idempotent, so the whole script may run again at any time, and
 -- over a database of any earlier version (`sluice serve` runs it at start unless
 -- `migrate: false`; `sluice migrate --print` prints it for a DBA). Functions keep
@@ -133,6 +134,289 @@ AS $sluice$
                                + p_months * INTERVAL '1 month') * 1000000)::bigint
 $sluice$;
 
+-- The arithmetic of decisions (crates/engine/src/algorithm.rs, and the two passes of
+-- crates/engine/src/decision.rs) on counter states held in arrays, with no table read
+-- or written and no lock taken: the caller holds the counters' advisory locks, read
+-- them, and writes what changed. Requests are decided one after the other, each on the
+-- states the ones before it left, so each is decided as it would have been alone.
+-- One call for a whole batch: a CALL costs about as much as deciding one window.
+--   p_args: 7 values per window as sluice_reserve's, request after request; their
+--     slots index the state arrays.
+--   p_windows: each request's window count; negative (minus the count) for a request
+--     refused without deciding it.
+--   p_framed: answer as sluice_decide_batch (per request, its answer's length first; a
+--     refused request -1, 1); else the answer is the one request's outcomes alone.
+--   p_now: the database's clock (µs), read after the locks were taken.
+--   p_present, p_a, p_b, p_c: per slot, whether a state exists, and the state: the
+--     stored one on entry, the one to store on return.
+--   p_alg, p_period: per slot, the algorithm and period of the last window seen on it,
+--     for its expiry; a 3 on entry marks a concurrency window whose slots are counted.
+--   p_res: the answer: 4 values per window (sluice_reserve's), framed or not;
+--     p_allowed: the last request's verdict.
+-- A procedure, so that its INOUT arrays come back into the caller's variables.
+CREATE OR REPLACE PROCEDURE @schema@.sluice_apply(p_args bigint[], p_windows integer[], p_framed boolean,
+                                                  p_now bigint,
+                                                  INOUT p_present boolean[], INOUT p_a bigint[],
+                                                  INOUT p_b bigint[], INOUT p_c bigint[],
+                                                  INOUT p_alg bigint[], INOUT p_period bigint[],
+                                                  INOUT p_res bigint[], INOUT p_allowed boolean)
+LANGUAGE plpgsql
+AS $sluice$
+DECLARE
+    n integer;
+    q integer;
+    first integer := 0;
+    res bigint[];
+    decision_allowed boolean;
+    now_us bigint := p_now;
+    wp boolean[]; wa bigint[]; wb bigint[]; wc bigint[];
+    pass integer; i integer; o integer; s integer;
+    alg bigint; cap bigint; period bigint; ivl bigint; cost bigint; flags bigint;
+    ca bigint; cb bigint; cc bigint;          -- the state now, without this request
+    ga bigint; gb bigint; gc bigint;          -- the state if it is charged
+    ws bigint; we bigint; tau bigint; used bigint; lft bigint; weighted bigint;
+    elapsed bigint; room bigint; divisor bigint;
+    allowed boolean; retry bigint; charged boolean;
+BEGIN
+    IF p_framed THEN p_res := '{}'; END IF;
+    FOR q IN 1 .. coalesce(pg_catalog.array_length(p_windows, 1), 0) LOOP
+        n := p_windows[q];
+        IF n < 0 THEN
+            IF p_framed THEN p_res := p_res || ARRAY[-1, 1]::bigint[]; END IF;
+            first := first - n;
+            CONTINUE;
+        END IF;
+        decision_allowed := true;
+        res := pg_catalog.array_fill(0::bigint, ARRAY[n * 4]);
+        -- Pass 1: every window as if the decision were allowed, so repeated counters see
+        -- the charges before them. Pass 2 (only when denied): from the stored states again,
+        -- charging only charge_denied windows whose cost could fit; verdicts stay pass 1's.
+        FOR pass IN 1..2 LOOP
+            EXIT WHEN pass = 2 AND decision_allowed;
+            wp := p_present; wa := p_a; wb := p_b; wc := p_c;
+            FOR i IN 0 .. n - 1 LOOP
+                o := (first + i) * 7;
+                s := p_args[o + 1]; alg := p_args[o + 2]; cap := p_args[o + 3];
+                period := p_args[o + 4]; ivl := p_args[o + 5]; cost := p_args[o + 6];
+                flags := p_args[o + 7];
+                p_alg[s] := alg; p_period[s] := period;
+                IF alg = 0 THEN
+                    -- gcra: the state is the theoretical arrival time.
+                    IF wp[s] AND wa[s] > now_us THEN ca := wa[s]; ELSE ca := now_us; END IF;
+                    cb := 0; cc := 0;
+                    tau := cap * ivl;
+                    ga := ca + cost * ivl;
+                    allowed := cost = 0 OR ga - now_us <= tau;
+                    IF allowed THEN retry := 0;
+                    ELSIF cost > cap THEN retry := -1;
+                    ELSE retry := ga - tau - now_us;
+                    END IF;
+                    -- charge_denied locks out for at most one more bucket after the last attempt.
+                    ga := LEAST(ga, GREATEST(now_us + 2 * tau, ca)); gb := 0; gc := 0;
+                ELSIF alg = 3 THEN
+                    -- concurrency: slots in flight (a) against the capacity; b: when the
+                    -- first of them expires, the longest a denied call must wait.
+                    IF wp[s] AND wa[s] > 0 THEN ca := wa[s]; cb := GREATEST(wb[s], now_us);
+                    ELSE ca := 0; cb := now_us;
+                    END IF;
+                    cc := 0;
+                    ga := ca + cost;
+                    allowed := cost = 0 OR ga <= cap;
+                    IF allowed THEN retry := 0;
+                    ELSIF cost > cap THEN retry := -1;
+                    ELSE retry := cb - now_us;
+                    END IF;
+                    gb := cb; gc := 0;
+                ELSE
+                    IF period < 0 THEN ws := @schema@.sluice_month_start(now_us, 0);
+                    ELSE ws := now_us - now_us % period;
+                    END IF;
+                    IF alg = 1 THEN
+                        -- fixed window; a state from a later window (a decision whose clock
+                        -- read later) is the current one. It ends at `we`: months differ in
+                        -- length.
+                        IF wp[s] AND wa[s] >= ws THEN ca := wa[s]; cb := wb[s]; ELSE ca := ws; cb := 0; END IF;
+                        cc := 0;
+                        IF period < 0 THEN we := @schema@.sluice_month_start(ca, 1);
+                        ELSE we := ca + period;
+                        END IF;
+                        gb := cb + cost;
+                        allowed := cost = 0 OR gb <= cap;
+                        IF allowed THEN retry := 0;
+                        ELSIF cost > cap THEN retry := -1;
+                        ELSE retry := we - now_us;
+                        END IF;
+                        ga := ca; gc := 0;
+                    ELSE
+                        -- sliding window: the previous window's count weighs by its overlap.
+                        IF wp[s] AND wa[s] >= ws THEN ca := wa[s]; cb := wb[s]; cc := wc[s];
+                        ELSIF wp[s] AND wa[s] = ws - period THEN ca := ws; cb := 0; cc := wb[s];
+                        ELSE ca := ws; cb := 0; cc := 0;
+                        END IF;
+                        lft := LEAST(GREATEST(period - (now_us - ca), 0), period);
+                        IF cc = 0 OR lft = 0 THEN weighted := 0;
+                        ELSIF cc <= 4611686018427387903 / lft THEN weighted := (cc * lft + period - 1) / period;
+                        ELSE weighted := pg_catalog.div(cc::numeric * lft + period - 1, period::numeric)::bigint;
+                        END IF;
+                        used := weighted + cb;
+                        allowed := cost = 0 OR used + cost <= cap;
+                        IF allowed THEN retry := 0;
+                        ELSIF cost > cap THEN retry := -1;
+                        ELSE
+                            IF cb + cost > cap THEN
+                                -- Not in this window: wait until this window's count,
+                                -- weighted as the previous one, leaves room.
+                                room := cap - cost; divisor := cb;
+                            ELSE
+                                -- In this window, once the previous one has decayed enough.
+                                room := cap - cb - cost; divisor := GREATEST(cc, 1);
+                            END IF;
+                            IF room = 0 THEN elapsed := period;
+                            ELSIF room <= 9223372036854775807 / period THEN elapsed := period - room * period / divisor;
+                            ELSE elapsed := period - pg_catalog.div(room::numeric * period, divisor::numeric)::bigint;
+                            END IF;
+                            IF cb + cost > cap THEN
+                                retry := ca + period + GREATEST(elapsed, 0) - now_us;
+                            ELSE
+                                retry := ca + elapsed - now_us;
+                            END IF;
+                        END IF;
+                        ga := ca; gb := cb + cost; gc := cc;
+                    END IF;
+                END IF;
+
+                IF pass = 1 THEN
+                    charged := cost > 0 AND (allowed OR (flags % 2 = 1 AND retry >= 0));
+                    IF NOT allowed AND flags < 2 THEN decision_allowed := false; END IF;
+                    res[i * 4 + 1] := CASE WHEN allowed THEN 1 ELSE 0 END;
+                    res[i * 4 + 4] := retry;
+                ELSE
+                    charged := cost > 0 AND flags % 2 = 1 AND res[i * 4 + 4] >= 0;
+                END IF;
+                IF charged THEN
+                    wp[s] := true; wa[s] := ga; wb[s] := gb; wc[s] := gc;
+                    ca := ga; cb := gb; cc := gc;
+                    IF alg = 2 THEN used := used + cost; END IF;
+                END IF;
+                -- remaining and reset_after of the state after this window (ca, cb, cc).
+                IF alg = 0 THEN
+                    res[i * 4 + 2] := GREATEST(now_us + tau - ca, 0) / ivl;
+                    res[i * 4 + 3] := GREATEST(ca - now_us, 0);
+                ELSIF alg = 3 THEN
+                    res[i * 4 + 2] := GREATEST(cap - ca, 0);
+                    res[i * 4 + 3] := CASE WHEN ca > 0 THEN cb - now_us ELSE 0 END;
+                ELSIF alg = 1 THEN
+                    res[i * 4 + 2] := GREATEST(cap - cb, 0);
+                    res[i * 4 + 3] := CASE WHEN cb > 0 THEN we - now_us ELSE 0 END;
+                ELSE
+                    res[i * 4 + 2] := GREATEST(cap - used, 0);
+                    res[i * 4 + 3] := CASE WHEN cb > 0 THEN ca + 2 * period - now_us
+                                           WHEN cc > 0 THEN ca + period - now_us
+                                           ELSE 0 END;
+                END IF;
+            END LOOP;
+        END LOOP;
+        p_present := wp; p_a := wa; p_b := wb; p_c := wc;
+        IF p_framed THEN p_res := p_res || (n * 4)::bigint || res; ELSE p_res := res; END IF;
+        p_allowed := decision_allowed;
+        first := first + n;
+    END LOOP;
+END
+$sluice$;
+
+-- Reads the stored state of every counter in p_keys (sluice_apply's p_present, p_a,
+-- p_b, p_c, one per key) and counts the live slots of every concurrency window in p_args
+-- (7 values per window, slots indexing p_keys) as its state (open, free_at), marking
+-- its p_alg 3. The caller holds the keys' advisory locks (unless it writes nothing).
+CREATE OR REPLACE PROCEDURE @schema@.sluice_load(p_keys text[], p_args bigint[], p_now bigint,
+                                                 INOUT lp boolean[], INOUT la bigint[],
+                                                 INOUT lb bigint[], INOUT lc bigint[],
+                                                 INOUT sa bigint[], INOUT sp bigint[])
+LANGUAGE plpgsql
+AS $sluice$
+DECLARE
+    n integer := coalesce(pg_catalog.array_length(p_args, 1), 0) / 7;
+    slots integer := coalesce(pg_catalog.array_length(p_keys, 1), 0);
+    now_us bigint := p_now;
+    r record;
+    i integer; s integer;
+    ca bigint; cb bigint; cc bigint;
+BEGIN
+    lp := pg_catalog.array_fill(false, ARRAY[slots]);
+    la := pg_catalog.array_fill(0::bigint, ARRAY[slots]);
+    lb := la; lc := la; sa := la; sp := la;
+    IF slots = 1 THEN
+        SELECT t.a, t.b, t.c INTO ca, cb, cc FROM @schema@.sluice_counters AS t WHERE t.key = p_keys[1];
+        IF FOUND THEN
+            lp[1] := true; la[1] := ca; lb[1] := cb; lc[1] := cc;
+        END IF;
+    ELSE
+        -- By position, not array_position: a batch reads many keys at once. OFFSET 0 keeps
+        -- one index probe per key, whatever the planner guesses of the array's length.
+        FOR r IN SELECT x.i, t.a, t.b, t.c
+                   FROM pg_catalog.unnest(p_keys) WITH ORDINALITY AS x(k, i)
+                  CROSS JOIN LATERAL (SELECT c.a, c.b, c.c FROM @schema@.sluice_counters AS c
+                                       WHERE c.key = x.k OFFSET 0) AS t LOOP
+            s := r.i;
+            lp[s] := true; la[s] := r.a; lb[s] := r.b; lc[s] := r.c;
+        END LOOP;
+    END IF;
+    -- A concurrency window's state is counted from its live slots: (open, free_at).
+    FOR i IN 0 .. n - 1 LOOP
+        CONTINUE WHEN p_args[i * 7 + 2] <> 3;
+        s := p_args[i * 7 + 1];
+        CONTINUE WHEN sa[s] = 3;
+        sa[s] := 3;
+        SELECT pg_catalog.count(*), pg_catalog.min(t.expires_at) INTO ca, cb
+          FROM @schema@.sluice_slots AS t
+         WHERE t.key = p_keys[s] AND t.expires_at > now_us;
+        lp[s] := true; la[s] := ca; lb[s] := coalesce(cb, now_us); lc[s] := 0;
+    END LOOP;
+END
+$sluice$;
+
+-- Stores the counters whose state sluice_apply changed (w* against the stored l*), each
+-- with its expiry, in one statement. Concurrency windows (sa 3) are not rows of
+-- sluice_counters: their slots are. The caller holds the keys' advisory locks.
+CREATE OR REPLACE PROCEDURE @schema@.sluice_write(p_keys text[],
+                                                  lp boolean[], la bigint[], lb bigint[], lc bigint[],
+                                                  wp boolean[], wa bigint[], wb bigint[], wc bigint[],
+                                                  sa bigint[], sp bigint[])
+LANGUAGE plpgsql
+AS $sluice$
+DECLARE
+    slots integer := coalesce(pg_catalog.array_length(p_keys, 1), 0);
+    changed integer[] := '{}';
+    ea bigint[] := '{}';
+    s integer;
+BEGIN
+    FOR s IN 1 .. slots LOOP
+        -- A concurrency window is not a row of sluice_counters: its slots are below.
+        IF sa[s] <> 3 AND wp[s] AND (NOT lp[s] OR wa[s] <> la[s] OR wb[s] <> lb[s] OR wc[s] <> lc[s]) THEN
+            changed := changed || s;
+            -- Kept exactly as long as it matters (the engine's expires_at).
+            ea := ea || CASE WHEN sa[s] = 0 THEN wa[s]
+                             WHEN sp[s] < 0 THEN @schema@.sluice_month_start(wa[s], 1)
+                             WHEN sa[s] = 1 OR wb[s] = 0 THEN wa[s] + sp[s]
+                             ELSE wa[s] + 2 * sp[s] END;
+        END IF;
+    END LOOP;
+    IF pg_catalog.cardinality(changed) = 1 THEN
+        s := changed[1];
+        INSERT INTO @schema@.sluice_counters AS t (key, a, b, c, expires_at)
+             VALUES (p_keys[s], wa[s], wb[s], wc[s], ea[1])
+        ON CONFLICT (key) DO UPDATE
+           SET a = excluded.a, b = excluded.b, c = excluded.c, expires_at = excluded.expires_at;
+    ELSIF pg_catalog.cardinality(changed) > 1 THEN
+        INSERT INTO @schema@.sluice_counters AS t (key, a, b, c, expires_at)
+             SELECT p_keys[x.s], wa[x.s], wb[x.s], wc[x.s], x.e
+               FROM unnest(changed, ea) AS x(s, e)
+        ON CONFLICT (key) DO UPDATE
+           SET a = excluded.a, b = excluded.b, c = excluded.c, expires_at = excluded.expires_at;
+    END IF;
+END
+$sluice$;
+
 -- Decides every window of one request atomically and, for a reservation
 -- (Store::reserve) that is allowed, records its hold and gives it one slot of every
 -- concurrency window it charged, in the same transaction.
@@ -208,191 +492,13 @@ BEGIN
         END IF;
     END IF;
     now_us := (EXTRACT(EPOCH FROM pg_catalog.clock_timestamp()) * 1000000)::bigint;
-
-    lp := pg_catalog.array_fill(false, ARRAY[slots]);
-    la := pg_catalog.array_fill(0::bigint, ARRAY[slots]);
-    lb := la; lc := la; sa := la; sp := la;
-    IF slots = 1 THEN
-        SELECT t.a, t.b, t.c INTO ca, cb, cc FROM @schema@.sluice_counters AS t WHERE t.key = p_keys[1];
-        IF FOUND THEN
-            lp[1] := true; la[1] := ca; lb[1] := cb; lc[1] := cc;
-        END IF;
-    ELSE
-        FOR r IN SELECT t.key, t.a, t.b, t.c FROM @schema@.sluice_counters AS t
-                  WHERE t.key = ANY (p_keys) LOOP
-            s := pg_catalog.array_position(p_keys, r.key);
-            lp[s] := true; la[s] := r.a; lb[s] := r.b; lc[s] := r.c;
-        END LOOP;
-    END IF;
-    -- A concurrency window's state is counted from its live slots: (open, free_at).
-    FOR i IN 0 .. n - 1 LOOP
-        CONTINUE WHEN p_args[i * 7 + 2] <> 3;
-        s := p_args[i * 7 + 1];
-        CONTINUE WHEN sa[s] = 3;
-        sa[s] := 3;
-        SELECT pg_catalog.count(*), pg_catalog.min(t.expires_at) INTO ca, cb
-          FROM @schema@.sluice_slots AS t
-         WHERE t.key = p_keys[s] AND t.expires_at > now_us;
-        lp[s] := true; la[s] := ca; lb[s] := coalesce(cb, now_us); lc[s] := 0;
-    END LOOP;
-    res := pg_catalog.array_fill(0::bigint, ARRAY[n * 4]);
-
-    -- Pass 1: every window as if the decision were allowed, so repeated counters see
-    -- the charges before them. Pass 2 (only when denied): from the stored states again,
-    -- charging only charge_denied windows whose cost could fit; verdicts stay pass 1's.
-    FOR pass IN 1..2 LOOP
-        EXIT WHEN pass = 2 AND decision_allowed;
-        wp := lp; wa := la; wb := lb; wc := lc;
-        FOR i IN 0 .. n - 1 LOOP
-            o := i * 7;
-            s := p_args[o + 1]; alg := p_args[o + 2]; cap := p_args[o + 3];
-            period := p_args[o + 4]; ivl := p_args[o + 5]; cost := p_args[o + 6];
-            flags := p_args[o + 7];
-            sa[s] := alg; sp[s] := period;
-            IF alg = 0 THEN
-                -- gcra: the state is the theoretical arrival time.
-                IF wp[s] AND wa[s] > now_us THEN ca := wa[s]; ELSE ca := now_us; END IF;
-                cb := 0; cc := 0;
-                tau := cap * ivl;
-                ga := ca + cost * ivl;
-                allowed := cost = 0 OR ga - now_us <= tau;
-                IF allowed THEN retry := 0;
-                ELSIF cost > cap THEN retry := -1;
-                ELSE retry := ga - tau - now_us;
-                END IF;
-                -- charge_denied locks out for at most one more bucket after the last attempt.
-                ga := LEAST(ga, GREATEST(now_us + 2 * tau, ca)); gb := 0; gc := 0;
-            ELSIF alg = 3 THEN
-                -- concurrency: slots in flight (a) against the capacity; b: when the
-                -- first of them expires, the longest a denied call must wait.
-                IF wp[s] AND wa[s] > 0 THEN ca := wa[s]; cb := GREATEST(wb[s], now_us);
-                ELSE ca := 0; cb := now_us;
-                END IF;
-                cc := 0;
-                ga := ca + cost;
-                allowed := cost = 0 OR ga <= cap;
-                IF allowed THEN retry := 0;
-                ELSIF cost > cap THEN retry := -1;
-                ELSE retry := cb - now_us;
-                END IF;
-                gb := cb; gc := 0;
-            ELSE
-                IF period < 0 THEN ws := @schema@.sluice_month_start(now_us, 0);
-                ELSE ws := now_us - now_us % period;
-                END IF;
-                IF alg = 1 THEN
-                    -- fixed window; a state from a later window (a decision whose clock
-                    -- read later) is the current one. It ends at `we`: months differ in
-                    -- length.
-                    IF wp[s] AND wa[s] >= ws THEN ca := wa[s]; cb := wb[s]; ELSE ca := ws; cb := 0; END IF;
-                    cc := 0;
-                    IF period < 0 THEN we := @schema@.sluice_month_start(ca, 1);
-                    ELSE we := ca + period;
-                    END IF;
-                    gb := cb + cost;
-                    allowed := cost = 0 OR gb <= cap;
-                    IF allowed THEN retry := 0;
-                    ELSIF cost > cap THEN retry := -1;
-                    ELSE retry := we - now_us;
-                    END IF;
-                    ga := ca; gc := 0;
-                ELSE
-                    -- sliding window: the previous window's count weighs by its overlap.
-                    IF wp[s] AND wa[s] >= ws THEN ca := wa[s]; cb := wb[s]; cc := wc[s];
-                    ELSIF wp[s] AND wa[s] = ws - period THEN ca := ws; cb := 0; cc := wb[s];
-                    ELSE ca := ws; cb := 0; cc := 0;
-                    END IF;
-                    lft := LEAST(GREATEST(period - (now_us - ca), 0), period);
-                    IF cc = 0 OR lft = 0 THEN weighted := 0;
-                    ELSIF cc <= 4611686018427387903 / lft THEN weighted := (cc * lft + period - 1) / period;
-                    ELSE weighted := pg_catalog.div(cc::numeric * lft + period - 1, period::numeric)::bigint;
-                    END IF;
-                    used := weighted + cb;
-                    allowed := cost = 0 OR used + cost <= cap;
-                    IF allowed THEN retry := 0;
-                    ELSIF cost > cap THEN retry := -1;
-                    ELSE
-                        IF cb + cost > cap THEN
-                            -- Not in this window: wait until this window's count,
-                            -- weighted as the previous one, leaves room.
-                            room := cap - cost; divisor := cb;
-                        ELSE
-                            -- In this window, once the previous one has decayed enough.
-                            room := cap - cb - cost; divisor := GREATEST(cc, 1);
-                        END IF;
-                        IF room = 0 THEN elapsed := period;
-                        ELSIF room <= 9223372036854775807 / period THEN elapsed := period - room * period / divisor;
-                        ELSE elapsed := period - pg_catalog.div(room::numeric * period, divisor::numeric)::bigint;
-                        END IF;
-                        IF cb + cost > cap THEN
-                            retry := ca + period + GREATEST(elapsed, 0) - now_us;
-                        ELSE
-                            retry := ca + elapsed - now_us;
-                        END IF;
-                    END IF;
-                    ga := ca; gb := cb + cost; gc := cc;
-                END IF;
-            END IF;
-
-            IF pass = 1 THEN
-                charged := cost > 0 AND (allowed OR (flags % 2 = 1 AND retry >= 0));
-                IF NOT allowed AND flags < 2 THEN decision_allowed := false; END IF;
-                res[i * 4 + 1] := CASE WHEN allowed THEN 1 ELSE 0 END;
-                res[i * 4 + 4] := retry;
-            ELSE
-                charged := cost > 0 AND flags % 2 = 1 AND res[i * 4 + 4] >= 0;
-            END IF;
-            IF charged THEN
-                wp[s] := true; wa[s] := ga; wb[s] := gb; wc[s] := gc;
-                ca := ga; cb := gb; cc := gc;
-                IF alg = 2 THEN used := used + cost; END IF;
-            END IF;
-            -- remaining and reset_after of the state after this window (ca, cb, cc).
-            IF alg = 0 THEN
-                res[i * 4 + 2] := GREATEST(now_us + tau - ca, 0) / ivl;
-                res[i * 4 + 3] := GREATEST(ca - now_us, 0);
-            ELSIF alg = 3 THEN
-                res[i * 4 + 2] := GREATEST(cap - ca, 0);
-                res[i * 4 + 3] := CASE WHEN ca > 0 THEN cb - now_us ELSE 0 END;
-            ELSIF alg = 1 THEN
-                res[i * 4 + 2] := GREATEST(cap - cb, 0);
-                res[i * 4 + 3] := CASE WHEN cb > 0 THEN we - now_us ELSE 0 END;
-            ELSE
-                res[i * 4 + 2] := GREATEST(cap - used, 0);
-                res[i * 4 + 3] := CASE WHEN cb > 0 THEN ca + 2 * period - now_us
-                                       WHEN cc > 0 THEN ca + period - now_us
-                                       ELSE 0 END;
-            END IF;
-        END LOOP;
-    END LOOP;
-
+    CALL @schema@.sluice_load(p_keys, p_args, now_us, lp, la, lb, lc, sa, sp);
+    wp := lp; wa := la; wb := lb; wc := lc;
+    CALL @schema@.sluice_apply(p_args, ARRAY[n], false, now_us, wp, wa, wb, wc, sa, sp, res, decision_allowed);
     IF p_read_only THEN
         RETURN res;
     END IF;
-    FOR s IN 1 .. slots LOOP
-        -- A concurrency window is not a row of sluice_counters: its slots are below.
-        IF sa[s] <> 3 AND wp[s] AND (NOT lp[s] OR wa[s] <> la[s] OR wb[s] <> lb[s] OR wc[s] <> lc[s]) THEN
-            changed := changed || s;
-            -- Kept exactly as long as it matters (the engine's expires_at).
-            ea := ea || CASE WHEN sa[s] = 0 THEN wa[s]
-                             WHEN sp[s] < 0 THEN @schema@.sluice_month_start(wa[s], 1)
-                             WHEN sa[s] = 1 OR wb[s] = 0 THEN wa[s] + sp[s]
-                             ELSE wa[s] + 2 * sp[s] END;
-        END IF;
-    END LOOP;
-    IF pg_catalog.cardinality(changed) = 1 THEN
-        s := changed[1];
-        INSERT INTO @schema@.sluice_counters AS t (key, a, b, c, expires_at)
-             VALUES (p_keys[s], wa[s], wb[s], wc[s], ea[1])
-        ON CONFLICT (key) DO UPDATE
-           SET a = excluded.a, b = excluded.b, c = excluded.c, expires_at = excluded.expires_at;
-    ELSIF pg_catalog.cardinality(changed) > 1 THEN
-        INSERT INTO @schema@.sluice_counters AS t (key, a, b, c, expires_at)
-             SELECT p_keys[x.s], wa[x.s], wb[x.s], wc[x.s], x.e
-               FROM unnest(changed, ea) AS x(s, e)
-        ON CONFLICT (key) DO UPDATE
-           SET a = excluded.a, b = excluded.b, c = excluded.c, expires_at = excluded.expires_at;
-    END IF;
+    CALL @schema@.sluice_write(p_keys, lp, la, lb, lc, wp, wa, wb, wc, sa, sp);
     -- An allowed reservation: its hold, and a slot of every concurrency window it
     -- charged (one per window, whatever the cost, as the memory store counts them). An
     -- id already recorded is kept as it was: ids are 128 random bits, so a repeat is a
@@ -423,6 +529,74 @@ RETURNS bigint[]
 LANGUAGE sql
 AS $sluice$
 SELECT @schema@.sluice_reserve(p_keys, p_args, p_read_only, NULL::text, NULL::text, 0::bigint)
+$sluice$;
+
+-- Decides several requests in one call (the store's batcher: concurrent decisions that
+-- arrive while earlier calls are in flight), each as sluice_decide would decide it
+-- alone, one after the other in the order given: each sees the counters as the
+-- requests before it left them. Decisions only (no holds); nothing read-only.
+--   p_keys: the distinct counters of the whole batch.
+--   p_args: every request's windows one after the other, 7 values each as
+--     sluice_reserve's, their slots indexing p_keys.
+--   p_windows: the number of windows of each request.
+-- Returns, per request: 4 times its window count, then sluice_decide's answer for it;
+-- or -1 and a code (1: its arguments cannot be decided) when its arguments are
+-- invalid, which is checked before any is decided, so one bad request fails alone
+-- without the cost of a subtransaction per request. Any other error fails the batch.
+--
+-- Concurrency: the advisory locks of every counter of the batch are taken once, in
+-- ascending hash order, before any request is decided; so a batch is, to every other
+-- decision, one decision over the union of its counters, and no two calls wait on
+-- each other in a cycle. One clock reading serves the batch.
+CREATE OR REPLACE FUNCTION @schema@.sluice_decide_batch(p_keys text[], p_args bigint[], p_windows integer[])
+RETURNS bigint[]
+LANGUAGE plpgsql
+AS $sluice$
+DECLARE
+    m integer := coalesce(pg_catalog.array_length(p_windows, 1), 0);
+    slots integer := coalesce(pg_catalog.array_length(p_keys, 1), 0);
+    now_us bigint;
+    lp boolean[]; la bigint[]; lb bigint[]; lc bigint[];
+    wp boolean[]; wa bigint[]; wb bigint[]; wc bigint[];
+    sa bigint[]; sp bigint[];
+    windows integer[] := p_windows;
+    answer bigint[];
+    allowed boolean;
+    q integer; i integer; o integer; first integer; n integer;
+BEGIN
+    -- A malformed batch as a whole (the client's fault, not one request's) fails.
+    SELECT coalesce(sum(w), 0), coalesce(min(w), 0) INTO n, i FROM pg_catalog.unnest(p_windows) AS w;
+    IF n * 7 <> coalesce(pg_catalog.array_length(p_args, 1), 0) OR i < 0 THEN
+        RAISE EXCEPTION 'sluice_decide_batch: % argument values for window counts %',
+            coalesce(pg_catalog.array_length(p_args, 1), 0), p_windows;
+    END IF;
+    -- What sluice_apply and sluice_load would divide by, index or fail on.
+    first := 0;
+    FOR q IN 1 .. m LOOP
+        n := p_windows[q];
+        FOR i IN first .. first + n - 1 LOOP
+            o := i * 7;
+            IF NOT (p_args[o + 1] BETWEEN 1 AND slots AND p_args[o + 2] BETWEEN 0 AND 3
+                    AND p_args[o + 3] >= 0 AND p_args[o + 6] >= 0 AND p_args[o + 7] BETWEEN 0 AND 3
+                    AND (p_args[o + 4] > 0 OR (p_args[o + 4] = -1 AND p_args[o + 2] = 1))
+                    AND (p_args[o + 2] <> 0 OR p_args[o + 5] > 0)) THEN
+                windows[q] := -n;
+                -- Its concurrency windows are not counted: sluice_load skips them.
+                p_args[o + 2] := -1;
+            END IF;
+        END LOOP;
+        first := first + n;
+    END LOOP;
+    PERFORM pg_catalog.pg_advisory_xact_lock(x.h)
+       FROM (SELECT DISTINCT pg_catalog.hashtextextended(k, 1936487781) AS h
+               FROM pg_catalog.unnest(p_keys) AS k ORDER BY 1) AS x;
+    now_us := (EXTRACT(EPOCH FROM pg_catalog.clock_timestamp()) * 1000000)::bigint;
+    CALL @schema@.sluice_load(p_keys, p_args, now_us, lp, la, lb, lc, sa, sp);
+    wp := lp; wa := la; wb := lb; wc := lc;
+    CALL @schema@.sluice_apply(p_args, windows, true, now_us, wp, wa, wb, wc, sa, sp, answer, allowed);
+    CALL @schema@.sluice_write(p_keys, lp, la, lb, lc, wp, wa, wb, wc, sa, sp);
+    RETURN answer;
+END
 $sluice$;
 
 -- Forgets counters (and the slots of concurrency windows: their reservations stay
@@ -699,4 +873,7 @@ INSERT INTO @schema@.sluice_migrations (version, description)
 ON CONFLICT (version) DO NOTHING;
 INSERT INTO @schema@.sluice_migrations (version, description)
      VALUES (4, 'runtime records: sluice_records, sluice_records_version')
+ON CONFLICT (version) DO NOTHING;
+INSERT INTO @schema@.sluice_migrations (version, description)
+     VALUES (5, 'batched decisions: sluice_decide_batch, over sluice_load, sluice_apply and sluice_write')
 ON CONFLICT (version) DO NOTHING;

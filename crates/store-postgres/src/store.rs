@@ -12,6 +12,14 @@
 //! shared counters serialise without deadlocks; dry runs (and requests whose every cost
 //! is 0) take no lock and write nothing.
 //!
+//! # Concurrent decisions share a call
+//! Under load, charging decisions that arrive while a call is in flight queue and
+//! go together as one `sluice_decide_batch` statement ([`crate::batch`]): one
+//! transaction takes the locks of every counter of the batch in ascending order, then
+//! decides each request in arrival order exactly as `sluice_decide` would alone. Still
+//! one round trip per decision (its batch's), exact across instances, and fewer
+//! transactions, which are what bounded PostgreSQL's rate.
+//!
 //! # One round trip per reservation and per settlement
 //! A reservation is one call of `sluice_reserve`, the same function with a hold:
 //! `sluice_decide` is `sluice_reserve` without one. When the decision is allowed it
@@ -32,6 +40,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
@@ -39,8 +48,10 @@ use sluice_engine::{
     Algorithm, DecisionRequest, Hold, Limit, Micros, Outcomes, Rate, Record, Records, SettleStatus,
     Settlement, Store, StoreError, StoreFuture, StoreStats, Window, WindowOutcome, WindowOutcomes,
 };
+use sluice_store_batch::Batcher;
 use tokio_postgres::NoTls;
 
+use crate::batch::{Call, LIMITS, PgBatch};
 use crate::config::address_of;
 use crate::error::{Failure, pool_failure, query_failure};
 use crate::schema::Statements;
@@ -55,8 +66,11 @@ pub struct PostgresStore {
     pub(crate) address: String,
     pub(crate) migrate: bool,
     pub(crate) unlogged: bool,
-    /// The schema is known to be installed at a usable version.
-    pub(crate) ready: AtomicBool,
+    /// The schema is known to be installed at a usable version (shared with the
+    /// batcher, whose batches run on tasks of their own).
+    pub(crate) ready: Arc<AtomicBool>,
+    /// Concurrent charging decisions share statements.
+    batcher: Arc<Batcher<PgBatch>>,
     /// One task at a time checks or installs the schema.
     pub(crate) preparing: tokio::sync::Mutex<()>,
 }
@@ -83,15 +97,27 @@ impl PostgresStore {
             .recycle_timeout(Some(config.timeout))
             .build()
             .map_err(|e| PostgresStoreError::BadUrl(e.to_string()))?;
+        let statements = Statements::new(&config.schema);
+        let ready = Arc::new(AtomicBool::new(false));
+        let batcher = Arc::new(Batcher::new(
+            PgBatch::new(
+                pool.clone(),
+                statements.decide_batch.clone(),
+                address.clone(),
+                Arc::clone(&ready),
+            ),
+            LIMITS,
+        ));
         Ok(PostgresStore {
             pool,
-            statements: Statements::new(&config.schema),
+            statements,
             schema: config.schema,
             prefix: config.prefix,
             address,
             migrate: config.migrate,
             unlogged: config.unlogged,
-            ready: AtomicBool::new(false),
+            ready,
+            batcher,
             preparing: tokio::sync::Mutex::new(()),
         })
     }
@@ -236,16 +262,38 @@ impl PostgresStore {
 
     async fn decide_inner(&self, request: &DecisionRequest) -> Result<Outcomes, StoreError> {
         let (keys, args, charges) = self.decision_args(request);
-        // A dry run, or a request of reads only, charges nothing: it may be repeated.
+        // A dry run, or a request of reads only, charges nothing: it may be repeated,
+        // and takes no lock, so it gains nothing from a batch.
         let read_only = request.dry_run || !charges;
+        if read_only {
+            let row = self
+                .query(&self.statements.decide, &[&keys, &args, &true], true)
+                .await?;
+            return outcomes_of(&row, "sluice_decide", request.window_count());
+        }
+        // Installed before queueing: a batch runs on a task without the store.
+        self.ensure_ready().await?;
+        let reply = self
+            .batcher
+            .submit(Call { keys, args }, |call| async move {
+                self.decide_one(&call).await
+            })
+            .await?;
+        parse_reply(&reply, request.window_count())
+    }
+
+    /// One charging decision alone, as one `sluice_decide` statement (the batcher's
+    /// path when few calls are in flight).
+    pub(crate) async fn decide_one(&self, call: &Call) -> Result<Vec<i64>, StoreError> {
         let row = self
             .query(
                 &self.statements.decide,
-                &[&keys, &args, &read_only],
-                read_only,
+                &[&call.keys, &call.args, &false],
+                false,
             )
             .await?;
-        outcomes_of(&row, "sluice_decide", request.window_count())
+        row.try_get(0)
+            .map_err(|e| StoreError::Protocol(format!("sluice_decide answered: {e}")))
     }
 
     async fn reserve_inner(

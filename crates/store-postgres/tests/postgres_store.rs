@@ -4,7 +4,9 @@
 //! flood (holds and slots too), reset of a whole limit, the migration (versioned,
 //! idempotent, by hand for a DBA, in another schema, unlogged, and over a database of
 //! the previous version), no deadlock between decisions, reservations and settlements
-//! taking shared counters in opposite orders, and survival of a database restart.
+//! taking shared counters in opposite orders, batched decisions (exact, sharing calls,
+//! deadlock-free over overlapping keys, a bad request failing alone), and survival of a
+//! database restart.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -537,6 +539,183 @@ async fn decisions_taking_shared_counters_in_opposite_orders_never_deadlock() {
     .expect("read");
     let spent: u64 = d.results.iter().map(|r| 1_000_000 - r.remaining).sum();
     assert_eq!(spent, 16 * 100 * 2, "every charge landed once");
+}
+
+/// Deadlocks PostgreSQL detected in the test's database since it started. A detected
+/// deadlock is retried once by the store (it rolled back), so counting them is how a
+/// test sees one at all. Statistics reach the view within a second of each transaction.
+async fn deadlocks(server: &PostgresServer) -> u64 {
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sql(
+        server,
+        "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .parse()
+    .expect("a count")
+}
+
+/// Top-level calls of `sluice_decide` and of `sluice_decide_batch` since the last reset.
+fn decide_calls(server: &PostgresServer) -> (u64, u64) {
+    let calls = sql(
+        server,
+        "SELECT coalesce(sum(calls) FILTER (WHERE query LIKE '%sluice_decide(%'), 0) || ' ' || \
+         coalesce(sum(calls) FILTER (WHERE query LIKE '%sluice_decide_batch(%'), 0) \
+         FROM pg_stat_statements WHERE toplevel",
+    );
+    let (single, batch) = calls.split_once(' ').expect("two counts");
+    (
+        single.parse().expect("a count"),
+        batch.parse().expect("a count"),
+    )
+}
+
+/// `n` stores (as `n` sluice instances) on a server counting statements, each of which
+/// has decided once on `limit` (preparing its statements), and the counts reset.
+async fn instances(n: usize, limit: &Arc<Limit>) -> (PostgresServer, Vec<Arc<PostgresStore>>) {
+    let (server, first) = setup_counting_statements().await;
+    let mut stores = vec![first];
+    while stores.len() < n {
+        let store = PostgresStore::new(config(&server)).expect("config");
+        store.prepare().await.expect("ready");
+        stores.push(Arc::new(store));
+    }
+    for store in &stores {
+        decide(&**store, &request(&[(limit, "warm-up", 1)]))
+            .await
+            .expect("decide");
+    }
+    sql(&server, "SELECT pg_stat_statements_reset()");
+    (server, stores)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_decisions_on_one_key_share_calls_and_admit_exactly_the_limit() {
+    let l = fixed("hot", "50/day");
+    // Three instances, each batching its own share of the requests.
+    let (server, stores) = instances(3, &l).await;
+    let tasks: Vec<_> = (0..200)
+        .map(|t| {
+            let store = Arc::clone(&stores[t % stores.len()]);
+            let l = Arc::clone(&l);
+            tokio::spawn(async move {
+                decide(&*store, &request(&[(&l, "k", 1)]))
+                    .await
+                    .expect("no error")
+                    .allowed
+            })
+        })
+        .collect();
+    let mut allowed = 0;
+    for task in tasks {
+        allowed += u32::from(task.await.expect("task"));
+    }
+    assert_eq!(allowed, 50, "exactly the limit, never more");
+    let (single, batch) = decide_calls(&server);
+    assert!(
+        batch > 0 && single + batch < 200,
+        "200 decisions in fewer calls, some of them batches: {single} single, {batch} batches"
+    );
+    assert_eq!(
+        sql(
+            &server,
+            "SELECT b FROM public.sluice_counters WHERE key LIKE '%hot%:k'"
+        ),
+        "50",
+        "denied decisions charged nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batched_decisions_over_overlapping_keys_in_any_order_never_deadlock() {
+    let day = fixed("day", "1000000/day");
+    // Four instances: one instance has one call in flight, so only calls of different
+    // instances can wait on each other.
+    let (server, stores) = instances(4, &day).await;
+    let before = deadlocks(&server).await;
+    const TASKS: u64 = 64;
+    const ROUNDS: u64 = 20;
+    const KEYS: u64 = 12;
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let store = Arc::clone(&stores[t as usize % stores.len()]);
+            let day = Arc::clone(&day);
+            tokio::spawn(async move {
+                // xorshift: every task its own sequence of key sets and orders.
+                let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ (t + 1).wrapping_mul(0x2545_f491_4f6c_dd1d);
+                let mut next = move || {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x
+                };
+                let mut allowed = 0;
+                for _ in 0..ROUNDS {
+                    // 5 distinct keys of 12, in a random order.
+                    let mut keys: Vec<String> = Vec::new();
+                    while keys.len() < 5 {
+                        let key = format!("k{}", next() % KEYS);
+                        if !keys.contains(&key) {
+                            keys.push(key);
+                        }
+                    }
+                    let checks: Vec<_> = keys.iter().map(|k| (&day, k.as_str(), 1)).collect();
+                    let decided = decide(&*store, &request(&checks)).await;
+                    allowed += u64::from(decided.expect("no deadlock, no error").allowed);
+                }
+                allowed
+            })
+        })
+        .collect();
+    let mut allowed = 0;
+    for task in tasks {
+        allowed += task.await.expect("task");
+    }
+    assert_eq!(allowed, TASKS * ROUNDS, "every decision allowed");
+    assert_eq!(
+        sql(
+            &server,
+            "SELECT sum(b) FROM public.sluice_counters WHERE key LIKE '%day%:k%'"
+        ),
+        (TASKS * ROUNDS * 5).to_string(),
+        "every charge landed once"
+    );
+    let (single, batch) = decide_calls(&server);
+    assert!(
+        batch > 0,
+        "batches formed: {single} single, {batch} batches"
+    );
+    assert_eq!(
+        deadlocks(&server).await,
+        before,
+        "PostgreSQL saw no deadlock"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_answers_each_request_and_a_bad_one_fails_alone() {
+    let (server, _store) = setup().await;
+    // Three requests on one counter (5/minute, gcra): 3, then an unknown algorithm,
+    // then 3 more, which no longer fit after the first.
+    let reply = sql(
+        &server,
+        "SELECT public.sluice_decide_batch(ARRAY['c'], \
+         ARRAY[1, 0, 5, 60000000, 12000000, 3, 0, \
+               1, 9, 5, 60000000, 12000000, 1, 0, \
+               1, 0, 5, 60000000, 12000000, 3, 0]::bigint[], ARRAY[1, 1, 1])",
+    );
+    let values: Vec<i64> = reply
+        .trim_matches(|c| c == '{' || c == '}')
+        .split(',')
+        .map(|v| v.parse().expect("an integer"))
+        .collect();
+    assert_eq!(values.len(), 5 + 2 + 5, "{reply}");
+    assert_eq!(&values[..3], &[4, 1, 2], "allowed, 2 left: {reply}");
+    assert_eq!(
+        &values[5..7],
+        &[-1, 1],
+        "the bad request is refused: {reply}"
+    );
+    assert_eq!(&values[7..9], &[4, 0], "denied, after the first: {reply}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
