@@ -16,7 +16,10 @@
 #   STORAGE=memory   memory | disk | disk-sync (backend disk in the scratch dir, sync: true)
 #                    | redis (starts its own redis-server on a free loopback port,
 #                      --save '' --appendonly no, in the scratch dir; stopped at exit)
-#   REDIS_SERVER=redis-server  REDIS_CLI=redis-cli   (STORAGE=redis)
+#                    | redis-cluster (three redis-server --cluster-enabled yes on free
+#                      loopback ports, joined by redis-cli --cluster create; storage
+#                      cluster: true; the Redis figures are summed over the nodes)
+#   REDIS_SERVER=redis-server  REDIS_CLI=redis-cli   (STORAGE=redis, redis-cluster)
 #   DENY_CACHE=true  (STORAGE=redis) storage.local_deny_cache; false: every decision goes
 #                    to Redis
 #   API_RATE=100/second   the rate of limit `api` (e.g. 10/minute with KEYS=1000: nearly
@@ -76,6 +79,9 @@ scratch="$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")"
 server_pid=""
 redis_pid=""
 redis_port=""
+# STORAGE=redis-cluster: the nodes' pids and ports (redis_port is the first node's).
+cluster_pids=()
+cluster_ports=()
 pg_data=""
 pg_port=""
 cleanup() {
@@ -83,10 +89,12 @@ cleanup() {
     if [[ -n "$pg_data" ]]; then
         pg_as "$PG_BIN/pg_ctl" -D "$pg_data" -m immediate -w stop >/dev/null 2>&1 || true
     fi
-    if [[ -n "$redis_pid" ]] && kill -0 "$redis_pid" 2>/dev/null; then
-        kill "$redis_pid" 2>/dev/null || true
-        wait "$redis_pid" 2>/dev/null || true
-    fi
+    for pid in $redis_pid "${cluster_pids[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then
+            kill "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+        fi
+    done
     if [[ -n "$server_pid" ]] && kill -0 "$server_pid" 2>/dev/null; then
         kill "$server_pid" 2>/dev/null || true
         wait "$server_pid" 2>/dev/null || true
@@ -129,7 +137,7 @@ if [[ -z "$target" ]]; then
         memory) storage="{backend: memory, max_keys: 1000000}" ;;
         disk) storage="{backend: disk, path: '$scratch/data', max_keys: 1000000}" ;;
         disk-sync) storage="{backend: disk, path: '$scratch/data', sync: true, max_keys: 1000000}" ;;
-        redis)
+        redis | redis-cluster)
             REDIS_SERVER="${REDIS_SERVER:-redis-server}"
             REDIS_CLI="${REDIS_CLI:-redis-cli}"
             for tool in "$REDIS_SERVER" "$REDIS_CLI"; do
@@ -139,27 +147,57 @@ if [[ -z "$target" ]]; then
                 fi
             done
             mkdir -p "$scratch/redis"
-            for _ in 1 2 3 4 5; do
-                redis_port="$(free_port)"
-                "$REDIS_SERVER" --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
-                    --dir "$scratch/redis" >"$scratch/redis.log" 2>&1 &
-                redis_pid=$!
+            nodes=1
+            if [[ "$STORAGE" == redis-cluster ]]; then nodes=3; fi
+            for node in $(seq 1 "$nodes"); do
+                node_pid=""
+                mkdir -p "$scratch/redis/$node"
+                cluster_args=()
+                if [[ "$nodes" != 1 ]]; then
+                    cluster_args=(--cluster-enabled yes --cluster-config-file "$scratch/redis/$node/nodes.conf")
+                fi
+                for _ in 1 2 3 4 5; do
+                    node_port="$(free_port)"
+                    "$REDIS_SERVER" --port "$node_port" --bind 127.0.0.1 --save '' --appendonly no \
+                        --dir "$scratch/redis/$node" "${cluster_args[@]}" >"$scratch/redis/$node.log" 2>&1 &
+                    node_pid=$!
+                    for _ in $(seq 1 100); do
+                        if "$REDIS_CLI" -p "$node_port" PING 2>/dev/null | grep -q PONG; then break 2; fi
+                        if ! kill -0 "$node_pid" 2>/dev/null; then break; fi
+                        sleep 0.1
+                    done
+                    kill "$node_pid" 2>/dev/null || true
+                    wait "$node_pid" 2>/dev/null || true
+                    node_pid=""
+                done
+                if [[ -z "$node_pid" ]]; then
+                    echo "redis-server did not start; log:" >&2
+                    cat "$scratch/redis/$node.log" >&2
+                    exit 1
+                fi
+                cluster_pids+=("$node_pid")
+                cluster_ports+=("$node_port")
+            done
+            redis_pid="${cluster_pids[0]}"
+            redis_port="${cluster_ports[0]}"
+            if [[ "$nodes" == 1 ]]; then
+                cluster_pids=()
+                echo "==> redis-server (pid $redis_pid) on 127.0.0.1:$redis_port" >&2
+                storage="{backend: redis, url: 'redis://127.0.0.1:$redis_port/', prefix: 'bench:', local_deny_cache: ${DENY_CACHE:-true}}"
+            else
+                "$REDIS_CLI" --cluster create $(printf '127.0.0.1:%s ' "${cluster_ports[@]}") \
+                    --cluster-replicas 0 --cluster-yes >"$scratch/redis/create.log" 2>&1 || {
+                    echo "redis-cli --cluster create failed:" >&2
+                    cat "$scratch/redis/create.log" >&2
+                    exit 1
+                }
                 for _ in $(seq 1 100); do
-                    if "$REDIS_CLI" -p "$redis_port" PING 2>/dev/null | grep -q PONG; then break 2; fi
-                    if ! kill -0 "$redis_pid" 2>/dev/null; then break; fi
+                    "$REDIS_CLI" -p "$redis_port" CLUSTER INFO 2>/dev/null | grep -q 'cluster_state:ok' && break
                     sleep 0.1
                 done
-                kill "$redis_pid" 2>/dev/null || true
-                wait "$redis_pid" 2>/dev/null || true
-                redis_pid=""
-            done
-            if [[ -z "$redis_pid" ]]; then
-                echo "redis-server did not start; log:" >&2
-                cat "$scratch/redis.log" >&2
-                exit 1
+                echo "==> Redis Cluster of ${#cluster_ports[@]} masters on 127.0.0.1:${cluster_ports[*]}" >&2
+                storage="{backend: redis, url: 'redis://127.0.0.1:$redis_port/', cluster: true, prefix: 'bench:', local_deny_cache: ${DENY_CACHE:-true}}"
             fi
-            echo "==> redis-server (pid $redis_pid) on 127.0.0.1:$redis_port" >&2
-            storage="{backend: redis, url: 'redis://127.0.0.1:$redis_port/', prefix: 'bench:', local_deny_cache: ${DENY_CACHE:-true}}"
             ;;
         postgres)
             PG_BIN="${PG_BIN:-$(pg_config --bindir 2>/dev/null || true)}"
@@ -193,7 +231,7 @@ if [[ -z "$target" ]]; then
             echo "==> PostgreSQL $(pg_sql 'SHOW server_version') on 127.0.0.1:$pg_port (data in $pg_data)" >&2
             storage="{backend: postgres, url: 'postgres://postgres@127.0.0.1:$pg_port/postgres', prefix: 'bench:', pool_size: ${PG_POOL:-16}, timeout_ms: ${PG_TIMEOUT_MS:-200}}"
             ;;
-        *) echo "STORAGE must be memory, disk, disk-sync, redis or postgres, not $STORAGE" >&2; exit 2 ;;
+        *) echo "STORAGE must be memory, disk, disk-sync, redis, redis-cluster or postgres, not $STORAGE" >&2; exit 2 ;;
     esac
     cat >"$config" <<EOF
 listen: 127.0.0.1:$port
@@ -258,9 +296,9 @@ stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 summary=()
 for v in $variants; do
     out="$root/bench/results/check-v$v-$stamp.txt"
-    if [[ -n "$redis_pid" ]]; then
-        "$REDIS_CLI" -p "$redis_port" CONFIG RESETSTAT >/dev/null
-    fi
+    for node_port in $redis_port "${cluster_ports[@]:1}"; do
+        "$REDIS_CLI" -p "$node_port" CONFIG RESETSTAT >/dev/null
+    done
     if [[ -n "$pg_port" ]]; then
         pg_sql "SELECT pg_stat_statements_reset()" >/dev/null
     fi
@@ -287,13 +325,15 @@ for v in $variants; do
     fi
     if [[ -n "$redis_pid" ]]; then
         requests="$(awk '/requests in/ {print $1; exit}' "$out")"
-        evalsha="$("$REDIS_CLI" -p "$redis_port" INFO commandstats | tr -d '\r' |
-            awk -F'[:,=]' '$1 == "cmdstat_evalsha" {print $3}')"
+        # Over every node of a cluster (one node otherwise).
+        stats="$(for node_port in $redis_port "${cluster_ports[@]:1}"; do
+            "$REDIS_CLI" -p "$node_port" INFO commandstats | tr -d '\r'
+        done)"
+        evalsha="$(awk -F'[:,=]' '$1 == "cmdstat_evalsha" {s += $3} END {print s + 0}' <<<"$stats")"
         # Every command Redis ran (the scripts' own TIME/GET/SET included), but this
-        # script's CONFIG and INFO.
-        commands="$("$REDIS_CLI" -p "$redis_port" INFO commandstats | tr -d '\r' |
-            awk -F'[:,=]' '$1 ~ /^cmdstat_/ && $1 !~ /^cmdstat_(config|info)/ {s += $3} END {print s + 0}')"
-        "$REDIS_CLI" -p "$redis_port" INFO commandstats | tr -d '\r' | grep '^cmdstat_' >>"$out"
+        # script's CONFIG and INFO, and a cluster client's CLUSTER SLOTS.
+        commands="$(awk -F'[:,=]' '$1 ~ /^cmdstat_/ && $1 !~ /^cmdstat_(config|info|cluster)/ {s += $3} END {print s + 0}' <<<"$stats")"
+        grep '^cmdstat_' <<<"$stats" >>"$out"
         degraded=$(( $(metric sluice_degraded_decisions_total) - degraded_before ))
         errors=$(( $(metric sluice_store_errors_total) - errors_before ))
         per="$(awk -v e="${evalsha:-0}" -v r="${requests:-0}" 'BEGIN { if (r > 0) printf "%.3f", e / r; else print "?" }')"

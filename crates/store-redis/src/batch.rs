@@ -1,7 +1,9 @@
-//! Decisions from concurrent requests sharing round trips (single server and Sentinel;
-//! not a Redis Cluster, where scripts are per slot).
+//! Decisions from concurrent requests sharing round trips.
 //!
-//! The queue is `sluice-store-batch`'s (as PostgreSQL's is). A decision arriving while
+//! The queue is `sluice-store-batch`'s (as PostgreSQL's is): one on a single server or
+//! through Sentinel, one per slot in a Redis Cluster (a script may only touch keys of
+//! one slot, so only decisions of one slot can share a script call; slots are at most
+//! 16384, so are the queues). A decision arriving while
 //! fewer than [`LIMITS`]' `max_in_flight` calls are in flight is sent at once, as one
 //! `EVALSHA` of `decide.lua`: no added latency when load is light. One arriving while
 //! they are waits in a queue; when a call in flight ends, everything queued goes as one
@@ -16,9 +18,11 @@
 //! up (a timeout) while queued is still decided when its batch goes, as a call that
 //! timed out may still have run on the server.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use redis::Value;
+use redis::cluster_routing::Slot;
 use sluice_engine::StoreError;
 use sluice_store_batch::{Batch, Limits};
 
@@ -40,7 +44,24 @@ pub(crate) struct Call {
 }
 
 /// Queues decisions behind the calls in flight and sends them together.
-pub(crate) struct Batcher(Arc<sluice_store_batch::Batcher<Scripts>>);
+pub(crate) struct Batcher {
+    scripts: Arc<Scripts>,
+    queues: Queues,
+}
+
+/// One queue of decisions that may share a script call.
+type Queue = sluice_store_batch::Batcher<SharedScripts>;
+
+/// Where a decision queues.
+enum Queues {
+    /// A single server (or the primary behind Sentinel): every decision.
+    One(Arc<Queue>),
+    /// A Redis Cluster: the decisions whose keys live in one slot, made on first use.
+    PerSlot(Mutex<HashMap<Slot, Arc<Queue>>>),
+}
+
+/// The scripts, shared by every queue.
+struct SharedScripts(Arc<Scripts>);
 
 /// The scripts a decision goes through, alone or in a batch.
 struct Scripts {
@@ -57,22 +78,49 @@ impl Batcher {
         batch_script: redis::Script,
         address: String,
     ) -> Self {
-        let scripts = Scripts {
+        let cluster = connections.is_cluster();
+        let scripts = Arc::new(Scripts {
             connections,
             decide_script,
             batch_script,
             address,
+        });
+        let queues = if cluster {
+            Queues::PerSlot(Mutex::new(HashMap::new()))
+        } else {
+            Queues::One(Arc::new(Queue::new(
+                SharedScripts(Arc::clone(&scripts)),
+                LIMITS,
+            )))
         };
-        Batcher(Arc::new(sluice_store_batch::Batcher::new(scripts, LIMITS)))
+        Batcher { scripts, queues }
     }
 
-    /// Decides `call` (never repeated): at once when few calls are in flight, else with
-    /// the others waiting, in one batch.
+    /// Decides `call` (never repeated): at once when few calls are in flight (in its
+    /// slot, in a cluster), else with the others waiting, in one batch.
     pub(crate) async fn decide(&self, call: Call) -> Result<Vec<i64>, StoreError> {
-        let scripts = self.0.batch();
-        self.0
+        let queue = self.queue(&call);
+        let scripts = &self.scripts;
+        queue
             .submit(call, |call| async move { scripts.run_one(&call).await })
             .await
+    }
+
+    /// The queue `call` waits in.
+    fn queue(&self, call: &Call) -> Arc<Queue> {
+        match &self.queues {
+            Queues::One(queue) => Arc::clone(queue),
+            Queues::PerSlot(queues) => {
+                // Every key of a call is in one slot (the store splits decisions by slot).
+                let slot = call.keys.first().map_or(Slot::for_key(""), Slot::for_key);
+                // No code panics while holding it; a poisoned map is still a valid map.
+                let mut queues = queues.lock().unwrap_or_else(|e| e.into_inner());
+                let queue = queues.entry(slot).or_insert_with(|| {
+                    Arc::new(Queue::new(SharedScripts(Arc::clone(&self.scripts)), LIMITS))
+                });
+                Arc::clone(queue)
+            }
+        }
     }
 }
 
@@ -89,12 +137,26 @@ impl Scripts {
     }
 }
 
-impl Batch for Scripts {
+impl Batch for SharedScripts {
     type Call = Call;
     type Reply = Vec<i64>;
 
+    async fn send(&self, batch: Vec<Call>) -> Vec<Result<Vec<i64>, StoreError>> {
+        self.0.send(batch).await
+    }
+
+    fn dropped(&self) -> StoreError {
+        StoreError::Unavailable(format!(
+            "Redis at {}: the batch holding this decision was dropped",
+            self.0.address
+        ))
+    }
+}
+
+impl Scripts {
     /// One `EVALSHA` of the batch script (one call alone as a plain decision), never
-    /// repeated but for a refused connection.
+    /// repeated but for a refused connection. In a cluster every key of the batch is in
+    /// one slot, so the client routes the call to the slot's node.
     async fn send(&self, batch: Vec<Call>) -> Vec<Result<Vec<i64>, StoreError>> {
         if let [call] = batch.as_slice() {
             return vec![self.run_one(call).await];
@@ -124,13 +186,6 @@ impl Batch for Scripts {
             }
             Err(error) => batch.iter().map(|_| Err(error.clone())).collect(),
         }
-    }
-
-    fn dropped(&self) -> StoreError {
-        StoreError::Unavailable(format!(
-            "Redis at {}: the batch holding this decision was dropped",
-            self.address
-        ))
     }
 }
 

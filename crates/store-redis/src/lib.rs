@@ -11,8 +11,8 @@
 //! each other, and a denied decision charges only `charge_denied` windows whose cost
 //! could fit. Redis runs a script alone, so concurrent decisions never interleave.
 //!
-//! Concurrent decisions share round trips (single server and Sentinel, see [`batch`]):
-//! one arriving while two calls are in flight waits, and everything that waited goes
+//! Concurrent decisions share round trips (see [`batch`]; in a cluster, decisions of
+//! one slot): one arriving while two calls are in flight waits, and everything that waited goes
 //! in one `EVALSHA` of a batch script that runs `decide.lua` for each request in turn;
 //! a decision alone goes at once.
 //!
@@ -365,8 +365,8 @@ fn tls_failure(error: &redis::RedisError) -> Option<String> {
 /// A [`Store`] on one Redis server or a Redis Cluster. Cheap to share behind an `Arc`.
 pub struct RedisStore {
     connections: Connections,
-    /// Shares round trips between concurrent decisions; not in a cluster.
-    batcher: Option<std::sync::Arc<batch::Batcher>>,
+    /// Shares round trips between concurrent decisions (per slot in a cluster).
+    batcher: batch::Batcher,
     decide_script: redis::Script,
     settle_script: redis::Script,
     reset_script: redis::Script,
@@ -430,14 +430,12 @@ impl RedisStore {
         } else {
             (None, None)
         };
-        let batcher = (!connections.is_cluster()).then(|| {
-            std::sync::Arc::new(batch::Batcher::new(
-                connections.clone(),
-                redis::Script::new(DECIDE_LUA),
-                redis::Script::new(BATCH_LUA),
-                address.clone(),
-            ))
-        });
+        let batcher = batch::Batcher::new(
+            connections.clone(),
+            redis::Script::new(DECIDE_LUA),
+            redis::Script::new(BATCH_LUA),
+            address.clone(),
+        );
         Ok(RedisStore {
             connections,
             batcher,
@@ -594,9 +592,9 @@ impl RedisStore {
             push(&mut args, hold.digest);
             push(&mut args, hold.ttl);
         }
-        let reply: Vec<i64> = match (&self.batcher, dry_run, hold) {
+        let reply: Vec<i64> = match (dry_run, hold) {
             // The hot path: a plain decision may share its round trip with others.
-            (Some(batcher), false, None) => batcher.decide(batch::Call { keys, args }).await?,
+            (false, None) => self.batcher.decide(batch::Call { keys, args }).await?,
             _ => {
                 let mut invocation = self.decide_script.prepare_invoke();
                 for key in &keys {

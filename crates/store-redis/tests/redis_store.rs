@@ -65,10 +65,17 @@ async fn reserve(
 }
 
 async fn setup() -> (RedisServer, RedisStore, redis::aio::MultiplexedConnection) {
+    setup_with(|_| {}).await
+}
+
+/// [`setup`], with the store's config changed by `configure`.
+async fn setup_with(
+    configure: impl FnOnce(&mut RedisStoreConfig),
+) -> (RedisServer, RedisStore, redis::aio::MultiplexedConnection) {
     let server = RedisServer::start().expect("redis-server");
-    let store = RedisStore::connect(RedisStoreConfig::new(server.url()))
-        .await
-        .expect("connect");
+    let mut config = RedisStoreConfig::new(server.url());
+    configure(&mut config);
+    let store = RedisStore::connect(config).await.expect("connect");
     let client = redis::Client::open(server.url()).expect("url");
     let admin = client
         .get_multiplexed_async_connection()
@@ -468,7 +475,9 @@ async fn in_a_cluster_a_reservation_holds_in_every_slot_and_a_denied_one_in_none
 /// a shared call (its counter holds another type) fails alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_decisions_share_round_trips_and_each_is_decided_alone() {
-    let (_server, store, mut admin) = setup().await;
+    // Without the deny cache, so every denied decision reaches Redis too (the cache
+    // alone would save calls).
+    let (_server, store, mut admin) = setup_with(|config| config.local_deny_cache = false).await;
     let store = Arc::new(store);
     let hot = limit("hot", &["300/day"]);
     let broken = limit("broken", &["300/day"]);
@@ -529,4 +538,97 @@ async fn concurrent_decisions_share_round_trips_and_each_is_decided_alone() {
         "640 concurrent decisions shared calls: {calls} EVALSHAs"
     );
     eprintln!("640 concurrent decisions in {calls} EVALSHA calls");
+}
+
+/// `EVALSHA` calls on every node of `cluster`, summed.
+fn cluster_evalsha_calls(cluster: &RedisCluster) -> u64 {
+    cluster
+        .nodes()
+        .iter()
+        .map(|node| {
+            node.command_stats()
+                .expect("INFO commandstats")
+                .get(&("evalsha".to_string(), "calls".to_string()))
+                .copied()
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// In a Redis Cluster, decisions of one slot share script calls (a hot key), each
+/// decided as if alone, while a decision spanning slots still decides each slot's part
+/// in that slot's queue: exactly the quota of the hot key is admitted, every per-task
+/// key keeps its own exact count, and the hot slot needed far fewer calls than
+/// decisions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_a_cluster_decisions_of_one_slot_share_round_trips() {
+    let cluster = RedisCluster::start(3).expect("a 3-master Redis Cluster");
+    // Without the deny cache, so every denied decision reaches Redis too.
+    let mut config = RedisStoreConfig::cluster(cluster.urls());
+    config.local_deny_cache = false;
+    let store = Arc::new(RedisStore::connect(config).await.expect("connect"));
+    let hot = limit("hot", &["300/day"]);
+    let own = limit("own", &["1000/day"]);
+    decide(&*store, &request(&[(&hot, "warm-up", 1)]))
+        .await
+        .expect("loads the script");
+    let before = cluster_evalsha_calls(&cluster);
+    let tasks: Vec<_> = (0..64)
+        .map(|task| {
+            let (store, hot, own) = (Arc::clone(&store), Arc::clone(&hot), Arc::clone(&own));
+            tokio::spawn(async move {
+                let mut remaining = Vec::new();
+                let mut allowed_with_own = 0;
+                for _ in 0..10 {
+                    // Every other task also charges a key of its own (another slot): the
+                    // decision is split, and its hot part still queues with the others.
+                    let own_key = format!("task-{task}");
+                    let checks: Vec<(&Arc<Limit>, &str, u64)> = if task % 2 == 0 {
+                        vec![(&hot, "k", 1), (&own, own_key.as_str(), 1)]
+                    } else {
+                        vec![(&hot, "k", 1)]
+                    };
+                    let d = decide(&*store, &request(&checks)).await.expect("decide");
+                    if d.allowed {
+                        remaining.push(d.results[0].remaining);
+                        allowed_with_own += u64::from(checks.len() == 2);
+                    }
+                }
+                (remaining, allowed_with_own)
+            })
+        })
+        .collect();
+    let mut remaining = Vec::new();
+    let mut allowed_with_own = 0;
+    for task in tasks {
+        let (r, a) = task.await.expect("task");
+        remaining.extend(r);
+        allowed_with_own += a;
+    }
+    let calls = cluster_evalsha_calls(&cluster) - before;
+    remaining.sort_unstable();
+    assert_eq!(
+        remaining,
+        (0..300).collect::<Vec<u64>>(),
+        "exactly the hot key's quota, each admitted decision one step further"
+    );
+    // The own keys were charged by the allowed decisions only (a denied split decision
+    // gives its other slot's charge back).
+    let mut own_charged = 0;
+    for task in (0..64).step_by(2) {
+        let read = DecisionRequest {
+            checks: vec![Check::new(Arc::clone(&own), format!("task-{task}"), 0).expect("check")],
+            dry_run: false,
+        };
+        own_charged += 1000 - decide(&*store, &read).await.expect("read").results[0].remaining;
+    }
+    assert_eq!(own_charged, allowed_with_own);
+    // 640 hot parts and 320 own parts: unbatched that is 960 calls at least, plus one
+    // refund per denied split decision (1,140 measured with the queue bypassed; 564
+    // batched).
+    assert!(
+        calls < 800,
+        "the hot slot's decisions shared calls: {calls} EVALSHAs for 960 parts"
+    );
+    eprintln!("960 decision parts in a cluster in {calls} EVALSHA calls");
 }
