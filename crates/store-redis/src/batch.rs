@@ -3,8 +3,8 @@
 //! The queue is `sluice-store-batch`'s (as PostgreSQL's is): one on a single server or
 //! through Sentinel, one per slot in a Redis Cluster (a script may only touch keys of
 //! one slot, so only decisions of one slot can share a script call; slots are at most
-//! 16384, so are the queues). A decision arriving while
-//! fewer than [`LIMITS`]' `max_in_flight` calls are in flight is sent at once, as one
+//! 16384, so are the queues). A decision arriving while fewer than [`LIMITS`]'
+//! `max_in_flight` calls are in flight (in its queue) is sent at once, as one
 //! `EVALSHA` of `decide.lua`: no added latency when load is light. One arriving while
 //! they are waits in a queue; when a call in flight ends, everything queued goes as one
 //! `EVALSHA` of the batch script (`batch.lua`), which runs `decide.lua` for each request
@@ -99,28 +99,32 @@ impl Batcher {
     /// Decides `call` (never repeated): at once when few calls are in flight (in its
     /// slot, in a cluster), else with the others waiting, in one batch.
     pub(crate) async fn decide(&self, call: Call) -> Result<Vec<i64>, StoreError> {
-        let queue = self.queue(&call);
         let scripts = &self.scripts;
-        queue
-            .submit(call, |call| async move { scripts.run_one(&call).await })
-            .await
-    }
-
-    /// The queue `call` waits in.
-    fn queue(&self, call: &Call) -> Arc<Queue> {
+        let alone = |call: Call| async move { scripts.run_one(&call).await };
         match &self.queues {
-            Queues::One(queue) => Arc::clone(queue),
+            Queues::One(queue) => queue.submit(call, alone).await,
             Queues::PerSlot(queues) => {
-                // Every key of a call is in one slot (the store splits decisions by slot).
-                let slot = call.keys.first().map_or(Slot::for_key(""), Slot::for_key);
-                // No code panics while holding it; a poisoned map is still a valid map.
-                let mut queues = queues.lock().unwrap_or_else(|e| e.into_inner());
-                let queue = queues.entry(slot).or_insert_with(|| {
-                    Arc::new(Queue::new(SharedScripts(Arc::clone(&self.scripts)), LIMITS))
-                });
-                Arc::clone(queue)
+                Self::slot_queue(queues, scripts, &call)
+                    .submit(call, alone)
+                    .await
             }
         }
+    }
+
+    /// The queue of `call`'s slot, made on first use.
+    fn slot_queue(
+        queues: &Mutex<HashMap<Slot, Arc<Queue>>>,
+        scripts: &Arc<Scripts>,
+        call: &Call,
+    ) -> Arc<Queue> {
+        // Every key of a call is in one slot (the store splits decisions by slot).
+        let slot = call.keys.first().map_or(Slot::for_key(""), Slot::for_key);
+        // No code panics while holding it; a poisoned map is still a valid map.
+        let mut queues = queues.lock().unwrap_or_else(|e| e.into_inner());
+        let queue = queues
+            .entry(slot)
+            .or_insert_with(|| Arc::new(Queue::new(SharedScripts(Arc::clone(scripts)), LIMITS)));
+        Arc::clone(queue)
     }
 }
 
