@@ -191,9 +191,14 @@ if [[ -z "$target" ]]; then
                     cat "$scratch/redis/create.log" >&2
                     exit 1
                 }
-                for _ in $(seq 1 100); do
-                    "$REDIS_CLI" -p "$redis_port" CLUSTER INFO 2>/dev/null | grep -q 'cluster_state:ok' && break
-                    sleep 0.1
+                # Every node must know the whole layout before the load starts (a node
+                # that does not yet answers with an error, and decisions degrade).
+                for node_port in "${cluster_ports[@]}"; do
+                    for _ in $(seq 1 100); do
+                        "$REDIS_CLI" -p "$node_port" CLUSTER INFO 2>/dev/null |
+                            grep -q 'cluster_state:ok' && break
+                        sleep 0.1
+                    done
                 done
                 echo "==> Redis Cluster of ${#cluster_ports[@]} masters on 127.0.0.1:${cluster_ports[*]}" >&2
                 storage="{backend: redis, url: 'redis://127.0.0.1:$redis_port/', cluster: true, prefix: 'bench:', local_deny_cache: ${DENY_CACHE:-true}}"
