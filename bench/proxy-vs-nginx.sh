@@ -10,7 +10,8 @@
 # proxying. Prints each round and the medians (req/s, p99).
 #
 # Usage: bench/proxy-vs-nginx.sh [ROUNDS]   (default 3; DURATION=8 seconds per run;
-#        SLUICE_BIN=path to a release binary, else it is built with cargo --release)
+#        SLUICE_BIN=path to a release binary, else it is built with cargo --release;
+#        SLUICE_THREADS=N sluice's http.threads, default 0: one per core)
 # Needs: wrk and nginx (apt-get install -y wrk nginx-light).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -81,6 +82,7 @@ http {
 NGINX
 cat > "$scratch/sluice.yaml" <<YAML
 listen: 127.0.0.1:$sluice_port
+http: {threads: ${SLUICE_THREADS:-0}}
 storage: {backend: memory, max_keys: 1000000}
 limits:
   per_ip: {rate: 100000/second}
