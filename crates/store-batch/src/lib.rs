@@ -38,6 +38,23 @@ pub trait Batch: Send + Sync + 'static {
     fn dropped(&self) -> StoreError;
 }
 
+/// Every call's answer from the store's one reply to a whole batch of `calls`: each
+/// call's own part, read in turn by `next_answer`, or the reply's error for every call.
+/// How [`Batch::send`] keeps its promise of one answer per call, in their order.
+pub fn answer_each<V, R>(
+    calls: usize,
+    reply: Result<Vec<V>, StoreError>,
+    mut next_answer: impl FnMut(&mut std::vec::IntoIter<V>) -> Result<R, StoreError>,
+) -> Vec<Result<R, StoreError>> {
+    match reply {
+        Ok(values) => {
+            let mut values = values.into_iter();
+            (0..calls).map(|_| next_answer(&mut values)).collect()
+        }
+        Err(error) => (0..calls).map(|_| Err(error.clone())).collect(),
+    }
+}
+
 /// How many calls may be in flight, and how many calls one batch holds at most.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use deadpool_postgres::Pool;
 use sluice_engine::StoreError;
-use sluice_store_batch::{Batch, Limits};
+use sluice_store_batch::{Batch, Limits, answer_each};
 
 use crate::error::{Failure, pool_failure, query_failure};
 
@@ -130,16 +130,10 @@ impl Batch for PgBatch {
             }
             answer => answer,
         };
-        match answer {
-            Ok(reply) => {
-                let mut values = reply.into_iter();
-                calls
-                    .iter()
-                    .map(|_| next_reply(&mut values, &self.address))
-                    .collect()
-            }
-            Err(failure) => calls.iter().map(|_| Err(failure.error.clone())).collect(),
-        }
+        let reply = answer.map_err(|failure| failure.error);
+        answer_each(calls.len(), reply, |values| {
+            next_reply(values, &self.address)
+        })
     }
 
     fn dropped(&self) -> StoreError {

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use redis::Value;
 use redis::cluster_routing::Slot;
 use sluice_engine::StoreError;
-use sluice_store_batch::{Batch, Limits};
+use sluice_store_batch::{Batch, Limits, answer_each};
 
 use crate::connection::Connections;
 use crate::store_error;
@@ -180,16 +180,9 @@ impl Scripts {
         }
         let reply: Result<Vec<Value>, StoreError> =
             invoke_once(&invocation, &self.connections, &self.address).await;
-        match reply {
-            Ok(values) => {
-                let mut values = values.into_iter();
-                batch
-                    .iter()
-                    .map(|_| next_reply(&mut values, &self.address))
-                    .collect()
-            }
-            Err(error) => batch.iter().map(|_| Err(error.clone())).collect(),
-        }
+        answer_each(batch.len(), reply, |values| {
+            next_reply(values, &self.address)
+        })
     }
 }
 

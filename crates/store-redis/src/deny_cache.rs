@@ -85,7 +85,8 @@ pub(crate) fn channel(prefix: &str) -> String {
 /// A decision as the cache keys it: the bytes every window contributes to the scripts'
 /// arguments, and each window's counter.
 pub(crate) struct RequestKey {
-    pub(crate) bytes: Arc<[u8]>,
+    /// A `Vec` until the key is inserted: a lookup that misses copies nothing.
+    pub(crate) bytes: Vec<u8>,
     /// In [`DecisionRequest::windows`] order.
     pub(crate) windows: Vec<String>,
 }
@@ -106,7 +107,7 @@ impl RequestKey {
             counters.push(counter);
         }
         RequestKey {
-            bytes: bytes.into(),
+            bytes,
             windows: counters,
         }
     }
@@ -273,7 +274,8 @@ impl DenyCache {
                 counters.push(counter);
             }
         }
-        entries.remove(&key.bytes);
+        let bytes: Arc<[u8]> = key.bytes.into();
+        entries.remove(&bytes);
         if entries.map.len() >= MAX_ENTRIES {
             make_room(&mut entries, now);
         }
@@ -282,10 +284,10 @@ impl DenyCache {
                 .by_counter
                 .entry(counter.clone())
                 .or_default()
-                .push(Arc::clone(&key.bytes));
+                .push(Arc::clone(&bytes));
         }
         entries.map.insert(
-            key.bytes,
+            bytes,
             Entry {
                 sent: ticket.sent,
                 until,
