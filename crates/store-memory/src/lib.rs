@@ -39,6 +39,7 @@ use sluice_engine::{
 use smallvec::SmallVec;
 use std::hash::BuildHasher;
 
+mod index;
 mod table;
 
 use table::{Entry, Table};
@@ -103,6 +104,8 @@ enum Holders {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryStoreConfig {
     /// The most counters held at once; one counter is one window of one limit for one key.
+    /// At most about a billion are held whatever this says (64 shards of fewer than
+    /// 2^24 counters, 64 GiB of entries).
     pub max_keys: usize,
     /// How often expired counters are swept.
     pub sweep_interval: Duration,
@@ -181,7 +184,9 @@ impl MemoryStore {
                 .collect(),
             hasher,
             clock,
-            shard_capacity: (max_keys / shard_count).max(1),
+            // A shard's index points at fewer than 2^24 entries; the slack is for the
+            // counters one decision may add to a full shard (see `Shard::make_room`).
+            shard_capacity: (max_keys / shard_count).clamp(1, index::MAX_ENTRIES - 65_536),
             evictions: AtomicU64::new(0),
             records: Mutex::new(RecordMap::default()),
         });

@@ -1,10 +1,10 @@
 //! One shard's counters: a dense array of entries and a hash index of 4-byte positions
-//! into it.
+//! into it ([`crate::index`]).
 //!
 //! Why not one hash table of entries: a power-of-two table is between 44% and 88%
 //! full, so its empty buckets cost as much as the entries themselves (97-byte buckets
-//! were about 170 bytes per held key at 300k keys). Here an empty bucket costs 5 bytes
-//! (a `u32` position and hashbrown's control byte) and the entries sit back to back in
+//! were about 170 bytes per held key at 300k keys). Here an empty slot costs 4 bytes
+//! and the entries sit back to back in
 //! fixed chunks of 8 KiB ([`CHUNK`]). Chunks, not one growing vector: a vector doubles
 //! by moving to a new block, and the allocator keeps the old blocks resident (with the
 //! server's mimalloc, about 35 bytes per key at 300k keys), while a chunk, once
@@ -27,6 +27,7 @@ use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 use sluice_engine::{Micros, State};
 
 use crate::Holder;
+use crate::index::{Index, MAX_ENTRIES};
 
 /// Entries per chunk: as many as fit in 8 KiB. Measured with the server's allocator
 /// (mimalloc) at 300k keys: 8 KiB chunks cost 87 bytes per 80-byte entry, 64 KiB ones
@@ -112,7 +113,7 @@ struct Held {
 /// The counters of one shard (see the module docs).
 pub(crate) struct Table {
     hasher: DefaultHashBuilder,
-    index: HashTable<u32>,
+    index: Index,
     entries: Dense,
     held: HashTable<Held>,
     /// The counter names this shard has held, by id. Kept for the shard's life: they
@@ -124,45 +125,70 @@ pub(crate) struct Table {
     last: Cell<u32>,
 }
 
-/// Entries at dense positions `0..len`, in chunks that never move.
+/// Entries at dense positions `0..len`, in chunks that never move: full chunks by a
+/// thin pointer each (a shard's list of them stays small enough to stay in cache,
+/// where a list of `Vec` headers was a cache miss of its own on large tables), and the
+/// last, partly filled one.
 #[derive(Default)]
 struct Dense {
-    chunks: Vec<Vec<Entry>>,
-    len: usize,
+    full: Vec<Box<[Entry; CHUNK]>>,
+    tail: Vec<Entry>,
 }
 
 impl Dense {
     fn len(&self) -> usize {
-        self.len
+        self.full.len() * CHUNK + self.tail.len()
     }
 
     fn get(&self, at: usize) -> Option<&Entry> {
-        self.chunks.get(at / CHUNK)?.get(at % CHUNK)
+        match self.full.get(at / CHUNK) {
+            Some(chunk) => Some(&chunk[at % CHUNK]),
+            None if at / CHUNK == self.full.len() => self.tail.get(at % CHUNK),
+            None => None,
+        }
     }
 
     fn get_mut(&mut self, at: usize) -> Option<&mut Entry> {
-        self.chunks.get_mut(at / CHUNK)?.get_mut(at % CHUNK)
+        let full = self.full.len();
+        match self.full.get_mut(at / CHUNK) {
+            Some(chunk) => Some(&mut chunk[at % CHUNK]),
+            None if at / CHUNK == full => self.tail.get_mut(at % CHUNK),
+            None => None,
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.full
+            .iter()
+            .flat_map(|chunk| chunk.iter())
+            .chain(&self.tail)
     }
 
     fn push(&mut self, entry: Entry) {
-        match self.chunks.last_mut() {
-            Some(chunk) if chunk.len() < CHUNK => chunk.push(entry),
-            _ => {
-                let mut chunk = Vec::with_capacity(CHUNK);
-                chunk.push(entry);
-                self.chunks.push(chunk);
+        if self.tail.capacity() == 0 {
+            self.tail.reserve_exact(CHUNK);
+        }
+        self.tail.push(entry);
+        if self.tail.len() == CHUNK {
+            let tail = std::mem::take(&mut self.tail).into_boxed_slice();
+            // A boxed slice of exactly CHUNK entries converts in place.
+            if let Ok(chunk) = tail.try_into() {
+                self.full.push(chunk);
             }
         }
-        self.len += 1;
     }
 
     /// Removes the entry at `at`, moving the last one into its place.
     fn swap_remove(&mut self, at: usize) -> Option<Entry> {
-        let last = self.chunks.last_mut()?.pop()?;
-        if self.chunks.last().is_some_and(Vec::is_empty) {
-            self.chunks.pop();
+        if self.tail.is_empty() {
+            let chunk: Box<[Entry]> = self.full.pop()?;
+            self.tail = chunk.into_vec();
         }
-        self.len -= 1;
+        let last = self.tail.pop()?;
+        if self.tail.is_empty() {
+            // Give the emptied chunk back rather than keep a whole chunk for nothing.
+            self.tail = Vec::new();
+        }
         match self.get_mut(at) {
             Some(slot) => Some(std::mem::replace(slot, last)),
             None => Some(last),
@@ -176,7 +202,7 @@ impl Table {
     pub(crate) fn new(hasher: DefaultHashBuilder) -> Self {
         Table {
             hasher,
-            index: HashTable::new(),
+            index: Index::default(),
             entries: Dense::default(),
             held: HashTable::new(),
             names: Vec::new(),
@@ -193,9 +219,7 @@ impl Table {
     /// Every counter's name and entry, in no particular order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Entry)> {
         self.entries
-            .chunks
             .iter()
-            .flatten()
             .filter_map(|entry| Some((self.names.get(entry.counter as usize)?, entry)))
     }
 
@@ -229,9 +253,8 @@ impl Table {
     pub(crate) fn find(&self, hash: u64, counter: &Arc<str>, key: &str) -> Option<&Entry> {
         let id = self.id_of(counter)?;
         let entries = &self.entries;
-        self.index
-            .find(hash, |&at| matches(entries, at, id, key))
-            .and_then(|&at| entries.get(at as usize))
+        let slot = self.index.find(hash, |at| matches(entries, at, id, key))?;
+        entries.get(self.index.position(slot) as usize)
     }
 
     /// Like [`Table::find`], for writing.
@@ -243,11 +266,13 @@ impl Table {
     ) -> Option<&mut Entry> {
         let id = self.id_of(counter)?;
         let entries = &self.entries;
-        let at = *self.index.find(hash, |&at| matches(entries, at, id, key))?;
-        self.entries.get_mut(at as usize)
+        let slot = self.index.find(hash, |at| matches(entries, at, id, key))?;
+        self.entries.get_mut(self.index.position(slot) as usize)
     }
 
     /// Adds the counter `counter` for `key`, known to be absent, whose hash is `hash`.
+    /// The store keeps a shard below [`MAX_ENTRIES`]; a table at that size keeps what
+    /// it holds rather than corrupt its index.
     pub(crate) fn insert_unique(
         &mut self,
         hash: u64,
@@ -256,6 +281,13 @@ impl Table {
         state: State,
         expires_at: Micros,
     ) {
+        if self.entries.len() >= MAX_ENTRIES {
+            debug_assert!(false, "a shard outgrew its index");
+            return;
+        }
+        if self.index.is_full() {
+            self.rebuild_index(1);
+        }
         let (algorithm, words) = pack(state);
         let entry = Entry {
             key: key.into(),
@@ -266,6 +298,11 @@ impl Table {
         };
         let at = self.entries.len() as u32;
         self.entries.push(entry);
+        self.index.insert(hash, at);
+    }
+
+    /// Rebuilds the index from the entries, in their order, with room for `more`.
+    fn rebuild_index(&mut self, more: usize) {
         let Table {
             hasher,
             index,
@@ -273,11 +310,13 @@ impl Table {
             names,
             ..
         } = self;
-        index.insert_unique(hash, at, |&at| {
-            entries
-                .get(at as usize)
-                .map_or(0, |entry| hash_of(hasher, names, entry))
+        let hashes = (0..entries.len()).map(|at| {
+            let hash = entries
+                .get(at)
+                .map_or(0, |entry| hash_of(hasher, names, entry));
+            (at as u32, hash)
         });
+        index.rebuild(hashes, more);
     }
 
     /// Removes the counter `counter` for `key`, if held.
@@ -286,11 +325,9 @@ impl Table {
             return;
         };
         let entries = &self.entries;
-        if let Ok(found) = self
-            .index
-            .find_entry(hash, |&at| matches(entries, at, id, key))
-        {
-            let (at, _) = found.remove();
+        if let Some(slot) = self.index.find(hash, |at| matches(entries, at, id, key)) {
+            let at = self.index.position(slot);
+            self.index.remove(slot);
             self.remove_at(at as usize, hash);
         }
     }
@@ -308,11 +345,15 @@ impl Table {
                 continue;
             }
             let hash = hash_of(&self.hasher, &self.names, entry);
-            if let Ok(found) = self.index.find_entry(hash, |&i| i as usize == at) {
-                found.remove();
+            if let Some(slot) = self.index.find(hash, |i| i as usize == at) {
+                self.index.remove(slot);
             }
             // The last entry moves into `at`, which is looked at again.
             self.remove_at(at, hash);
+        }
+        if self.index.is_sparse() {
+            // A sweep or an eviction dropped most of the shard: give the slots back.
+            self.rebuild_index(0);
         }
     }
 
@@ -333,8 +374,8 @@ impl Table {
         let moved_from = self.entries.len() as u32;
         if let Some(moved) = self.entries.get(at) {
             let moved_hash = hash_of(&self.hasher, &self.names, moved);
-            if let Some(slot) = self.index.find_mut(moved_hash, |&i| i == moved_from) {
-                *slot = at as u32;
+            if let Some(slot) = self.index.find(moved_hash, |i| i == moved_from) {
+                self.index.set_position(slot, at as u32);
             }
         }
     }
