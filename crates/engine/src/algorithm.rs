@@ -145,6 +145,9 @@ pub struct Window {
     algorithm: Algorithm,
     rate: Rate,
     burst: u64,
+    /// gcra's emission interval, `period / quota` in microseconds: kept, because a
+    /// decision would otherwise divide for it several times.
+    interval: i64,
 }
 
 /// What a window says about one request, before anything is written.
@@ -189,6 +192,7 @@ impl Window {
             algorithm,
             rate,
             burst,
+            interval: rate.period_micros() / rate.quota() as i64,
         })
     }
 
@@ -204,6 +208,7 @@ impl Window {
             algorithm: Algorithm::Concurrency,
             rate,
             burst: slots,
+            interval: rate.period_micros() / rate.quota() as i64,
         })
     }
 
@@ -225,7 +230,7 @@ impl Window {
 
     /// gcra's emission interval `T` in microseconds.
     fn interval(&self) -> i64 {
-        self.rate.period_micros() / self.rate.quota() as i64
+        self.interval
     }
 
     /// gcra's bucket depth `tau = burst * T` in microseconds.
