@@ -15,7 +15,7 @@ use sluice_engine::{DecisionRequest, LimitSet};
 
 use crate::answer::decision_json;
 use crate::error::ApiError;
-use crate::request::{find_limit, make_check, parse_cost, parse_key, read_json};
+use crate::request::{CheckField, find_limit, make_check, parse_cost, parse_key, read_json};
 use sluice_runtime::AppState;
 
 pub use sluice_runtime::MAX_CHECKS;
@@ -95,12 +95,11 @@ pub(crate) fn build_request(
         .into_iter()
         .enumerate()
         .map(|(i, item)| {
-            // Field names are only formatted when a check is rejected.
-            let field = |name: &str| format!("checks[{i}].{name}");
-            let limit = find_limit(limits, &item.limit, &field("limit"))?.for_plan(plan);
+            let field = |name| CheckField { index: i, name };
+            let limit = find_limit(limits, &item.limit, field("limit"))?.for_plan(plan);
             let mut cost = match &item.cost {
                 None => default_cost,
-                cost => parse_cost(cost.as_ref(), default_cost, &field("cost"))?,
+                cost => parse_cost(cost.as_ref(), default_cost, field("cost"))?,
             };
             if limit.is_concurrency() {
                 if !reserving {
@@ -115,8 +114,8 @@ pub(crate) fn build_request(
                 }
                 cost = 1;
             }
-            let key = parse_key(item.key, &field("key"))?;
-            make_check(Arc::clone(limit), key, cost, &field("key"))
+            let key = parse_key(item.key, field("key"))?;
+            make_check(Arc::clone(limit), key, cost, field("key"))
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(DecisionRequest {

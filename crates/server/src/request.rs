@@ -2,6 +2,7 @@
 //! calls; the bounded body readers also serve the proxy's metered routes): the body within its size cap, costs, limit names and keys. Each mistake is a
 //! 400 whose `error` code names its kind and whose `message` names the field and the fix.
 
+use std::fmt;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -142,7 +143,11 @@ async fn read_json_unbounded<T: DeserializeOwned>(
 }
 
 /// Reads a cost: a whole number ≥ 0 (`2.0` counts as whole), or the default when absent.
-pub fn parse_cost(value: Option<&Value>, default: u64, field: &str) -> Result<u64, ApiError> {
+pub fn parse_cost(
+    value: Option<&Value>,
+    default: u64,
+    field: impl fmt::Display,
+) -> Result<u64, ApiError> {
     let invalid = |what: String| {
         ApiError::bad_request(
             "invalid_cost",
@@ -194,7 +199,7 @@ fn json_type(value: &Value) -> &'static str {
 pub fn find_limit<'a>(
     limits: &'a LimitSet,
     name: &str,
-    field: &str,
+    field: impl fmt::Display,
 ) -> Result<&'a Arc<Limit>, ApiError> {
     limits.get(name).ok_or_else(|| {
         let known: Vec<&str> = limits.iter().map(|l| l.name()).collect();
@@ -209,7 +214,7 @@ pub fn find_limit<'a>(
 }
 
 /// Reads a key: a non-empty string of at most [`MAX_KEY_BYTES`] bytes.
-pub fn parse_key(value: Value, field: &str) -> Result<String, ApiError> {
+pub fn parse_key(value: Value, field: impl fmt::Display) -> Result<String, ApiError> {
     let invalid = |why: String| ApiError::bad_request("invalid_key", format!("{field}: {why}"));
     match value {
         Value::String(key) if key.is_empty() => Err(invalid(
@@ -235,8 +240,24 @@ pub fn make_check(
     limit: Arc<Limit>,
     key: String,
     cost: u64,
-    field: &str,
+    field: impl fmt::Display,
 ) -> Result<Check, ApiError> {
     Check::new(limit, key, cost)
         .map_err(|error| ApiError::bad_request("invalid_key", format!("{field}: {error}")))
+}
+
+/// The name of field `name` of the check at `index` (`checks[2].key`) in an error,
+/// formatted only when one is reported.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckField {
+    /// The check's index in `checks`.
+    pub index: usize,
+    /// The field's name.
+    pub name: &'static str,
+}
+
+impl fmt::Display for CheckField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "checks[{}].{}", self.index, self.name)
+    }
 }

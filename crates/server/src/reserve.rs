@@ -194,7 +194,7 @@ pub async fn settle(
             costs
                 .iter()
                 .enumerate()
-                .map(|(i, c)| parse_cost(Some(c), 0, &format!("costs[{i}]")))
+                .map(|(i, c)| parse_cost(Some(c), 0, format!("costs[{i}]")))
                 .collect::<Result<Vec<_>, _>>()?
         }
         (None, None) => {

@@ -576,13 +576,13 @@ fn malformed_requests_get_400_with_code_and_message() {
             "unknown limit",
             br#"{"checks":[{"limit":"no_such_limit","key":"a"}]}"#.to_vec(),
             &["unknown_limit"],
-            &["no_such_limit"],
+            &["checks[0].limit", "no_such_limit"],
         ),
         (
             "negative cost",
             br#"{"checks":[{"limit":"five","key":"a","cost":-1}]}"#.to_vec(),
             &["invalid_cost"],
-            &["cost"],
+            &["checks[0].cost"],
         ),
         (
             "fractional cost",
@@ -612,7 +612,7 @@ fn malformed_requests_get_400_with_code_and_message() {
             "empty key",
             br#"{"checks":[{"limit":"five","key":""}]}"#.to_vec(),
             &["invalid_key"],
-            &["key"],
+            &["checks[0].key"],
         ),
         (
             "513-byte key",
