@@ -1,64 +1,101 @@
-//! Decisions in a loop, for profiling: one hot key (the fixed cost of a decision), or
-//! a uniform stream over many keys (the table's cache misses on top).
-//! Run: `cargo run --release -p sluice-store-memory --example hot_loop -- [ITERATIONS] [KEYS]`
+//! Decisions in a loop, for profiling and for pairing with governor in one run
+//! (`bench/engine-vs-governor.sh` alternates the two): one hot key (the fixed cost of a
+//! decision), or a stream over many keys, uniform or Zipf(1.0), the table's cache
+//! misses on top. The streams are the criterion benchmark's (`benches/memory_store.rs`).
+//!
+//! Run: `cargo run --release -p sluice-store-memory --example hot_loop --
+//! [ITERATIONS] [KEYS] [sluice|governor] [uniform|zipf] [RATE]` (RATE for sluice; a
+//! long one such as `1000/day` keeps states alive under valgrind's slowdown).
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Instant;
 
 use sluice_engine::{Check, DecisionRequest, Limit, LimitSpec};
 use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
 
+const STREAM: usize = 1 << 20;
+
+/// xorshift64*: the same stream on every run.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+fn stream(keys: usize, zipf: bool) -> Vec<usize> {
+    if !zipf {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        return (0..STREAM)
+            .map(|_| (rng.next() % keys as u64) as usize)
+            .collect();
+    }
+    // Ranks drawn from Zipf(s = 1.0) by inverting the cumulative weights.
+    let mut cumulative = Vec::with_capacity(keys);
+    let mut total = 0.0;
+    for rank in 1..=keys {
+        total += 1.0 / rank as f64;
+        cumulative.push(total);
+    }
+    let mut rng = Rng(0xD1B5_4A32_D192_ED03);
+    (0..STREAM)
+        .map(|_| {
+            let target = (rng.next() >> 11) as f64 / (1u64 << 53) as f64 * total;
+            cumulative.partition_point(|&c| c < target).min(keys - 1)
+        })
+        .collect()
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
-    let iterations: u64 = args
+    let iterations: usize = args
         .next()
         .and_then(|a| a.parse().ok())
         .unwrap_or(20_000_000);
     let key_count: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1);
+    let on_governor = args.next().as_deref() == Some("governor");
+    let zipf = args.next().as_deref() == Some("zipf");
+    let rate_arg = args.next();
+
+    // One hot key never runs out; with many keys each state outlives a pass over the
+    // stream, as in the criterion benchmark.
+    let rate = match (&rate_arg, key_count) {
+        (Some(rate), _) => rate.as_str(),
+        (None, 1) => "1000000000/day",
+        (None, _) => "1000/hour",
+    };
+    let limit = Arc::new(Limit::new("hot", LimitSpec::new(vec![rate.parse().unwrap()])).unwrap());
     let store = MemoryStore::new(MemoryStoreConfig {
         max_keys: (2 * key_count).max(1_000_000),
         ..Default::default()
     });
-    // One hot key never runs out; with many keys each state outlives a pass over the
-    // stream, as in the criterion benchmark, so the table is not swept under the loop.
-    let rate = if key_count == 1 {
-        "1000000000/day"
-    } else {
-        "1000/hour"
-    };
-    let limit = Arc::new(Limit::new("hot", LimitSpec::new(vec![rate.parse().unwrap()])).unwrap());
-    let keys: Vec<String> = (0..key_count).map(|i| format!("user:{i}")).collect();
-    let decide = |key: &str| {
+    let governor =
+        governor::RateLimiter::keyed(governor::Quota::per_hour(NonZeroU32::new(1000).unwrap()));
+    let decide = |key: &String| -> u64 {
+        if on_governor {
+            return u64::from(governor.check_key(key).is_ok());
+        }
+        // As the server does: an owned request per decision.
         let request = DecisionRequest {
-            checks: vec![Check::new(Arc::clone(&limit), key, 1).unwrap()],
+            checks: vec![Check::new(Arc::clone(&limit), key.as_str(), 1).unwrap()],
             dry_run: false,
         };
         u64::from(store.decide_sync(&request).windows[0].allowed)
     };
-    let governor = governor::RateLimiter::keyed(governor::Quota::per_hour(
-        std::num::NonZeroU32::new(1000).unwrap(),
-    ));
-    let on_governor = args.next().as_deref() == Some("governor");
-    let decide = |key: &String| {
-        if on_governor {
-            u64::from(governor.check_key(key).is_ok())
-        } else {
-            decide(key)
-        }
-    };
+
+    let keys: Vec<String> = (0..key_count).map(|i| format!("user:{i}")).collect();
+    let draws = stream(key_count, zipf);
     for key in &keys {
         decide(key);
     }
-    // xorshift64*: the same uniform stream on every run.
-    let mut state = 0x9E37_79B9_7F4A_7C15_u64;
     let started = Instant::now();
     let mut allowed = 0u64;
-    for _ in 0..iterations {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        let index = (state.wrapping_mul(0x2545_F491_4F6C_DD1D) % key_count as u64) as usize;
-        allowed += decide(&keys[index]);
+    for i in 0..iterations {
+        allowed += decide(&keys[draws[i & (STREAM - 1)]]);
     }
     let elapsed = started.elapsed();
     println!(
