@@ -564,10 +564,14 @@ impl Inner {
         op: impl FnOnce(&DecisionRequest, &[usize], &mut [Slot], Micros) -> (WindowOutcomes, Holders),
         changed: impl FnOnce(&[Change<'_>]),
     ) -> WindowOutcomes {
-        let concurrency = request
-            .windows()
-            .any(|(_, lw)| lw.window.algorithm() == Algorithm::Concurrency);
-        if request.window_count() == 1 && !concurrency {
+        let one_rate_window = match request.checks.as_slice() {
+            [check] => match check.limit().windows() {
+                [lw] => lw.window.algorithm() != Algorithm::Concurrency,
+                _ => false,
+            },
+            _ => false,
+        };
+        if one_rate_window {
             self.update_one_counter(request, op, changed)
         } else {
             self.update_many_counters(request, op, changed)
