@@ -4,6 +4,7 @@
 # throughput drifts by ±20% between minutes). Prints each round and the medians.
 #
 # Usage: bench/compare-nginx.sh [ROUNDS]      (default 5; DURATION=8 seconds per run)
+# SLUICE_BIN=path runs that binary instead of building target/release/sluice.
 # Needs: wrk and nginx (apt-get install -y wrk nginx-light).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,7 +20,10 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 sluice_port="$(free_port)"; nginx_port="$(free_port)"
 
-(cd "$root" && cargo build --release -q -p sluice)
+if [[ -z "${SLUICE_BIN:-}" ]]; then
+    (cd "$root" && cargo build --release -q -p sluice)
+    SLUICE_BIN="$root/target/release/sluice"
+fi
 cat > "$scratch/sluice.yaml" <<YAML
 listen: 127.0.0.1:$sluice_port
 storage: {backend: memory, max_keys: 1000000}
@@ -39,7 +43,7 @@ http {
   }
 }
 NGINX
-"$root/target/release/sluice" serve --config "$scratch/sluice.yaml" 2>"$scratch/sluice.log" & pids+=($!)
+"$SLUICE_BIN" serve --config "$scratch/sluice.yaml" 2>"$scratch/sluice.log" & pids+=($!)
 nginx -c "$scratch/nginx.conf"
 sleep 1
 
