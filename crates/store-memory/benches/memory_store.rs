@@ -21,50 +21,15 @@ use governor::{Quota, RateLimiter};
 use sluice_engine::{Check, DecisionRequest, Limit, LimitSpec};
 use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
 
+#[path = "support/streams.rs"]
+mod streams;
+use streams::STREAM;
+
 const KEYS: usize = 1_000_000;
-const STREAM: usize = 1 << 20;
 /// Long enough that a key's state outlives a pass over the stream and every check is
 /// admitted, on both sides: governor never drops expired state, sluice does (see
 /// `uniform_1m_short_lived`), so a short rate would compare different work.
 const RATE: &str = "1000/hour";
-
-/// xorshift64*: deterministic, dependency-free.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-fn uniform_stream() -> Vec<usize> {
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    (0..STREAM)
-        .map(|_| (rng.next() % KEYS as u64) as usize)
-        .collect()
-}
-
-/// Ranks drawn from Zipf(s = 1.0) over KEYS, by inverting the cumulative weights.
-fn zipf_stream() -> Vec<usize> {
-    let mut cumulative = Vec::with_capacity(KEYS);
-    let mut total = 0.0;
-    for rank in 1..=KEYS {
-        total += 1.0 / rank as f64;
-        cumulative.push(total);
-    }
-    let mut rng = Rng(0xD1B5_4A32_D192_ED03);
-    (0..STREAM)
-        .map(|_| {
-            let target = rng.unit() * total;
-            cumulative.partition_point(|&c| c < target).min(KEYS - 1)
-        })
-        .collect()
-}
 
 fn sluice_store() -> (MemoryStore, Arc<Limit>) {
     sluice_store_with(RATE)
@@ -188,9 +153,9 @@ fn two_threads(c: &mut Criterion, stream: &[usize], keys: &[String]) {
 fn benches(c: &mut Criterion) {
     single_key(c);
     let keys: Vec<String> = (0..KEYS).map(|i| format!("user:{i}")).collect();
-    let uniform = uniform_stream();
+    let uniform = streams::uniform(KEYS);
     many_keys(c, "uniform_1m", &uniform, &keys);
-    many_keys(c, "zipf_1m", &zipf_stream(), &keys);
+    many_keys(c, "zipf_1m", &streams::zipf(KEYS), &keys);
     two_threads(c, &uniform, &keys);
     short_lived(c, &uniform, &keys);
 }

@@ -14,41 +14,9 @@ use std::time::Instant;
 use sluice_engine::{Check, DecisionRequest, Limit, LimitSpec};
 use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
 
-const STREAM: usize = 1 << 20;
-
-/// xorshift64*: the same stream on every run.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
-fn stream(keys: usize, zipf: bool) -> Vec<usize> {
-    if !zipf {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-        return (0..STREAM)
-            .map(|_| (rng.next() % keys as u64) as usize)
-            .collect();
-    }
-    // Ranks drawn from Zipf(s = 1.0) by inverting the cumulative weights.
-    let mut cumulative = Vec::with_capacity(keys);
-    let mut total = 0.0;
-    for rank in 1..=keys {
-        total += 1.0 / rank as f64;
-        cumulative.push(total);
-    }
-    let mut rng = Rng(0xD1B5_4A32_D192_ED03);
-    (0..STREAM)
-        .map(|_| {
-            let target = (rng.next() >> 11) as f64 / (1u64 << 53) as f64 * total;
-            cumulative.partition_point(|&c| c < target).min(keys - 1)
-        })
-        .collect()
-}
+#[path = "../benches/support/streams.rs"]
+mod streams;
+use streams::STREAM;
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -88,7 +56,11 @@ fn main() {
     };
 
     let keys: Vec<String> = (0..key_count).map(|i| format!("user:{i}")).collect();
-    let draws = stream(key_count, zipf);
+    let draws = if zipf {
+        streams::zipf(key_count)
+    } else {
+        streams::uniform(key_count)
+    };
     for key in &keys {
         decide(key);
     }
