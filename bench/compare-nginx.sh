@@ -8,6 +8,8 @@
 # Needs: wrk and nginx (apt-get install -y wrk nginx-light).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=bench/lib-check-peers.sh
+source "$root/bench/lib-check-peers.sh"
 rounds="${1:-5}"
 DURATION="${DURATION:-8}"
 command -v wrk >/dev/null && command -v nginx >/dev/null || { echo "needs wrk and nginx: apt-get install -y wrk nginx-light" >&2; exit 1; }
@@ -24,25 +26,8 @@ if [[ -z "${SLUICE_BIN:-}" ]]; then
     (cd "$root" && cargo build --release -q -p sluice)
     SLUICE_BIN="$root/target/release/sluice"
 fi
-cat > "$scratch/sluice.yaml" <<YAML
-listen: 127.0.0.1:$sluice_port
-storage: {backend: memory, max_keys: 1000000}
-limits:
-  api: {rate: 100/second}
-YAML
-cat > "$scratch/nginx.conf" <<NGINX
-worker_processes 2;
-pid $scratch/nginx.pid;
-error_log $scratch/error.log;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  server {
-    listen 127.0.0.1:$nginx_port;
-    location / { default_type application/json; return 200 '{"allowed":true,"retry_after_ms":0,"degraded":false,"results":[]}'; }
-  }
-}
-NGINX
+write_sluice_config "$scratch/sluice.yaml" "$sluice_port"
+write_nginx_config "$scratch/nginx.conf" "$scratch" "$nginx_port"
 "$SLUICE_BIN" serve --config "$scratch/sluice.yaml" 2>"$scratch/sluice.log" & pids+=($!)
 nginx -c "$scratch/nginx.conf"
 sleep 1

@@ -31,13 +31,12 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sluice_config::HttpConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tower_service::Service;
@@ -198,11 +197,9 @@ async fn connection(
         async move {
             let response = router.call(request).await?;
             // The request stays in flight until its body is sent (or dropped).
-            Ok::<_, Infallible>(response.map(|body| {
-                Body::new(body.map_frame(move |frame| {
-                    let _in_flight = &in_flight;
-                    frame
-                }))
+            Ok::<_, Infallible>(response.map(|body| Tracked {
+                body,
+                _in_flight: in_flight,
             }))
         }
     });
@@ -240,6 +237,14 @@ async fn connection(
 
 /// Drives `conn` and closes it (by dropping it) when its deadline passes or, at
 /// shutdown, once no request is in flight.
+///
+/// A connection's phase changes twice per request, and waking the guard for each change
+/// would cost a task wake-up and a new timer per request. Instead the guard looks at the
+/// phase when its timer fires and sets the timer again to the phase's deadline, or to
+/// `recheck` from now if that is sooner. No change made after a look can set a deadline
+/// sooner than `recheck` after it (a head that begins after the look is due a header
+/// timeout after its first byte, an idle connection an idle timeout after its last
+/// response), so no deadline is ever checked late.
 async fn guard<C>(
     conn: C,
     graceful_shutdown: impl Fn(Pin<&mut C>),
@@ -251,19 +256,16 @@ async fn guard<C>(
 {
     let mut conn = pin!(conn);
     let mut stop = *stopping.borrow();
+    let recheck = limits.header_read_timeout.min(limits.idle_timeout);
+    let opened = Instant::now();
+    let first = tracker.deadline(limits).unwrap_or(opened + recheck);
+    let mut timer = pin!(tokio::time::sleep_until(first.min(opened + recheck)));
     // Set once an idle HTTP/2 connection was sent a GOAWAY: when it is closed regardless.
-    let mut goaway_deadline: Option<Instant> = None;
+    let mut goaway_sent = false;
     loop {
         if stop && tracker.is_quiet() {
             return;
         }
-        let deadline = goaway_deadline.or_else(|| tracker.deadline(limits));
-        let expired = async {
-            match deadline {
-                Some(deadline) => tokio::time::sleep_until(deadline).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(error) = result {
@@ -271,25 +273,31 @@ async fn guard<C>(
                 }
                 return;
             }
-            () = expired => {
-                if goaway_deadline.is_some() {
+            () = timer.as_mut() => {
+                if goaway_sent {
                     return;
                 }
-                match tracker.expired(limits) {
-                    Expired::No => {}
+                let now = Instant::now();
+                match tracker.expired(limits, now) {
+                    Expired::No => {
+                        let next = now + recheck;
+                        let next = tracker.deadline(limits).map_or(next, |due| due.min(next));
+                        timer.as_mut().reset(next);
+                    }
                     Expired::IdleHttp2 => {
                         graceful_shutdown(conn.as_mut());
-                        goaway_deadline = Some(Instant::now() + limits.header_read_timeout);
+                        goaway_sent = true;
+                        timer.as_mut().reset(now + limits.header_read_timeout);
                     }
                     Expired::Yes => return,
                 }
             }
-            () = tracker.changed.notified() => {}
             changed = stopping.changed(), if !stop => {
                 stop = true;
                 if changed.is_ok() && !tracker.is_quiet() {
                     // Finish the requests in flight, then close (HTTP/1 stops keep-alive,
-                    // HTTP/2 sends GOAWAY).
+                    // HTTP/2 sends GOAWAY): the connection ends by itself once they are
+                    // done, within the listener's shutdown deadline.
                     graceful_shutdown(conn.as_mut());
                 }
             }
@@ -321,8 +329,6 @@ enum Expired {
 /// A connection's phase, shared by its reads, its requests and its guard.
 struct Tracker {
     phase: Mutex<Phase>,
-    /// Wakes the guard when a deadline moves (a response finished, a head began).
-    changed: Notify,
     protocol: Protocol,
 }
 
@@ -330,7 +336,6 @@ impl Tracker {
     fn new(protocol: Protocol) -> Self {
         Tracker {
             phase: Mutex::new(Phase::Opened(Instant::now())),
-            changed: Notify::new(),
             protocol,
         }
     }
@@ -349,8 +354,6 @@ impl Tracker {
         let mut phase = self.phase();
         if let Phase::Idle(_) = *phase {
             *phase = Phase::Head(Instant::now());
-            drop(phase);
-            self.changed.notify_one();
         }
     }
 
@@ -367,12 +370,12 @@ impl Tracker {
         }
     }
 
-    fn expired(&self, limits: &Limits) -> Expired {
+    fn expired(&self, limits: &Limits, now: Instant) -> Expired {
         let phase = *self.phase();
         let Some(deadline) = self.deadline(limits) else {
             return Expired::No;
         };
-        if deadline > Instant::now() {
+        if deadline > now {
             Expired::No
         } else if matches!(phase, Phase::Idle(_)) && self.protocol == Protocol::Http2 {
             Expired::IdleHttp2
@@ -405,8 +408,33 @@ impl Drop for InFlight {
             Phase::Busy(n) if n > 1 => Phase::Busy(n - 1),
             _ => Phase::Idle(Instant::now()),
         };
-        drop(phase);
-        self.0.changed.notify_one();
+    }
+}
+
+/// A response body that keeps its request in flight until it has been sent or dropped.
+/// (A named type rather than a mapped, boxed body: no allocation per response.)
+struct Tracked {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

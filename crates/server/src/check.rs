@@ -5,9 +5,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::extract::{Request, State};
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::Value;
@@ -127,11 +125,12 @@ pub(crate) fn build_request(
 /// `POST /v1/check`.
 pub async fn check(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    // The head is read in place: axum's `HeaderMap` extractor would copy every header.
+    let (head, body) = request.into_parts();
     let live = app.live();
-    let body: CheckBody = read_json(&headers, body, &live, CHECK_SHAPE).await?;
+    let body: CheckBody = read_json(&head.headers, body, &live, CHECK_SHAPE).await?;
     let mut request = build_request(&live.limits, body, false)?;
     let decision = app
         .decider

@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use sluice_engine::DecisionRequest;
@@ -69,21 +69,22 @@ fn originals(method: &Method, uri: &Uri, headers: &HeaderMap) -> Vec<(String, St
 pub async fn forward_auth(
     State(app): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    // The head is read in place: axum's extractors would copy the headers and the URI.
+    let (head, _) = request.into_parts();
+    let (method, uri, headers) = (&head.method, &head.uri, &head.headers);
     // When the sources disagree, every candidate's checks go into one atomic decision:
     // a spoofed header can add a charge, never remove the real route's.
     let live = app.live();
     let mut request = DecisionRequest::default();
     let mut client = None;
-    for (original_method, path_and_query) in originals(&method, &uri, &headers) {
+    for (original_method, path_and_query) in originals(method, uri, headers) {
         let incoming = IncomingRequest {
             peer: Some(peer.ip()),
             method: &original_method,
             path_and_query: &path_and_query,
-            headers: &headers,
+            headers,
             session: None,
         };
         let (checks, resolved) =

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::task::Poll;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -66,7 +67,19 @@ pub async fn read_json<T: DeserializeOwned>(
     live: &Live,
     shape: &str,
 ) -> Result<T, ApiError> {
-    let read = read_json_unbounded(headers, body, live.max_body_bytes, shape);
+    let mut read = std::pin::pin!(read_json_unbounded(
+        headers,
+        body,
+        live.max_body_bytes,
+        shape
+    ));
+    // A body small enough to arrive with its head is read without arming a timer (a
+    // timer entry per request costs as much as parsing it); the clock starts only if
+    // the first look does not find the whole body.
+    let first_look = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+    if let Poll::Ready(result) = first_look {
+        return result;
+    }
     match tokio::time::timeout(live.body_read_timeout, read).await {
         Ok(result) => result,
         Err(_) => Err(ApiError::new(

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
@@ -67,11 +67,12 @@ struct ReserveAnswer<'a> {
 /// `POST /v1/reserve`.
 pub async fn reserve(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    // The head is read in place: axum's `HeaderMap` extractor would copy every header.
+    let (head, body) = request.into_parts();
     let live = app.live();
-    let body: ReserveBody = read_json(&headers, body, &live, RESERVE_SHAPE).await?;
+    let body: ReserveBody = read_json(&head.headers, body, &live, RESERVE_SHAPE).await?;
     let ttl = parse_ttl(body.ttl_ms.as_ref())?;
     let mut request = build_request(
         &live.limits,

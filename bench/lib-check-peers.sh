@@ -1,0 +1,30 @@
+# Sourced by bench/compare-nginx.sh and bench/http-floor.sh: the two servers every
+# /v1/check comparison starts the same way.
+
+# write_sluice_config FILE PORT: sluice on the memory store with one limit, `api`.
+write_sluice_config() {
+    cat > "$1" <<YAML
+listen: 127.0.0.1:$2
+storage: {backend: memory, max_keys: 1000000}
+limits:
+  api: {rate: 100/second}
+YAML
+}
+
+# write_nginx_config FILE SCRATCH PORT: nginx, one worker per core, answering every
+# request with a fixed 200 and a JSON body the size of a short decision.
+write_nginx_config() {
+    cat > "$1" <<NGINX
+worker_processes 2;
+pid $2/nginx.pid;
+error_log $2/error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  server {
+    listen 127.0.0.1:$3;
+    location / { default_type application/json; return 200 '{"allowed":true,"retry_after_ms":0,"degraded":false,"results":[]}'; }
+  }
+}
+NGINX
+}
