@@ -170,18 +170,36 @@ fn deciding_window(decision: &Decision) -> Option<&WindowResult> {
         .max_by_key(|r| r.retry_after.unwrap_or(Micros::MAX))
 }
 
-fn policy_name(request: &DecisionRequest, result: &WindowResult) -> String {
+/// Appends the name a window goes by in `RateLimit` headers: the limit's name, with the
+/// window's period when the limit has several.
+fn push_policy_name(out: &mut String, request: &DecisionRequest, result: &WindowResult) {
     let limit = request.checks[result.check].limit();
-    if limit.windows().len() == 1 {
-        limit.name().to_string()
-    } else {
+    out.push_str(limit.name());
+    if limit.windows().len() > 1 {
         match limit.windows()[result.window].window.rate().period() {
-            Period::Seconds(secs) => format!("{}-{secs}s", limit.name()),
+            Period::Seconds(secs) => {
+                out.push('-');
+                push_number(out, secs);
+                out.push('s');
+            }
             // The nominal month in seconds would read as a 30.4-day window.
-            Period::CalendarMonth => format!("{}-1mo", limit.name()),
+            Period::CalendarMonth => out.push_str("-1mo"),
         }
     }
 }
+
+/// Appends `n` in decimal (these headers are written on every proxied and forward-auth
+/// request: `format!` costs several times as much).
+fn push_number(out: &mut String, n: u64) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
+/// The headers' names, built once rather than parsed per request.
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 impl ResponseConfig {
     /// Adds the configured rate-limit headers for `decision` to `headers`.
@@ -195,30 +213,38 @@ impl ResponseConfig {
             return;
         }
         if self.headers.ietf {
-            let mut policy = String::new();
-            let mut state = String::new();
-            for result in &decision.results {
-                let name = policy_name(request, result);
+            let mut policy = String::with_capacity(32 * decision.results.len());
+            let mut state = String::with_capacity(32 * decision.results.len());
+            for (n, result) in decision.results.iter().enumerate() {
                 let window = &request.checks[result.check].limit().windows()[result.window];
-                let separator = if policy.is_empty() { "" } else { ", " };
-                policy.push_str(&format!(
-                    "{separator}\"{name}\";q={};w={}",
-                    result.limit_value,
-                    window.window.rate().period_secs()
-                ));
+                if n > 0 {
+                    policy.push_str(", ");
+                    state.push_str(", ");
+                }
+                // "name";q=<quota>;w=<window seconds>
+                policy.push('"');
+                push_policy_name(&mut policy, request, result);
+                policy.push_str("\";q=");
+                push_number(&mut policy, result.limit_value);
+                policy.push_str(";w=");
+                push_number(&mut policy, window.window.rate().period_secs());
                 // The plan that applied, when not the default one: an extension
                 // parameter, which the draft lets clients ignore.
                 if let Some(plan) = request.checks[result.check].limit().plan() {
-                    policy.push_str(&format!(";plan=\"{plan}\""));
+                    policy.push_str(";plan=\"");
+                    policy.push_str(plan);
+                    policy.push('"');
                 }
-                state.push_str(&format!(
-                    "{separator}\"{name}\";r={};t={}",
-                    result.remaining,
-                    seconds_ceil(result.reset_after)
-                ));
+                // "name";r=<remaining>;t=<seconds to reset>
+                state.push('"');
+                push_policy_name(&mut state, request, result);
+                state.push_str("\";r=");
+                push_number(&mut state, result.remaining);
+                state.push_str(";t=");
+                push_number(&mut state, seconds_ceil(result.reset_after));
             }
-            insert(headers, "ratelimit-policy", &policy);
-            insert(headers, "ratelimit", &state);
+            insert(headers, RATELIMIT_POLICY, policy);
+            insert(headers, RATELIMIT, state);
         }
         if self.headers.legacy {
             // The most constrained window: least left, then longest to reset.
@@ -228,20 +254,12 @@ impl ResponseConfig {
                 .filter(|r| !r.shadow)
                 .min_by_key(|r| (r.remaining, std::cmp::Reverse(r.reset_after)))
             {
-                insert(
-                    headers,
-                    "x-ratelimit-limit",
-                    &tightest.limit_value.to_string(),
-                );
-                insert(
-                    headers,
-                    "x-ratelimit-remaining",
-                    &tightest.remaining.to_string(),
-                );
-                insert(
-                    headers,
-                    "x-ratelimit-reset",
-                    &seconds_ceil(tightest.reset_after).to_string(),
+                let number = |n: u64| HeaderValue::from(n);
+                headers.insert(X_RATELIMIT_LIMIT, number(tightest.limit_value));
+                headers.insert(X_RATELIMIT_REMAINING, number(tightest.remaining));
+                headers.insert(
+                    X_RATELIMIT_RESET,
+                    number(seconds_ceil(tightest.reset_after)),
                 );
             }
         }
@@ -288,7 +306,7 @@ impl ResponseConfig {
         let mut headers = HeaderMap::new();
         let retry = retry_after_seconds(decision);
         if let Some(seconds) = retry {
-            insert(&mut headers, "retry-after", &seconds.to_string());
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         self.add_rate_limit_headers(request, decision, &mut headers);
         headers.insert(http::header::CONTENT_TYPE, self.content_type.clone());
@@ -324,9 +342,9 @@ impl ResponseConfig {
     }
 }
 
-fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
+fn insert(headers: &mut HeaderMap, name: HeaderName, value: String) {
     // Every value above is ASCII we wrote ourselves (limit names are [A-Za-z0-9_.-]).
-    if let Ok(value) = HeaderValue::from_str(value) {
-        headers.insert(HeaderName::from_static(name), value);
+    if let Ok(value) = HeaderValue::try_from(value) {
+        headers.insert(name, value);
     }
 }

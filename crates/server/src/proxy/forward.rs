@@ -50,18 +50,21 @@ fn client(connect_timeout: Duration) -> UpstreamClient {
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus
 /// `Expect`, which sluice's own HTTP server has already answered.
-const HOP_BY_HOP: [&str; 10] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "expect",
-];
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "expect"
+    )
+}
 
 /// Removes hop-by-hop headers, including those `Connection` names (but never the
 /// message's framing and addressing: `Host`, `Content-Length`).
@@ -79,7 +82,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in HOP_BY_HOP {
+    // Each removal hashes its name: remove only those present (usually none, or the
+    // `Connection` an upstream answers with).
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    for name in present {
         headers.remove(name);
     }
 }
@@ -99,12 +109,14 @@ fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
     }
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Sets `X-Forwarded-For`, `-Proto` and `-Host` (see the module doc).
 fn set_forwarding_headers(headers: &mut HeaderMap, peer: IpAddr, trusted: bool) {
-    let peer = sluice_http::client_ip::canonical(peer).to_string();
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let proto = HeaderName::from_static("x-forwarded-proto");
-    let host = HeaderName::from_static("x-forwarded-host");
+    let peer = sluice_http::client_ip::ip_text(peer);
+    let (xff, proto, host) = (X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST);
     let forwarded_for = if trusted && headers.contains_key(&xff) {
         let mut chain: Vec<&str> = headers
             .get_all(&xff)
