@@ -9,6 +9,9 @@
 # Usage: bench/http-floor.sh [ROUNDS]      (default 3; DURATION=8 seconds per run)
 # SLUICE_BIN=path runs that binary instead of building target/release/sluice;
 # BEFORE_BIN=path adds a column for another build of sluice (say, main before a change).
+# throttlecrab-server, when installed (cargo install throttlecrab-server; THROTTLECRAB=
+# names another path), gets a column too: the same keys as GCRA at 100 per second
+# (bench/check.lua peer=throttlecrab), on its HTTP front.
 # Needs: wrk and nginx (apt-get install -y wrk nginx-light).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,7 +28,8 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 nginx_port="$(free_port)"; hyper_port="$(free_port)"; loop_port="$(free_port)"; sluice_port="$(free_port)"
-before_port="$(free_port)"
+before_port="$(free_port)"; crab_port="$(free_port)"
+THROTTLECRAB="${THROTTLECRAB:-throttlecrab-server}"
 
 (cd "$root" && cargo build --release -q -p sluice-runtime --example fixed_answer)
 if [[ -z "${SLUICE_BIN:-}" ]]; then
@@ -47,6 +51,12 @@ if [[ -n "${BEFORE_BIN:-}" ]]; then
     "$BEFORE_BIN" serve --config "$scratch/before.yaml" 2>"$scratch/before.log" & pids+=($!)
     ports+=("$before_port"); names+=("sluice before"); servers+=("${pids[3]}")
 fi
+paths=("/v1/check" "/v1/check" "/v1/check" "/v1/check")
+[[ -n "${BEFORE_BIN:-}" ]] && paths+=("/v1/check")
+if command -v "$THROTTLECRAB" >/dev/null 2>&1; then
+    "$THROTTLECRAB" --http --http-port "$crab_port" >/dev/null 2>&1 & pids+=($!)
+    ports+=("$crab_port"); names+=("throttlecrab"); servers+=("$!"); paths+=("/throttle")
+fi
 sleep 1
 
 # CPU seconds a server (and, for nginx, its workers) has used: a measure of cost per
@@ -61,9 +71,10 @@ cpu_seconds() {
     python3 -c "print($ticks / $(getconf CLK_TCK))"
 }
 run() { # url server-pid -> "req/s p99 cpu-us-per-request"
-    local before after
+    local before after peer=()
+    [[ "$1" == */throttle ]] && peer=(-- peer=throttlecrab)
     before="$(cpu_seconds "$2")"
-    wrk -t2 -c64 -d"${DURATION}s" --latency -s "$root/bench/check.lua" "$1" > "$scratch/wrk.out" 2>&1
+    wrk -t2 -c64 -d"${DURATION}s" --latency -s "$root/bench/check.lua" "$1" "${peer[@]}" > "$scratch/wrk.out" 2>&1
     after="$(cpu_seconds "$2")"
     awk -v cpu="$(python3 -c "print($after - $before)")" \
         '/requests in/ {n=$1} /Requests\/sec/ {rps=$2} /^ +99%/ {p99=$2} END {printf "%s %s %.1f\n", rps, p99, cpu * 1e6 / n}' \
@@ -76,7 +87,7 @@ columns round "${names[@]}"
 for r in $(seq 1 "$rounds"); do
     row=()
     for i in "${!ports[@]}"; do
-        read -r rps p99 cpu < <(run "http://127.0.0.1:${ports[$i]}/v1/check" "${servers[$i]}")
+        read -r rps p99 cpu < <(run "http://127.0.0.1:${ports[$i]}${paths[$i]}" "${servers[$i]}")
         row+=("$rps ($p99, $cpu µs)")
         printf "%s %s " "$rps" "$cpu" >> "$scratch/results"
     done
@@ -92,4 +103,11 @@ cpu = [statistics.median(r[2 * i + 1] for r in rows) for i in range(len(names))]
 print("median req/s: " + ", ".join(f"{n} {m:.0f}" for n, m in zip(names, rps)))
 print("median CPU µs per request: " + ", ".join(f"{n} {c:.1f}" for n, c in zip(names, cpu)))
 print("throughput / nginx: " + ", ".join(f"{n} {m/rps[0]:.2f}" for n, m in zip(names[1:], rps[1:])))
+sluice = names.index("sluice /v1/check")
+for peer in ("nginx fixed 200", "throttlecrab"):
+    if peer in names:
+        p = names.index(peer)
+        ratios = sorted(r[2 * sluice] / r[2 * p] for r in rows)
+        print(f"sluice /v1/check / {peer}, round by round: " + " ".join(f"{x:.2f}" for x in ratios)
+              + f" (median {statistics.median(ratios):.2f})")
 PY

@@ -11,7 +11,9 @@
 #
 # Usage: bench/proxy-vs-nginx.sh [ROUNDS]   (default 3; DURATION=8 seconds per run;
 #        SLUICE_BIN=path to a release binary, else it is built with cargo --release;
-#        SLUICE_THREADS=N sluice's http.threads, default 0: one per core)
+#        SLUICE_THREADS=N sluice's http.threads, default 0: one per core;
+#        BEFORE_BIN=path also runs another build of sluice (say, main before a change)
+#        in every round, as a fourth column)
 # Needs: wrk and nginx (apt-get install -y wrk nginx-light).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,6 +36,7 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 upstream_port="$(free_port)"; sluice_port="$(free_port)"; front_port="$(free_port)"
+before_port="$(free_port)"
 
 if [ -z "${SLUICE_BIN:-}" ]; then
     (cd "$root" && cargo build --release -q -p sluice)
@@ -96,6 +99,10 @@ YAML
 "$NGINX" -c "$scratch/upstream.conf"
 "$NGINX" -c "$scratch/front.conf"
 "$SLUICE_BIN" serve --config "$scratch/sluice.yaml" 2>"$scratch/sluice.log" & pids+=($!)
+if [ -n "${BEFORE_BIN:-}" ]; then
+    sed "s/:$sluice_port\$/:$before_port/" "$scratch/sluice.yaml" > "$scratch/before.yaml"
+    "$BEFORE_BIN" serve --config "$scratch/before.yaml" 2>"$scratch/before.log" & pids+=($!)
+fi
 sleep 1
 for port in "$upstream_port" "$front_port" "$sluice_port"; do
     curl -sf "http://127.0.0.1:$port/search" >/dev/null || { echo "port $port does not answer" >&2; cat "$scratch/sluice.log" >&2; exit 1; }
@@ -106,16 +113,22 @@ run() { # url -> "req/s p99 non2xx"
     wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency "$1" 2>&1 \
       | awk '/Requests\/sec/ {rps=$2} /^ +99%/ {p99=$2} /Non-2xx/ {bad=$NF} END {print rps, p99, (bad == "" ? 0 : bad)}'
 }
-printf "%-6s %-24s %-24s %-24s\n" round "direct" "sluice proxy" "nginx limit_req"
+printf "%-6s %-24s %-24s %-24s %s\n" round "direct" "sluice proxy" "nginx limit_req" "${BEFORE_BIN:+sluice before}"
 : > "$scratch/results"
 for r in $(seq 1 "$rounds"); do
     read -r d_rps d_p99 d_bad < <(run "http://127.0.0.1:$upstream_port/search")
     read -r s_rps s_p99 s_bad < <(run "http://127.0.0.1:$sluice_port/search")
     read -r n_rps n_p99 n_bad < <(run "http://127.0.0.1:$front_port/search")
+    before=""
+    if [ -n "${BEFORE_BIN:-}" ]; then
+        read -r b_rps b_p99 b_bad < <(run "http://127.0.0.1:$before_port/search")
+        before="$b_rps ($b_p99)"
+        echo "$s_rps $b_rps" >> "$scratch/before-results"
+    fi
     for bad in "$d_bad" "$s_bad" "$n_bad"; do
         [ "$bad" = 0 ] || { echo "round $r: non-2xx answers ($d_bad/$s_bad/$n_bad): the limits are meant never to deny" >&2; exit 1; }
     done
-    printf "%-6s %-24s %-24s %-24s\n" "$r" "$d_rps ($d_p99)" "$s_rps ($s_p99)" "$n_rps ($n_p99)"
+    printf "%-6s %-24s %-24s %-24s %s\n" "$r" "$d_rps ($d_p99)" "$s_rps ($s_p99)" "$n_rps ($n_p99)" "$before"
     echo "$d_rps $s_rps $n_rps $d_p99 $s_p99 $n_p99" >> "$scratch/results"
 done
 python3 - "$scratch/results" <<'PY'
@@ -132,3 +145,10 @@ print(f"median  direct {d:.0f} req/s p99 {dp:.2f} ms | sluice {s:.0f} req/s p99 
       f"({s / d:.2f} of direct) | nginx limit_req {n:.0f} req/s p99 {np_:.2f} ms ({n / d:.2f} of direct)")
 print(f"sluice / nginx limit_req: {s / n:.2f}")
 PY
+if [ -n "${BEFORE_BIN:-}" ]; then
+    python3 -c '
+import statistics, sys
+rows = [tuple(map(float, l.split())) for l in open(sys.argv[1])]
+print("sluice / sluice before, round by round:", " ".join(f"{a / b:.2f}" for a, b in rows),
+      f"(median {statistics.median(a / b for a, b in rows):.2f})")' "$scratch/before-results"
+fi

@@ -13,6 +13,7 @@
 //! as spend, and whether it was denied. Recording it here is what makes every front door
 //! (decision API, reservations, forward-auth, proxy, Envoy) feed them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -26,7 +27,7 @@ use crate::reservation::{Ticket, TicketError};
 use sluice_access::Screen;
 use std::net::IpAddr;
 
-use crate::metrics::Metrics;
+use crate::metrics::{LimitCounters, Metrics};
 
 /// The shortest time between two denial lines of one limit.
 pub const DENIAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
@@ -333,8 +334,19 @@ impl Decider {
         if decision.degraded {
             self.metrics.degraded.inc();
         }
-        let counters = self.metrics.limit_counters();
         let now_secs = asked.saturating_duration_since(self.started).as_secs();
+        self.metrics
+            .with_limit_counters(|counters| self.count(request, decision, counters, now_secs));
+    }
+
+    /// Adds `decision` to each checked limit's counters, timeline and top keys.
+    fn count(
+        &self,
+        request: &DecisionRequest,
+        decision: &Decision,
+        counters: &HashMap<String, LimitCounters>,
+        now_secs: u64,
+    ) {
         for (index, check) in request.checks.iter().enumerate() {
             let denied = decision
                 .results

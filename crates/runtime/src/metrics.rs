@@ -55,7 +55,9 @@ pub struct Metrics {
     /// Locked to render, and to add a front door's series ([`Metrics::register`]).
     registry: std::sync::Mutex<Registry>,
     decisions: Family<DecisionLabels, Counter>,
-    per_limit: std::sync::RwLock<Arc<HashMap<String, LimitCounters>>>,
+    /// Read on every decision by every serving thread: an `ArcSwap`, whose reads write
+    /// no shared cache line (a lock or an `Arc` clone would, twice per decision).
+    per_limit: arc_swap::ArcSwap<HashMap<String, LimitCounters>>,
     /// Decisions made without the shared store.
     pub degraded: Counter,
     /// Store calls that failed.
@@ -239,9 +241,7 @@ impl Metrics {
                 (limit.name().to_string(), counters)
             })
             .collect();
-        if let Ok(mut per_limit) = self.per_limit.write() {
-            *per_limit = Arc::new(map);
-        }
+        self.per_limit.store(Arc::new(map));
     }
 
     /// Counters per top-keys sketch, or `None` when top keys are off.
@@ -251,10 +251,16 @@ impl Metrics {
 
     /// The counters of every tracked limit.
     pub fn limit_counters(&self) -> Arc<HashMap<String, LimitCounters>> {
-        self.per_limit
-            .read()
-            .map(|m| Arc::clone(&m))
-            .unwrap_or_default()
+        self.per_limit.load_full()
+    }
+
+    /// Calls `f` with the counters of every tracked limit, without taking a reference
+    /// count: for the decision path (hold it briefly).
+    pub fn with_limit_counters<R>(
+        &self,
+        f: impl FnOnce(&HashMap<String, LimitCounters>) -> R,
+    ) -> R {
+        f(&self.per_limit.load())
     }
 
     /// Adds a front door's own series (`sluice_` is prefixed to `name`), such as the
