@@ -1582,32 +1582,41 @@ limits:
     let mut s = Server::start(&cfg("5/minute"));
     let url = s.url("/v1/check");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The load lasts until at least three reloads have happened during it (a loaded CI
+    // machine can take a few hundred milliseconds over one), and at least 40 requests
+    // per worker: more than `big` admits either way.
+    let reloads_done = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let workers: Vec<_> = (0..4)
         .map(|_| {
             let url = url.clone();
+            let reloads_done = std::sync::Arc::clone(&reloads_done);
             std::thread::spawn(move || {
                 let agent = agent(); // one pooled keep-alive connection per worker
-                let mut allowed_n = 0u64;
-                for i in 0..40 {
+                let (mut sent, mut allowed_n) = (0u64, 0u64);
+                while sent < 40
+                    || (reloads_done.load(std::sync::atomic::Ordering::SeqCst) < 3 && sent < 2_000)
+                {
                     let mut r = agent
                         .post(&url)
                         .header("content-type", "application/json")
                         .send(check_one("big", "k").to_string())
-                        .unwrap_or_else(|e| panic!("request {i}: transport error {e}"));
-                    assert_eq!(r.status().as_u16(), 200, "request {i}");
+                        .unwrap_or_else(|e| panic!("request {sent}: transport error {e}"));
+                    assert_eq!(r.status().as_u16(), 200, "request {sent}");
                     let d: Value =
                         serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
                     if allowed(&d) {
                         allowed_n += 1;
                     }
+                    sent += 1;
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                allowed_n
+                (sent, allowed_n)
             })
         })
         .collect();
     let reloader = {
         let stop = std::sync::Arc::clone(&stop);
+        let reloads_done = std::sync::Arc::clone(&reloads_done);
         let base = s.base.clone();
         let path = s.config_path.clone();
         let port = s.port;
@@ -1622,21 +1631,26 @@ limits:
                 std::fs::write(&path, text).unwrap();
                 let r = call(&base, "POST", "/v1/admin/reload", Some(TOKEN), None);
                 assert_eq!(r.status, 200, "reload {n}: {}", r.body);
+                reloads_done.store(n, std::sync::atomic::Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(30));
             }
             n
         })
     };
-    let total: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    let (sent, total) = workers
+        .into_iter()
+        .map(|w| w.join().unwrap())
+        .fold((0, 0), |(s, a), (sent, allowed)| (s + sent, a + allowed));
+    let during_load = reloads_done.load(std::sync::atomic::Ordering::SeqCst);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let reloads = reloader.join().unwrap();
     assert!(
-        reloads >= 3,
-        "only {reloads} reloads happened during the load"
+        during_load >= 3,
+        "only {during_load} reloads happened during {sent} requests"
     );
     assert_eq!(
         total, 50,
-        "big (50/hour) admits exactly 50 of 160 across {reloads} reloads"
+        "big (50/hour) admits exactly 50 of {sent} across {reloads} reloads"
     );
     assert!(s.is_running());
 }
