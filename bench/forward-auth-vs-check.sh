@@ -3,7 +3,8 @@
 # round (this VM's speed drifts). Forward-auth runs the route rules (path match, key
 # template, client IP) before the same decision; /v1/check parses a JSON body instead.
 #
-# Usage: bench/forward-auth-vs-check.sh [ROUNDS]   (default 3; DURATION=8 s per run)
+# Usage: bench/forward-auth-vs-check.sh [ROUNDS]   (default 3; DURATION=8 s per run;
+#        SLUICE_BIN=path runs that binary instead of building target/release/sluice)
 set -euo pipefail
 command -v wrk >/dev/null || { echo "needs wrk: apt-get install -y wrk" >&2; exit 1; }
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,7 +14,10 @@ scratch="$(mktemp -d "${TMPDIR:-/tmp}/sluice-fa.XXXXXX")"
 pid=""
 trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$scratch"' EXIT
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-(cd "$root" && cargo build --release -q -p sluice)
+if [[ -z "${SLUICE_BIN:-}" ]]; then
+    (cd "$root" && cargo build --release -q -p sluice)
+    SLUICE_BIN="$root/target/release/sluice"
+fi
 cat > "$scratch/sluice.yaml" <<YAML
 listen: 127.0.0.1:$port
 storage: {backend: memory, max_keys: 1000000}
@@ -24,7 +28,7 @@ routes:
     limits:
       - {limit: api, key: ["user:{header.x-user-id}", "ip:{client_ip}"]}
 YAML
-"$root/target/release/sluice" serve --config "$scratch/sluice.yaml" 2>"$scratch/sluice.log" & pid=$!
+"$SLUICE_BIN" serve --config "$scratch/sluice.yaml" 2>"$scratch/sluice.log" & pid=$!
 sleep 1
 run() { # script path -> "req/s p50 p99 statuses"
     wrk -t2 -c64 -d"${DURATION}s" --latency -s "$1" "http://127.0.0.1:$port$2" 2>&1 \
