@@ -52,18 +52,7 @@ case "$what" in
         upstream_port="$(free_port)"
         write_nginx_config "$scratch/upstream.conf" "$scratch" "$upstream_port"
         nginx -c "$scratch/upstream.conf"
-        cat > "$scratch/sluice.yaml" <<YAML
-listen: 127.0.0.1:$port
-storage: {backend: memory, max_keys: 1000000}
-limits:
-  per_ip: {rate: 100000/second}
-routes:
-  - match: {path: "/*"}
-    limits:
-      - {limit: per_ip, key: "{client_ip}"}
-proxy:
-  upstream: http://127.0.0.1:$upstream_port
-YAML
+        write_proxy_config "$scratch/sluice.yaml" "$port" "$upstream_port"
         url="http://127.0.0.1:$port/search"
         wrk_args=()
         ;;

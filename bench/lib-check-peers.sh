@@ -1,5 +1,5 @@
-# Sourced by bench/compare-nginx.sh and bench/http-floor.sh: the two servers every
-# /v1/check comparison starts the same way.
+# Sourced by the bench scripts that compare sluice with a peer: the servers they
+# start the same way.
 
 # write_sluice_config FILE PORT: sluice on the memory store with one limit, `api`.
 write_sluice_config() {
@@ -27,4 +27,23 @@ http {
   }
 }
 NGINX
+}
+
+# write_proxy_config FILE PORT UPSTREAM_PORT [THREADS]: sluice as a reverse proxy in
+# front of 127.0.0.1:UPSTREAM_PORT, one limit on {client_ip} far above any offered load
+# (every request is decided and forwarded).
+write_proxy_config() {
+    cat > "$1" <<YAML
+listen: 127.0.0.1:$2
+http: {threads: ${4:-0}}
+storage: {backend: memory, max_keys: 1000000}
+limits:
+  per_ip: {rate: 100000/second}
+routes:
+  - match: {path: "/*"}
+    limits:
+      - {limit: per_ip, key: "{client_ip}"}
+proxy:
+  upstream: http://127.0.0.1:$3
+YAML
 }

@@ -17,6 +17,8 @@
 # Needs: wrk and nginx (apt-get install -y wrk nginx-light).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=bench/lib-check-peers.sh
+source "$root/bench/lib-check-peers.sh"
 rounds="${1:-3}"
 DURATION="${DURATION:-8}"
 CONNECTIONS="${CONNECTIONS:-64}"
@@ -83,19 +85,7 @@ http {
   }
 }
 NGINX
-cat > "$scratch/sluice.yaml" <<YAML
-listen: 127.0.0.1:$sluice_port
-http: {threads: ${SLUICE_THREADS:-0}}
-storage: {backend: memory, max_keys: 1000000}
-limits:
-  per_ip: {rate: 100000/second}
-routes:
-  - match: {path: "/*"}
-    limits:
-      - {limit: per_ip, key: "{client_ip}"}
-proxy:
-  upstream: http://127.0.0.1:$upstream_port
-YAML
+write_proxy_config "$scratch/sluice.yaml" "$sluice_port" "$upstream_port" "${SLUICE_THREADS:-0}"
 "$NGINX" -c "$scratch/upstream.conf"
 "$NGINX" -c "$scratch/front.conf"
 "$SLUICE_BIN" serve --config "$scratch/sluice.yaml" 2>"$scratch/sluice.log" & pids+=($!)
