@@ -188,6 +188,27 @@ fn push_policy_name(out: &mut String, request: &DecisionRequest, result: &Window
     }
 }
 
+/// Appends one item of a `RateLimit` field: `"name";<a>=<n>;<b>=<m>` (policy: quota
+/// and window; state: remaining and reset).
+fn push_item(
+    out: &mut String,
+    request: &DecisionRequest,
+    result: &WindowResult,
+    (a, n): (&str, u64),
+    (b, m): (&str, u64),
+) {
+    out.push('"');
+    push_policy_name(out, request, result);
+    out.push_str("\";");
+    out.push_str(a);
+    out.push('=');
+    push_number(out, n);
+    out.push(';');
+    out.push_str(b);
+    out.push('=');
+    push_number(out, m);
+}
+
 /// Appends `n` in decimal (these headers are written on every proxied and forward-auth
 /// request: `format!` costs several times as much).
 fn push_number(out: &mut String, n: u64) {
@@ -221,13 +242,14 @@ impl ResponseConfig {
                     policy.push_str(", ");
                     state.push_str(", ");
                 }
-                // "name";q=<quota>;w=<window seconds>
-                policy.push('"');
-                push_policy_name(&mut policy, request, result);
-                policy.push_str("\";q=");
-                push_number(&mut policy, result.limit_value);
-                policy.push_str(";w=");
-                push_number(&mut policy, window.window.rate().period_secs());
+                let period = window.window.rate().period_secs();
+                push_item(
+                    &mut policy,
+                    request,
+                    result,
+                    ("q", result.limit_value),
+                    ("w", period),
+                );
                 // The plan that applied, when not the default one: an extension
                 // parameter, which the draft lets clients ignore.
                 if let Some(plan) = request.checks[result.check].limit().plan() {
@@ -235,13 +257,14 @@ impl ResponseConfig {
                     policy.push_str(plan);
                     policy.push('"');
                 }
-                // "name";r=<remaining>;t=<seconds to reset>
-                state.push('"');
-                push_policy_name(&mut state, request, result);
-                state.push_str("\";r=");
-                push_number(&mut state, result.remaining);
-                state.push_str(";t=");
-                push_number(&mut state, seconds_ceil(result.reset_after));
+                let reset = seconds_ceil(result.reset_after);
+                push_item(
+                    &mut state,
+                    request,
+                    result,
+                    ("r", result.remaining),
+                    ("t", reset),
+                );
             }
             insert(headers, RATELIMIT_POLICY, policy);
             insert(headers, RATELIMIT, state);
