@@ -14,6 +14,10 @@ use std::time::Instant;
 use sluice_engine::{Check, DecisionRequest, Limit, LimitSpec};
 use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
 
+// The server's allocator: a decision allocates its request and answer as the server's do.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "../benches/support/streams.rs"]
 mod streams;
 use streams::STREAM;
