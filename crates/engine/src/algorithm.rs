@@ -501,9 +501,26 @@ impl Window {
         (weighted as u64).saturating_add(count)
     }
 
+    /// What `after` leaves at `now`: the cost remaining and the microseconds until the
+    /// window is fully restored, as [`Window::remaining`] and [`Window::reset_after`]
+    /// report them. `after` must be a state [`Window::evaluate`] returned for `now`
+    /// (its `current` or `charged`), which is already brought to `now`: a decision
+    /// reports both figures without normalizing the state twice more.
+    pub(crate) fn report(&self, after: &State, now: Micros) -> (u64, Micros) {
+        (
+            self.remaining_of(after, now),
+            self.reset_after_of(after, now),
+        )
+    }
+
     /// What is left in `state` at `now`, in units of cost.
     pub fn remaining(&self, state: &State, now: Micros) -> u64 {
-        match self.normalize(Some(*state), now) {
+        self.remaining_of(&self.normalize(Some(*state), now), now)
+    }
+
+    /// [`Window::remaining`] of a state already brought to `now`.
+    fn remaining_of(&self, state: &State, now: Micros) -> u64 {
+        match *state {
             State::Gcra { tat } => ((now + self.tau() - tat).max(0) / self.interval()) as u64,
             State::Fixed { count, .. } => self.rate.quota().saturating_sub(count),
             State::Sliding {
@@ -520,8 +537,13 @@ impl Window {
 
     /// Microseconds from `now` until `state` is fully restored (0 when it already is).
     pub fn reset_after(&self, state: &State, now: Micros) -> Micros {
+        self.reset_after_of(&self.normalize(Some(*state), now), now)
+    }
+
+    /// [`Window::reset_after`] of a state already brought to `now`.
+    fn reset_after_of(&self, state: &State, now: Micros) -> Micros {
         let period = self.rate.period_micros();
-        match self.normalize(Some(*state), now) {
+        match *state {
             State::Gcra { tat } => (tat - now).max(0),
             State::Fixed { start, count } if count > 0 => self.window_end(start) - now,
             State::Sliding { start, count, .. } if count > 0 => start + 2 * period - now,
@@ -549,6 +571,56 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A decision reports from `report`, which skips normalizing: on every state
+        /// `evaluate` returns, it says what `remaining` and `reset_after` say.
+        #[test]
+        fn report_agrees_with_remaining_and_reset_after(
+            algorithm in prop_oneof![
+                Just(Algorithm::Gcra),
+                Just(Algorithm::FixedWindow),
+                Just(Algorithm::SlidingWindow),
+            ],
+            quota in 1u64..50,
+            period in prop_oneof![Just("second"), Just("minute"), Just("hour")],
+            costs in proptest::collection::vec((0u64..60, 0i64..90_000_000), 1..12),
+        ) {
+            let rate = format!("{quota}/{period}").parse().unwrap();
+            let window = Window::new(algorithm, rate, None).unwrap();
+            let mut state = None;
+            let mut now: Micros = 1_700_000_000_000_000;
+            for (cost, step) in costs {
+                now += step;
+                let evaluation = window.evaluate(state, now, cost);
+                for after in [evaluation.current, evaluation.charged] {
+                    prop_assert_eq!(
+                        window.report(&after, now),
+                        (window.remaining(&after, now), window.reset_after(&after, now))
+                    );
+                }
+                if evaluation.allowed {
+                    state = Some(evaluation.charged);
+                }
+            }
+        }
+
+        /// Concurrency windows too, from any count of holders.
+        #[test]
+        fn report_agrees_for_concurrency(slots in 1u64..10, open in 0u64..12, cost in 0u64..12, late in -5i64..5) {
+            let window = Window::concurrency(slots).unwrap();
+            let now: Micros = 1_700_000_000_000_000;
+            let state = State::Concurrency { open, free_at: now + late };
+            let evaluation = window.evaluate(Some(state), now, cost);
+            for after in [evaluation.current, evaluation.charged] {
+                prop_assert_eq!(
+                    window.report(&after, now),
+                    (window.remaining(&after, now), window.reset_after(&after, now))
+                );
+            }
+        }
+    }
 
     /// A decision that read the clock just before a boundary may find a state written
     /// just after it; that state is the current window's and keeps its count.

@@ -174,10 +174,11 @@ pub fn apply(
             e.allowed || (check.limit.charge_denied() && e.retry_after.is_some())
         });
         decision_allowed &= evaluation.allowed || check.limit.shadow();
+        let (remaining, reset_after) = lw.window.report(&after, now);
         outcomes.push(WindowOutcome {
             allowed: evaluation.allowed,
-            remaining: lw.window.remaining(&after, now),
-            reset_after: lw.window.reset_after(&after, now),
+            remaining,
+            reset_after,
             retry_after: evaluation.retry_after,
         });
     }
@@ -195,8 +196,7 @@ pub fn apply(
             let (_, after) = step(lw, check, &mut working[slot], now, |_| {
                 check.limit.charge_denied() && could_fit
             });
-            outcome.remaining = lw.window.remaining(&after, now);
-            outcome.reset_after = lw.window.reset_after(&after, now);
+            (outcome.remaining, outcome.reset_after) = lw.window.report(&after, now);
         }
     }
 
@@ -229,11 +229,12 @@ fn apply_one(
         slot.state = working;
         slot.dirty = true;
     }
+    let (remaining, reset_after) = lw.window.report(&after, now);
     let mut outcomes = WindowOutcomes::new();
     outcomes.push(WindowOutcome {
         allowed: evaluation.allowed,
-        remaining: lw.window.remaining(&after, now),
-        reset_after: lw.window.reset_after(&after, now),
+        remaining,
+        reset_after,
         retry_after: evaluation.retry_after,
     });
     outcomes
