@@ -1,7 +1,8 @@
 //! The reverse proxy against a tiny raw-socket upstream: what reaches the app (headers,
 //! body, forwarding headers), what reaches the client (hop-by-hop headers dropped both
 //! ways), WebSocket upgrades copied both ways, timeouts and a dead upstream as 502/504
-//! JSON, where sluice's own endpoints live, and reload-time settings.
+//! JSON, upstream connections kept alive and stale ones replaced without a failed
+//! request, where sluice's own endpoints live, and reload-time settings.
 
 mod common;
 
@@ -614,4 +615,101 @@ fn proxied_requests_feed_top_keys_and_the_dashboard_works_under_a_prefix() {
     .expect("answer");
     assert_eq!(data.status, 200, "{}", data.describe());
     assert_eq!(data.json()["limits"][0]["top_denied"]["total"], 1);
+}
+
+/// An upstream on a free port that answers every request `200` with a body on a
+/// kept-alive connection, counting connections and requests. With `close_idle_after`,
+/// it closes each connection that long after answering without a word, as uvicorn
+/// does after its keep-alive timeout, so the proxy's idle connection to it goes stale.
+struct CountingUpstream {
+    port: u16,
+    connections: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+}
+
+impl CountingUpstream {
+    fn start(close_idle_after: Option<Duration>) -> CountingUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        let port = listener.local_addr().expect("addr").port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (opened, answered) = (Arc::clone(&connections), Arc::clone(&requests));
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                opened.fetch_add(1, Ordering::SeqCst);
+                let answered = Arc::clone(&answered);
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                    let mut writer = stream;
+                    while read_request(&mut reader).is_some() {
+                        let n = answered.fetch_add(1, Ordering::SeqCst) + 1;
+                        let body = format!("answer {n}");
+                        let response = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if writer.write_all(response.as_bytes()).is_err() {
+                            return;
+                        }
+                        if let Some(after) = close_idle_after {
+                            std::thread::sleep(after);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        CountingUpstream {
+            port,
+            connections,
+            requests,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+#[test]
+fn upstream_connections_are_kept_alive_and_reused() {
+    let upstream = CountingUpstream::start(None);
+    let server = Server::start(&proxy_config(&upstream.url(), ""));
+    // The harness's readiness probe may have been forwarded too.
+    let before = upstream.requests.load(Ordering::SeqCst);
+    for n in before + 1..=before + 30 {
+        let response = http_request(server.port, "GET", "/items", &[], b"").expect("proxied");
+        assert_eq!(response.status, 200, "{}", response.describe());
+        assert_eq!(response.body, format!("answer {n}"));
+    }
+    assert_eq!(upstream.requests.load(Ordering::SeqCst), before + 30);
+    // Each serving thread keeps its own connection (the config runs one per core).
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let connections = upstream.connections.load(Ordering::SeqCst);
+    assert!(
+        connections <= threads,
+        "30 requests one after another opened {connections} upstream connections"
+    );
+}
+
+#[test]
+fn an_upstream_closing_idle_connections_never_costs_a_client_a_request() {
+    let upstream = CountingUpstream::start(Some(Duration::from_millis(30)));
+    let server = Server::start(&proxy_config(&upstream.url(), ""));
+    let before = upstream.requests.load(Ordering::SeqCst);
+    for n in before + 1..=before + 12 {
+        // Long enough for the upstream to have closed the connection the last request
+        // left idle in sluice's pool.
+        std::thread::sleep(Duration::from_millis(120));
+        let response = http_request(server.port, "GET", "/items", &[], b"").expect("proxied");
+        assert_eq!(
+            response.status,
+            200,
+            "request {n} after the upstream closed its idle connection: {}",
+            response.describe()
+        );
+        assert_eq!(response.body, format!("answer {n}"));
+    }
+    assert_eq!(upstream.requests.load(Ordering::SeqCst), before + 12);
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), before + 12);
 }
