@@ -44,6 +44,7 @@
 mod forward;
 mod metered;
 mod quota;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
