@@ -3,6 +3,7 @@
 //! upgrades, and the 502/504 sluice writes when the upstream fails (marked, so that
 //! such an answer is not refunded once the request was sent).
 
+use std::cell::RefCell;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -11,12 +12,41 @@ use axum::extract::Request;
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::{StatusCode, Uri, Version};
 use axum::response::{IntoResponse, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use sluice_config::ProxyConfig;
 use sluice_runtime::{AppState, Live};
 
-use super::upstream::{self, UpstreamError};
 use crate::error::ApiError;
+
+type UpstreamClient = Client<HttpConnector, Body>;
+
+thread_local! {
+    /// One connection pool per serving thread (each runs its own event loop), made for
+    /// one connect timeout.
+    static CLIENT: RefCell<Option<(Duration, UpstreamClient)>> = const { RefCell::new(None) };
+}
+
+/// The pooled client of this thread.
+fn client(connect_timeout: Duration) -> UpstreamClient {
+    CLIENT.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        match &*cell {
+            Some((timeout, client)) if *timeout == connect_timeout => client.clone(),
+            _ => {
+                let mut connector = HttpConnector::new();
+                connector.set_connect_timeout(Some(connect_timeout));
+                connector.set_nodelay(true);
+                let client = Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .build(connector);
+                *cell = Some((connect_timeout, client.clone()));
+                client
+            }
+        }
+    })
+}
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus
 /// `Expect`, which sluice's own HTTP server has already answered.
@@ -129,16 +159,39 @@ pub(super) fn over_tls(headers: &HeaderMap, trusted: bool) -> bool {
             .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"))
 }
 
-/// The request target for the upstream, in origin form: the upstream's path prefix,
+/// The upstream URI for `uri`: the upstream's scheme and authority, its path prefix,
 /// then the request's path and query.
-fn upstream_target(upstream: &Uri, uri: &Uri) -> Result<Uri, axum::http::Error> {
+fn upstream_uri(upstream: &Uri, uri: &Uri) -> Result<Uri, axum::http::Error> {
     let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
     let base = upstream.path().trim_end_matches('/');
-    if base.is_empty() {
-        Ok(Uri::try_from(path_and_query)?)
-    } else {
-        Ok(Uri::try_from(format!("{base}{path_and_query}"))?)
+    let mut builder = Uri::builder();
+    if let Some(scheme) = upstream.scheme() {
+        builder = builder.scheme(scheme.clone());
     }
+    if let Some(authority) = upstream.authority() {
+        builder = builder.authority(authority.clone());
+    }
+    if base.is_empty() {
+        builder.path_and_query(path_and_query).build()
+    } else {
+        builder
+            .path_and_query(format!("{base}{path_and_query}"))
+            .build()
+    }
+}
+
+/// Whether `error` (or what caused it) is a timeout.
+fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(error) = source {
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// Marks an answer that sluice wrote in place of the upstream's. `request_sent` says
@@ -215,7 +268,7 @@ pub(super) async fn forward(
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, protocol.clone());
     }
-    let uri = match upstream_target(&proxy.upstream, &parts.uri) {
+    let uri = match upstream_uri(&proxy.upstream, &parts.uri) {
         Ok(uri) => uri,
         Err(_) => {
             return ApiError::bad_request(
@@ -229,19 +282,11 @@ pub(super) async fn forward(
     *outgoing.method_mut() = parts.method;
     *outgoing.uri_mut() = uri;
     *outgoing.version_mut() = Version::HTTP_11;
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(authority) = proxy.upstream.authority()
-        && let Ok(host) = HeaderValue::from_str(authority.as_str())
-    {
-        // An HTTP/1.0 client may send none; HTTP/1.1 requires one.
-        parts.headers.insert(header::HOST, host);
-    }
     *outgoing.headers_mut() = parts.headers;
 
-    let connect_timeout = Duration::from_millis(proxy.connect_timeout_ms);
+    let client = client(Duration::from_millis(proxy.connect_timeout_ms));
     let timeout = Duration::from_millis(proxy.timeout_ms);
-    let sent = upstream::send(&proxy.upstream, connect_timeout, outgoing);
-    let mut response = match tokio::time::timeout(timeout, sent).await {
+    let mut response = match tokio::time::timeout(timeout, client.request(outgoing)).await {
         Err(_) => {
             return upstream_failure(
                 app,
@@ -253,9 +298,8 @@ pub(super) async fn forward(
         }
         Ok(Err(error)) => {
             tracing::warn!(error = %error, source = ?std::error::Error::source(&error), "upstream request failed");
-            let sent = error.request_sent();
-            return match error {
-                UpstreamError::ConnectTimeout => upstream_failure(
+            return if is_timeout(&error) {
+                upstream_failure(
                     app,
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream_timeout",
@@ -263,15 +307,16 @@ pub(super) async fn forward(
                         "could not be connected to within {} ms",
                         proxy.connect_timeout_ms
                     ),
-                    false,
-                ),
-                _ => upstream_failure(
+                    !error.is_connect(),
+                )
+            } else {
+                upstream_failure(
                     app,
                     StatusCode::BAD_GATEWAY,
                     "upstream_unavailable",
                     "could not be reached or closed the connection",
-                    sent,
-                ),
+                    !error.is_connect(),
+                )
             };
         }
         Ok(Ok(response)) => response,
@@ -315,7 +360,7 @@ pub(super) async fn forward(
 
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, body)
+    Response::from_parts(parts, Body::new(body))
 }
 
 #[cfg(test)]

@@ -44,7 +44,6 @@
 mod forward;
 mod metered;
 mod quota;
-mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
