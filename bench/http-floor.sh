@@ -85,11 +85,23 @@ echo "each cell: requests/s (p99, server CPU µs per request)"
 columns round "${names[@]}"
 : > "$scratch/results"
 for r in $(seq 1 "$rounds"); do
+    # Every other round runs the servers in reverse order: a run's place in the round
+    # is worth several percent on this VM (see proxy-vs-nginx.sh), which would
+    # otherwise favour whoever always runs in the better place.
+    order=("${!ports[@]}")
+    if (( r % 2 == 0 )); then
+        order=(); for (( i = ${#ports[@]} - 1; i >= 0; i-- )); do order+=("$i"); done
+    fi
+    cells=(); figures=()
+    for i in "${order[@]}"; do
+        read -r rps p99 cpu < <(run "http://127.0.0.1:${ports[$i]}${paths[$i]}" "${servers[$i]}")
+        cells[i]="$rps ($p99, $cpu µs)"
+        figures[i]="$rps $cpu"
+    done
     row=()
     for i in "${!ports[@]}"; do
-        read -r rps p99 cpu < <(run "http://127.0.0.1:${ports[$i]}${paths[$i]}" "${servers[$i]}")
-        row+=("$rps ($p99, $cpu µs)")
-        printf "%s %s " "$rps" "$cpu" >> "$scratch/results"
+        row+=("${cells[$i]}")
+        printf "%s " "${figures[$i]}" >> "$scratch/results"
     done
     echo >> "$scratch/results"
     columns "$r" "${row[@]}"
