@@ -5,7 +5,9 @@
 # `hot_loop` example: 1M keys `user:N`, a stream of 2^20 draws (uniform or Zipf 1.0,
 # the criterion benchmark's), every key warmed first, `1000/hour` on both sides.
 # sluice builds a whole `DecisionRequest` per decision (owned key) and returns
-# remaining, reset and retry figures; governor checks a borrowed key.
+# remaining, reset and retry figures; governor checks a borrowed key. Both run in one
+# binary on the server's allocator, mimalloc (governor's per-key `String`s pack tighter
+# there than on glibc's, which moves the ratio: BENCHMARKS.md).
 #
 # Usage: bench/engine-vs-governor.sh [ROUNDS]   (default 5)
 # Environment: ITERATIONS=4000000 per run, KEYS=1000000, STREAMS="uniform zipf"
