@@ -12,10 +12,11 @@
 //! Tests look at what a store wrote through [`RedisServer::query`] (the `redis` crate's
 //! sync client) and [`PostgresServer::psql`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 pub use crate::postgres::PostgresServer;
@@ -73,14 +74,30 @@ pub fn find_binary(binary: &'static str) -> Result<PathBuf, ServerError> {
         .ok_or(ServerError::NotInstalled(binary, binary))
 }
 
-/// A loopback port nobody listens on right now (bind port 0, read it, let it go).
+/// Ports [`free_port`] has handed out in this process.
+static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+/// A loopback port nobody listens on right now (bind port 0, read it, let it go) and
+/// that this process has not handed out before: the kernel may give a just-released
+/// port again, and two listeners of one test (sluice's `listen` and `envoy.listen`,
+/// once in CI) must not be told the same one.
 pub fn free_port() -> Result<u16, ServerError> {
-    let listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("binding a free port"))?;
-    listener
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(io("reading the free port"))
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
+    for _ in 0..1_000 {
+        let listener =
+            TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("binding a free port"))?;
+        let port = listener
+            .local_addr()
+            .map(|a| a.port())
+            .map_err(io("reading the free port"))?;
+        if handed_out.insert(port) {
+            return Ok(port);
+        }
+    }
+    Err(ServerError::Io {
+        what: "finding a free port".into(),
+        source: std::io::Error::other("1,000 tries gave only ports handed out already"),
+    })
 }
 
 /// Whether a Redis server on `port` answers `PING` with `PONG` (within a second).
@@ -597,6 +614,17 @@ impl RedisCluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without the memory of handed-out ports, a few thousand calls see the kernel
+    /// give back a released port dozens of times.
+    #[test]
+    fn a_free_port_is_never_handed_out_twice() {
+        let mut seen = BTreeSet::new();
+        for _ in 0..3_000 {
+            let port = free_port().expect("a free port");
+            assert!(seen.insert(port), "port {port} handed out twice");
+        }
+    }
 
     #[test]
     fn redis_server_starts_answers_and_is_cleaned_up() {
