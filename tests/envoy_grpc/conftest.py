@@ -3,8 +3,10 @@ with an `envoy:` section on free loopback ports."""
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +28,8 @@ def _generate_stubs() -> Path:
     from grpc_tools import protoc
 
     out = Path(tempfile.mkdtemp(prefix="sluice-envoy-stubs-"))
+    # The stubs are imported for the whole session; remove them when it ends.
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     well_known = Path(importlib.import_module("grpc_tools").__file__).parent / "_proto"
     files = [str(p.relative_to(PROTO)) for p in PROTO.rglob("*.proto")]
     code = protoc.main(

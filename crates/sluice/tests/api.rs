@@ -1132,7 +1132,6 @@ fn check_config_reports_file_line_and_field() {
         err.contains("does-not-exist.yaml"),
         "names the missing file: {err:?}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---------------------------------------------------------------------------
@@ -1221,7 +1220,6 @@ fn serve_with_bad_config_exits_with_file_line_message() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
         "nothing listens on the configured port"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---------------------------------------------------------------------------

@@ -83,7 +83,6 @@ fn run_chromium(dir: &Path, url: &str, args: &[&str]) -> String {
         std::thread::sleep(Duration::from_millis(100));
     }
     let output = child.wait_with_output().expect("chromium output");
-    let _ = std::fs::remove_dir_all(profile);
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 

@@ -417,7 +417,6 @@ fn entries_survive_a_restart_on_the_disk_store() {
     let s = Server::start(&rest);
     assert_eq!(peek(&s, "api", "customer:42")["results"][0]["plan"], "pro");
     assert_eq!(peek(&s, "api", "user:7")["listed"]["list"], "block");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]

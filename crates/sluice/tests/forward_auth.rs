@@ -738,7 +738,6 @@ fn check_config_requires_a_long_hash_secret_with_hash_true() {
         st.success(),
         "a 16-byte secret is enough; stdout {out:?} stderr {err:?}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---------------------------------------------------------------------------

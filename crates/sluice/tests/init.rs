@@ -10,7 +10,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, free_port, http_request, scratch_dir};
+use common::{ScratchDir, bin, free_port, http_request, scratch_dir};
 
 struct Running(Child);
 
@@ -42,8 +42,11 @@ fn serve(file: &std::path::Path, port: u16, admin_port: u16) -> Running {
     running
 }
 
-fn init(mode: &[&str]) -> std::path::PathBuf {
-    let file = scratch_dir("init").join("sluice.yaml");
+/// Runs `sluice init <mode>` into a scratch directory (removed when the returned guard
+/// drops) and checks the file it wrote; returns the guard and the file.
+fn init(mode: &[&str]) -> (ScratchDir, std::path::PathBuf) {
+    let dir = scratch_dir("init");
+    let file = dir.join("sluice.yaml");
     let mut args = vec!["init"];
     args.extend_from_slice(mode);
     let out = Command::new(bin().path())
@@ -68,7 +71,7 @@ fn init(mode: &[&str]) -> std::path::PathBuf {
         !stdout.contains("warning"),
         "{mode:?} starts without warnings: {stdout}"
     );
-    file
+    (dir, file)
 }
 
 fn health(url: &str) -> bool {
@@ -81,7 +84,7 @@ fn health(url: &str) -> bool {
 
 #[test]
 fn the_api_starter_decides() {
-    let file = init(&["api"]);
+    let (_dir, file) = init(&["api"]);
     let (port, admin) = (free_port(), free_port());
     let _server = serve(&file, port, admin);
     let r = http_request(
@@ -99,7 +102,7 @@ fn the_api_starter_decides() {
 
 #[test]
 fn the_forward_auth_starter_decides() {
-    let file = init(&["forward-auth"]);
+    let (_dir, file) = init(&["forward-auth"]);
     let (port, admin) = (free_port(), free_port());
     let _server = serve(&file, port, admin);
     let headers = [
@@ -142,7 +145,7 @@ fn the_proxy_starter_forwards_and_keeps_its_endpoints_private() {
             );
         }
     });
-    let file = init(&["proxy", "--upstream", &upstream_url]);
+    let (_dir, file) = init(&["proxy", "--upstream", &upstream_url]);
     let (port, admin) = (free_port(), free_port());
     let _server = serve(&file, port, admin);
     let r =

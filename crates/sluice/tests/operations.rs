@@ -1221,7 +1221,6 @@ limits:
         "the 2 charges before SIGTERM survive the restart: {d}"
     );
     drop(s);
-    let _ = std::fs::remove_dir_all(&data);
 }
 
 // ---- the admin CLI -------------------------------------------------------------------
@@ -1563,7 +1562,6 @@ limits:
         "five a keeps its 2 charges across the restart"
     );
     drop(s);
-    let _ = std::fs::remove_dir_all(&data);
 }
 
 #[test]

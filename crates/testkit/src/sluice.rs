@@ -64,7 +64,6 @@ impl Binary {
             !status.success(),
             "sluice serve must not start:\n{rest}\n{err}"
         );
-        let _ = fs::remove_dir_all(&dir);
         err
     }
 
@@ -132,7 +131,6 @@ impl Binary {
         };
         let out = fs::read_to_string(&out_path).unwrap_or_default();
         let err = fs::read_to_string(&err_path).unwrap_or_default();
-        let _ = fs::remove_dir_all(&dir);
         status.map(|s| (s, out, err))
     }
 }
@@ -175,19 +173,67 @@ limits:
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// A fresh, unique scratch directory under the system temp dir.
-pub fn scratch_dir(tag: &str) -> PathBuf {
+/// A fresh, unique scratch directory under the system temp dir, removed when the
+/// guard is dropped. A failing test keeps it (and says where) so its files can be read.
+///
+/// Hold the guard for as long as the directory is used: `scratch_dir("x").join("f")`
+/// removes the directory at the end of that statement.
+pub fn scratch_dir(tag: &str) -> ScratchDir {
+    ScratchDir {
+        path: new_scratch_path(tag),
+    }
+}
+
+/// Creates a fresh, unique directory under the system temp dir; the caller removes it.
+fn new_scratch_path(tag: &str) -> PathBuf {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos();
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let dir = std::env::temp_dir().join(format!(
+    let path = std::env::temp_dir().join(format!(
         "sluice-it-{tag}-{}-{nanos}-{n}",
         std::process::id()
     ));
-    fs::create_dir_all(&dir).expect("create scratch dir");
-    dir
+    fs::create_dir_all(&path).expect("create scratch dir");
+    path
+}
+
+/// A scratch directory from [`scratch_dir`]; derefs to its [`Path`].
+#[derive(Debug)]
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl std::ops::Deref for ScratchDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for ScratchDir {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("scratch files kept in {}", self.path.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 /// A running `sluice serve`, killed when dropped (its scratch directory is removed
@@ -213,7 +259,7 @@ impl Server {
     /// and waits until it answers.
     pub fn start_with_bin(bin: &Binary, rest: &str, opts: &ServeOpts) -> Server {
         let port = free_port();
-        let dir = scratch_dir("serve");
+        let dir = new_scratch_path("serve");
         let config_path = dir.join("sluice.yaml");
         let config = format!("listen: 127.0.0.1:{port}\n{rest}");
         fs::write(&config_path, &config).expect("write config");
@@ -582,4 +628,29 @@ pub fn allowed(d: &Value) -> bool {
     d["allowed"]
         .as_bool()
         .unwrap_or_else(|| panic!("`allowed` is not a bool in {d}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scratch_dir_is_removed_when_dropped_and_kept_when_the_test_fails() {
+        let dir = scratch_dir("guard");
+        fs::write(dir.join("file"), "x").expect("write");
+        let path = dir.to_path_buf();
+        drop(dir);
+        assert!(!path.exists(), "{} was left behind", path.display());
+
+        let kept = std::thread::spawn(|| {
+            let dir = scratch_dir("guard-failing");
+            let path = dir.to_path_buf();
+            std::panic::panic_any(path);
+        })
+        .join()
+        .expect_err("the thread panicked");
+        let kept = kept.downcast::<PathBuf>().expect("the path");
+        assert!(kept.exists(), "a failing test's files are kept");
+        fs::remove_dir_all(*kept).expect("remove");
+    }
 }
