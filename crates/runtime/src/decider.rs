@@ -13,7 +13,6 @@
 //! as spend, and whether it was denied. Recording it here is what makes every front door
 //! (decision API, reservations, forward-auth, proxy, Envoy) feed them.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -27,7 +26,7 @@ use crate::reservation::{Ticket, TicketError};
 use sluice_access::Screen;
 use std::net::IpAddr;
 
-use crate::metrics::{LimitCounters, Metrics};
+use crate::metrics::{LimitCountersByName, Metrics};
 
 /// The shortest time between two denial lines of one limit.
 pub const DENIAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
@@ -344,7 +343,7 @@ impl Decider {
         &self,
         request: &DecisionRequest,
         decision: &Decision,
-        counters: &HashMap<String, LimitCounters>,
+        counters: &LimitCountersByName,
         now_secs: u64,
     ) {
         for (index, check) in request.checks.iter().enumerate() {

@@ -28,9 +28,11 @@ pub mod state;
 
 pub use decider::{Decider, ReserveError};
 pub use live::{Live, LiveConfig, ReloadError};
-pub use metrics::Metrics;
+pub use metrics::{LimitCountersByName, Metrics};
 pub use reservation::{Ticket, TicketError};
-pub use serve::{ConnectionSlot, Limits, Protocol, bind_listeners, serve, serve_per_thread};
+pub use serve::{
+    Connection, ConnectionSlot, Limits, Peer, Protocol, bind_listeners, serve, serve_per_thread,
+};
 pub use state::AppState;
 
 /// The most checks one decision makes: `/v1/check`'s `checks`, Envoy's descriptors per

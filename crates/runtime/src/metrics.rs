@@ -30,6 +30,11 @@ struct BackendLabels {
     backend: &'static str,
 }
 
+/// Every tracked limit's counters, by limit name. Hashed with foldhash rather than
+/// SipHash: the names are the configured ones (a request naming another is refused
+/// before it is counted), and the decision path looks one up per check.
+pub type LimitCountersByName = HashMap<String, LimitCounters, hashbrown::DefaultHashBuilder>;
+
 /// The counters of one limit.
 #[derive(Clone, Debug)]
 pub struct LimitCounters {
@@ -57,7 +62,7 @@ pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     /// Read on every decision by every serving thread: an `ArcSwap`, whose reads write
     /// no shared cache line (a lock or an `Arc` clone would, twice per decision).
-    per_limit: arc_swap::ArcSwap<HashMap<String, LimitCounters>>,
+    per_limit: arc_swap::ArcSwap<LimitCountersByName>,
     /// Decisions made without the shared store.
     pub degraded: Counter,
     /// Store calls that failed.
@@ -250,16 +255,13 @@ impl Metrics {
     }
 
     /// The counters of every tracked limit.
-    pub fn limit_counters(&self) -> Arc<HashMap<String, LimitCounters>> {
+    pub fn limit_counters(&self) -> Arc<LimitCountersByName> {
         self.per_limit.load_full()
     }
 
     /// Calls `f` with the counters of every tracked limit, without taking a reference
     /// count: for the decision path (hold it briefly).
-    pub fn with_limit_counters<R>(
-        &self,
-        f: impl FnOnce(&HashMap<String, LimitCounters>) -> R,
-    ) -> R {
+    pub fn with_limit_counters<R>(&self, f: impl FnOnce(&LimitCountersByName) -> R) -> R {
         f(&self.per_limit.load())
     }
 

@@ -30,7 +30,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::ConnectInfo;
+use axum::extract::FromRequestParts;
+use axum::http::StatusCode;
+use axum::http::request::Parts;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sluice_config::HttpConfig;
@@ -124,11 +126,41 @@ pub async fn serve_listener(
     Ok(())
 }
 
-/// A connection's slot under `http.max_connections`, in every request's extensions. The
-/// slot is free again when the last clone is dropped: a front door that takes the
-/// connection over (an upgrade) keeps a clone while it uses it.
+/// A connection's slot under `http.max_connections`. The slot is free again when the
+/// last clone is dropped: a front door that takes the connection over (an upgrade)
+/// keeps a clone while it uses it.
 #[derive(Debug, Clone)]
 pub struct ConnectionSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
+/// The connection a request arrived on, in every request's extensions: its socket peer
+/// and its slot. One extension rather than two, since each costs an allocation and a
+/// map insert per request. Handlers read the peer with the [`Peer`] extractor.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// The socket peer (front doors resolve the client's address from it).
+    pub peer: SocketAddr,
+    /// The connection's slot under `http.max_connections`.
+    pub slot: ConnectionSlot,
+}
+
+/// Extracts the socket peer of the request's [`Connection`].
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = (StatusCode, &'static str);
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Connection>()
+            .map(|connection| Peer(connection.peer))
+            .ok_or((
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the request did not come through sluice's serving loop",
+            ))
+    }
+}
 
 /// The next connection and its slot under the cap. The slot is taken after the accept,
 /// so a thread never sits on a slot while waiting for a connection the kernel may give
@@ -181,7 +213,10 @@ async fn connection(
 ) {
     // Shared with the requests: a connection taken over by an upgrade (a WebSocket
     // through the proxy) keeps its slot for as long as its bytes are copied.
-    let slot = ConnectionSlot(Arc::new(slot));
+    let connection = Connection {
+        peer,
+        slot: ConnectionSlot(Arc::new(slot)),
+    };
     let tracker = Arc::new(Tracker::new(protocol));
     let io = TokioIo::new(Watched {
         io: tcp,
@@ -190,9 +225,7 @@ async fn connection(
     let requests = Arc::clone(&tracker);
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         let in_flight = InFlight::begin(&requests);
-        // Front doors that resolve the client's address need the socket peer.
-        request.extensions_mut().insert(ConnectInfo(peer));
-        request.extensions_mut().insert(slot.clone());
+        request.extensions_mut().insert(connection.clone());
         let mut router = router.clone();
         async move {
             let response = router.call(request).await?;
@@ -256,6 +289,9 @@ async fn guard<C>(
 {
     let mut conn = pin!(conn);
     let mut stop = *stopping.borrow();
+    // Made once: a fresh `changed()` per wake-up would register and unregister a waiter
+    // on the watch channel for every request the connection serves.
+    let mut stop_signal = pin!(stopping.changed());
     let recheck = limits.header_read_timeout.min(limits.idle_timeout);
     let opened = Instant::now();
     let first = tracker.deadline(limits).unwrap_or(opened + recheck);
@@ -292,7 +328,7 @@ async fn guard<C>(
                     Expired::Yes => return,
                 }
             }
-            changed = stopping.changed(), if !stop => {
+            changed = stop_signal.as_mut(), if !stop => {
                 stop = true;
                 if changed.is_ok() && !tracker.is_quiet() {
                     // Finish the requests in flight, then close (HTTP/1 stops keep-alive,

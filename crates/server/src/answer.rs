@@ -7,8 +7,9 @@
 //! definition of the shape (the other answers use them), and a test holds the two to
 //! the same bytes.
 
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::body::Body;
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
 use serde::Serialize;
 use sluice_engine::{Decision, DecisionRequest, millis_ceil};
 
@@ -87,15 +88,14 @@ pub fn result_bodies<'a>(request: &'a DecisionRequest, decision: &Decision) -> V
 pub fn decision_json(request: &DecisionRequest, decision: &Decision) -> Response {
     let mut body = Vec::with_capacity(96 + 224 * decision.results.len());
     write_decision(&mut body, request, decision);
-    (
-        StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        body,
-    )
-        .into_response()
+    // Built directly: a `(status, headers, Vec)` tuple would set an octet-stream
+    // content type and then replace it, two header writes per answer.
+    let mut response = Response::new(Body::from(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// Writes the bytes serde_json would write for the decision API's answer (see the

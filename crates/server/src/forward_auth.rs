@@ -9,14 +9,14 @@
 //! status to deny (`forward_auth.deny_status`, e.g. 403 for nginx, which only passes
 //! 2xx/401/403 through), both with the rate-limit headers.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use sluice_engine::DecisionRequest;
 use sluice_http::IncomingRequest;
+use sluice_runtime::Peer;
 
 use crate::error::ApiError;
 use sluice_runtime::AppState;
@@ -68,7 +68,7 @@ fn originals(method: &Method, uri: &Uri, headers: &HeaderMap) -> Vec<(String, St
 /// `ANY /v1/forward-auth[/<original path>]`.
 pub async fn forward_auth(
     State(app): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Peer(peer): Peer,
     request: Request,
 ) -> Result<Response, ApiError> {
     // The head is read in place: axum's extractors would copy the headers and the URI.

@@ -258,7 +258,10 @@ pub(super) async fn forward(
         .as_ref()
         .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     // An upgraded connection still counts under http.max_connections while it is copied.
-    let slot = parts.extensions.remove::<sluice_runtime::ConnectionSlot>();
+    let slot = parts
+        .extensions
+        .remove::<sluice_runtime::Connection>()
+        .map(|connection| connection.slot);
     let trusted = live.policy.client_ip.is_trusted_peer(peer);
     strip_hop_by_hop(&mut parts.headers);
     set_forwarding_headers(&mut parts.headers, peer, trusted);

@@ -45,14 +45,14 @@ mod forward;
 mod metered;
 mod quota;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::http::header::{self, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use sluice_http::{IncomingRequest, Session, normalize_path};
+use sluice_runtime::Peer;
 use sluice_runtime::{AppState, Live};
 
 use crate::error::ApiError;
@@ -114,7 +114,7 @@ fn denied(
 /// forwarded request. A new session's cookie is set on whatever the answer is.
 pub async fn proxy(
     State(app): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Peer(peer): Peer,
     request: Request,
 ) -> Response {
     let live = app.live();
