@@ -411,7 +411,10 @@ impl Decision {
 
 /// Decides `request` with `store`.
 pub async fn decide(store: &dyn Store, request: &DecisionRequest) -> Result<Decision, StoreError> {
-    let outcomes = store.decide(request).await?;
+    let outcomes = match store.decide_now(request) {
+        Some(outcomes) => outcomes?,
+        None => store.decide(request).await?,
+    };
     if outcomes.windows.len() != request.window_count() {
         return Err(StoreError::Protocol(format!(
             "store answered {} windows for {} asked",

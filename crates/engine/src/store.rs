@@ -56,6 +56,14 @@ pub trait Store: Send + Sync {
     /// Decides every window of `request` at once.
     fn decide<'a>(&'a self, request: &'a DecisionRequest) -> StoreFuture<'a, Outcomes>;
 
+    /// Decides `request` as [`Store::decide`] does, when the store can answer without
+    /// waiting (it keeps its counters in this process); `None` when it must wait. The
+    /// engine asks here first, which spares an in-process store a boxed future per
+    /// decision. The default never answers.
+    fn decide_now(&self, _request: &DecisionRequest) -> Option<Result<Outcomes, StoreError>> {
+        None
+    }
+
     /// Forgets every window of `limit` for `key`.
     fn reset<'a>(&'a self, limit: &'a Limit, key: &'a str) -> StoreFuture<'a, ()>;
 

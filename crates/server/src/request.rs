@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::Poll;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, StatusCode, header};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -39,22 +39,34 @@ pub(crate) async fn drain(mut body: Body, limit: usize) -> bool {
 }
 
 /// Collects at most `max` bytes; on overflow, drains a bounded amount more and says
-/// whether the body was read to its end.
-pub(crate) async fn collect_limited(mut body: Body, max: usize) -> Result<Vec<u8>, bool> {
+/// whether the body was read to its end. A body that arrives in one frame (a small one
+/// sent with its head) is returned as that frame, without a copy.
+pub(crate) async fn collect_limited(mut body: Body, max: usize) -> Result<Bytes, bool> {
     use http_body_util::BodyExt;
-    let mut bytes = Vec::new();
+    let mut first: Option<Bytes> = None;
+    let mut joined: Vec<u8> = Vec::new();
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
             return Err(false);
         };
-        if let Some(data) = frame.data_ref() {
-            if bytes.len() + data.len() > max {
-                return Err(drain(body, DRAIN_LIMIT).await);
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let held = first.as_ref().map_or(0, Bytes::len) + joined.len();
+        if held + data.len() > max {
+            return Err(drain(body, DRAIN_LIMIT).await);
+        }
+        match first.take() {
+            None if joined.is_empty() => first = Some(data),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    joined.extend_from_slice(&earlier);
+                }
+                joined.extend_from_slice(&data);
             }
-            bytes.extend_from_slice(data);
         }
     }
-    Ok(bytes)
+    Ok(first.unwrap_or_else(|| Bytes::from(joined)))
 }
 
 /// Reads a JSON body within `http.body_read_timeout_ms` and `http.max_body_bytes`
@@ -272,5 +284,66 @@ pub struct CheckField {
 impl fmt::Display for CheckField {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "checks[{}].{}", self.index, self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::task::Context;
+
+    /// A body that yields the given chunks as separate frames.
+    struct Frames(VecDeque<&'static [u8]>);
+
+    impl http_body::Body for Frames {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(
+                self.0
+                    .pop_front()
+                    .map(|chunk| Ok(http_body::Frame::data(Bytes::from_static(chunk)))),
+            )
+        }
+    }
+
+    fn body(chunks: &[&'static [u8]]) -> Body {
+        Body::new(Frames(chunks.iter().copied().collect()))
+    }
+
+    #[tokio::test]
+    async fn a_body_is_collected_whole_from_one_frame_or_many() {
+        let one = collect_limited(body(&[b"{\"checks\":[]}"]), 100).await;
+        assert_eq!(one.as_deref(), Ok(&b"{\"checks\":[]}"[..]));
+        let many = collect_limited(body(&[b"{\"che", b"cks\"", b":[]}"]), 100).await;
+        assert_eq!(many.as_deref(), Ok(&b"{\"checks\":[]}"[..]));
+        let none = collect_limited(body(&[]), 100).await;
+        assert_eq!(none.as_deref(), Ok(&b""[..]));
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_cap_is_refused_in_one_frame_or_many() {
+        assert!(collect_limited(body(&[b"0123456789"]), 9).await.is_err());
+        assert!(
+            collect_limited(body(&[b"01234", b"56789"]), 9)
+                .await
+                .is_err()
+        );
+        assert!(
+            collect_limited(body(&[b"0123", b"4567", b"89"]), 9)
+                .await
+                .is_err()
+        );
+        assert!(
+            collect_limited(body(&[b"0123", b"4567", b"8"]), 9)
+                .await
+                .is_ok()
+        );
     }
 }

@@ -33,8 +33,8 @@ use std::time::Duration;
 use hashbrown::DefaultHashBuilder;
 use sluice_engine::{
     Algorithm, Clock, DecisionRequest, Hold, Limit, Micros, Outcomes, Record, Records,
-    SettleStatus, Settlement, Slot, State, Store, StoreFuture, StoreStats, SystemClock, Window,
-    WindowOutcomes, apply, refund, settle,
+    SettleStatus, Settlement, Slot, State, Store, StoreError, StoreFuture, StoreStats, SystemClock,
+    Window, WindowOutcomes, apply, refund, settle,
 };
 use smallvec::SmallVec;
 use std::hash::BuildHasher;
@@ -993,6 +993,10 @@ fn sweep_until_dropped(store: Weak<Inner>, stop: mpsc::Receiver<()>, interval: D
 impl Store for MemoryStore {
     fn decide<'a>(&'a self, request: &'a DecisionRequest) -> StoreFuture<'a, Outcomes> {
         Box::pin(std::future::ready(Ok(self.decide_sync(request))))
+    }
+
+    fn decide_now(&self, request: &DecisionRequest) -> Option<Result<Outcomes, StoreError>> {
+        Some(Ok(self.decide_sync(request)))
     }
 
     fn reset<'a>(&'a self, limit: &'a Limit, key: &'a str) -> StoreFuture<'a, ()> {

@@ -94,7 +94,7 @@ async fn read_body(
         return Err(too_large().closing_unless(read_to_end));
     }
     match tokio::time::timeout(timeout, collect_limited(body, max)).await {
-        Ok(Ok(bytes)) => Ok(Bytes::from(bytes)),
+        Ok(Ok(bytes)) => Ok(bytes),
         Ok(Err(read_to_end)) => Err(too_large().closing_unless(read_to_end)),
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
