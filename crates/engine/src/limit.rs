@@ -308,7 +308,10 @@ impl Limit {
 #[derive(Debug, Clone, Default)]
 pub struct LimitSet {
     ordered: Vec<Arc<Limit>>,
-    by_name: HashMap<Arc<str>, Arc<Limit>>,
+    /// Hashed with foldhash rather than SipHash: every check looks its limit up here by
+    /// a name the client sent, and the map is only ever built from configuration, so
+    /// no client can fill it with colliding names.
+    by_name: HashMap<Arc<str>, Arc<Limit>, hashbrown::DefaultHashBuilder>,
 }
 
 impl LimitSet {
