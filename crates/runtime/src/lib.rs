@@ -31,7 +31,8 @@ pub use live::{Live, LiveConfig, ReloadError};
 pub use metrics::{LimitCountersByName, Metrics};
 pub use reservation::{Ticket, TicketError};
 pub use serve::{
-    Connection, ConnectionSlot, Limits, Peer, Protocol, bind_listeners, serve, serve_per_thread,
+    Connection, ConnectionSlot, Endpoints, Limits, Peer, Protocol, bind_listeners, serve,
+    serve_per_thread,
 };
 pub use state::AppState;
 

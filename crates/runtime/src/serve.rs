@@ -28,11 +28,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::response::Response;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sluice_config::HttpConfig;
@@ -81,7 +81,7 @@ impl Limits {
 /// winds connections down within the shutdown deadline (see the module docs).
 pub async fn serve_listener(
     listener: TcpListener,
-    router: Router,
+    router: impl Endpoints,
     protocol: Protocol,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
@@ -124,6 +124,25 @@ pub async fn serve_listener(
     }
     connections.shutdown().await;
     Ok(())
+}
+
+/// What a listener serves: a service from requests to responses that never fails. An
+/// axum [`Router`](axum::Router) is one; a front door may put its own service in front
+/// of its router (the HTTP front door's express lane for `POST /v1/check`).
+pub trait Endpoints:
+    Service<Request, Response = Response, Error = Infallible, Future: Send + 'static>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> Endpoints for S
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+{
 }
 
 /// A connection's slot under `http.max_connections`. The slot is free again when the
@@ -206,7 +225,7 @@ async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
     slot: OwnedSemaphorePermit,
-    router: Router,
+    router: impl Endpoints,
     protocol: Protocol,
     limits: Limits,
     stopping: watch::Receiver<bool>,
@@ -228,7 +247,7 @@ async fn connection(
         request.extensions_mut().insert(connection.clone());
         let mut router = router.clone();
         async move {
-            let response = router.call(request).await?;
+            let response = router.call(request.map(Body::new)).await?;
             // The request stays in flight until its body is sent (or dropped).
             Ok::<_, Infallible>(response.map(|body| Tracked {
                 body,
@@ -557,7 +576,7 @@ pub fn bind_listeners(
 /// connections after `shutdown` turns true (within `limits`' shutdown deadline).
 pub fn serve_per_thread(
     listeners: Vec<std::net::TcpListener>,
-    router: Router,
+    router: impl Endpoints,
     protocol: Protocol,
     limits: &Limits,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -601,7 +620,7 @@ pub fn serve_per_thread(
 /// connections down within `limits`' shutdown deadline.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    router: Router,
+    router: impl Endpoints,
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {

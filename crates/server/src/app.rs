@@ -15,13 +15,14 @@ use sluice_config::SluiceEndpoints;
 use sluice_runtime::AppState;
 
 use crate::error::{ApiError, json_response};
+use crate::express::Express;
 
-/// The routes of the main listener. With `admin_separate` (an `admin.listen` address),
+/// The endpoints of the main listener (its router behind the express lane). With `admin_separate` (an `admin.listen` address),
 /// the admin calls are served only by [`admin_router`] and answer 404 here. With a
 /// reverse proxy configured, every request that is not one of sluice's endpoints goes
 /// to the upstream, and `proxy.sluice_endpoints` says where those endpoints are: at
 /// their paths (`main`), only on the admin listener (`admin`), or under a prefix.
-pub fn router(state: Arc<AppState>, admin_separate: bool) -> Router {
+pub fn router(state: Arc<AppState>, admin_separate: bool) -> Express {
     let endpoints = state
         .live()
         .proxy
@@ -32,24 +33,34 @@ pub fn router(state: Arc<AppState>, admin_separate: bool) -> Router {
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
     };
-    let routes = match endpoints {
-        None => own(),
-        Some(SluiceEndpoints::Main) => own_routes(admin_separate)
-            .fallback(crate::proxy::proxy)
-            .method_not_allowed_fallback(method_not_allowed),
-        Some(SluiceEndpoints::Admin) => Router::new().fallback(crate::proxy::proxy),
-        Some(SluiceEndpoints::Prefix(prefix)) => Router::new()
-            .nest(&prefix, own())
-            .fallback(crate::proxy::proxy),
+    // Each arm says where its router serves `POST /v1/check`, for the express lane.
+    let (routes, check_path) = match endpoints {
+        None => (own(), Some(CHECK_PATH.to_string())),
+        Some(SluiceEndpoints::Main) => (
+            own_routes(admin_separate)
+                .fallback(crate::proxy::proxy)
+                .method_not_allowed_fallback(method_not_allowed),
+            Some(CHECK_PATH.to_string()),
+        ),
+        Some(SluiceEndpoints::Admin) => (Router::new().fallback(crate::proxy::proxy), None),
+        Some(SluiceEndpoints::Prefix(prefix)) => (
+            Router::new()
+                .nest(&prefix, own())
+                .fallback(crate::proxy::proxy),
+            Some(format!("{prefix}{CHECK_PATH}")),
+        ),
     };
-    routes.with_state(state)
+    Express::new(routes.with_state(Arc::clone(&state)), state, check_path)
 }
+
+/// Where [`own_routes`] serves the decision API.
+const CHECK_PATH: &str = "/v1/check";
 
 /// sluice's own endpoints (and the admin calls unless they are served elsewhere),
 /// without a fallback.
 fn own_routes(admin_separate: bool) -> Router<Arc<AppState>> {
     let mut routes = Router::new()
-        .route("/v1/check", post(crate::check::check))
+        .route(CHECK_PATH, post(crate::check::check))
         .route("/v1/reserve", post(crate::reserve::reserve))
         .route("/v1/settle", post(crate::reserve::settle))
         .route("/v1/release", post(crate::reserve::release))
@@ -74,21 +85,22 @@ fn own_routes(admin_separate: bool) -> Router<Arc<AppState>> {
 
 /// The admin calls alone, for a separate `admin.listen` address; with
 /// `proxy.sluice_endpoints: admin`, every sluice endpoint.
-pub fn admin_router(state: Arc<AppState>) -> Router {
+pub fn admin_router(state: Arc<AppState>) -> Express {
     let all_endpoints_here = state
         .live()
         .proxy
         .as_ref()
         .is_some_and(|proxy| proxy.sluice_endpoints == SluiceEndpoints::Admin);
-    let routes = if all_endpoints_here {
-        own_routes(false)
+    let (routes, check_path) = if all_endpoints_here {
+        (own_routes(false), Some(CHECK_PATH.to_string()))
     } else {
-        admin_routes().route("/healthz", get(healthz))
+        (admin_routes().route("/healthz", get(healthz)), None)
     };
-    routes
+    let routes = routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+        .with_state(Arc::clone(&state));
+    Express::new(routes, state, check_path)
 }
 
 fn admin_routes() -> Router<Arc<AppState>> {

@@ -5,6 +5,7 @@
 //!
 //! - [`app`]: the routers of the main and admin listeners, and the small endpoints.
 //! - [`check`]: `POST /v1/check`.
+//! - [`express`]: `POST /v1/check` served ahead of the router, which it would slow.
 //! - [`reserve`]: `POST /v1/reserve`, `/v1/settle`, `/v1/release`: estimates charged before a call, settled after.
 //! - [`answer`]: the decision API's JSON answer (also the admin state read's).
 //! - [`forward_auth`]: `/v1/forward-auth` for nginx, Traefik and Envoy.
@@ -21,6 +22,7 @@ pub mod check;
 pub mod dashboard;
 pub mod entries;
 pub mod error;
+pub mod express;
 pub mod forward_auth;
 pub mod proxy;
 pub mod request;
@@ -28,3 +30,4 @@ pub mod reserve;
 
 pub use app::{admin_router, router};
 pub use error::ApiError;
+pub use express::Express;

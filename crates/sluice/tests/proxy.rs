@@ -332,6 +332,86 @@ fn a_dead_or_slow_upstream_is_a_json_502_or_504() {
     );
 }
 
+/// Who answers `method path` on `port`: `"sluice"` (a decision, or sluice's own 404 or
+/// 405), `"upstream"` (the app echoed the request) or the status.
+fn who_answers_check(port: u16, method: &str, path: &str) -> String {
+    let answer = http_request(
+        port,
+        method,
+        path,
+        &[("Content-Type", "application/json")],
+        br#"{"checks":[{"limit":"per_ip","key":"k"}]}"#,
+    )
+    .expect("answer");
+    if answer
+        .body
+        .starts_with(&format!("{method} {path} HTTP/1.1"))
+    {
+        "upstream".into()
+    } else if answer.status == 200 && answer.body.starts_with("{\"allowed\":true") {
+        "sluice".into()
+    } else {
+        format!("{} {}", answer.status, answer.body)
+    }
+}
+
+/// The decision API is served ahead of the router (the express lane) at exactly the
+/// path where the router serves it, so wherever `sluice_endpoints` puts sluice's own
+/// endpoints, `POST /v1/check` is answered by the same party as before, and any other
+/// spelling of it is not taken for it.
+#[test]
+fn the_decision_api_is_where_sluice_endpoints_puts_it_and_nowhere_else() {
+    let upstream = Upstream::start();
+    let main = Server::start(&proxy_config(&upstream.url(), "  sluice_endpoints: main\n"));
+    assert_eq!(who_answers_check(main.port, "POST", "/v1/check"), "sluice");
+    for (method, path) in [
+        ("POST", "/v1/check/"),
+        ("POST", "/v1/%63heck"),
+        ("POST", "/V1/check"),
+        ("POST", "//v1/check"),
+        ("PUT", "/v1/check"),
+    ] {
+        let who = who_answers_check(main.port, method, path);
+        let expected = if method == "PUT" { "405" } else { "upstream" };
+        assert!(who.starts_with(expected), "{method} {path} on main: {who}");
+    }
+
+    let prefixed = Server::start(&proxy_config(
+        &upstream.url(),
+        "  sluice_endpoints: /_sluice\n",
+    ));
+    assert_eq!(
+        who_answers_check(prefixed.port, "POST", "/_sluice/v1/check"),
+        "sluice"
+    );
+    assert_eq!(
+        who_answers_check(prefixed.port, "POST", "/v1/check"),
+        "upstream"
+    );
+
+    let admin_port = free_port();
+    let moved = Server::start(&format!(
+        "admin: {{listen: 127.0.0.1:{admin_port}}}\n{}",
+        proxy_config(&upstream.url(), "  sluice_endpoints: admin\n")
+    ));
+    assert_eq!(
+        who_answers_check(moved.port, "POST", "/v1/check"),
+        "upstream"
+    );
+    common::wait_port(admin_port);
+    assert_eq!(who_answers_check(admin_port, "POST", "/v1/check"), "sluice");
+
+    let no_proxy = Server::start("limits:\n  per_ip: {rate: 2/minute}\n");
+    assert_eq!(
+        who_answers_check(no_proxy.port, "POST", "/v1/check"),
+        "sluice"
+    );
+    let slash = who_answers_check(no_proxy.port, "POST", "/v1/check/");
+    assert!(slash.starts_with("404"), "{slash}");
+    let get = who_answers_check(no_proxy.port, "GET", "/v1/check");
+    assert!(get.starts_with("405"), "{get}");
+}
+
 #[test]
 fn sluice_endpoints_can_move_out_of_the_upstream_s_way() {
     let upstream = Upstream::start();
