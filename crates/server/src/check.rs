@@ -3,6 +3,7 @@
 //! Every malformed request is a 400 whose `error` code says what kind of mistake it
 //! is and whose `message` names the field and how to fix it.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -13,7 +14,9 @@ use sluice_engine::{DecisionRequest, LimitSet};
 
 use crate::answer::decision_json;
 use crate::error::ApiError;
-use crate::request::{CheckField, find_limit, make_check, parse_cost, parse_key, read_json};
+use crate::request::{
+    CheckField, JsonKey, find_limit, make_check, parse_cost, parse_json, parse_json_key, read_body,
+};
 use sluice_runtime::AppState;
 
 pub use sluice_runtime::MAX_CHECKS;
@@ -21,10 +24,12 @@ pub use sluice_runtime::MAX_CHECKS;
 /// The request shape `POST /v1/check` expects, quoted in its errors.
 pub const CHECK_SHAPE: &str = r#"{"checks": [{"limit": "<name>", "key": "<key>", "cost": 1}], "cost": 1, "dry_run": false, "plan": "<optional plan>"}"#;
 
+/// A `/v1/check` body, parsed in place: limit names and keys borrow from the body.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct CheckBody {
-    pub(crate) checks: Vec<CheckItem>,
+pub(crate) struct CheckBody<'a> {
+    #[serde(borrow)]
+    pub(crate) checks: Vec<CheckItem<'a>>,
     #[serde(default)]
     pub(crate) cost: Option<Value>,
     #[serde(default)]
@@ -36,9 +41,11 @@ pub(crate) struct CheckBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct CheckItem {
-    limit: String,
-    key: Value,
+pub(crate) struct CheckItem<'a> {
+    #[serde(borrow)]
+    limit: Cow<'a, str>,
+    #[serde(borrow)]
+    key: JsonKey<'a>,
     #[serde(default)]
     cost: Option<Value>,
 }
@@ -48,7 +55,7 @@ pub(crate) struct CheckItem {
 /// them; in a reservation each holds one slot, whatever the cost.
 pub(crate) fn build_request(
     limits: &LimitSet,
-    body: CheckBody,
+    body: CheckBody<'_>,
     reserving: bool,
 ) -> Result<DecisionRequest, ApiError> {
     if body.checks.is_empty() {
@@ -112,7 +119,7 @@ pub(crate) fn build_request(
                 }
                 cost = 1;
             }
-            let key = parse_key(item.key, field("key"))?;
+            let key = parse_json_key(item.key, field("key"))?;
             make_check(Arc::clone(limit), key, cost, field("key"))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -130,7 +137,8 @@ pub async fn check(
     // The head is read in place: axum's `HeaderMap` extractor would copy every header.
     let (head, body) = request.into_parts();
     let live = app.live();
-    let body: CheckBody = read_json(&head.headers, body, &live, CHECK_SHAPE).await?;
+    let bytes = read_body(&head.headers, body, &live).await?;
+    let body: CheckBody = parse_json(&bytes, CHECK_SHAPE)?;
     let mut request = build_request(&live.limits, body, false)?;
     let decision = app
         .decider

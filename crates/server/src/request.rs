@@ -2,12 +2,14 @@
 //! calls; the bounded body readers also serve the proxy's metered routes): the body within its size cap, costs, limit names and keys. Each mistake is a
 //! 400 whose `error` code names its kind and whose `message` names the field and the fix.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::task::Poll;
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, StatusCode, header};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sluice_engine::{Check, Limit, LimitSet, MAX_KEY_BYTES};
@@ -69,22 +71,24 @@ pub(crate) async fn collect_limited(mut body: Body, max: usize) -> Result<Bytes,
     Ok(first.unwrap_or_else(|| Bytes::from(joined)))
 }
 
-/// Reads a JSON body within `http.body_read_timeout_ms` and `http.max_body_bytes`
-/// (see [`read_json_unbounded`]). A client that sends its head and then trickles the
-/// body gets `408 request_timeout` and the connection is closed, so it cannot hold a
-/// connection and a serving slot for as long as it likes.
+/// Reads a JSON body within `http.body_read_timeout_ms` and `http.max_body_bytes` and
+/// parses it (see [`read_body`] and [`parse_json`]).
 pub async fn read_json<T: DeserializeOwned>(
     headers: &HeaderMap,
     body: Body,
     live: &Live,
     shape: &str,
 ) -> Result<T, ApiError> {
-    let mut read = std::pin::pin!(read_json_unbounded(
-        headers,
-        body,
-        live.max_body_bytes,
-        shape
-    ));
+    parse_json(&read_body(headers, body, live).await?, shape)
+}
+
+/// Reads a JSON body within `http.body_read_timeout_ms` and `http.max_body_bytes`
+/// (see [`read_body_unbounded`]), for [`parse_json`] to parse in place. A client that
+/// sends its head and then trickles the body gets `408 request_timeout` and the
+/// connection is closed, so it cannot hold a connection and a serving slot for as long
+/// as it likes.
+pub async fn read_body(headers: &HeaderMap, body: Body, live: &Live) -> Result<Bytes, ApiError> {
+    let mut read = std::pin::pin!(read_body_unbounded(headers, body, live.max_body_bytes));
     // A body small enough to arrive with its head is read without arming a timer (a
     // timer entry per request costs as much as parsing it); the clock starts only if
     // the first look does not find the whole body.
@@ -106,14 +110,12 @@ pub async fn read_json<T: DeserializeOwned>(
     }
 }
 
-/// Reads a JSON body: checks the content type and the size cap, then parses it.
-/// `shape` is the expected body, quoted when the body does not fit it.
-async fn read_json_unbounded<T: DeserializeOwned>(
+/// Reads a JSON body's bytes: checks the content type and the size cap.
+async fn read_body_unbounded(
     headers: &HeaderMap,
     body: Body,
     max_bytes: usize,
-    shape: &str,
-) -> Result<T, ApiError> {
+) -> Result<Bytes, ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -150,10 +152,15 @@ async fn read_json_unbounded<T: DeserializeOwned>(
             declared.is_some_and(|len| len <= DRAIN_LIMIT as u64) && drain(body, DRAIN_LIMIT).await;
         return Err(too_large().closing_unless(read_to_end));
     }
-    let bytes = collect_limited(body, max_bytes)
+    collect_limited(body, max_bytes)
         .await
-        .map_err(|read_to_end| too_large().closing_unless(read_to_end))?;
-    serde_json::from_slice(&bytes).map_err(|error| {
+        .map_err(|read_to_end| too_large().closing_unless(read_to_end))
+}
+
+/// Parses a JSON body read by [`read_body`]; `T` may borrow strings from it. `shape` is
+/// the expected body, quoted when the body does not fit it.
+pub fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8], shape: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|error| {
         use serde_json::error::Category;
         match error.classify() {
             Category::Data => {
@@ -240,30 +247,118 @@ pub fn find_limit<'a>(
 
 /// Reads a key: a non-empty string of at most [`MAX_KEY_BYTES`] bytes.
 pub fn parse_key(value: Value, field: impl fmt::Display) -> Result<String, ApiError> {
-    let invalid = |why: String| ApiError::bad_request("invalid_key", format!("{field}: {why}"));
     match value {
-        Value::String(key) if key.is_empty() => Err(invalid(
+        Value::String(key) => {
+            check_key_text(&key, field)?;
+            Ok(key)
+        }
+        other => Err(not_a_string_key(json_type(&other), field)),
+    }
+}
+
+/// Reads a check's key as parsed in place ([`JsonKey`]), with [`parse_key`]'s rules.
+pub fn parse_json_key(
+    key: JsonKey<'_>,
+    field: impl fmt::Display,
+) -> Result<Cow<'_, str>, ApiError> {
+    match key {
+        JsonKey::Text(text) => {
+            check_key_text(&text, field)?;
+            Ok(text)
+        }
+        JsonKey::Not(kind) => Err(not_a_string_key(kind, field)),
+    }
+}
+
+fn check_key_text(key: &str, field: impl fmt::Display) -> Result<(), ApiError> {
+    let invalid = |why: String| ApiError::bad_request("invalid_key", format!("{field}: {why}"));
+    if key.is_empty() {
+        return Err(invalid(
             "key is empty: give each check a non-empty key such as \"user:42\"".into(),
-        )),
-        Value::String(key) if key.len() > MAX_KEY_BYTES => Err(invalid(format!(
+        ));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(invalid(format!(
             "key is {} bytes long: keys may be at most {MAX_KEY_BYTES} bytes; hash long identifiers first",
             key.len()
-        ))),
-        Value::String(key) => Ok(key),
-        other => Err(ApiError::bad_request(
-            "invalid_key",
-            format!(
-                "{field} is {} rather than a string; keys are strings such as \"user:42\"",
-                json_type(&other)
-            ),
-        )),
+        )));
+    }
+    Ok(())
+}
+
+fn not_a_string_key(kind: &str, field: impl fmt::Display) -> ApiError {
+    ApiError::bad_request(
+        "invalid_key",
+        format!("{field} is {kind} rather than a string; keys are strings such as \"user:42\""),
+    )
+}
+
+/// A check's `key` as parsed from the body: its text, borrowed from the body unless it
+/// has escapes, or the JSON type sent instead ([`parse_json_key`] refuses those with
+/// the same answer as [`parse_key`]). Parsing into a [`Value`] would copy every key.
+#[derive(Debug)]
+pub enum JsonKey<'a> {
+    /// A JSON string.
+    Text(Cow<'a, str>),
+    /// Another JSON type: `"a number"`, `"null"`, ...
+    Not(&'static str),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for JsonKey<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(JsonKeyVisitor(std::marker::PhantomData))
+    }
+}
+
+struct JsonKeyVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> serde::de::Visitor<'de> for JsonKeyVisitor<'a> {
+    type Value = JsonKey<'a>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<JsonKey<'a>, E> {
+        Ok(JsonKey::Text(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<JsonKey<'a>, E> {
+        Ok(JsonKey::Text(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<JsonKey<'a>, E> {
+        Ok(JsonKey::Text(Cow::Owned(v)))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<JsonKey<'a>, E> {
+        Ok(JsonKey::Not("a boolean"))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<JsonKey<'a>, E> {
+        Ok(JsonKey::Not("a number"))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<JsonKey<'a>, E> {
+        Ok(JsonKey::Not("a number"))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<JsonKey<'a>, E> {
+        Ok(JsonKey::Not("a number"))
+    }
+    fn visit_unit<E>(self) -> Result<JsonKey<'a>, E> {
+        Ok(JsonKey::Not("null"))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<JsonKey<'a>, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(JsonKey::Not("an array"))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<JsonKey<'a>, A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(JsonKey::Not("an object"))
     }
 }
 
 /// Builds a check, turning key problems into `invalid_key`.
 pub fn make_check(
     limit: Arc<Limit>,
-    key: String,
+    key: impl Into<compact_str::CompactString>,
     cost: u64,
     field: impl fmt::Display,
 ) -> Result<Check, ApiError> {
@@ -325,6 +420,53 @@ mod tests {
         assert_eq!(many.as_deref(), Ok(&b"{\"checks\":[]}"[..]));
         let none = collect_limited(body(&[]), 100).await;
         assert_eq!(none.as_deref(), Ok(&b""[..]));
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Item<'a> {
+        #[serde(borrow)]
+        key: JsonKey<'a>,
+        after: u8,
+    }
+
+    fn key_of(json: &str) -> (Result<String, String>, bool) {
+        let item: Item = serde_json::from_str(json).expect("parses");
+        assert_eq!(item.after, 7, "the rest of {json} parsed");
+        let borrowed = matches!(item.key, JsonKey::Text(Cow::Borrowed(_)));
+        let key = parse_json_key(item.key, "checks[0].key")
+            .map(Cow::into_owned)
+            .map_err(|error| format!("{error:?}"));
+        (key, borrowed)
+    }
+
+    #[test]
+    fn a_key_is_read_in_place_and_anything_but_a_string_is_refused_by_its_type() {
+        assert_eq!(
+            key_of(r#"{"key":"user:42","after":7}"#),
+            (Ok("user:42".into()), true)
+        );
+        assert_eq!(
+            key_of(r#"{"key":"a\"b","after":7}"#),
+            (Ok("a\"b".into()), false)
+        );
+        for (json, kind) in [
+            ("1", "a number"),
+            ("-1", "a number"),
+            ("1.5", "a number"),
+            ("null", "null"),
+            ("true", "a boolean"),
+            (r#"[1,[2,{"x":3}]]"#, "an array"),
+            (r#"{"a":[1,2],"b":{"c":null}}"#, "an object"),
+        ] {
+            let (key, _) = key_of(&format!(r#"{{"key":{json},"after":7}}"#));
+            let error = key.expect_err(json);
+            assert!(
+                error.contains(&format!("checks[0].key is {kind} rather than a string")),
+                "{json}: {error}"
+            );
+        }
+        let (empty, _) = key_of(r#"{"key":"","after":7}"#);
+        assert!(empty.expect_err("empty").contains("key is empty"));
     }
 
     #[tokio::test]

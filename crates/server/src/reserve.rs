@@ -25,7 +25,7 @@ use sluice_runtime::{AppState, ReserveError, Ticket};
 use crate::answer::result_bodies;
 use crate::check::{CheckBody, CheckItem, build_request};
 use crate::error::{ApiError, json_response};
-use crate::request::{parse_cost, read_json};
+use crate::request::{parse_cost, parse_json, read_body, read_json};
 
 /// How long a reservation stays open when `ttl_ms` is not given.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
@@ -38,8 +38,9 @@ const RELEASE_SHAPE: &str = r#"{"reservation": "<token from /v1/reserve>"}"#;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ReserveBody {
-    checks: Vec<CheckItem>,
+struct ReserveBody<'a> {
+    #[serde(borrow)]
+    checks: Vec<CheckItem<'a>>,
     #[serde(default)]
     cost: Option<Value>,
     #[serde(default)]
@@ -72,7 +73,8 @@ pub async fn reserve(
     // The head is read in place: axum's `HeaderMap` extractor would copy every header.
     let (head, body) = request.into_parts();
     let live = app.live();
-    let body: ReserveBody = read_json(&head.headers, body, &live, RESERVE_SHAPE).await?;
+    let bytes = read_body(&head.headers, body, &live).await?;
+    let body: ReserveBody = parse_json(&bytes, RESERVE_SHAPE)?;
     let ttl = parse_ttl(body.ttl_ms.as_ref())?;
     let mut request = build_request(
         &live.limits,
