@@ -15,7 +15,7 @@ use sluice_config::SluiceEndpoints;
 use sluice_runtime::AppState;
 
 use crate::error::{ApiError, json_response};
-use crate::express::Express;
+use crate::express::{Express, Lane};
 
 /// The endpoints of the main listener (its router behind the express lane). With `admin_separate` (an `admin.listen` address),
 /// the admin calls are served only by [`admin_router`] and answer 404 here. With a
@@ -33,28 +33,35 @@ pub fn router(state: Arc<AppState>, admin_separate: bool) -> Express {
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
     };
-    // Each arm says where its router serves `POST /v1/check`, for the express lane.
-    let (routes, check_path) = match endpoints {
-        None => (own(), Some(CHECK_PATH.to_string())),
+    // Each arm says which requests its router would give straight to a handler: where
+    // it serves `POST /v1/check`, or all of them when it only proxies.
+    let (routes, lane) = match endpoints {
+        None => (own(), check_lane(CHECK_PATH)),
         Some(SluiceEndpoints::Main) => (
             own_routes(admin_separate)
                 .fallback(crate::proxy::proxy)
                 .method_not_allowed_fallback(method_not_allowed),
-            Some(CHECK_PATH.to_string()),
+            check_lane(CHECK_PATH),
         ),
-        Some(SluiceEndpoints::Admin) => (Router::new().fallback(crate::proxy::proxy), None),
+        // Nothing but the proxy: the lane takes every request there.
+        Some(SluiceEndpoints::Admin) => (Router::new().fallback(crate::proxy::proxy), Lane::Proxy),
         Some(SluiceEndpoints::Prefix(prefix)) => (
             Router::new()
                 .nest(&prefix, own())
                 .fallback(crate::proxy::proxy),
-            Some(format!("{prefix}{CHECK_PATH}")),
+            check_lane(&format!("{prefix}{CHECK_PATH}")),
         ),
     };
-    Express::new(routes.with_state(Arc::clone(&state)), state, check_path)
+    Express::new(routes.with_state(Arc::clone(&state)), state, lane)
 }
 
 /// Where [`own_routes`] serves the decision API.
 const CHECK_PATH: &str = "/v1/check";
+
+/// The express lane for a router that serves the decision API at `path`.
+fn check_lane(path: &str) -> Lane {
+    Lane::Check(Arc::from(path))
+}
 
 /// sluice's own endpoints (and the admin calls unless they are served elsewhere),
 /// without a fallback.
@@ -91,16 +98,16 @@ pub fn admin_router(state: Arc<AppState>) -> Express {
         .proxy
         .as_ref()
         .is_some_and(|proxy| proxy.sluice_endpoints == SluiceEndpoints::Admin);
-    let (routes, check_path) = if all_endpoints_here {
-        (own_routes(false), Some(CHECK_PATH.to_string()))
+    let (routes, lane) = if all_endpoints_here {
+        (own_routes(false), check_lane(CHECK_PATH))
     } else {
-        (admin_routes().route("/healthz", get(healthz)), None)
+        (admin_routes().route("/healthz", get(healthz)), Lane::Closed)
     };
     let routes = routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(Arc::clone(&state));
-    Express::new(routes, state, check_path)
+    Express::new(routes, state, lane)
 }
 
 fn admin_routes() -> Router<Arc<AppState>> {
