@@ -166,18 +166,24 @@ pub struct Connection {
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
+impl Peer {
+    /// The peer of the [`Connection`] in `extensions`; `None` for a request that did
+    /// not come through the serving loop.
+    pub fn of(extensions: &axum::http::Extensions) -> Option<Peer> {
+        extensions
+            .get::<Connection>()
+            .map(|connection| Peer(connection.peer))
+    }
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for Peer {
     type Rejection = (StatusCode, &'static str);
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        parts
-            .extensions
-            .get::<Connection>()
-            .map(|connection| Peer(connection.peer))
-            .ok_or((
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the request did not come through sluice's serving loop",
-            ))
+        Peer::of(&parts.extensions).ok_or((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the request did not come through sluice's serving loop",
+        ))
     }
 }
 

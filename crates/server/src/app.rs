@@ -17,11 +17,12 @@ use sluice_runtime::AppState;
 use crate::error::{ApiError, json_response};
 use crate::express::{Express, Lane};
 
-/// The endpoints of the main listener (its router behind the express lane). With `admin_separate` (an `admin.listen` address),
-/// the admin calls are served only by [`admin_router`] and answer 404 here. With a
-/// reverse proxy configured, every request that is not one of sluice's endpoints goes
-/// to the upstream, and `proxy.sluice_endpoints` says where those endpoints are: at
-/// their paths (`main`), only on the admin listener (`admin`), or under a prefix.
+/// The endpoints of the main listener: its router, behind the express lane. With
+/// `admin_separate` (an `admin.listen` address), the admin calls are served only by
+/// [`admin_router`] and answer 404 here. With a reverse proxy configured, every request
+/// that is not one of sluice's endpoints goes to the upstream, and
+/// `proxy.sluice_endpoints` says where those endpoints are: at their paths (`main`),
+/// only on the admin listener (`admin`), or under a prefix.
 pub fn router(state: Arc<AppState>, admin_separate: bool) -> Express {
     let endpoints = state
         .live()

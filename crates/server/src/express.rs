@@ -23,7 +23,7 @@ use axum::extract::{Request, State};
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
 use axum::routing::future::RouteFuture;
-use sluice_runtime::{AppState, Connection, Peer};
+use sluice_runtime::{AppState, Peer};
 use tower_service::Service;
 
 /// A listener's endpoints: the express lane in front of its router.
@@ -83,19 +83,11 @@ impl Service<Request> for Express {
             Lane::Proxy => {
                 // The serving loop gives every request its connection; without one the
                 // router's own extractor answers, as it would have.
-                let Some(peer) = request
-                    .extensions()
-                    .get::<Connection>()
-                    .map(|connection| connection.peer)
-                else {
+                let Some(peer) = Peer::of(request.extensions()) else {
                     return Answer::Router(self.router.call(request));
                 };
                 let state = Arc::clone(&self.state);
-                Answer::Handler(Box::pin(crate::proxy::proxy(
-                    State(state),
-                    Peer(peer),
-                    request,
-                )))
+                Answer::Handler(Box::pin(crate::proxy::proxy(State(state), peer, request)))
             }
             _ => Answer::Router(self.router.call(request)),
         }

@@ -45,8 +45,9 @@ pub(crate) async fn drain(mut body: Body, limit: usize) -> bool {
 /// sent with its head) is returned as that frame, without a copy.
 pub(crate) async fn collect_limited(mut body: Body, max: usize) -> Result<Bytes, bool> {
     use http_body_util::BodyExt;
-    let mut first: Option<Bytes> = None;
-    let mut joined: Vec<u8> = Vec::new();
+    // The body while it is one frame; copied into `joined` once a second one comes.
+    let mut whole = Bytes::new();
+    let mut joined: Option<Vec<u8>> = None;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
             return Err(false);
@@ -54,21 +55,17 @@ pub(crate) async fn collect_limited(mut body: Body, max: usize) -> Result<Bytes,
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        let held = first.as_ref().map_or(0, Bytes::len) + joined.len();
+        let held = joined.as_ref().map_or(whole.len(), Vec::len);
         if held + data.len() > max {
             return Err(drain(body, DRAIN_LIMIT).await);
         }
-        match first.take() {
-            None if joined.is_empty() => first = Some(data),
-            earlier => {
-                if let Some(earlier) = earlier {
-                    joined.extend_from_slice(&earlier);
-                }
-                joined.extend_from_slice(&data);
-            }
+        match &mut joined {
+            Some(joined) => joined.extend_from_slice(&data),
+            None if whole.is_empty() => whole = data,
+            None => joined = Some([&whole[..], &data[..]].concat()),
         }
     }
-    Ok(first.unwrap_or_else(|| Bytes::from(joined)))
+    Ok(joined.map_or(whole, Bytes::from))
 }
 
 /// Reads a JSON body within `http.body_read_timeout_ms` and `http.max_body_bytes` and

@@ -205,13 +205,6 @@ pub struct ScratchDir {
     path: PathBuf,
 }
 
-impl ScratchDir {
-    /// Its path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
 impl std::ops::Deref for ScratchDir {
     type Target = Path;
 
