@@ -3,17 +3,20 @@
 //! much of a request's cost is the HTTP stack before sluice does any work.
 //!
 //! ```sh
-//! cargo run --release -p sluice-runtime --example fixed_answer -- PORT [loop|hyper]
+//! cargo run --release -p sluice-runtime --example fixed_answer -- PORT [loop|hyper] [SPIN_NS]
 //! ```
 //!
 //! - `loop`: sluice's own serving loop (`serve_per_thread`: one single-threaded runtime
 //!   per core on `SO_REUSEPORT`, the header and idle timers, the connection cap) and an
 //!   axum router with one route that reads the body, as `/v1/check` does;
 //! - `hyper`: the same threads and listeners with hyper's HTTP/1 connection and nothing
-//!   else: no timers, no router, no in-flight tracking.
+//!   else: no timers, no router, no in-flight tracking. `SPIN_NS` makes it spin that
+//!   long per request: the same server with a little more CPU per request, which is
+//!   what moves the p99 of a saturating `wrk` run on this 2-core box (BENCHMARKS.md).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -32,6 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let port: u16 = args.next().as_deref().unwrap_or("8080").parse()?;
     let mode = args.next().unwrap_or_else(|| "loop".to_owned());
+    let spin = Duration::from_nanos(args.next().as_deref().unwrap_or("0").parse()?);
     let address = SocketAddr::from(([127, 0, 0, 1], port));
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let listeners = {
@@ -63,7 +67,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "hyper" => {
             let threads: Vec<_> = listeners
                 .into_iter()
-                .map(|listener| std::thread::spawn(move || hyper_only(listener)))
+                .map(|listener| std::thread::spawn(move || hyper_only(listener, spin)))
                 .collect();
             for thread in threads {
                 thread.join().map_err(|_| "a serving thread panicked")??;
@@ -74,7 +78,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn hyper_only(listener: std::net::TcpListener) -> std::io::Result<()> {
+fn hyper_only(listener: std::net::TcpListener, spin: Duration) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -89,6 +93,12 @@ fn hyper_only(listener: std::net::TcpListener) -> std::io::Result<()> {
                     |request: hyper::Request<hyper::body::Incoming>| async move {
                         let body = request.into_body().collect().await;
                         std::hint::black_box(body.is_ok());
+                        if !spin.is_zero() {
+                            let started = Instant::now();
+                            while started.elapsed() < spin {
+                                std::hint::spin_loop();
+                            }
+                        }
                         let mut response =
                             hyper::Response::new(Full::new(Bytes::from_static(ANSWER.as_bytes())));
                         response.headers_mut().insert(
