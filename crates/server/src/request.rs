@@ -40,24 +40,61 @@ pub(crate) async fn drain(mut body: Body, limit: usize) -> bool {
     true
 }
 
-/// Collects at most `max` bytes; on overflow, drains a bounded amount more and says
-/// whether the body was read to its end. A body that arrives in one frame (a small one
-/// sent with its head) is returned as that frame, without a copy.
-pub(crate) async fn collect_limited(mut body: Body, max: usize) -> Result<Bytes, bool> {
+/// Why a body could not be collected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyError {
+    /// Larger than the cap; `read_to_end`: the rest was drained, so the connection can
+    /// carry another request.
+    TooLarge { read_to_end: bool },
+    /// Cut short or badly framed (a bad chunk, fewer bytes than `Content-Length`):
+    /// the connection cannot carry another request.
+    Broken,
+}
+
+impl BodyError {
+    /// The answer: `too_large` for an oversized body, a `400 invalid_body` otherwise.
+    pub(crate) fn answer(self, too_large: impl FnOnce() -> ApiError) -> ApiError {
+        match self {
+            BodyError::TooLarge { read_to_end } => too_large().closing_unless(read_to_end),
+            BodyError::Broken => ApiError::bad_request(
+                "invalid_body",
+                "the request body ended early or its framing is broken (a bad chunk, or fewer bytes than Content-Length says); send the whole body, framed by Content-Length or valid chunked encoding",
+            )
+            .closing_unless(false),
+        }
+    }
+}
+
+/// Whether the client waits for `100 Continue` before it sends its body. Refusing such
+/// a request before reading the body spares it the upload, and reading the body is
+/// what would make hyper send `100 Continue`.
+pub(crate) fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
+}
+
+/// Collects at most `max` bytes; on overflow, drains a bounded amount more (see
+/// [`BodyError`]). A body that arrives in one frame (a small one sent with its head)
+/// is returned as that frame, without a copy.
+pub(crate) async fn collect_limited(mut body: Body, max: usize) -> Result<Bytes, BodyError> {
     use http_body_util::BodyExt;
     // The body while it is one frame; copied into `joined` once a second one comes.
     let mut whole = Bytes::new();
     let mut joined: Option<Vec<u8>> = None;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
-            return Err(false);
+            return Err(BodyError::Broken);
         };
         let Ok(data) = frame.into_data() else {
             continue;
         };
         let held = joined.as_ref().map_or(whole.len(), Vec::len);
         if held + data.len() > max {
-            return Err(drain(body, DRAIN_LIMIT).await);
+            return Err(BodyError::TooLarge {
+                read_to_end: drain(body, DRAIN_LIMIT).await,
+            });
         }
         match &mut joined {
             Some(joined) => joined.extend_from_slice(&data),
@@ -145,13 +182,14 @@ async fn read_body_unbounded(
         )
     };
     if declared.is_some_and(|len| len > max_bytes as u64) {
-        let read_to_end =
-            declared.is_some_and(|len| len <= DRAIN_LIMIT as u64) && drain(body, DRAIN_LIMIT).await;
+        let read_to_end = !expects_continue(headers)
+            && declared.is_some_and(|len| len <= DRAIN_LIMIT as u64)
+            && drain(body, DRAIN_LIMIT).await;
         return Err(too_large().closing_unless(read_to_end));
     }
     collect_limited(body, max_bytes)
         .await
-        .map_err(|read_to_end| too_large().closing_unless(read_to_end))
+        .map_err(|error| error.answer(too_large))
 }
 
 /// Parses a JSON body read by [`read_body`]; `T` may borrow strings from it. `shape` is

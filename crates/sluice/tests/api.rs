@@ -798,6 +798,71 @@ fn body_size_limit_is_64_kib() {
     assert_eq!(s.get("/healthz").status, 200);
 }
 
+/// A body that is cut short or badly framed is called that, not "too large".
+#[test]
+fn a_broken_or_truncated_body_is_an_invalid_body_not_a_large_one() {
+    use std::io::{Read, Write};
+    let s = Server::standard();
+    let head = "POST /v1/check HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n";
+    // A chunk size that is not hexadecimal, and a chunk longer than its size.
+    for body in [
+        "Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+        "Transfer-Encoding: chunked\r\n\r\n2\r\n{\"checks\":[]}\r\n0\r\n\r\n",
+    ] {
+        let (code, text) = raw_http(s.port, format!("{head}{body}").as_bytes()).expect("answered");
+        assert_eq!(code, 400, "{body:?}: {text}");
+        assert!(text.contains("\"invalid_body\""), "{body:?}: {text}");
+        assert!(!text.contains("body_too_large"), "{body:?}: {text}");
+    }
+    // Fewer bytes than Content-Length says, then the client stops sending.
+    let mut sock = std::net::TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+    sock.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    sock.write_all(format!("{head}Content-Length: 100\r\n\r\n{{\"checks\"").as_bytes())
+        .expect("write");
+    sock.shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    let mut answer = String::new();
+    let _ = sock.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"invalid_body\""), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert_eq!(s.get("/healthz").status, 200);
+}
+
+/// A client that waits for `100 Continue` before sending a body over the cap is
+/// refused at once: it is never invited to upload what will be refused.
+#[test]
+fn an_oversized_body_behind_expect_100_continue_is_refused_before_upload() {
+    use std::io::{Read, Write};
+    let s = Server::standard();
+    let mut sock = std::net::TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+    sock.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    sock.write_all(
+        b"POST /v1/check HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+          Content-Length: 70000\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .expect("write");
+    let started = std::time::Instant::now();
+    let mut answer = String::new();
+    let _ = sock.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        !answer.contains("100 Continue"),
+        "invited to upload: {answer}"
+    );
+    assert!(answer.contains("\"body_too_large\""), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered only after {:?}: it waited for a body the client will not send",
+        started.elapsed()
+    );
+}
+
 /// A plain HTTP client (ureq) writes the whole 1 MiB body before it reads the
 /// answer; it must get the 400 body_too_large, not a broken pipe.
 #[test]

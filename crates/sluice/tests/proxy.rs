@@ -131,6 +131,7 @@ fn requests_reach_the_app_whole_and_hop_by_hop_headers_stay_behind() {
             ("X-Forwarded-For", "6.6.6.6"),
             ("X-Forwarded-Host", "evil.example"),
             ("Forwarded", "for=6.6.6.6"),
+            ("X-Real-IP", "6.6.6.6"),
         ],
         br#"{"name": "widget"}"#,
     )
@@ -178,6 +179,11 @@ fn requests_reach_the_app_whole_and_hop_by_hop_headers_stay_behind() {
         seen(&headers, "x-forwarded-host"),
         Some(format!("127.0.0.1:{}", server.port).as_str())
     );
+    assert_eq!(
+        seen(&headers, "x-real-ip"),
+        Some("127.0.0.1"),
+        "an untrusted client's X-Real-IP is replaced by its address"
+    );
 
     for hop in ["x-upstream-hop", "keep-alive", "proxy-authenticate"] {
         assert_eq!(
@@ -205,6 +211,7 @@ fn a_trusted_proxy_s_forwarding_headers_are_extended() {
             ("X-Forwarded-For", "198.51.100.7"),
             ("X-Forwarded-Proto", "https"),
             ("X-Forwarded-Host", "api.example"),
+            ("X-Real-IP", "198.51.100.7"),
         ],
         b"",
     )
@@ -214,6 +221,7 @@ fn a_trusted_proxy_s_forwarding_headers_are_extended() {
         seen(&headers, "x-forwarded-for"),
         Some("198.51.100.7, 127.0.0.1")
     );
+    assert_eq!(seen(&headers, "x-real-ip"), Some("198.51.100.7"));
     assert_eq!(seen(&headers, "x-forwarded-proto"), Some("https"));
     assert_eq!(seen(&headers, "x-forwarded-host"), Some("api.example"));
     // The limit is counted on the client the trusted proxy named.
@@ -256,6 +264,30 @@ fn denied_requests_never_reach_the_upstream() {
     let free = http_request(server.port, "GET", "/free", &[], b"").expect("proxied");
     assert_eq!(free.status, 200);
     assert_eq!(free.header("x-ratelimit-remaining"), None);
+}
+
+#[test]
+fn connect_is_refused_and_never_reaches_the_upstream() {
+    let upstream = Upstream::start();
+    let server = Server::start(&proxy_config(&upstream.url(), ""));
+    let before = upstream.requests();
+    for target in ["example.com:443", "127.0.0.1:22"] {
+        let (status, text) = common::raw_http(
+            server.port,
+            format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes(),
+        )
+        .expect("answered");
+        assert_eq!(status, 405, "{text}");
+        assert!(text.contains("\"method_not_allowed\""), "{text}");
+        assert!(
+            text.to_ascii_lowercase().contains("\nallow: get, "),
+            "a 405 says what is allowed: {text}"
+        );
+    }
+    assert_eq!(upstream.requests(), before, "the upstream saw no CONNECT");
+    // The connection and the proxy still serve ordinary requests.
+    let ok = http_request(server.port, "GET", "/free", &[], b"").expect("proxied");
+    assert_eq!(ok.status, 200, "{}", ok.describe());
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Forwarding an allowed request to the upstream and its answer back: the pooled
-//! client (one per serving thread), hop-by-hop headers, `X-Forwarded-*`, WebSocket
+//! client (one per serving thread), hop-by-hop headers, `X-Forwarded-*` and
+//! `X-Real-IP`, WebSocket
 //! upgrades, and the 502/504 sluice writes when the upstream fails (marked, so that
 //! such an answer is not refunded once the request was sent).
 
@@ -112,10 +113,19 @@ fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-/// Sets `X-Forwarded-For`, `-Proto` and `-Host` (see the module doc).
+/// Sets `X-Forwarded-For`, `-Proto`, `-Host` and `X-Real-IP` (see the module doc).
 fn set_forwarding_headers(headers: &mut HeaderMap, peer: IpAddr, trusted: bool) {
     let peer = sluice_http::client_ip::ip_text(peer);
+    // Apps behind nginx often take the client from `X-Real-IP`: one a client wrote
+    // itself must not reach them. As Traefik does: a trusted proxy's is kept, any
+    // other is the peer.
+    if !(trusted && headers.contains_key(&X_REAL_IP))
+        && let Ok(value) = HeaderValue::from_str(&peer)
+    {
+        headers.insert(X_REAL_IP, value);
+    }
     let (xff, proto, host) = (X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST);
     let forwarded_for = if trusted && headers.contains_key(&xff) {
         let mut chain: Vec<&str> = headers
@@ -404,9 +414,13 @@ mod tests {
         spoofed.insert("x-forwarded-host", HeaderValue::from_static("evil"));
         spoofed.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
         spoofed.insert("host", HeaderValue::from_static("api.example"));
+        spoofed.append("x-real-ip", HeaderValue::from_static("6.6.6.6"));
+        spoofed.append("x-real-ip", HeaderValue::from_static("7.7.7.7"));
         let mut untrusted = spoofed.clone();
         set_forwarding_headers(&mut untrusted, "203.0.113.7".parse().unwrap(), false);
         assert_eq!(untrusted["x-forwarded-for"], "203.0.113.7");
+        let real: Vec<_> = untrusted.get_all("x-real-ip").iter().collect();
+        assert_eq!(real, ["203.0.113.7"], "every spoofed X-Real-IP is replaced");
         assert_eq!(untrusted["x-forwarded-proto"], "http");
         assert_eq!(untrusted["x-forwarded-host"], "api.example");
         assert!(!untrusted.contains_key("forwarded"));
@@ -417,7 +431,12 @@ mod tests {
         assert_eq!(trusted["x-forwarded-for"], "6.6.6.6, 10.0.0.1");
         assert_eq!(trusted["x-forwarded-proto"], "https");
         assert_eq!(trusted["x-forwarded-host"], "evil");
+        assert_eq!(trusted["x-real-ip"], "6.6.6.6", "a trusted proxy's is kept");
         assert!(over_tls(&spoofed, true));
+
+        let mut plain = HeaderMap::new();
+        set_forwarding_headers(&mut plain, "10.0.0.1".parse().unwrap(), true);
+        assert_eq!(plain["x-real-ip"], "10.0.0.1", "none sent: the peer");
     }
 
     #[test]

@@ -13,10 +13,11 @@
 //!   `Expect` (sluice answers `100-continue` itself). `Host` is passed through as the
 //!   client sent it.
 //! - **Forwarding headers.** From a trusted proxy (`client_ip.trusted_proxies`) the peer
-//!   is appended to `X-Forwarded-For` and its `X-Forwarded-Proto`/`-Host` and
-//!   `Forwarded` are kept. From anyone else the client's own copies are dropped and
-//!   replaced: `X-Forwarded-For: <peer>`, `X-Forwarded-Proto: http`,
-//!   `X-Forwarded-Host: <Host>`, no `Forwarded`. (nginx's `$proxy_add_x_forwarded_for`
+//!   is appended to `X-Forwarded-For` and its `X-Forwarded-Proto`/`-Host`, `X-Real-IP`
+//!   and `Forwarded` are kept (`X-Real-IP: <peer>` when it sent none). From anyone else
+//!   the client's own copies are dropped and replaced: `X-Forwarded-For: <peer>`,
+//!   `X-Forwarded-Proto: http`, `X-Forwarded-Host: <Host>`, `X-Real-IP: <peer>`, no
+//!   `Forwarded`. (nginx's `$proxy_add_x_forwarded_for`
 //!   appends to whatever the client sent, so a spoofed entry reaches the app; sluice
 //!   drops it, as Traefik does by default, so the app can believe the header.)
 //! - **Upgrades** (WebSocket): the `Upgrade` request is forwarded with its
@@ -48,8 +49,8 @@ mod quota;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
 use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use sluice_http::{IncomingRequest, Session, normalize_path};
 use sluice_runtime::Peer;
@@ -130,6 +131,22 @@ pub async fn proxy(
     response
 }
 
+/// `405` to a `CONNECT`: a tunnel to wherever the client names is a forward proxy's
+/// job, and forwarding the request would ask the upstream to open one.
+fn connect_refused() -> Response {
+    let mut refused = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "CONNECT asks for a tunnel, which this reverse proxy does not open: send the request itself (GET /path, POST /path, ...) to this address",
+    )
+    .into_response();
+    refused.headers_mut().insert(
+        header::ALLOW,
+        HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"),
+    );
+    refused
+}
+
 /// The answer to one proxied request: refused, denied, or the upstream's.
 async fn answer(
     app: &Arc<AppState>,
@@ -146,6 +163,9 @@ async fn answer(
             "the reverse proxy was removed from the config; restart sluice to stop proxying",
         ));
     };
+    if request.method() == Method::CONNECT {
+        return Ok(connect_refused());
+    }
     if let Some(quota_path) = &proxy.quota_path
         && normalize_path(request.uri().path()) == *quota_path
     {
