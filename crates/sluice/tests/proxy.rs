@@ -284,6 +284,17 @@ fn connect_is_refused_and_never_reaches_the_upstream() {
             "a 405 says what is allowed: {text}"
         );
     }
+    // One with a body it will not get to send: the answer says the connection closes.
+    let (status, text) = common::raw_http(
+        server.port,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nContent-Length: 5\r\n\r\n",
+    )
+    .expect("answered");
+    assert_eq!(status, 405, "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("\nconnection: close"),
+        "{text}"
+    );
     assert_eq!(upstream.requests(), before, "the upstream saw no CONNECT");
     // The connection and the proxy still serve ordinary requests.
     let ok = http_request(server.port, "GET", "/free", &[], b"").expect("proxied");

@@ -132,13 +132,15 @@ pub async fn proxy(
 }
 
 /// `405` to a `CONNECT`: a tunnel to wherever the client names is a forward proxy's
-/// job, and forwarding the request would ask the upstream to open one.
-fn connect_refused() -> Response {
+/// job, and forwarding the request would ask the upstream to open one. `body_read`:
+/// it came without a body, so the connection can carry another request.
+fn connect_refused(body_read: bool) -> Response {
     let mut refused = ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         "CONNECT asks for a tunnel, which this reverse proxy does not open: send the request itself (GET /path, POST /path, ...) to this address",
     )
+    .closing_unless(body_read)
     .into_response();
     refused.headers_mut().insert(
         header::ALLOW,
@@ -164,7 +166,7 @@ async fn answer(
         ));
     };
     if request.method() == Method::CONNECT {
-        return Ok(connect_refused());
+        return Ok(connect_refused(!has_body(request.headers())));
     }
     if let Some(quota_path) = &proxy.quota_path
         && normalize_path(request.uri().path()) == *quota_path
