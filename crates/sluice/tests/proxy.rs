@@ -132,6 +132,8 @@ fn requests_reach_the_app_whole_and_hop_by_hop_headers_stay_behind() {
             ("X-Forwarded-Host", "evil.example"),
             ("Forwarded", "for=6.6.6.6"),
             ("X-Real-IP", "6.6.6.6"),
+            ("CF-Connecting-IP", "6.6.6.6"),
+            ("True-Client-IP", "6.6.6.6"),
         ],
         br#"{"name": "widget"}"#,
     )
@@ -157,6 +159,8 @@ fn requests_reach_the_app_whole_and_hop_by_hop_headers_stay_behind() {
         "proxy-authorization",
         "te",
         "forwarded",
+        "cf-connecting-ip",
+        "true-client-ip",
     ] {
         assert_eq!(
             seen(&headers, hop),
@@ -212,6 +216,7 @@ fn a_trusted_proxy_s_forwarding_headers_are_extended() {
             ("X-Forwarded-Proto", "https"),
             ("X-Forwarded-Host", "api.example"),
             ("X-Real-IP", "198.51.100.7"),
+            ("CF-Connecting-IP", "198.51.100.7"),
         ],
         b"",
     )
@@ -222,6 +227,7 @@ fn a_trusted_proxy_s_forwarding_headers_are_extended() {
         Some("198.51.100.7, 127.0.0.1")
     );
     assert_eq!(seen(&headers, "x-real-ip"), Some("198.51.100.7"));
+    assert_eq!(seen(&headers, "cf-connecting-ip"), Some("198.51.100.7"));
     assert_eq!(seen(&headers, "x-forwarded-proto"), Some("https"));
     assert_eq!(seen(&headers, "x-forwarded-host"), Some("api.example"));
     // The limit is counted on the client the trusted proxy named.

@@ -114,8 +114,21 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// Headers that name the client's address in a CDN's or load balancer's convention.
+/// Behind one, its proxy is trusted and they pass; from anyone else they are the
+/// client's own words about itself, and an app that believes one could be told any
+/// address.
+const CLIENT_ADDRESS_HEADERS: [HeaderName; 5] = [
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("fastly-client-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("x-cluster-client-ip"),
+];
 
-/// Sets `X-Forwarded-For`, `-Proto`, `-Host` and `X-Real-IP` (see the module doc).
+/// Sets `X-Forwarded-For`, `-Proto`, `-Host` and `X-Real-IP`, and drops the client's
+/// own `Forwarded` and [`CLIENT_ADDRESS_HEADERS`] unless a trusted proxy sent them (see
+/// the module doc).
 fn set_forwarding_headers(headers: &mut HeaderMap, peer: IpAddr, trusted: bool) {
     let peer = sluice_http::client_ip::ip_text(peer);
     // Apps behind nginx often take the client from `X-Real-IP`: one a client wrote
@@ -156,6 +169,9 @@ fn set_forwarding_headers(headers: &mut HeaderMap, peer: IpAddr, trusted: bool) 
     }
     if !trusted {
         headers.remove(header::FORWARDED);
+        for name in CLIENT_ADDRESS_HEADERS {
+            headers.remove(name);
+        }
     }
 }
 
@@ -416,11 +432,16 @@ mod tests {
         spoofed.insert("host", HeaderValue::from_static("api.example"));
         spoofed.append("x-real-ip", HeaderValue::from_static("6.6.6.6"));
         spoofed.append("x-real-ip", HeaderValue::from_static("7.7.7.7"));
+        spoofed.insert("cf-connecting-ip", HeaderValue::from_static("6.6.6.6"));
+        spoofed.insert("true-client-ip", HeaderValue::from_static("6.6.6.6"));
         let mut untrusted = spoofed.clone();
         set_forwarding_headers(&mut untrusted, "203.0.113.7".parse().unwrap(), false);
         assert_eq!(untrusted["x-forwarded-for"], "203.0.113.7");
         let real: Vec<_> = untrusted.get_all("x-real-ip").iter().collect();
         assert_eq!(real, ["203.0.113.7"], "every spoofed X-Real-IP is replaced");
+        for name in CLIENT_ADDRESS_HEADERS {
+            assert!(!untrusted.contains_key(&name), "{name} is dropped");
+        }
         assert_eq!(untrusted["x-forwarded-proto"], "http");
         assert_eq!(untrusted["x-forwarded-host"], "api.example");
         assert!(!untrusted.contains_key("forwarded"));
@@ -432,6 +453,8 @@ mod tests {
         assert_eq!(trusted["x-forwarded-proto"], "https");
         assert_eq!(trusted["x-forwarded-host"], "evil");
         assert_eq!(trusted["x-real-ip"], "6.6.6.6", "a trusted proxy's is kept");
+        assert_eq!(trusted["cf-connecting-ip"], "6.6.6.6");
+        assert_eq!(trusted["true-client-ip"], "6.6.6.6");
         assert!(over_tls(&spoofed, true));
 
         let mut plain = HeaderMap::new();

@@ -17,9 +17,10 @@
 //!   and `Forwarded` are kept (`X-Real-IP: <peer>` when it sent none). From anyone else
 //!   the client's own copies are dropped and replaced: `X-Forwarded-For: <peer>`,
 //!   `X-Forwarded-Proto: http`, `X-Forwarded-Host: <Host>`, `X-Real-IP: <peer>`, no
-//!   `Forwarded`. (nginx's `$proxy_add_x_forwarded_for`
-//!   appends to whatever the client sent, so a spoofed entry reaches the app; sluice
-//!   drops it, as Traefik does by default, so the app can believe the header.)
+//!   `Forwarded` and no CDN-style address header (`True-Client-IP`, `CF-Connecting-IP`
+//!   and the like). (nginx's `$proxy_add_x_forwarded_for` appends to whatever the
+//!   client sent, so a spoofed entry reaches the app; sluice drops it, as Traefik does
+//!   by default, so the app can believe the header.)
 //! - **Upgrades** (WebSocket): the `Upgrade` request is forwarded with its
 //!   `Connection: upgrade`; when the upstream answers `101`, both connections are taken
 //!   over and bytes are copied both ways until either side closes.
