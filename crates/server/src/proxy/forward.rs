@@ -1,8 +1,7 @@
 //! Forwarding an allowed request to the upstream and its answer back: the pooled
 //! client (one per serving thread), hop-by-hop headers, `X-Forwarded-*` and
-//! `X-Real-IP`, WebSocket
-//! upgrades, and the 502/504 sluice writes when the upstream fails (marked, so that
-//! such an answer is not refunded once the request was sent).
+//! `X-Real-IP`, WebSocket upgrades, and the 502/504 sluice writes when the upstream
+//! fails (marked, so that such an answer is not refunded once the request was sent).
 
 use std::cell::RefCell;
 use std::net::IpAddr;
@@ -170,12 +169,12 @@ fn set_forwarding_headers(headers: &mut HeaderMap, peer: IpAddr, trusted: bool) 
     if !trusted {
         // Most requests carry none of them: one pass over the few names the request
         // has is cheaper than a hashed removal of each absent one.
-        let drop: Vec<HeaderName> = headers
+        let unvouched: Vec<HeaderName> = headers
             .keys()
             .filter(|name| *name == header::FORWARDED || CLIENT_ADDRESS_HEADERS.contains(name))
             .cloned()
             .collect();
-        for name in drop {
+        for name in unvouched {
             headers.remove(name);
         }
     }
