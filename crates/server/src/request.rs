@@ -20,10 +20,10 @@ use crate::error::ApiError;
 
 /// How much of a rejected body is read and discarded before answering, so a client
 /// that is still writing sees the 400 instead of a reset connection.
-pub(crate) const DRAIN_LIMIT: usize = 4 * 1024 * 1024;
+const DRAIN_LIMIT: usize = 4 * 1024 * 1024;
 
 /// Reads and discards up to `limit` more bytes; true when the body ended.
-pub(crate) async fn drain(mut body: Body, limit: usize) -> bool {
+async fn drain(mut body: Body, limit: usize) -> bool {
     use http_body_util::BodyExt;
     let mut seen = 0;
     while let Some(frame) = body.frame().await {
@@ -68,17 +68,40 @@ impl BodyError {
 /// Whether the client waits for `100 Continue` before it sends its body. Refusing such
 /// a request before reading the body spares it the upload, and reading the body is
 /// what would make hyper send `100 Continue`.
-pub(crate) fn expects_continue(headers: &HeaderMap) -> bool {
+fn expects_continue(headers: &HeaderMap) -> bool {
     headers
         .get(header::EXPECT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
 }
 
+/// Collects a body of at most `max` bytes (see [`collect_limited`]), refusing one whose
+/// `Content-Length` is already over without collecting it: a client waiting for `100
+/// Continue` is not invited to upload, and from any other a small rest is drained so
+/// that it sees the answer rather than a reset. Callers bound it with their body
+/// timeout, drain included.
+pub(crate) async fn collect_capped(
+    headers: &HeaderMap,
+    body: Body,
+    max: usize,
+) -> Result<Bytes, BodyError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max as u64) {
+        let read_to_end = !expects_continue(headers)
+            && declared.is_some_and(|len| len <= DRAIN_LIMIT as u64)
+            && drain(body, DRAIN_LIMIT).await;
+        return Err(BodyError::TooLarge { read_to_end });
+    }
+    collect_limited(body, max).await
+}
+
 /// Collects at most `max` bytes; on overflow, drains a bounded amount more (see
 /// [`BodyError`]). A body that arrives in one frame (a small one sent with its head)
 /// is returned as that frame, without a copy.
-pub(crate) async fn collect_limited(mut body: Body, max: usize) -> Result<Bytes, BodyError> {
+async fn collect_limited(mut body: Body, max: usize) -> Result<Bytes, BodyError> {
     use http_body_util::BodyExt;
     // The body while it is one frame; copied into `joined` once a second one comes.
     let mut whole = Bytes::new();
@@ -169,27 +192,18 @@ async fn read_body_unbounded(
         );
         return Err(error.closing_unless(drain(body, DRAIN_LIMIT).await));
     }
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let too_large = || {
-        ApiError::bad_request(
-            "body_too_large",
-            format!(
-                "the request body is larger than {max_bytes} bytes; send fewer checks or shorter keys"
-            ),
-        )
-    };
-    if declared.is_some_and(|len| len > max_bytes as u64) {
-        let read_to_end = !expects_continue(headers)
-            && declared.is_some_and(|len| len <= DRAIN_LIMIT as u64)
-            && drain(body, DRAIN_LIMIT).await;
-        return Err(too_large().closing_unless(read_to_end));
-    }
-    collect_limited(body, max_bytes)
+    collect_capped(headers, body, max_bytes)
         .await
-        .map_err(|error| error.answer(too_large))
+        .map_err(|error| {
+            error.answer(|| {
+                ApiError::bad_request(
+                    "body_too_large",
+                    format!(
+                        "the request body is larger than {max_bytes} bytes; send fewer checks or shorter keys"
+                    ),
+                )
+            })
+        })
 }
 
 /// Parses a JSON body read by [`read_body`]; `T` may borrow strings from it. `shape` is

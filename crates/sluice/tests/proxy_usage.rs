@@ -390,6 +390,47 @@ fn a_body_over_the_cap_is_refused_and_never_reaches_the_app() {
     assert_eq!(remaining(&s, "erin"), (TOKENS, DOLLARS, 2));
 }
 
+/// A client that declares a body over the cap and then trickles it cannot hold the
+/// connection: draining the rest is bounded by the body timeout like reading it is.
+#[test]
+fn a_trickled_body_over_the_cap_is_cut_at_the_body_timeout() {
+    let upstream = Upstream::start();
+    let admin_port = free_port();
+    let server = Server::start(&format!(
+        "http: {{body_read_timeout_ms: 1000}}\n{}",
+        config(&upstream.url(), admin_port, 2)
+    ));
+    let mut sock = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    sock.write_all(
+        b"POST /v1/json HTTP/1.1\r\nHost: x\r\nX-User-Id: tom\r\nContent-Type: application/json\r\n\
+          Content-Length: 100000\r\n\r\n",
+    )
+    .expect("write head");
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while started.elapsed() < Duration::from_secs(6) {
+        // One byte every 200 ms, far below the declared 100,000.
+        if sock.write_all(b" ").is_err() {
+            break;
+        }
+        match sock.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "still held after 6 s with a 1 s body timeout; answer so far: {answer:?}"
+    );
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(upstream.requests(), 0);
+}
+
 #[test]
 fn a_call_in_flight_holds_its_slot_until_its_answer_ends() {
     let s = Arc::new(setup(2));

@@ -44,7 +44,7 @@ use sluice_runtime::{AppState, Live, ReserveError, Ticket};
 use sluice_usage::{ReaderLimits, Usage, UsageFormat, UsageReader};
 
 use crate::error::ApiError;
-use crate::request::{DRAIN_LIMIT, collect_limited, drain, expects_continue};
+use crate::request::collect_capped;
 
 use super::forward::{answered_by_sluice, forward};
 
@@ -83,19 +83,9 @@ async fn read_body(
             ),
         )
     };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|len| len > max as u64) {
-        // Read a small rest so the client sees the answer rather than a reset, unless it
-        // waits for `100 Continue` and so has sent nothing yet.
-        let read_to_end = !expects_continue(headers)
-            && declared.is_some_and(|len| len <= DRAIN_LIMIT as u64)
-            && drain(body, DRAIN_LIMIT).await;
-        return Err(too_large().closing_unless(read_to_end));
-    }
-    match tokio::time::timeout(timeout, collect_limited(body, max)).await {
+    // The timeout covers draining an oversized body too: a client trickling one must
+    // not hold the connection for as long as it likes.
+    match tokio::time::timeout(timeout, collect_capped(headers, body, max)).await {
         Ok(Ok(bytes)) => Ok(bytes),
         Ok(Err(error)) => Err(error.answer(too_large)),
         Err(_) => Err(ApiError::new(
