@@ -19,7 +19,6 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; nginx -c "$scratch/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$scratch"; }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 sluice_port="$(free_port)"; nginx_port="$(free_port)"
 
 if [[ -z "${SLUICE_BIN:-}" ]]; then

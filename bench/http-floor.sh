@@ -26,7 +26,6 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; nginx -c "$scratch/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$scratch"; }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 nginx_port="$(free_port)"; hyper_port="$(free_port)"; loop_port="$(free_port)"; sluice_port="$(free_port)"
 before_port="$(free_port)"; crab_port="$(free_port)"
 THROTTLECRAB="${THROTTLECRAB:-throttlecrab-server}"

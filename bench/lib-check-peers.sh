@@ -1,6 +1,9 @@
 # Sourced by the bench scripts that compare sluice with a peer: the servers they
 # start the same way.
 
+# free_port: a loopback port nothing listens on now.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
 # write_sluice_config FILE PORT: sluice on the memory store with one limit, `api`.
 write_sluice_config() {
     cat > "$1" <<YAML

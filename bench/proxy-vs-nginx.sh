@@ -36,7 +36,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 upstream_port="$(free_port)"; sluice_port="$(free_port)"; front_port="$(free_port)"
 before_port="$(free_port)"
 

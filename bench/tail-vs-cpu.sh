@@ -24,7 +24,6 @@ scratch="$(mktemp -d "${TMPDIR:-/tmp}/sluice-tail.XXXXXX")"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; nginx -c "$scratch/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$scratch"; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 (cd "$root" && cargo build --release -q -p sluice-runtime --example fixed_answer)
 if [[ -z "${SLUICE_BIN:-}" ]]; then
