@@ -27,7 +27,7 @@ use sluice_runtime::serve::{Limits, Protocol, bind_listeners, serve_per_thread};
 
 // The allocator the sluice binary runs with, so the floor is measured as it serves.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: sluice_alloc::Mimalloc = sluice_alloc::Mimalloc;
 
 const ANSWER: &str = r#"{"allowed":true,"retry_after_ms":0,"degraded":false,"results":[]}"#;
 

@@ -25,9 +25,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 // Many small, short-lived allocations per request (JSON in and out): mimalloc's
-// thread-local free lists serve them faster than glibc's arenas.
+// thread-local free lists serve them faster than glibc's arenas, and sluice_alloc
+// asks it for plain blocks where the `mimalloc` crate's wrapper took its slow aligned
+// path (see that crate's docs).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: sluice_alloc::Mimalloc = sluice_alloc::Mimalloc;
 
 /// Keeps the process off transparent huge pages unless the operator chose with
 /// `MIMALLOC_ALLOW_THP` (or mimalloc's large-page variables). With THP, mimalloc's arena

@@ -16,7 +16,7 @@ use sluice_store_memory::{MemoryStore, MemoryStoreConfig};
 
 // The server's allocator: a decision allocates its request and answer as the server's do.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: sluice_alloc::Mimalloc = sluice_alloc::Mimalloc;
 
 #[path = "../benches/support/streams.rs"]
 mod streams;
