@@ -13,6 +13,7 @@
 //! addresses inside one allocation share a bucket; with a hash secret, the key is a
 //! keyed hash, so raw addresses never reach the store or the logs.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use hmac::{Hmac, KeyInit, Mac};
@@ -219,25 +220,27 @@ impl ClientIpResolver {
             return peer;
         }
         // Header lines in reverse, each line's entries in reverse: right to left overall.
-        let mut lines: Vec<&str> = Vec::new();
+        // A line is read byte by byte, not refused whole when it holds a byte outside
+        // visible ASCII: the client writes the left of the line and the trusted proxy
+        // appends the address it saw on the right, so one byte of the client's choosing
+        // must not hide that address. An entry that is not text becomes U+FFFD
+        // characters, never a `,`, `;` or `"` (UTF-8 continuation bytes are all above
+        // ASCII), so it stays one entry, which cannot be read, at its own position.
+        let name = match self.config.header {
+            ForwardedHeader::XForwardedFor => "x-forwarded-for",
+            ForwardedHeader::Forwarded => "forwarded",
+        };
+        let lines: Vec<Cow<'_, str>> = headers
+            .get_all(name)
+            .iter()
+            .map(|value| String::from_utf8_lossy(value.as_bytes()))
+            .collect();
         match self.config.header {
             ForwardedHeader::XForwardedFor => {
-                for value in headers.get_all("x-forwarded-for") {
-                    match value.to_str() {
-                        Ok(line) => lines.push(line),
-                        Err(_) => return peer,
-                    }
-                }
                 let entries = lines.iter().rev().flat_map(|line| line.rsplit(','));
                 self.walk(peer, entries.map(parse_forwarded_for_entry))
             }
             ForwardedHeader::Forwarded => {
-                for value in headers.get_all("forwarded") {
-                    match value.to_str() {
-                        Ok(line) => lines.push(line),
-                        Err(_) => return peer,
-                    }
-                }
                 let entries = lines
                     .iter()
                     .rev()
@@ -380,6 +383,48 @@ mod tests {
                 "entry {bad:?}"
             );
         }
+    }
+
+    /// A client writes the left of the line and the proxy appends what it saw: bytes of
+    /// the client's outside visible ASCII (which `HeaderValue::to_str` refuses) must not
+    /// hide the proxy's entry, in either header, on one line or several. They are one
+    /// unreadable entry at their own position, which stops the walk as garbage does.
+    #[test]
+    fn bytes_outside_ascii_are_one_unreadable_entry_not_a_lost_header() {
+        let raw = |name: &'static str, lines: &[&[u8]]| {
+            let mut map = HeaderMap::new();
+            for line in lines {
+                map.append(name, HeaderValue::from_bytes(line).unwrap());
+            }
+            map
+        };
+        let r = resolver(&["10.0.0.0/8"]);
+        let cases: [(&[&[u8]], &str); 5] = [
+            (&[b"\xff, 198.51.100.7"], "198.51.100.7"),
+            (&[b"\xff", b"198.51.100.7"], "198.51.100.7"),
+            (&["caf\u{e9}, 198.51.100.7".as_bytes()], "198.51.100.7"),
+            (
+                &[b"6.6.6.6, \xff\xfe, 198.51.100.7, 10.0.0.2"],
+                "198.51.100.7",
+            ),
+            // Right next to the trusted hops, it stops the walk at the last of them.
+            (&[b"6.6.6.6, 1.2.\xff.4, 10.0.0.2"], "10.0.0.2"),
+        ];
+        for (lines, expected) in cases {
+            let h = raw("x-forwarded-for", lines);
+            assert_eq!(r.resolve(ip("10.0.0.1"), &h), ip(expected), "{lines:?}");
+        }
+        let r = ClientIpResolver::new(ClientIpConfig {
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+            header: ForwardedHeader::Forwarded,
+            ..Default::default()
+        });
+        let h = raw("forwarded", &[b"for=\xff;by=\"\xfe\", for=198.51.100.7"]);
+        assert_eq!(r.resolve(ip("10.0.0.1"), &h), ip("198.51.100.7"));
+        let h = raw("forwarded", &[b"for=\xff", b"for=198.51.100.7;proto=https"]);
+        assert_eq!(r.resolve(ip("10.0.0.1"), &h), ip("198.51.100.7"));
+        let h = raw("forwarded", &[b"for=198.51.100.7, for=\xff, for=10.0.0.2"]);
+        assert_eq!(r.resolve(ip("10.0.0.1"), &h), ip("10.0.0.2"));
     }
 
     #[test]

@@ -598,6 +598,40 @@ fn trusted_proxy_x_forwarded_for_decides_the_client_and_ipv6_is_grouped_by_64() 
     assert_eq!(rem("2001:db8:1:3::a", &r, "plain3"), 2);
 }
 
+/// A client's own `X-Forwarded-For` with a byte outside ASCII, which the trusted proxy
+/// appends the real address to: the client is still the address on the right, not the
+/// proxy (whose bucket it would otherwise share, escaping its own and any block entry).
+#[test]
+fn a_non_ascii_byte_from_the_client_does_not_hide_the_address_the_proxy_appended() {
+    let s = Server::start(&format!(
+        "client_ip: {{trusted_proxies: [127.0.0.1]}}\n{CHAT3}"
+    ));
+    for (want, xff) in [
+        (2, "caf\u{e9}, 203.0.113.5"),
+        (1, "\u{e9}, 203.0.113.5"),
+        (0, "6.6.6.6, na\u{ef}ve, 203.0.113.5"),
+    ] {
+        let r = traefik(&s, "POST", "/chat/message", &[("X-Forwarded-For", xff)]);
+        assert_allowed(&format!("XFF {xff:?}"), &r);
+        assert_eq!(rem(&format!("XFF {xff:?}"), &r, "plain3"), want, "{xff:?}");
+    }
+    assert_denied(
+        "4th POST as 203.0.113.5 behind a non-ASCII entry",
+        &traefik(
+            &s,
+            "POST",
+            "/chat/message",
+            &[("X-Forwarded-For", "\u{fc}, 203.0.113.5")],
+        ),
+        429,
+    );
+    assert_eq!(
+        peek(&s, "plain3", "127.0.0.1"),
+        3,
+        "the trusted proxy's own bucket (3 remaining) must not be charged"
+    );
+}
+
 #[test]
 fn rfc7239_forwarded_header_when_configured() {
     let s = Server::start(&format!(
