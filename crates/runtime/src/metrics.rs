@@ -172,7 +172,7 @@ impl Metrics {
         let proxy_settlements = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "proxy_settlements",
-            "Proxied calls decided as reservations (metered routes, concurrency limits), by how they were settled: usage (the answer reported it), usage_so_far (cut short), estimate (no usage known), fixed (nothing metered), released (refunded, or never reached the upstream), expired (settled after the reservation's ttl: the estimate stays), failed (the store could not settle)",
+            "Proxied calls decided as reservations (metered routes, concurrency limits), by how they were settled: usage (the answer reported it), usage_so_far (cut short after it reported its usage), estimate (no usage known, or cut short before it), fixed (nothing metered), released (refunded, or never reached the upstream), expired (settled after the reservation's ttl: the estimate stays), failed (the store could not settle)",
             proxy_settlements.clone(),
         );
         let keys = Family::<BackendLabels, Gauge>::default();

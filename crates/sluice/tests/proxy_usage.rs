@@ -164,6 +164,24 @@ fn serve(stream: TcpStream, seen: &Mutex<Seen>) {
                 chunk(&mut writer, "data: [DONE]\n\n")?;
                 writer.write_all(b"0\r\n\r\n")
             })(),
+            "/anthropic/hang" => (|| {
+                // message_start reports the input and the first output token; the
+                // message_delta with the real output count would come at the end.
+                writer.write_all(sse_head.as_bytes())?;
+                chunk(
+                    &mut writer,
+                    &format!(
+                        "event: message_start\ndata: {{\"type\": \"message_start\", \"message\": {{\"usage\": {{\"input_tokens\": {input}, \"output_tokens\": 1}}}}}}\n\n"
+                    ),
+                )?;
+                chunk(&mut writer, "event: content_block_delta\ndata: {\"type\": \"content_block_delta\", \"delta\": {\"type\": \"text_delta\", \"text\": \"Hel\"}}\n\n")?;
+                let until = Instant::now() + Duration::from_secs(30);
+                while Instant::now() < until {
+                    thread::sleep(Duration::from_millis(50));
+                    chunk(&mut writer, "event: ping\ndata: {\"type\": \"ping\"}\n\n")?;
+                }
+                writer.write_all(b"0\r\n\r\n")
+            })(),
             "/v1/hang" => (|| {
                 writer.write_all(sse_head.as_bytes())?;
                 chunk(&mut writer, "data: {\"choices\": [{\"delta\": {\"content\": \"Hel\"}}], \"usage\": null}\n\n")?;
@@ -198,6 +216,12 @@ limits:
 routes:
   - match: {{path: "/v1/*", methods: [POST]}}
     usage: {{format: openai, max_request_bytes: 2048}}
+    limits:
+      - {{limit: tokens_day, key: "user:{{header.x-user-id}}", cost: usage}}
+      - {{limit: dollars_day, key: "user:{{header.x-user-id}}", cost: usage, weights: {{input: 3, output: 15}}}}
+      - {{limit: in_flight, key: "user:{{header.x-user-id}}"}}
+  - match: {{path: "/anthropic/*", methods: [POST]}}
+    usage: {{format: anthropic, max_request_bytes: 2048}}
     limits:
       - {{limit: tokens_day, key: "user:{{header.x-user-id}}", cost: usage}}
       - {{limit: dollars_day, key: "user:{{header.x-user-id}}", cost: usage, weights: {{input: 3, output: 15}}}}
@@ -501,6 +525,44 @@ fn a_client_that_leaves_mid_stream_frees_its_slot_at_once() {
     );
     let again = call(&s, "/v1/json", "gina", (1, 1), &[]);
     assert_eq!(again.status, 200, "{}", again.describe());
+}
+
+/// An Anthropic stream reports the input and one output token in its first event and
+/// the real output count only in its last: a client that reads the text and leaves
+/// before that event keeps the estimate charged, not 1 output token (it could otherwise
+/// cut every stream just before its end and never drain its budget).
+#[test]
+fn a_client_that_leaves_an_anthropic_stream_before_its_usage_keeps_the_estimate() {
+    let s = setup(2);
+    let mut stream = TcpStream::connect(("127.0.0.1", s.server.port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let head = format!(
+        "POST /anthropic/hang HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-User-Id: mallory\r\nX-Usage: 4,1\r\nContent-Length: {}\r\n\r\n",
+        REQUEST.len()
+    );
+    stream.write_all(head.as_bytes()).expect("head");
+    stream.write_all(REQUEST).expect("body");
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&received).contains("Hel") {
+        let n = stream.read(&mut buf).expect("the stream's text");
+        assert!(n > 0, "the stream started");
+        received.extend_from_slice(&buf[..n]);
+    }
+    drop(stream);
+    let estimate = (
+        TOKENS - ESTIMATE_IN - ESTIMATE_OUT,
+        DOLLARS - ESTIMATE_IN * 3 - ESTIMATE_OUT * 15,
+        2,
+    );
+    settles_to(&s, "mallory", estimate);
+    // It stays there: nothing later gives the estimate back down to 4 + 1 tokens.
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(remaining(&s, "mallory"), estimate);
+    assert_eq!(settlements(&s, "usage_so_far"), 0.0);
+    assert_eq!(settlements(&s, "estimate"), 1.0);
 }
 
 #[test]

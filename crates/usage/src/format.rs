@@ -149,11 +149,25 @@ pub(crate) struct StreamUsage {
     /// Anthropic's usage counts as its events have updated them; each event may carry
     /// only some of them (`message_delta` often has only `output_tokens`).
     anthropic: Map<String, Value>,
+    /// An Anthropic `message_start` reported usage and no `message_delta` has since:
+    /// its output count is the first token's, not the answer's.
+    awaiting_delta: bool,
 }
 
 impl StreamUsage {
     /// What is known so far.
     pub(crate) fn usage(&self) -> Option<Usage> {
+        self.latest
+    }
+
+    /// The usage the stream reported as its whole: `None` while an Anthropic stream has
+    /// sent only its `message_start` counts (input, and 1 output token), which a client
+    /// that leaves before the `message_delta` would otherwise settle at, whatever it
+    /// streamed. The other formats report usage once, at their end.
+    pub(crate) fn final_usage(&self) -> Option<Usage> {
+        if self.awaiting_delta {
+            return None;
+        }
         self.latest
     }
 
@@ -206,6 +220,7 @@ impl StreamUsage {
         let Some(counts) = usage.and_then(Value::as_object) else {
             return false;
         };
+        self.awaiting_delta = event.get("type").and_then(Value::as_str) == Some("message_start");
         for (name, count) in counts {
             if !count.is_null() {
                 self.anthropic.insert(name.clone(), count.clone());

@@ -120,12 +120,15 @@ impl UsageReader {
         }
     }
 
-    /// The body ended (or was cut short): the usage it reported, if any.
+    /// The body ended (or was cut short): the usage it reported as its whole, if any. An
+    /// Anthropic stream cut before its `message_delta` has reported only its input and
+    /// first output token ([`usage`](Self::usage) has those): that is not the answer's
+    /// usage, so `None`, and its caller falls back to the estimate.
     pub fn finish(mut self) -> Option<Usage> {
         match &mut self.body {
             Body::Stream { parser, usage } => {
                 parser.finish(&mut |data| on_event(&self.format, usage, data));
-                usage.usage()
+                usage.final_usage()
             }
             Body::Json {
                 buffer,

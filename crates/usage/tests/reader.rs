@@ -156,17 +156,32 @@ fn anthropic_streams_take_input_from_the_start_and_output_from_the_last_delta() 
 }
 
 #[test]
-fn an_anthropic_stream_cut_short_is_known_up_to_where_it_was_cut() {
+fn an_anthropic_stream_cut_before_its_delta_has_no_final_usage() {
     let mut reader = reader("anthropic", SSE);
     assert_eq!(reader.usage(), None);
     reader.feed(ANTHROPIC_STREAM_HEAD.as_bytes());
-    // The client went away before message_delta: the input, and the 1 output token
-    // message_start reported. Text about "usage" in the content changes nothing.
+    // The client went away before message_delta: so far, the input and the 1 output
+    // token message_start reported. Text about "usage" in the content changes nothing.
     assert_eq!(reader.usage(), Some(usage(2272, Some(1800), 1, 2273)));
-    // Cut in the middle of message_delta's line: the half line is not read.
+    // Cut in the middle of message_delta's line: the half line is not read, and the
+    // first token is not the answer's output, so there is no usage to settle at (the
+    // caller keeps its estimate; settling at 1 output token let a client that cut every
+    // stream just before its end stream for free).
     let half = &ANTHROPIC_STREAM_TAIL[..ANTHROPIC_STREAM_TAIL.len() / 2];
     reader.feed(half.as_bytes());
-    assert_eq!(reader.finish(), Some(usage(2272, Some(1800), 1, 2273)));
+    assert_eq!(reader.finish(), None);
+}
+
+#[test]
+fn an_anthropic_stream_cut_after_its_delta_has_its_usage() {
+    // message_delta and its blank line arrived; message_stop did not.
+    let tail = ANTHROPIC_STREAM_TAIL
+        .find("event: message_stop")
+        .map_or(ANTHROPIC_STREAM_TAIL, |end| &ANTHROPIC_STREAM_TAIL[..end]);
+    let mut reader = reader("anthropic", SSE);
+    reader.feed(ANTHROPIC_STREAM_HEAD.as_bytes());
+    reader.feed(tail.as_bytes());
+    assert_eq!(reader.finish(), Some(usage(2272, Some(1800), 15, 2287)));
 }
 
 #[test]
@@ -212,7 +227,6 @@ fn auto_reads_every_format() {
         (SSE, OPENAI_STREAM.to_owned(), "openai"),
         (JSON, ANTHROPIC_ANSWER.to_owned(), "anthropic"),
         (SSE, anthropic_stream(), "anthropic"),
-        (SSE, ANTHROPIC_STREAM_HEAD.to_owned(), "anthropic"),
         (JSON, RESPONSES_ANSWER.to_owned(), "openai_responses"),
         (SSE, RESPONSES_STREAM.to_owned(), "openai_responses"),
     ];
@@ -226,6 +240,8 @@ fn auto_reads_every_format() {
         );
     }
     assert_eq!(read("auto", SSE, OPENAI_STREAM_WITHOUT_USAGE), None);
+    // An Anthropic stream cut before its message_delta has no final usage either way.
+    assert_eq!(read("auto", SSE, ANTHROPIC_STREAM_HEAD), None);
 }
 
 #[test]

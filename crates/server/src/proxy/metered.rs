@@ -366,7 +366,7 @@ fn log_unknown_usage(format: &UsageFormat, compressed: bool, over_limit: bool, c
     } else if over_limit {
         "the answer (or one of its events) was larger than the usage reader keeps"
     } else if !complete {
-        "the answer was cut short before it reported any"
+        "the answer was cut short before it reported its usage (an Anthropic stream reports the output only in its last event)"
     } else {
         "the answer has none where the format puts it (an OpenAI stream reports it only when the request sets stream_options.include_usage)"
     };
