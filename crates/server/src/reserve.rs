@@ -160,7 +160,11 @@ struct SettleAnswer<'a> {
     settled: bool,
     already_settled: bool,
     reservation_id: &'a str,
-    costs: &'a [u64],
+    /// The costs this call applied; absent when it applied nothing (already settled):
+    /// the ones that were booked are the first settlement's, which the store does not
+    /// keep, and echoing this call's would show figures that were never applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    costs: Option<&'a [u64]>,
 }
 
 /// `POST /v1/settle`.
@@ -255,7 +259,7 @@ async fn settle_answer(
                 settled: true,
                 already_settled: status == SettleStatus::AlreadySettled,
                 reservation_id: &ticket.id,
-                costs: actual,
+                costs: (status == SettleStatus::Settled).then_some(actual),
             },
         )),
         SettleStatus::Unknown => {

@@ -60,9 +60,14 @@ fn an_estimate_is_charged_then_settled_to_what_the_call_cost() {
         "only the actual stays"
     );
 
-    let again = s.post_json("/v1/settle", &json!({"reservation": token, "cost": 250}));
+    assert_eq!(settled.json()["costs"], json!([250]));
+
+    // Settled again at another cost: nothing moves, and the answer does not show a
+    // cost that was never applied.
+    let again = s.post_json("/v1/settle", &json!({"reservation": token, "cost": 9}));
     assert_eq!(again.status, 200);
     assert_eq!(again.json()["already_settled"], true, "idempotent");
+    assert_eq!(again.json().get("costs"), None, "{}", again.body);
     assert_eq!(remaining(&s, "tokens_hour", "u1"), 750);
 }
 

@@ -153,7 +153,8 @@ class Settlement:
     already_settled: bool
     #: The reservation's id (not its token): safe to log.
     reservation_id: str
-    #: The actual cost of each check, as sent (all 0 for a release).
+    #: The actual cost of each check, as applied by this call (all 0 for a release);
+    #: empty when ``already_settled`` (this call applied nothing).
     costs: List[int]
     unavailable: bool = False
 
