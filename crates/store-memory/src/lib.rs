@@ -11,10 +11,10 @@
 //! Memory is bounded. Every entry carries the time its state expires; a background
 //! thread sweeps expired entries every `sweep_interval`, and a shard that is full when
 //! a new counter arrives first drops its expired entries and then evicts the
-//! sixteenth of its capacity nearest to expiry (counted in
-//! [`StoreStats::evictions`]). A flood of distinct keys therefore costs at most
-//! `max_keys` entries, and the counters evicted first are the ones that had least
-//! time left to matter.
+//! sixteenth of its capacity nearest to expiry, the least spent first among those that
+//! expire together (counted in [`StoreStats::evictions`]). A flood of distinct keys
+//! therefore costs at most `max_keys` entries, and the counters evicted first are the
+//! ones that had least time left to matter and least quota spent.
 //!
 //! Reservations (`Store::reserve`, `Store::settle`; see `sluice_engine::reservation`):
 //! a concurrency window's entry keeps its holders (reservation id and expiry) and its
@@ -917,15 +917,20 @@ impl Shard {
     }
 
     /// Drops expired entries; if that is not enough, evicts the sixteenth of the
-    /// capacity nearest to expiry, so the next inserts need no scan.
+    /// capacity nearest to expiry, so the next inserts need no scan. Among counters that
+    /// expire together (every fixed window of a limit ends at once) the least spent go
+    /// first: evicting a counter hands its key a fresh quota, and by expiry alone a
+    /// flood of invented keys, each spent once, would as likely evict a key that spent
+    /// its whole quota (found by review: a client reset its own spent counter that way).
     fn make_room(&mut self, now: Micros, capacity: usize, keep: &[u64]) -> u64 {
         self.table.retain(|_, e| e.expires_at > now);
         if self.table.len() < capacity {
             return 0;
         }
         let batch = (capacity / 16).max(1);
-        let mut expiries: Vec<Micros> = self.table.iter().map(|(_, e)| e.expires_at).collect();
-        let (_, threshold, _) = expiries.select_nth_unstable(batch - 1);
+        let mut order: Vec<(Micros, u64)> =
+            self.table.iter().map(|(_, e)| eviction_order(e)).collect();
+        let (_, threshold, _) = order.select_nth_unstable(batch - 1);
         let threshold = *threshold;
         let mut evicted = 0;
         let hasher = self.table.hasher().clone();
@@ -933,13 +938,27 @@ impl Shard {
             // A counter the current decision just wrote is never its own victim (a tiny
             // shard may then hold a few more than its capacity, bounded by one decision).
             let evict = evicted < batch
-                && e.expires_at <= threshold
+                && eviction_order(e) <= threshold
                 && !keep.contains(&hasher.hash_one((&**name, e.key())));
             evicted += usize::from(evict);
             !evict
         });
         evicted as u64
     }
+}
+
+/// Where `entry` stands in the eviction order, first to go first: by expiry, then by how
+/// much it has counted (a gcra state that has spent more already expires later).
+fn eviction_order(entry: &table::Entry) -> (Micros, u64) {
+    let spent = match entry.state() {
+        State::Gcra { .. } => 0,
+        State::Fixed { count, .. } => count,
+        State::Sliding {
+            count, previous, ..
+        } => count.saturating_add(previous),
+        State::Concurrency { open, .. } => open,
+    };
+    (entry.expires_at, spent)
 }
 
 /// A counter an update wrote: its index in the update, its state, and for a

@@ -153,6 +153,32 @@ fn a_full_store_evicts_the_counters_nearest_to_expiry_first() {
     }
 }
 
+/// Every fixed window of a limit ends at once, so expiry alone cannot tell a key that
+/// spent its quota from a flood of invented keys spent once each: evicting the spent one
+/// would hand it a fresh quota. The least spent go first.
+#[test]
+fn a_flood_of_invented_keys_does_not_evict_a_spent_fixed_window() {
+    for algorithm in [Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+        let (_clock, store) = store(100);
+        let l = limit("api", "3/hour", algorithm);
+        for _ in 0..3 {
+            assert!(store.decide_sync(&request(&[(&l, "me")])).windows[0].allowed);
+        }
+        assert!(!store.decide_sync(&request(&[(&l, "me")])).windows[0].allowed);
+        for i in 0..2_400 {
+            store.decide_sync(&request(&[(&l, &format!("fake-{i}"))]));
+        }
+        assert!(
+            store.stats().evictions > 1_000,
+            "{algorithm:?}: the flood was evicted"
+        );
+        assert!(
+            !store.decide_sync(&request(&[(&l, "me")])).windows[0].allowed,
+            "{algorithm:?}: the spent key kept its counter through the flood"
+        );
+    }
+}
+
 #[test]
 fn a_decision_never_evicts_the_counters_it_just_charged() {
     // One shard of 16: full of long-lived counters, then a decision that inserts two
