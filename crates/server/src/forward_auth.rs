@@ -24,32 +24,72 @@ use sluice_runtime::AppState;
 /// Where the forward-auth endpoint lives.
 pub const PATH: &str = "/v1/forward-auth";
 
-/// A header's value as text: bytes outside visible ASCII (raw UTF-8 that nginx passes
-/// through from the request line, say) are percent-encoded, so the value is decided
-/// for what it is and never read as another path. `None` when absent or blank.
-fn header(headers: &HeaderMap, name: &str) -> Option<String> {
-    let value = headers.get(name)?;
-    let text = sluice_http::path::encode_raw_bytes(value.as_bytes().trim_ascii());
-    (!text.is_empty()).then_some(text)
+/// The most descriptions of the original request one call may carry (distinct method
+/// and URI pairs over every copy of every source); a proxy sends one or two.
+const MAX_ORIGINALS: usize = 8;
+
+/// Every copy of a header as text: bytes outside visible ASCII (raw UTF-8 that nginx
+/// passes through from the request line, say) are percent-encoded, so the value is
+/// decided for what it is and never read as another path. Blank copies are left out.
+/// Every copy, not the first: a proxy that appends its header after the client's copy
+/// instead of replacing it would otherwise let the client's copy decide.
+fn header_copies(headers: &HeaderMap, name: &str) -> Vec<String> {
+    let mut copies: Vec<String> = Vec::new();
+    for value in headers.get_all(name) {
+        let text = sluice_http::path::encode_raw_bytes(value.as_bytes().trim_ascii());
+        if !text.is_empty() && !copies.contains(&text) {
+            copies.push(text);
+        }
+    }
+    copies
 }
 
 /// Every description of the original request that arrived: Traefik's headers, nginx's
 /// headers, and the path after `/v1/forward-auth` (Envoy). A proxy sets its own pair,
 /// but may pass the client's copy of the other pair through unchanged (nginx does not
-/// strip `X-Forwarded-Uri`), so no single source can be believed over the others.
-fn originals(method: &Method, uri: &Uri, headers: &HeaderMap) -> Vec<(String, String)> {
+/// strip `X-Forwarded-Uri`), or append its own copy after the client's, so no single
+/// source or copy can be believed over the others. More than [`MAX_ORIGINALS`] distinct
+/// descriptions is refused rather than some of them decided.
+fn originals(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<Vec<(String, String)>, ApiError> {
     let own_method = method.as_str();
-    let mut candidates = Vec::with_capacity(2);
+    let mut candidates: Vec<(String, String)> = Vec::with_capacity(2);
     for (method_header, uri_header) in [
         ("x-forwarded-method", "x-forwarded-uri"),
         ("x-original-method", "x-original-uri"),
     ] {
-        let (m, u) = (header(headers, method_header), header(headers, uri_header));
-        if m.is_some() || u.is_some() {
-            candidates.push((
-                m.unwrap_or_else(|| own_method.to_string()),
-                u.unwrap_or_else(|| "/".to_string()),
+        let (methods, uris) = (
+            header_copies(headers, method_header),
+            header_copies(headers, uri_header),
+        );
+        if methods.is_empty() && uris.is_empty() {
+            continue;
+        }
+        if methods.len().max(1) * uris.len().max(1) > MAX_ORIGINALS {
+            return Err(ApiError::bad_request(
+                "ambiguous_request",
+                format!(
+                    "{method_header} and {uri_header} describe more than {MAX_ORIGINALS} different original requests; the proxy should set each header once, replacing any copy the client sent"
+                ),
             ));
+        }
+        let methods = if methods.is_empty() {
+            vec![own_method.to_string()]
+        } else {
+            methods
+        };
+        let uris = if uris.is_empty() {
+            vec!["/".to_string()]
+        } else {
+            uris
+        };
+        for m in &methods {
+            for u in &uris {
+                candidates.push((m.clone(), u.clone()));
+            }
         }
     }
     let suffix = uri.path().strip_prefix(PATH).unwrap_or("");
@@ -61,8 +101,22 @@ fn originals(method: &Method, uri: &Uri, headers: &HeaderMap) -> Vec<(String, St
         };
         candidates.push((own_method.to_string(), path_and_query));
     }
-    candidates.dedup();
-    candidates
+    let mut distinct: Vec<(String, String)> = Vec::with_capacity(candidates.len());
+    for candidate in candidates {
+        if !distinct.contains(&candidate) {
+            distinct.push(candidate);
+        }
+    }
+    if distinct.len() > MAX_ORIGINALS {
+        return Err(ApiError::bad_request(
+            "ambiguous_request",
+            format!(
+                "the forwarding headers describe {} different original requests, at most {MAX_ORIGINALS} are decided; the proxy should set its headers once, replacing any copy the client sent",
+                distinct.len()
+            ),
+        ));
+    }
+    Ok(distinct)
 }
 
 /// `ANY /v1/forward-auth[/<original path>]`.
@@ -79,7 +133,15 @@ pub async fn forward_auth(
     let live = app.live();
     let mut request = DecisionRequest::default();
     let mut client = None;
-    for (original_method, path_and_query) in originals(method, uri, headers) {
+    let originals = originals(method, uri, headers).map_err(|mut answer| {
+        // Refused like an ambiguous path: through the configured deny status, which
+        // the proxy relays.
+        if let Some(status) = live.forward_auth_deny_status {
+            answer.status = status;
+        }
+        answer
+    })?;
+    for (original_method, path_and_query) in originals {
         let incoming = IncomingRequest {
             peer: Some(peer.ip()),
             method: &original_method,

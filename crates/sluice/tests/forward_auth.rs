@@ -945,6 +945,42 @@ routes:
     );
 }
 
+/// A proxy that appends its `X-Original-URI` after the copy the client sent, instead of
+/// replacing it: every copy is decided, so the client's copy cannot stand in for the
+/// real one; more copies than a proxy would ever send are refused.
+#[test]
+fn every_copy_of_the_original_uri_header_is_decided() {
+    let s = Server::start(CHAT3);
+    for want in [2, 1, 0] {
+        let r = nginx(
+            &s,
+            "POST",
+            "/not-limited",
+            &[("X-Original-URI", "/chat/message")],
+        );
+        assert_allowed("client's copy first, the proxy's second", &r);
+        assert_eq!(rem("two copies", &r, "plain3"), want);
+    }
+    assert_denied(
+        "4th, the real path in the second copy",
+        &nginx(
+            &s,
+            "POST",
+            "/not-limited",
+            &[("X-Original-URI", "/chat/message")],
+        ),
+        429,
+    );
+    let copies: Vec<String> = (0..9).map(|i| format!("/p{i}")).collect();
+    let extra: Vec<(&str, &str)> = copies
+        .iter()
+        .map(|c| ("X-Forwarded-Uri", c.as_str()))
+        .collect();
+    let r = s.request("GET", FA, &extra);
+    assert_eq!(r.status, 400, "{}", r.describe());
+    assert_eq!(r.json()["error"], "ambiguous_request", "{}", r.body);
+}
+
 /// HEAD is served by GET handlers, so it is limited by GET routes.
 #[test]
 fn head_counts_as_get() {
