@@ -9,7 +9,8 @@
 //! - [`service`]: one call end to end: match every descriptor, decide them all in one
 //!   atomic [`sluice_engine::DecisionRequest`], answer per-descriptor statuses.
 //! - [`router`]: the service as a router, served by `sluice_runtime::serve_per_thread`
-//!   like the HTTP front door, over HTTP/2.
+//!   like the HTTP front door, over HTTP/2, each call's message read within
+//!   `http.body_read_timeout_ms` ([`deadline`]) and at most [`MAX_MESSAGE_BYTES`].
 //!
 //! Semantics follow envoyproxy/ratelimit: the most specific descriptor wins (a value
 //! beats a value prefix beats the key alone, level by level), a descriptor with no rule is
@@ -20,6 +21,7 @@
 //! descriptor is over its limit no counter is charged (envoyproxy/ratelimit charges
 //! every matched counter on every call unless `STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT`).
 
+pub mod deadline;
 pub mod matcher;
 pub mod metadata;
 pub mod service;
@@ -86,6 +88,28 @@ pub use service::RateLimitService;
 /// `UNIMPLEMENTED`. Registers the service's call counter in `state.metrics`: call it once.
 pub fn router(state: Arc<AppState>) -> axum::Router {
     let calls = service::Calls::register(&state.metrics);
-    tonic::service::Routes::new(RateLimitService::new(state, calls).into_server())
+    let server = RateLimitService::new(Arc::clone(&state), calls)
+        .into_server()
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::service::Routes::new(server)
         .into_axum_router()
+        .layer(axum::middleware::map_request_with_state(
+            state,
+            with_read_deadline,
+        ))
+}
+
+/// The largest request message accepted: 64 descriptors of 32 entries with keys and
+/// values of a few hundred bytes fit many times over. tonic's default (4 MiB) let one
+/// connection hold 200 streams of 4 MiB each; a larger message is `OUT_OF_RANGE` as
+/// soon as its length prefix arrives.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// Puts the call's request body under the read deadline (see [`deadline`]).
+async fn with_read_deadline(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    request: axum::extract::Request,
+) -> axum::extract::Request {
+    let timeout = state.live().body_read_timeout;
+    request.map(|body| axum::body::Body::new(deadline::DeadlineBody::new(body, timeout)))
 }

@@ -226,6 +226,12 @@ async fn accept(
     }
 }
 
+/// The most calls one HTTP/2 connection may have open at once (hyper's default is 200).
+/// Envoy opens another connection when it needs more, so this bounds what one client
+/// connection can hold (each call's message is also capped and read within a deadline
+/// by the front door) without limiting a busy Envoy.
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+
 /// Serves one connection until it ends, times out, or shutdown closes it.
 async fn connection(
     tcp: TcpStream,
@@ -280,6 +286,7 @@ async fn connection(
         Protocol::Http2 => {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
                 .serve_connection(io, service);
             guard(
                 conn,

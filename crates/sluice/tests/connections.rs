@@ -1,6 +1,7 @@
 //! Clients that hold the server: a request head sent in part, a kept-alive connection
 //! left idle, more connections than `http.max_connections`, connections open at SIGTERM,
-//! and a silent TCP connection to the Envoy port. Each against the real binary.
+//! a silent TCP connection to the Envoy port, and gRPC calls to it whose message never
+//! finishes arriving. Each against the real binary.
 
 mod common;
 
@@ -339,6 +340,147 @@ fn a_silent_connection_to_the_envoy_port_is_closed_and_does_not_block_shutdown()
         "took {took:?}\n{}",
         s.stderr()
     );
+}
+
+/// An HTTP/2 connection to the Envoy port, driven on the current runtime.
+async fn h2_connect(port: u16) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the Envoy port");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// The head of a `ShouldRateLimit` call.
+fn should_rate_limit() -> http::Request<()> {
+    http::Request::post("http://sluice/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request head")
+}
+
+/// A gRPC message frame's 5-byte prefix announcing `len` bytes.
+fn grpc_prefix(len: u32) -> bytes::Bytes {
+    let mut prefix = vec![0u8];
+    prefix.extend_from_slice(&len.to_be_bytes());
+    bytes::Bytes::from(prefix)
+}
+
+/// The call's `grpc-status`, from a trailers-only answer or from its trailers.
+async fn grpc_status(response: h2::client::ResponseFuture) -> (u32, String) {
+    let response = response.await.expect("an answer");
+    let read = |headers: &http::HeaderMap| {
+        let code = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+        let message = headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        Some((code, message))
+    };
+    if let Some(status) = read(response.headers()) {
+        return status;
+    }
+    let mut body = response.into_body();
+    while let Some(data) = body.data().await {
+        let data = data.expect("the answer's body");
+        let _ = body.flow_control().release_capacity(data.len());
+    }
+    let trailers = body
+        .trailers()
+        .await
+        .expect("trailers")
+        .expect("some trailers");
+    read(&trailers).expect("grpc-status in the trailers")
+}
+
+/// A call whose message never finishes arriving is ended with `DEADLINE_EXCEEDED` at
+/// `http.body_read_timeout_ms` (a trickle does not extend it), a message over the cap is
+/// refused as soon as its length is announced, and another client's call is answered
+/// meanwhile. Before, such calls held what they sent and the connection indefinitely.
+#[test]
+fn an_envoy_call_whose_message_never_arrives_ends_at_the_body_deadline() {
+    use prost::Message;
+    let grpc_port = free_port();
+    let _s = Server::start(&format!(
+        "http: {{body_read_timeout_ms: 700, idle_timeout_ms: 60000}}\n{LIMITS}\
+         envoy:\n  listen: 127.0.0.1:{grpc_port}\n  domains:\n    - domain: edge\n      descriptors:\n        - key: k\n          rate_limit: {{unit: minute, requests_per_unit: 3}}\n"
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", grpc_port)).is_err() {
+        assert!(Instant::now() < deadline, "the Envoy port never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let mut stalled = h2_connect(grpc_port).await;
+        let started = Instant::now();
+        let mut calls = Vec::new();
+        for _ in 0..20 {
+            let (response, mut send) = stalled
+                .send_request(should_rate_limit(), false)
+                .expect("open a stream");
+            send.send_data(grpc_prefix(200 * 1024), false).expect("prefix");
+            send.send_data(bytes::Bytes::from(vec![b'x'; 10_000]), false)
+                .expect("part of the message");
+            calls.push((response, send));
+        }
+        // Meanwhile a whole call on another connection is answered at once.
+        let message = sluice_envoy::RateLimitRequest {
+            domain: "edge".into(),
+            descriptors: vec![sluice_envoy::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor {
+                entries: vec![sluice_envoy::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry {
+                    key: "k".into(),
+                    value: "v".into(),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let mut other = h2_connect(grpc_port).await;
+        let (response, mut send) = other
+            .send_request(should_rate_limit(), false)
+            .expect("open a stream");
+        let mut framed = grpc_prefix(message.len() as u32).to_vec();
+        framed.extend_from_slice(&message);
+        send.send_data(bytes::Bytes::from(framed), true).expect("message");
+        let (code, message) = grpc_status(response).await;
+        assert_eq!(code, 0, "a whole call is answered: {message}");
+        assert!(started.elapsed() < Duration::from_millis(600), "{:?}", started.elapsed());
+
+        for (response, _send) in calls {
+            let (code, message) = tokio::time::timeout(Duration::from_secs(5), grpc_status(response))
+                .await
+                .expect("the stalled call was ended");
+            assert_eq!(code, 4, "DEADLINE_EXCEEDED: {message}");
+            assert!(message.contains("body_read_timeout_ms"), "{message}");
+        }
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(650) && took < Duration::from_secs(3),
+            "stalled calls ended after {took:?}, the deadline is 700 ms"
+        );
+
+        // Announcing more than the cap is refused without waiting for the bytes.
+        let (response, mut send) = stalled
+            .send_request(should_rate_limit(), false)
+            .expect("the connection still takes calls");
+        send.send_data(grpc_prefix(4 << 20), false).expect("prefix");
+        let asked = Instant::now();
+        let (code, message) = tokio::time::timeout(Duration::from_secs(5), grpc_status(response))
+            .await
+            .expect("answered");
+        assert_eq!(code, 11, "OUT_OF_RANGE: {message}");
+        assert!(asked.elapsed() < Duration::from_millis(500), "{:?}", asked.elapsed());
+    });
 }
 
 #[test]
