@@ -127,7 +127,7 @@ impl Sessions {
         headers
             .get_all(http::header::COOKIE)
             .iter()
-            .filter_map(|v| v.to_str().ok())
+            .map(crate::template::cookie_line)
             .flat_map(cookie::Cookie::split_parse)
             .filter_map(Result::ok)
             .filter(|c| c.name() == self.cookie.name)

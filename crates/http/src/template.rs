@@ -314,7 +314,7 @@ fn cookie_values<'h>(headers: &'h HeaderMap, name: &str) -> Vec<std::borrow::Cow
     for cookie in headers
         .get_all(http::header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
+        .map(cookie_line)
         .flat_map(cookie::Cookie::split_parse)
         .filter_map(Result::ok)
         .filter(|c| c.name() == name)
@@ -322,6 +322,18 @@ fn cookie_values<'h>(headers: &'h HeaderMap, name: &str) -> Vec<std::borrow::Cow
         push_distinct(&mut values, cookie.value().to_string().into());
     }
     values
+}
+
+/// One `Cookie` line as text, whatever bytes it holds: a line with a byte outside
+/// visible ASCII was skipped whole, so a client could add `x=\xff` (or `x=café`) to its
+/// own cookies and leave every limit keyed on another cookie of that line unresolved
+/// while its app still read that cookie. UTF-8 is kept; other bytes are
+/// percent-encoded, like a header's (a value with them is a key of its own).
+pub(crate) fn cookie_line(value: &http::HeaderValue) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(value.as_bytes()) {
+        Ok(text) => text.into(),
+        Err(_) => crate::path::encode_raw_bytes(value.as_bytes()).into(),
+    }
 }
 
 /// Every value of `name`, also written `name[]` or `name[i]`: Express (through `qs`)

@@ -1037,6 +1037,42 @@ routes:
     assert_eq!(r.json()["error"], "ambiguous_key");
 }
 
+/// A byte outside ASCII in another cookie of the line (`x=café`) left a cookie-keyed
+/// limit without its key, and so not applied, while the app still read the cookie.
+#[test]
+fn a_non_ascii_cookie_does_not_hide_the_others_in_its_line() {
+    let s = Server::start(
+        "\
+limits:
+  one: {rate: 1/hour}
+routes:
+  - match: {path: /x}
+    limits: [{limit: one, key: \"{cookie.session}\"}]
+",
+    );
+    assert_allowed(
+        "first",
+        &nginx(&s, "GET", "/x", &[("Cookie", "session=abc")]),
+    );
+    for line in ["session=abc; x=caf\u{e9}", "x=\u{fc}; session=abc"] {
+        assert_denied(
+            &format!("Cookie: {line:?}"),
+            &nginx(&s, "GET", "/x", &[("Cookie", line)]),
+            429,
+        );
+    }
+    // A value that is itself not plain ASCII is a key of its own, and limited too.
+    assert_allowed(
+        "session=\u{e9}",
+        &nginx(&s, "GET", "/x", &[("Cookie", "session=\u{e9}")]),
+    );
+    assert_denied(
+        "session=\u{e9} again",
+        &nginx(&s, "GET", "/x", &[("Cookie", "session=\u{e9}; y=1")]),
+        429,
+    );
+}
+
 /// RFC 7239: a quoted comma belongs to its value. Splitting inside the quotes would
 /// key the client as the proxy, in one bucket with everyone behind it.
 #[test]

@@ -139,18 +139,21 @@ fn set_forwarding_headers(headers: &mut HeaderMap, peer: IpAddr, trusted: bool) 
         headers.insert(X_REAL_IP, value);
     }
     let (xff, proto, host) = (X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST);
-    let forwarded_for = if trusted && headers.contains_key(&xff) {
-        let mut chain: Vec<&str> = headers
-            .get_all(&xff)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        chain.push(&peer);
-        chain.join(", ")
+    // A trusted proxy's lines are kept as bytes: one skipped for a byte outside ASCII
+    // (the client's, at its left) would take the address that proxy appended with it,
+    // and the app would see the client as that proxy.
+    let forwarded_for: Vec<u8> = if trusted && headers.contains_key(&xff) {
+        let mut chain = Vec::new();
+        for line in headers.get_all(&xff) {
+            chain.extend_from_slice(line.as_bytes());
+            chain.extend_from_slice(b", ");
+        }
+        chain.extend_from_slice(peer.as_bytes());
+        chain
     } else {
-        peer
+        peer.into_bytes()
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    if let Ok(value) = HeaderValue::from_bytes(&forwarded_for) {
         headers.insert(xff, value);
     }
     if !(trusted && headers.contains_key(&proto)) {
@@ -465,6 +468,20 @@ mod tests {
         let mut plain = HeaderMap::new();
         set_forwarding_headers(&mut plain, "10.0.0.1".parse().unwrap(), true);
         assert_eq!(plain["x-real-ip"], "10.0.0.1", "none sent: the peer");
+
+        // A trusted proxy's line that starts with the client's non-ASCII byte keeps the
+        // address the proxy appended to it, and so does every other line.
+        let mut raw = HeaderMap::new();
+        raw.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"\xff, 198.51.100.7").unwrap(),
+        );
+        raw.append("x-forwarded-for", HeaderValue::from_static("10.0.0.9"));
+        set_forwarding_headers(&mut raw, "10.0.0.1".parse().unwrap(), true);
+        assert_eq!(
+            raw["x-forwarded-for"].as_bytes(),
+            b"\xff, 198.51.100.7, 10.0.0.9, 10.0.0.1"
+        );
     }
 
     #[test]
