@@ -190,8 +190,10 @@ impl Directory {
     }
 
     /// What the lists say of `request` from `client` (its address, when known) at
-    /// `now_ms`: an address entry or a subject entry for any check's key. A block wins
-    /// over an allow, whichever matched first.
+    /// `now_ms`: an address entry, a subject block for any check's key, or a subject
+    /// allow for a check whose key is trusted ([`sluice_engine::Check::key_is_trusted`]):
+    /// an untrusted key equal to an allowed subject is decided by its limits like any
+    /// other. A block wins over an allow, whichever matched first.
     pub fn screen(&self, request: &DecisionRequest, client: Option<IpAddr>, now_ms: u64) -> Screen {
         self.screen_with(request, client, &[], now_ms)
     }
@@ -199,6 +201,8 @@ impl Directory {
     /// [`Directory::screen`], with `subjects` also looked up as subject entries besides
     /// the checks' keys: the Envoy service names each descriptor entry `key=value`, so
     /// `sluice admin block --subject user_id=42` blocks any call that carries it.
+    /// `subjects` are trusted (they may match allow entries): pass only what a trusted
+    /// party wrote.
     pub fn screen_with(
         &self,
         request: &DecisionRequest,
@@ -220,17 +224,28 @@ impl Directory {
                 }
             }
         }
-        let keys = request.checks.iter().map(|check| check.key());
-        for subject in keys.chain(subjects.iter().map(String::as_str)) {
+        // Every key is looked up as a block (a block only refuses, so a client naming a
+        // blocked subject hurts only itself), but only trusted keys as an allow: a key
+        // the client writes (`{query.api_key}`) could otherwise name any allow-listed
+        // subject, another limit's or an Envoy descriptor's, and take the whole request
+        // past every limit. The Envoy service's subjects come from its descriptors,
+        // which Envoy's configured actions make, so they count as trusted.
+        let keys = request
+            .checks
+            .iter()
+            .map(|check| (check.key(), check.key_is_trusted()));
+        for (subject, trusted) in keys.chain(subjects.iter().map(|s| (s.as_str(), true))) {
             if let Some(live) = self.blocked.get(subject)
                 && live.entry.is_live(now_ms)
             {
                 return Screen::Blocked(listed(&live.entry));
             }
-            if let Some(live) = self.allowed.get(subject)
+            if trusted
+                && allowed.is_none()
+                && let Some(live) = self.allowed.get(subject)
                 && live.entry.is_live(now_ms)
             {
-                allowed.get_or_insert_with(|| listed(&live.entry));
+                allowed = Some(listed(&live.entry));
             }
         }
         match allowed {

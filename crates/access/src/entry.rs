@@ -21,7 +21,9 @@ pub enum Kind {
     Rate,
     /// Refuses a subject's or an address's requests before any limit is consulted.
     Block,
-    /// Lets a subject's or an address's requests past every limit.
+    /// Lets a subject's or an address's requests past every limit. A subject matches
+    /// only a trusted key (`sluice_engine::Check::key_is_trusted`), never one the
+    /// client wrote: see [`crate::Directory::screen`].
     Allow,
 }
 

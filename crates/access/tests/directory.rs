@@ -46,14 +46,21 @@ fn directory(entries: &[&str], limits: &LimitSet) -> Directory {
     )
 }
 
+/// Checks with trusted keys, as the decision API makes them.
 fn request(limits: &LimitSet, keys: &[(&str, &str)]) -> DecisionRequest {
     DecisionRequest {
         checks: keys
             .iter()
-            .map(|(l, k)| Check::new(Arc::clone(limits.get(l).unwrap()), *k, 3).unwrap())
+            .map(|(l, k)| check(limits, l, k, true))
             .collect(),
         dry_run: false,
     }
+}
+
+fn check(limits: &LimitSet, limit: &str, key: &str, trusted: bool) -> Check {
+    Check::new(Arc::clone(limits.get(limit).unwrap()), key, 3)
+        .unwrap()
+        .with_trusted_key(trusted)
 }
 
 fn ip(text: &str) -> Option<IpAddr> {
@@ -111,6 +118,73 @@ fn blocks_win_over_allows_and_cidrs_match_their_addresses() {
         dir.screen_with(&none, None, &subjects(&["user:8"]), NOW),
         Screen::Limits
     );
+}
+
+#[test]
+fn an_allow_subject_matches_only_trusted_keys_and_blocks_match_every_key() {
+    let limits = limits();
+    let dir = directory(
+        &[
+            r#"{"kind":"allow","subject":"10.20.30.40","reason":"internal batch host"}"#,
+            r#"{"kind":"allow","subject":"user_id=42"}"#,
+            r#"{"kind":"block","subject":"user:7"}"#,
+        ],
+        &limits,
+    );
+    // The finding's request: a per-IP check on the client's own address and a
+    // client-written `{query.api_key}` check naming the allowed subject beside its real
+    // key. It is decided by its limits, every check of it.
+    let attack = DecisionRequest {
+        checks: vec![
+            check(&limits, "other", "9.9.9.50", true),
+            check(&limits, "api", "10.20.30.40", false),
+            check(&limits, "api", "mine", false),
+        ],
+        dry_run: false,
+    };
+    assert_eq!(dir.screen(&attack, ip("9.9.9.50"), NOW), Screen::Limits);
+    // Nor can a client-written key name an Envoy subject.
+    let envoy_name = DecisionRequest {
+        checks: vec![check(&limits, "api", "user_id=42", false)],
+        dry_run: false,
+    };
+    assert_eq!(dir.screen(&envoy_name, None, NOW), Screen::Limits);
+    // The same subject on a trusted key (the allowed host's own `{client_ip}` check, a
+    // decision API key) is allowed, as is the Envoy descriptor entry itself.
+    let host = DecisionRequest {
+        checks: vec![check(&limits, "other", "10.20.30.40", true)],
+        dry_run: false,
+    };
+    assert!(matches!(
+        dir.screen(&host, ip("10.20.30.40"), NOW),
+        Screen::Allowed(_)
+    ));
+    let none = DecisionRequest::default();
+    assert!(matches!(
+        dir.screen_with(&none, None, &["user_id=42".to_string()], NOW),
+        Screen::Allowed(_)
+    ));
+    // A trusted allow still lets the whole request past (its untrusted checks too)...
+    let mixed = DecisionRequest {
+        checks: vec![
+            check(&limits, "other", "10.20.30.40", true),
+            check(&limits, "api", "anything", false),
+        ],
+        dry_run: false,
+    };
+    assert!(matches!(dir.screen(&mixed, None, NOW), Screen::Allowed(_)));
+    // ...and a block matches an untrusted key all the same: it can only refuse.
+    let blocked = DecisionRequest {
+        checks: vec![
+            check(&limits, "other", "10.20.30.40", true),
+            check(&limits, "api", "user:7", false),
+        ],
+        dry_run: false,
+    };
+    assert!(matches!(
+        dir.screen(&blocked, None, NOW),
+        Screen::Blocked(_)
+    ));
 }
 
 #[test]

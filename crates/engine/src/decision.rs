@@ -29,6 +29,9 @@ pub struct Check {
     limit: Arc<Limit>,
     key: CompactString,
     cost: u64,
+    /// Whether the key was chosen by someone the operator trusts, not by the limited
+    /// client: see [`Check::key_is_trusted`].
+    trusted: bool,
 }
 
 /// Why a check was rejected.
@@ -59,7 +62,34 @@ impl Check {
         if key.len() > MAX_KEY_BYTES {
             return Err(CheckError::KeyTooLong(key.len()));
         }
-        Ok(Check { limit, key, cost })
+        Ok(Check {
+            limit,
+            key,
+            cost,
+            // Untrusted unless a front door says otherwise: a front door that forgets
+            // to say so loses allow entries (they stop applying), never lets a client
+            // name an allow-listed subject.
+            trusted: false,
+        })
+    }
+
+    /// This check with its key marked trusted or not (see [`Check::key_is_trusted`]).
+    /// Front doors set it where the key is made: the decision API and the Envoy
+    /// service for every key, the HTTP routes for keys of templates that read nothing
+    /// the client writes.
+    pub fn with_trusted_key(mut self, trusted: bool) -> Check {
+        self.trusted = trusted;
+        self
+    }
+
+    /// Whether the key was chosen by someone the operator trusts (the application
+    /// calling the decision API, Envoy's configured descriptors, a key template that
+    /// reads only the resolved client address, a verified token or a signed session)
+    /// rather than written by the limited client (a header, cookie, query parameter,
+    /// the path or the method). Only such keys may match an allow entry: a client that
+    /// could write an allow-listed subject into any key would skip every limit.
+    pub fn key_is_trusted(&self) -> bool {
+        self.trusted
     }
 
     /// The limit checked.
@@ -79,12 +109,13 @@ impl Check {
 
     /// The same check at another cost (its key was checked already): how a front door
     /// prices a check whose cost it learns after matching, such as a reservation's
-    /// estimate read from the request body.
+    /// estimate read from the request body. Whether its key is trusted stays too.
     pub fn with_cost(&self, cost: u64) -> Check {
         Check {
             limit: Arc::clone(&self.limit),
             key: self.key.clone(),
             cost,
+            trusted: self.trusted,
         }
     }
 

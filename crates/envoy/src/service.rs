@@ -397,8 +397,11 @@ fn plan_rule(
             // A debt rule's hits are booked unconditionally before the decision, which
             // then only reads the counter (cost 0) to report it.
             let decided = if rule.debt { 0 } else { cost };
+            // Trusted (allow entries may match it): the descriptors come from Envoy's
+            // own rate limit actions, which the operator configured.
             let check = Check::new(Arc::clone(limit), hit.key, decided)
-                .map_err(|error| Status::internal(format!("descriptor key: {error}")))?;
+                .map_err(|error| Status::internal(format!("descriptor key: {error}")))?
+                .with_trusted_key(true);
             if rule.debt && cost > 0 {
                 debts.push((check.clone(), cost));
             }
@@ -486,8 +489,10 @@ fn plan_override(
     spec.algorithm = Algorithm::FixedWindow;
     let counted = Limit::new(OVERRIDE_LIMIT, spec)
         .map_err(|error| Status::internal(format!("limit override: {error}")))?;
+    // Trusted, as in `plan_rule`: Envoy made the descriptor.
     let check = Check::new(Arc::new(counted), key, cost)
-        .map_err(|error| Status::internal(format!("descriptor key: {error}")))?;
+        .map_err(|error| Status::internal(format!("descriptor key: {error}")))?
+        .with_trusted_key(true);
     checks.push(check);
     Ok(Plan::Counted {
         check: checks.len() - 1,

@@ -325,9 +325,13 @@ impl Rules {
                 // The caller's plan picks the limit's rates (the default plan otherwise).
                 let limit = rl.limit.for_plan(facts.plan);
                 let mut keys = None;
+                // Whether the template that rendered the keys reads nothing the client
+                // writes: only such keys may match an allow entry.
+                let mut trusted = false;
                 for template in &rl.keys {
                     keys = template.render(facts)?;
                     if keys.is_some() {
+                        trusted = template.is_trusted();
                         break;
                     }
                 }
@@ -335,8 +339,13 @@ impl Rules {
                     let checks = &mut plan.request.checks;
                     let seen = checks
                         .iter()
-                        .any(|c| Arc::ptr_eq(c.limit(), limit) && c.key() == key);
-                    if seen {
+                        .position(|c| Arc::ptr_eq(c.limit(), limit) && c.key() == key);
+                    if let Some(seen) = seen {
+                        // Another route rendered the same key; when this one's template
+                        // is trusted, the client did not choose it either way.
+                        if trusted && !checks[seen].key_is_trusted() {
+                            checks[seen] = checks[seen].clone().with_trusted_key(true);
+                        }
                         continue;
                     }
                     // A metered check is priced once the estimate is known; a concurrency
@@ -348,7 +357,7 @@ impl Rules {
                     };
                     // Keys were bounded by `render`, so this cannot fail; skip if it ever did.
                     if let Ok(check) = Check::new(Arc::clone(limit), key, cost) {
-                        checks.push(check);
+                        checks.push(check.with_trusted_key(trusted));
                         plan.costs.push(rl.cost);
                         if rl.cost.is_metered() && plan.usage.is_none() {
                             plan.usage.clone_from(&route.usage);

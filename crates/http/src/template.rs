@@ -58,6 +58,9 @@ enum Part {
 pub struct KeyTemplate {
     text: String,
     parts: Vec<Part>,
+    /// [`KeyTemplate::is_trusted`], worked out once when parsed: every check of every
+    /// request carries it, so it is not recomputed per request.
+    trusted: bool,
 }
 
 /// Why a template was rejected.
@@ -124,9 +127,14 @@ impl FromStr for KeyTemplate {
         if !literal.is_empty() {
             parts.push(Part::Literal(literal));
         }
+        let trusted = parts.iter().all(|part| match part {
+            Part::Literal(_) | Part::ClientIp | Part::Session | Part::Jwt(_) => true,
+            Part::Header(_) | Part::Cookie(_) | Part::Query(_) | Part::Method | Part::Path => false,
+        });
         Ok(KeyTemplate {
             text: text.to_string(),
             parts,
+            trusted,
         })
     }
 }
@@ -187,6 +195,17 @@ impl KeyTemplate {
         self.parts
             .iter()
             .any(|p| matches!(p, Part::Header(_) | Part::Cookie(_) | Part::Query(_)))
+    }
+
+    /// Whether every key this template renders is out of the client's choosing, so an
+    /// allow entry may match it: the template reads only literals, `{client_ip}` (the
+    /// address resolved through `client_ip.trusted_proxies`), `{jwt.CLAIM}` (claims of a
+    /// token whose signature verified) and `{session}` (an id sluice signed). A header,
+    /// cookie, query parameter, `{path}` or `{method}` anywhere in it makes it untrusted,
+    /// whatever else it reads: the client writes those as it likes, so it could make the
+    /// key equal an allow-listed subject and skip every limit of the request.
+    pub fn is_trusted(&self) -> bool {
+        self.trusted
     }
 
     /// Whether the template reads a claim of a verified token (`{jwt.CLAIM}`).
@@ -387,6 +406,31 @@ mod tests {
                 "user:42:abc:acme:POST/chat/message:{x}".to_string()
             ]))
         );
+    }
+
+    #[test]
+    fn only_templates_of_what_the_client_cannot_write_are_trusted() {
+        for t in [
+            "{client_ip}",
+            "ip:{client_ip}",
+            "{jwt.sub}",
+            "s:{session}",
+            "global",
+        ] {
+            assert!(t.parse::<KeyTemplate>().unwrap().is_trusted(), "{t}");
+        }
+        for t in [
+            "{query.api_key}",
+            "{header.x-api-key}",
+            "{cookie.sid}",
+            "{path}",
+            "{method}",
+            // One client-written part is enough: the client picks the whole key's tail.
+            "{client_ip}:{query.api_key}",
+            "{jwt.sub}:{path}",
+        ] {
+            assert!(!t.parse::<KeyTemplate>().unwrap().is_trusted(), "{t}");
+        }
     }
 
     #[test]

@@ -203,3 +203,58 @@ fn bad_paths_are_rejected() {
         PathPattern::Prefix(String::new())
     );
 }
+
+#[test]
+fn a_check_s_key_is_trusted_only_when_its_template_reads_nothing_the_client_writes() {
+    let (ip, key, user) = (limit("per_ip"), limit("api_key"), limit("user"));
+    let rules = Rules::new(vec![route(
+        Some("/api/*"),
+        &[],
+        &[
+            (&ip, &["{client_ip}"]),
+            (&key, &["{query.api_key}"]),
+            // Falls back from a header (untrusted) to the address (trusted).
+            (&user, &["user:{header.x-user-id}", "ip:{client_ip}"]),
+        ],
+    )])
+    .unwrap();
+    let trust = |query: Option<&str>, headers: &HeaderMap| {
+        let facts = RequestFacts {
+            method: "GET",
+            path: "/api/x",
+            literal_path: "/api/x",
+            query,
+            headers,
+            client_ip: Some("9.9.9.50"),
+            session: None,
+            claims: None,
+            plan: None,
+        };
+        rules
+            .checks(&facts)
+            .unwrap()
+            .iter()
+            .map(|c| (c.key().to_string(), c.key_is_trusted()))
+            .collect::<Vec<_>>()
+    };
+    // The finding's request: every value of the repeated parameter is a check of its
+    // own, and none of them is trusted, whatever it spells.
+    assert_eq!(
+        trust(Some("api_key=10.20.30.40&api_key=mine"), &HeaderMap::new()),
+        [
+            ("9.9.9.50".to_string(), true),
+            ("10.20.30.40".to_string(), false),
+            ("mine".to_string(), false),
+            ("ip:9.9.9.50".to_string(), true),
+        ]
+    );
+    let mut with_user = HeaderMap::new();
+    with_user.insert("x-user-id", HeaderValue::from_static("42"));
+    assert_eq!(
+        trust(None, &with_user),
+        [
+            ("9.9.9.50".to_string(), true),
+            ("user:42".to_string(), false),
+        ]
+    );
+}

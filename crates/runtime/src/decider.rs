@@ -132,6 +132,8 @@ impl Decider {
 
     /// [`Decider::decide_from`], with `subjects` also screened as subject entries (see
     /// `sluice_access::Directory::screen_with`): the Envoy service's descriptor entries.
+    /// They may match allow entries, as may the checks whose keys are trusted
+    /// (`Check::key_is_trusted`); block entries match every key.
     pub async fn decide_listing(
         &self,
         request: &mut DecisionRequest,

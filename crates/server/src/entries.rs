@@ -27,6 +27,10 @@ use crate::request::read_json;
 const ENTRY_SHAPE: &str = r#"{"kind": "plan" | "rate" | "block" | "allow", "subject": "customer:42" | "ip": "203.0.113.0/24", "plan": "pro", "limit": "api", "rate": "2000/hour", "ttl_ms": 86400000 | "expires_at_ms": ..., "reason": "..."}"#;
 const REMOVE_SHAPE: &str = r#"{"kind": "block", "subject": "customer:42" | "ip": "203.0.113.0/24", "limit": "api" (for kind "rate")}"#;
 
+/// What the answer to a write of an allow entry for a subject says of the keys it can
+/// match (see `sluice_engine::Check::key_is_trusted`).
+pub const ALLOW_SUBJECT_NOTE: &str = "an allow subject matches only keys the client cannot choose: a key given to /v1/check or /v1/reserve, an Envoy descriptor entry or rule key, and keys of route templates that read only {client_ip}, {jwt.*}, {session} and literals; a key from a template that reads a header, cookie, query parameter, {path} or {method} never matches it and is limited as usual";
+
 /// `GET /v1/admin/entries`.
 pub async fn list(
     State(app): State<Arc<AppState>>,
@@ -131,11 +135,19 @@ pub async fn add(
     app.refresh_access().await;
     // Targets are not logged: they may be clients' addresses.
     tracing::info!(entries = checked.len(), "runtime entries written by admin");
-    let answer = if many {
+    let mut answer = if many {
         json!({"written": checked.len()})
     } else {
         json!({"written": 1, "entry": checked[0]})
     };
+    // Said in the answer, not only in the docs: an operator allowing a subject should
+    // know at once which keys it can match (and that a client-written key never will).
+    if checked
+        .iter()
+        .any(|e| e.kind == Kind::Allow && e.subject.is_some())
+    {
+        answer["note"] = json!(ALLOW_SUBJECT_NOTE);
+    }
     Ok(json_response(StatusCode::OK, &answer))
 }
 

@@ -404,7 +404,9 @@ impl<'de: 'a, 'a> serde::de::Visitor<'de> for JsonKeyVisitor<'a> {
     }
 }
 
-/// Builds a check, turning key problems into `invalid_key`.
+/// Builds a check, turning key problems into `invalid_key`. Its key is trusted (allow
+/// entries may match it): the decision API's caller is the application, which chose
+/// the key itself (see `Check::key_is_trusted`).
 pub fn make_check(
     limit: Arc<Limit>,
     key: impl Into<compact_str::CompactString>,
@@ -412,6 +414,7 @@ pub fn make_check(
     field: impl fmt::Display,
 ) -> Result<Check, ApiError> {
     Check::new(limit, key, cost)
+        .map(|check| check.with_trusted_key(true))
         .map_err(|error| ApiError::bad_request("invalid_key", format!("{field}: {error}")))
 }
 

@@ -106,7 +106,9 @@ pub enum AdminCommand {
         #[command(flatten)]
         about: EntryTerms,
     },
-    /// Let a subject's or an address's requests past every limit.
+    /// Let a subject's or an address's requests past every limit. A subject matches
+    /// only keys the client cannot choose: decision API keys, Envoy descriptors, and
+    /// route keys built from {client_ip}, {jwt.*}, {session} and literals alone.
     Allow {
         #[command(flatten)]
         target: EntryTarget,

@@ -304,15 +304,22 @@ fn blocked_clients_never_reach_the_upstream_and_allowed_ones_skip_the_limits() {
     );
     assert_eq!(s.request("GET", "/unlimited", &[]).status, 200);
 
-    // An allowed subject skips the limits: more than 3 a minute get through.
+    // An allowed subject skips the limits only on a key the client cannot write: this
+    // route's key reads a header, so allowing `user:ops` changes nothing for it...
     assert_eq!(
         add(&s, json!({"kind": "allow", "subject": "user:ops"})).status,
         200
     );
-    let statuses: Vec<u16> = (0..6).map(|_| get("ops").status).collect();
-    assert_eq!(statuses, [200; 6]);
+    let statuses: Vec<u16> = (0..4).map(|_| get("ops").status).collect();
+    assert_eq!(statuses, [200, 200, 200, 429]);
     let limited: Vec<u16> = (0..4).map(|_| get("b").status).collect();
     assert_eq!(limited, [200, 200, 200, 429]);
+    // ...while the same subject given to the decision API (the application chose it)
+    // is allowed: more than 3 a minute get through.
+    let statuses: Vec<bool> = (0..6)
+        .map(|_| s.hit("api", "user:ops", None)["allowed"] == true)
+        .collect();
+    assert_eq!(statuses, [true; 6]);
     // The plan that applied is in the answer's headers.
     assert_eq!(
         add(
@@ -477,5 +484,102 @@ fn a_reload_that_drops_a_limit_skips_its_overrides_until_it_returns() {
     assert_eq!(
         peek(&s, "tokens", "team:1")["results"][0]["limit_value"],
         50
+    );
+}
+
+/// The review's F3: an allow entry for a subject (here an internal host's per-IP key)
+/// must not be reachable through a key the client writes. A client that repeats
+/// `?api_key=` with the allowed subject beside its own key stays limited by every limit,
+/// its per-IP one included; a client whose only key equals the subject is charged like
+/// any other; the allowed host itself, whose `{client_ip}` key is the subject, still
+/// goes past every limit, as does the subject through the decision API.
+#[test]
+fn an_allow_subject_is_not_reachable_through_a_key_the_client_writes() {
+    let (url, seen) = upstream();
+    let s = Server::start(&format!(
+        r#"admin: {{token: {TOKEN}}}
+client_ip: {{trusted_proxies: [127.0.0.1]}}
+limits:
+  per_ip: {{rate: 3/minute}}
+  api_key: {{rate: 3/minute}}
+routes:
+  - match: {{path: /api/*}}
+    limits:
+      - {{limit: per_ip, key: "{{client_ip}}"}}
+      - {{limit: api_key, key: "{{query.api_key}}"}}
+proxy: {{upstream: '{url}', sluice_endpoints: main}}
+"#
+    ));
+    let written = add(
+        &s,
+        json!({"kind": "allow", "subject": "10.20.30.40", "reason": "internal batch host"}),
+    );
+    assert_eq!(written.status, 200, "{}", written.body);
+    assert!(
+        written.json()["note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("only keys the client cannot choose"),
+        "the answer says which keys the subject matches: {}",
+        written.body
+    );
+    let get = |client: &str, query: &str| {
+        s.request(
+            "GET",
+            &format!("/api/x?{query}"),
+            &[("x-forwarded-for", client)],
+        )
+        .status
+    };
+
+    // The attacker spends its own per-IP quota and its own key's...
+    let own: Vec<u16> = (0..4).map(|_| get("9.9.9.50", "api_key=mine")).collect();
+    assert_eq!(own, [200, 200, 200, 429]);
+    // ...then names the allowed subject beside its real key: still limited.
+    let attack: Vec<u16> = (0..5)
+        .map(|_| get("9.9.9.50", "api_key=10.20.30.40&api_key=mine"))
+        .collect();
+    assert_eq!(
+        attack, [429; 5],
+        "an allow subject reached through ?api_key="
+    );
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        3,
+        "the upstream saw only the 3"
+    );
+
+    // A fresh client whose only key spells the subject is charged as usual, on both
+    // limits: not skipped, not refused.
+    let named: Vec<u16> = (0..4)
+        .map(|_| get("9.9.9.51", "api_key=10.20.30.40"))
+        .collect();
+    assert_eq!(named, [200, 200, 200, 429]);
+    assert_eq!(
+        peek(&s, "per_ip", "9.9.9.51")["results"][0]["remaining"],
+        0,
+        "its per-IP limit was charged"
+    );
+    assert_eq!(
+        get("9.9.9.52", "api_key=10.20.30.40"),
+        429,
+        "and so was the api_key counter of the subject's spelling, as for any key"
+    );
+    assert_eq!(get("9.9.9.52", "api_key=fresh"), 200, "not the whole route");
+
+    // The legitimate use: the allowed host's own `{client_ip}` key is trusted, so it
+    // goes past every limit (its client-written key included)...
+    let host: Vec<u16> = (0..6)
+        .map(|_| get("10.20.30.40", "api_key=batch"))
+        .collect();
+    assert_eq!(host, [200; 6]);
+    // ...and so does the subject given as a key to the decision API.
+    let api = peek(&s, "api_key", "10.20.30.40");
+    assert_eq!(api["allowed"], true, "{api}");
+    assert_eq!(api["listed"]["list"], "allow", "{api}");
+    assert_eq!(
+        metric_value(&s.metrics(), "sluice_allow_listed_requests_total", &[]),
+        Some(6.0),
+        "the 6 requests of the allowed host (a dry run is not counted)"
     );
 }

@@ -5,14 +5,13 @@
 //! slots, `remaining` the free ones, and it has no window (`window_seconds: 0`).
 
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::http::header::{self, HeaderMap, HeaderValue};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use sluice_engine::{Check, Decision, DecisionRequest};
+use sluice_engine::{Decision, DecisionRequest};
 use sluice_http::{IncomingRequest, Session};
 use sluice_runtime::{AppState, Live};
 
@@ -131,7 +130,9 @@ pub(super) async fn quota(
             .request
             .checks
             .iter()
-            .filter_map(|c| Check::new(Arc::clone(c.limit()), c.key(), 0).ok())
+            // At cost 0, keeping whether each key is trusted: the read is screened by
+            // the entries like the request it previews.
+            .map(|c| c.with_cost(0))
             .collect(),
         dry_run: true,
     };
