@@ -9,8 +9,9 @@
 # Usage: bench/http-floor.sh [ROUNDS]      (default 3; DURATION=8 seconds per run)
 # SLUICE_BIN=path runs that binary instead of building target/release/sluice;
 # BEFORE_BIN=path adds a column for another build of sluice (say, main before a change).
-# throttlecrab-server, when installed (cargo install throttlecrab-server; THROTTLECRAB=
-# names another path), gets a column too: the same keys as GCRA at 100 per second
+# throttlecrab-server, when installed (apt-get install -y protobuf-compiler, then cargo
+# install --locked throttlecrab-server: without protoc its build fails, and a retry
+# needs a clean target directory; THROTTLECRAB= names another path), gets a column too: the same keys as GCRA at 100 per second
 # (bench/check.lua peer=throttlecrab), on its HTTP front.
 # Needs: wrk and nginx (apt-get install -y wrk nginx-light).
 set -euo pipefail

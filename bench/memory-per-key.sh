@@ -6,7 +6,8 @@
 # The rate (10/hour) keeps every key's state alive for the whole run, for every
 # algorithm (at 1000/hour a gcra state expires 3.6 s after its hit and is swept).
 #
-# When throttlecrab-server is installed (cargo install throttlecrab-server), the same
+# When throttlecrab-server is installed (apt-get install -y protobuf-compiler, then
+# cargo install --locked throttlecrab-server), the same
 # keys go to it afterwards through its POST /throttle (GCRA, burst 10, 10 per hour), and
 # its RSS growth is divided by KEYS (it has no count of held keys; at 10 per hour it
 # keeps every key it saw).
