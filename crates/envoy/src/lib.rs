@@ -9,8 +9,9 @@
 //! - [`service`]: one call end to end: match every descriptor, decide them all in one
 //!   atomic [`sluice_engine::DecisionRequest`], answer per-descriptor statuses.
 //! - [`router`]: the service as a router, served by `sluice_runtime::serve_per_thread`
-//!   like the HTTP front door, over HTTP/2, each call's message read within
-//!   `http.body_read_timeout_ms` ([`deadline`]) and at most [`MAX_MESSAGE_BYTES`].
+//!   like the HTTP front door, over HTTP/2, each call answered within the client's
+//!   `grpc-timeout`, at most `http.body_read_timeout_ms` ([`deadline`]), its message at
+//!   most [`MAX_MESSAGE_BYTES`].
 //!
 //! Semantics follow envoyproxy/ratelimit: the most specific descriptor wins (a value
 //! beats a value prefix beats the key alone, level by level), a descriptor with no rule is
@@ -93,9 +94,9 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     tonic::service::Routes::new(server)
         .into_axum_router()
-        .layer(axum::middleware::map_request_with_state(
+        .layer(axum::middleware::from_fn_with_state(
             state,
-            with_read_deadline,
+            with_call_deadline,
         ))
 }
 
@@ -105,11 +106,14 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
 /// soon as its length prefix arrives.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 
-/// Puts the call's request body under the read deadline (see [`deadline`]).
-async fn with_read_deadline(
+/// Runs the call under its deadline (see [`deadline`]). The bound is read per call, so
+/// a reload of `http.body_read_timeout_ms` applies to the next call.
+async fn with_call_deadline(
     axum::extract::State(state): axum::extract::State<Arc<AppState>>,
     request: axum::extract::Request,
-) -> axum::extract::Request {
-    let timeout = state.live().body_read_timeout;
-    request.map(|body| axum::body::Body::new(deadline::DeadlineBody::new(body, timeout)))
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let bound = state.live().body_read_timeout;
+    let timeout = deadline::call_timeout(request.headers(), bound);
+    deadline::within(timeout, bound, next.run(request)).await
 }

@@ -14,7 +14,13 @@
 //! - a **shutdown deadline**: when shutdown starts, the listener closes, connections with
 //!   no request in flight are closed at once (a request not yet fully received was not
 //!   processed, so a client may retry it elsewhere), requests in flight get
-//!   `http.shutdown_timeout_ms` to finish, and then every remaining connection is closed.
+//!   `http.shutdown_timeout_ms` to finish, and then every remaining connection is closed;
+//! - an **answer deadline** (HTTP/2 only, the Envoy listener): a call still in flight
+//!   `http.body_read_timeout_ms + http.header_read_timeout_ms` after it began closes its
+//!   connection. The front door answers every call within the first (the Envoy call
+//!   deadline); an answer still unsent long after that means the peer does not read its
+//!   answers (a zero flow-control window holds an answer's DATA back indefinitely), and
+//!   the call would otherwise keep the connection open for good.
 //!
 //! Requests in flight are counted per connection from the moment hyper hands a request
 //! to the router until its response body has been sent (or dropped), so a long streamed
@@ -60,6 +66,8 @@ pub struct Limits {
     header_read_timeout: Duration,
     idle_timeout: Duration,
     shutdown_timeout: Duration,
+    /// HTTP/2 only: how long a call may stay in flight (see the module docs).
+    answer_deadline: Duration,
     max_connections: usize,
     slots: Arc<Semaphore>,
 }
@@ -71,6 +79,10 @@ impl Limits {
             header_read_timeout: Duration::from_millis(http.header_read_timeout_ms),
             idle_timeout: Duration::from_millis(http.idle_timeout_ms),
             shutdown_timeout: Duration::from_millis(http.shutdown_timeout_ms),
+            answer_deadline: Duration::from_millis(
+                http.body_read_timeout_ms
+                    .saturating_add(http.header_read_timeout_ms),
+            ),
             max_connections: http.max_connections,
             slots: Arc::new(Semaphore::new(http.max_connections)),
         }
@@ -309,7 +321,8 @@ async fn connection(
 /// `recheck` from now if that is sooner. No change made after a look can set a deadline
 /// sooner than `recheck` after it (a head that begins after the look is due a header
 /// timeout after its first byte, an idle connection an idle timeout after its last
-/// response), so no deadline is ever checked late.
+/// response, an HTTP/2 call an answer deadline, longer than a header timeout, after it
+/// began), so no deadline is ever checked late.
 async fn guard<C>(
     conn: C,
     graceful_shutdown: impl Fn(Pin<&mut C>),
@@ -482,6 +495,17 @@ enum Expired {
 struct Tracker {
     phase: Mutex<Phase>,
     protocol: Protocol,
+    /// HTTP/2 only: the calls in flight, oldest first, for the answer deadline. Its own
+    /// lock, never taken while `phase` is held (nor the reverse), and never on HTTP/1.
+    calls: Mutex<Calls>,
+}
+
+/// The calls in flight on an HTTP/2 connection: an id and start for each, oldest first.
+/// At most `MAX_CONCURRENT_STREAMS` of them, so a linear search is cheap.
+#[derive(Default)]
+struct Calls {
+    next: u64,
+    started: std::collections::VecDeque<(u64, Instant)>,
 }
 
 impl Tracker {
@@ -489,7 +513,13 @@ impl Tracker {
         Tracker {
             phase: Mutex::new(Phase::Opened(Instant::now())),
             protocol,
+            calls: Mutex::new(Calls::default()),
         }
+    }
+
+    fn calls(&self) -> MutexGuard<'_, Calls> {
+        // As for `phase`: the critical sections cannot panic.
+        self.calls.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn phase(&self) -> MutexGuard<'_, Phase> {
@@ -515,9 +545,17 @@ impl Tracker {
     }
 
     fn deadline(&self, limits: &Limits) -> Option<Instant> {
-        match *self.phase() {
+        let phase = *self.phase();
+        match phase {
             Phase::Opened(since) | Phase::Head(since) => Some(since + limits.header_read_timeout),
             Phase::Idle(since) => Some(since + limits.idle_timeout),
+            // An HTTP/1 request may stream for as long as it likes (a proxied download);
+            // an HTTP/2 call must be answered (see the module docs).
+            Phase::Busy(_) if self.protocol == Protocol::Http2 => self
+                .calls()
+                .started
+                .front()
+                .map(|&(_, since)| since + limits.answer_deadline),
             Phase::Busy(_) => None,
         }
     }
@@ -532,14 +570,21 @@ impl Tracker {
         } else if matches!(phase, Phase::Idle(_)) && self.protocol == Protocol::Http2 {
             Expired::IdleHttp2
         } else {
+            if matches!(phase, Phase::Busy(_)) {
+                // Debug only: a client can cause this at will, and must not flood the log.
+                tracing::debug!(
+                    answer_deadline_ms = limits.answer_deadline.as_millis() as u64,
+                    "an HTTP/2 call was not answered by the answer deadline (the peer does not read its answers): closing the connection"
+                );
+            }
             Expired::Yes
         }
     }
 }
 
 /// One request in flight on a connection, from the router's call to the end of its
-/// response body.
-struct InFlight(Arc<Tracker>);
+/// response body; on HTTP/2, with its id in the tracker's [`Calls`].
+struct InFlight(Arc<Tracker>, Option<u64>);
 
 impl InFlight {
     fn begin(tracker: &Arc<Tracker>) -> Self {
@@ -549,7 +594,14 @@ impl InFlight {
             _ => Phase::Busy(1),
         };
         drop(phase);
-        InFlight(Arc::clone(tracker))
+        let id = (tracker.protocol == Protocol::Http2).then(|| {
+            let mut calls = tracker.calls();
+            let id = calls.next;
+            calls.next += 1;
+            calls.started.push_back((id, Instant::now()));
+            id
+        });
+        InFlight(Arc::clone(tracker), id)
     }
 }
 
@@ -560,6 +612,13 @@ impl Drop for InFlight {
             Phase::Busy(n) if n > 1 => Phase::Busy(n - 1),
             _ => Phase::Idle(Instant::now()),
         };
+        drop(phase);
+        if let Some(id) = self.1 {
+            let mut calls = self.0.calls();
+            if let Some(at) = calls.started.iter().position(|&(call, _)| call == id) {
+                calls.started.remove(at);
+            }
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! Clients that hold the server: a request head sent in part, a kept-alive connection
 //! left idle, more connections than `http.max_connections`, connections open at SIGTERM,
 //! a silent TCP connection to the Envoy port, and gRPC calls to it whose message never
-//! finishes arriving. Each against the real binary.
+//! finishes arriving, that set their own `grpc-timeout`, or whose answers are never read.
+//! Each against the real binary.
 
 mod common;
 
@@ -479,7 +480,173 @@ fn an_envoy_call_whose_message_never_arrives_ends_at_the_body_deadline() {
             .await
             .expect("answered");
         assert_eq!(code, 11, "OUT_OF_RANGE: {message}");
+        assert!(message.contains("262144"), "the message names the cap: {message}");
         assert!(asked.elapsed() < Duration::from_millis(500), "{:?}", asked.elapsed());
+    });
+}
+
+/// sluice serving an Envoy domain `edge` (descriptor `k`, 3 a minute) on a port of its
+/// own, with `http` as the `http:` settings; the port is open when this returns.
+fn envoy_server(http: &str) -> (Server, u16) {
+    let grpc_port = free_port();
+    let server = Server::start(&format!(
+        "http: {{{http}}}\n{LIMITS}\
+         envoy:\n  listen: 127.0.0.1:{grpc_port}\n  domains:\n    - domain: edge\n      descriptors:\n        - key: k\n          rate_limit: {{unit: minute, requests_per_unit: 3}}\n"
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", grpc_port)).is_err() {
+        assert!(Instant::now() < deadline, "the Envoy port never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (server, grpc_port)
+}
+
+/// A whole `ShouldRateLimit` message for domain `edge`, descriptor `k=v`, framed.
+fn whole_call() -> bytes::Bytes {
+    use prost::Message;
+    use sluice_envoy::proto::envoy::extensions::common::ratelimit::v3::{
+        RateLimitDescriptor, rate_limit_descriptor::Entry,
+    };
+    let message = sluice_envoy::RateLimitRequest {
+        domain: "edge".into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![Entry {
+                key: "k".into(),
+                value: "v".into(),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut framed = grpc_prefix(message.len() as u32).to_vec();
+    framed.extend_from_slice(&message);
+    bytes::Bytes::from(framed)
+}
+
+/// A runtime for a test's HTTP/2 clients.
+fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The client's `grpc-timeout` ends a call sooner than `http.body_read_timeout_ms`, and
+/// a longer one is capped at it. This is how Envoy sends its own timeout (20 ms by default
+/// on the rate limit filter), so sluice stops working on a call Envoy has given up on.
+#[test]
+fn an_envoy_call_ends_at_its_grpc_timeout_capped_at_the_body_deadline() {
+    let (_s, port) = envoy_server("body_read_timeout_ms: 1500, idle_timeout_ms: 60000");
+    client_runtime().block_on(async {
+        let mut client = h2_connect(port).await;
+        let stalled = |client: &mut h2::client::SendRequest<bytes::Bytes>, timeout: &str| {
+            let mut head = should_rate_limit();
+            head.headers_mut()
+                .insert("grpc-timeout", timeout.parse().expect("header value"));
+            let (response, mut send) = client.send_request(head, false).expect("open a stream");
+            send.send_data(grpc_prefix(1000), false).expect("prefix");
+            send.send_data(bytes::Bytes::from(vec![b'x'; 100]), false)
+                .expect("part of the message");
+            (response, send)
+        };
+        let started = Instant::now();
+        let (soon, _keep_soon) = stalled(&mut client, "300m");
+        let (late, _keep_late) = stalled(&mut client, "1H");
+
+        // A whole call under a short grpc-timeout is answered as usual.
+        let mut head = should_rate_limit();
+        head.headers_mut()
+            .insert("grpc-timeout", "300m".parse().expect("header value"));
+        let (response, mut send) = client.send_request(head, false).expect("open a stream");
+        send.send_data(whole_call(), true).expect("message");
+        let (code, message) = grpc_status(response).await;
+        assert_eq!(code, 0, "a whole call is answered: {message}");
+
+        let (code, message) = tokio::time::timeout(Duration::from_secs(5), grpc_status(soon))
+            .await
+            .expect("the call was ended");
+        let took = started.elapsed();
+        assert_eq!(code, 4, "DEADLINE_EXCEEDED: {message}");
+        assert!(message.contains("300%20ms"), "{message}");
+        assert!(
+            took >= Duration::from_millis(280) && took < Duration::from_millis(1200),
+            "ended after {took:?}, its grpc-timeout is 300 ms"
+        );
+
+        let (code, message) = tokio::time::timeout(Duration::from_secs(5), grpc_status(late))
+            .await
+            .expect("the call was ended");
+        let took = started.elapsed();
+        assert_eq!(code, 4, "DEADLINE_EXCEEDED: {message}");
+        assert!(message.contains("1500%20ms"), "{message}");
+        assert!(
+            took >= Duration::from_millis(1450) && took < Duration::from_secs(4),
+            "ended after {took:?}, the bound is 1500 ms"
+        );
+    });
+}
+
+/// A client that never reads its answers (a zero flow-control window: the answer's
+/// DATA can never be sent) is disconnected once a call has been in flight
+/// `body_read_timeout_ms + header_read_timeout_ms`, while another client is served.
+/// Before, the unsent answers kept the connection open past every timeout.
+#[test]
+fn an_envoy_client_that_never_reads_its_answers_is_closed_at_the_answer_deadline() {
+    let (_s, port) = envoy_server(
+        "body_read_timeout_ms: 700, header_read_timeout_ms: 1000, idle_timeout_ms: 60000",
+    );
+    client_runtime().block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect to the Envoy port");
+        let (mut client, connection) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, bytes::Bytes>(tcp)
+            .await
+            .expect("h2 handshake");
+        let driven = tokio::spawn(connection);
+        let started = Instant::now();
+        let mut answers = Vec::new();
+        for _ in 0..10 {
+            let (response, mut send) = client
+                .send_request(should_rate_limit(), false)
+                .expect("open a stream");
+            send.send_data(whole_call(), true).expect("message");
+            answers.push(response);
+        }
+        // The answers' heads arrive (HEADERS are not flow controlled); their DATA cannot.
+        // The answers are kept: dropping one would reset its stream.
+        let mut unread = Vec::new();
+        for response in answers {
+            let response = tokio::time::timeout(Duration::from_secs(5), response)
+                .await
+                .expect("an answer's head")
+                .expect("an answer");
+            assert_eq!(response.status(), 200);
+            assert!(response.headers().get("grpc-status").is_none());
+            unread.push(response);
+        }
+
+        // Meanwhile a call on another connection is answered at once.
+        let mut other = h2_connect(port).await;
+        let (response, mut send) = other
+            .send_request(should_rate_limit(), false)
+            .expect("open a stream");
+        send.send_data(whole_call(), true).expect("message");
+        let (code, message) = grpc_status(response).await;
+        assert_eq!(code, 0, "another client's call is answered: {message}");
+
+        let ended = tokio::time::timeout(Duration::from_secs(8), driven).await;
+        let took = started.elapsed();
+        assert!(
+            ended.is_ok(),
+            "the connection was still open after {took:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(1600) && took < Duration::from_secs(4),
+            "closed after {took:?}, the answer deadline is 1.7 s"
+        );
     });
 }
 
