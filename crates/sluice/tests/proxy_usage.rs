@@ -487,15 +487,16 @@ fn a_call_in_flight_holds_its_slot_until_its_answer_ends() {
     );
 }
 
-#[test]
-fn a_client_that_leaves_mid_stream_frees_its_slot_at_once() {
-    let s = setup(1);
+/// Sends the standard request to `path` as `user` (with `extra` header lines) on a raw
+/// connection and reads until the stream's first text ("Hel") arrives: the client is
+/// mid-stream, and dropping the connection leaves.
+fn stream_until_text(s: &Setup, path: &str, user: &str, extra: &str) -> TcpStream {
     let mut stream = TcpStream::connect(("127.0.0.1", s.server.port)).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     let head = format!(
-        "POST /v1/hang HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-User-Id: gina\r\nContent-Length: {}\r\n\r\n",
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-User-Id: {user}\r\n{extra}Content-Length: {}\r\n\r\n",
         REQUEST.len()
     );
     stream.write_all(head.as_bytes()).expect("head");
@@ -503,10 +504,17 @@ fn a_client_that_leaves_mid_stream_frees_its_slot_at_once() {
     let mut received = Vec::new();
     let mut buf = [0u8; 4096];
     while !String::from_utf8_lossy(&received).contains("Hel") {
-        let n = stream.read(&mut buf).expect("first chunk");
+        let n = stream.read(&mut buf).expect("the stream's first text");
         assert!(n > 0, "the stream started");
         received.extend_from_slice(&buf[..n]);
     }
+    stream
+}
+
+#[test]
+fn a_client_that_leaves_mid_stream_frees_its_slot_at_once() {
+    let s = setup(1);
+    let stream = stream_until_text(&s, "/v1/hang", "gina", "");
     assert_eq!(remaining(&s, "gina").2, 0, "the call holds the only slot");
     let left = Instant::now();
     drop(stream);
@@ -534,23 +542,7 @@ fn a_client_that_leaves_mid_stream_frees_its_slot_at_once() {
 #[test]
 fn a_client_that_leaves_an_anthropic_stream_before_its_usage_keeps_the_estimate() {
     let s = setup(2);
-    let mut stream = TcpStream::connect(("127.0.0.1", s.server.port)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let head = format!(
-        "POST /anthropic/hang HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-User-Id: mallory\r\nX-Usage: 4,1\r\nContent-Length: {}\r\n\r\n",
-        REQUEST.len()
-    );
-    stream.write_all(head.as_bytes()).expect("head");
-    stream.write_all(REQUEST).expect("body");
-    let mut received = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&received).contains("Hel") {
-        let n = stream.read(&mut buf).expect("the stream's text");
-        assert!(n > 0, "the stream started");
-        received.extend_from_slice(&buf[..n]);
-    }
+    let stream = stream_until_text(&s, "/anthropic/hang", "mallory", "X-Usage: 4,1\r\n");
     drop(stream);
     let estimate = (
         TOKENS - ESTIMATE_IN - ESTIMATE_OUT,
