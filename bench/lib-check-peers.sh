@@ -32,6 +32,25 @@ http {
 NGINX
 }
 
+# write_upstream_config FILE SCRATCH PORT: the proxy benchmarks' upstream, one nginx
+# worker answering a small fixed 200 with keep-alive.
+write_upstream_config() {
+    cat > "$1" <<NGINX
+worker_processes 1;
+pid $2/upstream.pid;
+error_log $2/upstream-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$3;
+    location / { default_type application/json; return 200 '{"ok":true}'; }
+  }
+}
+NGINX
+}
+
 # write_proxy_config FILE PORT UPSTREAM_PORT [THREADS]: sluice as a reverse proxy in
 # front of 127.0.0.1:UPSTREAM_PORT, one limit on {client_ip} far above any offered load
 # (every request is decided and forwarded).

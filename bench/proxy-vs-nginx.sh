@@ -44,21 +44,7 @@ if [ -z "${SLUICE_BIN:-}" ]; then
     SLUICE_BIN="${CARGO_TARGET_DIR:-$root/target}/release/sluice"
 fi
 
-# The upstream: one nginx worker answering a small fixed 200 with keep-alive.
-cat > "$scratch/upstream.conf" <<NGINX
-worker_processes 1;
-pid $scratch/upstream.pid;
-error_log $scratch/upstream-error.log;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$upstream_port;
-    location / { default_type application/json; return 200 '{"ok":true}'; }
-  }
-}
-NGINX
+write_upstream_config "$scratch/upstream.conf" "$scratch" "$upstream_port"
 # nginx in front with limit_req, the way it is usually set up for an API.
 cat > "$scratch/front.conf" <<NGINX
 worker_processes 2;

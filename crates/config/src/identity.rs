@@ -12,6 +12,7 @@
 //!   audience: api                        # checked when given (one or a list)
 //!   leeway_seconds: 30                   # clock skew allowed for exp and nbf
 //!   cookie: id_token                     # read the token from this cookie, not Authorization
+//!   cache_entries: 10000                 # verified tokens remembered until exp; 0: verify every time
 //! ```
 
 use std::path::Path;
@@ -41,6 +42,7 @@ pub(crate) struct JwtSection {
     audience: Option<OneOrMany<String>>,
     leeway_seconds: Option<Whole<0, 600>>,
     cookie: Option<String>,
+    cache_entries: Option<Whole<0, 10_000_000>>,
 }
 
 /// A signing algorithm as JWT headers name it; `none` is not one.
@@ -103,6 +105,9 @@ impl JwtSection {
         }
         if let Some(cookie) = self.cookie {
             config.source = TokenSource::Cookie(cookie);
+        }
+        if let Some(entries) = self.cache_entries {
+            config.cache_entries = entries.0 as usize;
         }
         JwtVerifier::new(&config)
             .map(Arc::new)

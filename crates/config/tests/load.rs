@@ -1056,3 +1056,25 @@ fn redis_sentinel_and_tls_settings_are_read_and_checked_at_their_place() {
     let error = err("storage:\n  backend: postgres\n  url: postgres://h\n  tls: {ca_file: x}\n");
     assert_at(&error, 4, 8, "storage.tls", "only applies to backend redis");
 }
+
+/// `jwt.cache_entries` sets how many verified tokens are remembered; a value that is
+/// not a whole number in range is refused at its place.
+#[test]
+fn jwt_cache_entries_is_a_whole_number_in_range() {
+    let jwt = |entries: &str| {
+        format!(
+            "jwt:\n  algorithms: [HS256]\n  secret: a-test-secret-of-at-least-32-bytes!!\n  cache_entries: {entries}\nlimits:\n  a: {{rate: 1/second}}\n"
+        )
+    };
+    ok(&jwt("0"));
+    ok(&jwt("50000"));
+    for bad in ["-1", "lots", "20000000", "1.5"] {
+        let error = err(&jwt(bad));
+        assert_eq!(error.line, Some(4), "{bad}: {error}");
+        assert_eq!(
+            error.field.as_deref(),
+            Some("jwt.cache_entries"),
+            "{bad}: {error}"
+        );
+    }
+}

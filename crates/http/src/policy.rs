@@ -171,7 +171,7 @@ impl HttpPolicy {
             headers: incoming.headers,
             client_ip: client_key.as_deref(),
             session: incoming.session,
-            claims: claims.as_ref(),
+            claims: claims.as_deref(),
             plan: None,
         };
         // The plan is read like a key; a template that does not resolve is the default plan.

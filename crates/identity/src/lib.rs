@@ -16,19 +16,25 @@
 //!   confusion) does not verify either.
 //! - **Claims**: `exp` is required; `nbf`, `iss` and `aud` are checked when configured,
 //!   with a small clock `leeway`.
+//! - **Verified once**: a signature check costs more than the rest of a request (tens of
+//!   microseconds for RS256 or ES256), and a caller sends the same token for minutes. A
+//!   token that verified is remembered by its exact bytes, with its claims, until its
+//!   `exp` (plus the leeway) or until the JWKS URL's keys change; only verified tokens
+//!   are remembered, so made-up tokens cannot fill the cache or push real ones out.
 //!
 //! A token that is absent, malformed, forged, expired or for another audience gives no
 //! claims: the template does not render, and the route falls back to its next key
 //! template, as it does for a missing header. Nothing unverified is ever returned.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{DecodingKey, Validation, decode, decode_header};
+use jsonwebtoken::{DecodingKey, Validation, decode, decode_header, get_current_timestamp};
 use serde_json::{Map, Value};
 
 pub use jsonwebtoken::Algorithm;
@@ -41,6 +47,14 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
 /// The largest JWKS document accepted from a URL.
 pub const MAX_JWKS_BYTES: u64 = 1024 * 1024;
+
+/// How many verified tokens are remembered unless configured (`jwt.cache_entries`).
+pub const DEFAULT_CACHE_ENTRIES: usize = 10_000;
+
+/// A remembered token counts as one entry per started KiB of token, so the cache's
+/// memory stays near `cache_entries` × 3 KiB (token, claims, table) whatever the
+/// tokens' size.
+const CACHE_ENTRY_UNIT_BYTES: usize = 1024;
 
 /// Where the token is read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,11 +90,15 @@ pub struct JwtConfig {
     pub leeway: Duration,
     /// Where the token is.
     pub source: TokenSource,
+    /// How many verified tokens are remembered (a token over 1 KiB counts once per
+    /// started KiB); 0 verifies every request's token afresh.
+    pub cache_entries: usize,
 }
 
 impl JwtConfig {
     /// Settings for `algorithms` with no keys yet, the bearer header, a 30 s leeway, a
-    /// JWKS refresh every 5 minutes and a 2 s fetch timeout.
+    /// JWKS refresh every 5 minutes, a 2 s fetch timeout and [`DEFAULT_CACHE_ENTRIES`]
+    /// verified tokens remembered.
     pub fn new(algorithms: Vec<Algorithm>) -> Self {
         JwtConfig {
             algorithms,
@@ -94,6 +112,7 @@ impl JwtConfig {
             audiences: Vec::new(),
             leeway: Duration::from_secs(30),
             source: TokenSource::Bearer,
+            cache_entries: DEFAULT_CACHE_ENTRIES,
         }
     }
 }
@@ -162,6 +181,49 @@ fn family(algorithm: Algorithm) -> Family {
     }
 }
 
+/// The keys last fetched from the JWKS URL.
+#[derive(Default)]
+struct FetchedKeys {
+    /// Counts the documents applied (a fetch of the same document changes nothing): a
+    /// remembered token is trusted only while the keys it was verified with are still
+    /// the ones served.
+    generation: u64,
+    keys: Vec<Key>,
+}
+
+/// A token that verified, and for how long its verdict holds.
+#[derive(Clone)]
+struct Verified {
+    claims: Arc<Claims>,
+    /// `exp`, and `nbf` when the token has one, in seconds since the epoch.
+    expires: u64,
+    not_before: Option<u64>,
+    /// The [`FetchedKeys::generation`] it was verified under.
+    keys_generation: u64,
+}
+
+/// Weighs a remembered token by its size (see [`CACHE_ENTRY_UNIT_BYTES`]).
+#[derive(Clone)]
+struct TokenWeight;
+
+impl quick_cache::Weighter<String, Verified> for TokenWeight {
+    fn weight(&self, token: &String, _: &Verified) -> u64 {
+        token.len().div_ceil(CACHE_ENTRY_UNIT_BYTES).max(1) as u64
+    }
+}
+
+type TokenCache =
+    quick_cache::sync::Cache<String, Verified, TokenWeight, hashbrown::DefaultHashBuilder>;
+
+/// Counts of [`JwtVerifier::signature_checks`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignatureChecks {
+    /// Tokens whose signature and claims were checked (not answered from memory).
+    pub checked: u64,
+    /// Of those, the ones that verified.
+    pub verified: u64,
+}
+
 /// Verifies tokens; cheap to share behind an `Arc`.
 pub struct JwtVerifier {
     algorithms: Vec<Algorithm>,
@@ -170,8 +232,14 @@ pub struct JwtVerifier {
     /// One validation per configured algorithm: jsonwebtoken checks that every algorithm
     /// of a validation belongs to the key's family, so each family gets its own.
     validations: Vec<(Algorithm, Validation)>,
+    leeway: u64,
     fixed: Vec<Key>,
-    fetched: Arc<ArcSwap<Vec<Key>>>,
+    fetched: Arc<ArcSwap<FetchedKeys>>,
+    /// Tokens that verified, by their exact text; `None` when `cache_entries` is 0.
+    verified: Option<TokenCache>,
+    /// Tokens whose signature was checked, and how many of them verified.
+    signatures_checked: AtomicU64,
+    signatures_good: AtomicU64,
     // Dropping the sender stops the JWKS refresher.
     _stop_refresher: Option<mpsc::Sender<()>>,
 }
@@ -215,7 +283,7 @@ impl JwtVerifier {
             })?;
             fixed.extend(jwks_keys(&text, &path.display().to_string())?);
         }
-        let fetched = Arc::new(ArcSwap::from_pointee(Vec::new()));
+        let fetched = Arc::new(ArcSwap::from_pointee(FetchedKeys::default()));
         let has_url = config.jwks_url.is_some();
         for algorithm in &config.algorithms {
             let family = family(*algorithm);
@@ -255,13 +323,26 @@ impl JwtVerifier {
                 (algorithm, validation)
             })
             .collect();
+        let verified = (config.cache_entries > 0).then(|| {
+            TokenCache::with(
+                config.cache_entries,
+                config.cache_entries as u64,
+                TokenWeight,
+                hashbrown::DefaultHashBuilder::default(),
+                Default::default(),
+            )
+        });
         Ok(JwtVerifier {
             algorithms: config.algorithms.clone(),
             source: config.source.clone(),
             jwks_url: config.jwks_url.clone(),
             validations,
+            leeway: config.leeway.as_secs(),
             fixed,
             fetched,
+            verified,
+            signatures_checked: AtomicU64::new(0),
+            signatures_good: AtomicU64::new(0),
             _stop_refresher: stop,
         })
     }
@@ -276,17 +357,81 @@ impl JwtVerifier {
         self.jwks_url.as_deref()
     }
 
-    /// The claims of `token` when it verifies; `None` otherwise.
-    pub fn verify(&self, token: &str) -> Option<Claims> {
+    /// The claims of `token` when it verifies; `None` otherwise. A token that verified
+    /// before is answered from memory while its `exp` and `nbf` still hold and the keys
+    /// it was verified with are still served.
+    pub fn verify(&self, token: &str) -> Option<Arc<Claims>> {
         if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
             return None;
         }
+        let fetched = self.fetched.load();
+        let Some(cache) = &self.verified else {
+            return self.verify_signature(token, &fetched.keys).map(Arc::new);
+        };
+        let now = get_current_timestamp();
+        if let Some(known) = cache.get(token)
+            && known.keys_generation == fetched.generation
+            && self.still_valid(&known, now)
+        {
+            return Some(known.claims);
+        }
+        let claims = Arc::new(self.verify_signature(token, &fetched.keys)?);
+        // Remembered only with both times readable as validation read them, so the
+        // verdict can be checked again without the signature.
+        let expires = claims.get("exp").and_then(numeric_date);
+        let not_before = match claims.get("nbf") {
+            Some(value) => numeric_date(value).map(Some),
+            None => Some(None),
+        };
+        if let (Some(expires), Some(not_before)) = (expires, not_before) {
+            cache.insert(
+                token.to_string(),
+                Verified {
+                    claims: Arc::clone(&claims),
+                    expires,
+                    not_before,
+                    keys_generation: fetched.generation,
+                },
+            );
+        }
+        Some(claims)
+    }
+
+    /// Whether a remembered token's times still hold at `now`: the same comparisons
+    /// jsonwebtoken's validation makes, with the same leeway.
+    fn still_valid(&self, known: &Verified, now: u64) -> bool {
+        known.expires >= now.saturating_sub(self.leeway)
+            && known
+                .not_before
+                .is_none_or(|nbf| nbf <= now.saturating_add(self.leeway))
+    }
+
+    /// How many tokens had their signature checked since this verifier was built, and
+    /// how many of those verified: the work a remembered token saves, and what made-up
+    /// tokens cost.
+    pub fn signature_checks(&self) -> SignatureChecks {
+        SignatureChecks {
+            checked: self.signatures_checked.load(Ordering::Relaxed),
+            verified: self.signatures_good.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Checks `token`'s signature and claims against the configured and fetched keys.
+    fn verify_signature(&self, token: &str, fetched: &[Key]) -> Option<Claims> {
+        let claims = self.check_signature(token, fetched);
+        self.signatures_checked.fetch_add(1, Ordering::Relaxed);
+        if claims.is_some() {
+            self.signatures_good.fetch_add(1, Ordering::Relaxed);
+        }
+        claims
+    }
+
+    fn check_signature(&self, token: &str, fetched: &[Key]) -> Option<Claims> {
         let header = decode_header(token).ok()?;
         // The token's `alg` only picks among the configured algorithms; `decode` checks
         // it again against that algorithm's validation.
         let (_, validation) = self.validations.iter().find(|(a, _)| *a == header.alg)?;
         let family = family(header.alg);
-        let fetched = self.fetched.load();
         let candidates = self
             .fixed
             .iter()
@@ -343,7 +488,7 @@ impl JwtVerifier {
     }
 
     /// The verified claims of a request's token, if any.
-    pub fn claims(&self, headers: &http::HeaderMap) -> Option<Claims> {
+    pub fn claims(&self, headers: &http::HeaderMap) -> Option<Arc<Claims>> {
         self.verify(self.token_in(headers)?)
     }
 }
@@ -356,6 +501,18 @@ pub fn claim_text(claims: &Claims, name: &str) -> Option<String> {
         Value::Number(n) => Some(n.to_string()),
         Value::Bool(b) => Some(b.to_string()),
         _ => None,
+    }
+}
+
+/// A JWT `NumericDate` read as jsonwebtoken reads `exp` and `nbf`: a whole number of
+/// seconds, or a non-negative finite number rounded to one.
+fn numeric_date(value: &Value) -> Option<u64> {
+    match value.as_u64() {
+        Some(seconds) => Some(seconds),
+        None => value
+            .as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f.round() as u64),
     }
 }
 
@@ -423,7 +580,7 @@ fn jwks_keys(text: &str, source_name: &str) -> Result<Vec<Key>, IdentityError> {
 /// that fails keeps the keys already known.
 fn refresh_jwks(
     url: &str,
-    keys: Weak<ArcSwap<Vec<Key>>>,
+    keys: Weak<ArcSwap<FetchedKeys>>,
     stop: &mpsc::Receiver<()>,
     refresh: Duration,
     timeout: Duration,
@@ -440,6 +597,9 @@ fn refresh_jwks(
         .into();
     // Until the first success, try again sooner than the refresh interval.
     let mut wait = Duration::ZERO;
+    // The document last applied: the same one again changes no key, and keeps the
+    // tokens verified under it remembered.
+    let mut applied: Option<String> = None;
     loop {
         match stop.recv_timeout(wait) {
             Err(RecvTimeoutError::Timeout) => {}
@@ -447,13 +607,20 @@ fn refresh_jwks(
         }
         let Some(keys) = keys.upgrade() else { return };
         match fetch(&agent, url) {
-            Ok(fresh) => {
-                keys.store(Arc::new(fresh));
+            Ok((text, fresh)) => {
+                if applied.as_ref() != Some(&text) {
+                    let generation = keys.load().generation + 1;
+                    keys.store(Arc::new(FetchedKeys {
+                        generation,
+                        keys: fresh,
+                    }));
+                    applied = Some(text);
+                }
                 wait = refresh.max(Duration::from_secs(1));
             }
             Err(why) => {
                 tracing::warn!(%why, "jwt: the JWKS URL could not be read; keeping the keys known so far");
-                wait = if keys.load().is_empty() {
+                wait = if keys.load().keys.is_empty() {
                     Duration::from_secs(5).min(refresh)
                 } else {
                     refresh.max(Duration::from_secs(1))
@@ -463,7 +630,8 @@ fn refresh_jwks(
     }
 }
 
-fn fetch(agent: &ureq::Agent, url: &str) -> Result<Vec<Key>, String> {
+/// The JWKS document at `url`, and its keys.
+fn fetch(agent: &ureq::Agent, url: &str) -> Result<(String, Vec<Key>), String> {
     let mut response = agent.get(url).call().map_err(|e| e.to_string())?;
     let text = response
         .body_mut()
@@ -471,5 +639,6 @@ fn fetch(agent: &ureq::Agent, url: &str) -> Result<Vec<Key>, String> {
         .limit(MAX_JWKS_BYTES)
         .read_to_string()
         .map_err(|e| e.to_string())?;
-    jwks_keys(&text, url).map_err(|e| e.to_string())
+    let keys = jwks_keys(&text, url).map_err(|e| e.to_string())?;
+    Ok((text, keys))
 }

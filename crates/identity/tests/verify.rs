@@ -321,6 +321,11 @@ fn rsa_jwks(private: &Path, kid: &str) -> String {
 
 /// Serves `body` for every request, after `delay`, on a free port.
 fn serve(body: String, delay: Duration) -> String {
+    serve_current(std::sync::Arc::new(std::sync::Mutex::new(body)), delay)
+}
+
+/// Serves whatever `body` holds when a request comes, after `delay`, on a free port.
+fn serve_current(body: std::sync::Arc<std::sync::Mutex<String>>, delay: Duration) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("http://{}/jwks.json", listener.local_addr().expect("addr"));
     std::thread::spawn(move || {
@@ -331,6 +336,7 @@ fn serve(body: String, delay: Duration) -> String {
                 let mut buf = [0u8; 4096];
                 let _ = stream.read(&mut buf);
                 std::thread::sleep(delay);
+                let body = body.lock().expect("body").clone();
                 let _ = write!(
                     stream,
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -340,6 +346,18 @@ fn serve(body: String, delay: Duration) -> String {
         }
     });
     url
+}
+
+/// Waits (up to 5 s) until the JWKS URL has been fetched and `token` verifies.
+fn wait_until_verified(verifier: &JwtVerifier, token: &str) {
+    let started = Instant::now();
+    while verifier.verify(token).is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the JWKS URL was fetched"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -361,14 +379,7 @@ fn jwks_keys_are_chosen_by_kid_from_a_file_and_from_a_url() {
     let mut config = strict(vec![Algorithm::RS256]);
     config.jwks_url = Some(serve(rsa_jwks(&private, "k1"), Duration::ZERO));
     let verifier = JwtVerifier::new(&config).expect("verifier");
-    let started = Instant::now();
-    while verifier.verify(&token).is_none() {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the JWKS URL was fetched"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_verified(&verifier, &token);
 
     // A provider that does not answer: nothing verifies, and nothing waits on it.
     let mut config = strict(vec![Algorithm::RS256]);
@@ -392,4 +403,129 @@ fn jwks_keys_are_chosen_by_kid_from_a_file_and_from_a_url() {
     let verifier = JwtVerifier::new(&config).expect("verifier");
     std::thread::sleep(Duration::from_millis(200));
     assert!(verifier.verify(&token).is_none());
+}
+
+/// Flips the last character of a token's signature: the same header and claims, a
+/// signature that no key made.
+fn altered(token: &str) -> String {
+    let mut altered = token.to_string();
+    let last = altered.pop().expect("a token");
+    altered.push(if last == 'A' { 'B' } else { 'A' });
+    altered
+}
+
+#[test]
+fn a_token_is_checked_once_and_remembered_only_until_it_expires() {
+    let mut config = strict(vec![Algorithm::HS256]);
+    config.secret = Some(SECRET.into());
+    config.leeway = Duration::ZERO;
+    let key = EncodingKey::from_secret(SECRET.as_bytes());
+    let expires = now() + 2;
+    let token = sign(
+        Algorithm::HS256,
+        &key,
+        None,
+        &claims(json!({"exp": expires})),
+    );
+    let verifier = JwtVerifier::new(&config).expect("verifier");
+    for _ in 0..100 {
+        let claims = verifier.verify(&token).expect("verifies");
+        assert_eq!(claim_text(&claims, "sub").as_deref(), Some("user-42"));
+    }
+    assert_eq!(
+        verifier.signature_checks().checked,
+        1,
+        "one signature check for a hundred requests with the same token"
+    );
+
+    // A copy with another signature is another token: checked, and refused.
+    assert!(verifier.verify(&altered(&token)).is_none());
+    assert!(verifier.verify(&altered(&token)).is_none());
+    let checks = verifier.signature_checks();
+    assert_eq!((checks.checked, checks.verified), (3, 1));
+
+    // Remembered or not, an expired token is refused.
+    while now() <= expires {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        verifier.verify(&token).is_none(),
+        "expired while remembered"
+    );
+
+    // With the cache off, every request's token is checked.
+    config.cache_entries = 0;
+    let verifier = JwtVerifier::new(&config).expect("verifier");
+    let token = sign(Algorithm::HS256, &key, None, &claims(json!({})));
+    for _ in 0..10 {
+        assert!(verifier.verify(&token).is_some());
+    }
+    assert_eq!(verifier.signature_checks().checked, 10);
+}
+
+#[test]
+fn remembered_tokens_keep_their_own_claims_when_the_cache_is_full() {
+    let mut config = strict(vec![Algorithm::HS256]);
+    config.secret = Some(SECRET.into());
+    config.cache_entries = 2;
+    let key = EncodingKey::from_secret(SECRET.as_bytes());
+    let tokens: Vec<(String, String)> = (0..6)
+        .map(|n| {
+            let sub = format!("user-{n}");
+            let token = sign(Algorithm::HS256, &key, None, &claims(json!({"sub": sub})));
+            (sub, token)
+        })
+        .collect();
+    let verifier = JwtVerifier::new(&config).expect("verifier");
+    for _ in 0..3 {
+        for (sub, token) in &tokens {
+            let claims = verifier.verify(token).expect("verifies");
+            assert_eq!(claim_text(&claims, "sub").as_deref(), Some(sub.as_str()));
+        }
+    }
+    let checks = verifier.signature_checks();
+    assert!(
+        checks.checked > 6,
+        "six tokens do not fit in two entries: some were checked again ({checks:?})"
+    );
+    assert_eq!(checks.checked, checks.verified);
+}
+
+#[test]
+fn a_remembered_token_is_checked_again_when_the_jwks_url_changes_its_keys() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (private, _) = keypair(dir.path(), "rsa");
+    let signing = EncodingKey::from_rsa_pem(&std::fs::read(&private).expect("key")).expect("rsa");
+    let token = sign(Algorithm::RS256, &signing, Some("k1"), &claims(json!({})));
+    let other_dir = tempfile::tempdir().expect("dir");
+    let (other_private, _) = keypair(other_dir.path(), "rsa");
+
+    let body = std::sync::Arc::new(std::sync::Mutex::new(rsa_jwks(&private, "k1")));
+    let mut config = strict(vec![Algorithm::RS256]);
+    config.jwks_url = Some(serve_current(body.clone(), Duration::ZERO));
+    config.jwks_refresh = Duration::from_secs(1);
+    let verifier = JwtVerifier::new(&config).expect("verifier");
+    wait_until_verified(&verifier, &token);
+    assert!(verifier.verify(&token).is_some(), "remembered");
+    // Refreshes that serve the same keys keep it remembered.
+    let checked = verifier.signature_checks().checked;
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(verifier.verify(&token).is_some());
+    assert_eq!(
+        verifier.signature_checks().checked,
+        checked,
+        "the same JWKS fetched again sent the token back to a signature check"
+    );
+
+    // The provider replaces the key under the same kid (a leaked key rotated out):
+    // the token it signed stops verifying at the next refresh, remembered or not.
+    *body.lock().expect("body") = rsa_jwks(&other_private, "k1");
+    let rotated = Instant::now();
+    while verifier.verify(&token).is_some() {
+        assert!(
+            rotated.elapsed() < Duration::from_secs(5),
+            "a token signed by a key the provider dropped is still believed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
