@@ -224,6 +224,19 @@ pub struct SignatureChecks {
     pub verified: u64,
 }
 
+/// Signature checks made by every verifier of this process (a reload builds a new
+/// verifier; these keep counting): `/metrics` reads them.
+static PROCESS_SIGNATURES_CHECKED: AtomicU64 = AtomicU64::new(0);
+static PROCESS_SIGNATURES_GOOD: AtomicU64 = AtomicU64::new(0);
+
+/// [`JwtVerifier::signature_checks`] summed over every verifier this process built.
+pub fn process_signature_checks() -> SignatureChecks {
+    SignatureChecks {
+        checked: PROCESS_SIGNATURES_CHECKED.load(Ordering::Relaxed),
+        verified: PROCESS_SIGNATURES_GOOD.load(Ordering::Relaxed),
+    }
+}
+
 /// Verifies tokens; cheap to share behind an `Arc`.
 pub struct JwtVerifier {
     algorithms: Vec<Algorithm>,
@@ -420,8 +433,10 @@ impl JwtVerifier {
     fn verify_signature(&self, token: &str, fetched: &[Key]) -> Option<Claims> {
         let claims = self.check_signature(token, fetched);
         self.signatures_checked.fetch_add(1, Ordering::Relaxed);
+        PROCESS_SIGNATURES_CHECKED.fetch_add(1, Ordering::Relaxed);
         if claims.is_some() {
             self.signatures_good.fetch_add(1, Ordering::Relaxed);
+            PROCESS_SIGNATURES_GOOD.fetch_add(1, Ordering::Relaxed);
         }
         claims
     }

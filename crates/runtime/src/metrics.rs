@@ -26,6 +26,11 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
     backend: &'static str,
 }
@@ -88,6 +93,10 @@ pub struct Metrics {
     keys: Family<BackendLabels, Gauge>,
     evictions: Family<BackendLabels, Counter>,
     local_denials: Family<BackendLabels, Counter>,
+    /// Bearer tokens whose signature was checked, by result: a token remembered from an
+    /// earlier check is not counted, so against requests this shows the cache at work,
+    /// and a rise of `refused` shows clients sending tokens nobody signed.
+    jwt_signature_checks: Family<ResultLabels, Counter>,
     /// Counters per top-keys sketch, or `None` when top keys are off.
     top_keys: Option<usize>,
 }
@@ -189,6 +198,12 @@ impl Metrics {
             "Decisions answered from the store's local deny cache, without a round trip (Redis: a denial replayed until it could be allowed)",
             local_denials.clone(),
         );
+        let jwt_signature_checks = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "jwt_signature_checks",
+            "Bearer tokens whose signature and claims were checked (verified or refused); tokens remembered from an earlier check are not counted",
+            jwt_signature_checks.clone(),
+        );
         let metrics = Metrics {
             registry: std::sync::Mutex::new(registry),
             decisions,
@@ -207,6 +222,7 @@ impl Metrics {
             keys,
             evictions,
             local_denials,
+            jwt_signature_checks,
             top_keys,
         };
         metrics.track_limits(limits);
@@ -305,6 +321,16 @@ impl Metrics {
         evictions.inc_by(stats.evictions.saturating_sub(evictions.get()));
         let local_denials = self.local_denials.get_or_create(&labels);
         local_denials.inc_by(stats.local_denials.saturating_sub(local_denials.get()));
+        let checks = sluice_identity::process_signature_checks();
+        for (result, count) in [
+            ("verified", checks.verified),
+            ("refused", checks.checked.saturating_sub(checks.verified)),
+        ] {
+            let counter = self
+                .jwt_signature_checks
+                .get_or_create(&ResultLabels { result });
+            counter.inc_by(count.saturating_sub(counter.get()));
+        }
         let mut text = String::with_capacity(4096);
         // Writing into a String cannot fail.
         let _ = encode(&mut text, &registry);

@@ -1,6 +1,7 @@
 //! Plans: a limit's rates differ per plan (`plans:`), and a request's plan comes from a
-//! verified token (`plan_from: "{jwt.plan}"`) or, on the decision API, from the caller.
-//! Black-box, against the real binary.
+//! verified token (`plan_from: "{jwt.plan}"`) or, on the decision API, from the caller;
+//! and the tokens themselves: checked once, counted in `/metrics`. Black-box, against
+//! the real binary.
 
 mod common;
 
@@ -182,4 +183,42 @@ fn the_quota_endpoint_shows_the_callers_plan() {
     let free = quota(&token("free-user", None, SECRET));
     assert!(free["limits"][0].get("plan").is_none(), "{free}");
     assert_eq!(free["limits"][0]["quota"], 2);
+}
+
+/// A caller's token is checked once and remembered; tokens nobody signed are checked
+/// (and refused) every time. `/metrics` counts the checks by result.
+#[test]
+fn tokens_are_checked_once_and_the_checks_are_counted() {
+    let s = Server::start(CONFIG);
+    let checks = |s: &Server| {
+        let m = s.metrics();
+        let count = |result| {
+            metric_value(
+                &m,
+                "sluice_jwt_signature_checks_total",
+                &[("result", result)],
+            )
+            .unwrap_or_default()
+        };
+        (count("verified"), count("refused"))
+    };
+    assert_eq!(checks(&s), (0.0, 0.0));
+    let pro = token("pro-user", Some("pro"), SECRET);
+    let answers = statuses(&s, &pro, 7);
+    assert_eq!(
+        answers.iter().filter(|&&c| c == 200).count(),
+        5,
+        "still limited at the plan's rate while remembered: {answers:?}"
+    );
+    let forged = token(
+        "pro-user",
+        Some("pro"),
+        "not-the-secret-but-at-least-32-bytes",
+    );
+    statuses(&s, &forged, 3);
+    assert_eq!(
+        checks(&s),
+        (1.0, 3.0),
+        "one check for seven requests with the same token, one per forged request"
+    );
 }
