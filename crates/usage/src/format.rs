@@ -141,6 +141,25 @@ pub(crate) fn answer_usage(format: &UsageFormat, answer: &Value) -> Option<Usage
     }
 }
 
+impl UsageFormat {
+    /// Whether an event's JSON text can hold what this format reads. Every built-in
+    /// format reads a member named `usage`, so an event without those bytes reports
+    /// nothing and is not parsed: a long stream is almost all content chunks, and
+    /// parsing each one cost more than the rest of proxying it. A name could be written
+    /// with escapes (`"us\u0061ge"`), which no provider does; it would only hide usage
+    /// the upstream itself reports, which it can leave out anyway. A JSON pointer may
+    /// name anything, so its events are all parsed.
+    pub(crate) fn may_hold_usage(&self, event: &[u8]) -> bool {
+        match self {
+            UsageFormat::Pointer(_) => true,
+            UsageFormat::OpenAi
+            | UsageFormat::Anthropic
+            | UsageFormat::OpenAiResponses
+            | UsageFormat::Auto => memchr::memmem::find(event, b"usage").is_some(),
+        }
+    }
+}
+
 /// What a stream's events have reported so far.
 #[derive(Debug, Default)]
 pub(crate) struct StreamUsage {

@@ -163,6 +163,9 @@ fn is_json(media_type: &str) -> bool {
 
 /// One event's data: JSON, or something else (OpenAI's `[DONE]`) that says nothing.
 fn on_event(format: &UsageFormat, usage: &mut StreamUsage, data: &[u8]) {
+    if !format.may_hold_usage(data) {
+        return;
+    }
     if let Ok(event) = serde_json::from_slice::<Value>(data) {
         usage.on_event(format, &event);
     }

@@ -63,7 +63,7 @@ impl SseParser {
                 bytes = &bytes[1..];
                 continue;
             }
-            match bytes.iter().position(|&b| b == b'\n' || b == b'\r') {
+            match memchr::memchr2(b'\n', b'\r', bytes) {
                 Some(end) => {
                     self.push(&bytes[..end]);
                     self.after_cr = bytes[end] == b'\r';
@@ -121,7 +121,7 @@ impl SseParser {
         if line.is_empty() {
             return self.dispatch(on_data);
         }
-        let (field, value) = match line.iter().position(|&b| b == b':') {
+        let (field, value) = match memchr::memchr(b':', line) {
             Some(colon) => (&line[..colon], &line[colon + 1..]),
             None => (line, &[][..]),
         };
