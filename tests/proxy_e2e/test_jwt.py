@@ -114,14 +114,44 @@ def test_no_forgery_spends_the_claimed_users_quota(verified: Any, http: Any, rsa
         "unsigned RS256": jwt.encode(victim, SECRET, algorithm="HS256").rsplit(".", 1)[0] + ".",
     }
     for name, token in forgeries.items():
-        # Each from an address of its own: the anonymous key is per address.
         for _ in range(2):
             status = get(http, verified, token, fresh_ip())
-            assert status == 200, f"{name}: keyed as anonymous, not refused as the victim"
+            assert status == 401, f"{name}: a JWT that does not verify is refused ({status})"
     genuine = jwt.encode(victim, SECRET, algorithm="HS256")
     assert [get(http, verified, genuine, fresh_ip()) for _ in range(3)] == [200, 200, 429], (
         "the victim's quota was untouched by 14 forged requests"
     )
+    # An API key is no JWT: keyed by address, as a caller without a token.
+    assert get(http, verified, "sk-live-0123456789", fresh_ip()) == 200
+
+
+def test_a_user_cannot_leave_its_bucket_by_spelling_its_token_differently(
+    verified: Any, http: Any
+) -> None:
+    """Spellings an application's JWT library accepts and sluice would not read (pyjwt
+    takes a padded signature; Starlette reads the first of two headers): each is
+    refused rather than counted as a stranger, so the user's quota holds."""
+    alice = jwt.encode(claims("alice-2"), SECRET, algorithm="HS256")
+    ip = fresh_ip()
+    assert [get(http, verified, alice, ip) for _ in range(3)] == [200, 200, 429]
+    spelled = {
+        "padded": {"authorization": f"Bearer {alice}="},
+        "tab": {"authorization": f"Bearer\t{alice}"},
+    }
+    for name, headers in spelled.items():
+        status = http.get(
+            f"{verified.url}/search", headers={"x-forwarded-for": fresh_ip(), **headers}
+        ).status_code
+        assert status in (401, 429), f"{name}: {status}, past alice's quota"
+    twice = http.get(
+        f"{verified.url}/search",
+        headers=[
+            ("x-forwarded-for", fresh_ip()),
+            ("authorization", f"Bearer {alice}"),
+            ("authorization", "Bearer x"),
+        ],
+    ).status_code
+    assert twice == 401, f"two Authorization headers: {twice}"
 
 
 class _Slow(http.server.BaseHTTPRequestHandler):

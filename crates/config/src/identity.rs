@@ -13,6 +13,7 @@
 //!   leeway_seconds: 30                   # clock skew allowed for exp and nbf
 //!   cookie: id_token                     # read the token from this cookie, not Authorization
 //!   cache_entries: 10000                 # verified tokens remembered until exp; 0: verify every time
+//!   unverified: refuse                   # a JWT that does not verify: 401 where a key reads a claim; or anonymous
 //! ```
 
 use std::path::Path;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use sluice_identity::{Algorithm, JwtConfig, JwtVerifier, TokenSource};
+use sluice_identity::{Algorithm, JwtConfig, JwtVerifier, TokenSource, Unverified};
 
 use crate::de::{FromText, Located, OneOrMany, Parsed, Whole};
 use crate::error::Fail;
@@ -43,6 +44,24 @@ pub(crate) struct JwtSection {
     leeway_seconds: Option<Whole<0, 600>>,
     cookie: Option<String>,
     cache_entries: Option<Whole<0, 10_000_000>>,
+    unverified: Option<Parsed<UnverifiedAs>>,
+}
+
+/// `jwt.unverified`: what a JWT that does not verify counts as.
+struct UnverifiedAs(Unverified);
+
+impl FromText for UnverifiedAs {
+    const EXPECTING: &'static str = "refuse or anonymous";
+    fn from_text(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "refuse" => Ok(UnverifiedAs(Unverified::Refuse)),
+            "anonymous" => Ok(UnverifiedAs(Unverified::Anonymous)),
+            other => Err(format!(
+                "unknown `{}`: use refuse (the default: a route keyed on a claim answers 401 to a JWT that does not verify) or anonymous (it falls back to the route's next key, which lets a user escape its own limit if the application accepts a token sluice does not)",
+                shorten(other)
+            )),
+        }
+    }
 }
 
 /// A signing algorithm as JWT headers name it; `none` is not one.
@@ -108,6 +127,9 @@ impl JwtSection {
         }
         if let Some(entries) = self.cache_entries {
             config.cache_entries = entries.0 as usize;
+        }
+        if let Some(unverified) = self.unverified {
+            config.unverified = unverified.0.0;
         }
         JwtVerifier::new(&config)
             .map(Arc::new)

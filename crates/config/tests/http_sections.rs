@@ -119,6 +119,7 @@ fn facts<'a>(method: &'a str, path: &'a str, headers: &'a HeaderMap) -> RequestF
         client_ip: Some("198.51.100.7"),
         session: None,
         claims: None,
+        token_refused: false,
         plan: None,
     }
 }

@@ -1068,6 +1068,16 @@ fn jwt_cache_entries_is_a_whole_number_in_range() {
     };
     ok(&jwt("0"));
     ok(&jwt("50000"));
+    let unverified =
+        |value: &str| jwt("1").replace("cache_entries: 1", &format!("unverified: {value}"));
+    ok(&unverified("refuse"));
+    ok(&unverified("anonymous"));
+    let error = err(&unverified("allow"));
+    assert_eq!(error.field.as_deref(), Some("jwt.unverified"), "{error}");
+    assert!(
+        error.message.contains("refuse") && error.message.contains("anonymous"),
+        "{error}"
+    );
     for bad in ["-1", "lots", "20000000", "1.5"] {
         let error = err(&jwt(bad));
         assert_eq!(error.line, Some(4), "{bad}: {error}");

@@ -45,6 +45,7 @@ fn plan(config: &Config) -> RequestPlan {
         client_ip: None,
         session: None,
         claims: None,
+        token_refused: false,
         plan: None,
     };
     config.routes.plan(&facts, false).expect("plan")

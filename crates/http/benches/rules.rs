@@ -63,6 +63,7 @@ fn bench(c: &mut Criterion) {
                 client_ip: Some("203.0.113.7"),
                 session: None,
                 claims: None,
+                token_refused: false,
                 plan: None,
             };
             let id = BenchmarkId::new(

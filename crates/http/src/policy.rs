@@ -22,7 +22,8 @@ use crate::rules::Rules;
 use crate::template::{KeyError, RequestFacts};
 
 /// Why a request cannot be decided: the client sent something sluice refuses to guess
-/// about. Front doors answer it with `400` and the message.
+/// about. Front doors answer it with [`RequestError::status`] (`400`, or `401` for a
+/// token that did not verify) and the message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
     /// The path is spelled in a way applications disagree about.
@@ -51,15 +52,18 @@ impl RequestError {
     pub fn code(&self) -> &'static str {
         match self {
             RequestError::Path(_) => "invalid_path",
+            RequestError::Key(KeyError::UnverifiedToken) => "invalid_token",
             RequestError::Key(_) => "ambiguous_key",
             RequestError::NeedsAnswer { .. } => "needs_reverse_proxy",
         }
     }
 
-    /// The answer's status: `400` for what the client sent, `500` for a route this
-    /// front door cannot decide.
+    /// The answer's status: `400` for what the client sent, `401` for a token that did
+    /// not verify where a key reads its claims, `500` for a route this front door cannot
+    /// decide.
     pub fn status(&self) -> StatusCode {
         match self {
+            RequestError::Key(KeyError::UnverifiedToken) => StatusCode::UNAUTHORIZED,
             RequestError::Path(_) | RequestError::Key(_) => StatusCode::BAD_REQUEST,
             RequestError::NeedsAnswer { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -159,8 +163,12 @@ impl HttpPolicy {
         // Verified only when a template reads a claim: signatures cost microseconds.
         let reads_claims =
             self.rules.uses_jwt() || self.plan_from.as_ref().is_some_and(|t| t.uses_jwt());
-        let claims = match &self.identity {
-            Some(identity) if reads_claims => identity.claims(incoming.headers),
+        let caller = match &self.identity {
+            Some(identity) if reads_claims => identity.caller(incoming.headers),
+            _ => sluice_identity::Caller::Anonymous,
+        };
+        let claims = match &caller {
+            sluice_identity::Caller::Verified(claims) => Some(&**claims),
             _ => None,
         };
         let facts = RequestFacts {
@@ -171,7 +179,8 @@ impl HttpPolicy {
             headers: incoming.headers,
             client_ip: client_key.as_deref(),
             session: incoming.session,
-            claims: claims.as_deref(),
+            claims,
+            token_refused: matches!(caller, sluice_identity::Caller::Refused),
             plan: None,
         };
         // The plan is read like a key; a template that does not resolve is the default plan.

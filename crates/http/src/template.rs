@@ -36,6 +36,10 @@ pub struct RequestFacts<'a> {
     /// The claims of the request's bearer token, when one verified (never unverified
     /// claims: `{jwt.CLAIM}` does not resolve without them).
     pub claims: Option<&'a sluice_identity::Claims>,
+    /// The request carried a JWT that did not verify, or differing copies of one
+    /// ([`sluice_identity::Caller::Refused`]): a template reading a claim refuses the
+    /// request rather than fall back, as the application may know the user by it.
+    pub token_refused: bool,
     /// The caller's plan (`plan_from`), which picks the rates of limits with `plans:`.
     pub plan: Option<&'a str>,
 }
@@ -234,6 +238,7 @@ impl KeyTemplate {
                 Part::Method => one(Some(facts.method)),
                 Part::Path => vec![facts.path.to_ascii_lowercase().into()],
                 Part::Session => one(facts.session),
+                Part::Jwt(_) if facts.token_refused => return Err(KeyError::UnverifiedToken),
                 Part::Jwt(claim) => facts
                     .claims
                     .and_then(|claims| sluice_identity::claim_text(claims, claim))
@@ -289,6 +294,11 @@ pub enum KeyError {
         /// The template whose placeholders repeat.
         template: String,
     },
+    /// A key reads a claim, and the request's token did not verify.
+    #[error(
+        "the request's bearer token did not verify (forged, expired, for another issuer or audience, sent twice with different values, or not in the canonical base64url form): send one valid token, or none"
+    )]
+    UnverifiedToken,
 }
 
 /// A value that is there and not empty.
@@ -387,6 +397,7 @@ mod tests {
             client_ip: Some("203.0.113.7"),
             session: None,
             claims: None,
+            token_refused: false,
             plan: None,
         }
     }

@@ -48,6 +48,7 @@ fn checks(rules: &Rules, method: &str, path: &str, headers: &HeaderMap) -> Vec<(
         client_ip: Some("203.0.113.7"),
         session: None,
         claims: None,
+        token_refused: false,
         plan: None,
     };
     rules
@@ -228,6 +229,7 @@ fn a_check_s_key_is_trusted_only_when_its_template_reads_nothing_the_client_writ
             client_ip: Some("9.9.9.50"),
             session: None,
             claims: None,
+            token_refused: false,
             plan: None,
         };
         rules

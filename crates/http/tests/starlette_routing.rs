@@ -117,6 +117,7 @@ proptest! {
                     client_ip: None,
                     session: None,
                     claims: None,
+                    token_refused: false,
                     plan: None,
                 };
                 let charged: Vec<&str> = rules

@@ -26,6 +26,7 @@
 //! claims: the template does not render, and the route falls back to its next key
 //! template, as it does for a missing header. Nothing unverified is ever returned.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -33,7 +34,6 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{DecodingKey, Validation, decode, decode_header, get_current_timestamp};
 use serde_json::{Map, Value};
 
@@ -93,6 +93,8 @@ pub struct JwtConfig {
     /// How many verified tokens are remembered (a token over 1 KiB counts once per
     /// started KiB); 0 verifies every request's token afresh.
     pub cache_entries: usize,
+    /// What a JWT that does not verify counts as.
+    pub unverified: Unverified,
 }
 
 impl JwtConfig {
@@ -113,6 +115,7 @@ impl JwtConfig {
             leeway: Duration::from_secs(30),
             source: TokenSource::Bearer,
             cache_entries: DEFAULT_CACHE_ENTRIES,
+            unverified: Unverified::Refuse,
         }
     }
 }
@@ -241,6 +244,7 @@ pub fn process_signature_checks() -> SignatureChecks {
 pub struct JwtVerifier {
     algorithms: Vec<Algorithm>,
     source: TokenSource,
+    unverified: Unverified,
     jwks_url: Option<String>,
     /// One validation per configured algorithm: jsonwebtoken checks that every algorithm
     /// of a validation belongs to the key's family, so each family gets its own.
@@ -322,7 +326,17 @@ impl JwtVerifier {
                 let mut validation = Validation::new(algorithm);
                 validation.leeway = config.leeway.as_secs();
                 validation.validate_nbf = true;
-                validation.set_required_spec_claims(&["exp"]);
+                // jsonwebtoken checks `iss` and `aud` only when the token has them as
+                // strings: a configured one must also be present, or a token made for
+                // another service (no `aud`) would pass.
+                let mut required = vec!["exp"];
+                if !config.issuers.is_empty() {
+                    required.push("iss");
+                }
+                if !config.audiences.is_empty() {
+                    required.push("aud");
+                }
+                validation.set_required_spec_claims(&required);
                 if config.issuers.is_empty() {
                     validation.iss = None;
                 } else {
@@ -348,6 +362,7 @@ impl JwtVerifier {
         Ok(JwtVerifier {
             algorithms: config.algorithms.clone(),
             source: config.source.clone(),
+            unverified: config.unverified,
             jwks_url: config.jwks_url.clone(),
             validations,
             leeway: config.leeway.as_secs(),
@@ -358,6 +373,30 @@ impl JwtVerifier {
             signatures_good: AtomicU64::new(0),
             _stop_refresher: stop,
         })
+    }
+
+    /// Takes over the keys `previous` fetched from the same JWKS URL while this verifier
+    /// has fetched none: a config reload builds a new verifier, and must not forget the
+    /// provider's keys because the provider happens to be down at that moment (a failed
+    /// refresh keeps them too). This verifier's own fetches replace them as usual.
+    pub fn keep_fetched_keys_of(&self, previous: &JwtVerifier) {
+        if self.jwks_url.is_none() || self.jwks_url != previous.jwks_url {
+            return;
+        }
+        let known = previous.fetched.load_full();
+        if known.keys.is_empty() {
+            return;
+        }
+        self.fetched.rcu(|current| {
+            if current.keys.is_empty() {
+                Arc::new(FetchedKeys {
+                    generation: current.generation,
+                    keys: known.keys.clone(),
+                })
+            } else {
+                Arc::clone(current)
+            }
+        });
     }
 
     /// Where the token is read from.
@@ -464,56 +503,162 @@ impl JwtVerifier {
         None
     }
 
-    /// The token of a request: the bearer credential of its one `Authorization`
-    /// header, or its one cookie of the configured name. Repeated headers or cookies
-    /// give none (an application could read either).
-    pub fn token_in<'h>(&self, headers: &'h http::HeaderMap) -> Option<&'h str> {
+    /// The token a request carries where this verifier reads it: the bearer credential
+    /// of its `Authorization` header, or its cookie of the configured name. Read from
+    /// the bytes as sent (a byte outside ASCII does not hide the header), a cookie's
+    /// value unquoted; copies that are the same text are one token. Copies that differ
+    /// are [`Credential::Conflicting`] when any of them is a JWT: frameworks disagree
+    /// on which copy the application reads.
+    pub fn credential<'h>(&self, headers: &'h http::HeaderMap) -> Credential<'h> {
+        let mut copies: Vec<Cow<'h, str>> = Vec::new();
         match &self.source {
             TokenSource::Bearer => {
-                let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
-                let value = values.next()?.to_str().ok()?;
-                if values.next().is_some() {
-                    return None;
-                }
-                let (scheme, token) = value.trim().split_once(' ')?;
-                scheme
-                    .eq_ignore_ascii_case("bearer")
-                    .then(|| token.trim())
-                    .filter(|t| !t.is_empty())
-            }
-            TokenSource::Cookie(name) => {
-                let mut found = None;
-                for header in headers.get_all(http::header::COOKIE) {
-                    let Ok(text) = header.to_str() else { continue };
-                    for pair in text.split(';') {
-                        let Some((key, value)) = pair.trim().split_once('=') else {
-                            continue;
-                        };
-                        if key == name {
-                            if found.is_some() {
-                                return None;
-                            }
-                            found = Some(value.trim());
-                        }
+                for value in headers.get_all(http::header::AUTHORIZATION) {
+                    if let Some(token) = bearer_token(value.as_bytes()) {
+                        copies.push(token);
                     }
                 }
-                found.filter(|t| !t.is_empty())
+            }
+            TokenSource::Cookie(name) => {
+                for line in headers.get_all(http::header::COOKIE) {
+                    cookie_values(line.as_bytes(), name, &mut copies);
+                }
             }
         }
+        copies.dedup();
+        match copies.len() {
+            0 => Credential::None,
+            1 => Credential::One(copies.swap_remove(0)),
+            _ if copies.iter().any(|copy| looks_like_jwt(copy)) => Credential::Conflicting,
+            _ => Credential::None,
+        }
+    }
+
+    /// Who is calling, by the request's token: see [`Caller`].
+    pub fn caller(&self, headers: &http::HeaderMap) -> Caller {
+        let refused = match self.unverified {
+            Unverified::Refuse => Caller::Refused,
+            Unverified::Anonymous => Caller::Anonymous,
+        };
+        match self.credential(headers) {
+            Credential::None => Caller::Anonymous,
+            Credential::Conflicting => refused,
+            Credential::One(token) => match self.verify(&token) {
+                Some(claims) => Caller::Verified(claims),
+                // Until a JWKS URL has answered once, sluice knows no key to judge
+                // by: a provider that is down must not refuse every caller.
+                None if looks_like_jwt(&token) && self.knows_keys() => refused,
+                None => Caller::Anonymous,
+            },
+        }
+    }
+
+    /// Whether any key is known: configured, or fetched from the JWKS URL.
+    fn knows_keys(&self) -> bool {
+        !self.fixed.is_empty() || !self.fetched.load().keys.is_empty()
     }
 
     /// The verified claims of a request's token, if any.
     pub fn claims(&self, headers: &http::HeaderMap) -> Option<Arc<Claims>> {
-        self.verify(self.token_in(headers)?)
+        match self.caller(headers) {
+            Caller::Verified(claims) => Some(claims),
+            Caller::Anonymous | Caller::Refused => None,
+        }
     }
 }
 
-/// A claim as a key part: strings as they are, numbers and booleans as written; other
-/// values (objects, arrays, null, empty strings) do not resolve.
+/// The credential a request carries where a [`JwtVerifier`] reads its token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential<'h> {
+    /// None there, or only credentials of another scheme.
+    None,
+    /// One token (every copy the same text).
+    One(Cow<'h, str>),
+    /// Copies that differ, at least one of them a JWT.
+    Conflicting,
+}
+
+/// Who is calling, as far as the request's token tells.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// No token sluice reads: none sent, another scheme, or a bearer credential that is
+    /// not a JWT (an API key). `{jwt.CLAIM}` does not resolve; a route's next key does.
+    Anonymous,
+    /// A token that verified.
+    Verified(Arc<Claims>),
+    /// A JWT that did not verify (forged, expired, for another issuer or audience, or
+    /// spelled in a way sluice does not read, such as a padded signature that
+    /// lenient decoders accept), or differing copies of the credential. (Before a JWKS
+    /// URL has answered once, no key is known to judge by: such tokens are anonymous.) The application
+    /// behind sluice may still accept it and know the user, so it must not count as
+    /// anonymous: a route that keys on a claim refuses the request
+    /// (`jwt.unverified: refuse`, the default).
+    Refused,
+}
+
+/// What a JWT that does not verify counts as (`jwt.unverified`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Unverified {
+    /// [`Caller::Refused`]: a route keyed on a claim answers `401 invalid_token`.
+    #[default]
+    Refuse,
+    /// [`Caller::Anonymous`]: the route's next key applies. Only safe when the
+    /// application accepts no token that sluice does not: otherwise a user who sends
+    /// its valid token in another spelling is counted as a stranger.
+    Anonymous,
+}
+
+/// A JWT in compact form has three parts separated by dots; API keys and most opaque
+/// tokens have none. Only the dots are looked at: a lenient decoder reads parts that
+/// are not clean base64url, so neither may this.
+fn looks_like_jwt(token: &str) -> bool {
+    token.bytes().filter(|&b| b == b'.').count() >= 2
+}
+
+/// The credential of an `Authorization: Bearer <token>` value (the scheme in any case,
+/// a space or tab after it).
+fn bearer_token(value: &[u8]) -> Option<Cow<'_, str>> {
+    match std::str::from_utf8(value) {
+        Ok(text) => bearer_in(text).map(Cow::Borrowed),
+        Err(_) => bearer_in(&String::from_utf8_lossy(value)).map(|t| Cow::Owned(t.to_string())),
+    }
+}
+
+fn bearer_in(value: &str) -> Option<&str> {
+    let value = value.trim();
+    let (scheme, token) = value.split_at(value.find([' ', '\t'])?);
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Adds the values of the cookies named `name` in one `Cookie` line: read from its
+/// bytes, trimmed, and unquoted (`"<token>"`, as Starlette and Django read it).
+fn cookie_values<'h>(line: &'h [u8], name: &str, values: &mut Vec<Cow<'h, str>>) {
+    for pair in line.split(|&b| b == b';') {
+        let Some(equals) = pair.iter().position(|&b| b == b'=') else {
+            continue;
+        };
+        if pair[..equals].trim_ascii() != name.as_bytes() {
+            continue;
+        }
+        let mut value = pair[equals + 1..].trim_ascii();
+        if let [b'"', inner @ .., b'"'] = value {
+            value = inner;
+        }
+        if !value.is_empty() {
+            values.push(String::from_utf8_lossy(value));
+        }
+    }
+}
+
+/// A claim as a key part: strings as they are, whole numbers and booleans as written;
+/// other values (fractions and whole numbers past 64 bits, which JSON reads as
+/// rounded floats so that two users' ids could meet; objects, arrays, null, empty
+/// strings) do not resolve.
 pub fn claim_text(claims: &Claims, name: &str) -> Option<String> {
     match claims.get(name)? {
         Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
+        Value::Number(n) if n.is_u64() || n.is_i64() => Some(n.to_string()),
         Value::Bool(b) => Some(b.to_string()),
         _ => None,
     }
@@ -565,28 +710,52 @@ fn pem_key(path: &PathBuf) -> Result<Key, IdentityError> {
     ))
 }
 
+/// The signing keys of a JWKS document. Each key is read on its own: a key of a kind
+/// jsonwebtoken does not know (an X25519 encryption key, ES512, secp256k1) is skipped,
+/// where reading the set whole would refuse the document and keep keys the provider
+/// has since dropped. Keys meant for encryption (`"use": "enc"`) and symmetric keys,
+/// which do not belong in a published set, are skipped too.
 fn jwks_keys(text: &str, source_name: &str) -> Result<Vec<Key>, IdentityError> {
-    let set: JwkSet = serde_json::from_str(text).map_err(|e| IdentityError::BadJwks {
+    #[derive(serde::Deserialize)]
+    struct Document {
+        keys: Vec<Value>,
+    }
+    let document: Document = serde_json::from_str(text).map_err(|e| IdentityError::BadJwks {
         source_name: source_name.to_string(),
         why: e.to_string(),
     })?;
     let mut keys = Vec::new();
-    for jwk in &set.keys {
-        use jsonwebtoken::jwk::AlgorithmParameters;
+    let mut skipped = 0;
+    for value in document.keys {
+        use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
+        let Ok(jwk) = serde_json::from_value::<Jwk>(value) else {
+            skipped += 1;
+            continue;
+        };
         let family = match &jwk.algorithm {
             AlgorithmParameters::RSA(_) => Family::Rsa,
             AlgorithmParameters::EllipticCurve(_) => Family::Ec,
             AlgorithmParameters::OctetKeyPair(_) => Family::Ed,
-            // Symmetric keys do not belong in a published key set.
             AlgorithmParameters::OctetKey(_) => continue,
         };
-        if let Ok(key) = DecodingKey::from_jwk(jwk) {
-            keys.push(Key {
+        if jwk.common.public_key_use == Some(PublicKeyUse::Encryption) {
+            continue;
+        }
+        match DecodingKey::from_jwk(&jwk) {
+            Ok(key) => keys.push(Key {
                 kid: jwk.common.key_id.clone(),
                 family,
                 key,
-            });
+            }),
+            Err(_) => skipped += 1,
         }
+    }
+    if skipped > 0 {
+        tracing::debug!(
+            source = source_name,
+            skipped,
+            "jwt: JWKS keys of kinds sluice cannot verify with were skipped"
+        );
     }
     Ok(keys)
 }
@@ -605,8 +774,14 @@ fn refresh_jwks(
     let tls = ureq::tls::TlsConfig::builder()
         .root_certs(ureq::tls::RootCerts::PlatformVerifier)
         .build();
+    // A provider that serves its keys over https must not be able to redirect the fetch
+    // to plain http, where anyone on the path could swap them.
+    let https = url
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
+        .https_only(https)
         .tls_config(tls)
         .build()
         .into();

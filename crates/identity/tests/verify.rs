@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
-use sluice_identity::{JwtConfig, JwtVerifier, TokenSource, claim_text};
+use sluice_identity::{Caller, JwtConfig, JwtVerifier, TokenSource, Unverified, claim_text};
 
 const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
 
@@ -89,6 +89,9 @@ fn keypair(dir: &Path, kind: &str) -> (PathBuf, PathBuf) {
     }
     (private, public)
 }
+
+/// Header lines of a request, as sent (bytes), what the caller is taken to be, and why.
+type Case = (Vec<(&'static str, Vec<u8>)>, &'static str, &'static str);
 
 fn sign(alg: Algorithm, key: &EncodingKey, kid: Option<&str>, claims: &Value) -> String {
     let mut header = Header::new(alg);
@@ -260,34 +263,178 @@ fn the_token_comes_from_one_bearer_header_or_one_cookie() {
         None,
         &claims(json!({})),
     );
-    let mut headers = http::HeaderMap::new();
-    headers.insert(
-        "authorization",
-        format!("bEaReR {token}").parse().expect("value"),
+    let caller = |verifier: &JwtVerifier, values: &[(&str, &[u8])]| {
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in values {
+            headers.append(
+                http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                http::HeaderValue::from_bytes(value).expect("value"),
+            );
+        }
+        match verifier.caller(&headers) {
+            Caller::Verified(claims) => claim_text(&claims, "sub").unwrap_or_default(),
+            Caller::Anonymous => "anonymous".into(),
+            Caller::Refused => "refused".into(),
+        }
+    };
+    let bearer_of = |text: &str| format!("Bearer {text}");
+    let auth = |value: &str| ("authorization", value.as_bytes().to_vec());
+    let run = |verifier: &JwtVerifier, values: Vec<(&'static str, Vec<u8>)>| {
+        let refs: Vec<(&str, &[u8])> = values.iter().map(|(n, v)| (*n, v.as_slice())).collect();
+        caller(verifier, &refs)
+    };
+    let cases: Vec<Case> = vec![
+        (
+            vec![auth(&format!("bEaReR {token}"))],
+            "user-42",
+            "the scheme in any case",
+        ),
+        (
+            vec![auth(&format!("Bearer\t{token}"))],
+            "user-42",
+            "a tab after the scheme",
+        ),
+        (
+            vec![auth(&bearer_of(&token)), auth(&bearer_of(&token))],
+            "user-42",
+            "the same token twice is one token",
+        ),
+        (
+            vec![auth(&bearer_of(&token)), auth("Bearer other")],
+            "refused",
+            "two different credentials, one a JWT: an app may read either",
+        ),
+        (
+            vec![auth(&format!("Bearer {token}="))],
+            "refused",
+            "a padded signature, which lenient decoders accept",
+        ),
+        (
+            vec![(
+                "authorization",
+                [b"Bearer ".as_slice(), token.as_bytes(), b"\xff"].concat(),
+            )],
+            "refused",
+            "a byte outside ASCII does not hide the token",
+        ),
+        (
+            vec![auth(&format!("Basic {token}"))],
+            "anonymous",
+            "another scheme",
+        ),
+        (
+            vec![auth("Bearer sk-live-0123456789")],
+            "anonymous",
+            "an API key is no JWT",
+        ),
+        (vec![], "anonymous", "no credential"),
+    ];
+    for (values, expected, why) in cases {
+        assert_eq!(run(&bearer, values), expected, "{why}");
+    }
+
+    // With `unverified: anonymous`, a JWT that does not verify is a stranger.
+    let mut lenient = config.clone();
+    lenient.unverified = Unverified::Anonymous;
+    let lenient = JwtVerifier::new(&lenient).expect("verifier");
+    assert_eq!(
+        run(&lenient, vec![auth(&format!("Bearer {token}="))]),
+        "anonymous"
     );
-    assert!(bearer.claims(&headers).is_some());
-    headers.append("authorization", "Bearer other".parse().expect("value"));
-    assert!(
-        bearer.claims(&headers).is_none(),
-        "two Authorization headers: neither"
-    );
-    let mut basic = http::HeaderMap::new();
-    basic.insert(
-        "authorization",
-        format!("Basic {token}").parse().expect("value"),
-    );
-    assert!(bearer.claims(&basic).is_none());
 
     config.source = TokenSource::Cookie("id".into());
     let cookie = JwtVerifier::new(&config).expect("verifier");
-    let mut headers = http::HeaderMap::new();
-    headers.insert("cookie", format!("a=1; id={token}").parse().expect("value"));
-    assert!(cookie.claims(&headers).is_some());
-    headers.append("cookie", "id=again".parse().expect("value"));
+    let line = |text: String| ("cookie", text.into_bytes());
+    let cases: Vec<Case> = vec![
+        (
+            vec![line(format!("a=1; id={token}"))],
+            "user-42",
+            "one cookie",
+        ),
+        (
+            vec![line(format!("id=\"{token}\""))],
+            "user-42",
+            "a quoted value",
+        ),
+        (
+            vec![
+                line(format!("id={token}")),
+                line(format!("x=1; id={token}")),
+            ],
+            "user-42",
+            "the same value twice",
+        ),
+        (
+            vec![line(format!("id=junk; id={token}"))],
+            "refused",
+            "two values of the name, one a JWT",
+        ),
+        (
+            vec![(
+                "cookie",
+                [format!("id={token}; theme=caf").as_bytes(), b"\xc3\xa9"].concat(),
+            )],
+            "user-42",
+            "a byte outside ASCII elsewhere in the line",
+        ),
+        (
+            vec![line("id=a.b.c".into())],
+            "refused",
+            "a JWT that does not verify",
+        ),
+        (vec![line("other=1".into())], "anonymous", "no such cookie"),
+    ];
+    for (values, expected, why) in cases {
+        assert_eq!(run(&cookie, values), expected, "cookie: {why}");
+    }
+}
+
+#[test]
+fn a_configured_issuer_or_audience_must_be_in_the_token() {
+    let mut config = strict(vec![Algorithm::HS256]);
+    config.secret = Some(SECRET.into());
+    let verifier = JwtVerifier::new(&config).expect("verifier");
+    let key = EncodingKey::from_secret(SECRET.as_bytes());
+    let with = |claims: Value| verifier.verify(&sign(Algorithm::HS256, &key, None, &claims));
+    let mut no_aud = claims(json!({}));
+    no_aud.as_object_mut().expect("object").remove("aud");
+    let mut no_iss = claims(json!({}));
+    no_iss.as_object_mut().expect("object").remove("iss");
+    assert!(with(claims(json!({}))).is_some());
     assert!(
-        cookie.claims(&headers).is_none(),
-        "two cookies of the name: neither"
+        with(no_aud).is_none(),
+        "a token for no audience is for another service"
     );
+    assert!(with(no_iss).is_none(), "a token from no issuer");
+    assert!(
+        with(claims(json!({"aud": 7}))).is_none(),
+        "a numeric audience"
+    );
+    assert!(
+        with(claims(json!({"iss": 7}))).is_none(),
+        "a numeric issuer"
+    );
+}
+
+#[test]
+fn claims_that_json_reads_as_rounded_numbers_do_not_resolve() {
+    let mut config = strict(vec![Algorithm::HS256]);
+    config.secret = Some(SECRET.into());
+    let verifier = JwtVerifier::new(&config).expect("verifier");
+    let key = EncodingKey::from_secret(SECRET.as_bytes());
+    // Written by hand: 123456789012345678901 is past 64 bits.
+    let token = sign(
+        Algorithm::HS256,
+        &key,
+        None,
+        &claims(json!({"big": 1.5, "neg": -7})),
+    );
+    let claims = verifier.verify(&token).expect("verifies");
+    assert_eq!(claim_text(&claims, "big"), None, "a fraction");
+    assert_eq!(claim_text(&claims, "neg").as_deref(), Some("-7"));
+    let parsed: Value = serde_json::from_str(r#"{"sub": 123456789012345678901}"#).expect("json");
+    let map = parsed.as_object().expect("object").clone();
+    assert_eq!(claim_text(&map, "sub"), None, "a whole number past 64 bits");
 }
 
 /// base64url of big-endian bytes given in hex.
@@ -528,4 +675,70 @@ fn a_remembered_token_is_checked_again_when_the_jwks_url_changes_its_keys() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn keys_sluice_cannot_use_are_skipped_one_by_one() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (private, _) = keypair(dir.path(), "rsa");
+    let signing = EncodingKey::from_rsa_pem(&std::fs::read(&private).expect("key")).expect("rsa");
+    let token = sign(Algorithm::RS256, &signing, Some("k1"), &claims(json!({})));
+    let mut set: Value = serde_json::from_str(&rsa_jwks(&private, "k1")).expect("json");
+    let keys = set["keys"].as_array_mut().expect("keys");
+    // Kinds jsonwebtoken does not read: an X25519 encryption key, and ES512.
+    keys.insert(
+        0,
+        json!({"kty": "OKP", "crv": "X25519", "use": "enc", "kid": "enc1",
+                          "x": "hSDwCYkwp1R0i33ctD73Wg2_Og0mOBr066SpjqqbTmo"}),
+    );
+    keys.insert(
+        0,
+        json!({"kty": "EC", "crv": "P-521", "alg": "ES512", "kid": "e5",
+                          "x": "AQ", "y": "AQ"}),
+    );
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, set.to_string()).expect("write");
+    let mut config = strict(vec![Algorithm::RS256]);
+    config.jwks_file = Some(file.clone());
+    let verifier = JwtVerifier::new(&config).expect("the usable key is read");
+    assert!(verifier.verify(&token).is_some());
+
+    // A key published for encryption never verifies a signature.
+    let mut only_enc: Value = serde_json::from_str(&rsa_jwks(&private, "k1")).expect("json");
+    only_enc["keys"][0]["use"] = "enc".into();
+    std::fs::write(&file, only_enc.to_string()).expect("write");
+    assert!(
+        JwtVerifier::new(&config).is_err(),
+        "no signing key: a config error"
+    );
+}
+
+#[test]
+fn a_reload_keeps_the_keys_the_provider_served_while_it_is_down() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (private, _) = keypair(dir.path(), "rsa");
+    let signing = EncodingKey::from_rsa_pem(&std::fs::read(&private).expect("key")).expect("rsa");
+    let token = sign(Algorithm::RS256, &signing, Some("k1"), &claims(json!({})));
+    let body = std::sync::Arc::new(std::sync::Mutex::new(rsa_jwks(&private, "k1")));
+    let mut config = strict(vec![Algorithm::RS256]);
+    config.jwks_url = Some(serve_current(body.clone(), Duration::ZERO));
+    let running = JwtVerifier::new(&config).expect("verifier");
+    wait_until_verified(&running, &token);
+
+    *body.lock().expect("body") = "503: down for maintenance".into();
+    let reloaded = JwtVerifier::new(&config).expect("verifier");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(reloaded.verify(&token).is_none(), "its own fetch failed");
+    reloaded.keep_fetched_keys_of(&running);
+    assert!(
+        reloaded.verify(&token).is_some(),
+        "the keys known before the reload"
+    );
+
+    // Another URL's keys are not taken over.
+    let mut other = config.clone();
+    other.jwks_url = Some(serve_current(body.clone(), Duration::ZERO));
+    let elsewhere = JwtVerifier::new(&other).expect("verifier");
+    elsewhere.keep_fetched_keys_of(&running);
+    assert!(elsewhere.verify(&token).is_none());
 }

@@ -274,7 +274,11 @@ impl LiveConfig {
         if !restart.is_empty() {
             tracing::warn!(fields = ?restart, "these settings change only on restart; the rest of the new config is applied");
         }
-        let version = self.current.load().version + 1;
+        let running = self.current.load();
+        if let (Some(new), Some(old)) = (&config.identity, &running.policy.identity) {
+            new.keep_fetched_keys_of(old);
+        }
+        let version = running.version + 1;
         metrics.track_limits(every_limit(&config));
         self.current.store(Arc::new(Live::with_session_secret(
             &config,

@@ -84,14 +84,17 @@ fn a_verified_plan_claim_picks_the_rates() {
         2,
         "a plan no limit has: the default rates"
     );
-    // A forged token naming a generous plan is not believed: the request is keyed by
-    // address at the default rates.
+    // A forged token naming a generous plan is not believed: it is refused.
     let forged = token(
         "mallory",
         Some("enterprise"),
         "not-the-secret-but-at-least-32-bytes",
     );
-    assert_eq!(allowed(&statuses(&s, &forged, 7)), 2, "forged plan ignored");
+    assert_eq!(
+        statuses(&s, &forged, 3),
+        [401, 401, 401],
+        "forged plan refused"
+    );
 }
 
 #[test]
@@ -221,4 +224,66 @@ fn tokens_are_checked_once_and_the_checks_are_counted() {
         (1.0, 3.0),
         "one check for seven requests with the same token, one per forged request"
     );
+}
+
+/// A JWT that does not verify is refused where a key reads a claim: the application
+/// behind sluice may accept a spelling sluice does not (a padded signature, a second
+/// `Authorization` header), and would know the user sluice counted as a stranger.
+#[test]
+fn a_token_that_does_not_verify_is_refused_where_a_key_reads_a_claim() {
+    // Without `plan_from`, which reads a claim for every request.
+    let config = CONFIG
+        .replace("plan_from: \"{jwt.plan}\"\n", "")
+        .replace(
+            "routes:\n",
+            "routes:\n  - match: {path: /open}\n    limits:\n      - {limit: api, key: \"{client_ip}\"}\n",
+        );
+    let s = Server::start(&config);
+    let good = format!("Bearer {}", token("alice", None, SECRET));
+    let ask = |uri: &str, authorization: &[&str]| {
+        let mut headers = vec![("X-Original-Method", "GET"), ("X-Original-URI", uri)];
+        headers.extend(authorization.iter().map(|value| ("Authorization", *value)));
+        s.request("GET", "/v1/forward-auth", &headers)
+    };
+    assert_eq!(ask("/api", &[&good]).status, 200);
+    assert_eq!(
+        ask("/api", &[&good, &good]).status,
+        200,
+        "the same token twice"
+    );
+    let padded = format!("{good}=");
+    for (authorization, why) in [
+        (
+            vec![good.as_str(), "Bearer other"],
+            "two different credentials",
+        ),
+        (vec![padded.as_str()], "a padded signature"),
+        (vec!["Bearer a.b.c"], "a forged token"),
+    ] {
+        let answer = ask("/api", &authorization);
+        assert_eq!(answer.status, 401, "{why}: {}", answer.body);
+        let error: Value = answer.json();
+        assert_eq!(error["error"], "invalid_token", "{why}");
+    }
+    // Not a JWT: an API key counts as no token, keyed by address.
+    assert_eq!(ask("/api", &["Bearer sk-live-0123"]).status, 200);
+    // A route that reads no claim does not look at the token.
+    assert_eq!(ask("/open", &[padded.as_str()]).status, 200);
+
+    // `unverified: anonymous` falls back to the next key instead.
+    let lenient = CONFIG.replace(
+        "  algorithms: [HS256]\n",
+        "  algorithms: [HS256]\n  unverified: anonymous\n",
+    );
+    let s = Server::start(&lenient);
+    let answer = s.request(
+        "GET",
+        "/v1/forward-auth",
+        &[
+            ("X-Original-Method", "GET"),
+            ("X-Original-URI", "/api"),
+            ("Authorization", padded.as_str()),
+        ],
+    );
+    assert_eq!(answer.status, 200, "{}", answer.body);
 }
