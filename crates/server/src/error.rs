@@ -96,6 +96,19 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        // A 401 names the scheme it wants (RFC 9110), and a bearer token that was
+        // refused says so (RFC 6750), so clients know to get a new one.
+        if self.status == StatusCode::UNAUTHORIZED {
+            let challenge = if self.code == "invalid_token" {
+                r#"Bearer error="invalid_token""#
+            } else {
+                "Bearer"
+            };
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
         response
     }
 }

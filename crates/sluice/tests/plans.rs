@@ -262,6 +262,11 @@ fn a_token_that_does_not_verify_is_refused_where_a_key_reads_a_claim() {
     ] {
         let answer = ask("/api", &authorization);
         assert_eq!(answer.status, 401, "{why}: {}", answer.body);
+        assert_eq!(
+            answer.header("www-authenticate"),
+            Some(r#"Bearer error="invalid_token""#),
+            "{why}"
+        );
         let error: Value = answer.json();
         assert_eq!(error["error"], "invalid_token", "{why}");
     }

@@ -287,6 +287,13 @@ where
                         http::header::CONTENT_TYPE,
                         HeaderValue::from_static("application/json"),
                     );
+                    if error.status() == http::StatusCode::UNAUTHORIZED {
+                        // A bearer token that did not verify (RFC 6750).
+                        headers.insert(
+                            http::header::WWW_AUTHENTICATE,
+                            HeaderValue::from_static(r#"Bearer error="invalid_token""#),
+                        );
+                    }
                     let body =
                         serde_json::json!({"error": error.code(), "message": error.to_string()});
                     return Ok(plain(

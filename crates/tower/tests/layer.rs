@@ -491,3 +491,60 @@ async fn runtime_entries_in_the_store_block_and_re_plan_inside_the_app() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// A JWT the layer cannot verify is refused before the handler runs: the app's own auth
+/// might accept a spelling sluice does not read, and know a user sluice would have
+/// counted as a stranger.
+#[tokio::test]
+async fn a_token_that_does_not_verify_never_reaches_the_handler() {
+    const SECRET: &str = "tower-test-secret-of-at-least-32-bytes";
+    let config = format!(
+        "jwt: {{algorithms: [HS256], secret: {SECRET}}}\nlimits:\n  api: {{rate: 2/minute}}\nroutes:\n  - match: {{path: /anon}}\n    limits:\n      - {{limit: api, key: \"user:{{jwt.sub}}\"}}\n"
+    );
+    let config = sluice_config::load_str(&config, "test.yaml", &|_| None, &[]).expect("config");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = app(
+        RateLimitLayer::from_config(&config, memory()),
+        Arc::clone(&calls),
+        "203.0.113.7:4000",
+    );
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": "alice", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let good = format!("Bearer {token}");
+    assert_eq!(
+        send(&app, "GET", "/anon", &[("authorization", &good)])
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let padded = format!("{good}=");
+    for headers in [
+        vec![("authorization", padded.as_str())],
+        vec![
+            ("authorization", good.as_str()),
+            ("authorization", "Bearer x"),
+        ],
+    ] {
+        let (status, answer, body) = send(&app, "GET", "/anon", &headers).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{headers:?}: {body}");
+        assert!(body.contains("invalid_token"), "{body}");
+        assert_eq!(
+            answer.get("www-authenticate").and_then(|v| v.to_str().ok()),
+            Some(r#"Bearer error="invalid_token""#)
+        );
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "only the verified call ran"
+    );
+}
