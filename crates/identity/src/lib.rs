@@ -48,6 +48,10 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// The largest JWKS document accepted from a URL.
 pub const MAX_JWKS_BYTES: u64 = 1024 * 1024;
 
+/// The shortest time between two fetches of the JWKS URL asked for by tokens that name
+/// a key sluice does not know.
+pub const EARLY_FETCH_SECONDS: u64 = 10;
+
 /// How many verified tokens are remembered unless configured (`jwt.cache_entries`).
 pub const DEFAULT_CACHE_ENTRIES: usize = 10_000;
 
@@ -257,8 +261,10 @@ pub struct JwtVerifier {
     /// Tokens whose signature was checked, and how many of them verified.
     signatures_checked: AtomicU64,
     signatures_good: AtomicU64,
-    // Dropping the sender stops the JWKS refresher.
-    _stop_refresher: Option<mpsc::Sender<()>>,
+    // Dropping the sender stops the JWKS refresher; a message asks it to fetch now.
+    refresher: Option<mpsc::Sender<()>>,
+    /// When (seconds since the epoch) a token last asked for an early fetch.
+    last_early_fetch: AtomicU64,
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -371,7 +377,8 @@ impl JwtVerifier {
             verified,
             signatures_checked: AtomicU64::new(0),
             signatures_good: AtomicU64::new(0),
-            _stop_refresher: stop,
+            refresher: stop,
+            last_early_fetch: AtomicU64::new(0),
         })
     }
 
@@ -486,6 +493,17 @@ impl JwtVerifier {
         // it again against that algorithm's validation.
         let (_, validation) = self.validations.iter().find(|(a, _)| *a == header.alg)?;
         let family = family(header.alg);
+        if let Some(kid) = &header.kid {
+            let known = self
+                .fixed
+                .iter()
+                .chain(fetched.iter())
+                .any(|k| k.family == family && k.kid.as_deref() == Some(kid.as_str()));
+            // Before the first fetch has answered, the refresher is already trying.
+            if !known && !fetched.is_empty() {
+                self.fetch_keys_early();
+            }
+        }
         let candidates = self
             .fixed
             .iter()
@@ -501,6 +519,26 @@ impl JwtVerifier {
             }
         }
         None
+    }
+
+    /// Asks the JWKS refresher to fetch now rather than at its next refresh: a token named
+    /// a key (`kid`) no known key has, which is how a provider's new signing key first
+    /// shows. At most once per [`EARLY_FETCH_SECONDS`], so tokens with made-up `kid`s
+    /// cannot turn sluice into a client hammering the provider.
+    fn fetch_keys_early(&self) {
+        let Some(refresher) = &self.refresher else {
+            return;
+        };
+        let now = get_current_timestamp();
+        let last = self.last_early_fetch.load(Ordering::Relaxed);
+        if now >= last.saturating_add(EARLY_FETCH_SECONDS)
+            && self
+                .last_early_fetch
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let _ = refresher.send(());
+        }
     }
 
     /// The token a request carries where this verifier reads it: the bearer credential
@@ -792,8 +830,9 @@ fn refresh_jwks(
     let mut applied: Option<String> = None;
     loop {
         match stop.recv_timeout(wait) {
-            Err(RecvTimeoutError::Timeout) => {}
-            _ => return,
+            // Time for the refresh, or a token asked for one early.
+            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
         }
         let Some(keys) = keys.upgrade() else { return };
         match fetch(&agent, url) {

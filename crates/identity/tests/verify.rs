@@ -742,3 +742,32 @@ fn a_reload_keeps_the_keys_the_provider_served_while_it_is_down() {
     elsewhere.keep_fetched_keys_of(&running);
     assert!(elsewhere.verify(&token).is_none());
 }
+
+#[test]
+fn a_token_naming_a_key_not_yet_fetched_has_the_keys_fetched_early() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (old_private, _) = keypair(dir.path(), "rsa");
+    let new_dir = tempfile::tempdir().expect("dir");
+    let (new_private, _) = keypair(new_dir.path(), "rsa");
+    let signer = |private: &Path, kid: &str| {
+        let key = EncodingKey::from_rsa_pem(&std::fs::read(private).expect("key")).expect("rsa");
+        sign(Algorithm::RS256, &key, Some(kid), &claims(json!({})))
+    };
+    let body = std::sync::Arc::new(std::sync::Mutex::new(rsa_jwks(&old_private, "old")));
+    let mut config = strict(vec![Algorithm::RS256]);
+    config.jwks_url = Some(serve_current(body.clone(), Duration::ZERO));
+    config.jwks_refresh = Duration::from_secs(3600);
+    let verifier = JwtVerifier::new(&config).expect("verifier");
+    wait_until_verified(&verifier, &signer(&old_private, "old"));
+
+    // The provider publishes a new key and signs with it at once: the first token that
+    // names it has the keys fetched now, not in an hour.
+    let mut both: Value = serde_json::from_str(&rsa_jwks(&old_private, "old")).expect("json");
+    let new: Value = serde_json::from_str(&rsa_jwks(&new_private, "new")).expect("json");
+    both["keys"]
+        .as_array_mut()
+        .expect("keys")
+        .push(new["keys"][0].clone());
+    *body.lock().expect("body") = both.to_string();
+    wait_until_verified(&verifier, &signer(&new_private, "new"));
+}
