@@ -567,7 +567,7 @@ impl JwtVerifier {
         match copies.len() {
             0 => Credential::None,
             1 => Credential::One(copies.swap_remove(0)),
-            _ if copies.iter().any(|copy| looks_like_jwt(copy)) => Credential::Conflicting,
+            _ if copies.iter().any(|copy| self.is_meant_as_jwt(copy)) => Credential::Conflicting,
             _ => Credential::None,
         }
     }
@@ -585,7 +585,7 @@ impl JwtVerifier {
                 Some(claims) => Caller::Verified(claims),
                 // Until a JWKS URL has answered once, sluice knows no key to judge
                 // by: a provider that is down must not refuse every caller.
-                None if looks_like_jwt(&token) && self.knows_keys() => refused,
+                None if self.is_meant_as_jwt(&token) && self.knows_keys() => refused,
                 None => Caller::Anonymous,
             },
         }
@@ -646,11 +646,19 @@ pub enum Unverified {
     Anonymous,
 }
 
-/// A JWT in compact form has three parts separated by dots; API keys and most opaque
-/// tokens have none. Only the dots are looked at: a lenient decoder reads parts that
-/// are not clean base64url, so neither may this.
-fn looks_like_jwt(token: &str) -> bool {
-    token.bytes().filter(|&b| b == b'.').count() >= 2
+impl JwtVerifier {
+    /// Whether a credential where the token is read is meant as a JWT. The cookie named
+    /// for it holds nothing else, whatever its spelling (Python's cookie parser turns
+    /// `\056` inside quotes into a dot). `Authorization: Bearer` also carries API keys:
+    /// a JWT in compact form has three parts separated by dots, API keys and most
+    /// opaque tokens have none. Only the dots are looked at: a lenient decoder reads
+    /// parts that are not clean base64url, so neither may this.
+    fn is_meant_as_jwt(&self, credential: &str) -> bool {
+        match self.source {
+            TokenSource::Cookie(_) => true,
+            TokenSource::Bearer => credential.bytes().filter(|&b| b == b'.').count() >= 2,
+        }
+    }
 }
 
 /// The credential of an `Authorization: Bearer <token>` value (the scheme in any case,

@@ -382,6 +382,16 @@ fn the_token_comes_from_one_bearer_header_or_one_cookie() {
             "refused",
             "a JWT that does not verify",
         ),
+        (
+            vec![line(format!("id=\"{}\"", token.replace('.', "\\056")))],
+            "refused",
+            "dots written as octal escapes, which Python's cookie parser unquotes",
+        ),
+        (
+            vec![line("id=junk".into())],
+            "refused",
+            "anything in the token's cookie",
+        ),
         (vec![line("other=1".into())], "anonymous", "no such cookie"),
     ];
     for (values, expected, why) in cases {
