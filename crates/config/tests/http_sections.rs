@@ -120,6 +120,7 @@ fn facts<'a>(method: &'a str, path: &'a str, headers: &'a HeaderMap) -> RequestF
         session: None,
         claims: None,
         token_refused: false,
+        plan_unknown: false,
         plan: None,
     }
 }

@@ -46,6 +46,7 @@ fn plan(config: &Config) -> RequestPlan {
         session: None,
         claims: None,
         token_refused: false,
+        plan_unknown: false,
         plan: None,
     };
     config.routes.plan(&facts, false).expect("plan")

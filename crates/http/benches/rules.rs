@@ -64,6 +64,7 @@ fn bench(c: &mut Criterion) {
                 session: None,
                 claims: None,
                 token_refused: false,
+                plan_unknown: false,
                 plan: None,
             };
             let id = BenchmarkId::new(

@@ -182,16 +182,23 @@ impl HttpPolicy {
             claims,
             token_refused: matches!(caller, sluice_identity::Caller::Refused),
             plan: None,
+            plan_unknown: false,
         };
         // The plan is read like a key; a template that does not resolve is the default plan.
-        let plan = match &self.plan_from {
-            Some(template) => template
-                .render(&facts)?
-                .and_then(|values| values.into_iter().next()),
-            None => None,
+        // A plan read from a token that was refused is unknown: only limits whose rates
+        // depend on it refuse the request (`Rules::plan`), so a route keyed by address
+        // (a login, a token refresh) still takes a caller with an expired token.
+        let (plan, plan_unknown) = match &self.plan_from {
+            Some(template) => match template.render(&facts) {
+                Ok(values) => (values.and_then(|values| values.into_iter().next()), false),
+                Err(KeyError::UnverifiedToken) => (None, true),
+                Err(error) => return Err(error.into()),
+            },
+            None => (None, false),
         };
         let facts = RequestFacts {
             plan: plan.as_deref(),
+            plan_unknown,
             ..facts
         };
         let mut plan = self.rules.plan(&facts, dry_run)?;

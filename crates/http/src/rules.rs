@@ -323,6 +323,9 @@ impl Rules {
         for route in self.matching(facts) {
             for rl in &route.limits {
                 // The caller's plan picks the limit's rates (the default plan otherwise).
+                if facts.plan_unknown && !rl.limit.plans().is_empty() {
+                    return Err(KeyError::UnverifiedToken);
+                }
                 let limit = rl.limit.for_plan(facts.plan);
                 let mut keys = None;
                 // Whether the template that rendered the keys reads nothing the client

@@ -42,6 +42,9 @@ pub struct RequestFacts<'a> {
     pub token_refused: bool,
     /// The caller's plan (`plan_from`), which picks the rates of limits with `plans:`.
     pub plan: Option<&'a str>,
+    /// `plan_from` reads a claim of a token that was refused: a limit with `plans:`
+    /// cannot tell its rates, and refuses the request.
+    pub plan_unknown: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -398,6 +401,7 @@ mod tests {
             session: None,
             claims: None,
             token_refused: false,
+            plan_unknown: false,
             plan: None,
         }
     }

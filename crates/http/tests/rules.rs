@@ -49,6 +49,7 @@ fn checks(rules: &Rules, method: &str, path: &str, headers: &HeaderMap) -> Vec<(
         session: None,
         claims: None,
         token_refused: false,
+        plan_unknown: false,
         plan: None,
     };
     rules
@@ -230,6 +231,7 @@ fn a_check_s_key_is_trusted_only_when_its_template_reads_nothing_the_client_writ
             session: None,
             claims: None,
             token_refused: false,
+            plan_unknown: false,
             plan: None,
         };
         rules

@@ -118,6 +118,7 @@ proptest! {
                     session: None,
                     claims: None,
                     token_refused: false,
+                    plan_unknown: false,
                     plan: None,
                 };
                 let charged: Vec<&str> = rules

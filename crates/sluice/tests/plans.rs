@@ -231,12 +231,13 @@ fn tokens_are_checked_once_and_the_checks_are_counted() {
 /// `Authorization` header), and would know the user sluice counted as a stranger.
 #[test]
 fn a_token_that_does_not_verify_is_refused_where_a_key_reads_a_claim() {
-    // Without `plan_from`, which reads a claim for every request.
+    // /open: a limit without plans keyed by address (a login, a token refresh);
+    // /by-ip: a limit whose rates depend on the plan, keyed by address.
     let config = CONFIG
-        .replace("plan_from: \"{jwt.plan}\"\n", "")
+        .replace("limits:\n  api:\n", "limits:\n  open: {rate: 100/minute}\n  api:\n")
         .replace(
             "routes:\n",
-            "routes:\n  - match: {path: /open}\n    limits:\n      - {limit: api, key: \"{client_ip}\"}\n",
+            "routes:\n  - match: {path: /open}\n    limits:\n      - {limit: open, key: \"{client_ip}\"}\n  - match: {path: /by-ip}\n    limits:\n      - {limit: api, key: \"{client_ip}\"}\n",
         );
     let s = Server::start(&config);
     let good = format!("Bearer {}", token("alice", None, SECRET));
@@ -272,8 +273,11 @@ fn a_token_that_does_not_verify_is_refused_where_a_key_reads_a_claim() {
     }
     // Not a JWT: an API key counts as no token, keyed by address.
     assert_eq!(ask("/api", &["Bearer sk-live-0123"]).status, 200);
-    // A route that reads no claim does not look at the token.
+    // A route that reads no claim and whose limits have no plans takes the caller.
     assert_eq!(ask("/open", &[padded.as_str()]).status, 200);
+    // One whose limit's rates depend on the plan cannot tell them.
+    assert_eq!(ask("/by-ip", &[padded.as_str()]).status, 401);
+    assert_eq!(ask("/by-ip", &[&good]).status, 200);
 
     // `unverified: anonymous` falls back to the next key instead.
     let lenient = CONFIG.replace(
