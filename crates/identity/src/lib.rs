@@ -541,10 +541,11 @@ impl JwtVerifier {
         }
     }
 
-    /// The token a request carries where this verifier reads it: the bearer credential
-    /// of its `Authorization` header, or its cookie of the configured name. Read from
-    /// the bytes as sent (a byte outside ASCII does not hide the header), a cookie's
-    /// value unquoted; copies that are the same text are one token. Copies that differ
+    /// The token a request carries where this verifier reads it: what its
+    /// `Authorization` headers carry (see `authorization_tokens`), or its cookie of the
+    /// configured name. Read from the bytes as sent (a byte outside ASCII does not hide
+    /// the header), a cookie's value unquoted; copies that are the same text are one
+    /// token. Copies that differ
     /// are [`Credential::Conflicting`] when any of them is a JWT: frameworks disagree
     /// on which copy the application reads.
     pub fn credential<'h>(&self, headers: &'h http::HeaderMap) -> Credential<'h> {
@@ -552,9 +553,7 @@ impl JwtVerifier {
         match &self.source {
             TokenSource::Bearer => {
                 for value in headers.get_all(http::header::AUTHORIZATION) {
-                    if let Some(token) = bearer_token(value.as_bytes()) {
-                        copies.push(token);
-                    }
+                    authorization_tokens(value.as_bytes(), &mut copies);
                 }
             }
             TokenSource::Cookie(name) => {
@@ -563,6 +562,7 @@ impl JwtVerifier {
                 }
             }
         }
+        copies.sort_unstable();
         copies.dedup();
         match copies.len() {
             0 => Credential::None,
@@ -661,33 +661,70 @@ impl JwtVerifier {
     }
 }
 
-/// The credential of an `Authorization: Bearer <token>` value (the scheme in any case,
-/// a space or tab after it).
-fn bearer_token(value: &[u8]) -> Option<Cow<'_, str>> {
-    match std::str::from_utf8(value) {
-        Ok(text) => bearer_in(text).map(Cow::Borrowed),
-        Err(_) => bearer_in(&String::from_utf8_lossy(value)).map(|t| Cow::Owned(t.to_string())),
-    }
+/// The bytes an application may take for whitespace around a header's parts: ASCII's,
+/// and the two more Python's `str.strip()` and `str.split()` remove from a header
+/// decoded as Latin-1 (NEL 0x85, no-break space 0xA0; JavaScript's `\s` also matches
+/// the latter). Trimming only ASCII's let `\xa0token=<jwt>` name no cookie for sluice
+/// and the `token` cookie for Starlette.
+fn is_loose_space(byte: u8) -> bool {
+    matches!(
+        byte,
+        b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | 0x1c..=0x1f | b' ' | 0x85 | 0xa0
+    )
 }
 
-fn bearer_in(value: &str) -> Option<&str> {
-    let value = value.trim();
-    let (scheme, token) = value.split_at(value.find([' ', '\t'])?);
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+fn trim_loose(mut bytes: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = bytes
+        && is_loose_space(*first)
+    {
+        bytes = rest;
+    }
+    while let [rest @ .., last] = bytes
+        && is_loose_space(*last)
+    {
+        bytes = rest;
+    }
+    bytes
+}
+
+/// Adds the tokens one `Authorization` value carries. The credential after `Bearer` (the
+/// scheme in any case, any [loose space](is_loose_space) after it), and every other
+/// part of the value that has a JWT's two dots, whatever comes before it: applications
+/// also take a bare token (`replace("Bearer ", "")`), another scheme (`JWT <token>`)
+/// or `Bearer` followed by a no-break space, and must not meet a user sluice counted
+/// as a stranger. Parts are split on loose spaces and commas.
+fn authorization_tokens<'h>(value: &'h [u8], tokens: &mut Vec<Cow<'h, str>>) {
+    let mut parts = value
+        .split(|&b| is_loose_space(b) || b == b',')
+        .filter(|part| !part.is_empty());
+    let Some(first) = parts.next() else { return };
+    let is_jwt = |part: &[u8]| part.iter().filter(|&&b| b == b'.').count() >= 2;
+    if first.eq_ignore_ascii_case(b"bearer") {
+        if let Some(credential) = parts.next() {
+            tokens.push(String::from_utf8_lossy(credential));
+        }
+    } else if is_jwt(first) {
+        tokens.push(String::from_utf8_lossy(first));
+    }
+    tokens.extend(
+        parts
+            .filter(|part| is_jwt(part))
+            .map(String::from_utf8_lossy),
+    );
 }
 
 /// Adds the values of the cookies named `name` in one `Cookie` line: read from its
-/// bytes, trimmed, and unquoted (`"<token>"`, as Starlette and Django read it).
+/// bytes, names and values trimmed of [loose spaces](is_loose_space), values unquoted
+/// (`"<token>"`, as Starlette and Django read it).
 fn cookie_values<'h>(line: &'h [u8], name: &str, values: &mut Vec<Cow<'h, str>>) {
     for pair in line.split(|&b| b == b';') {
         let Some(equals) = pair.iter().position(|&b| b == b'=') else {
             continue;
         };
-        if pair[..equals].trim_ascii() != name.as_bytes() {
+        if trim_loose(&pair[..equals]) != name.as_bytes() {
             continue;
         }
-        let mut value = pair[equals + 1..].trim_ascii();
+        let mut value = trim_loose(&pair[equals + 1..]);
         if let [b'"', inner @ .., b'"'] = value {
             value = inner;
         }

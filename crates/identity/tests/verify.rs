@@ -319,8 +319,44 @@ fn the_token_comes_from_one_bearer_header_or_one_cookie() {
         ),
         (
             vec![auth(&format!("Basic {token}"))],
+            "user-42",
+            "a JWT after any scheme: apps that split the value take it",
+        ),
+        (
+            vec![auth(&format!("JWT {token}"))],
+            "user-42",
+            "the `JWT` scheme",
+        ),
+        (
+            vec![auth(&token)],
+            "user-42",
+            "a bare token (`replace(\"Bearer \", \"\")`)",
+        ),
+        (
+            vec![(
+                "authorization",
+                [b"Bearer\xa0".as_slice(), token.as_bytes()].concat(),
+            )],
+            "user-42",
+            "a no-break space after the scheme, which JavaScript's \\s and Python's split() take",
+        ),
+        (
+            vec![(
+                "authorization",
+                [b"Bearer\x85".as_slice(), token.as_bytes()].concat(),
+            )],
+            "user-42",
+            "NEL after the scheme, which Python's split() takes",
+        ),
+        (
+            vec![auth(&format!("Bearer {token} a.b.c"))],
+            "refused",
+            "two JWTs in one value",
+        ),
+        (
+            vec![auth("Basic dXNlcjpwYXNz")],
             "anonymous",
-            "another scheme",
+            "Basic credentials",
         ),
         (
             vec![auth("Bearer sk-live-0123456789")],
@@ -391,6 +427,22 @@ fn the_token_comes_from_one_bearer_header_or_one_cookie() {
             vec![line("id=junk".into())],
             "refused",
             "anything in the token's cookie",
+        ),
+        (
+            vec![(
+                "cookie",
+                [b"a=1;\xa0id=".as_slice(), token.as_bytes()].concat(),
+            )],
+            "user-42",
+            "a no-break space before the name, which Python's strip() removes",
+        ),
+        (
+            vec![(
+                "cookie",
+                [b"\x85id\xa0=".as_slice(), token.as_bytes()].concat(),
+            )],
+            "user-42",
+            "NEL and a no-break space around the name",
         ),
         (vec![line("other=1".into())], "anonymous", "no such cookie"),
     ];
