@@ -37,6 +37,7 @@ mod estimate;
 mod format;
 mod reader;
 mod sse;
+mod tail;
 
 pub use cost::{CostWeights, Usage, WeightsError};
 pub use estimate::{Estimate, EstimateConfig, EstimateError, estimate};

@@ -4,18 +4,20 @@ use serde_json::Value;
 
 use crate::Usage;
 use crate::format::{StreamUsage, UsageFormat, answer_usage};
-use crate::sse::SseParser;
+use crate::sse::{Event, SseParser};
+use crate::tail::Tail;
 
 /// How much of an answer a [`UsageReader`] keeps at most.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReaderLimits {
     /// The largest JSON answer that is read (default 4 MiB). A JSON answer has to be
     /// whole before it can be parsed, so it is kept up to this size; past it the reader
-    /// lets go of it and its usage is unknown.
+    /// lets go of it and keeps only its end, where its `usage` is (see `tail`).
     pub max_json_bytes: usize,
     /// The longest line, and the most data one event may have, in a stream (default
     /// 1 MiB). A stream's reader keeps one line and one event's data, each at most this
-    /// long; a longer one is skipped, and the usage of an event in it is lost.
+    /// long; of a longer one it keeps the start and the end, where the event's type and
+    /// usage are.
     pub max_event_bytes: usize,
 }
 
@@ -55,6 +57,8 @@ enum Body {
         buffer: Vec<u8>,
         max: usize,
         too_long: bool,
+        /// The answer's end, once it went over `max`.
+        end: Tail,
     },
     Other,
 }
@@ -77,6 +81,7 @@ impl UsageReader {
                 buffer: Vec::new(),
                 max: limits.max_json_bytes,
                 too_long: false,
+                end: Tail::default(),
             }
         } else {
             Body::Other
@@ -88,18 +93,22 @@ impl UsageReader {
     pub fn feed(&mut self, bytes: &[u8]) {
         match &mut self.body {
             Body::Stream { parser, usage } => {
-                parser.feed(bytes, &mut |data| on_event(&self.format, usage, data));
+                parser.feed(bytes, &mut |event| on_event(&self.format, usage, event));
             }
             Body::Json {
                 buffer,
                 max,
                 too_long,
+                end,
             } => {
                 if *too_long {
+                    end.push(bytes);
                     return;
                 }
                 if buffer.len() + bytes.len() > *max {
                     *too_long = true;
+                    end.push(buffer);
+                    end.push(bytes);
                     *buffer = Vec::new();
                 } else {
                     buffer.extend_from_slice(bytes);
@@ -127,7 +136,7 @@ impl UsageReader {
     pub fn finish(mut self) -> Option<Usage> {
         match &mut self.body {
             Body::Stream { parser, usage } => {
-                parser.finish(&mut |data| on_event(&self.format, usage, data));
+                parser.finish(&mut |event| on_event(&self.format, usage, event));
                 usage.final_usage()
             }
             Body::Json {
@@ -138,7 +147,11 @@ impl UsageReader {
                 let answer = serde_json::from_slice::<Value>(buffer).ok()?;
                 answer_usage(&self.format, &answer)
             }
-            Body::Json { too_long: true, .. } | Body::Other => None,
+            // A pointer may name anything, not only a `usage` at the end.
+            Body::Json { end, .. } if !matches!(self.format, UsageFormat::Pointer(_)) => {
+                answer_usage(&self.format, &end.answer_usage()?)
+            }
+            Body::Json { .. } | Body::Other => None,
         }
     }
 
@@ -161,8 +174,19 @@ fn is_json(media_type: &str) -> bool {
         || suffix.is_some_and(|suffix| suffix.eq_ignore_ascii_case("+json"))
 }
 
-/// One event's data: JSON, or something else (OpenAI's `[DONE]`) that says nothing.
-fn on_event(format: &UsageFormat, usage: &mut StreamUsage, data: &[u8]) {
+/// One event: its data, JSON or something else (OpenAI's `[DONE]`) that says nothing;
+/// or, for an event too long to keep, the usage its end holds.
+fn on_event(format: &UsageFormat, usage: &mut StreamUsage, event: Event<'_>) {
+    let data = match event {
+        Event::Data(data) => data,
+        Event::Oversize(_) if matches!(format, UsageFormat::Pointer(_)) => return,
+        Event::Oversize(long) => {
+            if let Some(event) = long.event_usage() {
+                usage.on_event(format, &event);
+            }
+            return;
+        }
+    };
     if !format.may_hold_usage(data) {
         return;
     }

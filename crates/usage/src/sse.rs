@@ -8,8 +8,20 @@
 //! event's name inside its JSON, so they are skipped.
 //!
 //! Memory is bounded by `max` bytes for the current line and `max` for the current
-//! event's data. A line or an event over it is dropped whole, and the parser goes on with
+//! event's data. A line or an event over it is not kept, and the parser goes on with
 //! the next one: an upstream that never ends a line costs `max` bytes, not the stream.
+//! Of an event's data over it, only its start and end are kept ([`Tail`]), where its
+//! type and its usage are.
+
+use crate::tail::Tail;
+
+/// What the parser hands on at the end of an event.
+pub(crate) enum Event<'a> {
+    /// The event's data, joined.
+    Data(&'a [u8]),
+    /// An event whose data was over the cap: its start and end.
+    Oversize(&'a Tail),
+}
 
 /// The byte order mark a stream may start with, which is not part of its first line.
 const BOM: &[u8] = b"\xEF\xBB\xBF";
@@ -31,6 +43,10 @@ pub(crate) struct SseParser {
     data: Vec<u8>,
     /// A line or the data of the current event went over `max`: the event is dropped.
     event_too_long: bool,
+    /// The start and end of the current line, once it went over `max`.
+    long_line: Option<Tail>,
+    /// The start and end of the current event's data, once it went over `max`.
+    long_event: Option<Tail>,
     /// Something was dropped for going over `max`.
     dropped: bool,
 }
@@ -46,6 +62,8 @@ impl SseParser {
             first_line: true,
             data: Vec::new(),
             event_too_long: false,
+            long_line: None,
+            long_event: None,
             dropped: false,
         }
     }
@@ -55,9 +73,9 @@ impl SseParser {
         self.dropped
     }
 
-    /// Takes in the stream's next bytes, calling `on_data` with the data of every event
-    /// they complete.
-    pub(crate) fn feed(&mut self, mut bytes: &[u8], on_data: &mut impl FnMut(&[u8])) {
+    /// Takes in the stream's next bytes, calling `on_event` with every event they
+    /// complete.
+    pub(crate) fn feed(&mut self, mut bytes: &[u8], on_event: &mut impl FnMut(Event<'_>)) {
         while let Some(&first) = bytes.first() {
             if std::mem::take(&mut self.after_cr) && first == b'\n' {
                 bytes = &bytes[1..];
@@ -67,7 +85,7 @@ impl SseParser {
                 Some(end) => {
                     self.push(&bytes[..end]);
                     self.after_cr = bytes[end] == b'\r';
-                    self.end_line(on_data);
+                    self.end_line(on_event);
                     bytes = &bytes[end + 1..];
                 }
                 None => {
@@ -81,58 +99,92 @@ impl SseParser {
     /// The stream ended. The standard drops an event the stream ended in the middle of;
     /// this dispatches it instead (a cut event is cut JSON, which reads as nothing, while
     /// a whole one that merely lacks its final empty line still tells its usage).
-    pub(crate) fn finish(&mut self, on_data: &mut impl FnMut(&[u8])) {
+    pub(crate) fn finish(&mut self, on_event: &mut impl FnMut(Event<'_>)) {
         if !self.line.is_empty() || self.line_too_long {
-            self.end_line(on_data);
+            self.end_line(on_event);
         }
-        self.dispatch(on_data);
+        self.dispatch(on_event);
     }
 
     /// Adds part of the current line.
     fn push(&mut self, part: &[u8]) {
         if self.line_too_long {
+            if let Some(long) = &mut self.long_line {
+                long.push(part);
+            }
             return;
         }
         if self.line.len() + part.len() > self.max {
             self.line_too_long = true;
             self.dropped = true;
+            let mut long = Tail::default();
+            long.push(&self.line);
+            long.push(part);
+            self.long_line = Some(long);
             self.line = Vec::new(); // give the memory back: such lines are rare
         } else {
             self.line.extend_from_slice(part);
         }
     }
 
-    fn end_line(&mut self, on_data: &mut impl FnMut(&[u8])) {
+    fn end_line(&mut self, on_event: &mut impl FnMut(Event<'_>)) {
         let mut line = std::mem::take(&mut self.line);
         if std::mem::take(&mut self.first_line) && line.starts_with(BOM) {
             line.drain(..BOM.len());
         }
         if std::mem::take(&mut self.line_too_long) {
-            // Perhaps one of its data lines: what is left of the event means nothing.
-            self.event_too_long = true;
+            // What is left of the event is its start and end, if this was its data.
+            let was_too_long = std::mem::replace(&mut self.event_too_long, true);
+            if let Some(long) = self
+                .long_line
+                .take()
+                .filter(|long| long.starts_with(b"data"))
+            {
+                match &mut self.long_event {
+                    Some(event) if was_too_long => event.append(&long),
+                    _ => {
+                        let mut event = Tail::default();
+                        event.push(&self.data);
+                        event.append(&long);
+                        self.long_event = Some(event);
+                        self.data = Vec::new();
+                    }
+                }
+            }
         } else {
-            self.take_line(&line, on_data);
+            self.take_line(&line, on_event);
         }
         line.clear();
         self.line = line; // keep the allocation for the next line
     }
 
-    fn take_line(&mut self, line: &[u8], on_data: &mut impl FnMut(&[u8])) {
+    fn take_line(&mut self, line: &[u8], on_event: &mut impl FnMut(Event<'_>)) {
         if line.is_empty() {
-            return self.dispatch(on_data);
+            return self.dispatch(on_event);
         }
         let (field, value) = match memchr::memchr(b':', line) {
             Some(colon) => (&line[..colon], &line[colon + 1..]),
             None => (line, &[][..]),
         };
         // A comment has an empty field name; other fields are not needed.
-        if field != b"data" || self.event_too_long {
+        if field != b"data" {
             return;
         }
         let value = value.strip_prefix(b" ").unwrap_or(value);
+        if self.event_too_long {
+            if let Some(long) = &mut self.long_event {
+                long.push(b"\n");
+                long.push(value);
+            }
+            return;
+        }
         if self.data.len() + value.len() + 1 > self.max {
             self.event_too_long = true;
             self.dropped = true;
+            let mut long = Tail::default();
+            long.push(&self.data);
+            long.push(value);
+            self.long_event = Some(long);
             self.data = Vec::new();
         } else {
             self.data.extend_from_slice(value);
@@ -140,10 +192,14 @@ impl SseParser {
         }
     }
 
-    fn dispatch(&mut self, on_data: &mut impl FnMut(&[u8])) {
-        if !std::mem::take(&mut self.event_too_long) && !self.data.is_empty() {
+    fn dispatch(&mut self, on_event: &mut impl FnMut(Event<'_>)) {
+        if std::mem::take(&mut self.event_too_long) {
+            if let Some(long) = self.long_event.take() {
+                on_event(Event::Oversize(&long));
+            }
+        } else if !self.data.is_empty() {
             self.data.pop(); // the `\n` after the last data line
-            on_data(&self.data);
+            on_event(Event::Data(&self.data));
         }
         self.data.clear();
     }
@@ -157,9 +213,13 @@ mod tests {
     fn events(stream: &[u8], max: usize) -> Vec<String> {
         let mut parser = SseParser::new(max);
         let mut found = Vec::new();
-        let mut on_data = |data: &[u8]| found.push(String::from_utf8_lossy(data).into_owned());
-        parser.feed(stream, &mut on_data);
-        parser.finish(&mut on_data);
+        let mut on_event = |event: Event<'_>| {
+            if let Event::Data(data) = event {
+                found.push(String::from_utf8_lossy(data).into_owned());
+            }
+        };
+        parser.feed(stream, &mut on_event);
+        parser.finish(&mut on_event);
         found
     }
 
@@ -201,7 +261,11 @@ mod tests {
     fn a_crlf_split_between_chunks_is_one_line_end() {
         let mut parser = SseParser::new(100);
         let mut found = Vec::new();
-        let mut on_data = |data: &[u8]| found.push(data.to_vec());
+        let mut on_data = |event: Event<'_>| {
+            if let Event::Data(data) = event {
+                found.push(data.to_vec());
+            }
+        };
         for chunk in [
             &b"data: a\r"[..],
             b"\ndata: b\r",
@@ -233,5 +297,46 @@ mod tests {
         parser.feed(long.as_bytes(), &mut |_| {});
         assert!(parser.dropped());
         assert!(parser.line.capacity() <= 20, "a long line is not kept");
+    }
+
+    #[test]
+    fn an_event_over_the_cap_hands_on_its_usage() {
+        let long = format!(
+            r#"{{"type":"response.completed","pad":"{}","usage":{{"input_tokens":5}}}}"#,
+            "z".repeat(500)
+        );
+        for stream in [
+            format!("data: {long}\n\ndata: b\n\n"),
+            // Data lines that add up to too much.
+            format!(
+                "data: {}\ndata: {}\n\ndata: b\n\n",
+                &long[..300],
+                &long[300..]
+            ),
+        ] {
+            let mut parser = SseParser::new(200);
+            let mut usage = Vec::new();
+            let mut data = Vec::new();
+            let mut on_event = |event: Event<'_>| match event {
+                Event::Data(d) => data.push(d.to_vec()),
+                Event::Oversize(long) => usage.push(long.event_usage()),
+            };
+            parser.feed(stream.as_bytes(), &mut on_event);
+            parser.finish(&mut on_event);
+            assert_eq!(data, [b"b".to_vec()]);
+            assert_eq!(
+                usage,
+                [Some(
+                    serde_json::json!({"type": "response.completed", "response": {"usage": {"input_tokens": 5}}})
+                )]
+            );
+        }
+        // A long comment hands on nothing.
+        let mut parser = SseParser::new(20);
+        let mut seen = 0;
+        parser.feed(format!(":{}\n\n", "c".repeat(50)).as_bytes(), &mut |_| {
+            seen += 1
+        });
+        assert_eq!(seen, 0);
     }
 }

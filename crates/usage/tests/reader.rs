@@ -345,7 +345,7 @@ fn a_line_over_the_cap_is_skipped_and_what_follows_is_read() {
 }
 
 #[test]
-fn a_json_answer_over_the_cap_is_unknown() {
+fn a_json_answer_over_the_cap_is_read_from_its_end() {
     let limits = |max_json_bytes| ReaderLimits {
         max_json_bytes,
         ..ReaderLimits::default()
@@ -359,12 +359,53 @@ fn a_json_answer_over_the_cap_is_unknown() {
     assert_eq!(reader.usage(), None, "a JSON answer is known once whole");
     assert_eq!(reader.finish(), Some(usage(1117, Some(1024), 46, 1163)));
 
+    // Over the cap, its end still tells the usage: a client that makes the answer big
+    // (`top_logprobs`, echoed `instructions`) does not make it cheap.
     let mut reader = UsageReader::new(format("openai"), Some(JSON), limits(exact - 1));
     for chunk in OPENAI_ANSWER.as_bytes().chunks(100) {
         reader.feed(chunk);
     }
     assert!(reader.over_limit());
+    assert_eq!(reader.finish(), Some(usage(1117, Some(1024), 46, 1163)));
+    // Cut off before its usage is whole: unknown.
+    let cut = &OPENAI_ANSWER[..OPENAI_ANSWER.rfind("\"usage\"").expect("usage") + 20];
+    let mut reader = UsageReader::new(format("openai"), Some(JSON), limits(100));
+    reader.feed(cut.as_bytes());
     assert_eq!(reader.finish(), None);
+}
+
+/// The Responses API's last event repeats the request's `instructions` and the whole
+/// output: a client that sends 2 MiB of instructions makes it longer than a stream's
+/// event may be kept, and its usage is still read.
+#[test]
+fn a_stream_event_over_the_cap_is_read_from_its_start_and_end() {
+    let instructions = "be brief. ".repeat(200_000);
+    let completed = serde_json::json!({
+        "type": "response.completed",
+        "response": {
+            "instructions": instructions,
+            "output": [{"type": "message", "content": [{"type": "output_text", "text": "ok"}]}],
+            "usage": {"input_tokens": 500_000, "output_tokens": 20_000, "total_tokens": 520_000,
+                      "input_tokens_details": {"cached_tokens": 0}}
+        }
+    });
+    let stream = format!(
+        "event: response.created\ndata: {{\"type\":\"response.created\"}}\n\nevent: response.completed\ndata: {completed}\n\n"
+    );
+    assert!(stream.len() > 1 << 20, "over the 1 MiB an event may be");
+    for name in ["openai_responses", "auto"] {
+        let mut reader = UsageReader::new(format(name), Some(SSE), ReaderLimits::default());
+        for chunk in stream.as_bytes().chunks(16 << 10) {
+            reader.feed(chunk);
+        }
+        assert!(reader.over_limit());
+        let found = reader.finish().expect("usage read from the event's end");
+        assert_eq!(
+            (found.input_tokens, found.output_tokens),
+            (500_000, 20_000),
+            "{name}"
+        );
+    }
 }
 
 #[test]
