@@ -34,7 +34,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use jsonwebtoken::{DecodingKey, Validation, decode, decode_header, get_current_timestamp};
+use jsonwebtoken::{DecodingKey, Validation, decode, decode_header};
 use serde_json::{Map, Value};
 
 pub use jsonwebtoken::Algorithm;
@@ -427,8 +427,8 @@ impl JwtVerifier {
         let Some(cache) = &self.verified else {
             return self.verify_signature(token, &fetched.keys).map(Arc::new);
         };
-        let now = get_current_timestamp();
-        if let Some(known) = cache.get(token)
+        if let Some(now) = unix_seconds()
+            && let Some(known) = cache.get(token)
             && known.keys_generation == fetched.generation
             && self.still_valid(&known, now)
         {
@@ -529,7 +529,7 @@ impl JwtVerifier {
         let Some(refresher) = &self.refresher else {
             return;
         };
-        let now = get_current_timestamp();
+        let Some(now) = unix_seconds() else { return };
         let last = self.last_early_fetch.load(Ordering::Relaxed);
         if now >= last.saturating_add(EARLY_FETCH_SECONDS)
             && self
@@ -649,16 +649,30 @@ pub enum Unverified {
 impl JwtVerifier {
     /// Whether a credential where the token is read is meant as a JWT. The cookie named
     /// for it holds nothing else, whatever its spelling (Python's cookie parser turns
-    /// `\056` inside quotes into a dot). `Authorization: Bearer` also carries API keys:
-    /// a JWT in compact form has three parts separated by dots, API keys and most
-    /// opaque tokens have none. Only the dots are looked at: a lenient decoder reads
-    /// parts that are not clean base64url, so neither may this.
+    /// `\056` inside quotes into a dot). `Authorization: Bearer` also carries API keys,
+    /// so there only a credential of a JWT's shape is one ([`has_jwt_shape`]).
     fn is_meant_as_jwt(&self, credential: &str) -> bool {
         match self.source {
             TokenSource::Cookie(_) => true,
-            TokenSource::Bearer => credential.bytes().filter(|&b| b == b'.').count() >= 2,
+            TokenSource::Bearer => has_jwt_shape(credential.as_bytes()),
         }
     }
+}
+
+/// Whether a credential has a compact JWT's shape: three parts separated by dots (API
+/// keys and most opaque tokens have none). Only the dots are looked at: a lenient
+/// decoder reads parts that are not clean base64url, so neither may this.
+fn has_jwt_shape(credential: &[u8]) -> bool {
+    credential.iter().filter(|&&b| b == b'.').count() >= 2
+}
+
+/// Seconds since the Unix epoch as JWTs count them; `None` for a clock set before it
+/// (jsonwebtoken's own reading panics there; a remembered token is then not believed).
+fn unix_seconds() -> Option<u64> {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|since| since.as_secs())
 }
 
 /// The bytes an application may take for whitespace around a header's parts: ASCII's,
@@ -698,17 +712,16 @@ fn authorization_tokens<'h>(value: &'h [u8], tokens: &mut Vec<Cow<'h, str>>) {
         .split(|&b| is_loose_space(b) || b == b',')
         .filter(|part| !part.is_empty());
     let Some(first) = parts.next() else { return };
-    let is_jwt = |part: &[u8]| part.iter().filter(|&&b| b == b'.').count() >= 2;
     if first.eq_ignore_ascii_case(b"bearer") {
         if let Some(credential) = parts.next() {
             tokens.push(String::from_utf8_lossy(credential));
         }
-    } else if is_jwt(first) {
+    } else if has_jwt_shape(first) {
         tokens.push(String::from_utf8_lossy(first));
     }
     tokens.extend(
         parts
-            .filter(|part| is_jwt(part))
+            .filter(|part| has_jwt_shape(part))
             .map(String::from_utf8_lossy),
     );
 }
